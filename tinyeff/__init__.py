@@ -1,0 +1,13 @@
+"""tinyeff: efficient-Transformer attention in NumPy and Numba.
+
+Every attention variant is a module of :mod:`tinyeff.attention` with a pure
+``forward(...) -> (out, ctx)`` and a hand-written ``backward(dout, ctx) -> dict``;
+``tinyeff.attention.VARIANTS`` lists them all.  :mod:`tinyeff.testing` holds the
+gradient checker and comparison helpers that the tests (and other backends) use.
+"""
+
+__version__ = "0.1.0"
+
+from . import attention, testing  # noqa: E402
+
+__all__ = ["attention", "testing", "__version__"]

@@ -1,0 +1,147 @@
+"""Exact softmax attention — the reference every efficient variant is measured against.
+
+    S   = q kᵀ · scale + bias                                  (..., N, M)
+    A   = mask ∧ causal                                        which keys query i may see
+    P   = softmax over the allowed entries of each row of S    (0 outside A)
+    out = P v                                                  (..., N, Dv)
+
+Shapes: q (..., N, D), k (..., M, D), v (..., M, Dv); leading dimensions are batch
+dimensions (typically (B, H)).  Cost O(N·M·D) time and O(N·M) memory (the saved P).
+
+Options
+-------
+causal : bool, default False
+    Query i sees keys j <= i.  When N != M the alignment is *top-left*: row i of the
+    (N, M) score matrix keeps columns 0..i, exactly ``torch.ones(N, M).tril()``, which is
+    what PyTorch's ``scaled_dot_product_attention(is_causal=True)`` does.  (FlashAttention
+    ≥ 2.1 aligns bottom-right, j <= i + M − N; pass that as an explicit ``mask``.)
+mask : boolean array broadcastable to (..., N, M), True = may attend; or a scipy.sparse
+    matrix of shape (N, M) whose stored entries are the allowed pairs.
+bias : float array broadcastable to (..., N, M), added to the scaled scores (relative
+    position biases, ALiBi).  ``-inf`` entries act as a mask.  Its gradient is returned
+    reduced to the bias's own shape.
+scale : float, default 1/sqrt(D).
+impl : "auto" | "ref".  "ref" is the plain NumPy path below; "auto" picks it.
+
+Edge cases
+----------
+* A query row with no allowed key (fully masked) outputs zeros and passes back zero
+  gradient.  PyTorch's math path gives NaN there (``_safe_softmax`` in recent releases
+  gives 0, like tinyeff).
+* Numerically stable: the row maximum over the allowed entries is subtracted before the
+  exponential (a constant of the backward), so logits of ±1e4 give finite results.
+* NaN in q_i makes row i NaN; NaN in k_j or v_j makes every row that may see j NaN.
+* N = 0 gives an empty output; M = 0 gives every row fully masked, hence zeros.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from .. import _checks
+from ..ctx import Ctx
+from ..ops import softmax
+from ._case import Case
+
+NAME = "full"
+SUPPORTS_MASK = True
+SUPPORTS_CAUSAL = True
+SUPPORTS_BIAS = True
+DIFFERENTIABLE = ("q", "k", "v", "bias")
+IMPLS = ("auto", "ref")
+
+
+@dataclasses.dataclass(frozen=True)
+class FullCtx(Ctx):
+    q: np.ndarray                 # (..., N, D)
+    k: np.ndarray                 # (..., M, D)
+    v: np.ndarray                 # (..., M, Dv)
+    p: np.ndarray                 # (..., N, M) probabilities, 0 outside the allowed set
+    lse: np.ndarray               # (..., N) log-sum-exp of the allowed scores (−inf: empty row)
+    scale: float
+    bias_shape: tuple | None      # shape of the bias argument (its gradient is reduced to it)
+    impl: str
+
+
+def causal_mask(n: int, m: int) -> np.ndarray:
+    """(N, M) boolean, True where j <= i (top-left alignment, as PyTorch's ``is_causal``)."""
+    return np.tri(n, m, dtype=bool)                                # (N, M)
+
+
+def forward(q, k, v, *, causal=False, mask=None, bias=None, scale=None, impl="auto"):
+    """Exact attention.  Returns ``(out (..., N, Dv), ctx)``; see the module docstring."""
+    batch, n, m, d, dv, dtype = _checks.qkv(q, k, v)
+    causal = _checks.flag(causal, "causal")
+    mask = _checks.attn_mask(mask, batch, n, m)
+    bias = _checks.bias(bias, batch, n, m, dtype)
+    scale = _checks.scale(scale, d)
+    impl = _checks.choice(impl, "impl", IMPLS)
+    allowed = mask
+    if causal:
+        tri = causal_mask(n, m)                                    # (N, M)
+        allowed = tri if allowed is None else (allowed & tri)
+    return _forward_ref(q, k, v, allowed, bias, scale)
+
+
+def backward(dout, ctx: FullCtx) -> dict:
+    """Gradients ``{"q", "k", "v"}`` (and ``"bias"`` if a bias was given)."""
+    if not isinstance(ctx, FullCtx):
+        raise TypeError(f"ctx must be the FullCtx returned by full.forward, got "
+                        f"{type(ctx).__name__}")
+    dout = _checks.dout(dout, ctx.q.shape[:-1] + ctx.v.shape[-1:], ctx.q.dtype)
+    return _backward_ref(dout, ctx)
+
+
+def _forward_ref(q, k, v, allowed, bias, scale):
+    s = (q @ k.swapaxes(-1, -2)) * scale                           # (..., N, M)
+    if bias is not None:
+        s = s + bias                                               # (..., N, M)
+    p, lse = softmax.forward(s, allowed)                           # (..., N, M), (..., N)
+    out = p @ v                                                    # (..., N, Dv)
+    ctx = FullCtx(q=q, k=k, v=v, p=p, lse=lse, scale=scale,
+                  bias_shape=None if bias is None else bias.shape, impl="ref")
+    return out, ctx
+
+
+def _backward_ref(dout, ctx: FullCtx) -> dict:
+    q, k, v, p = ctx.q, ctx.k, ctx.v, ctx.p
+    # fwd: out = p @ v
+    dv = p.swapaxes(-1, -2) @ dout                                 # (..., M, Dv)
+    dp = dout @ v.swapaxes(-1, -2)                                 # (..., N, M)
+    # fwd: p = softmax(s) over the allowed entries (the max shift is a constant)
+    ds = softmax.backward(dp, p)                                   # (..., N, M)
+    # fwd: s = (q @ kᵀ) * scale + bias
+    dq = (ds @ k) * ctx.scale                                      # (..., N, D)
+    dk = (ds.swapaxes(-1, -2) @ q) * ctx.scale                     # (..., M, D)
+    grads = {"q": dq, "k": dk, "v": dv}
+    if ctx.bias_shape is not None:
+        grads["bias"] = _checks.reduce_to_shape(ds, ctx.bias_shape)  # bias's own shape
+    return grads
+
+
+def example_cases(rng: np.random.Generator, dtype=np.float64) -> list[Case]:
+    """Small valid calls covering every option (used by the contract tests and golden files)."""
+    b, h, n, m, d, dv = 2, 2, 7, 7, 5, 3
+
+    def qkv(n_=n, m_=m):
+        return {"q": rng.standard_normal((b, h, n_, d)).astype(dtype),
+                "k": rng.standard_normal((b, h, m_, d)).astype(dtype),
+                "v": rng.standard_normal((b, h, m_, dv)).astype(dtype)}
+
+    pad = np.ones((b, 1, 1, m), dtype=bool)
+    pad[1, :, :, -3:] = False                                      # key padding of batch 1
+    holes = rng.random((n, m)) < 0.6
+    holes[2] = False                                               # one fully masked row
+    return [
+        Case("plain", qkv(), {}),
+        Case("causal", qkv(), {"causal": True}),
+        Case("causal_rect", qkv(5, 9), {"causal": True}),
+        Case("padmask", qkv(), {"mask": pad}),
+        Case("holes_causal", qkv(), {"mask": holes, "causal": True, "scale": 0.7}),
+        Case("bias_head", {**qkv(), "bias": rng.standard_normal((h, n, m)).astype(dtype)},
+             {"causal": True}),
+        Case("bias_full", {**qkv(), "bias": rng.standard_normal((b, h, n, m)).astype(dtype)},
+             {"mask": pad}),
+    ]

@@ -1,0 +1,7 @@
+"""Numba kernels.  Optimizations only: each is tested against the NumPy reference of its variant.
+
+Conventions: outputs first, then inputs, then sizes and scalars, all contiguous arrays; no
+validation and no defaults (the variant's wrapper does that); ``prange`` only over
+independent outputs, every reduction serial in a fixed order, so results are bit-identical
+whatever the thread count.  The jit policy lives in :mod:`tinyeff.kernels._jit`.
+"""

@@ -1,0 +1,1 @@
+"""Small forward/backward pairs reused by the attention variants and the layers."""
