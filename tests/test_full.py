@@ -198,3 +198,34 @@ def test_unknown_option_is_a_type_error(rng):
 def test_backward_rejects_foreign_ctx(rng):
     with pytest.raises(TypeError, match="ctx"):
         full.backward(np.zeros((2, 2, 5, 4)), object())
+
+
+def test_rel_bias_equals_the_dense_offset_bias(rng):
+    x = random_qkv(rng, (2, 3), n=4, m=6)
+    rel = rng.standard_normal((3, 4 + 6 - 1))
+    dense = np.array([[rel[:, i - j + 5] for j in range(6)] for i in range(4)])  # (N, M, H)
+    dense = np.moveaxis(dense, -1, 0)                                            # (H, N, M)
+    out_r, ctx_r = full.forward(**x, rel_bias=rel)
+    out_d, ctx_d = full.forward(**x, bias=dense)
+    assert_close(out_r, out_d)
+    dout = rng.standard_normal(out_r.shape)
+    g_r, g_d = full.backward(dout, ctx_r), full.backward(dout, ctx_d)
+    want = np.zeros_like(rel)
+    for i in range(4):
+        for j in range(6):
+            want[:, i - j + 5] += g_d["bias"][:, i, j]
+    assert_close(g_r["rel_bias"], want)
+
+
+def test_key_padding_mask_equals_pair_mask(rng):
+    x = random_qkv(rng, (2, 3), n=4, m=6)
+    kp = rng.random((2, 1, 6)) < 0.7
+    kp[1, 0, :] = False
+    out_k, _ = full.forward(**x, key_padding_mask=kp, causal=True)
+    out_m, _ = full.forward(**x, mask=kp[..., None, :], causal=True)
+    assert_close(out_k, out_m)
+    assert np.all(out_k[1] == 0)
+    with pytest.raises(ValueError, match="key_padding_mask"):
+        full.forward(**x, key_padding_mask=np.ones((2, 3, 4), bool))
+    with pytest.raises(ValueError, match="rel_bias"):
+        full.forward(**x, rel_bias=np.ones((3, 10)))

@@ -196,6 +196,18 @@ def bias(value, batch_shape: tuple, n: int, m: int, dtype, name: str = "bias"):
     return value
 
 
+def rel_bias(value, batch_shape: tuple, n: int, m: int, dtype, name: str = "rel_bias"):
+    """An offset bias (..., N + M − 1), leading dims broadcastable to the batch, or ``None``."""
+    if value is None:
+        return None
+    float_array(value, name, min_ndim=1, dtype=dtype)
+    target = (*batch_shape, n + m - 1)
+    if value.shape[-1] != n + m - 1 or not _fits(value.shape, target):
+        raise ValueError(f"{name} of shape {value.shape} does not broadcast to "
+                         f"(..., N + M − 1) = {target} without enlarging it")
+    return value
+
+
 def dout(value, shape: tuple, dtype, name: str = "dout") -> np.ndarray:
     """The upstream gradient must have exactly the output's shape and dtype."""
     float_array(value, name, dtype=dtype)

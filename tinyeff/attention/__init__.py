@@ -31,10 +31,29 @@ Each variant is a module ``tinyeff.attention.<name>`` with two pure functions::
 
 Module-level data of every variant
 ----------------------------------
-``NAME``; ``SUPPORTS_MASK``, ``SUPPORTS_CAUSAL``, ``SUPPORTS_BIAS`` (capabilities read by
-the layers and the tests instead of special-casing names); ``DIFFERENTIABLE`` (the names a
-gradient can be returned for); ``example_cases(rng, dtype) -> list[Case]`` (small valid
-calls covering the options, used by the contract tests and the golden-vector writer).
+Capabilities are data, read by the layers and the tests instead of special-casing names:
+
+* ``NAME``; ``DIFFERENTIABLE``: the names a gradient can be returned for.
+* ``SUPPORTS_CAUSAL``, ``SUPPORTS_MASK`` (the variant's own ``mask`` option, whatever its
+  form), ``SUPPORTS_BIAS`` (a dense additive ``bias``).
+* ``KEY_PADDING``: the name of the option that takes a per-key boolean array (..., M)
+  (True = real token, leading dimensions broadcastable to the batch), or ``None``.
+* ``SUPPORTS_REL_BIAS``: the variant accepts ``rel_bias`` (..., N + M − 1), a bias that
+  depends only on the offset, bias_ij = rel_bias[..., i − j + M − 1], and returns its
+  gradient.  Relative-position tables, T5 buckets and ALiBi reach every such variant in
+  O(N) memory through it.
+* ``SHARED_QK`` (optional, default False): keys are the queries (Reformer); ``forward`` is
+  called with k equal to q.
+* ``LAYER_PARAMS`` (optional, default ()): names of extra differentiable arrays a layer
+  must own and pass as keyword arguments (Linformer's ``E``, ``F``), created by
+  ``init_layer_params(rng, m, dtype, **options) -> dict``.
+* ``RANDOM_OPTIONS`` (optional, default ()): names of random, non-differentiable options
+  (Performer ``features``, LSH ``rotations``), drawn by
+  ``draw_random_options(rng, d, dtype, **options) -> dict`` from a seeded Generator.
+* ``example_cases(rng, dtype) -> list[Case]``: small valid calls covering the options,
+  used by the contract tests and the golden-vector writer.
+* ``gradcheck_invariant(ctx)`` (optional): the non-differentiable choices of a forward
+  (bucket ids) that a finite-difference check must not see change.
 
 Registry
 --------

@@ -17,9 +17,16 @@ causal : bool, default False
     ≥ 2.1 aligns bottom-right, j <= i + M − N; pass that as an explicit ``mask``.)
 mask : boolean array broadcastable to (..., N, M), True = may attend; or a scipy.sparse
     matrix of shape (N, M) whose stored entries are the allowed pairs.
-bias : float array broadcastable to (..., N, M), added to the scaled scores (relative
-    position biases, ALiBi).  ``-inf`` entries act as a mask.  Its gradient is returned
-    reduced to the bias's own shape.
+key_padding_mask : boolean array (..., M) whose leading dimensions broadcast to the batch
+    dimensions (e.g. (B, 1, M) for (B, H) batches); True = real key.  Combined with ``mask``
+    by logical and.
+bias : float array broadcastable to (..., N, M), added to the scaled scores.  ``-inf``
+    entries act as a mask.  Its gradient is returned reduced to the bias's own shape.
+rel_bias : float array (..., N + M − 1) whose leading dimensions broadcast to the batch
+    dimensions (e.g. (H, N + M − 1)): a bias that depends only on the offset i − j,
+    bias_ij = rel_bias[..., i − j + M − 1].  This O(N) form is how relative-position
+    schemes (clipped tables, T5 buckets, ALiBi) reach every variant that supports them
+    (``SUPPORTS_REL_BIAS``).  Its gradient sums ∂S along each diagonal.
 scale : float, default 1/sqrt(D).
 impl : "auto" | "ref".  "ref" is the plain NumPy path below; "auto" picks it.
 
@@ -49,7 +56,9 @@ NAME = "full"
 SUPPORTS_MASK = True
 SUPPORTS_CAUSAL = True
 SUPPORTS_BIAS = True
-DIFFERENTIABLE = ("q", "k", "v", "bias")
+SUPPORTS_REL_BIAS = True
+KEY_PADDING = "key_padding_mask"
+DIFFERENTIABLE = ("q", "k", "v", "bias", "rel_bias")
 IMPLS = ("auto", "ref")
 
 
@@ -62,6 +71,7 @@ class FullCtx(Ctx):
     lse: np.ndarray               # (..., N) log-sum-exp of the allowed scores (−inf: empty row)
     scale: float
     bias_shape: tuple | None      # shape of the bias argument (its gradient is reduced to it)
+    rel_bias_shape: tuple | None  # shape of the rel_bias argument
     impl: str
 
 
@@ -70,19 +80,42 @@ def causal_mask(n: int, m: int) -> np.ndarray:
     return np.tri(n, m, dtype=bool)                                # (N, M)
 
 
-def forward(q, k, v, *, causal=False, mask=None, bias=None, scale=None, impl="auto"):
+def rel_bias_matrix(rel_bias: np.ndarray, n: int, m: int) -> np.ndarray:
+    """(..., N + M − 1) offset bias -> (..., N, M) with [i, j] = rel_bias[..., i − j + M − 1]."""
+    idx = np.arange(n)[:, None] - np.arange(m)[None, :] + (m - 1)  # (N, M) offset index
+    return rel_bias[..., idx]                                      # (..., N, M)
+
+
+def rel_bias_grad(dbias: np.ndarray) -> np.ndarray:
+    """Backward of :func:`rel_bias_matrix`: sum (..., N, M) along each diagonal i − j."""
+    n, m = dbias.shape[-2:]
+    out = np.zeros((*dbias.shape[:-2], n + m - 1), dtype=dbias.dtype)  # (..., N + M − 1)
+    for i in range(n):
+        # row i holds offsets i − j + M − 1 = i + M − 1 … i for j = 0 … M − 1
+        out[..., i:i + m] += dbias[..., i, ::-1]
+    return out
+
+
+def forward(q, k, v, *, causal=False, mask=None, key_padding_mask=None, bias=None,
+            rel_bias=None, scale=None, impl="auto"):
     """Exact attention.  Returns ``(out (..., N, Dv), ctx)``; see the module docstring."""
     batch, n, m, d, dv, dtype = _checks.qkv(q, k, v)
     causal = _checks.flag(causal, "causal")
     mask = _checks.attn_mask(mask, batch, n, m)
+    key_padding_mask = _checks.key_padding_mask(key_padding_mask, batch, m,
+                                                name="key_padding_mask")
     bias = _checks.bias(bias, batch, n, m, dtype)
+    rel_bias = _checks.rel_bias(rel_bias, batch, n, m, dtype)
     scale = _checks.scale(scale, d)
     impl = _checks.choice(impl, "impl", IMPLS)
     allowed = mask
+    if key_padding_mask is not None:
+        kp = key_padding_mask[..., None, :]                        # (..., 1, M)
+        allowed = kp if allowed is None else (allowed & kp)
     if causal:
         tri = causal_mask(n, m)                                    # (N, M)
         allowed = tri if allowed is None else (allowed & tri)
-    return _forward_ref(q, k, v, allowed, bias, scale)
+    return _forward_ref(q, k, v, allowed, bias, rel_bias, scale)
 
 
 def backward(dout, ctx: FullCtx) -> dict:
@@ -94,14 +127,17 @@ def backward(dout, ctx: FullCtx) -> dict:
     return _backward_ref(dout, ctx)
 
 
-def _forward_ref(q, k, v, allowed, bias, scale):
+def _forward_ref(q, k, v, allowed, bias, rel_bias, scale):
     s = (q @ k.swapaxes(-1, -2)) * scale                           # (..., N, M)
     if bias is not None:
         s = s + bias                                               # (..., N, M)
+    if rel_bias is not None:
+        s = s + rel_bias_matrix(rel_bias, q.shape[-2], k.shape[-2])  # (..., N, M)
     p, lse = softmax.forward(s, allowed)                           # (..., N, M), (..., N)
     out = p @ v                                                    # (..., N, Dv)
     ctx = FullCtx(q=q, k=k, v=v, p=p, lse=lse, scale=scale,
-                  bias_shape=None if bias is None else bias.shape, impl="ref")
+                  bias_shape=None if bias is None else bias.shape,
+                  rel_bias_shape=None if rel_bias is None else rel_bias.shape, impl="ref")
     return out, ctx
 
 
@@ -118,6 +154,10 @@ def _backward_ref(dout, ctx: FullCtx) -> dict:
     grads = {"q": dq, "k": dk, "v": dv}
     if ctx.bias_shape is not None:
         grads["bias"] = _checks.reduce_to_shape(ds, ctx.bias_shape)  # bias's own shape
+    if ctx.rel_bias_shape is not None:
+        # fwd: s += rel_bias[..., i − j + M − 1]
+        drel = rel_bias_grad(ds)                     # (..., N + M − 1)
+        grads["rel_bias"] = _checks.reduce_to_shape(drel, ctx.rel_bias_shape)
     return grads
 
 
@@ -132,6 +172,8 @@ def example_cases(rng: np.random.Generator, dtype=np.float64) -> list[Case]:
 
     pad = np.ones((b, 1, 1, m), dtype=bool)
     pad[1, :, :, -3:] = False                                      # key padding of batch 1
+    kpad = np.ones((b, 1, 9), dtype=bool)
+    kpad[0, :, 6:] = False                                         # key padding of batch 0
     holes = rng.random((n, m)) < 0.6
     holes[2] = False                                               # one fully masked row
     return [
@@ -144,4 +186,7 @@ def example_cases(rng: np.random.Generator, dtype=np.float64) -> list[Case]:
              {"causal": True}),
         Case("bias_full", {**qkv(), "bias": rng.standard_normal((b, h, n, m)).astype(dtype)},
              {"mask": pad}),
+        Case("rel_bias_kpad",
+             {**qkv(5, 9), "rel_bias": rng.standard_normal((h, 5 + 9 - 1)).astype(dtype)},
+             {"key_padding_mask": kpad, "causal": True}),
     ]
