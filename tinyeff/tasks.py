@@ -143,7 +143,7 @@ def listops_eval(tokens: list[str]) -> int:
 
 
 def _listops_tree(rng: np.random.Generator, depth: int, max_depth: int, max_args: int,
-                  out: list[str]) -> None:
+                  out: list[str], limit: int) -> None:
     # LRA: below max_depth a node is a digit with probability 0.75, else an operator;
     # the root is always an operator here (a lone digit is never long enough to be kept)
     r = rng.random() if 1 < depth < max_depth else (0.0 if depth == 1 else 1.0)
@@ -152,7 +152,9 @@ def _listops_tree(rng: np.random.Generator, depth: int, max_depth: int, max_args
         return
     out.append(LISTOPS_OPS[int(rng.integers(len(LISTOPS_OPS)))])
     for _ in range(int(rng.integers(2, max_args + 1))):
-        _listops_tree(rng, depth + 1, max_depth, max_args, out)
+        if len(out) > limit:                       # already too long: it will be rejected
+            return
+        _listops_tree(rng, depth + 1, max_depth, max_args, out, limit)
     out.append("]")
 
 
@@ -187,7 +189,7 @@ def listops(rng: np.random.Generator, n: int, *, min_len: int = 64, max_len: int
         if len(found) == n:
             break
         toks: list[str] = []
-        _listops_tree(rng, 1, max_depth, max_args, toks)
+        _listops_tree(rng, 1, max_depth, max_args, toks, max_len)
         if min_len <= len(toks) <= max_len - 1:
             found.setdefault(" ".join(toks), toks)
     else:
