@@ -2,6 +2,8 @@
 
 Commands (``python -m tinyeff <command> --help`` lists each one's options):
   demo     what tinyeff does, on your CPU (tinyeff/demo.py)
+  golden   write golden test vectors for other backends (tinyeff/golden.py)
+  check    test another backend against golden vectors (tinyeff/check.py)
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import sys
 
 COMMANDS = {
     "demo": "tinyeff.demo",
+    "golden": "tinyeff.golden",
+    "check": "tinyeff.check",
 }
 
 

@@ -1,0 +1,97 @@
+"""``python -m tinyeff check DIR --against module:function``: test another backend.
+
+Loads the golden directory DIR (written by ``python -m tinyeff golden``; every file is
+verified against the manifest's SHA-256), calls your backend function on every case and
+prints, per case, the max absolute and relative error of the output and of each gradient
+against the tolerance of the dtype.  Exit status 0 when everything agrees, 1 when something
+differs, 2 when the files or the arguments are wrong.
+
+The backend function (see :mod:`tinyeff.testing.conformance`)::
+
+    def my_backend(variant, inputs, options, dout):
+        return out, grads          # grads: {name: array} or None (forward only)
+
+``--against`` takes ``package.module:function`` (importable; the current directory is on
+the path) or ``path/to/file.py:function``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from .golden import split_names
+from .testing.conformance import check_backend
+from .testing.golden import GoldenError, load_golden
+from .testing.tolerances import PARITY, Tol
+
+
+def load_function(spec: str):
+    """``"pkg.mod:fn"`` or ``"path/file.py:fn"`` -> the callable."""
+    module_name, sep, attr = spec.rpartition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"--against must look like module:function, got {spec!r}")
+    if module_name.endswith(".py") or os.sep in module_name or "/" in module_name:
+        path = Path(module_name)
+        if not path.is_file():
+            raise ValueError(f"--against: no file {path}")
+        mspec = importlib.util.spec_from_file_location(f"_tinyeff_backend_{path.stem}", path)
+        module = importlib.util.module_from_spec(mspec)
+        mspec.loader.exec_module(module)
+    else:
+        if os.getcwd() not in sys.path and "" not in sys.path:
+            sys.path.insert(0, os.getcwd())
+        module = importlib.import_module(module_name)
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise ValueError(f"--against: {module_name} has no function {attr!r}")
+    return fn
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tinyeff check", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("dir", help="golden directory (python -m tinyeff golden --out DIR)")
+    parser.add_argument("--against", required=True, metavar="MODULE:FUNCTION",
+                        help="the backend function to test")
+    parser.add_argument("--variants", nargs="+", metavar="NAME",
+                        help="only these variants (default: every variant in DIR)")
+    parser.add_argument("--cases", nargs="+", metavar="NAME",
+                        help="only these cases (name, or variant/name)")
+    parser.add_argument("--forward-only", action="store_true",
+                        help="compare outputs only, not gradients")
+    parser.add_argument("--rtol", type=float, help="override the dtype's relative tolerance")
+    parser.add_argument("--atol", type=float, help="override the dtype's absolute tolerance")
+    parser.add_argument("--failures-only", action="store_true",
+                        help="print only the rows that fail")
+    args = parser.parse_args(argv)
+    try:
+        golden = load_golden(args.dir)
+    except GoldenError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        fn = load_function(args.against)
+    except (ValueError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    tol = None
+    if args.rtol is not None or args.atol is not None:
+        base = PARITY[np.dtype(golden.dtype)]
+        tol = Tol(base.rtol if args.rtol is None else args.rtol,
+                  base.atol if args.atol is None else args.atol)
+    try:
+        report = check_backend(split_names(args.variants), fn, golden=golden,
+                               cases=split_names(args.cases), backward=not args.forward_only,
+                               tol=tol)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(report.table(failures_only=args.failures_only))
+    return 0 if report.ok else 1
