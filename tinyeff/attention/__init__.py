@@ -61,9 +61,9 @@ Registry
 tool loop over it with no special cases.
 """
 
-from . import full
+from . import full, linear, linformer, lsh, performer
 from ._case import Case
 
-VARIANTS = {m.NAME: m for m in (full,)}
+VARIANTS = {m.NAME: m for m in (full, linear, linformer, lsh, performer)}
 
-__all__ = ["VARIANTS", "Case", "full"]
+__all__ = ["VARIANTS", "Case", "full", "linear", "lsh", "performer"]

@@ -1,0 +1,346 @@
+"""Numba kernels of Reformer LSH attention (:mod:`tinyeff.attention.lsh` is the spec).
+
+Arrays are flattened over the batch dimensions: G = prod(batch), R rounds, N positions,
+c = chunk_len, nc = N / c chunks per round, T = R·nc chunks in the concatenated sorted
+sequence, W = 2c keys per window (the previous chunk, then the chunk itself).
+
+* ``hash_argmax``      buckets[g, r, i] = argmax([x_i R_r ; −x_i R_r]), first maximum wins
+* ``sort_buckets``     stable counting sort of each round by bucket -> perm, inv_perm
+* ``chunk_attend``     per round, per chunk: logits, softmax, o and z; rounds combined online
+* ``chunk_attend_bwd_q``   dx (query side) = scale Σ_j dS_ij k̂_j, parallel over query chunks
+* ``chunk_attend_bwd_kv``  dk̂, dv walked from the keys' side (the "transposed" windows)
+* ``normalize_bwd``    dx += rn·dk̂ − rn³⟨x, dk̂⟩x  (backward of k̂ = x·rn)
+
+Parallelism: ``prange`` runs over (g, chunk) of ONE round at a time; rounds run serially.
+Within one round every position occupies exactly one slot, so a chunk owns the rows it
+writes (its queries' out/dx rows, its keys' dk̂/dv rows): no atomics, and every
+accumulation over rounds happens in the fixed order r = 0, 1, …, R−1, so the results are
+bit-identical for any number of threads.
+
+The backward uses the identity of the multi-round softmax (flash-attention style): with
+Z_i = logsumexp_r z_i^(r), each window entry has total weight P = exp(s − Z_i), and
+dS = P·(⟨dout_i, v_j⟩ − ⟨dout_i, out_i⟩); nothing of size N·W is stored.
+
+SPEEDTIP: inner loops run over contiguous independent outputs (keys b of a logit row,
+features e of an output row), so they vectorize without reassociating any sum.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ._jit import kernel, prange, serial
+
+
+@kernel
+def hash_argmax(buckets, x, rot):
+    """buckets[g, r, i] = argmax_k [x_i·R[:, r, :] ; −x_i·R[:, r, :]]_k, ties -> first k.
+
+    buckets (G, R, N) int64 out; x (G, N, D); rot (D, R, H) float64.  Products in float64.
+    """
+    G, R, N = buckets.shape
+    D = x.shape[2]
+    H = rot.shape[2]
+    for gi in prange(G * N):
+        g = gi // N
+        i = gi % N
+        for r in range(R):
+            best_p = -np.inf
+            arg_p = 0
+            best_m = -np.inf
+            arg_m = 0
+            for h in range(H):
+                acc = 0.0
+                for d in range(D):
+                    acc += np.float64(x[g, i, d]) * rot[d, r, h]
+                if acc > best_p or h == 0:
+                    best_p = acc
+                    arg_p = h
+                if -acc > best_m or h == 0:
+                    best_m = -acc
+                    arg_m = h
+            # the "+" half precedes the "−" half, so a tie goes to the "+" index
+            buckets[g, r, i] = H + arg_m if best_m > best_p else arg_p
+
+
+@kernel
+def sort_buckets(perm, inv_perm, buckets, n_slots):
+    """Stable counting sort of each (g, r) row by bucket in [0, n_slots).
+
+    perm[g, r, s] = position at sorted slot s; inv_perm[g, r, perm[g, r, s]] = s.
+    """
+    G, R, N = buckets.shape
+    for gr in prange(G * R):
+        g = gr // R
+        r = gr % R
+        start = np.zeros(n_slots + 1, np.int64)                    # (n_slots + 1,)
+        for i in range(N):
+            start[buckets[g, r, i] + 1] += 1
+        for b in range(n_slots):
+            start[b + 1] += start[b]
+        for i in range(N):                                         # increasing i: stable
+            b = buckets[g, r, i]
+            s = start[b]
+            start[b] = s + 1
+            perm[g, r, s] = i
+            inv_perm[g, r, i] = s
+
+
+@serial
+def _chunk_of(inv_perm, g, r, i, N, c):
+    """Global chunk index of position i in round r."""
+    return (r * N + inv_perm[g, r, i]) // c
+
+
+@serial
+def dedup_count(inv_perm, g, i, j, N, c, nc, T):
+    """N_ij: occurrences of key j in the windows of query i over all rounds."""
+    R = inv_perm.shape[1]
+    count = 0
+    for r2 in range(R):
+        tq = _chunk_of(inv_perm, g, r2, i, N, c)
+        tp = (tq + T - 1) % T
+        if _chunk_of(inv_perm, g, tp // nc, j, N, c) == tp:
+            count += 1
+        if _chunk_of(inv_perm, g, tq // nc, j, N, c) == tq:
+            count += 1
+    return count
+
+
+@serial
+def _logit(sdot, i, j, g, kp, use_kp, causal, dedup, inv_perm, scale, penalty, N, c, nc, T):
+    """The window logit of (query i, key j) from sdot = ⟨x_i, k̂_j⟩; −inf if excluded."""
+    if causal and j > i:
+        return -np.inf
+    if use_kp and not kp[g, j]:
+        return -np.inf
+    val = penalty if j == i else scale * sdot
+    if dedup:
+        val -= math.log(dedup_count(inv_perm, g, i, j, N, c, nc, T))
+    return val
+
+
+@serial
+def _gather_window(kpos, kT, vb, x, v, rn, perm, g, t, c, nc, T):
+    """Window of global chunk t: positions, normalized keys kT (D, W), values vb (W, Dv)."""
+    tp = (t + T - 1) % T
+    for b in range(c):
+        kpos[b] = perm[g, tp // nc, (tp % nc) * c + b]             # look-back chunk first
+        kpos[c + b] = perm[g, t // nc, (t % nc) * c + b]
+    D = x.shape[2]
+    Dv = v.shape[2]
+    for b in range(2 * c):
+        j = kpos[b]
+        rj = np.float64(rn[g, j])
+        for d in range(D):
+            kT[d, b] = np.float64(x[g, j, d]) * rj
+        for e in range(Dv):
+            vb[b, e] = v[g, j, e]
+
+
+@kernel
+def chunk_attend(out, lse, z, x, v, rn, perm, inv_perm, kp, use_kp, causal, dedup, scale,
+                 c, penalty):
+    """out_i = Σ_r exp(z_i^(r) − Z_i) o_i^(r), combined online over r; lse = Z, z per round.
+
+    out (G, N, Dv), lse (G, N) float64, z (G, R, N) float64 are outputs (fully written).
+    """
+    G, R, N = perm.shape
+    D = x.shape[2]
+    Dv = v.shape[2]
+    nc = N // c
+    T = R * nc
+    W = 2 * c
+    for r in range(R):
+        for gt in prange(G * nc):
+            g = gt // nc
+            t = r * nc + gt % nc
+            kpos = np.empty(W, np.int64)                           # (W,)
+            kT = np.empty((D, W))                                  # (D, W)
+            vb = np.empty((W, Dv))                                 # (W, Dv)
+            s = np.empty(W)                                        # (W,)
+            o = np.empty(Dv)                                       # (Dv,)
+            _gather_window(kpos, kT, vb, x, v, rn, perm, g, t, c, nc, T)
+            for a in range(c):
+                i = kpos[c + a]
+                s[:] = 0.0
+                for d in range(D):
+                    xd = np.float64(x[g, i, d])
+                    for b in range(W):
+                        s[b] += xd * kT[d, b]
+                m = -np.inf
+                for b in range(W):
+                    s[b] = _logit(s[b], i, kpos[b], g, kp, use_kp, causal, dedup, inv_perm,
+                                  scale, penalty, N, c, nc, T)
+                    if s[b] > m:
+                        m = s[b]
+                o[:] = 0.0
+                if m == -np.inf:
+                    zr = -np.inf
+                else:
+                    tot = 0.0
+                    for b in range(W):
+                        if s[b] == -np.inf:
+                            continue
+                        eb = math.exp(s[b] - m)
+                        tot += eb
+                        for e in range(Dv):
+                            o[e] += eb * vb[b, e]
+                    for e in range(Dv):
+                        o[e] /= tot
+                    zr = m + math.log(tot)
+                z[g, r, i] = zr
+                if r == 0:
+                    lse[g, i] = zr
+                    for e in range(Dv):
+                        out[g, i, e] = o[e]
+                else:
+                    zo = lse[g, i]
+                    mx = max(zo, zr)
+                    if mx == -np.inf:
+                        continue                                   # still nothing seen
+                    wo = math.exp(zo - mx)
+                    wn = math.exp(zr - mx)
+                    zn = mx + math.log(wo + wn)
+                    wo = math.exp(zo - zn)
+                    wn = math.exp(zr - zn)
+                    for e in range(Dv):
+                        out[g, i, e] = np.float64(out[g, i, e]) * wo + o[e] * wn
+                    lse[g, i] = zn
+
+
+@kernel
+def chunk_attend_bwd_q(dx, dout, dd, lse, x, v, rn, perm, inv_perm, kp, use_kp, causal,
+                       dedup, scale, c, penalty):
+    """dx_i += scale Σ_r Σ_{j ∈ window} dS_ij k̂_j  with dS = P (⟨dout_i, v_j⟩ − dd_i).
+
+    dx (G, N, D) must be zero on entry; dd_i = ⟨dout_i, out_i⟩; P = exp(s − lse_i).
+    """
+    G, R, N = perm.shape
+    D = x.shape[2]
+    Dv = v.shape[2]
+    nc = N // c
+    T = R * nc
+    W = 2 * c
+    for r in range(R):
+        for gt in prange(G * nc):
+            g = gt // nc
+            t = r * nc + gt % nc
+            kpos = np.empty(W, np.int64)                           # (W,)
+            kT = np.empty((D, W))                                  # (D, W)
+            vb = np.empty((W, Dv))                                 # (W, Dv)
+            s = np.empty(W)                                        # (W,)
+            ds = np.empty(W)                                       # (W,)
+            _gather_window(kpos, kT, vb, x, v, rn, perm, g, t, c, nc, T)
+            for a in range(c):
+                i = kpos[c + a]
+                zi = lse[g, i]
+                if zi == -np.inf:
+                    continue                                       # empty row: no gradient
+                s[:] = 0.0
+                for d in range(D):
+                    xd = np.float64(x[g, i, d])
+                    for b in range(W):
+                        s[b] += xd * kT[d, b]
+                for b in range(W):
+                    j = kpos[b]
+                    sb = _logit(s[b], i, j, g, kp, use_kp, causal, dedup, inv_perm, scale,
+                                penalty, N, c, nc, T)
+                    if sb == -np.inf or j == i:                    # excluded, or constant logit
+                        ds[b] = 0.0
+                        continue
+                    dp = 0.0
+                    for e in range(Dv):
+                        dp += np.float64(dout[g, i, e]) * vb[b, e]
+                    ds[b] = math.exp(sb - zi) * (dp - dd[g, i])
+                for d in range(D):
+                    acc = 0.0
+                    for b in range(W):
+                        acc += ds[b] * kT[d, b]
+                    dx[g, i, d] += scale * acc
+
+
+@kernel
+def chunk_attend_bwd_kv(dkhat, dv, dout, dd, lse, x, v, rn, perm, inv_perm, kp, use_kp,
+                        causal, dedup, scale, c, penalty):
+    """dk̂_j += scale Σ dS_ij x_i,  dv_j += Σ P_ij dout_i, over every window j appears in.
+
+    Walked from the keys' side: the keys of chunk t are seen by the queries of chunk t (as
+    the current chunk) and of chunk t+1 (as its look-back), cyclically.  dkhat (G, N, D)
+    and dv (G, N, Dv) must be zero on entry.
+    """
+    G, R, N = perm.shape
+    D = x.shape[2]
+    Dv = v.shape[2]
+    nc = N // c
+    T = R * nc
+    for r in range(R):
+        for gt in prange(G * nc):
+            g = gt // nc
+            t = r * nc + gt % nc
+            jpos = np.empty(c, np.int64)                           # (c,)
+            kT = np.empty((D, c))                                  # (D, c)
+            vb = np.empty((c, Dv))                                 # (c, Dv)
+            dk_acc = np.zeros((c, D))                              # (c, D)
+            dv_acc = np.zeros((c, Dv))                             # (c, Dv)
+            s = np.empty(c)                                        # (c,)
+            for b in range(c):
+                j = perm[g, r, (t % nc) * c + b]
+                jpos[b] = j
+                rj = np.float64(rn[g, j])
+                for d in range(D):
+                    kT[d, b] = np.float64(x[g, j, d]) * rj
+                for e in range(Dv):
+                    vb[b, e] = v[g, j, e]
+            for side in range(2):
+                tq = t if side == 0 else (t + 1) % T               # query chunk
+                for a in range(c):
+                    i = perm[g, tq // nc, (tq % nc) * c + a]
+                    zi = lse[g, i]
+                    if zi == -np.inf:
+                        continue
+                    s[:] = 0.0
+                    for d in range(D):
+                        xd = np.float64(x[g, i, d])
+                        for b in range(c):
+                            s[b] += xd * kT[d, b]
+                    for b in range(c):
+                        j = jpos[b]
+                        sb = _logit(s[b], i, j, g, kp, use_kp, causal, dedup, inv_perm,
+                                    scale, penalty, N, c, nc, T)
+                        if sb == -np.inf:
+                            continue
+                        p = math.exp(sb - zi)
+                        for e in range(Dv):
+                            dv_acc[b, e] += p * dout[g, i, e]
+                        if j == i:
+                            continue                               # constant logit
+                        dp = 0.0
+                        for e in range(Dv):
+                            dp += np.float64(dout[g, i, e]) * vb[b, e]
+                        dsb = scale * p * (dp - dd[g, i])
+                        for d in range(D):
+                            dk_acc[b, d] += dsb * x[g, i, d]
+            for b in range(c):
+                j = jpos[b]
+                for d in range(D):
+                    dkhat[g, j, d] += dk_acc[b, d]
+                for e in range(Dv):
+                    dv[g, j, e] += dv_acc[b, e]
+
+
+@kernel
+def normalize_bwd(dx, x, rn, dkhat):
+    """dx_i += rn_i dk̂_i − rn_i³ ⟨x_i, dk̂_i⟩ x_i   (backward of k̂_i = x_i rn_i)."""
+    G, N, D = x.shape
+    for gi in prange(G * N):
+        g = gi // N
+        i = gi % N
+        r = np.float64(rn[g, i])
+        dot = 0.0
+        for d in range(D):
+            dot += np.float64(x[g, i, d]) * dkhat[g, i, d]
+        for d in range(D):
+            dx[g, i, d] += r * dkhat[g, i, d] - r * r * r * dot * x[g, i, d]
