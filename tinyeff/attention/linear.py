@@ -1,0 +1,539 @@
+"""Kernelized ("linear") attention in O(N) time: φ(Q) (φ(K)ᵀ V), causal and not.
+
+Katharopoulos et al., "Transformers are RNNs: Fast Autoregressive Transformers with Linear
+Attention", ICML 2020.  Replacing exp(q·k) by a feature dot product φ(q)·φ(k) lets the sum
+over keys be taken once:
+
+    kv    = Σ_j φ(k_j) v_jᵀ                       (..., F, Dv)
+    z     = Σ_j φ(k_j)                            (..., F)
+    out_i = φ(q_i) kv / (φ(q_i)·z + eps)          (..., N, Dv)          normalize=True
+    out_i = φ(q_i) kv                                                     normalize=False
+
+Causal (query i sees keys j ≤ i): the same with prefix sums,
+
+    S_i = Σ_{j≤i} φ(k_j) v_jᵀ,   z_i = Σ_{j≤i} φ(k_j),   out_i = φ(q_i) S_i / (φ(q_i)·z_i + eps).
+
+Cost O(N·F·Dv) time; memory O(N·(F + Dv) + F·Dv) beyond the inputs: the N×F×Dv stack of
+prefix states is never built (the backward runs the prefix sums again, forward for dq and
+in reverse for dk, dv; see :mod:`tinyeff.kernels.linear`).
+
+Shapes: q (..., N, D), k (..., M, D), v (..., M, Dv); F = D features for the maps here
+(m for :mod:`tinyeff.attention.performer`, which reuses this module's engine).
+
+Options
+-------
+feature_map : "elu" (default) | "relu".  φ(x) = elu(x) + 1 (Katharopoulos et al.,
+    fast-transformers, LRA) or φ(x) = relu(x) + 1 (tinyeff's design document).  elu + 1 is
+    the default: it is what the paper and every public implementation use, it is strictly
+    positive and its derivative is continuous (relu + 1 has a kink at 0 and maps every
+    negative coordinate to the same feature).  φ acts on the raw q and k: there is **no
+    ``scale`` option** (the contract's 1/√D does not apply; fast-transformers uses none either).
+causal : bool, default False.  Query i sees keys j ≤ i.  For N != M the alignment is
+    *top-left*, as in :mod:`tinyeff.attention.full` and PyTorch's ``is_causal``: row i sees
+    keys 0 … min(i, M − 1).  Causal outputs do not depend on later tokens:
+    f(x)[:t] == f(x[:t]).
+mask : boolean (..., M), leading dimensions broadcastable to the batch dimensions, True =
+    real key (``KEY_PADDING``).  None = every key is real.
+mask_mode : "exact" (default) | "values_only".  "exact" removes a padded key from the
+    numerator *and* the denominator (φ(k_j) is zeroed, as fast-transformers does), so the
+    output does not depend on how much padding there is.  "values_only" zeroes v_j only, as
+    the Performer implementations (google-research, performer-pytorch) do: the padded key
+    still counts in the denominator φ(q_i)·z.
+normalize : bool, default True.  False gives the unnormalized φ(Q)(φ(K)ᵀV) of the design
+    document (eps is then unused).
+eps : float ≥ 0, default 1e-6.  Added to the scalar denominator: out_i = num_i / (den_i + eps)
+    with den_i = φ(q_i)·z_i, in the input dtype, exactly fast-transformers' placement.
+impl : "auto" | "ref" | "numba".  "ref" is the readable NumPy path below (whole arrays;
+    causal as a Python loop over positions).  "numba" processes the sequence in chunks of
+    ``CHUNK`` positions: causal through the Numba prefix-sum kernels, non-causal through
+    NumPy matrix products (BLAS beats a hand loop there).  "auto" = "numba".
+
+Edge cases
+----------
+* A query that sees no real key (every key padded, or M = 0) outputs 0 with 0 gradient;
+  so does a row whose denominator is exactly 0 (only possible with eps = 0 and features
+  underflowing, see Performer).
+* NaN in q_i makes row i NaN; NaN in a real k_j or v_j makes every row that sees j NaN.
+* N = 0 gives an empty output.
+
+The engine: features with a log-scale
+-------------------------------------
+The engine (:func:`attend`, :func:`attend_backward`) takes a feature map returning features
+in stabilized form, φ(x) = f · exp(ℓ) (:mod:`tinyeff.ops.feature_maps`; ℓ = 0 for elu and
+relu, FAVOR+ uses it).  Writing ℓq_i, ℓk_j for the log-scales and C_i = max over the keys
+row i sees of ℓk_j (one C for all rows when non-causal; the running prefix maximum when
+causal), it evaluates
+
+    num_i = Σ_j exp(ℓk_j − C_i) (fq_i·fk_j) v_j,    den_i = Σ_j exp(ℓk_j − C_i) (fq_i·fk_j)
+    out_i = num_i / (den_i + eps·exp(−ℓq_i − C_i))      normalize=True
+    out_i = num_i · exp(ℓq_i + C_i)                      normalize=False
+
+which equals the unstabilized formula exactly (num_i = exp(−ℓq_i − C_i) φ(q_i)·Σ φ(k_j)v_jᵀ,
+and so on): the stabilizers cancel for *any* values of ℓ and C, hence they are constants in
+the backward.  Every exponent above is ≤ 0, so nothing overflows.  With ℓ ≡ 0 this is the
+plain formula at the top, bit for bit.
+
+Peers: fast-transformers' ``LinearAttention``/``CausalLinearAttention`` = feature_map="elu",
+eps=1e-6, mask_mode="exact" (its causal path requires N = M).  LRA's linear_transformer is
+the same.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+
+from .. import _checks
+from ..ctx import Ctx
+from ..kernels import linear as kernels
+from ..ops.feature_maps import FeatureMap
+from ._case import Case
+
+NAME = "linear"
+SUPPORTS_MASK = True
+SUPPORTS_CAUSAL = True
+SUPPORTS_BIAS = False
+SUPPORTS_REL_BIAS = False
+KEY_PADDING = "mask"
+DIFFERENTIABLE = ("q", "k", "v")
+IMPLS = ("auto", "ref", "numba")
+FEATURE_MAPS = ("elu", "relu")
+MASK_MODES = ("exact", "values_only")
+CHUNK = 2048          # positions per chunk of the "numba" path (bounds the feature memory)
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearCtx(Ctx):
+    q: np.ndarray                 # (..., N, D)
+    k: np.ndarray                 # (..., M, D)
+    v: np.ndarray                 # (..., M, Dv)
+    fmap: FeatureMap              # the feature map and its parameters (features recomputed)
+    mask: np.ndarray | None       # (..., M) key padding, broadcast to the batch dims
+    mask_mode: str
+    causal: bool
+    normalize: bool
+    eps: float
+    out: np.ndarray               # (..., N, Dv) the returned output (a reference)
+    denom: np.ndarray             # (..., N) out = num / denom; +inf for an empty row
+    key_scale: np.ndarray         # (..., N) C_i; −inf when row i sees no key
+    kv: np.ndarray | None         # (..., F, Dv) non-causal Σ_j exp(ℓk_j − C) fk_j v_jᵀ
+    z: np.ndarray | None          # (..., F) non-causal Σ_j exp(ℓk_j − C) fk_j
+    impl: str
+
+
+def forward(q, k, v, *, feature_map="elu", causal=False, mask=None, mask_mode="exact",
+            normalize=True, eps=1e-6, impl="auto"):
+    """Linear attention.  Returns ``(out (..., N, Dv), ctx)``; see the module docstring."""
+    _checks.qkv(q, k, v)
+    feature_map = _checks.choice(feature_map, "feature_map", FEATURE_MAPS)
+    fmap = FeatureMap(kind=feature_map, omega=None, scale=1.0, kernel_eps=0.0)
+    return attend(q, k, v, fmap, causal=causal, mask=mask, mask_mode=mask_mode,
+                  normalize=normalize, eps=eps, impl=impl)
+
+
+def backward(dout, ctx: LinearCtx) -> dict:
+    """Gradients ``{"q", "k", "v"}``."""
+    if not isinstance(ctx, LinearCtx) or ctx.fmap.kind not in FEATURE_MAPS:
+        raise TypeError(f"ctx must be the LinearCtx returned by linear.forward, got "
+                        f"{type(ctx).__name__}")
+    return attend_backward(dout, ctx)
+
+
+# --------------------------------------------------------------------------- the engine
+
+def attend(q, k, v, fmap: FeatureMap, *, causal, mask, mask_mode, normalize, eps, impl):
+    """Kernelized attention with feature map ``fmap`` (shared with Performer)."""
+    batch, n, m, d, dv, dtype = _checks.qkv(q, k, v)
+    causal = _checks.flag(causal, "causal")
+    normalize = _checks.flag(normalize, "normalize")
+    eps = _checks.positive_float(eps, "eps", allow_zero=True)
+    mask = _checks.key_padding_mask(mask, batch, m, name="mask")
+    mask_mode = _checks.choice(mask_mode, "mask_mode", MASK_MODES)
+    impl = _checks.choice(impl, "impl", IMPLS)
+    if mask is not None:
+        mask = np.broadcast_to(mask, (*batch, m))                  # (..., M) read-only view
+    impl = "numba" if impl == "auto" else impl
+    if impl == "ref":
+        num, den, lq, key_scale, kv, z = _forward_ref(q, k, v, fmap, causal, mask, mask_mode)
+    else:
+        num, den, lq, key_scale, kv, z = _forward_chunked(q, k, v, fmap, causal, mask,
+                                                          mask_mode, CHUNK)
+    out, denom = _finish(num, den, lq, key_scale, normalize, eps)
+    ctx = LinearCtx(q=q, k=k, v=v, fmap=fmap, mask=mask, mask_mode=mask_mode, causal=causal,
+                    normalize=normalize, eps=eps, out=out, denom=denom, key_scale=key_scale,
+                    kv=kv, z=z, impl=impl)
+    return out, ctx
+
+
+def attend_backward(dout, ctx: LinearCtx, impl: str | None = None) -> dict:
+    """Gradients of :func:`attend`; ``impl`` defaults to the forward's."""
+    dout = _checks.dout(dout, ctx.out.shape, ctx.out.dtype)
+    impl = ctx.impl if impl is None else _checks.choice(impl, "impl", IMPLS)
+    if impl == "ref":
+        return _backward_ref(dout, ctx)
+    return _backward_chunked(dout, ctx, CHUNK)
+
+
+def _exp_shift(a, c):
+    """exp(a − c), with 0 wherever a = −inf (a padded key) even if c = −inf too."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        return np.where(a == -np.inf, 0, np.exp(a - c))
+
+
+def _features(fmap, x):
+    """(f, ℓ) with ℓ as an array (zeros for the maps without log-scale)."""
+    f, ell = fmap.forward(x)                                       # (..., L, F), (..., L)
+    if ell is None:
+        ell = np.zeros(x.shape[:-1], dtype=x.dtype)                # (..., L)
+    return f, ell
+
+
+def _key_features(fmap, k, v, mask, mask_mode):
+    """Key features with padding applied: "exact" sets ℓk = −inf and fk = 0 on padded keys,
+    "values_only" zeroes their v instead.  Returns (fk, ℓk, v)."""
+    fk, lk = _features(fmap, k)                                    # (..., M, F), (..., M)
+    if mask is not None:
+        if mask_mode == "exact":
+            lk = np.where(mask, lk, -np.inf)                       # (..., M)
+            fk = np.where(mask[..., None], fk, 0)                  # (..., M, F)
+        else:
+            v = np.where(mask[..., None], v, 0)                    # (..., M, Dv)
+    return fk, lk, v
+
+
+def _finish(num, den, lq, key_scale, normalize, eps):
+    """out = num / denom (in place on num); returns (out, denom) — module docstring."""
+    seen = key_scale > -np.inf                                     # (..., N) row sees a key
+    with np.errstate(over="ignore"):
+        corr = np.exp(np.where(seen, -(lq + key_scale), 0))       # (..., N) exp(−ℓq − C)
+    if normalize:
+        denom = den + eps * corr if eps > 0 else den               # (..., N)
+        empty = ~seen | (denom == 0)
+    else:
+        denom, empty = corr, ~seen                                 # out = num · exp(ℓq + C)
+    denom = np.where(empty, np.inf, denom)                         # (..., N)
+    num /= denom[..., None]                                        # (..., N, Dv) now out
+    return num, denom
+
+
+def _grad_num_den(dout, out, denom, normalize):
+    """dnum, dden from dout, for out = num / denom and denom = den + (constant)."""
+    # fwd: out = num / denom
+    dnum = dout / denom[..., None]                                 # (..., N, Dv)
+    if normalize:
+        # fwd: denom = den + eps·exp(−ℓq − C)      (ℓq, C constants)
+        dden = -np.sum(dout * out, axis=-1) / denom                # (..., N)
+    else:
+        dden = np.zeros(denom.shape, dtype=denom.dtype)            # (..., N)
+    return dnum, dden
+
+
+# --------------------------------------------------------------------------- reference path
+
+def _forward_ref(q, k, v, fmap, causal, mask, mask_mode):
+    fq, lq = _features(fmap, q)                                    # (..., N, F), (..., N)
+    fk, lk, v = _key_features(fmap, k, v, mask, mask_mode)         # (..., M, F), (..., M)
+    if causal:
+        num, den, key_scale = _causal_scan_ref(fq, fk, lk, v)
+        return num, den, lq, key_scale, None, None
+    big_c = lk.max(axis=-1) if lk.shape[-1] else np.full(lk.shape[:-1], -np.inf, lk.dtype)
+    w = _exp_shift(lk, big_c[..., None])                           # (..., M) exp(ℓk − C)
+    fkw = fk * w[..., None]                                        # (..., M, F)
+    kv = fkw.swapaxes(-1, -2) @ v                                  # (..., F, Dv)
+    z = fkw.sum(axis=-2)                                           # (..., F)
+    num = fq @ kv                                                  # (..., N, Dv)
+    den = fq @ z[..., None]                                        # (..., N, 1)
+    key_scale = np.broadcast_to(big_c[..., None], lq.shape).copy()  # (..., N)
+    return num, den[..., 0], lq, key_scale, kv, z
+
+
+def _causal_scan_ref(fq, fk, lk, v):
+    """The prefix sums, one position at a time (vectorized over the batch dimensions)."""
+    *batch, n, nf = fq.shape
+    m, dv = v.shape[-2:]
+    dtype = fq.dtype
+    s = np.zeros((*batch, nf, dv), dtype)                          # (..., F, Dv) S_t
+    z = np.zeros((*batch, nf), dtype)                              # (..., F) z_t
+    c = np.full(batch, -np.inf, dtype)                             # (...) C_t
+    num = np.zeros((*batch, n, dv), dtype)                         # (..., N, Dv)
+    den = np.zeros((*batch, n), dtype)                             # (..., N)
+    key_scale = np.full((*batch, n), -np.inf, dtype)               # (..., N)
+    for t in range(max(n, m)):
+        if t < m:                                                  # key t joins
+            c_new = np.maximum(c, lk[..., t])                      # (...)
+            r = _exp_shift(c, c_new)                               # (...) rescale old state
+            s *= r[..., None, None]
+            z *= r[..., None]
+            c = c_new
+            a = _exp_shift(lk[..., t], c)[..., None] * fk[..., t, :]  # (..., F)
+            s += a[..., :, None] * v[..., t, None, :]              # S_t = S_{t−1} + φ(k_t) v_tᵀ
+            z += a                                                 # z_t = z_{t−1} + φ(k_t)
+        if t < n:                                                  # query t reads
+            num[..., t, :] = np.einsum("...f,...fe->...e", fq[..., t, :], s)
+            den[..., t] = np.einsum("...f,...f->...", fq[..., t, :], z)
+            key_scale[..., t] = c
+    return num, den, key_scale
+
+
+def _backward_ref(dout, ctx: LinearCtx) -> dict:
+    q, k, fmap = ctx.q, ctx.k, ctx.fmap
+    fq, lq = _features(fmap, q)                                    # recomputed, not stored
+    fk, lk, v = _key_features(fmap, k, ctx.v, ctx.mask, ctx.mask_mode)
+    dnum, dden = _grad_num_den(dout, ctx.out, ctx.denom, ctx.normalize)
+    if ctx.causal:
+        dfq, dfk, dv = _causal_backward_ref(fq, fk, lk, v, dnum, dden, ctx.key_scale)
+    else:
+        big_c = lk.max(axis=-1) if lk.shape[-1] else np.zeros(lk.shape[:-1], lk.dtype)
+        w = _exp_shift(lk, big_c[..., None])                       # (..., M)
+        # fwd: num = fq @ kv ;  den = fq @ z
+        dfq = dnum @ ctx.kv.swapaxes(-1, -2) + dden[..., None] * ctx.z[..., None, :]
+        dkv = fq.swapaxes(-1, -2) @ dnum                           # (..., F, Dv)
+        dz = (fq.swapaxes(-1, -2) @ dden[..., None])[..., 0]       # (..., F)
+        # fwd: kv = (fk·w)ᵀ v ;  z = Σ_j fk_j w_j      (w = exp(ℓk − C) constant)
+        dfk = (v @ dkv.swapaxes(-1, -2) + dz[..., None, :]) * w[..., None]  # (..., M, F)
+        dv = (fk * w[..., None]) @ dkv                             # (..., M, Dv)
+    dk, dv = _chain_k(fmap, dfk, dv, fk, k, ctx.mask, ctx.mask_mode)
+    return {"q": _chain_q(fmap, dfq, fq, q), "k": dk, "v": dv}
+
+
+def _causal_backward_ref(fq, fk, lk, v, dnum, dden, key_scale):
+    *batch, n, nf = fq.shape
+    m, dvd = v.shape[-2:]
+    dtype = fq.dtype
+    dfq = np.zeros(fq.shape, dtype)                                # (..., N, F)
+    dfk = np.zeros(fk.shape, dtype)                                # (..., M, F)
+    dv = np.zeros(v.shape, dtype)                                  # (..., M, Dv)
+    # pass 1, forward scan: dfq_t = S_t dnum_t + dden_t z_t
+    #   (fwd: num_t = fq_t S_t ;  den_t = fq_t·z_t)
+    s = np.zeros((*batch, nf, dvd), dtype)                         # (..., F, Dv)
+    z = np.zeros((*batch, nf), dtype)                              # (..., F)
+    c = np.full(batch, -np.inf, dtype)                             # (...)
+    for t in range(max(n, m)):
+        if t < m:
+            c_new = np.maximum(c, lk[..., t])
+            r = _exp_shift(c, c_new)
+            s *= r[..., None, None]
+            z *= r[..., None]
+            c = c_new
+            a = _exp_shift(lk[..., t], c)[..., None] * fk[..., t, :]
+            s += a[..., :, None] * v[..., t, None, :]
+            z += a
+        if t < n:
+            dfq[..., t, :] = (np.einsum("...fe,...e->...f", s, dnum[..., t, :])
+                              + dden[..., t, None] * z)
+    # pass 2, reverse: U_t = Σ_{i≥t} exp(C_t − C_i) fq_i dnum_iᵀ,  r_t = Σ_{i≥t} … dden_i fq_i
+    u = np.zeros((*batch, nf, dvd), dtype)                         # (..., F, Dv)
+    r = np.zeros((*batch, nf), dtype)                              # (..., F)
+    c_next = np.full(batch, -np.inf, dtype)                        # (...) C of the last row added
+    for t in range(max(n, m) - 1, -1, -1):
+        if t < n:
+            c_t = key_scale[..., t]
+            with np.errstate(invalid="ignore"):
+                shrink = np.where(c_t < c_next, np.exp(c_t - c_next), 1)  # (...)
+            u = u * shrink[..., None, None] + fq[..., t, :, None] * dnum[..., t, None, :]
+            r = r * shrink[..., None] + dden[..., t, None] * fq[..., t, :]
+            c_next = c_t
+            # fwd: S_i += exp(ℓk_t − C_i) fk_t v_tᵀ ; z_i += exp(ℓk_t − C_i) fk_t   (all i ≥ t)
+            if t < m:
+                w = _exp_shift(lk[..., t], c_t)[..., None]         # (..., 1)
+                dfk[..., t, :] = w * (np.einsum("...fe,...e->...f", u, v[..., t, :]) + r)
+                dv[..., t, :] = w * np.einsum("...fe,...f->...e", u, fk[..., t, :])
+    return dfq, dfk, dv
+
+
+def _chain_q(fmap, dfq, fq, q):
+    """dq through the feature map."""
+    # fwd: fq = φ(q)
+    return fmap.backward(dfq, fq, q)                               # (..., N, D)
+
+
+def _chain_k(fmap, dfk, dv, fk, k, mask, mask_mode):
+    """dk through the feature map, and the padding of dk (exact) or dv (values_only)."""
+    # fwd: fk = φ(k)
+    dk = fmap.backward(dfk, fk, k)                                 # (..., M, D)
+    if mask is not None:
+        pad = ~mask[..., None]                                     # (..., M, 1)
+        if mask_mode == "exact":
+            dk = np.where(pad, 0, dk)                              # fwd: fk = where(mask, fk, 0)
+        else:
+            dv = np.where(pad, 0, dv)                              # fwd: v = where(mask, v, 0)
+    return dk, dv
+
+
+# --------------------------------------------------------------------------- chunked path
+
+def _chunk_slices(n, m, chunk):
+    """Aligned chunks of positions: (rows slice, keys slice) per chunk of max(N, M)."""
+    t_end = max(n, m)
+    return [(slice(t0, min(t0 + chunk, n)) if t0 < n else slice(n, n),
+             slice(t0, min(t0 + chunk, m)) if t0 < m else slice(m, m))
+            for t0 in range(0, t_end, chunk)]
+
+
+def _bh(x, bh, nb):
+    """Contiguous (BH, L[, X]) array of a (..., L[, X]) chunk with nb batch dimensions."""
+    return np.ascontiguousarray(x).reshape((bh,) + x.shape[nb:])
+
+
+def _n_features(fmap, d):
+    return d if fmap.n_features is None else fmap.n_features
+
+
+def _forward_chunked(q, k, v, fmap, causal, mask, mask_mode, chunk):
+    *batch, n, d = q.shape
+    m, dvd = v.shape[-2:]
+    dtype, nb, bh, nf = q.dtype, len(batch), math.prod(batch), _n_features(fmap, d)
+    num = np.empty((*batch, n, dvd), dtype)                        # (..., N, Dv)
+    den = np.empty((*batch, n), dtype)                             # (..., N)
+    lq = np.empty((*batch, n), dtype)                              # (..., N)
+    key_scale = np.empty((*batch, n), dtype)                       # (..., N)
+    chunks = _chunk_slices(n, m, chunk)
+
+    def keys(ks):
+        return _key_features(fmap, k[..., ks, :], v[..., ks, :],
+                             None if mask is None else mask[..., ks], mask_mode)
+
+    if causal:
+        state = (np.zeros((bh, nf, dvd), dtype),                   # S (BH, F, Dv)
+                 np.zeros((bh, nf), dtype),                        # z (BH, F)
+                 np.full(bh, -np.inf, dtype))                      # C (BH,)
+        for qs, ks in chunks:
+            fq, lq[..., qs] = _features(fmap, q[..., qs, :])       # (..., nq, F)
+            fk, lk, vc = keys(ks)                                  # (..., nk, F)
+            nq = fq.shape[-2]
+            num_c = np.empty((bh, nq, dvd), dtype)                 # (BH, nq, Dv)
+            den_c = np.empty((bh, nq), dtype)                      # (BH, nq)
+            cm_c = np.empty((bh, nq), dtype)                       # (BH, nq)
+            kernels.causal_fwd(num_c, den_c, cm_c, *state, _bh(fq, bh, nb), _bh(fk, bh, nb),
+                               _bh(lk, bh, nb), _bh(vc, bh, nb))
+            num[..., qs, :] = num_c.reshape(*batch, nq, dvd)
+            den[..., qs] = den_c.reshape(*batch, nq)
+            key_scale[..., qs] = cm_c.reshape(*batch, nq)
+        return num, den, lq, key_scale, None, None
+    # non-causal: kv and z summed over key chunks at the running maximum C of ℓk (rescaled
+    # when it grows: the online-softmax trick), then read by every query chunk.
+    big_c = np.full(batch, -np.inf, dtype)                         # (...)
+    kv = np.zeros((*batch, nf, dvd), dtype)                        # (..., F, Dv)
+    z = np.zeros((*batch, nf), dtype)                              # (..., F)
+    for _, ks in chunks:
+        if ks.stop > ks.start:
+            fk, lk, vc = keys(ks)                                  # (..., nk, F)
+            c_new = np.maximum(big_c, lk.max(axis=-1))             # (...)
+            r = _exp_shift(big_c, c_new)                           # (...)
+            kv *= r[..., None, None]
+            z *= r[..., None]
+            big_c = c_new
+            fkw = fk * _exp_shift(lk, big_c[..., None])[..., None]  # (..., nk, F)
+            kv += fkw.swapaxes(-1, -2) @ vc
+            z += fkw.sum(axis=-2)
+    for qs, _ in chunks:
+        fq, lq[..., qs] = _features(fmap, q[..., qs, :])           # (..., nq, F)
+        num[..., qs, :] = fq @ kv
+        den[..., qs] = (fq @ z[..., None])[..., 0]
+    key_scale[...] = big_c[..., None]
+    return num, den, lq, key_scale, kv, z
+
+
+def _backward_chunked(dout, ctx: LinearCtx, chunk) -> dict:
+    q, k, v, fmap, mask = ctx.q, ctx.k, ctx.v, ctx.fmap, ctx.mask
+    *batch, n, d = q.shape
+    m, dvd = v.shape[-2:]
+    dtype, nb, bh, nf = q.dtype, len(batch), math.prod(batch), _n_features(fmap, d)
+    dq = np.empty(q.shape, dtype)                                  # (..., N, D)
+    dk = np.empty(k.shape, dtype)                                  # (..., M, D)
+    dv = np.empty(v.shape, dtype)                                  # (..., M, Dv)
+    chunks = _chunk_slices(n, m, chunk)
+
+    def keys(ks):
+        return _key_features(fmap, k[..., ks, :], v[..., ks, :],
+                             None if mask is None else mask[..., ks], ctx.mask_mode)
+
+    def rows(qs):
+        return _grad_num_den(dout[..., qs, :], ctx.out[..., qs, :], ctx.denom[..., qs],
+                             ctx.normalize)
+
+    def set_keys(ks, dfk, fk, dv_c):
+        dk[..., ks, :], dv[..., ks, :] = _chain_k(fmap, dfk, dv_c, fk, k[..., ks, :],
+                                                  None if mask is None else mask[..., ks],
+                                                  ctx.mask_mode)
+
+    if ctx.causal:
+        state = (np.zeros((bh, dvd, nf), dtype),                   # Sᵀ (BH, Dv, F)
+                 np.zeros((bh, nf), dtype),                        # z (BH, F)
+                 np.full(bh, -np.inf, dtype))                      # C (BH,)
+        for qs, ks in chunks:                                      # pass 1: dq, forward scan
+            fk, lk, vc = keys(ks)
+            dnum, dden = rows(qs)                                  # (..., nq, Dv), (..., nq)
+            nq = dnum.shape[-2]
+            dfq = np.empty((bh, nq, nf), dtype)                    # (BH, nq, F)
+            kernels.causal_bwd_q(dfq, *state, _bh(fk, bh, nb), _bh(lk, bh, nb),
+                                 _bh(vc, bh, nb), _bh(dnum, bh, nb), _bh(dden, bh, nb))
+            fq, _ = _features(fmap, q[..., qs, :])
+            dq[..., qs, :] = _chain_q(fmap, dfq.reshape(*batch, nq, nf), fq, q[..., qs, :])
+        state = (np.zeros((bh, nf, dvd), dtype),                   # Ũ (BH, F, Dv)
+                 np.zeros((bh, dvd, nf), dtype),                   # Ũᵀ (BH, Dv, F)
+                 np.zeros((bh, nf), dtype),                        # r̃ (BH, F)
+                 np.full(bh, -np.inf, dtype))                      # C of the last row added
+        for qs, ks in reversed(chunks):                            # pass 2: dk, dv, reverse
+            fq, _ = _features(fmap, q[..., qs, :])
+            fk, lk, vc = keys(ks)
+            dnum, dden = rows(qs)
+            nk = fk.shape[-2]
+            dfk = np.empty((bh, nk, nf), dtype)                    # (BH, nk, F)
+            dv_c = np.empty((bh, nk, dvd), dtype)                  # (BH, nk, Dv)
+            kernels.causal_bwd_kv(dfk, dv_c, *state, _bh(fq, bh, nb), _bh(dnum, bh, nb),
+                                  _bh(dden, bh, nb), _bh(ctx.key_scale[..., qs], bh, nb),
+                                  _bh(fk, bh, nb), _bh(lk, bh, nb), _bh(vc, bh, nb))
+            set_keys(ks, dfk.reshape(*batch, nk, nf), fk, dv_c.reshape(*batch, nk, dvd))
+        return {"q": dq, "k": dk, "v": dv}
+    # non-causal: dkv, dz summed over query chunks, then read by every key chunk
+    kv, z = ctx.kv, ctx.z
+    dkv = np.zeros(kv.shape, dtype)                                # (..., F, Dv)
+    dz = np.zeros(z.shape, dtype)                                  # (..., F)
+    for qs, _ in chunks:
+        if qs.stop > qs.start:
+            fq, _ = _features(fmap, q[..., qs, :])                 # (..., nq, F)
+            dnum, dden = rows(qs)
+            # fwd: num = fq @ kv ;  den = fq @ z
+            dfq = dnum @ kv.swapaxes(-1, -2) + dden[..., None] * z[..., None, :]
+            dq[..., qs, :] = _chain_q(fmap, dfq, fq, q[..., qs, :])
+            dkv += fq.swapaxes(-1, -2) @ dnum
+            dz += (fq.swapaxes(-1, -2) @ dden[..., None])[..., 0]
+    big_c = ctx.key_scale[..., 0] if n else np.zeros(batch, dtype)  # (...) C
+    for _, ks in chunks:
+        if ks.stop > ks.start:
+            fk, lk, vc = keys(ks)                                  # (..., nk, F)
+            w = _exp_shift(lk, big_c[..., None])[..., None]        # (..., nk, 1)
+            # fwd: kv = (fk·w)ᵀ v ;  z = Σ_j fk_j w_j      (w = exp(ℓk − C) constant)
+            dfk = (vc @ dkv.swapaxes(-1, -2) + dz[..., None, :]) * w  # (..., nk, F)
+            set_keys(ks, dfk, fk, (fk * w) @ dkv)
+    return {"q": dq, "k": dk, "v": dv}
+
+
+def example_cases(rng: np.random.Generator, dtype=np.float64) -> list[Case]:
+    """Small valid calls covering every option (used by the contract tests and golden files)."""
+    b, h, n, d, dv = 2, 2, 7, 5, 3
+
+    def qkv(n_=n, m_=n):
+        return {"q": rng.standard_normal((b, h, n_, d)).astype(dtype),
+                "k": rng.standard_normal((b, h, m_, d)).astype(dtype),
+                "v": rng.standard_normal((b, h, m_, dv)).astype(dtype)}
+
+    pad = np.ones((b, 1, n), dtype=bool)
+    pad[1, :, -3:] = False                                         # batch 1: 3 padded keys
+    pad9 = np.ones((b, 1, 9), dtype=bool)
+    pad9[0, :, 4:] = False
+    return [
+        Case("plain", qkv(), {}),
+        Case("relu", qkv(), {"feature_map": "relu"}),
+        Case("causal", qkv(), {"causal": True}),
+        Case("causal_rect", qkv(5, 9), {"causal": True, "mask": pad9}),
+        Case("causal_tall", qkv(9, 4), {"causal": True, "feature_map": "relu"}),
+        Case("padmask", qkv(), {"mask": pad}),
+        Case("values_only_causal", qkv(), {"mask": pad, "mask_mode": "values_only",
+                                            "causal": True}),
+        Case("unnormalized", qkv(), {"normalize": False, "causal": True}),
+        Case("eps0_ref", qkv(), {"eps": 0.0, "impl": "ref"}),
+    ]
