@@ -1,0 +1,363 @@
+"""Golden vectors: round trip, byte stability (runs, thread counts), verification on load."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import zipfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from tinyeff import golden as golden_cli
+from tinyeff.attention import VARIANTS
+from tinyeff.testing import golden
+from tinyeff.testing.golden import GoldenError, load_golden, read_case, write_golden
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def golden_dir(tmp_path_factory):
+    """Every registered variant in float64, written once for the tests of this module."""
+    root = tmp_path_factory.mktemp("golden")
+    write_golden(root)
+    return root
+
+
+def _manifest(root) -> dict:
+    return json.loads((Path(root) / "manifest.json").read_text())
+
+
+def _rewrite_manifest(root, manifest) -> None:
+    (Path(root) / "manifest.json").write_text(golden.manifest_text(manifest))
+
+
+# ----------------------------------------------------------------------------------------
+# Round trip
+# ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_round_trip(variant, golden_dir):
+    """Loaded cases equal freshly computed ones: inputs, options, dout, out and gradients."""
+    loaded = {c.name: c for c in load_golden(golden_dir, variants=variant).cases}
+    fresh = list(golden.make_cases(variant))
+    assert [c.name for c in fresh] == list(loaded)
+    mod = VARIANTS[variant]
+    for want in fresh:
+        got = loaded[want.name]
+        assert got.variant == variant and got.dtype == "float64"
+        for name in want.args:
+            np.testing.assert_array_equal(got.args[name], want.args[name], strict=True)
+            np.testing.assert_array_equal(got.grads[name], want.grads[name], strict=True)
+        np.testing.assert_array_equal(got.out, want.out, strict=True)
+        np.testing.assert_array_equal(got.dout, want.dout, strict=True)
+        assert set(got.options) == set(want.options)
+        for key, value in want.options.items():
+            _assert_option_equal(got.options[key], value)
+        # and the stored values are what the reference gives on the stored (loaded) inputs
+        ref = {"impl": "ref"} if "ref" in getattr(mod, "IMPLS", ()) else {}
+        out, ctx = mod.forward(**got.args, **got.options, **ref)
+        np.testing.assert_array_equal(out, got.out, strict=True)
+        grads = mod.backward(got.dout, ctx)
+        for name in got.grads:
+            np.testing.assert_array_equal(grads[name], got.grads[name], strict=True)
+
+
+def _assert_option_equal(got, want):
+    if sp.issparse(want):
+        assert sp.issparse(got) and type(got) is type(want.tocsr())
+        np.testing.assert_array_equal(got.toarray(), want.toarray(), strict=True)
+    elif isinstance(want, np.ndarray):
+        np.testing.assert_array_equal(got, want, strict=True)
+    elif isinstance(want, (tuple, list)):
+        assert type(got) is type(want) and len(got) == len(want)
+        for g, w in zip(got, want):
+            _assert_option_equal(g, w)
+    elif isinstance(want, float) and np.isnan(want):
+        assert np.isnan(got)
+    else:
+        assert got == want and type(got) is type(want), (got, want)
+
+
+def test_plain_numpy_load_reads_every_file(golden_dir):
+    manifest = _manifest(golden_dir)
+    assert manifest["format"] == "tinyeff-golden" and manifest["version"] == golden.VERSION
+    assert manifest["variants"] == list(VARIANTS)
+    for entry in manifest["cases"]:
+        with np.load(golden_dir / entry["file"], allow_pickle=False) as npz:
+            header = json.loads(str(npz["header"]))
+            assert header["variant"] == entry["variant"] and header["case"] == entry["case"]
+            for name, spec in entry["args"].items():
+                assert list(npz[f"arg.{name}"].shape) == spec["shape"]
+                assert npz[f"grad.{name}"].dtype.name == spec["dtype"]
+            assert list(npz["out"].shape) == entry["out"]["shape"]
+            assert npz["dout"].shape == npz["out"].shape
+
+
+def test_float32_files_are_the_rounded_float64_values(tmp_path):
+    write_golden(tmp_path, ["full"], dtype="float32")
+    g = load_golden(tmp_path)
+    assert g.dtype == "float32"
+    mod = VARIANTS["full"]
+    for case in g.cases:
+        for x in (*case.args.values(), *case.grads.values(), case.out, case.dout):
+            assert x.dtype == np.float32
+        args64 = {k: x.astype(np.float64) for k, x in case.args.items()}
+        out, ctx = mod.forward(**args64, **case.options)
+        np.testing.assert_array_equal(case.out, out.astype(np.float32))
+        grads = mod.backward(case.dout.astype(np.float64), ctx)
+        for name, dx in grads.items():
+            np.testing.assert_array_equal(case.grads[name], dx.astype(np.float32))
+
+
+@pytest.mark.parametrize("value", [
+    None, True, 3, -2.5, float("inf"), float("-inf"), "top_left", (1, 2), [0.5, None],
+    {"a": 1, "b": (True,)}, np.arange(6, dtype=np.int64).reshape(2, 3),
+    np.array([[True, False]]), np.linspace(0, 1, 5, dtype=np.float32),
+    sp.csr_array(np.tri(4, 5, dtype=bool)), sp.csr_matrix(np.eye(3, dtype=bool)),
+    sp.coo_array(np.eye(3, dtype=bool)),
+], ids=lambda v: type(v).__name__)
+def test_option_encodings_round_trip(tmp_path, value):
+    case = next(golden.make_cases("full"))
+    case.options = {"opt": value}
+    write_golden(tmp_path, ["full"], cases=[case])
+    (loaded,) = load_golden(tmp_path).cases
+    _assert_option_equal(loaded.options["opt"], value)
+
+
+def test_object_options_are_refused(tmp_path):
+    case = next(golden.make_cases("full"))
+    case.options = {"opt": np.array([{"a": 1}], dtype=object)}
+    with pytest.raises(TypeError, match="opt"):
+        write_golden(tmp_path, ["full"], cases=[case])
+    case.options = {"opt": object()}
+    with pytest.raises(TypeError, match="opt"):
+        write_golden(tmp_path, ["full"], cases=[case])
+
+
+# ----------------------------------------------------------------------------------------
+# Byte stability
+# ----------------------------------------------------------------------------------------
+
+def test_byte_identical_across_runs(tmp_path, golden_dir):
+    write_golden(tmp_path)
+    assert _files(tmp_path) == _files(golden_dir)
+
+
+def test_manifest_hashes_match_files(golden_dir):
+    for entry in _manifest(golden_dir)["cases"]:
+        data = (golden_dir / entry["file"]).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == entry["sha256"]
+        assert len(data) == entry["bytes"]
+        with zipfile.ZipFile(io.BytesIO(data)) as zf:
+            names = [i.filename for i in zf.infolist()]
+            assert names == sorted(names)
+            assert all(i.date_time == (1980, 1, 1, 0, 0, 0) for i in zf.infolist())
+
+
+@pytest.mark.numba_threads
+def test_byte_identical_with_one_and_two_threads(tmp_path, golden_dir):
+    """Two fresh processes, 1 and 2 Numba (and BLAS) threads, write the same bytes."""
+    procs = {}
+    for threads in ("1", "2"):
+        env = {**os.environ, "NUMBA_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads,
+               "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+        procs[threads] = subprocess.Popen(
+            [sys.executable, "-m", "tinyeff", "golden", "--out", str(tmp_path / threads)],
+            env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for proc in procs.values():
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+    one, two = _files(tmp_path / "1"), _files(tmp_path / "2")
+    assert one == two
+    assert one == _files(golden_dir)
+
+
+def test_seed_changes_the_inputs(tmp_path):
+    write_golden(tmp_path / "a", ["full"], seed=0)
+    write_golden(tmp_path / "b", ["full"], seed=1)
+    a, b = load_golden(tmp_path / "a").cases[0], load_golden(tmp_path / "b").cases[0]
+    assert not np.array_equal(a.args["q"], b.args["q"])
+
+
+# ----------------------------------------------------------------------------------------
+# Verification on load: truncated, corrupted, hand-edited, pickled files
+# ----------------------------------------------------------------------------------------
+
+@pytest.fixture
+def small_dir(tmp_path):
+    write_golden(tmp_path, ["full"])
+    return tmp_path
+
+
+def _first(root) -> tuple[dict, Path]:
+    entry = _manifest(root)["cases"][0]
+    return entry, Path(root) / entry["file"]
+
+
+def test_flipped_byte_fails_the_hash(small_dir):
+    _, path = _first(small_dir)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(GoldenError, match="SHA-256"):
+        load_golden(small_dir)
+
+
+def test_truncated_file(small_dir):
+    entry, path = _first(small_dir)
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(GoldenError, match="SHA-256"):
+        load_golden(small_dir)
+    with pytest.raises(GoldenError, match="not a readable"):
+        read_case(path)                                            # without the manifest
+
+
+def test_missing_file_and_missing_manifest(small_dir):
+    _, path = _first(small_dir)
+    path.unlink()
+    with pytest.raises(GoldenError, match="cannot read"):
+        load_golden(small_dir)
+    (small_dir / "manifest.json").unlink()
+    with pytest.raises(GoldenError, match="manifest.json"):
+        load_golden(small_dir)
+
+
+def _hand_edit(root, edit):
+    """Rewrite the first case file through ``edit(entries)`` and re-hash it in the manifest,
+    as someone editing the files by hand would; returns the path."""
+    entry, path = _first(root)
+    with zipfile.ZipFile(path) as zf:
+        entries = {i.filename: zf.read(i) for i in zf.infolist()}
+    edit(entries)
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name, raw in entries.items():
+            zf.writestr(name, raw)
+    path.write_bytes(buf.getvalue())
+    manifest = _manifest(root)
+    manifest["cases"][0]["sha256"] = hashlib.sha256(buf.getvalue()).hexdigest()
+    _rewrite_manifest(root, manifest)
+    return path
+
+
+def _npy(a, allow_pickle=False):
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, a, allow_pickle=allow_pickle)
+    return buf.getvalue()
+
+
+def test_wrong_shape_is_refused(small_dir):
+    def edit(entries):
+        entries["out.npy"] = _npy(np.zeros((2, 2, 7, 4)))
+    _hand_edit(small_dir, edit)
+    with pytest.raises(GoldenError, match="out"):
+        load_golden(small_dir)
+
+
+def test_wrong_dtype_is_refused(small_dir):
+    def edit(entries):
+        q = np.lib.format.read_array(io.BytesIO(entries["arg.q.npy"]))
+        entries["arg.q.npy"] = _npy(q.astype(np.float32))
+    _hand_edit(small_dir, edit)
+    with pytest.raises(GoldenError, match="arg.q"):
+        load_golden(small_dir)
+
+
+def test_missing_and_extra_entries_are_refused(small_dir):
+    _hand_edit(small_dir, lambda entries: entries.pop("grad.k.npy"))
+    with pytest.raises(GoldenError, match="missing entries"):
+        load_golden(small_dir)
+
+
+def test_extra_entry_is_refused(small_dir):
+    def edit(entries):
+        entries["opt.sneaky.npy"] = _npy(np.zeros(3))
+    _hand_edit(small_dir, edit)
+    with pytest.raises(GoldenError, match="unexpected entries"):
+        load_golden(small_dir)
+
+
+def test_pickled_content_is_refused_and_never_run(small_dir, tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    def edit(entries):
+        entries["out.npy"] = _npy(np.array([Evil()], dtype=object), allow_pickle=True)
+    _hand_edit(small_dir, edit)
+    with pytest.raises(GoldenError, match="pickle"):
+        load_golden(small_dir)
+    assert not marker.exists()
+
+
+def test_other_format_version_is_refused(small_dir):
+    def edit(entries):
+        header = json.loads(str(np.lib.format.read_array(io.BytesIO(entries["header.npy"]))))
+        header["version"] = golden.VERSION + 1
+        entries["header.npy"] = _npy(np.array(json.dumps(header)))
+    _hand_edit(small_dir, edit)
+    with pytest.raises(GoldenError, match="version"):
+        load_golden(small_dir)
+
+
+def test_manifest_cannot_point_outside(small_dir):
+    manifest = _manifest(small_dir)
+    manifest["cases"][0]["file"] = "../elsewhere.npz"
+    _rewrite_manifest(small_dir, manifest)
+    with pytest.raises(GoldenError, match="outside"):
+        load_golden(small_dir)
+
+
+def test_manifest_shapes_are_checked(small_dir):
+    manifest = _manifest(small_dir)
+    manifest["cases"][0]["out"]["shape"][-1] += 1
+    _rewrite_manifest(small_dir, manifest)
+    with pytest.raises(GoldenError, match="manifest says"):
+        load_golden(small_dir)
+
+
+# ----------------------------------------------------------------------------------------
+# The command line and SEMANTICS.md
+# ----------------------------------------------------------------------------------------
+
+def test_cli_writes_and_rejects_unknown_variants(tmp_path, capsys):
+    assert golden_cli.main(["--out", str(tmp_path), "--variants", "full", "--seed", "3"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    assert load_golden(tmp_path).manifest["seed"] == 3
+    with pytest.raises(SystemExit):
+        golden_cli.main(["--out", str(tmp_path), "--variants", "nope"])
+
+
+def test_semantics_index_lists_every_variant():
+    text = (ROOT / "SEMANTICS.md").read_text()
+    for name in VARIANTS:
+        assert f"`{name}`" in text, f"SEMANTICS.md does not list the variant {name}"
+    for link in re.findall(r"\]\(([^)#]+\.md)", text):
+        assert (ROOT / link).is_file(), f"SEMANTICS.md links to missing {link}"
+
+
+def test_crc_seeding_is_documented():
+    """The seeds the docs promise are the seeds the code uses."""
+    case = next(golden.make_cases("full", seed=5))
+    rng = np.random.default_rng(zlib.crc32(b"full/5"))
+    first = VARIANTS["full"].example_cases(rng, np.float64)[0]
+    np.testing.assert_array_equal(case.args["q"], first.args["q"])
+    drng = np.random.default_rng(zlib.crc32(f"full/{case.name}/5/dout".encode()))
+    np.testing.assert_array_equal(case.dout, drng.standard_normal(case.out.shape))
