@@ -58,7 +58,11 @@ equals the un-stabilized formula above *exactly* (the shifts cancel for any valu
 the un-stabilized estimator up to rounding; the shifts are constants of the backward.  No ε
 is added inside φ.  Inputs of norm 100 give finite results in float32 (every exponent is
 ≤ 0).  A row whose denominator underflows to exactly 0 (eps = 0 and extreme inputs) outputs
-0, like a fully masked row.
+0, like a fully masked row.  Limit: the stabilizers are per row and per key, not per
+(query, key) pair, so for extreme inputs (float32, norms ≈ 100, where the estimator itself
+is meaningless) a row's denominator can fall into the denormal range; the forward stays
+finite but the backward's dout/denominator can overflow to inf/NaN.  Scaling unit inputs
+by 10 is fine in both dtypes, and so is norm 100 in float64 (tests/test_performer.py).
 
 Peers
 -----
