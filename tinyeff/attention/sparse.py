@@ -1,0 +1,329 @@
+"""Attention restricted to a sparse pattern S, computed on the stored entries only.
+
+    A     = S ∧ causal ∧ key_padding                      which keys query i may see
+    s_ij  = q_i·k_j · scale + rel_bias[i − j + M − 1]     only for (i, j) stored in S   (SDDMM)
+    p_ij  = exp(s_ij − c_i) / Σ_{j' ∈ A(i)} exp(s_ij' − c_i),   c_i = max_{j ∈ A(i)} s_ij
+    out_i = Σ_{j ∈ A(i)} p_ij v_j                                                      (SpMM)
+
+This is ``full`` with the dense boolean mask S: softmax(QKᵀ·scale ⊙ S) V with the entries
+outside S excluded (not set to zero before the softmax) — and the tests check exactly that,
+forward and every gradient.  With nnz stored entries the cost is O(nnz·(D + Dv)) time and
+O(nnz) memory per batch item (the saved probabilities), never O(N·M).  Child et al. 2019
+(Sparse Transformer), Zaheer et al. 2020 (BigBird) and Beltagy et al. 2020 (Longformer)
+are instances: build their patterns with :mod:`tinyeff.masks`.
+
+Shapes: q (..., N, D), k (..., M, D), v (..., M, Dv); leading dimensions are batch
+dimensions (typically (B, H)); nnz = stored entries of S.
+
+Options
+-------
+mask : the pattern S (N, M), required.  Any boolean ``scipy.sparse`` matrix or array (its
+    *structure* is the pattern; explicitly stored False entries are rejected) or a
+    :class:`tinyeff.masks.Pattern` (canonicalized already: pass one to skip the O(nnz)
+    canonicalization and transposition on every call).  One pattern is shared by all batch
+    dimensions.  A list/tuple of H patterns gives per-head patterns: pattern h is used for
+    batch index [..., h], i.e. the last batch dimension must have length H.
+causal : bool, default False.  Keep only j <= i (top-left alignment, like ``full``):
+    S is intersected with the causal pattern before anything else.
+key_padding_mask : boolean array (..., M), leading dimensions broadcastable to the batch
+    dimensions; True = real key.  Padded keys get the score −inf (excluded).
+rel_bias : float array (..., N + M − 1), leading dimensions broadcastable to the batch:
+    bias_ij = rel_bias[..., i − j + M − 1] is added to the scaled score of each stored
+    entry (relative positions, T5 buckets, ALiBi).  Its gradient sums ∂s over the stored
+    entries of each offset and is reduced to rel_bias's own shape.
+scale : float, default 1/sqrt(D).
+impl : "auto" | "ref" | "numba".  "ref" is the NumPy/SciPy path below (per batch item,
+    gathers on the nnz entries); "numba" the kernels of :mod:`tinyeff.kernels.sparse`
+    (parallel over batch items × rows); "auto" picks "numba".
+
+Edge cases
+----------
+* A row with no stored entry, or whose entries are all padded keys, outputs 0 and passes
+  back 0 gradient (lse = −inf), as ``full``.
+* The max shift c_i is a constant of the backward (it cancels in p).
+* NaN in q_i makes row i NaN; NaN in k_j or v_j reaches exactly the rows that store j.
+* N = 0, M = 0 and nnz = 0 are legal.
+
+Backward (dk, dv by the transposed pattern; see ``_backward_ref``)::
+
+    dv_j = Σ_{i: (i,j) ∈ S} p_ij dout_i          dp_ij = dout_i·v_j
+    ds_ij = p_ij (dp_ij − Σ_j' p_ij' dp_ij')     dq_i = scale Σ_j ds_ij k_j
+    dk_j = scale Σ_i ds_ij q_i                   drel[i − j + M − 1] += ds_ij
+
+Differences from public peers: HF BigBird is block-sparse with additive −10000 padding and
+multiplies padded query rows by 0; openai/sparse_attention masks with −1e9 (a fully masked
+row becomes uniform, not 0).  Reproduce a block layout with
+``masks.from_block_layout``; tinyeff excludes masked entries exactly.
+The Numba kernels are in ``tinyeff/kernels/sparse.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import scipy.sparse as sp
+
+from .. import _checks
+from ..ctx import Ctx
+from ..kernels import sparse as kern
+from ..masks import Pattern
+from ..masks import bigbird as _bigbird
+from ..masks import local as _local
+from ..masks import random as _random
+from ._case import Case
+
+NAME = "sparse"
+SUPPORTS_MASK = True
+SUPPORTS_CAUSAL = True
+SUPPORTS_BIAS = False
+SUPPORTS_REL_BIAS = True
+KEY_PADDING = "key_padding_mask"
+DIFFERENTIABLE = ("q", "k", "v", "rel_bias")
+IMPLS = ("auto", "ref", "numba")
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseCtx(Ctx):
+    q: np.ndarray                 # (..., N, D)
+    k: np.ndarray                 # (..., M, D)
+    v: np.ndarray                 # (..., M, Dv)
+    pattern: Pattern              # effective pattern (mask ∧ causal); G groups stacked
+    groups: int                   # G: 1 (shared pattern) or H (per-head patterns)
+    p: np.ndarray                 # (BH / G, nnz) probabilities on the stored entries
+    lse: np.ndarray               # (..., N) log-sum-exp of each row (−inf: empty row)
+    kpad: np.ndarray | None       # (BH, M) bool, True = real key
+    rel_bias: np.ndarray | None   # (BH, N + M − 1) the offset bias, broadcast
+    rel_bias_shape: tuple | None  # shape of the rel_bias argument
+    scale: float
+    impl: str
+
+
+def _patterns(mask, batch, n, m):
+    """-> (Pattern of shape (G·N, G·M), G).  G = 1 for one shared pattern."""
+    if isinstance(mask, (list, tuple)):
+        if not batch or len(mask) != batch[-1] or len(mask) == 0:
+            raise ValueError(f"mask: a sequence of per-head patterns must have one pattern "
+                             f"per index of the last batch dimension, got {len(mask)} "
+                             f"patterns for batch dimensions {batch}")
+        pats = [Pattern.from_scipy(x, name=f"mask[{h}]") for h, x in enumerate(mask)]
+    elif isinstance(mask, Pattern) or sp.issparse(mask):
+        pats = [Pattern.from_scipy(mask)]
+    else:
+        raise TypeError(f"mask must be a boolean scipy.sparse matrix, a tinyeff.masks.Pattern "
+                        f"or a list of them (one per head), got {type(mask).__name__}; "
+                        "for a dense boolean array use scipy.sparse.csr_array(mask)")
+    for h, pat in enumerate(pats):
+        if pat.shape != (n, m):
+            where = "mask" if len(pats) == 1 else f"mask[{h}]"
+            raise ValueError(f"{where} must have shape (N, M) = {(n, m)}, got {pat.shape}")
+    return pats
+
+
+def forward(q, k, v, *, mask, causal=False, key_padding_mask=None, rel_bias=None,
+            scale=None, impl="auto"):
+    """Attention on the stored entries of ``mask``.  Returns ``(out (..., N, Dv), ctx)``."""
+    batch, n, m, d, dv, dtype = _checks.qkv(q, k, v)
+    pats = _patterns(mask, batch, n, m)
+    causal = _checks.flag(causal, "causal")
+    key_padding_mask = _checks.key_padding_mask(key_padding_mask, batch, m,
+                                                name="key_padding_mask")
+    rel_bias = _checks.rel_bias(rel_bias, batch, n, m, dtype)
+    scale = _checks.scale(scale, d)
+    impl = _checks.choice(impl, "impl", IMPLS)
+    if causal:
+        pats = [p.intersect_causal() for p in pats]
+    groups = len(pats)
+    pattern = pats[0] if groups == 1 else Pattern.block_diag(pats)
+    bf = math.prod(batch)
+    kpad = rel = None
+    if key_padding_mask is not None:
+        kpad = np.ascontiguousarray(
+            np.broadcast_to(key_padding_mask, (*batch, m))).reshape(bf, m)     # (BH, M)
+    if rel_bias is not None:
+        rel = np.ascontiguousarray(
+            np.broadcast_to(rel_bias, (*batch, n + m - 1))).reshape(bf, -1)    # (BH, N+M−1)
+    q3, k3, v3 = _flat(q, k, v)
+    run = _forward_ref if impl == "ref" else _forward_numba
+    out, p, lse = run(q3, k3, v3, pattern, groups, kpad, rel, scale)
+    ctx = SparseCtx(q=q, k=k, v=v, pattern=pattern, groups=groups, p=p,
+                    lse=lse.reshape(*batch, n), kpad=kpad, rel_bias=rel,
+                    rel_bias_shape=None if rel_bias is None else rel_bias.shape,
+                    scale=scale, impl="ref" if impl == "ref" else "numba")
+    return out.reshape(*batch, n, dv), ctx
+
+
+def backward(dout, ctx: SparseCtx, *, impl=None) -> dict:
+    """Gradients ``{"q", "k", "v"}`` (and ``"rel_bias"`` if one was given)."""
+    if not isinstance(ctx, SparseCtx):
+        raise TypeError(f"ctx must be the SparseCtx returned by sparse.forward, got "
+                        f"{type(ctx).__name__}")
+    dout = _checks.dout(dout, ctx.q.shape[:-1] + ctx.v.shape[-1:], ctx.q.dtype)
+    impl = ctx.impl if impl is None else _checks.choice(impl, "impl", IMPLS)
+    q3, k3, v3, dout3 = _flat(ctx.q, ctx.k, ctx.v, dout)
+    run = _backward_ref if impl == "ref" else _backward_numba
+    dq, dk, dv, drel = run(dout3, q3, k3, v3, ctx)
+    grads = {"q": dq.reshape(ctx.q.shape), "k": dk.reshape(ctx.k.shape),
+             "v": dv.reshape(ctx.v.shape)}
+    if ctx.rel_bias_shape is not None:
+        batch = ctx.q.shape[:-2]
+        drel = drel.reshape(*batch, drel.shape[-1])                         # (..., N+M−1)
+        grads["rel_bias"] = _checks.reduce_to_shape(drel, ctx.rel_bias_shape)
+    return grads
+
+
+def _flat(*arrays):
+    """(..., X, Y) -> contiguous (BH, X, Y) (a copy only if not contiguous already)."""
+    return tuple(np.ascontiguousarray(a).reshape(-1, *a.shape[-2:]) for a in arrays)
+
+
+# ---------------------------------------------------------------------- reference
+
+def _group(pat: Pattern, g: int, n: int, m: int):
+    """Rows, columns, row pointer and entry slice of group g of a stacked pattern."""
+    e0, e1 = int(pat.indptr[g * n]), int(pat.indptr[g * n + n])
+    indptr = pat.indptr[g * n:g * n + n + 1] - e0                           # (N + 1,)
+    rows = pat.row_ids[e0:e1] - g * n                                       # (nnz_g,)
+    cols = pat.indices[e0:e1] - g * m                                       # (nnz_g,)
+    return rows, cols, indptr, slice(e0, e1)
+
+
+def _segment_sum(x, indptr):
+    """(nnz,) -> (N,) sums of each row's entries (0 for an empty row)."""
+    counts = np.diff(indptr)
+    out = np.zeros(counts.shape[0], dtype=x.dtype)                          # (N,)
+    if x.size:
+        out[counts > 0] = np.add.reduceat(x, indptr[:-1][counts > 0])
+    return out
+
+
+def _row_softmax(s, indptr, rows):
+    """Softmax of the entries of each row; rows with no finite score give p = 0, lse = −inf."""
+    counts = np.diff(indptr)
+    c = np.full(counts.shape[0], -np.inf, dtype=s.dtype)                    # (N,)
+    if s.size:
+        c[counts > 0] = np.maximum.reduceat(s, indptr[:-1][counts > 0])
+    c = np.where(c == -np.inf, 0, c).astype(s.dtype)     # empty row: any finite shift
+    e = np.exp(s - c[rows])                                                 # (nnz,)
+    z = _segment_sum(e, indptr)                                             # (N,)
+    p = e / np.where(z > 0, z, 1)[rows]                                     # (nnz,)
+    with np.errstate(divide="ignore"):
+        lse = c + np.log(z)                                                 # (N,)
+    return p, lse
+
+
+def _csr(values, cols, indptr, shape):
+    return sp.csr_array((values, cols, indptr), shape=shape)
+
+
+def _forward_ref(q, k, v, pat, groups, kpad, rel, scale):
+    bf, n, _ = q.shape
+    m, dv = v.shape[1:]
+    p = np.zeros((bf // groups, pat.nnz), dtype=q.dtype)                   # (BH/G, nnz)
+    lse = np.empty((bf, n), dtype=q.dtype)                                  # (BH, N)
+    out = np.zeros((bf, n, dv), dtype=q.dtype)                              # (BH, N, Dv)
+    for b in range(bf):
+        rows, cols, indptr, sl = _group(pat, b % groups, n, m)
+        # SDDMM: the scores of the stored entries only
+        s = np.einsum("ed,ed->e", q[b, rows], k[b, cols]) * scale          # (nnz,)
+        if rel is not None:
+            s = s + rel[b, rows - cols + m - 1]                             # (nnz,)
+        if kpad is not None:
+            s = np.where(kpad[b, cols], s, -np.inf).astype(q.dtype)         # (nnz,)
+        pb, lse[b] = _row_softmax(s, indptr, rows)                          # (nnz,), (N,)
+        p[b // groups, sl] = pb
+        # SpMM: out = P v
+        out[b] = _csr(pb, cols, indptr, (n, m)) @ v[b]                     # (N, Dv)
+    return out, p, lse
+
+
+def _backward_ref(dout, q, k, v, ctx: SparseCtx):
+    bf, n, _ = q.shape
+    m = k.shape[1]
+    dq, dk, dv = np.zeros_like(q), np.zeros_like(k), np.zeros_like(v)      # (BH, ·, ·)
+    drel = np.zeros((bf, n + m - 1), dtype=q.dtype)                         # (BH, N+M−1)
+    for b in range(bf):
+        rows, cols, indptr, sl = _group(ctx.pattern, b % ctx.groups, n, m)
+        pb = ctx.p[b // ctx.groups, sl]                                     # (nnz,)
+        # fwd: out = P v
+        dv[b] = _csr(pb, cols, indptr, (n, m)).T @ dout[b]                 # (M, Dv)
+        dp = np.einsum("ed,ed->e", dout[b, rows], v[b, cols])              # (nnz,)
+        # fwd: p = softmax of each row's entries (the max shift is a constant)
+        ds = pb * (dp - _segment_sum(pb * dp, indptr)[rows])                # (nnz,)
+        # fwd: s = (q_i·k_j) * scale + rel_bias[i − j + M − 1]
+        dS = _csr(ds, cols, indptr, (n, m))
+        dq[b] = (dS @ k[b]) * ctx.scale                                     # (N, D)
+        dk[b] = (dS.T @ q[b]) * ctx.scale                                   # (M, D)
+        if ctx.rel_bias is not None:
+            drel[b] = np.bincount(rows - cols + m - 1, weights=ds, minlength=n + m - 1)
+    return dq, dk, dv, drel
+
+
+# ---------------------------------------------------------------------- numba
+
+_NO_REL = {np.dtype(np.float32): np.zeros((0, 0), np.float32),
+           np.dtype(np.float64): np.zeros((0, 0), np.float64)}
+_NO_KPAD = np.zeros((0, 0), dtype=bool)
+
+
+def _forward_numba(q, k, v, pat, groups, kpad, rel, scale):
+    bf, n, _ = q.shape
+    dv = v.shape[2]
+    scale = q.dtype.type(scale)
+    p = np.empty((bf // groups, pat.nnz), dtype=q.dtype)                   # (BH/G, nnz)
+    kern.sddmm_csr(p, q, k, _NO_REL[q.dtype] if rel is None else rel,
+                   _NO_KPAD if kpad is None else kpad, pat.indptr, pat.indices, groups, scale)
+    lse = np.empty((bf, n), dtype=q.dtype)                                  # (BH, N)
+    kern.softmax_csr(p, lse, p, pat.indptr, groups)                        # in place
+    out = np.zeros((bf, n, dv), dtype=q.dtype)                              # (BH, N, Dv)
+    kern.spmm_csr(out, p, v, pat.indptr, pat.indices, groups)
+    return out, p, lse
+
+
+def _backward_numba(dout, q, k, v, ctx: SparseCtx):
+    pat, groups = ctx.pattern, ctx.groups
+    bf, n, _ = q.shape
+    m = k.shape[1]
+    scale = q.dtype.type(ctx.scale)
+    p = np.ascontiguousarray(ctx.p, dtype=q.dtype)
+    dq = np.zeros_like(q)                                                   # (BH, N, D)
+    ds = np.empty_like(p)                                                   # (BH/G, nnz)
+    kern.rows_bwd_csr(dq, ds, dout, p, k, v, pat.indptr, pat.indices, groups, scale)
+    dk, dv = np.zeros_like(k), np.zeros_like(v)                             # (BH, M, ·)
+    kern.cols_bwd_csr(dk, dv, ds, p, q, dout, pat.t_indptr, pat.t_indices, pat.t_perm,
+                      groups, scale)
+    drel = None
+    if ctx.rel_bias is not None:
+        drel = np.zeros((bf, n + m - 1), dtype=q.dtype)                     # (BH, N+M−1)
+        kern.rel_bias_bwd_csr(drel, ds, pat.indptr, pat.indices, groups, n, m)
+    return dq, dk, dv, drel
+
+
+# ---------------------------------------------------------------------- examples
+
+def example_cases(rng: np.random.Generator, dtype=np.float64) -> list[Case]:
+    """Small valid calls covering every option (used by the contract tests and golden files)."""
+    b, h, n, d, dv = 2, 2, 7, 5, 3
+
+    def qkv(n_=n, m_=n):
+        return {"q": rng.standard_normal((b, h, n_, d)).astype(dtype),
+                "k": rng.standard_normal((b, h, m_, d)).astype(dtype),
+                "v": rng.standard_normal((b, h, m_, dv)).astype(dtype)}
+
+    dense = rng.random((n, n)) < 0.5
+    dense[[2, 5]] = False                                          # two empty rows
+    holes = sp.csr_array(dense)
+    kpad = np.ones((b, 1, 9), dtype=bool)
+    kpad[0, :, 6:] = False                                         # key padding of batch 0
+    return [
+        Case("local", qkv(), {"mask": _local(n, 2)}),
+        Case("bigbird_causal", qkv(), {"mask": _bigbird(n, 1, 1, 2, rng), "causal": True}),
+        Case("random_rect", qkv(5, 9), {"mask": _random(5, 3, rng, m=9), "scale": 0.7}),
+        Case("empty_rows", qkv(), {"mask": holes}),
+        Case("rel_bias_kpad",
+             {**qkv(5, 9), "rel_bias": rng.standard_normal((h, 5 + 9 - 1)).astype(dtype)},
+             {"mask": _local(5, 3, m=9, offset=2), "key_padding_mask": kpad}),
+        Case("per_head", qkv(), {"mask": [_local(n, 1), _random(n, 3, rng)],
+                                 "causal": True}),
+    ]
