@@ -28,7 +28,15 @@ rel_bias : float array (..., N + M − 1) whose leading dimensions broadcast to 
     schemes (clipped tables, T5 buckets, ALiBi) reach every variant that supports them
     (``SUPPORTS_REL_BIAS``).  Its gradient sums ∂S along each diagonal.
 scale : float, default 1/sqrt(D).
-impl : "auto" | "ref".  "ref" is the plain NumPy path below; "auto" picks it.
+impl : "auto" | "ref" | "blocked".  "ref" is the plain NumPy path below (the spec; it saves
+    P, O(N·M) memory).  "blocked" is the FlashAttention algorithm in Numba
+    (:mod:`tinyeff.kernels.blocked`): tiles of ``BLOCKED_TILE`` queries and keys, an online
+    softmax, and a backward that recomputes P from the saved log-sum-exp, so the extra
+    memory is O((N + M)·D) — exact attention at N = 65,536, H = 4, D = 64 in well under
+    1 GiB.  It supports ``causal``, ``key_padding_mask`` and ``rel_bias``; a dense ``mask``
+    or ``bias`` with impl="blocked" is a ValueError.  "auto" picks "blocked" when
+    N·M >= ``AUTO_BLOCKED_MIN_NM`` and no dense mask or bias is given, else "ref".  The two
+    agree to float rounding (``tinyeff.testing.PARITY``).
 
 Edge cases
 ----------
@@ -44,6 +52,7 @@ Edge cases
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 
@@ -59,7 +68,9 @@ SUPPORTS_BIAS = True
 SUPPORTS_REL_BIAS = True
 KEY_PADDING = "key_padding_mask"
 DIFFERENTIABLE = ("q", "k", "v", "bias", "rel_bias")
-IMPLS = ("auto", "ref")
+IMPLS = ("auto", "ref", "blocked")
+BLOCKED_TILE = 128                 # query and key tile of impl="blocked" (measured: BENCHMARKS.md)
+AUTO_BLOCKED_MIN_NM = 1 << 20      # impl="auto" uses "blocked" from N·M = 1024² on
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,12 +78,20 @@ class FullCtx(Ctx):
     q: np.ndarray                 # (..., N, D)
     k: np.ndarray                 # (..., M, D)
     v: np.ndarray                 # (..., M, Dv)
-    p: np.ndarray                 # (..., N, M) probabilities, 0 outside the allowed set
+    p: np.ndarray | None          # (..., N, M) probabilities, 0 outside the allowed set
+                                  #   (None for impl="blocked": recomputed from lse)
     lse: np.ndarray               # (..., N) log-sum-exp of the allowed scores (−inf: empty row)
     scale: float
     bias_shape: tuple | None      # shape of the bias argument (its gradient is reduced to it)
     rel_bias_shape: tuple | None  # shape of the rel_bias argument
-    impl: str
+    impl: str                     # "ref" or "blocked": the implementation that made this ctx
+    # What the blocked backward needs besides q, k, v, lse (references, no copies):
+    out: np.ndarray | None = None               # (..., N, Dv) the output (δ = rowsum(dout∘out))
+    causal: bool = False
+    key_padding_mask: np.ndarray | None = None  # (..., M) as passed
+    rel_bias: np.ndarray | None = None          # (..., N + M − 1) as passed
+    dense: bool = False           # a dense mask or bias was used (only the ref backward applies)
+    tile: int = 0                 # tile of the blocked forward (0 for "ref")
 
 
 def causal_mask(n: int, m: int) -> np.ndarray:
@@ -108,6 +127,15 @@ def forward(q, k, v, *, causal=False, mask=None, key_padding_mask=None, bias=Non
     rel_bias = _checks.rel_bias(rel_bias, batch, n, m, dtype)
     scale = _checks.scale(scale, d)
     impl = _checks.choice(impl, "impl", IMPLS)
+    dense = mask is not None or bias is not None
+    if impl == "blocked" and dense:
+        raise ValueError("impl='blocked' supports causal, key_padding_mask and rel_bias; a "
+                         f"dense mask (shape {None if mask is None else mask.shape}) or bias "
+                         f"(shape {None if bias is None else bias.shape}) needs impl='ref'")
+    if impl == "auto":
+        impl = "blocked" if (not dense and n * m >= AUTO_BLOCKED_MIN_NM) else "ref"
+    if impl == "blocked":
+        return _forward_blocked(q, k, v, causal, key_padding_mask, rel_bias, scale)
     allowed = mask
     if key_padding_mask is not None:
         kp = key_padding_mask[..., None, :]                        # (..., 1, M)
@@ -115,15 +143,29 @@ def forward(q, k, v, *, causal=False, mask=None, key_padding_mask=None, bias=Non
     if causal:
         tri = causal_mask(n, m)                                    # (N, M)
         allowed = tri if allowed is None else (allowed & tri)
-    return _forward_ref(q, k, v, allowed, bias, rel_bias, scale)
+    out, ctx = _forward_ref(q, k, v, allowed, bias, rel_bias, scale)
+    ctx = dataclasses.replace(ctx, out=out, causal=causal, key_padding_mask=key_padding_mask,
+                              rel_bias=rel_bias, dense=dense)
+    return out, ctx
 
 
-def backward(dout, ctx: FullCtx) -> dict:
-    """Gradients ``{"q", "k", "v"}`` (and ``"bias"`` if a bias was given)."""
+def backward(dout, ctx: FullCtx, *, impl=None) -> dict:
+    """Gradients ``{"q", "k", "v"}`` (and ``"bias"``/``"rel_bias"`` if given).
+
+    ``impl`` (default: the one that made ``ctx``) may cross the implementations: "ref" on a
+    blocked ctx recomputes P from the saved lse; "blocked" on a ref ctx works when the
+    forward used no dense mask or bias.
+    """
     if not isinstance(ctx, FullCtx):
         raise TypeError(f"ctx must be the FullCtx returned by full.forward, got "
                         f"{type(ctx).__name__}")
+    impl = ctx.impl if impl is None else _checks.choice(impl, "impl", ("ref", "blocked"))
     dout = _checks.dout(dout, ctx.q.shape[:-1] + ctx.v.shape[-1:], ctx.q.dtype)
+    if impl == "blocked":
+        if ctx.dense:
+            raise ValueError("backward(impl='blocked') cannot apply the dense mask or bias of "
+                             "this forward; use impl='ref'")
+        return _backward_blocked(dout, ctx)
     return _backward_ref(dout, ctx)
 
 
@@ -141,8 +183,24 @@ def _forward_ref(q, k, v, allowed, bias, rel_bias, scale):
     return out, ctx
 
 
+def _probs_from_lse(ctx: FullCtx) -> np.ndarray:
+    """P = exp(S − lse) on the allowed entries: the P a blocked forward did not save."""
+    n, m = ctx.q.shape[-2], ctx.k.shape[-2]
+    s = (ctx.q @ ctx.k.swapaxes(-1, -2)) * ctx.scale               # (..., N, M)
+    if ctx.rel_bias is not None:
+        s = s + rel_bias_matrix(ctx.rel_bias, n, m)                # (..., N, M)
+    allowed = np.isfinite(ctx.lse)[..., None] & (s > -np.inf)      # (..., N, M)
+    if ctx.key_padding_mask is not None:
+        allowed = allowed & ctx.key_padding_mask[..., None, :]     # (..., N, M)
+    if ctx.causal:
+        allowed = allowed & causal_mask(n, m)                      # (..., N, M)
+    with np.errstate(invalid="ignore", over="ignore"):
+        return np.where(allowed, np.exp(s - ctx.lse[..., None]), 0)  # (..., N, M)
+
+
 def _backward_ref(dout, ctx: FullCtx) -> dict:
-    q, k, v, p = ctx.q, ctx.k, ctx.v, ctx.p
+    q, k, v = ctx.q, ctx.k, ctx.v
+    p = ctx.p if ctx.p is not None else _probs_from_lse(ctx)       # (..., N, M)
     # fwd: out = p @ v
     dv = p.swapaxes(-1, -2) @ dout                                 # (..., M, Dv)
     dp = dout @ v.swapaxes(-1, -2)                                 # (..., N, M)
@@ -157,6 +215,97 @@ def _backward_ref(dout, ctx: FullCtx) -> dict:
     if ctx.rel_bias_shape is not None:
         # fwd: s += rel_bias[..., i − j + M − 1]
         drel = rel_bias_grad(ds)                     # (..., N + M − 1)
+        grads["rel_bias"] = _checks.reduce_to_shape(drel, ctx.rel_bias_shape)
+    return grads
+
+
+# ----------------------------------------------------------------- impl="blocked" (Numba)
+
+def _heads(x: np.ndarray, bh: int) -> np.ndarray:
+    """(..., L, C) -> (BH, L, C) C-contiguous (a view when x already is)."""
+    return np.ascontiguousarray(x.reshape(bh, *x.shape[-2:]))     # (BH, L, C)
+
+
+def _per_head(x, batch: tuple, bh: int, length: int, dtype) -> np.ndarray:
+    """A per-key or per-offset array broadcast to (BH, length); a (1, 1) dummy if None."""
+    if x is None:
+        return np.zeros((1, 1), dtype=dtype)                       # unused by the kernel
+    full_shape = (*batch, length)
+    return np.ascontiguousarray(np.broadcast_to(x, full_shape).reshape(bh, length))
+
+
+def _forward_blocked(q, k, v, causal, key_padding_mask, rel_bias, scale):
+    # imported here so that `import tinyeff` does not compile or load Numba code
+    from ..kernels import blocked
+    batch, n, m, dv = q.shape[:-2], q.shape[-2], k.shape[-2], v.shape[-1]
+    bh = math.prod(batch)
+    dtype = q.dtype
+    tile = BLOCKED_TILE
+    out = np.zeros((bh, n, dv), dtype=dtype)                       # (BH, N, Dv)
+    lse = np.full((bh, n), -np.inf, dtype=dtype)                   # (BH, N)
+    if bh and n and m:
+        kpad = _per_head(key_padding_mask, batch, bh, m, bool)     # (BH, M)
+        rel = _per_head(rel_bias, batch, bh, n + m - 1, dtype)     # (BH, N + M − 1)
+        with blocked.blas_single_thread():
+            blocked.flash_fwd(out, lse, _heads(q, bh), _heads(k, bh), _heads(v, bh), kpad, rel,
+                              dtype.type(scale), causal, key_padding_mask is not None,
+                              rel_bias is not None, tile)
+    out = out.reshape(*batch, n, dv)                               # (..., N, Dv)
+    ctx = FullCtx(q=q, k=k, v=v, p=None, lse=lse.reshape(*batch, n), scale=scale,
+                  bias_shape=None,
+                  rel_bias_shape=None if rel_bias is None else rel_bias.shape,
+                  impl="blocked", out=out, causal=causal, key_padding_mask=key_padding_mask,
+                  rel_bias=rel_bias, dense=False, tile=tile)
+    return out, ctx
+
+
+def _backward_blocked(dout, ctx: FullCtx, schedule: str = "auto") -> dict:
+    """schedule: "fused" (one thread per head), "split" (dq pass, then dk/dv pass) or "auto"."""
+    import numba
+
+    from ..kernels import blocked
+    q, k, v = ctx.q, ctx.k, ctx.v
+    batch, n, m, d, dv = q.shape[:-2], q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
+    bh = math.prod(batch)
+    dtype = q.dtype
+    tile = ctx.tile or BLOCKED_TILE
+    out = ctx.out if ctx.out is not None else ctx.p @ v            # (..., N, Dv)
+    dq = np.zeros((bh, n, d), dtype=dtype)                         # (BH, N, D)
+    dk = np.zeros((bh, m, d), dtype=dtype)                         # (BH, M, D)
+    dvv = np.zeros((bh, m, dv), dtype=dtype)                       # (BH, M, Dv)
+    drel = np.zeros((bh, n + m - 1), dtype=dtype)                  # (BH, N + M − 1)
+    if bh and n and m:
+        q3, k3, v3, dout3 = _heads(q, bh), _heads(k, bh), _heads(v, bh), _heads(dout, bh)
+        # δ_i = Σ_c dout_ic · out_ic  (= Σ_j P_ij dP_ij, the softmax backward's row term)
+        delta = np.sum(dout3 * _heads(out, bh), axis=-1)           # (BH, N)
+        lse = np.ascontiguousarray(ctx.lse.reshape(bh, n))         # (BH, N)
+        kpad = _per_head(ctx.key_padding_mask, batch, bh, m, bool)  # (BH, M)
+        rel = _per_head(ctx.rel_bias, batch, bh, n + m - 1, dtype)  # (BH, N + M − 1)
+        flags = (dtype.type(ctx.scale), ctx.causal, ctx.key_padding_mask is not None)
+        has_rel = ctx.rel_bias is not None
+        threads = numba.get_num_threads()
+        if schedule == "auto":
+            fused = bh >= 4 * threads or (bh >= threads and bh % threads == 0)
+        else:
+            fused = schedule == "fused"
+        with blocked.blas_single_thread():
+            if fused:
+                blocked.flash_bwd_fused(dq, dk, dvv, q3, k3, v3, dout3, lse, delta, kpad, rel,
+                                        *flags, has_rel, tile)
+            else:
+                blocked.flash_bwd_dq(dq, q3, k3, v3, dout3, lse, delta, kpad, rel, *flags,
+                                     has_rel, tile)
+                blocked.flash_bwd_dkdv(dk, dvv, q3, k3, v3, dout3, lse, delta, kpad, rel,
+                                       *flags, has_rel, tile)
+            if has_rel:
+                ndiag = -(-n // tile) + -(-m // tile) - 1
+                parts = np.zeros((bh, ndiag, 2 * tile - 1), dtype=dtype)  # (BH, diagonals, 2T − 1)
+                blocked.flash_bwd_rel_parts(parts, q3, k3, v3, dout3, lse, delta, kpad, rel,
+                                            *flags, tile)
+                blocked.flash_bwd_rel_combine(drel, parts, n, m, tile)
+    grads = {"q": dq.reshape(q.shape), "k": dk.reshape(k.shape), "v": dvv.reshape(v.shape)}
+    if ctx.rel_bias_shape is not None:
+        drel = drel.reshape(*batch, n + m - 1)                     # (..., N + M − 1)
         grads["rel_bias"] = _checks.reduce_to_shape(drel, ctx.rel_bias_shape)
     return grads
 
