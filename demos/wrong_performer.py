@@ -20,8 +20,11 @@ pinned semantics (SEMANTICS.md), each time with a mistake real ports make:
 3. a backward pass that forgets the ``scale`` in dK;
 
 then the corrected port, which passes.  If the ``performer`` variant is registered, it also
-ports FAVOR+ with the classic slip of dropping the −‖x̂‖²/2 term from the positive random
-features (see ``port_performer``).
+ports FAVOR+ (``port_performer``: dense O(N·M) weights w_ij = φ(q_i)·φ(k_j), enough for a
+test) with the classic slip of dropping the −‖x̂‖²/2 term from the positive random features
+φ(x)_f = m^(−1/2) exp(ω_f·x̂ − ‖x̂‖²/2), and then without the slip.  The harness shows which
+cases break: every softmax-kernel case, output and all gradients, while the ReLU-kernel cases
+(which never use the term) pass.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import math
 import numpy as np
 import scipy.sparse as sp
 
+from tinyeff.attention import VARIANTS
 from tinyeff.testing import check_backend
 
 # ---------------------------------------------------------------------------------------------
@@ -96,6 +100,70 @@ def full_backend(mistake=None):
 
 
 # ---------------------------------------------------------------------------------------------
+# A port of `performer` (FAVOR+), dense O(N·M) for brevity, with the classic slip
+# ---------------------------------------------------------------------------------------------
+
+def port_performer(inputs, options, dout, forget_norm_term=False):
+    q, k, v = inputs["q"], inputs["k"], inputs["v"]
+    n, m, d = q.shape[-2], k.shape[-2], q.shape[-1]
+    root = math.sqrt(options.get("scale") or 1 / math.sqrt(d))      # x̂ = √scale · x
+    omega = options.get("features")
+    omega = np.eye(d, dtype=q.dtype) if omega is None else omega      # (m_f, D)
+    softmax_kernel = options.get("kernel", "softmax") == "softmax"
+
+    def phi(x):                                                       # (..., L, m_f)
+        xh = x * root
+        u = xh @ omega.T
+        if not softmax_kernel:
+            return np.maximum(u, 0) + options.get("kernel_eps", 1e-3)
+        if forget_norm_term:
+            return np.exp(u) / math.sqrt(len(omega))                 # the slip: no −‖x̂‖²/2
+        return np.exp(u - 0.5 * (xh * xh).sum(-1, keepdims=True)) / math.sqrt(len(omega))
+
+    def phi_backward(dphi, f, x):
+        xh = x * root
+        if not softmax_kernel:
+            return (dphi * (xh @ omega.T > 0)) @ omega * root
+        da = dphi * f
+        dxh = da @ omega
+        if not forget_norm_term:
+            dxh -= da.sum(-1, keepdims=True) * xh
+        return dxh * root
+
+    key = np.ones(k.shape[:-1] + (1,), dtype=q.dtype)                # (..., M, 1) 1 = real key
+    if options.get("mask") is not None:
+        key = np.broadcast_to(options["mask"][..., None], key.shape).astype(q.dtype)
+    exact = options.get("mask_mode", "exact") == "exact"
+    fq, fk = phi(q), phi(k)
+    fk_m = fk * key if exact else fk
+    v_m = v if exact else v * key
+    w = fq @ fk_m.swapaxes(-1, -2)                                    # (..., N, M)
+    if options.get("causal"):
+        w = w * np.tri(n, m)
+    num = w @ v_m
+    normalize = options.get("normalize", True)
+    den = w.sum(-1, keepdims=True) + options.get("eps", 0.0)
+    out = num / den if normalize else num
+
+    dnum = dout / den if normalize else dout
+    dw = dnum @ v_m.swapaxes(-1, -2)
+    if normalize:
+        dw = dw - (dout * out).sum(-1, keepdims=True) / den           # d den, broadcast over j
+    if options.get("causal"):
+        dw = dw * np.tri(n, m)
+    dv = w.swapaxes(-1, -2) @ dnum * (1 if exact else key)
+    dfq = dw @ fk_m
+    dfk = dw.swapaxes(-1, -2) @ fq * (key if exact else 1)
+    return out, {"q": phi_backward(dfq, fq, q), "k": phi_backward(dfk, fk, k), "v": dv}
+
+
+def performer_backend(forget_norm_term):
+    def backend(variant, inputs, options, dout):
+        return port_performer(inputs, options, dout, forget_norm_term)
+    return backend
+
+
+# ---------------------------------------------------------------------------------------------
 # The driver
 # ---------------------------------------------------------------------------------------------
 
@@ -119,6 +187,15 @@ def main(argv=None) -> int:
                            full_backend(mistake), args.all, expect_ok=False)
     as_expected &= run("full, the corrected port", "full", full_backend(None), args.all,
                        expect_ok=True)
+    if "performer" in VARIANTS:
+        as_expected &= run("performer, ported without the −‖x̂‖²/2 term of the features",
+                           "performer", performer_backend(True), args.all, expect_ok=False)
+        print("(the query half of the slip cancels between numerator and denominator; the "
+              "key half does not,\n and the ReLU-kernel cases never use the term: they pass)")
+        as_expected &= run("performer, the corrected port", "performer",
+                           performer_backend(False), args.all, expect_ok=True)
+    else:
+        print("\n(performer is not registered in this tinyeff: its part of the demo is skipped)")
     print("\nevery wrong port was caught and the right one passed" if as_expected
           else "\nUNEXPECTED: the harness did not behave as this demo expects")
     return 0 if as_expected else 1

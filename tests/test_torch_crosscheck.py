@@ -98,8 +98,133 @@ def torch_full(x, options):
     return safe_softmax(s, full_allowed(q, k, options)) @ v
 
 
+def kernelized(fq, fk, v, options, eps_default):
+    """SEMANTICS of the `linear` engine on given features (no stabilizers: plain formula).
+
+    out_i = Σ_j w_ij v_j / (Σ_j w_ij + eps),  w_ij = φ(q_i)·φ(k_j) [j <= i if causal];
+    a padded key loses φ(k_j) ("exact") or only v_j ("values_only").
+    """
+    key_mask = _opt(options, "mask")
+    if key_mask is not None:
+        km = key_mask[..., None].to(fk.dtype)                      # (..., M, 1)
+        if options.get("mask_mode", "exact") == "exact":
+            fk = fk * km
+        else:
+            v = v * km
+    w = fq @ fk.transpose(-1, -2)                                  # (..., N, M)
+    if options.get("causal", False):
+        w = w * torch.ones(w.shape[-2:], dtype=torch.bool).tril()
+    num = w @ v
+    if not options.get("normalize", True):
+        return num
+    den = w.sum(-1, keepdim=True) + options.get("eps", eps_default)
+    safe = torch.where(den == 0, torch.ones((), dtype=den.dtype), den)
+    return torch.where(den == 0, torch.zeros((), dtype=num.dtype), num / safe)
+
+
+def torch_linear(x, options):
+    """`linear`: φ = elu + 1 (default) or relu + 1 on the raw q, k; eps = 1e-6."""
+    if options.get("feature_map", "elu") == "elu":
+        phi = lambda t: torch.nn.functional.elu(t) + 1             # noqa: E731
+    else:
+        phi = lambda t: torch.relu(t) + 1                          # noqa: E731
+    return kernelized(phi(x["q"]), phi(x["k"]), x["v"], options, eps_default=1e-6)
+
+
+def torch_performer(x, options):
+    """`performer`: FAVOR+ φ(x)_f = m^(−1/2) exp(ω_f·x̂ − ‖x̂‖²/2), x̂ = √scale·x, unstabilized;
+    or φ(x) = relu(ω x̂) + kernel_eps (ω = I without features); eps = 0."""
+    q = x["q"]
+    d = q.shape[-1]
+    scale = options.get("scale")
+    root = math.sqrt(1 / math.sqrt(d) if scale is None else scale)
+    omega = _opt(options, "features")
+    omega = torch.eye(d, dtype=q.dtype) if omega is None else omega
+
+    def phi(t):
+        u = (t * root) @ omega.T                                   # (..., L, m)
+        if options.get("kernel", "softmax") == "softmax":
+            sq = ((t * root) ** 2).sum(-1, keepdim=True) / 2
+            return torch.exp(u - sq) / math.sqrt(omega.shape[0])
+        return torch.relu(u) + options.get("kernel_eps", 1e-3)
+    return kernelized(phi(q), phi(x["k"]), x["v"], options, eps_default=0.0)
+
+
+def torch_linformer(x, options):
+    """`linformer`: K̃ = E (m ⊙ K), Ṽ = F (m ⊙ V), then softmax(q K̃ᵀ·scale) Ṽ."""
+    k, v = x["k"], x["v"]
+    key_mask = _opt(options, "key_padding_mask")
+    if key_mask is not None:
+        k = torch.where(key_mask[..., None], k, torch.zeros((), dtype=k.dtype))
+        v = torch.where(key_mask[..., None], v, torch.zeros((), dtype=v.dtype))
+    kt, vt = x["E"] @ k, x["F"] @ v                                # (..., k, D), (..., k, Dv)
+    scale = options.get("scale")
+    scale = 1 / math.sqrt(x["q"].shape[-1]) if scale is None else scale
+    p = torch.softmax(x["q"] @ kt.transpose(-1, -2) * scale, dim=-1)
+    return p @ vt
+
+
+def lsh_counts(qk, options):
+    """N_ij: how often key j occurs in the chunk windows of query i, over all rounds.
+
+    Hashing is not differentiable, so it runs in NumPy: h_r(x) = argmax([x R_r; −x R_r]) in
+    float64 (first maximum), padded positions -> bucket nb, stable sort by bucket per
+    round, rounds concatenated, chunks of c, chunk t sees chunks t − 1 (cyclic) and t.
+    """
+    rot = np.asarray(options["rotations"], dtype=np.float64)      # (D, r, nb/2)
+    c = options["chunk_len"]
+    d, r, half = rot.shape
+    proj = np.einsum("...nd,drh->...rnh", qk.astype(np.float64), rot)
+    buckets = np.argmax(np.concatenate([proj, -proj], axis=-1), axis=-1)   # (..., r, N)
+    n = qk.shape[-2]
+    kpm = options.get("key_padding_mask")
+    if kpm is not None:
+        buckets = np.where(np.broadcast_to(kpm[..., None, :], buckets.shape), buckets, 2 * half)
+    perm = np.argsort(buckets, axis=-1, kind="stable")            # (..., r, N)
+    slots = perm.reshape(perm.shape[:-2] + (r * n,))               # position at each slot
+    t_count = r * n // c
+    chunks = slots.reshape(slots.shape[:-1] + (t_count, c))        # (..., T, c)
+    counts = np.zeros(qk.shape[:-2] + (n, n))
+    for idx in np.ndindex(*qk.shape[:-2]):
+        for t in range(t_count):
+            window = np.concatenate([chunks[idx][(t - 1) % t_count], chunks[idx][t]])
+            for i in chunks[idx][t]:
+                np.add.at(counts[idx][i], window, 1)
+    return counts
+
+
+def torch_lsh(x, options):
+    """`lsh` as ONE softmax over the multiset union of each query's windows (SEMANTICS):
+    s_ij = scale·qk_i·k̂_j, k̂ = qk/√(‖qk‖² + D·1e-6), self -> −1e5 (a constant), causal j > i
+    and padded keys excluded, each occurrence of j counts (once with dedup)."""
+    qk, v = x["q"], x["v"]
+    n, d = qk.shape[-2:]
+    counts = torch.from_numpy(lsh_counts(qk.detach().numpy(), options))
+    if options.get("dedup", False):
+        counts = (counts > 0).to(counts.dtype)
+    scale = options.get("scale")
+    scale = 1.0 if scale is None else scale
+    khat = qk / torch.sqrt((qk * qk).sum(-1, keepdim=True) + d * 1e-6)
+    s = qk @ khat.transpose(-1, -2) * scale
+    eye = torch.eye(n, dtype=torch.bool)
+    s = torch.where(eye, torch.full((), -1e5, dtype=s.dtype), s)
+    allowed = counts > 0
+    if options.get("causal", False):
+        allowed = allowed & torch.ones(n, n, dtype=torch.bool).tril()
+    kpm = _opt(options, "key_padding_mask")
+    if kpm is not None:
+        allowed = allowed & kpm[..., None, :]
+    # a multiset softmax: weight N_ij exp(s_ij), i.e. s_ij + log N_ij
+    s = s + torch.log(torch.where(allowed, counts, torch.ones((), dtype=counts.dtype)))
+    return safe_softmax(s, allowed) @ v
+
+
 TORCH_REFS = {
     "full": torch_full,
+    "linear": torch_linear,
+    "performer": torch_performer,
+    "linformer": torch_linformer,
+    "lsh": torch_lsh,
 }
 
 CASES = [(v, c.name) for v in VARIANTS
@@ -185,9 +310,11 @@ def test_sdpa_causal_is_top_left_and_masked_rows_are_zero():
     assert torch.all(out[..., 1, :] == 0) and torch.all(torch.isfinite(out))
 
 
-def test_transcription_catches_a_wrong_backward():
+@pytest.mark.parametrize("variant", [v for v in TORCH_REFS if v in VARIANTS])
+def test_transcription_catches_a_wrong_backward(variant):
     """Negative control: the comparison fails on a gradient scaled by 1.001."""
-    case = _golden("full", "plain")
-    _, grads_t = _run_torch(torch_full, case)
-    with pytest.raises(AssertionError):
-        _assert_agree(grads_t["q"] * 1.001, case.grads["q"], "grad q")
+    case = next(make_cases(variant))
+    _, grads_t = _run_torch(TORCH_REFS[variant], case)
+    for name in case.grads:
+        with pytest.raises(AssertionError):
+            _assert_agree(grads_t[name] * 1.001, case.grads[name], f"grad {name}")
