@@ -1,0 +1,60 @@
+"""``tinyeff.nn``: Transformer layers with hand-written backward passes, and training.
+
+A layer keeps parameters and gradients, never activations::
+
+    y, ctx = layer.forward(x)
+    dx = layer.backward(dy, ctx)        # accumulates into layer.grads[name]
+
+* :mod:`.layers` — Layer, Linear, LowRankLinear, Embedding, FactorizedEmbedding, LayerNorm,
+  GELU, Dropout, FeedForward, PreNorm
+* :mod:`.attention` — MultiHeadAttention over any ``tinyeff.attention.VARIANTS`` entry
+* :mod:`.positions` — learned/sinusoidal positions, relative biases (clipped, T5), ALiBi, RoPE
+* :mod:`.blocks` — TransformerBlock (pre-LN), ReversibleBlock, Transformer
+* :mod:`.losses`, :mod:`.optim`, :mod:`.checkpoint` — cross-entropy, AdamW, clipping,
+  warm-up + cosine schedule, .npz checkpoints
+
+See docs/nn.md for the API and a training loop.
+"""
+
+from . import checkpoint
+from .attention import MultiHeadAttention, VariantParams
+from .blocks import (
+    ReversibleBlock,
+    Transformer,
+    TransformerBlock,
+    activation_nbytes,
+    attention_branch,
+    ffn_branch,
+)
+from .layers import (
+    GELU,
+    Dropout,
+    Embedding,
+    FactorizedEmbedding,
+    FeedForward,
+    Layer,
+    LayerNorm,
+    Linear,
+    LowRankLinear,
+    PreNorm,
+)
+from .losses import cross_entropy, cross_entropy_backward
+from .optim import AdamW, clip_grad_norm, warmup_cosine
+from .positions import (
+    ALiBi,
+    LearnedPositions,
+    RelativePositionBias,
+    RoPE,
+    SinusoidalPositions,
+    alibi_slopes,
+    t5_bucket,
+)
+
+__all__ = [
+    "Layer", "Linear", "LowRankLinear", "Embedding", "FactorizedEmbedding", "LayerNorm",
+    "GELU", "Dropout", "FeedForward", "PreNorm", "MultiHeadAttention", "VariantParams",
+    "TransformerBlock", "ReversibleBlock", "Transformer", "attention_branch", "ffn_branch",
+    "activation_nbytes", "LearnedPositions", "SinusoidalPositions", "RelativePositionBias",
+    "ALiBi", "RoPE", "alibi_slopes", "t5_bucket", "cross_entropy", "cross_entropy_backward",
+    "AdamW", "clip_grad_norm", "warmup_cosine", "checkpoint",
+]
