@@ -376,8 +376,8 @@ def _hash_numba(x, rotations, n_hashes):
     from ..kernels import lsh as K
     g, n, _ = x.shape
     bk = np.empty((g, n_hashes, n), dtype=np.int64)                # (G, r, N)
-    K.hash_argmax(bk, np.ascontiguousarray(x),
-                  np.ascontiguousarray(rotations, dtype=np.float64))
+    rot = np.ascontiguousarray(rotations.transpose(1, 0, 2), dtype=np.float64)  # (r, D, nb/2)
+    K.hash_argmax(bk, np.ascontiguousarray(x), rot)
     return bk
 
 

@@ -38,7 +38,9 @@ from ._jit import kernel, prange, serial
 def hash_argmax(buckets, x, rot):
     """buckets[g, r, i] = argmax_k [x_i·R[:, r, :] ; −x_i·R[:, r, :]]_k, ties -> first k.
 
-    buckets (G, R, N) int64 out; x (G, N, D); rot (D, R, H) float64.  Products in float64.
+    buckets (G, R, N) int64 out; x (G, N, D); rot (R, D, H) float64 (note the layout: the
+    wrapper passes rotations.transpose(1, 0, 2)).  Products in float64, summed over d in
+    order.
     """
     G, R, N = buckets.shape
     D = x.shape[2]
@@ -46,20 +48,23 @@ def hash_argmax(buckets, x, rot):
     for gi in prange(G * N):
         g = gi // N
         i = gi % N
+        proj = np.empty(H)                                         # (H,)
         for r in range(R):
-            best_p = -np.inf
+            proj[:] = 0.0
+            for d in range(D):
+                xd = np.float64(x[g, i, d])
+                for h in range(H):                                 # SPEEDTIP: vectorizes
+                    proj[h] += xd * rot[r, d, h]
+            best_p = proj[0]
             arg_p = 0
-            best_m = -np.inf
+            best_m = -proj[0]
             arg_m = 0
-            for h in range(H):
-                acc = 0.0
-                for d in range(D):
-                    acc += np.float64(x[g, i, d]) * rot[d, r, h]
-                if acc > best_p or h == 0:
-                    best_p = acc
+            for h in range(1, H):
+                if proj[h] > best_p:
+                    best_p = proj[h]
                     arg_p = h
-                if -acc > best_m or h == 0:
-                    best_m = -acc
+                if -proj[h] > best_m:
+                    best_m = -proj[h]
                     arg_m = h
             # the "+" half precedes the "−" half, so a tie goes to the "+" index
             buckets[g, r, i] = H + arg_m if best_m > best_p else arg_p
@@ -131,7 +136,7 @@ def _gather_window(kpos, kT, vb, x, v, rn, perm, g, t, c, nc, T):
         kpos[c + b] = perm[g, t // nc, (t % nc) * c + b]
     D = x.shape[2]
     Dv = v.shape[2]
-    for b in range(2 * c):
+    for b in range(kpos.shape[0]):
         j = kpos[b]
         rj = np.float64(rn[g, j])
         for d in range(D):
@@ -231,9 +236,12 @@ def chunk_attend_bwd_q(dx, dout, dd, lse, x, v, rn, perm, inv_perm, kp, use_kp, 
             kpos = np.empty(W, np.int64)                           # (W,)
             kT = np.empty((D, W))                                  # (D, W)
             vb = np.empty((W, Dv))                                 # (W, Dv)
-            s = np.empty(W)                                        # (W,)
-            ds = np.empty(W)                                       # (W,)
             _gather_window(kpos, kT, vb, x, v, rn, perm, g, t, c, nc, T)
+            kb = np.ascontiguousarray(kT.T)                        # (W, D)
+            vT = np.ascontiguousarray(vb.T)                        # (Dv, W)
+            s = np.empty(W)                                        # (W,)
+            dp = np.empty(W)                                       # (W,)
+            acc = np.empty(D)                                      # (D,)
             for a in range(c):
                 i = kpos[c + a]
                 zi = lse[g, i]
@@ -244,22 +252,23 @@ def chunk_attend_bwd_q(dx, dout, dd, lse, x, v, rn, perm, inv_perm, kp, use_kp, 
                     xd = np.float64(x[g, i, d])
                     for b in range(W):
                         s[b] += xd * kT[d, b]
+                dp[:] = 0.0
+                for e in range(Dv):
+                    de = np.float64(dout[g, i, e])
+                    for b in range(W):
+                        dp[b] += de * vT[e, b]
+                acc[:] = 0.0
                 for b in range(W):
                     j = kpos[b]
                     sb = _logit(s[b], i, j, g, kp, use_kp, causal, dedup, inv_perm, scale,
                                 penalty, N, c, nc, T)
                     if sb == -np.inf or j == i:                    # excluded, or constant logit
-                        ds[b] = 0.0
                         continue
-                    dp = 0.0
-                    for e in range(Dv):
-                        dp += np.float64(dout[g, i, e]) * vb[b, e]
-                    ds[b] = math.exp(sb - zi) * (dp - dd[g, i])
+                    dsb = math.exp(sb - zi) * (dp[b] - dd[g, i])
+                    for d in range(D):
+                        acc[d] += dsb * kb[b, d]
                 for d in range(D):
-                    acc = 0.0
-                    for b in range(W):
-                        acc += ds[b] * kT[d, b]
-                    dx[g, i, d] += scale * acc
+                    dx[g, i, d] += scale * acc[d]
 
 
 @kernel
@@ -282,10 +291,7 @@ def chunk_attend_bwd_kv(dkhat, dv, dout, dd, lse, x, v, rn, perm, inv_perm, kp, 
             t = r * nc + gt % nc
             jpos = np.empty(c, np.int64)                           # (c,)
             kT = np.empty((D, c))                                  # (D, c)
-            vb = np.empty((c, Dv))                                 # (c, Dv)
-            dk_acc = np.zeros((c, D))                              # (c, D)
-            dv_acc = np.zeros((c, Dv))                             # (c, Dv)
-            s = np.empty(c)                                        # (c,)
+            vT = np.empty((Dv, c))                                 # (Dv, c)
             for b in range(c):
                 j = perm[g, r, (t % nc) * c + b]
                 jpos[b] = j
@@ -293,7 +299,13 @@ def chunk_attend_bwd_kv(dkhat, dv, dout, dd, lse, x, v, rn, perm, inv_perm, kp, 
                 for d in range(D):
                     kT[d, b] = np.float64(x[g, j, d]) * rj
                 for e in range(Dv):
-                    vb[b, e] = v[g, j, e]
+                    vT[e, b] = v[g, j, e]
+            dk_acc = np.zeros((c, D))                              # (c, D)
+            dv_acc = np.zeros((c, Dv))                             # (c, Dv)
+            s = np.empty(c)                                        # (c,)
+            dp = np.empty(c)                                       # (c,)
+            xi = np.empty(D)                                       # (D,)
+            doi = np.empty(Dv)                                     # (Dv,)
             for side in range(2):
                 tq = t if side == 0 else (t + 1) % T               # query chunk
                 for a in range(c):
@@ -301,11 +313,18 @@ def chunk_attend_bwd_kv(dkhat, dv, dout, dd, lse, x, v, rn, perm, inv_perm, kp, 
                     zi = lse[g, i]
                     if zi == -np.inf:
                         continue
+                    for d in range(D):
+                        xi[d] = x[g, i, d]
+                    for e in range(Dv):
+                        doi[e] = dout[g, i, e]
                     s[:] = 0.0
                     for d in range(D):
-                        xd = np.float64(x[g, i, d])
                         for b in range(c):
-                            s[b] += xd * kT[d, b]
+                            s[b] += xi[d] * kT[d, b]
+                    dp[:] = 0.0
+                    for e in range(Dv):
+                        for b in range(c):
+                            dp[b] += doi[e] * vT[e, b]
                     for b in range(c):
                         j = jpos[b]
                         sb = _logit(s[b], i, j, g, kp, use_kp, causal, dedup, inv_perm,
@@ -314,15 +333,12 @@ def chunk_attend_bwd_kv(dkhat, dv, dout, dd, lse, x, v, rn, perm, inv_perm, kp, 
                             continue
                         p = math.exp(sb - zi)
                         for e in range(Dv):
-                            dv_acc[b, e] += p * dout[g, i, e]
+                            dv_acc[b, e] += p * doi[e]
                         if j == i:
                             continue                               # constant logit
-                        dp = 0.0
-                        for e in range(Dv):
-                            dp += np.float64(dout[g, i, e]) * vb[b, e]
-                        dsb = scale * p * (dp - dd[g, i])
+                        dsb = scale * p * (dp[b] - dd[g, i])
                         for d in range(D):
-                            dk_acc[b, d] += dsb * x[g, i, d]
+                            dk_acc[b, d] += dsb * xi[d]
             for b in range(c):
                 j = jpos[b]
                 for d in range(D):
