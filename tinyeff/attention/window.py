@@ -1,0 +1,547 @@
+"""Sliding-window attention with dilation and global tokens (Longformer, Beltagy et al. 2020).
+
+Query i attends the keys of its *allowed set* A(i); with one-sided window w, dilation d and the
+set G of global positions (``global_indices``):
+
+    band(i) = { j = i + t·d : t ∈ {−w, …, w}, 0 ≤ j < M, j ∉ G }
+    A(i)    = all keys 0 ≤ j < M                         if i ∈ G   (global query rows)
+            = band(i) ∪ G                                otherwise  (global key columns)
+    then    A(i) ∩= { j ≤ i }  if causal,   A(i) ∩= { j : key_padding_mask_j }
+
+    s_ij  = q_i·k_j · scale + rel_bias[i − j + M − 1]                  (j ∈ A(i))
+    p_ij  = exp(s_ij − lse_i),   lse_i = log Σ_{j∈A(i)} exp(s_ij)
+    out_i = Σ_{j∈A(i)} p_ij v_j
+
+Every allowed pair is counted once: global keys are removed from the band and re-added as
+explicit columns (allenai/longformer and HF do the same, to avoid double counting), so the
+result equals ``full`` with the boolean mask band ∪ global columns ∪ global rows — that
+equality is the definition, and tests/test_window.py checks it in the forward and every
+gradient.  Cost O(N·(w + |G|)·D + |G|·M·D) time; O(N) saved state (the log-sum-exp; the
+backward recomputes the band probabilities); O(N·w) transient memory in the reference.
+
+Paper: Beltagy, Peters, Cohan, "Longformer: The Long-Document Transformer", 2020, §3.1
+(sliding window, dilated sliding window, global attention).
+
+Shapes: q (..., N, D), k (..., M, D), v (..., M, Dv); w one-sided window; leading dimensions
+are batch dimensions (typically (B, H)).
+
+Options
+-------
+window : int >= 0, one-sided w: 2w + 1 band slots per query (w = 0: only j = i).
+dilation : int >= 1, default 1.  Keys i ± t·d.  (allenai's ``tvm`` mode; HF has none.)
+global_indices : None or 1-D integer array of distinct positions g with 0 <= g < min(N, M),
+    any order.  Row g attends every key; every row attends key g.
+causal : bool.  Keeps j <= i (top-left alignment, like ``full``): band slots t ∈ [−w, 0],
+    global rows see keys j <= g, and global key g is seen only by rows i >= g.
+key_padding_mask : bool (..., M), True = real key; leading dims broadcastable to the batch.
+rel_bias : float (..., N + M − 1): bias_ij = rel_bias[..., i − j + M − 1] added to s_ij, on
+    the band and on the global rows/columns alike; gradient returned reduced to its shape.
+    On the band only 2w + 1 of its entries are read (the offsets ±t·d), so the work stays
+    O(N·w).
+scale : float, default 1/sqrt(D).
+impl : "auto" (the Numba kernel, or the reference for empty shapes) | "ref" | "numba".
+
+N != M is allowed: the band is j = i + t·d clipped to [0, M), exactly the band of the
+(N, M) score matrix, with top-left alignment (no shift by M − N).
+
+Edge cases
+----------
+* Sequence edges: band slots outside [0, M) are absent (no padding tokens, no −10000
+  sentinels), so any N works; nothing requires N to be a multiple of the window.
+* A row with no allowed key (all its keys padded; or causal row 0 with its key padded)
+  outputs 0 with 0 gradient, like ``full``.
+* The row maximum is subtracted before exp (a constant of the backward).
+* Global rows attend with the *same* q, k, v.  Longformer recomputes global rows with
+  separate projections (``query_global`` …): reproduce that by calling ``full`` on the
+  global rows with the global projections and overwriting those rows of ``out``.
+
+Numba kernel: ``tinyeff/kernels/window.py`` (tiles of 64 queries against their contiguous
+key range, ``np.dot`` on contiguous slices, an explicit band mask per tile; dilation d is
+handled by regrouping positions into the d residue classes i mod d, where the dilated band
+becomes a plain band).  The global rows and columns are dense NumPy products in both paths.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from .. import _checks
+from ..ctx import Ctx
+from ..kernels import window as kernels
+from ..ops import softmax
+from ._case import Case
+
+NAME = "window"
+SUPPORTS_MASK = False
+SUPPORTS_CAUSAL = True
+SUPPORTS_BIAS = False
+SUPPORTS_REL_BIAS = True
+KEY_PADDING = "key_padding_mask"
+DIFFERENTIABLE = ("q", "k", "v", "rel_bias")
+IMPLS = ("auto", "ref", "numba")
+TILE = 64            # query rows per tile of the Numba kernel
+
+
+@dataclasses.dataclass(frozen=True)
+class WindowCtx(Ctx):
+    q: np.ndarray                        # (..., N, D)
+    k: np.ndarray                        # (..., M, D)
+    v: np.ndarray                        # (..., M, Dv)
+    out: np.ndarray                      # (..., N, Dv) the output (δ_i = dout_i·out_i)
+    lse: np.ndarray                      # (..., N) log-sum-exp over A(i) (−inf: empty row)
+    window: int
+    dilation: int
+    global_indices: np.ndarray           # (G,) int64, sorted
+    causal: bool
+    key_padding_mask: np.ndarray | None  # (..., M) as given
+    rel_bias: np.ndarray | None          # (..., N + M − 1) as given
+    scale: float
+    impl: str
+
+
+# ------------------------------------------------------------------------------------------
+# public API
+
+def forward(q, k, v, *, window, dilation=1, global_indices=None, causal=False,
+            key_padding_mask=None, rel_bias=None, scale=None, impl="auto"):
+    """Sliding-window attention.  Returns ``(out (..., N, Dv), ctx)``; see the module docstring."""
+    batch, n, m, d, dv, dtype = _checks.qkv(q, k, v)
+    window = _checks.integer(window, "window", minimum=0)
+    dilation = _checks.integer(dilation, "dilation", minimum=1)
+    gidx = _global_indices(global_indices, n, m)
+    causal = _checks.flag(causal, "causal")
+    key_padding_mask = _checks.key_padding_mask(key_padding_mask, batch, m,
+                                                name="key_padding_mask")
+    rel_bias = _checks.rel_bias(rel_bias, batch, n, m, dtype)
+    scale = _checks.scale(scale, d)
+    impl = _checks.choice(impl, "impl", IMPLS)
+    if impl == "auto":
+        impl = "ref" if 0 in (n, m, d, dv) or q.size == 0 else "numba"
+    opts = dict(window=window, dilation=dilation, global_indices=gidx, causal=causal,
+                key_padding_mask=key_padding_mask, rel_bias=rel_bias, scale=scale)
+    if impl == "numba":
+        out, lse = _forward_numba(q, k, v, **opts)
+    else:
+        out, lse = _forward_ref(q, k, v, **opts)
+    ctx = WindowCtx(q=q, k=k, v=v, out=out, lse=lse, impl=impl, **opts)
+    return out, ctx
+
+
+def backward(dout, ctx: WindowCtx, *, impl=None) -> dict:
+    """Gradients ``{"q", "k", "v"}`` (and ``"rel_bias"`` if one was given)."""
+    if not isinstance(ctx, WindowCtx):
+        raise TypeError(f"ctx must be the WindowCtx returned by window.forward, got "
+                        f"{type(ctx).__name__}")
+    dout = _checks.dout(dout, ctx.q.shape[:-1] + ctx.v.shape[-1:], ctx.q.dtype)
+    impl = ctx.impl if impl is None else _checks.choice(impl, "impl", IMPLS)
+    if impl == "auto":
+        impl = "ref" if ctx.q.size == 0 or ctx.k.size == 0 or dout.size == 0 else "numba"
+    if impl == "numba":
+        return _backward_numba(dout, ctx)
+    return _backward_ref(dout, ctx)
+
+
+def allowed_mask(n, m, *, window, dilation=1, global_indices=None, causal=False):
+    """The dense (N, M) boolean A (no key padding) — for small N only; tests and docs use it."""
+    i = np.arange(n)[:, None]
+    j = np.arange(m)[None, :]
+    off = j - i                                                    # (N, M)
+    band = (np.abs(off) <= window * dilation) & (off % dilation == 0)
+    g = _global_indices(global_indices, n, m)
+    band[:, g] = True                                              # global key columns
+    band[g, :] = True                                              # global query rows
+    if causal:
+        band &= j <= i
+    return band
+
+
+# ------------------------------------------------------------------------------------------
+# shared pieces (readable NumPy; the global parts are used by both implementations)
+
+def _global_indices(value, n, m) -> np.ndarray:
+    """Validate ``global_indices`` -> sorted int64 (G,) array (empty if None)."""
+    if value is None:
+        return np.zeros(0, dtype=np.int64)
+    arr = np.asarray(value)
+    if arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.integer) and arr.size:
+        raise TypeError(f"global_indices must be integers, got dtype {arr.dtype}")
+    if arr.ndim != 1:
+        raise ValueError(f"global_indices must be 1-D, got shape {arr.shape}")
+    arr = arr.astype(np.int64)
+    if arr.size and (arr.min() < 0 or arr.max() >= min(n, m)):
+        raise ValueError(f"global_indices must lie in [0, min(N, M)) = [0, {min(n, m)}), "
+                         f"got values from {arr.min()} to {arr.max()} (N={n}, M={m})")
+    out = np.unique(arr)
+    if out.size != arr.size:
+        raise ValueError(f"global_indices must be distinct, got {arr.tolist()}")
+    return out
+
+
+def _flags(n, m, gidx):
+    is_grow = np.zeros(n, dtype=bool)                              # (N,) global query rows
+    is_grow[gidx] = True
+    is_gcol = np.zeros(m, dtype=bool)                              # (M,) global key columns
+    is_gcol[gidx] = True
+    return is_grow, is_gcol
+
+
+def _key_ok(key_padding_mask, batch, m):
+    if key_padding_mask is None:
+        return np.ones((*batch, m), dtype=bool)                    # (..., M)
+    return np.broadcast_to(key_padding_mask, (*batch, m))          # (..., M)
+
+
+def _rel_bias_at(rel_bias, batch, m, offsets):
+    """rel_bias[..., i − j + M − 1] for an integer array of offsets i − j (clipped index)."""
+    top = rel_bias.shape[-1] - 1
+    idx = np.clip(offsets + (m - 1), 0, top)
+    return np.broadcast_to(rel_bias, (*batch, rel_bias.shape[-1]))[..., idx]
+
+
+def _gcol_scores(q, k, gidx, causal, key_ok, rel_bias, scale):
+    """Scores and allowed flags of the global key columns for the non-global rows."""
+    n, m = q.shape[-2], k.shape[-2]
+    batch = q.shape[:-2]
+    is_grow, _ = _flags(n, m, gidx)
+    s = (q @ k[..., gidx, :].swapaxes(-1, -2)) * scale             # (..., N, G)
+    i = np.arange(n)[:, None]                                      # (N, 1)
+    if rel_bias is not None:
+        s = s + _rel_bias_at(rel_bias, batch, m, i - gidx[None, :])  # (..., N, G)
+    ok = ~is_grow[:, None] & key_ok[..., None, gidx]               # (..., N, G)
+    if causal:
+        ok = ok & (gidx[None, :] <= i)                             # (..., N, G)
+    return s, np.broadcast_to(ok, s.shape)
+
+
+def _grow_scores(q, k, gidx, causal, key_ok, rel_bias, scale):
+    """Scores and allowed flags of the global query rows (they attend every key)."""
+    m = k.shape[-2]
+    batch = q.shape[:-2]
+    s = (q[..., gidx, :] @ k.swapaxes(-1, -2)) * scale             # (..., G, M)
+    j = np.arange(m)[None, :]                                      # (1, M)
+    if rel_bias is not None:
+        s = s + _rel_bias_at(rel_bias, batch, m, gidx[:, None] - j)  # (..., G, M)
+    ok = key_ok[..., None, :]                                      # (..., 1, M)
+    if causal:
+        ok = ok & (j <= gidx[:, None])                             # (..., G, M)
+    return s, np.broadcast_to(ok, s.shape)
+
+
+def _exp_minus(s, lse, ok):
+    """p = exp(s − lse) on the allowed entries, 0 elsewhere (and on empty rows)."""
+    live = ok & (lse[..., None] != -np.inf)
+    with np.errstate(invalid="ignore", over="ignore"):
+        return np.where(live, np.exp(np.where(live, s - lse[..., None], 0)), 0)
+
+
+def _rel_bias_grad_gparts(drel, ds_gcol, ds_grow, gidx, n, m):
+    """Accumulate the offset-bias gradient of the global columns and rows into drel."""
+    for c, g in enumerate(gidx):
+        # fwd (columns): s[i, g] += rel_bias[i − g + M − 1],  i = 0 … N − 1
+        drel[..., m - 1 - g:m - 1 - g + n] += ds_gcol[..., :, c]
+        # fwd (rows): s[g, j] += rel_bias[g − j + M − 1],  j = M − 1 … 0
+        drel[..., g:g + m] += ds_grow[..., c, ::-1]
+
+
+# ------------------------------------------------------------------------------------------
+# reference implementation (the spec)
+
+def _band(n, m, window, dilation):
+    """Band slot t = 0 … 2w: key j = i + (t − w)·d.  Returns offsets (S,) and, per slot, the
+    query range [i_lo, i_hi) for which that key exists."""
+    offsets = (np.arange(2 * window + 1) - window) * dilation      # (S,) j − i
+    ranges = [(max(0, -o), min(n, m - o)) for o in offsets]
+    return offsets, ranges
+
+
+def _band_allowed(n, m, window, dilation, gidx, causal, key_ok):
+    offsets, _ = _band(n, m, window, dilation)
+    is_grow, is_gcol = _flags(n, m, gidx)
+    i = np.arange(n)[:, None]                                      # (N, 1)
+    j = i + offsets[None, :]                                       # (N, S)
+    inside = (j >= 0) & (j < m)
+    jc = np.clip(j, 0, max(m - 1, 0))
+    ok = inside & ~is_gcol[jc] & ~is_grow[:, None]                 # (N, S)
+    if causal:
+        ok &= j <= i
+    return ok & key_ok[..., jc]                                    # (..., N, S)
+
+
+def _band_scores(q, k, window, dilation, rel_bias, scale):
+    """s[..., i, t] = q_i·k_{i+off_t}·scale + rel_bias[−off_t + M − 1] (0 where j is outside)."""
+    n, m = q.shape[-2], k.shape[-2]
+    offsets, ranges = _band(n, m, window, dilation)
+    s = np.zeros(q.shape[:-1] + offsets.shape, dtype=q.dtype)      # (..., N, S)
+    for t, (o, (lo, hi)) in enumerate(zip(offsets, ranges)):
+        if lo < hi:                                                # one diagonal of q kᵀ
+            s[..., lo:hi, t] = np.sum(q[..., lo:hi, :] * k[..., lo + o:hi + o, :], axis=-1)
+    s *= scale
+    if rel_bias is not None:
+        s += _rel_bias_at(rel_bias, q.shape[:-2], m, -offsets)[..., None, :]  # (..., 1, S)
+    return s
+
+
+def _forward_ref(q, k, v, *, window, dilation, global_indices, causal, key_padding_mask,
+                 rel_bias, scale):
+    n, m = q.shape[-2], k.shape[-2]
+    batch, gidx = q.shape[:-2], global_indices
+    key_ok = _key_ok(key_padding_mask, batch, m)                   # (..., M)
+    offsets, ranges = _band(n, m, window, dilation)
+    # rows i ∉ G: one softmax over [global columns, band without global keys]
+    s_g, ok_g = _gcol_scores(q, k, gidx, causal, key_ok, rel_bias, scale)   # (..., N, G)
+    s_b = _band_scores(q, k, window, dilation, rel_bias, scale)    # (..., N, S)
+    ok_b = _band_allowed(n, m, window, dilation, gidx, causal, key_ok)      # (..., N, S)
+    p, lse = softmax.forward(np.concatenate([s_g, s_b], axis=-1),
+                             np.concatenate([ok_g, ok_b], axis=-1))  # (..., N, G + S)
+    p_g, p_b = p[..., :gidx.size], p[..., gidx.size:]
+    out = p_g @ v[..., gidx, :]                                    # (..., N, Dv)
+    for t, (o, (lo, hi)) in enumerate(zip(offsets, ranges)):
+        if lo < hi:
+            out[..., lo:hi, :] += p_b[..., lo:hi, t, None] * v[..., lo + o:hi + o, :]
+    # rows i ∈ G: a full softmax over every key (their band/column entries above are empty)
+    s_r, ok_r = _grow_scores(q, k, gidx, causal, key_ok, rel_bias, scale)   # (..., G, M)
+    p_r, lse_r = softmax.forward(s_r, ok_r)                        # (..., G, M), (..., G)
+    out[..., gidx, :] = p_r @ v                                    # (..., G, Dv)
+    lse[..., gidx] = lse_r
+    return out, lse
+
+
+def _backward_ref(dout, ctx: WindowCtx) -> dict:
+    q, k, v, lse, scale = ctx.q, ctx.k, ctx.v, ctx.lse, ctx.scale
+    n, m = q.shape[-2], k.shape[-2]
+    batch, gidx, w, dil = q.shape[:-2], ctx.global_indices, ctx.window, ctx.dilation
+    key_ok = _key_ok(ctx.key_padding_mask, batch, m)
+    offsets, ranges = _band(n, m, w, dil)
+    # recompute the probabilities from the saved log-sum-exp: p = exp(s − lse)
+    s_g, ok_g = _gcol_scores(q, k, gidx, ctx.causal, key_ok, ctx.rel_bias, scale)
+    s_b = _band_scores(q, k, w, dil, ctx.rel_bias, scale)
+    ok_b = _band_allowed(n, m, w, dil, gidx, ctx.causal, key_ok)
+    p_g = _exp_minus(s_g, lse, ok_g)                               # (..., N, G)
+    p_b = _exp_minus(s_b, lse, ok_b)                               # (..., N, S)
+    s_r, ok_r = _grow_scores(q, k, gidx, ctx.causal, key_ok, ctx.rel_bias, scale)
+    p_r = _exp_minus(s_r, lse[..., gidx], ok_r)                    # (..., G, M)
+
+    # fwd: out = p_g @ v[G] + Σ_t p_b[:, t] v[i + off_t]
+    dv = np.zeros_like(v)                                          # (..., M, Dv)
+    dv[..., gidx, :] += p_g.swapaxes(-1, -2) @ dout
+    dp_g = dout @ v[..., gidx, :].swapaxes(-1, -2)                 # (..., N, G)
+    dp_b = np.zeros_like(p_b)                                      # (..., N, S)
+    for t, (o, (lo, hi)) in enumerate(zip(offsets, ranges)):
+        if lo < hi:
+            dv[..., lo + o:hi + o, :] += p_b[..., lo:hi, t, None] * dout[..., lo:hi, :]
+            dp_b[..., lo:hi, t] = np.sum(dout[..., lo:hi, :] * v[..., lo + o:hi + o, :], -1)
+    # fwd: p = softmax([s_g, s_b]) over the allowed entries
+    ds = softmax.backward(np.concatenate([dp_g, dp_b], -1),
+                          np.concatenate([p_g, p_b], -1))          # (..., N, G + S)
+    ds_g, ds_b = ds[..., :gidx.size], ds[..., gidx.size:]
+    # fwd: s_g = q @ k[G]ᵀ · scale (+ rel_bias)
+    dq = (ds_g @ k[..., gidx, :]) * scale                          # (..., N, D)
+    dk = np.zeros_like(k)                                          # (..., M, D)
+    dk[..., gidx, :] += (ds_g.swapaxes(-1, -2) @ q) * scale
+    # fwd: s_b[:, t] = Σ_d q_i k_{i+off_t} · scale (+ rel_bias)
+    for t, (o, (lo, hi)) in enumerate(zip(offsets, ranges)):
+        if lo < hi:
+            dq[..., lo:hi, :] += ds_b[..., lo:hi, t, None] * k[..., lo + o:hi + o, :] * scale
+            dk[..., lo + o:hi + o, :] += ds_b[..., lo:hi, t, None] * q[..., lo:hi, :] * scale
+    # global rows — fwd: out[G] = p_r @ v,  p_r = softmax(q[G] @ kᵀ · scale (+ rel_bias))
+    dv += p_r.swapaxes(-1, -2) @ dout[..., gidx, :]
+    ds_r = softmax.backward(dout[..., gidx, :] @ v.swapaxes(-1, -2), p_r)  # (..., G, M)
+    dq[..., gidx, :] += (ds_r @ k) * scale
+    dk += (ds_r.swapaxes(-1, -2) @ q[..., gidx, :]) * scale
+    grads = {"q": dq, "k": dk, "v": dv}
+    if ctx.rel_bias is not None:
+        drel = np.zeros((*batch, n + m - 1), dtype=q.dtype)        # (..., N + M − 1)
+        # fwd: s_b[:, t] += rel_bias[−off_t + M − 1]  (the same entry for every row i)
+        dslot = ds_b.sum(axis=-2)                                  # (..., S)
+        for t, o in enumerate(offsets):
+            if -(m - 1) <= -o <= n - 1:
+                drel[..., -o + m - 1] += dslot[..., t]
+        _rel_bias_grad_gparts(drel, ds_g, ds_r, gidx, n, m)
+        grads["rel_bias"] = _checks.reduce_to_shape(drel, ctx.rel_bias.shape)
+    return grads
+
+
+# ------------------------------------------------------------------------------------------
+# Numba implementation (same Ctx; band by the kernel, global parts as above)
+
+def _classes(x, d, length):
+    """(BH, L, C) -> (BH·d, ceil(L/d), C): rows regrouped by residue class (row r + u·d)."""
+    bh, _, c = x.shape
+    if d == 1:
+        return np.ascontiguousarray(x)
+    lc = -(-length // d)
+    pad = np.zeros((bh, lc * d, c), dtype=x.dtype)                 # (BH, Lc·d, C)
+    pad[:, :length] = x
+    return np.ascontiguousarray(pad.reshape(bh, lc, d, c).transpose(0, 2, 1, 3)
+                                .reshape(bh * d, lc, c))
+
+
+def _unclasses(x, bh, d, length):
+    """Inverse of :func:`_classes`: (BH·d, Lc, C) -> (BH, length, C)."""
+    _, lc, c = x.shape
+    if d == 1:
+        return x
+    return x.reshape(bh, d, lc, c).transpose(0, 2, 1, 3).reshape(bh, lc * d, c)[:, :length]
+
+
+class _BandPlan:
+    """The class-coordinates band problem handed to the kernel (shared by forward/backward)."""
+
+    def __init__(self, q, k, *, window, dilation, global_indices, causal, key_padding_mask,
+                 rel_bias):
+        n, m = q.shape[-2], k.shape[-2]
+        batch = q.shape[:-2]
+        bh = int(np.prod(batch, dtype=np.int64))
+        d, w = dilation, window
+        is_grow, is_gcol = _flags(n, m, global_indices)
+        self.n, self.m, self.bh, self.d = n, m, bh, d
+        self.ln, self.lm = -(-n // d), -(-m // d)
+        key_ok = _key_ok(key_padding_mask, batch, m).reshape(bh, m) & ~is_gcol  # (BH, M)
+        self.key_ok = _classes(key_ok[..., None], d, m)[..., 0]    # (BH·d, Lm)
+        row_ok = np.broadcast_to(~is_grow, (bh, n))                # (BH, N)
+        self.row_ok = _classes(row_ok[..., None], d, n)[..., 0]    # (BH·d, Ln)
+        i = np.arange(self.ln)                                     # class coordinates
+        self.lo = np.maximum(i - w, 0).astype(np.int64)            # (Ln,)
+        hi = np.minimum(i + w + 1, self.lm)
+        if causal:
+            hi = np.minimum(hi, i + 1)
+        self.hi = np.maximum(hi, self.lo).astype(np.int64)         # (Ln,)
+        self.tile_start = np.append(np.arange(0, self.ln, TILE), self.ln).astype(np.int64)
+        self.tile_jlo = self.lo[self.tile_start[:-1]].copy()       # (nt,)
+        self.tile_jhi = self.hi[self.tile_start[1:] - 1].copy()    # (nt,)
+        self.n_phases = kernels.plan_phases(self.tile_jlo, self.tile_jhi)
+        self.off_min, self.n_off = -w, 2 * w + 1                   # class offsets i' − j'
+        if rel_bias is None:
+            self.has_bias = False
+            self.bias = np.zeros((1, 1), dtype=q.dtype)
+        else:
+            self.has_bias = True
+            slot = (np.arange(self.n_off) + self.off_min) * d      # (S,) offsets i − j
+            b = _rel_bias_at(rel_bias, batch, m, slot).reshape(bh, self.n_off)
+            self.bias = np.ascontiguousarray(np.repeat(b, d, axis=0))  # (BH·d, S)
+        self.slot_offsets = (np.arange(self.n_off) + self.off_min) * d
+
+    def rows(self, x):  # (..., N, C) -> (BH·d, Ln, C)
+        return _classes(np.ascontiguousarray(x).reshape(self.bh, self.n, -1), self.d, self.n)
+
+    def keys(self, x):  # (..., M, C) -> (BH·d, Lm, C)
+        return _classes(np.ascontiguousarray(x).reshape(self.bh, self.m, -1), self.d, self.m)
+
+
+def _forward_numba(q, k, v, *, window, dilation, global_indices, causal, key_padding_mask,
+                   rel_bias, scale):
+    n, m, dt = q.shape[-2], k.shape[-2], q.dtype
+    batch, gidx = q.shape[:-2], global_indices
+    plan = _BandPlan(q, k, window=window, dilation=dilation, global_indices=gidx,
+                     causal=causal, key_padding_mask=key_padding_mask, rel_bias=rel_bias)
+    qc, kc, vc = plan.rows(q), plan.keys(k), plan.keys(v)
+    out_c = np.empty(qc.shape[:-1] + vc.shape[-1:], dtype=dt)      # (BH·d, Ln, Dv)
+    lse_c = np.empty(qc.shape[:-1], dtype=dt)                      # (BH·d, Ln)
+    with kernels.blas_single_thread():
+        kernels.attend_band(out_c, lse_c, qc, kc, vc, plan.tile_start, plan.tile_jlo,
+                            plan.tile_jhi, plan.lo, plan.hi, plan.row_ok, plan.key_ok,
+                            plan.bias, plan.has_bias, plan.off_min, dt.type(scale))
+    out_b = _unclasses(out_c, plan.bh, dilation, n).reshape(*batch, n, -1)      # (..., N, Dv)
+    lse_b = _unclasses(lse_c[..., None], plan.bh, dilation, n).reshape(*batch, n)  # (..., N)
+    if gidx.size == 0:
+        return np.ascontiguousarray(out_b), np.ascontiguousarray(lse_b)
+    key_ok = _key_ok(key_padding_mask, batch, m)
+    # merge the band softmax with the global-column softmax (log-sum-exp weights)
+    s_g, ok_g = _gcol_scores(q, k, gidx, causal, key_ok, rel_bias, scale)
+    p_g, lse_g = softmax.forward(s_g, ok_g)                        # (..., N, G), (..., N)
+    lse = np.logaddexp(lse_b, lse_g)                               # (..., N)
+    live = lse != -np.inf
+    with np.errstate(invalid="ignore"):
+        w_b = np.where(live, np.exp(np.where(live, lse_b - lse, 0)), 0)[..., None]
+        w_g = np.where(live, np.exp(np.where(live, lse_g - lse, 0)), 0)[..., None]
+    out = w_b * out_b + w_g * (p_g @ v[..., gidx, :])              # (..., N, Dv)
+    s_r, ok_r = _grow_scores(q, k, gidx, causal, key_ok, rel_bias, scale)
+    p_r, lse_r = softmax.forward(s_r, ok_r)                        # (..., G, M)
+    out[..., gidx, :] = p_r @ v
+    lse[..., gidx] = lse_r
+    return out.astype(dt, copy=False), lse.astype(dt, copy=False)
+
+
+def _backward_numba(dout, ctx: WindowCtx) -> dict:
+    q, k, v, lse, scale = ctx.q, ctx.k, ctx.v, ctx.lse, ctx.scale
+    n, m, dt = q.shape[-2], k.shape[-2], q.dtype
+    batch, gidx, d = q.shape[:-2], ctx.global_indices, ctx.dilation
+    plan = _BandPlan(q, k, window=ctx.window, dilation=d, global_indices=gidx,
+                     causal=ctx.causal, key_padding_mask=ctx.key_padding_mask,
+                     rel_bias=ctx.rel_bias)
+    delta = np.sum(dout * ctx.out, axis=-1)                        # (..., N) = Σ_j p dp
+    qc, kc, vc, doc = plan.rows(q), plan.keys(k), plan.keys(v), plan.rows(dout)
+    dqc = np.zeros_like(qc)                                        # (BH·d, Ln, D)
+    dkc = np.zeros_like(kc)                                        # (BH·d, Lm, D)
+    dvc = np.zeros_like(vc)                                        # (BH·d, Lm, Dv)
+    nt = plan.tile_jlo.shape[0]
+    dbias_part = np.zeros((qc.shape[0], nt, plan.n_off if plan.has_bias else 1), dtype=dt)
+    with kernels.blas_single_thread():
+        kernels.attend_band_bwd(dqc, dkc, dvc, dbias_part, doc, plan.rows(delta[..., None])[..., 0],
+                                plan.rows(lse[..., None])[..., 0], qc, kc, vc, plan.tile_start,
+                                plan.tile_jlo, plan.tile_jhi, plan.n_phases, plan.lo, plan.hi,
+                                plan.row_ok, plan.key_ok, plan.bias, plan.has_bias,
+                                plan.off_min, dt.type(scale))
+    bh = plan.bh
+    dq = _unclasses(dqc, bh, d, n).reshape(q.shape)                # (..., N, D)
+    dk = _unclasses(dkc, bh, d, m).reshape(k.shape)                # (..., M, D)
+    dv = _unclasses(dvc, bh, d, m).reshape(v.shape)                # (..., M, Dv)
+    if d > 1:
+        dq, dk, dv = np.array(dq), np.array(dk), np.array(dv)
+    key_ok = _key_ok(ctx.key_padding_mask, batch, m)
+    if gidx.size:
+        # global columns — fwd: s_g = q @ k[G]ᵀ · scale, out += p_g @ v[G]
+        s_g, ok_g = _gcol_scores(q, k, gidx, ctx.causal, key_ok, ctx.rel_bias, scale)
+        p_g = _exp_minus(s_g, lse, ok_g)                           # (..., N, G)
+        dv[..., gidx, :] += p_g.swapaxes(-1, -2) @ dout
+        ds_g = p_g * (dout @ v[..., gidx, :].swapaxes(-1, -2) - delta[..., None])
+        dq += (ds_g @ k[..., gidx, :]) * scale
+        dk[..., gidx, :] += (ds_g.swapaxes(-1, -2) @ q) * scale
+        # global rows — fwd: out[G] = softmax(q[G] @ kᵀ · scale) @ v
+        s_r, ok_r = _grow_scores(q, k, gidx, ctx.causal, key_ok, ctx.rel_bias, scale)
+        p_r = _exp_minus(s_r, lse[..., gidx], ok_r)                # (..., G, M)
+        dv += p_r.swapaxes(-1, -2) @ dout[..., gidx, :]
+        ds_r = softmax.backward(dout[..., gidx, :] @ v.swapaxes(-1, -2), p_r)  # (..., G, M)
+        dq[..., gidx, :] += (ds_r @ k) * scale
+        dk += (ds_r.swapaxes(-1, -2) @ q[..., gidx, :]) * scale
+    grads = {"q": dq, "k": dk, "v": dv}
+    if ctx.rel_bias is not None:
+        drel = np.zeros((*batch, n + m - 1), dtype=dt)             # (..., N + M − 1)
+        dslot = dbias_part.sum(axis=1).reshape(bh, d, plan.n_off).sum(axis=1)  # (BH, S)
+        dslot = dslot.reshape(*batch, plan.n_off)
+        for t, o in enumerate(plan.slot_offsets):
+            if -(m - 1) <= o <= n - 1:
+                drel[..., o + m - 1] += dslot[..., t]
+        if gidx.size:
+            _rel_bias_grad_gparts(drel, ds_g, ds_r, gidx, n, m)
+        grads["rel_bias"] = _checks.reduce_to_shape(drel, ctx.rel_bias.shape)
+    return grads
+
+
+# ------------------------------------------------------------------------------------------
+
+def example_cases(rng: np.random.Generator, dtype=np.float64) -> list[Case]:
+    """Small valid calls covering every option (used by the contract tests and golden files)."""
+    b, h, n, d, dv = 2, 2, 11, 5, 3
+
+    def qkv(n_=n, m_=n):
+        return {"q": rng.standard_normal((b, h, n_, d)).astype(dtype),
+                "k": rng.standard_normal((b, h, m_, d)).astype(dtype),
+                "v": rng.standard_normal((b, h, m_, dv)).astype(dtype)}
+
+    kpad = np.ones((b, 1, n), dtype=bool)
+    kpad[1, :, -3:] = False                                        # key padding of batch 1
+    return [
+        Case("plain", qkv(), {"window": 2}),
+        Case("causal", qkv(), {"window": 3, "causal": True}),
+        Case("dilated_global", qkv(), {"window": 2, "dilation": 2, "global_indices": [0, 6]}),
+        Case("global_causal_kpad", qkv(), {"window": 1, "global_indices": [4],
+                                           "causal": True, "key_padding_mask": kpad}),
+        Case("rel_bias_global", {**qkv(), "rel_bias": rng.standard_normal(
+            (h, 2 * n - 1)).astype(dtype)}, {"window": 2, "global_indices": [3, 9],
+                                             "dilation": 3}),
+        Case("rect_rel_bias", {**qkv(8, 13), "rel_bias": rng.standard_normal(
+            (b, h, 8 + 13 - 1)).astype(dtype)}, {"window": 3, "causal": True, "scale": 0.6}),
+    ]
