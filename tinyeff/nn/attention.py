@@ -207,6 +207,8 @@ class MultiHeadAttention(Layer):
         if isinstance(positions, RoPE) and positions.head_dim != self.head_dim:
             raise ValueError(f"RoPE head_dim {positions.head_dim} != d_model/n_heads = "
                              f"{self.head_dim}")
+        if positions is not None and positions.dtype != self.dtype:
+            raise TypeError(f"positions has dtype {positions.dtype}, the layer {self.dtype}")
         self.positions = positions
 
         self.pad_to_multiple = (None if pad_to_multiple is None else
