@@ -219,8 +219,45 @@ def torch_lsh(x, options):
     return safe_softmax(s, allowed) @ v
 
 
+def torch_sparse(x, options):
+    """`sparse`: `full` restricted to the stored entries of the CSR ``mask``; a list of H
+    patterns is one per head (the head axis is the last batch axis)."""
+    mask = options["mask"]
+    if isinstance(mask, (list, tuple)):
+        mask = np.stack([sp.csr_array(pat).toarray() for pat in mask])   # (H, N, M)
+    return torch_full(x, {**options, "mask": mask})
+
+
+def window_allowed(n, m, options):
+    """`window`'s allowed set as a dense (N, M) boolean (before causal and key padding):
+    band(i) = {i + t·d : |t| <= w, 0 <= j < M, j ∉ G};  A(i) = all if i ∈ G else band(i) ∪ G."""
+    w, dil = options["window"], options.get("dilation", 1)
+    glob = options.get("global_indices")
+    glob = [] if glob is None else [int(g) for g in np.asarray(glob).ravel()]
+    allowed = np.zeros((n, m), dtype=bool)
+    for i in range(n):
+        for t in range(-w, w + 1):
+            j = i + t * dil
+            if 0 <= j < m and j not in glob:
+                allowed[i, j] = True
+    allowed[:, glob] = True
+    allowed[glob, :] = True
+    return allowed
+
+
+def torch_window(x, options):
+    """`window` (Longformer): `full` with the band ∪ global rows/columns mask."""
+    q, k = x["q"], x["k"]
+    mask = window_allowed(q.shape[-2], k.shape[-2], options)
+    rest = {key: options[key] for key in ("causal", "key_padding_mask", "scale")
+            if key in options}
+    return torch_full(x, {**rest, "mask": mask})
+
+
 TORCH_REFS = {
     "full": torch_full,
+    "sparse": torch_sparse,
+    "window": torch_window,
     "linear": torch_linear,
     "performer": torch_performer,
     "linformer": torch_linformer,
