@@ -15,6 +15,7 @@ COMMANDS = {
     "demo": "tinyeff.demo",
     "golden": "tinyeff.golden",
     "check": "tinyeff.check",
+    "bench": "tinyeff.bench",
 }
 
 

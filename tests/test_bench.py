@@ -1,0 +1,44 @@
+"""Smoke test of ``python -m tinyeff bench`` at tiny sizes: a table, a JSON file, clean skips.
+
+No timing assertions: speed lives in the benchmark, never in tests.
+"""
+
+from __future__ import annotations
+
+import json
+
+from tinyeff import bench
+from tinyeff.__main__ import main as cli
+
+
+def test_bench_quick_writes_table_and_json(tmp_path, capsys):
+    code = cli(["bench", "--quick", "--variants", "full,not_a_variant", "--n", "32,64",
+                "--heads", "1", "--dim", "8", "--repeat", "1", "--causal",
+                "--opt", "full.impl=blocked", "--out", str(tmp_path)])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "full" in text and "not registered" in text and "fwd+bwd" in text
+    result = json.loads((tmp_path / "bench.json").read_text())
+    assert set(result["matmul_gflops"]) == {"float32", "float64"}
+    done = [c for c in result["cases"] if c["variant"] == "full"]
+    assert [c["n"] for c in done] == [32, 64]
+    for case in done:
+        assert case["options"] == {"impl": "blocked"}
+        assert len(case["fwd_bwd_s"]) == 1 and case["peak_extra_bytes"] >= 0
+        assert case["flops_fwd_bwd"] == 3 * case["flops_fwd"] > 0
+        assert 0 < case["fraction_fwd_bwd"]
+
+
+def test_cases_that_cannot_fit_are_skipped(tmp_path, capsys):
+    assert bench.main(["--variants", "full", "--n", "4096", "--opt", "full.impl='ref'",
+                       "--mem-limit", "0.01", "--quick"]) == 0
+    assert "skipped: needs" in capsys.readouterr().out
+
+
+def test_flop_counts():
+    assert bench.allowed_pairs("full", 5, {}, True) == 15
+    assert bench.allowed_pairs("window", 6, {"window": 1}, False) == 16
+    assert bench.allowed_pairs("local", 8, {"block": 2, "look_backward": 1,
+                                            "look_forward": 0}, False) == 2 * 2 + 6 * 4
+    fwd, both = bench.useful_flops("full", 1, 2, 4, 3, {}, False)
+    assert fwd == 2 * 4 * 16 * 3 and both == 3 * fwd
