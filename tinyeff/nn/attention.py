@@ -33,9 +33,10 @@ with no change:
   performer-pytorch's ``feature_redraw_interval``).  An explicit value passed as an option is
   used as given and never redrawn.
 
-Options a user passes that the variant's ``forward`` does not accept raise a ``ValueError``
-listing the valid ones (the keyword-only parameters of ``forward`` minus those the layer
-sets itself: ``causal``, the key-padding option, ``rel_bias`` and the layer parameters).
+Valid options are the keyword parameters of the variant's ``forward`` minus those the layer
+sets itself (``causal``, the key-padding option, ``rel_bias``, the layer parameters), plus
+the keyword parameters of ``draw_random_options`` / ``init_layer_params`` (LSH's
+``n_hashes``, Linformer's ``k``); any other option raises a ``ValueError`` listing them.
 
 Length constraints (e.g. LSH: N a multiple of the chunk length): the variant's own error is
 raised unchanged, or pass ``pad_to_multiple=c``: the layer then pads the sequence with zero

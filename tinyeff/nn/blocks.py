@@ -19,6 +19,10 @@ Reversible block (Gomez et al. 2017; Reformer, Kitaev et al. 2020; PEERS.md §4.
   state of its dropout layers before the forward and restores it before recomputing
   (HF/lucidrains record RNG states the same way); after the backward every dropout
   Generator is put back where the forward left it, so the next step draws fresh masks.
+  Limitation: the recomputation calls the attention variant again on inputs reconstructed
+  up to round-off; a variant with discrete choices (LSH buckets) re-derives them, and a
+  hash tie could in principle fall differently than in the forward (the contract has no
+  generic way to replay a variant's non-differentiable choices).
 
 The model (``Transformer``):
 
