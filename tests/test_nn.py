@@ -27,7 +27,7 @@ from tinyeff.nn import (
 )
 from tinyeff.testing import GRAD_FD, check_vjp
 
-from .test_model_gradcheck import model_options
+from .test_model_gradcheck import FIXED_LENGTH, model_options
 
 
 def layer_check(layer, inputs: dict, rng, *, options: dict | None = None, call=None):
@@ -263,7 +263,7 @@ def _mha_cases():
 
 @pytest.mark.parametrize("name,key", _mha_cases())
 def test_multi_head_attention_gradcheck(name, key, rng):
-    n = 8 if name in ("lsh", "linformer") and key != "pad_to_multiple" else 6
+    n = 8 if name in FIXED_LENGTH and key != "pad_to_multiple" else 6
     layer = make_mha(name, key, rng, n=n)
     x = x_of(rng, 2, n, 8)
     options = {}
