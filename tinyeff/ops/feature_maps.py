@@ -46,7 +46,9 @@ KINDS = ("elu", "relu", "favor_softmax", "favor_relu")
 
 def elu_plus_one(x: np.ndarray) -> np.ndarray:
     """φ(x) = elu(x) + 1: x + 1 for x > 0, exp(x) for x ≤ 0 (strictly positive)."""
-    return np.where(x > 0, x + 1, np.exp(np.minimum(x, 0)))        # (..., L, D)
+    f = np.exp(np.minimum(x, 0))                                   # (..., L, D) e^min(x,0)
+    f += np.maximum(x, 0)                                          # = x + 1 (x > 0), eˣ (x ≤ 0)
+    return f
 
 
 def elu_plus_one_backward(df: np.ndarray, f: np.ndarray) -> np.ndarray:
