@@ -86,7 +86,8 @@ class FullCtx(Ctx):
     rel_bias_shape: tuple | None  # shape of the rel_bias argument
     impl: str                     # "ref" or "blocked": the implementation that made this ctx
     # What the blocked backward needs besides q, k, v, lse (references, no copies):
-    out: np.ndarray | None = None               # (..., N, Dv) the output (δ = rowsum(dout∘out))
+    out: np.ndarray | None = None               # (..., N, Dv) the output (δ = rowsum(dout∘out));
+                                                #   None for "ref" (recomputed as P v)
     causal: bool = False
     key_padding_mask: np.ndarray | None = None  # (..., M) as passed
     rel_bias: np.ndarray | None = None          # (..., N + M − 1) as passed
@@ -144,7 +145,8 @@ def forward(q, k, v, *, causal=False, mask=None, key_padding_mask=None, bias=Non
         tri = causal_mask(n, m)                                    # (N, M)
         allowed = tri if allowed is None else (allowed & tri)
     out, ctx = _forward_ref(q, k, v, allowed, bias, rel_bias, scale)
-    ctx = dataclasses.replace(ctx, out=out, causal=causal, key_padding_mask=key_padding_mask,
+    # out is not kept (P is): a blocked backward of this ctx recomputes it as P v
+    ctx = dataclasses.replace(ctx, causal=causal, key_padding_mask=key_padding_mask,
                               rel_bias=rel_bias, dense=dense)
     return out, ctx
 
