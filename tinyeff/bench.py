@@ -365,11 +365,15 @@ def _ints(text: str) -> list[int]:
     return values
 
 
+def _ms(seconds: float) -> str:
+    ms = seconds * 1e3
+    return f"{ms:.0f}" if ms >= 100 else f"{ms:.3g}"
+
+
 def _fmt_t(ts) -> str:
     if not ts:
         return "-"
-    med = statistics.median(ts)
-    return f"{med * 1e3:.4g} [{min(ts) * 1e3:.3g}–{max(ts) * 1e3:.3g}]"
+    return f"{_ms(statistics.median(ts))} [{_ms(min(ts))}–{_ms(max(ts))}]"
 
 
 def main(argv: list[str] | None = None) -> int:
