@@ -264,7 +264,7 @@ def _windows(x, v, rn, perm, inv_perm, kp, causal, dedup, scale, c):
     # sort: slot s of round r holds position perm[r, s]; the rounds are concatenated
     sq = permute.forward(x[:, None], perm).reshape(G, T, c, D)     # (G, T, c, D)
     sk = permute.forward(khat[:, None], perm).reshape(G, T, c, D)  # (G, T, c, D)
-    sv = permute.forward(v[:, None], perm).reshape(G, T, c, -1)    # (G, T, c, Dv)
+    sv = permute.forward(v[:, None], perm).reshape(G, T, c, v.shape[-1])  # (G, T, c, Dv)
     spos = perm.reshape(G, T, c)                                   # (G, T, c) positions
     # look one chunk back, cyclically over the concatenated rounds
     bk = np.concatenate([np.roll(sk, 1, axis=1), sk], axis=2)      # (G, T, 2c, D)
@@ -294,7 +294,7 @@ def _dedup_counts(inv_perm, spos, bpos, c):
     gi = np.arange(G)[:, None, None, None]
     count = np.zeros(spos.shape + bpos.shape[-1:], dtype=np.int64)  # (G, T, c, 2c)
     for r2 in range(R):
-        tq = np.take_along_axis(gchunk[:, r2], spos.reshape(G, -1), axis=-1)
+        tq = np.take_along_axis(gchunk[:, r2], spos.reshape(G, R * N), axis=-1)
         tq = tq.reshape(spos.shape)                                # (G, T, c) i's chunk in r2
         for cw in ((tq - 1) % T, tq):                              # i's window in round r2
             hit = gchunk[gi, (cw // nc)[..., None], bpos[..., None, :]] == cw[..., None]
@@ -319,41 +319,46 @@ def _rounds_ref(x, v, rn, perm, inv_perm, kp, causal, dedup, scale, c):
     p, zs = softmax.forward(win["s"], win["allowed"])              # (G, T, c, 2c), (G, T, c)
     so = p @ win["bv"]                                             # (G, T, c, Dv)
     # unsort: position i of round r reads slot inv_perm[r, i]
-    o = permute.forward(so.reshape(G, R, N, -1), inv_perm)         # (G, R, N, Dv)
+    o = permute.forward(so.reshape(G, R, N, v.shape[-1]), inv_perm)  # (G, R, N, Dv)
     z = permute.forward(zs.reshape(G, R, N, 1), inv_perm)[..., 0]  # (G, R, N)
     return o, z.astype(np.float64), p, win
 
 
 def _forward_ref(x, v, rn, perm, inv_perm, kp, causal, dedup, scale, c):
-    o, z, _, _ = _rounds_ref(x, v, rn, perm, inv_perm, kp, causal, dedup, scale, c)
+    # computed in float64 whatever the input dtype, rounded once at the end (as the kernels):
+    # a float32 logit cannot hold SELF_PENALTY − log N_ij to better than ±0.004
+    x64, v64, rn64 = (a.astype(np.float64) for a in (x, v, rn))
+    o, z, _, _ = _rounds_ref(x64, v64, rn64, perm, inv_perm, kp, causal, dedup, scale, c)
     lse, w = _combine_rounds(z)                                    # (G, N), (G, R, N)
     out = np.sum(w[..., None] * o, axis=1).astype(x.dtype)         # (G, N, Dv)
     return out, z, lse
 
 
 def _backward_ref(f, ctx: LSHCtx):
-    x, v, dout, rn, perm, inv_perm = f["x"], f["v"], f["dout"], f["rn"], f["perm"], f["inv_perm"]
+    dtype = f["x"].dtype
+    x, v, dout, rn = (f[a].astype(np.float64) for a in ("x", "v", "dout", "rn"))  # as forward
+    perm, inv_perm = f["perm"], f["inv_perm"]
     G, R, N = perm.shape
+    d, dv_ = x.shape[-1], v.shape[-1]
     c = ctx.chunk_len
     T = R * N // c
-    dtype = x.dtype
     # recompute the forward (the context keeps nothing of size N·c)
     o, z, p, win = _rounds_ref(x, v, rn, perm, inv_perm, f["kp"], ctx.causal, ctx.dedup,
                                ctx.scale, c)
     lse, w = _combine_rounds(z)                                    # (G, N), (G, R, N)
     # fwd: out = Σ_r w_r o_r
     dw = np.sum(dout[:, None] * o, axis=-1)                        # (G, R, N)
-    do = (w[..., None] * dout[:, None]).astype(dtype)              # (G, R, N, Dv)
+    do = w[..., None] * dout[:, None]                              # (G, R, N, Dv)
     # fwd: w_r = exp(z_r − Z), Z = logsumexp_r z_r   (a softmax over the rounds)
     dz = w * (dw - np.sum(w * dw, axis=1, keepdims=True))          # (G, R, N)
     # fwd: o = permute.forward(so, inv_perm);  z = permute.forward(zs, inv_perm)
-    dso = permute.backward(do, perm).reshape(G, T, c, -1)          # (G, T, c, Dv)
+    dso = permute.backward(do, perm).reshape(G, T, c, dv_)         # (G, T, c, Dv)
     dzs = permute.backward(dz[..., None], perm).reshape(G, T, c)   # (G, T, c)
     # fwd: so = p @ bv
     dp = dso @ win["bv"].swapaxes(-1, -2)                          # (G, T, c, 2c)
     dbv = p.swapaxes(-1, -2) @ dso                                 # (G, T, 2c, Dv)
     # fwd: p = softmax(s);  zs = logsumexp(s)  (∂zs/∂s = p)
-    ds = softmax.backward(dp, p) + p * dzs[..., None].astype(dtype)  # (G, T, c, 2c)
+    ds = softmax.backward(dp, p) + p * dzs[..., None]              # (G, T, c, 2c)
     # fwd: s = where(is_self, SELF_PENALTY, scale * sq @ bkᵀ) − log N_ij   (constants)
     ds = np.where(win["is_self"], 0, ds)                           # (G, T, c, 2c)
     dsq = ctx.scale * (ds @ win["bk"])                             # (G, T, c, D)
@@ -362,9 +367,9 @@ def _backward_ref(f, ctx: LSHCtx):
     dsk = dbk[:, :, c:] + np.roll(dbk[:, :, :c], -1, axis=1)       # (G, T, c, D)
     dsv = dbv[:, :, c:] + np.roll(dbv[:, :, :c], -1, axis=1)       # (G, T, c, Dv)
     # fwd: sq = permute.forward(x, perm_r) for every round r (x shared by the rounds)
-    dx = permute.backward(dsq.reshape(G, R, N, -1), inv_perm).sum(axis=1)     # (G, N, D)
-    dkhat = permute.backward(dsk.reshape(G, R, N, -1), inv_perm).sum(axis=1)  # (G, N, D)
-    dv = permute.backward(dsv.reshape(G, R, N, -1), inv_perm).sum(axis=1)    # (G, N, Dv)
+    dx = permute.backward(dsq.reshape(G, R, N, d), inv_perm).sum(axis=1)     # (G, N, D)
+    dkhat = permute.backward(dsk.reshape(G, R, N, d), inv_perm).sum(axis=1)  # (G, N, D)
+    dv = permute.backward(dsv.reshape(G, R, N, dv_), inv_perm).sum(axis=1)  # (G, N, Dv)
     # fwd: khat = x · rn,  rn = (‖x‖² + D·ε)^(−1/2)
     dx = dx + rn[..., None] * dkhat - (rn**3 * np.sum(x * dkhat, axis=-1))[..., None] * x
     return dx.astype(dtype), dv.astype(dtype)
@@ -418,8 +423,8 @@ def _backward_numba(f, ctx: LSHCtx):
     inv_perm = np.ascontiguousarray(f["inv_perm"])
     lse = np.ascontiguousarray(f["lse"], dtype=np.float64)
     g, n, d = x.shape
-    dd = np.einsum("gne,gne->gn", dout.astype(np.float64),
-                   f["out"].astype(np.float64))                    # (G, N) ⟨dout_i, out_i⟩
+    dd = np.empty((g, n))                                          # (G, N) ⟨dout_i, out_i⟩
+    K.row_dot(dd, dout, np.ascontiguousarray(f["out"]))
     kp_arr, use_kp = _kp_args(f["kp"], g, n)
     args = (x, v, rn, perm, inv_perm, kp_arr, use_kp, ctx.causal, ctx.dedup, float(ctx.scale),
             ctx.chunk_len, SELF_PENALTY)

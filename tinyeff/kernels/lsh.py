@@ -360,3 +360,16 @@ def normalize_bwd(dx, x, rn, dkhat):
             dot += np.float64(x[g, i, d]) * dkhat[g, i, d]
         for d in range(D):
             dx[g, i, d] += r * dkhat[g, i, d] - r * r * r * dot * x[g, i, d]
+
+
+@kernel
+def row_dot(dd, a, b):
+    """dd[g, i] = Σ_e a[g, i, e] b[g, i, e] in float64 (no float64 copies of a and b)."""
+    G, N, E = a.shape
+    for gi in prange(G * N):
+        g = gi // N
+        i = gi % N
+        acc = 0.0
+        for e in range(E):
+            acc += np.float64(a[g, i, e]) * np.float64(b[g, i, e])
+        dd[g, i] = acc
