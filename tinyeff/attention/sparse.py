@@ -175,7 +175,8 @@ def backward(dout, ctx: SparseCtx, *, impl=None) -> dict:
 
 def _flat(*arrays):
     """(..., X, Y) -> contiguous (BH, X, Y) (a copy only if not contiguous already)."""
-    return tuple(np.ascontiguousarray(a).reshape(-1, *a.shape[-2:]) for a in arrays)
+    bf = math.prod(arrays[0].shape[:-2])
+    return tuple(np.ascontiguousarray(a).reshape(bf, *a.shape[-2:]) for a in arrays)
 
 
 # ---------------------------------------------------------------------- reference
