@@ -121,7 +121,7 @@ SUPPORTS_REL_BIAS = False
 KEY_PADDING = "key_padding_mask"
 DIFFERENTIABLE = ("q", "k", "v")
 
-_CHUNK_ELEMENTS = 1 << 23      # rows per chunk: a (..., rows, keys) score block holds ~8M entries
+_CHUNK_ELEMENTS = 1 << 21      # rows per chunk: a (..., rows, keys) score block holds ~2M entries
 
 
 @dataclasses.dataclass(frozen=True)
@@ -389,7 +389,7 @@ def _backward_ref(dout, ctx: HierarchicalCtx) -> dict:
     if n == 0:
         return {"q": dq, "k": dk, "v": dvv}
     # fwd: P = softmax(S)  ->  dS = P ⊙ (dP − δ),  δ_i = Σ_t P_it dP_it = dout_i · out_i
-    delta = np.sum(dout * ctx.out, axis=-1)                        # (..., N)
+    delta = np.einsum("...d,...d->...", dout, ctx.out)             # (..., N)
     # rows with no visible key (lse = −inf) get P = 0: use lse = +inf there
     lse = np.where(np.isfinite(ctx.lse), ctx.lse, np.inf)          # (..., N)
     w = int(ctx.neighbours)
