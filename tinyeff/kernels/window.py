@@ -29,21 +29,21 @@ and summed over tiles by the caller in a fixed order.
 
 NOTE: ``np.dot`` inside Numba calls SciPy's OpenBLAS.  When OpenBLAS itself is
 multi-threaded, its threads fight the Numba threads (measured: 36 GF/s instead of 99 GF/s
-on 2 cores); :func:`blas_single_thread` pins SciPy's OpenBLAS to one thread around a call.
+on 2 cores); the callers pin it to one thread with ``blas_single_thread`` and the exps use
+the vectorizable ``fast_exp`` (both from ``kernels/blocked.py``, ≤ 1 ulp float32, ≤ 2 ulp
+float64).  Reductions (row max, row sum, dk/dv accumulation) stay serial in index order.
 
 Kernels take contiguous arrays, outputs first, and do no validation (the variant modules do).
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import glob
-import os
-
 import numpy as np
 
 from ._jit import kernel, prange
+from .blocked import blas_single_thread, fast_exp
+
+__all__ = ["attend_band", "attend_band_bwd", "plan_phases", "blas_single_thread"]
 
 
 @kernel
@@ -72,38 +72,40 @@ def attend_band(out, lse, q, k, v, tile_start, tile_jlo, tile_jhi, lo, hi, row_o
         s = np.dot(q[b, i0:i1], k[b, jl:jh].T)                       # (T, R) raw scores
         for r in range(i1 - i0):
             i = i0 + r
-            a = max(lo[i], jl)
-            e = min(hi[i], jh)
-            found = False
-            mx = s[r, 0]
-            if row_ok[b, i]:
-                for j in range(a, e):
-                    if key_ok[b, j]:
-                        x = s[r, j - jl] * scale
-                        if has_bias:
-                            x += bias[b, i - j - off_min]
-                        s[r, j - jl] = x
-                        if not found:
-                            mx = x
-                            found = True
-                        elif x > mx or x != x:
-                            mx = x
-            s[r, :a - jl] = 0                                        # left of the band
-            s[r, e - jl:] = 0                                        # right of the band
-            if not found or mx == -np.inf:                           # no admissible key
-                s[r, a - jl:e - jl] = 0
+            ca = max(lo[i], jl) - jl                                 # band of row i: columns
+            ce = min(hi[i], jh) - jl                                 # [ca, ce) of the tile
+            s[r, :ca] = 0
+            s[r, ce:] = 0
+            if not row_ok[b, i]:
+                s[r, ca:ce] = 0
                 lse[b, i] = -np.inf
                 continue
+            x = s[r, ca:ce]                                          # view: the band of row i
+            ok = key_ok[b, jl + ca:jl + ce]
+            nb = ce - ca
+            for u in range(nb):                                      # x = q·k · scale + bias
+                x[u] = x[u] * scale
+            if has_bias:
+                for u in range(nb):
+                    x[u] += bias[b, i - jl - ca - u - off_min]
+            for u in range(nb):                                      # padded key: −∞
+                if not ok[u]:
+                    x[u] = -np.inf
+            mx = x[0] if nb > 0 else s[r, 0]                        # (dtype of s)
+            for u in range(1, nb):                                   # row max (NaN wins)
+                if x[u] > mx or x[u] != x[u]:
+                    mx = x[u]
+            if nb == 0 or mx == -np.inf:                             # no admissible key
+                x[:] = 0
+                lse[b, i] = -np.inf
+                continue
+            for u in range(nb):                                      # vectorized exp
+                x[u] = fast_exp(x[u] - mx)
             z = 0.0                                                  # serial, fixed order
-            for j in range(a, e):
-                if key_ok[b, j]:
-                    p = np.exp(s[r, j - jl] - mx)
-                    s[r, j - jl] = p
-                    z += p
-                else:
-                    s[r, j - jl] = 0
-            for j in range(a, e):
-                s[r, j - jl] = s[r, j - jl] / z
+            for u in range(nb):
+                z += x[u]
+            for u in range(nb):
+                x[u] = x[u] / z
             lse[b, i] = mx + np.log(z)
         out[b, i0:i1] = np.dot(s, v[b, jl:jh])                        # (T, Dv)
 
@@ -133,35 +135,41 @@ def attend_band_bwd(dq, dk, dv, dbias_part, dout, delta, lse, q, k, v, tile_star
             dp = np.dot(dout[b, i0:i1], v[b, jl:jh].T)               # (T, R)
             for r in range(i1 - i0):
                 i = i0 + r
-                a = max(lo[i], jl)
-                e = min(hi[i], jh)
+                ca = max(lo[i], jl) - jl
+                ce = min(hi[i], jh) - jl
                 li = lse[b, i]
                 di = delta[b, i]
-                s[r, :a - jl] = 0                                    # outside the band
-                s[r, e - jl:] = 0
-                dp[r, :a - jl] = 0
-                dp[r, e - jl:] = 0
+                s[r, :ca] = 0                                        # outside the band
+                s[r, ce:] = 0
+                dp[r, :ca] = 0
+                dp[r, ce:] = 0
                 if not row_ok[b, i] or li == -np.inf:                # empty or skipped row
-                    s[r, a - jl:e - jl] = 0
-                    dp[r, a - jl:e - jl] = 0
+                    s[r, ca:ce] = 0
+                    dp[r, ca:ce] = 0
                     continue
-                for j in range(a, e):
-                    c = j - jl
-                    if key_ok[b, j]:
-                        x = s[r, c] * scale
-                        if has_bias:
-                            x += bias[b, i - j - off_min]
-                        # fwd: p = exp(x − max) / z  ==  exp(x − lse)
-                        p = np.exp(x - li)
-                        s[r, c] = p
-                        # fwd: p = softmax(x)  ->  ds = p (dp − Σ_j p dp)
-                        g = p * (dp[r, c] - di)
-                        if has_bias:
-                            dbias_part[b, t, i - j - off_min] += g
-                        dp[r, c] = g * scale                         # ds · scale
-                    else:
-                        s[r, c] = 0
-                        dp[r, c] = 0
+                x = s[r, ca:ce]                                      # views: band of row i
+                g = dp[r, ca:ce]
+                ok = key_ok[b, jl + ca:jl + ce]
+                nb = ce - ca
+                for u in range(nb):
+                    x[u] = x[u] * scale
+                if has_bias:
+                    for u in range(nb):
+                        x[u] += bias[b, i - jl - ca - u - off_min]
+                for u in range(nb):                                  # padded key: p = 0
+                    if not ok[u]:
+                        x[u] = -np.inf
+                for u in range(nb):
+                    # fwd: p = exp(x − max) / z  ==  exp(x − lse)
+                    x[u] = fast_exp(x[u] - li)
+                    # fwd: p = softmax(x)  ->  ds = p (dp − Σ_j p dp)
+                    g[u] = x[u] * (g[u] - di)
+                if has_bias:
+                    # fwd: x += bias[i − j − off_min]
+                    for u in range(nb):
+                        dbias_part[b, t, i - jl - ca - u - off_min] += g[u]
+                for u in range(nb):
+                    g[u] = g[u] * scale                              # ds · scale
             # fwd: x = (q kᵀ) · scale   (dp now holds ds · scale)
             dq[b, i0:i1] = np.dot(dp, k[b, jl:jh])                    # (T, D)
             dk[b, jl:jh] += np.dot(dp.T, q[b, i0:i1])                 # (R, D)
@@ -184,43 +192,3 @@ def plan_phases(tile_jlo: np.ndarray, tile_jhi: np.ndarray) -> int:
     empty = tile_jhi <= tile_jlo
     need = np.where(empty, 1, first_free - np.arange(nt))            # (nt,)
     return int(max(1, need.max()))
-
-
-def _find_scipy_openblas():
-    try:
-        import scipy
-        import scipy.linalg.cython_blas  # noqa: F401  (loads the library Numba's np.dot uses)
-        here = os.path.join(os.path.dirname(scipy.__file__), os.pardir, "scipy.libs")
-        for path in sorted(glob.glob(os.path.join(here, "libscipy_openblas*.so*"))):
-            lib = ctypes.CDLL(path)
-            get = getattr(lib, "scipy_openblas_get_num_threads", None)
-            put = getattr(lib, "scipy_openblas_set_num_threads", None)
-            if get is not None and put is not None:
-                get.restype = ctypes.c_int
-                put.argtypes = [ctypes.c_int]
-                return get, put
-    except (OSError, ImportError, AttributeError):
-        pass
-    return None
-
-
-_OPENBLAS = _find_scipy_openblas()
-
-
-@contextlib.contextmanager
-def blas_single_thread():
-    """Pin SciPy's bundled OpenBLAS (the BLAS of Numba's ``np.dot``) to one thread inside.
-
-    A no-op when that library is not found (another BLAS, a SciPy built differently).
-    The setting is process-wide while it lasts; it is restored on exit.
-    """
-    if _OPENBLAS is None:
-        yield
-        return
-    get, put = _OPENBLAS
-    old = get()
-    put(1)
-    try:
-        yield
-    finally:
-        put(old)

@@ -1,0 +1,382 @@
+"""Segment-local attention with look-back and look-forward buffers (the design document's §3.1).
+
+The positions are cut into segments of ``block`` = k consecutive positions (the last one may
+be shorter); σ(p) = ⌊p / k⌋ is the segment of position p.  Query i attends the keys of its
+own segment, of the ``look_backward`` = b segments before it and of the ``look_forward`` = f
+segments after it:
+
+    A(i)  = { 0 ≤ j < M : σ(i) − b ≤ σ(j) ≤ σ(i) + f }
+            ∩ { j ≤ i } if causal,  ∩ { j : key_padding_mask_j }
+    s_ij  = q_i·k_j · scale + rel_bias[i − j + M − 1]          (j ∈ A(i))
+    out_i = Σ_{j∈A(i)} softmax_j(s_i·) v_j
+
+Segments before the start or after the end of the sequence are *absent*: their keys are not
+in A(i) (no padding tokens, no sentinels, no wrap-around), so the first segment simply has
+fewer keys.  The result equals ``full`` with the boolean mask [σ(i) − b ≤ σ(j) ≤ σ(i) + f]
+(tests/test_local.py checks the forward and every gradient).
+
+Cost: O(⌈N/k⌉ · k · (b + 1 + f)k · D) time, i.e. O(N·(b + 1 + f)·k·D); O(N) saved state (the
+log-sum-exp; the backward recomputes the probabilities segment by segment).
+
+Reference: the design document's §3.1; the same "local attention with look-around" as
+lucidrains/local-attention (``look_backward``, ``look_forward``, ``window_size`` = k), which
+pads the sequence to a multiple of the window and masks the padding — identical results on
+the real positions when its ``exact_windowsize=False``.  Its ``autopad`` and ``causal``
+alignment match tinyeff's top-left alignment for N = M.
+
+Shapes: q (..., N, D), k (..., M, D), v (..., M, Dv); leading dimensions are batch
+dimensions.  N != M is allowed: queries and keys are cut at the same positions
+(segment s = positions [s·k, (s + 1)·k) of either sequence).
+
+Options
+-------
+block : int >= 1, segment length k.
+look_backward : int >= 0, default 1.   look_forward : int >= 0, default 0.
+causal : bool (top-left, j <= i, like ``full``).
+key_padding_mask : bool (..., M), True = real key; leading dims broadcastable to the batch.
+rel_bias : float (..., N + M − 1), bias_ij = rel_bias[..., i − j + M − 1]; gradient returned.
+scale : float, default 1/sqrt(D).
+impl : "auto" (Numba for non-empty shapes) | "ref" (dense per-segment blocks with batched
+    matrix products: the spec) | "numba" (the tiled interval kernel of
+    ``tinyeff/kernels/window.py``, with tiles aligned to the segments).
+
+Edge cases
+----------
+* A row whose allowed set is empty (all its keys padded) outputs 0 with 0 gradient.
+* The row maximum is subtracted before exp (a constant of the backward).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from .. import _checks
+from ..ctx import Ctx
+from ..kernels import window as kernels
+from ..ops import softmax
+from ._case import Case
+
+NAME = "local"
+SUPPORTS_MASK = False
+SUPPORTS_CAUSAL = True
+SUPPORTS_BIAS = False
+SUPPORTS_REL_BIAS = True
+KEY_PADDING = "key_padding_mask"
+DIFFERENTIABLE = ("q", "k", "v", "rel_bias")
+IMPLS = ("auto", "ref", "numba")
+TILE_MAX = 128       # longest query tile of the Numba path (a longer segment is split)
+TILE_MIN = 64        # shorter segments are grouped into tiles of about this many rows
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalCtx(Ctx):
+    q: np.ndarray                        # (..., N, D)
+    k: np.ndarray                        # (..., M, D)
+    v: np.ndarray                        # (..., M, Dv)
+    out: np.ndarray                      # (..., N, Dv)
+    lse: np.ndarray                      # (..., N) log-sum-exp over A(i) (−inf: empty row)
+    block: int
+    look_backward: int
+    look_forward: int
+    causal: bool
+    key_padding_mask: np.ndarray | None  # (..., M) as given
+    rel_bias: np.ndarray | None          # (..., N + M − 1) as given
+    scale: float
+    impl: str
+
+
+def forward(q, k, v, *, block, look_backward=1, look_forward=0, causal=False,
+            key_padding_mask=None, rel_bias=None, scale=None, impl="auto"):
+    """Segment-local attention.  Returns ``(out (..., N, Dv), ctx)``; see the module docstring."""
+    batch, n, m, d, dv, dtype = _checks.qkv(q, k, v)
+    block = _checks.integer(block, "block", minimum=1)
+    look_backward = _checks.integer(look_backward, "look_backward", minimum=0)
+    look_forward = _checks.integer(look_forward, "look_forward", minimum=0)
+    causal = _checks.flag(causal, "causal")
+    key_padding_mask = _checks.key_padding_mask(key_padding_mask, batch, m,
+                                                name="key_padding_mask")
+    rel_bias = _checks.rel_bias(rel_bias, batch, n, m, dtype)
+    scale = _checks.scale(scale, d)
+    impl = _checks.choice(impl, "impl", IMPLS)
+    if impl == "auto":
+        impl = "ref" if 0 in (n, m, d, dv) or q.size == 0 else "numba"
+    opts = dict(block=block, look_backward=look_backward, look_forward=look_forward,
+                causal=causal, key_padding_mask=key_padding_mask, rel_bias=rel_bias,
+                scale=scale)
+    run = _forward_numba if impl == "numba" else _forward_ref
+    out, lse = run(q, k, v, **opts)
+    return out, LocalCtx(q=q, k=k, v=v, out=out, lse=lse, impl=impl, **opts)
+
+
+def backward(dout, ctx: LocalCtx, *, impl=None) -> dict:
+    """Gradients ``{"q", "k", "v"}`` (and ``"rel_bias"`` if one was given)."""
+    if not isinstance(ctx, LocalCtx):
+        raise TypeError(f"ctx must be the LocalCtx returned by local.forward, got "
+                        f"{type(ctx).__name__}")
+    dout = _checks.dout(dout, ctx.q.shape[:-1] + ctx.v.shape[-1:], ctx.q.dtype)
+    impl = ctx.impl if impl is None else _checks.choice(impl, "impl", IMPLS)
+    if impl == "auto":
+        impl = "ref" if ctx.q.size == 0 or ctx.k.size == 0 or dout.size == 0 else "numba"
+    if impl == "numba":
+        return _backward_numba(dout, ctx)
+    return _backward_ref(dout, ctx)
+
+
+def allowed_mask(n, m, *, block, look_backward=1, look_forward=0, causal=False):
+    """The dense (N, M) boolean A (no key padding) — for small N only; tests and docs use it."""
+    si = np.arange(n)[:, None] // block                            # (N, 1) query segments
+    sj = np.arange(m)[None, :] // block                            # (1, M) key segments
+    ok = (sj >= si - look_backward) & (sj <= si + look_forward)    # (N, M)
+    if causal:
+        ok &= np.arange(m)[None, :] <= np.arange(n)[:, None]
+    return ok
+
+
+def _key_ok(key_padding_mask, batch, m):
+    if key_padding_mask is None:
+        return np.ones((*batch, m), dtype=bool)                    # (..., M)
+    return np.broadcast_to(key_padding_mask, (*batch, m))          # (..., M)
+
+
+def _rel_bias_at(rel_bias, batch, m, offsets):
+    """rel_bias[..., i − j + M − 1] for an integer array of offsets i − j (clipped index)."""
+    idx = np.clip(offsets + (m - 1), 0, rel_bias.shape[-1] - 1)
+    return np.broadcast_to(rel_bias, (*batch, rel_bias.shape[-1]))[..., idx]
+
+
+# ------------------------------------------------------------------------------------------
+# reference implementation (the spec): dense per-segment blocks, batched matrix products
+
+class _Segments:
+    """Index bookkeeping: ns query segments; segment s sees the window of W = b + 1 + f key
+    segments s − b … s + f, i.e. key positions j = (s − b)·k + c for c in [0, W·k)."""
+
+    def __init__(self, n, m, block, look_backward, look_forward):
+        k, b, f = block, look_backward, look_forward
+        self.n, self.m, self.k, self.b, self.f = n, m, k, b, f
+        self.ns = -(-n // k)                                       # query segments
+        self.nw = b + 1 + f                                        # segments per window
+        self.mk = min(m, (self.ns + f) * k)                        # keys any query can see
+        s = np.arange(self.ns)[:, None, None]
+        r = np.arange(k)[None, :, None]
+        c = np.arange(self.nw * k)[None, None, :]
+        self.i = s * k + r                                         # (ns, k, 1) query position
+        self.j = (s - b) * k + c                                   # (ns, 1, W·k) key position
+        self.offset = r[0] - c[0] + b * k                          # (k, W·k) i − j
+
+    def queries(self, x):
+        """(..., N, C) -> (..., ns, k, C), zero rows past N."""
+        pad = np.zeros((*x.shape[:-2], self.ns * self.k, x.shape[-1]), dtype=x.dtype)
+        pad[..., :self.n, :] = x
+        return pad.reshape(*x.shape[:-2], self.ns, self.k, x.shape[-1])
+
+    def windows(self, x):
+        """(..., M, C) -> (..., ns, W·k, C): the keys of each query segment's window."""
+        lead = self.b * self.k
+        pad = np.zeros((*x.shape[:-2], (self.ns + self.b + self.f) * self.k, x.shape[-1]),
+                       dtype=x.dtype)                              # (..., (ns+b+f)·k, C)
+        pad[..., lead:lead + self.mk, :] = x[..., :self.mk, :]
+        seg = pad.reshape(*x.shape[:-2], self.ns + self.b + self.f, self.k, x.shape[-1])
+        return np.concatenate([seg[..., w:w + self.ns, :, :] for w in range(self.nw)],
+                              axis=-2)                             # (..., ns, W·k, C)
+
+    def fold(self, dwin):
+        """Backward of :meth:`windows`: (..., ns, W·k, C) -> (..., M, C), summing overlaps."""
+        k, lead = self.k, self.b * self.k
+        lead_shape, c = dwin.shape[:-3], dwin.shape[-1]
+        pad = np.zeros((*lead_shape, self.ns + self.b + self.f, k, c), dtype=dwin.dtype)
+        for w in range(self.nw):
+            # fwd: window[..., s, w·k:(w+1)·k] = segment s + w of the padded keys
+            pad[..., w:w + self.ns, :, :] += dwin[..., :, w * k:(w + 1) * k, :]
+        pad = pad.reshape(*lead_shape, -1, c)
+        out = np.zeros((*lead_shape, self.m, c), dtype=dwin.dtype)  # (..., M, C)
+        out[..., :self.mk, :] = pad[..., lead:lead + self.mk, :]
+        return out
+
+    def allowed(self, causal, key_ok):
+        """(..., ns, k, W·k) boolean A on the blocks."""
+        jc = np.clip(self.j, 0, max(self.m - 1, 0))
+        ok = (self.i < self.n) & (self.j >= 0) & (self.j < self.m)  # (ns, k, W·k)
+        if causal:
+            ok = ok & (self.j <= self.i)
+        return ok & key_ok[..., jc]                                # (..., ns, k, W·k)
+
+
+def _scores(q, k, seg: _Segments, rel_bias, scale):
+    qs = seg.queries(q)                                            # (..., ns, k, D)
+    kw = seg.windows(k)                                            # (..., ns, W·k, D)
+    s = (qs @ kw.swapaxes(-1, -2)) * scale                         # (..., ns, k, W·k)
+    if rel_bias is not None:
+        s = s + _rel_bias_at(rel_bias, q.shape[:-2], seg.m, seg.offset)[..., None, :, :]
+    return qs, kw, s
+
+
+def _forward_ref(q, k, v, *, block, look_backward, look_forward, causal, key_padding_mask,
+                 rel_bias, scale):
+    n, m = q.shape[-2], k.shape[-2]
+    seg = _Segments(n, m, block, look_backward, look_forward)
+    ok = seg.allowed(causal, _key_ok(key_padding_mask, q.shape[:-2], m))  # (..., ns, k, W·k)
+    _, _, s = _scores(q, k, seg, rel_bias, scale)                  # (..., ns, k, W·k)
+    p, lse = softmax.forward(s, ok)                                # (..., ns, k, W·k)
+    out = p @ seg.windows(v)                                       # (..., ns, k, Dv)
+    out = out.reshape(*q.shape[:-2], -1, v.shape[-1])[..., :n, :]  # (..., N, Dv)
+    lse = lse.reshape(*q.shape[:-2], -1)[..., :n]                  # (..., N)
+    return np.ascontiguousarray(out), np.ascontiguousarray(lse)
+
+
+def _backward_ref(dout, ctx: LocalCtx) -> dict:
+    q, k, v, scale = ctx.q, ctx.k, ctx.v, ctx.scale
+    n, m = q.shape[-2], k.shape[-2]
+    batch = q.shape[:-2]
+    seg = _Segments(n, m, ctx.block, ctx.look_backward, ctx.look_forward)
+    ok = seg.allowed(ctx.causal, _key_ok(ctx.key_padding_mask, batch, m))
+    qs, kw, s = _scores(q, k, seg, ctx.rel_bias, scale)
+    lse = seg.queries(ctx.lse[..., None])[..., 0]                  # (..., ns, k)
+    live = ok & (lse[..., None] != -np.inf)                        # (..., ns, k, W·k)
+    # recompute fwd: p = softmax(s) = exp(s − lse) on the allowed entries
+    p = np.where(live, np.exp(np.where(live, s - lse[..., None], 0)), 0)
+    dos = seg.queries(dout)                                        # (..., ns, k, Dv)
+    vw = seg.windows(v)                                            # (..., ns, W·k, Dv)
+    # fwd: out = p @ v_window
+    dvw = p.swapaxes(-1, -2) @ dos                                 # (..., ns, W·k, Dv)
+    dp = dos @ vw.swapaxes(-1, -2)                                 # (..., ns, k, W·k)
+    # fwd: p = softmax(s)
+    ds = softmax.backward(dp, p)                                   # (..., ns, k, W·k)
+    # fwd: s = q_seg @ k_windowᵀ · scale (+ rel_bias)
+    dq = (ds @ kw) * scale                                         # (..., ns, k, D)
+    dkw = (ds.swapaxes(-1, -2) @ qs) * scale                       # (..., ns, W·k, D)
+    grads = {"q": np.ascontiguousarray(dq.reshape(*batch, -1, q.shape[-1])[..., :n, :]),
+             "k": seg.fold(dkw), "v": seg.fold(dvw)}
+    if ctx.rel_bias is not None:
+        # fwd: s[s_, r, c] += rel_bias[r − c + b·k + M − 1]  (the same for every segment)
+        dblock = ds.sum(axis=-3)                                   # (..., k, W·k)
+        drel = np.zeros((*batch, n + m - 1), dtype=q.dtype)        # (..., N + M − 1)
+        for c in range(dblock.shape[-1]):
+            first = -c + seg.b * seg.k + m - 1                     # index for r = 0
+            lo, hi = max(first, 0), min(first + seg.k, n + m - 1)
+            if lo < hi:
+                drel[..., lo:hi] += dblock[..., lo - first:hi - first, c]
+        grads["rel_bias"] = _checks.reduce_to_shape(drel, ctx.rel_bias.shape)
+    return grads
+
+
+# ------------------------------------------------------------------------------------------
+# Numba implementation: every row attends one contiguous key interval, so the tiled interval
+# kernel of tinyeff/kernels/window.py applies with tiles aligned to the segments.
+
+class _Plan:
+    def __init__(self, q, k, *, block, look_backward, look_forward, causal, key_padding_mask,
+                 rel_bias):
+        n, m = q.shape[-2], k.shape[-2]
+        batch = q.shape[:-2]
+        self.bh = bh = int(np.prod(batch, dtype=np.int64))
+        kk, b, f = block, look_backward, look_forward
+        i = np.arange(n)
+        sg = i // kk                                               # (N,) segment of row i
+        self.lo = np.clip((sg - b) * kk, 0, m).astype(np.int64)    # (N,)
+        hi = np.clip((sg + f + 1) * kk, 0, m)
+        if causal:
+            hi = np.minimum(hi, i + 1)
+        self.hi = np.maximum(hi, self.lo).astype(np.int64)         # (N,)
+        # tiles: whole segments, split when longer than TILE_MAX, grouped when shorter
+        group = max(1, TILE_MIN // kk)
+        starts = []
+        for s0 in range(0, n, kk * group):
+            s1 = min(n, s0 + kk * group)
+            pieces = -(-(s1 - s0) // TILE_MAX)
+            starts.extend(s0 + (s1 - s0) * p // pieces for p in range(pieces))
+        self.tile_start = np.array(starts + [n], dtype=np.int64)  # (nt + 1,)
+        self.tile_jlo = self.lo[self.tile_start[:-1]].copy()
+        self.tile_jhi = np.maximum.reduceat(self.hi, self.tile_start[:-1]) if n else self.lo[:0]
+        self.tile_jhi = np.asarray(self.tile_jhi, dtype=np.int64)
+        self.n_phases = kernels.plan_phases(self.tile_jlo, self.tile_jhi)
+        self.row_ok = np.ones((bh, n), dtype=bool)
+        self.key_ok = np.ascontiguousarray(_key_ok(key_padding_mask, batch, m).reshape(bh, m))
+        self.off_min = -((f + 1) * kk - 1)                         # smallest i − j
+        self.n_off = (b + f + 2) * kk - 1
+        self.slot_offsets = np.arange(self.n_off) + self.off_min   # (S,) i − j per slot
+        if rel_bias is None:
+            self.has_bias, self.bias = False, np.zeros((1, 1), dtype=q.dtype)
+        else:
+            self.has_bias = True
+            self.bias = np.ascontiguousarray(
+                _rel_bias_at(rel_bias, batch, m, self.slot_offsets).reshape(bh, self.n_off))
+
+    def flat(self, x):
+        return np.ascontiguousarray(x).reshape(self.bh, x.shape[-2], -1)
+
+
+def _forward_numba(q, k, v, *, block, look_backward, look_forward, causal, key_padding_mask,
+                   rel_bias, scale):
+    dt = q.dtype
+    plan = _Plan(q, k, block=block, look_backward=look_backward, look_forward=look_forward,
+                 causal=causal, key_padding_mask=key_padding_mask, rel_bias=rel_bias)
+    out = np.empty(q.shape[:-1] + v.shape[-1:], dtype=dt)          # (..., N, Dv)
+    lse = np.empty(q.shape[:-1], dtype=dt)                         # (..., N)
+    with kernels.blas_single_thread():
+        kernels.attend_band(plan.flat(out), lse.reshape(plan.bh, -1), plan.flat(q),
+                            plan.flat(k), plan.flat(v), plan.tile_start, plan.tile_jlo,
+                            plan.tile_jhi, plan.lo, plan.hi, plan.row_ok, plan.key_ok,
+                            plan.bias, plan.has_bias, plan.off_min, dt.type(scale))
+    return out, lse
+
+
+def _backward_numba(dout, ctx: LocalCtx) -> dict:
+    q, k, v = ctx.q, ctx.k, ctx.v
+    n, m, dt = q.shape[-2], k.shape[-2], q.dtype
+    plan = _Plan(q, k, block=ctx.block, look_backward=ctx.look_backward,
+                 look_forward=ctx.look_forward, causal=ctx.causal,
+                 key_padding_mask=ctx.key_padding_mask, rel_bias=ctx.rel_bias)
+    delta = np.sum(dout * ctx.out, axis=-1)                        # (..., N) = Σ_j p dp
+    dq = np.zeros(q.shape, dtype=dt)                               # (..., N, D)
+    dk = np.zeros(k.shape, dtype=dt)                               # (..., M, D)
+    dv = np.zeros(v.shape, dtype=dt)                               # (..., M, Dv)
+    nt = plan.tile_jlo.shape[0]
+    dbias_part = np.zeros((plan.bh, nt, plan.n_off if plan.has_bias else 1), dtype=dt)
+    with kernels.blas_single_thread():
+        kernels.attend_band_bwd(plan.flat(dq), plan.flat(dk), plan.flat(dv), dbias_part,
+                                plan.flat(dout), delta.reshape(plan.bh, n),
+                                np.ascontiguousarray(ctx.lse).reshape(plan.bh, n),
+                                plan.flat(q), plan.flat(k), plan.flat(v), plan.tile_start,
+                                plan.tile_jlo, plan.tile_jhi, plan.n_phases, plan.lo, plan.hi,
+                                plan.row_ok, plan.key_ok, plan.bias, plan.has_bias,
+                                plan.off_min, dt.type(ctx.scale))
+    grads = {"q": dq, "k": dk, "v": dv}
+    if ctx.rel_bias is not None:
+        batch = q.shape[:-2]
+        dslot = dbias_part.sum(axis=1).reshape(*batch, plan.n_off)  # (..., S)
+        drel = np.zeros((*batch, n + m - 1), dtype=dt)             # (..., N + M − 1)
+        lo = max(plan.off_min, -(m - 1))
+        hi = min(plan.off_min + plan.n_off, n)
+        if lo < hi:
+            drel[..., lo + m - 1:hi + m - 1] = dslot[..., lo - plan.off_min:hi - plan.off_min]
+        grads["rel_bias"] = _checks.reduce_to_shape(drel, ctx.rel_bias.shape)
+    return grads
+
+
+# ------------------------------------------------------------------------------------------
+
+def example_cases(rng: np.random.Generator, dtype=np.float64) -> list[Case]:
+    """Small valid calls covering every option (used by the contract tests and golden files)."""
+    b, h, n, d, dv = 2, 2, 11, 5, 3
+
+    def qkv(n_=n, m_=n):
+        return {"q": rng.standard_normal((b, h, n_, d)).astype(dtype),
+                "k": rng.standard_normal((b, h, m_, d)).astype(dtype),
+                "v": rng.standard_normal((b, h, m_, dv)).astype(dtype)}
+
+    kpad = np.ones((b, 1, n), dtype=bool)
+    kpad[1, :, -4:] = False                                        # key padding of batch 1
+    return [
+        Case("plain", qkv(), {"block": 3}),
+        Case("causal_lookaround", qkv(), {"block": 4, "look_backward": 1, "look_forward": 1,
+                                          "causal": True}),
+        Case("kpad_forward", qkv(), {"block": 2, "look_backward": 0, "look_forward": 2,
+                                     "key_padding_mask": kpad}),
+        Case("rel_bias", {**qkv(), "rel_bias": rng.standard_normal(
+            (h, 2 * n - 1)).astype(dtype)}, {"block": 3, "look_forward": 1}),
+        Case("rect_rel_bias_causal", {**qkv(9, 13), "rel_bias": rng.standard_normal(
+            (b, h, 9 + 13 - 1)).astype(dtype)}, {"block": 4, "causal": True, "scale": 0.6}),
+    ]
