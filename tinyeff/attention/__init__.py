@@ -61,9 +61,9 @@ Registry
 tool loop over it with no special cases.
 """
 
-from . import full, linear, linformer, lsh, performer, sparse
+from . import full, hierarchical, linear, linformer, lsh, performer, sparse
 from ._case import Case
 
-VARIANTS = {m.NAME: m for m in (full, linear, linformer, lsh, performer, sparse)}
+VARIANTS = {m.NAME: m for m in (full, hierarchical, linear, linformer, lsh, performer, sparse)}
 
 __all__ = ["VARIANTS", "Case", "full", "linear", "lsh", "performer"]
