@@ -10,6 +10,8 @@ A layer keeps parameters and gradients, never activations::
 * :mod:`.attention` — MultiHeadAttention over any ``tinyeff.attention.VARIANTS`` entry
 * :mod:`.positions` — learned/sinusoidal positions, relative biases (clipped, T5), ALiBi, RoPE
 * :mod:`.blocks` — TransformerBlock (pre-LN), ReversibleBlock, Transformer
+* :mod:`.hierarchical` — HierarchicalEncoder (local attention, segment pooling, global
+  attention over summaries, up-sampling), HierarchicalTransformer, SegmentPool
 * :mod:`.losses`, :mod:`.optim`, :mod:`.checkpoint` — cross-entropy, AdamW, clipping,
   warm-up + cosine schedule, .npz checkpoints
 
@@ -26,6 +28,7 @@ from .blocks import (
     attention_branch,
     ffn_branch,
 )
+from .hierarchical import HierarchicalEncoder, HierarchicalTransformer, SegmentPool
 from .layers import (
     GELU,
     Dropout,
@@ -56,5 +59,6 @@ __all__ = [
     "TransformerBlock", "ReversibleBlock", "Transformer", "attention_branch", "ffn_branch",
     "activation_nbytes", "LearnedPositions", "SinusoidalPositions", "RelativePositionBias",
     "ALiBi", "RoPE", "alibi_slopes", "t5_bucket", "cross_entropy", "cross_entropy_backward",
-    "AdamW", "clip_grad_norm", "warmup_cosine", "checkpoint",
+    "AdamW", "clip_grad_norm", "warmup_cosine", "checkpoint", "HierarchicalEncoder",
+    "HierarchicalTransformer", "SegmentPool",
 ]
