@@ -61,9 +61,10 @@ Registry
 tool loop over it with no special cases.
 """
 
-from . import full, hierarchical, linear, linformer, lsh, performer, sparse
+from . import full, hierarchical, linear, linformer, local, lsh, performer, sparse, window
 from ._case import Case
 
-VARIANTS = {m.NAME: m for m in (full, hierarchical, linear, linformer, lsh, performer, sparse)}
+VARIANTS = {m.NAME: m for m in (full, hierarchical, linear, linformer, local, lsh, performer,
+                                 sparse, window)}
 
 __all__ = ["VARIANTS", "Case", "full", "linear", "lsh", "performer"]
