@@ -18,11 +18,10 @@ fewer keys.  The result equals ``full`` with the boolean mask [σ(i) − b ≤ �
 Cost: O(⌈N/k⌉ · k · (b + 1 + f)k · D) time, i.e. O(N·(b + 1 + f)·k·D); O(N) saved state (the
 log-sum-exp; the backward recomputes the probabilities segment by segment).
 
-Reference: the design document's §3.1; the same "local attention with look-around" as
-lucidrains/local-attention (``look_backward``, ``look_forward``, ``window_size`` = k), which
-pads the sequence to a multiple of the window and masks the padding — identical results on
-the real positions when its ``exact_windowsize=False``.  Its ``autopad`` and ``causal``
-alignment match tinyeff's top-left alignment for N = M.
+Reference: the design document's §3.1; the segment-with-look-around scheme of
+lucidrains/local-attention (``window_size`` = k, ``look_backward``, ``look_forward``), whose
+out-of-range look-around buckets are masked like tinyeff's absent segments.  Differences and
+how to reproduce it: docs/semantics/local.md.
 
 Shapes: q (..., N, D), k (..., M, D), v (..., M, Dv); leading dimensions are batch
 dimensions.  N != M is allowed: queries and keys are cut at the same positions
