@@ -399,9 +399,9 @@ class _BandPlan:
         self.n, self.m, self.bh, self.d = n, m, bh, d
         self.ln, self.lm = -(-n // d), -(-m // d)
         key_ok = _key_ok(key_padding_mask, batch, m).reshape(bh, m) & ~is_gcol  # (BH, M)
-        self.key_ok = _classes(key_ok[..., None], d, m)[..., 0]    # (BH·d, Lm)
+        self.key_ok = self._plane(_classes(key_ok[..., None], d, m))  # (BH·d, Lm)
         row_ok = np.broadcast_to(~is_grow, (bh, n))                # (BH, N)
-        self.row_ok = _classes(row_ok[..., None], d, n)[..., 0]    # (BH·d, Ln)
+        self.row_ok = self._plane(_classes(row_ok[..., None], d, n))  # (BH·d, Ln)
         i = np.arange(self.ln)                                     # class coordinates
         self.lo = np.maximum(i - w, 0).astype(np.int64)            # (Ln,)
         hi = np.minimum(i + w + 1, self.lm)
@@ -422,6 +422,10 @@ class _BandPlan:
             b = _rel_bias_at(rel_bias, batch, m, slot).reshape(bh, self.n_off)
             self.bias = np.ascontiguousarray(np.repeat(b, d, axis=0))  # (BH·d, S)
         self.slot_offsets = (np.arange(self.n_off) + self.off_min) * d
+
+    @staticmethod
+    def _plane(x):  # (B', L, 1) -> contiguous (B', L): one kernel specialization (C layout)
+        return np.ascontiguousarray(x[..., 0])
 
     def rows(self, x):  # (..., N, C) -> (BH·d, Ln, C)
         return _classes(np.ascontiguousarray(x).reshape(self.bh, self.n, -1), self.d, self.n)
@@ -479,8 +483,9 @@ def _backward_numba(dout, ctx: WindowCtx) -> dict:
     nt = plan.tile_jlo.shape[0]
     dbias_part = np.zeros((qc.shape[0], nt, plan.n_off if plan.has_bias else 1), dtype=dt)
     with kernels.blas_single_thread():
-        kernels.attend_band_bwd(dqc, dkc, dvc, dbias_part, doc, plan.rows(delta[..., None])[..., 0],
-                                plan.rows(lse[..., None])[..., 0], qc, kc, vc, plan.tile_start,
+        kernels.attend_band_bwd(dqc, dkc, dvc, dbias_part, doc,
+                                plan._plane(plan.rows(delta[..., None])),
+                                plan._plane(plan.rows(lse[..., None])), qc, kc, vc, plan.tile_start,
                                 plan.tile_jlo, plan.tile_jhi, plan.n_phases, plan.lo, plan.hi,
                                 plan.row_ok, plan.key_ok, plan.bias, plan.has_bias,
                                 plan.off_min, dt.type(scale))
