@@ -98,6 +98,7 @@ SUPPORTS_REL_BIAS = False
 KEY_PADDING = "key_padding_mask"
 DIFFERENTIABLE = ("q", "v")
 RANDOM_OPTIONS = ("rotations",)
+REPLAY = {"buckets": "buckets"}   # option -> ctx field: reuse the forward's hashing
 IMPLS = ("auto", "ref", "numba")
 
 SELF_PENALTY = -1e5

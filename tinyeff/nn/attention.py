@@ -242,6 +242,10 @@ class MultiHeadAttention(Layer):
 
         self._fixed_random = {n for n in getattr(mod, "RANDOM_OPTIONS", ()) if n in options}
         self.redraw(rng)
+        # the variant's non-differentiable choices (REPLAY, e.g. LSH buckets): those of the
+        # last forward, and those the next forward must reuse (set by reversible blocks)
+        self.last_replay: dict = {}
+        self.replay_next: dict | None = None
 
     def redraw(self, rng: np.random.Generator) -> None:
         """Draw the variant's random options (those not passed explicitly) into ``buffers``."""
@@ -326,7 +330,12 @@ class MultiHeadAttention(Layer):
             opts["rel_bias"], crel = self.positions.forward(n_pad, n_pad)  # (H, 2N_pad − 1)
         if self.variant_params is not None:
             opts.update(self.variant_params.params)
+        if self.replay_next is not None:
+            opts.update(self.replay_next)                          # recompute: same choices
+            self.replay_next = None
         o, cattn = mod.forward(q, k, v, **opts)                    # (B, H, N_pad, Dh)
+        self.last_replay = {opt: getattr(cattn, field)
+                            for opt, field in getattr(mod, "REPLAY", {}).items()}
         o = o[:, :, :n]                                            # (B, H, N, Dh)
         y, co = self.o_proj.forward(self._merge(o))                # (B, N, d)
         y, cd = self.drop.forward(y)                               # (B, N, d)

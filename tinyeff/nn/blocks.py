@@ -19,10 +19,10 @@ Reversible block (Gomez et al. 2017; Reformer, Kitaev et al. 2020; PEERS.md §4.
   state of its dropout layers before the forward and restores it before recomputing
   (HF/lucidrains record RNG states the same way); after the backward every dropout
   Generator is put back where the forward left it, so the next step draws fresh masks.
-  Limitation: the recomputation calls the attention variant again on inputs reconstructed
-  up to round-off; a variant with discrete choices (LSH buckets) re-derives them, and a
-  hash tie could in principle fall differently than in the forward (the contract has no
-  generic way to replay a variant's non-differentiable choices).
+  The discrete choices of the attention variant are replayed too: after each block's
+  forward the model records the variant's ``REPLAY`` choices (LSH ``buckets``, read from
+  its ctx) and passes them back as options when it recomputes, so the recomputation does
+  not re-hash inputs that were reconstructed only up to round-off.
 
 The model (``Transformer``):
 
@@ -70,6 +70,16 @@ def _dropouts(*layers: Layer) -> list[Dropout]:
     for layer in layers:
         for _, sub in layer.named_layers():
             if isinstance(sub, Dropout):
+                found[id(sub)] = sub
+    return list(found.values())
+
+
+def _replayable(*layers: Layer) -> list:
+    """The attention layers (anything with ``last_replay``) inside ``layers``, each once."""
+    found = {}
+    for layer in layers:
+        for _, sub in layer.named_layers():
+            if hasattr(sub, "last_replay"):
                 found[id(sub)] = sub
     return list(found.values())
 
@@ -158,6 +168,10 @@ class ReversibleBlock(Layer):
     def dropout_state(self) -> list:
         return [(d, d.get_state()) for d in _dropouts(self.attn, self.ffn)]
 
+    def replay_state(self) -> list:
+        """[(attention layer, its last forward's REPLAY choices)], e.g. LSH buckets."""
+        return [(a, a.last_replay) for a in _replayable(self.attn) if a.last_replay]
+
     def forward(self, x, key_padding=None):
         x1, x2 = x
         f, ca = self.attn.forward(x2, key_padding=key_padding)     # (B, N, d)
@@ -174,11 +188,18 @@ class ReversibleBlock(Layer):
         dx2 = dy2 + self.attn.backward(dy1, ctx.attn)              # (B, N, d)
         return dy1, dx2
 
-    def backward_reconstruct(self, y, dy, key_padding=None, dropout_state=()):
-        """From outputs and their gradients to ``((x1, x2), (dx1, dx2))`` by recomputation."""
+    def backward_reconstruct(self, y, dy, key_padding=None, dropout_state=(), replay_state=()):
+        """From outputs and their gradients to ``((x1, x2), (dx1, dx2))`` by recomputation.
+
+        ``dropout_state`` and ``replay_state`` (from :meth:`dropout_state` before and
+        :meth:`replay_state` after the forward) make the recomputation take the forward's
+        dropout masks and discrete attention choices (LSH buckets), not fresh ones.
+        """
         (y1, y2), (dy1, dy2) = y, dy
         for layer, state in dropout_state:
             layer.set_state(state)                                 # replay the forward's masks
+        for layer, choices in replay_state:
+            layer.replay_next = choices                            # replay e.g. LSH buckets
         # fwd: y2 = x2 + G(y1)  ->  recompute G(y1), backprop dy2
         g, dg = self.ffn.vjp(y1, dy2)                              # (B, N, d) each
         x2 = y2 - g                                                # (B, N, d)
@@ -202,6 +223,7 @@ class TransformerCtx(Ctx):
     y: tuple                      # reversible: final (y1, y2); else ()
     dropout_states: tuple         # reversible: per block [(Dropout, state)] before its forward
     dropout_end: tuple            # reversible: [(Dropout, state)] after the whole forward
+    replays: tuple                # reversible: per block [(attention, REPLAY choices)]
     key_padding: np.ndarray | None
     norm: object
     pool: np.ndarray | None       # classify: (B, N) pooling weights
@@ -374,7 +396,7 @@ class Transformer(Layer):
         cp = None
         if self.pos is not None:
             x, cp = self.pos.forward(x)                            # (B, N, d)
-        ctxs, states, y = [], [], ()
+        ctxs, states, replays, y = [], [], [], ()
         if not self.reversible:
             for block in self.blocks:
                 x, c = block.forward(x, key_padding=key_padding)   # (B, N, d)
@@ -385,6 +407,7 @@ class Transformer(Layer):
             for block in self.blocks:
                 states.append(block.dropout_state())
                 pair, c = block.forward(pair, key_padding=key_padding)
+                replays.append(block.replay_state())               # e.g. LSH buckets
                 if not self.recompute:
                     ctxs.append(c)                                 # else dropped right here
             y = pair
@@ -400,6 +423,7 @@ class Transformer(Layer):
         logits, chead = self.head.forward(h)                       # (B, N, V) or (B, C)
         return logits, TransformerCtx(embed=ce, pos=cp, blocks=tuple(ctxs), y=y,
                                       dropout_states=tuple(states), dropout_end=dropout_end,
+                                      replays=tuple(replays),
                                       key_padding=key_padding, norm=cn, pool=pool, head=chead)
 
     def backward(self, dlogits, ctx: TransformerCtx):
@@ -418,8 +442,10 @@ class Transformer(Layer):
             dpair = (0.5 * dx, 0.5 * dx)
             if self.recompute:
                 pair = ctx.y
-                for block, state in zip(reversed(self.blocks), reversed(ctx.dropout_states)):
-                    pair, dpair = block.backward_reconstruct(pair, dpair, kp, state)
+                for block, state, replay in zip(reversed(self.blocks),
+                                                reversed(ctx.dropout_states),
+                                                reversed(ctx.replays)):
+                    pair, dpair = block.backward_reconstruct(pair, dpair, kp, state, replay)
                 for layer, state in ctx.dropout_end:
                     layer.set_state(state)
             else:
