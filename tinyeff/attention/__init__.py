@@ -50,6 +50,10 @@ Capabilities are data, read by the layers and the tests instead of special-casin
 * ``RANDOM_OPTIONS`` (optional, default ()): names of random, non-differentiable options
   (Performer ``features``, LSH ``rotations``), drawn by
   ``draw_random_options(rng, d, dtype, **options) -> dict`` from a seeded Generator.
+* ``REPLAY`` (optional, default {}): ``{option name: ctx field}`` for non-differentiable
+  choices a forward makes (LSH ``buckets``) that a recomputation must reuse: passing
+  ``option=getattr(ctx, field)`` to a later forward on the same inputs skips the choice.
+  Reversible blocks replay them when they recompute a forward in the backward.
 * ``example_cases(rng, dtype) -> list[Case]``: small valid calls covering the options,
   used by the contract tests and the golden-vector writer.
 * ``gradcheck_invariant(ctx)`` (optional): the non-differentiable choices of a forward
