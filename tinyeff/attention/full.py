@@ -275,7 +275,7 @@ def _backward_blocked(dout, ctx: FullCtx, schedule: str = "auto") -> dict:
     dq = np.zeros((bh, n, d), dtype=dtype)                         # (BH, N, D)
     dk = np.zeros((bh, m, d), dtype=dtype)                         # (BH, M, D)
     dvv = np.zeros((bh, m, dv), dtype=dtype)                       # (BH, M, Dv)
-    drel = np.zeros((bh, n + m - 1), dtype=dtype)                  # (BH, N + M − 1)
+    drel = np.zeros((bh, max(n + m - 1, 0)), dtype=dtype)  # (BH, N + M − 1); N = M = 0: (BH, 0)
     if bh and n and m:
         q3, k3, v3, dout3 = _heads(q, bh), _heads(k, bh), _heads(v, bh), _heads(dout, bh)
         # δ_i = Σ_c dout_ic · out_ic  (= Σ_j P_ij dP_ij, the softmax backward's row term)
