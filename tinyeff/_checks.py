@@ -36,6 +36,10 @@ def float_array(x, name: str, *, min_ndim: int = 0, dtype: np.dtype | None = Non
             f"{name} has dtype {x.dtype} but the inputs are {np.dtype(dtype)}; "
             "no silent casting: convert it explicitly"
         )
+    if x.ndim == 0 and min_ndim > 0:
+        # a 0-d array is a scalar, the wrong *kind* of argument (like a Python float)
+        raise TypeError(f"{name} must be an array of rank >= {min_ndim}, got a 0-d array "
+                        f"(a scalar) {x!r}")
     if x.ndim < min_ndim:
         raise ValueError(
             f"{name} must have at least {min_ndim} dimensions, got shape {x.shape}"
@@ -69,6 +73,10 @@ def qkv(q, k, v):
         raise ValueError(
             f"k and v must have the same number of keys M, got k {k.shape}, v {v.shape}"
         )
+    if q.shape[-1] == 0:
+        # D = 0: every score would be 0 and 1/sqrt(D) undefined (docs/robustness.md)
+        raise ValueError(f"q and k must have a head dimension D >= 1, got q {q.shape}, "
+                         f"k {k.shape}")
     return q.shape[:-2], q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1], q.dtype
 
 
@@ -210,7 +218,7 @@ def rel_bias(value, batch_shape: tuple, n: int, m: int, dtype, name: str = "rel_
 
 def dout(value, shape: tuple, dtype, name: str = "dout") -> np.ndarray:
     """The upstream gradient must have exactly the output's shape and dtype."""
-    float_array(value, name, dtype=dtype)
+    float_array(value, name, min_ndim=min(1, len(shape)), dtype=dtype)  # 0-d: TypeError
     if value.shape != tuple(shape):
         raise ValueError(f"{name} must have the output's shape {tuple(shape)}, "
                          f"got {value.shape}")
