@@ -185,6 +185,14 @@ def forward(q, k, v, *, block, levels=None, neighbours=True, causal=False,
     key_padding_mask = _checks.key_padding_mask(key_padding_mask, batch, n,
                                                 name="key_padding_mask")
     scale = _checks.scale(scale, d)
+    if q.size == 0 or v.size == 0:
+        # B, N or Dv = 0: nothing to compute (the chunked path's reshapes cannot infer a
+        # length from an empty array); zeros, every row empty (docs/robustness.md)
+        out = np.zeros((*batch, n, dv), dtype=dtype)               # (..., N, Dv)
+        lse = np.full((*batch, n), -np.inf, dtype=dtype)           # (..., N)
+        return out, HierarchicalCtx(q=q, k=k, v=v, out=out, lse=lse,
+                                    key_padding_mask=key_padding_mask, block=block, levels=L,
+                                    neighbours=neighbours, causal=causal, scale=scale)
     return _forward_ref(q, k, v, key_padding_mask, block, L, neighbours, causal, scale)
 
 
@@ -194,6 +202,8 @@ def backward(dout, ctx: HierarchicalCtx) -> dict:
         raise TypeError(f"ctx must be the HierarchicalCtx returned by hierarchical.forward, "
                         f"got {type(ctx).__name__}")
     dout = _checks.dout(dout, ctx.out.shape, ctx.q.dtype)
+    if dout.size == 0:                 # B, N or Dv = 0: the output is empty, so is every path
+        return {"q": np.zeros_like(ctx.q), "k": np.zeros_like(ctx.k), "v": np.zeros_like(ctx.v)}
     return _backward_ref(dout, ctx)
 
 
