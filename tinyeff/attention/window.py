@@ -121,7 +121,12 @@ def forward(q, k, v, *, window, dilation=1, global_indices=None, causal=False,
         impl = "ref" if 0 in (n, m, d, dv) or q.size == 0 else "numba"
     opts = dict(window=window, dilation=dilation, global_indices=gidx, causal=causal,
                 key_padding_mask=key_padding_mask, rel_bias=rel_bias, scale=scale)
-    if impl == "numba":
+    if q.size == 0 or v.size == 0:
+        # B, N, M or Dv = 0: zeros, every row empty (docs/robustness.md); neither path can
+        # take it (the reference indexes key 0, the kernel plan reshapes with -1)
+        out = np.zeros(q.shape[:-1] + v.shape[-1:], dtype=dtype)   # (..., N, Dv)
+        lse = np.full(q.shape[:-1], -np.inf, dtype=dtype)          # (..., N)
+    elif impl == "numba":
         out, lse = _forward_numba(q, k, v, **opts)
     else:
         out, lse = _forward_ref(q, k, v, **opts)
@@ -136,6 +141,12 @@ def backward(dout, ctx: WindowCtx, *, impl=None) -> dict:
                         f"{type(ctx).__name__}")
     dout = _checks.dout(dout, ctx.q.shape[:-1] + ctx.v.shape[-1:], ctx.q.dtype)
     impl = ctx.impl if impl is None else _checks.choice(impl, "impl", IMPLS)
+    if ctx.q.size == 0 or ctx.v.size == 0:
+        # empty problem (B, N, M or Dv = 0): the output is constant, every gradient is 0
+        grads = {"q": np.zeros_like(ctx.q), "k": np.zeros_like(ctx.k), "v": np.zeros_like(ctx.v)}
+        if ctx.rel_bias is not None:
+            grads["rel_bias"] = np.zeros_like(ctx.rel_bias)
+        return grads
     if impl == "auto":
         impl = "ref" if ctx.q.size == 0 or ctx.k.size == 0 or dout.size == 0 else "numba"
     if impl == "numba":
