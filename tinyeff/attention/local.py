@@ -105,7 +105,13 @@ def forward(q, k, v, *, block, look_backward=1, look_forward=0, causal=False,
                 causal=causal, key_padding_mask=key_padding_mask, rel_bias=rel_bias,
                 scale=scale)
     run = _forward_numba if impl == "numba" else _forward_ref
-    out, lse = run(q, k, v, **opts)
+    if q.size == 0 or v.size == 0:
+        # B, N, M or Dv = 0: zeros, every row empty (docs/robustness.md); neither path can
+        # take it (the reference indexes key 0, the kernel plan reshapes with -1)
+        out = np.zeros(q.shape[:-1] + v.shape[-1:], dtype=dtype)   # (..., N, Dv)
+        lse = np.full(q.shape[:-1], -np.inf, dtype=dtype)          # (..., N)
+    else:
+        out, lse = run(q, k, v, **opts)
     return out, LocalCtx(q=q, k=k, v=v, out=out, lse=lse, impl=impl, **opts)
 
 
@@ -116,6 +122,12 @@ def backward(dout, ctx: LocalCtx, *, impl=None) -> dict:
                         f"{type(ctx).__name__}")
     dout = _checks.dout(dout, ctx.q.shape[:-1] + ctx.v.shape[-1:], ctx.q.dtype)
     impl = ctx.impl if impl is None else _checks.choice(impl, "impl", IMPLS)
+    if ctx.q.size == 0 or ctx.v.size == 0:
+        # empty problem (B, N, M or Dv = 0): the output is constant, every gradient is 0
+        grads = {"q": np.zeros_like(ctx.q), "k": np.zeros_like(ctx.k), "v": np.zeros_like(ctx.v)}
+        if ctx.rel_bias is not None:
+            grads["rel_bias"] = np.zeros_like(ctx.rel_bias)
+        return grads
     if impl == "auto":
         impl = "ref" if ctx.q.size == 0 or ctx.k.size == 0 or dout.size == 0 else "numba"
     if impl == "numba":
