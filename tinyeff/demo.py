@@ -51,8 +51,9 @@ Long-range runs (each variant sees sequences of 512–4096 tokens; the sweep is 
         --variants window,local,lsh,linear,performer,linformer,hierarchical
 
 Each variant's own options come from :data:`DEFAULTS`: the sparse patterns give a query
-about 64 keys from N = 256 on (window w = 64, local blocks of 64, BigBird 2·24 + 1 window
-+ 8 global + 24 random keys, LSH chunks of 32 with look-back, 2 rounds; N/4 on shorter
+about 64 keys from N = 256 on (window w = 64, local blocks of 64 with one block of
+look-back, and one of look-ahead on the bidirectional tasks, BigBird 2·24 + 1 window + 8
+global + 24 random keys, LSH chunks of 32 with look-back, 2 rounds; N/4 on shorter
 sequences), Performer m = 64 features, Linformer rank k = 64, hierarchical blocks of 16.
 Override any with ``--opt VARIANT.KEY=VALUE`` (repeatable; VALUE is a Python literal),
 e.g. ``--opt window.window=32 --opt performer.m=128 --opt full.impl=ref``.  For ``sparse``
@@ -122,6 +123,7 @@ def _span(n: int, cap: int = 64) -> int:
 #: Each variant's options at sequence length n (functions, since some depend on n).  The
 #: sparse patterns give a query about 64 keys from N = 256 on (N/4 below that, so that
 #: they stay sparser than ``full`` on short sequences); causal halves the symmetric ones.
+#: (Bidirectional tasks also set local's look_forward = 1: see :func:`variant_options`.)
 DEFAULTS = {
     "full":         lambda n: {"impl": "blocked"},
     "window":       lambda n: {"window": _span(n)},
@@ -142,14 +144,18 @@ BUILDERS = {"sparse": _sparse_options}
 MODEL_OPTIONS = ("pad_to_multiple",)
 
 
-def variant_options(name: str, n: int, overrides: dict | None = None) -> tuple[dict, dict]:
+def variant_options(name: str, n: int, overrides: dict | None = None, *,
+                    causal: bool = True) -> tuple[dict, dict]:
     """``(attention options, model options)`` of variant ``name`` at sequence length n.
 
     LSH needs N to be a multiple of ``chunk_len``: when it is not, the model pads inside
     attention (``pad_to_multiple=chunk_len``); its ``n_buckets`` defaults to trax's rule
-    2·⌈N/chunk_len⌉.
+    2·⌈N/chunk_len⌉.  For a bidirectional model (``causal=False``) local attention also
+    looks one block forward, so that it is symmetric like the window.
     """
     opts = dict(DEFAULTS.get(name, lambda n: {})(n))
+    if name == "local" and not causal:
+        opts["look_forward"] = 1
     opts.update(overrides or {})
     model = {k: opts.pop(k) for k in MODEL_OPTIONS if k in opts}
     if name in BUILDERS:
@@ -180,7 +186,7 @@ def _printable(options: dict) -> dict:
 #: Per-task defaults; ``--quick`` replaces them with the "quick" column.
 SIZES = {
     "charlm":  dict(seq_len=256, steps=300, batch=8, d_model=64, heads=4, layers=2, lr=3e-3,
-                    eval_every=30, eval_batches=4, sweep="256,512,1024,2048"),
+                    eval_every=50, eval_batches=8, sweep="256,512,1024,2048"),
     "listops": dict(seq_len=512, steps=300, batch=8, d_model=64, heads=4, layers=2, lr=1e-3,
                     eval_every=30, eval_batches=8, sweep="512,1024,2048"),
     "recall":  dict(seq_len=512, steps=300, batch=8, d_model=64, heads=4, layers=2, lr=1e-3,
@@ -283,7 +289,7 @@ def _wants_padding(model) -> bool:
 
 def build_model(name: str, data, cfg: dict, n: int, overrides: dict):
     from .nn import Transformer
-    opts, model_opts = variant_options(name, n, overrides)
+    opts, model_opts = variant_options(name, n, overrides, causal=data.kind == "lm")
     model = Transformer(data.vocab_size, cfg["d_model"], cfg["heads"], cfg["layers"],
                         max_len=n, attention=name, attention_options=opts,
                         positions="learned", task=data.kind, n_classes=data.n_classes,
@@ -397,7 +403,8 @@ def table_rows(records: list, kind: str) -> list[list[str]]:
             rows.append([r["variant"]] + [""] * (len(_COLUMNS) - 2) + [r["status"]])
             continue
         rows.append([
-            r["variant"], f"{r['params']:,}", f"{r['val_loss']:.3f}",
+            r["variant"] + ("" if r["status"] == "ok" else f" ({r['status']})"),
+            f"{r['params']:,}", f"{r['val_loss']:.3f}",
             f"{r['bits_per_char']:.3f}" if kind == "lm" else "-",
             f"{100 * r['val_acc']:.1f}%", f"{r['ms_per_step']:.0f}",
             f"{r['tokens_per_s']:,.0f}", f"{r['peak_bytes'] / 2**20:.1f}"
@@ -432,7 +439,13 @@ def machine_info() -> dict:
             "python": platform.python_version(), "numpy": np.__version__,
             "numba": numba.__version__, "platform": platform.platform(),
             "date": datetime.datetime.now().isoformat(timespec="seconds"),
-            "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
+            "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+            "env": {k: os.environ[k] for k in THREAD_ENV if k in os.environ}}
+
+
+#: Environment variables that set thread counts; the header and results.json show them.
+THREAD_ENV = ("NUMBA_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS",
+              "MKL_NUM_THREADS")
 
 
 def write_outputs(out: str, result: dict) -> list[str]:
@@ -675,12 +688,27 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# {title}")
     print(f"# data: {data.source}")
     print(f"# machine: {machine['cpu']}, {machine['cores']} cores, Numba threads "
-          f"{machine['numba_threads']}, {machine['date']}, load {machine['load_average']}")
+          f"{machine['numba_threads']}, {machine['date']}, load {machine['load_average']}"
+          + "".join(f", {k}={v}" for k, v in machine["env"].items()))
     if data.kind == "classify":
         print(f"# validation majority-class accuracy: {100 * data.majority:.1f}%")
     sys.stdout.flush()
 
-    runs = []
+    command = "python -m tinyeff demo" + "".join(f" {a}" for a in (argv if argv is not None
+                                                                   else sys.argv[1:]))
+    notes = ["val loss: mean cross-entropy (nats) on the fixed validation set after the last "
+             "step" + ("; bits/char = val loss / ln 2; acc = next-byte accuracy"
+                       if data.kind == "lm" else "; acc = classification accuracy "
+                       f"(majority class {100 * data.majority:.1f}%)"),
+             "ms/step: median wall time of a training step (forward, backward, AdamW); "
+             "tokens/s = batch·N / step time; warm-up s = step 0 (Numba compile or cache "
+             "load)",
+             "peak MiB: tracemalloc peak of one training step above the memory held before "
+             "it (NumPy arrays; parameters and optimizer state not counted)"]
+    runs, sweep = [], []
+    result = {"command": command, "title": title, "machine": machine, "task": task,
+              "data": data.source, "config": cfg, "complete": False, "total_s": None,
+              "runs": runs, "sweep": sweep, "notes": notes}
     for name in names:
         mod = VARIANTS[name]
         if data.kind == "lm" and not mod.SUPPORTS_CAUSAL:
@@ -691,13 +719,17 @@ def main(argv: list[str] | None = None) -> int:
         try:
             record = train_one(name, data, cfg, overrides.get(name, {}),
                                progress=not args.no_progress)
+            print(f"{name:<13}val loss {record['val_loss']:.3f}"
+                  + (f" ({record['bits_per_char']:.3f} bits/char)" if data.kind == "lm"
+                     else f", accuracy {100 * record['val_acc']:.1f}%")
+                  + f", {record['ms_per_step']:.0f} ms/step, {record['status']}")
         except (TypeError, ValueError) as e:
             record = {"variant": name, "status": f"failed: {type(e).__name__}: {e}"}
             print(f"{name:<13}{record['status']}", file=sys.stderr)
         runs.append(record)
         sys.stdout.flush()
+        write_outputs(args.out, result)       # partial results survive an interrupted run
 
-    sweep = []
     if sweep_ns:
         ok = [r["variant"] for r in runs if "val_loss" in r]
         bar = Progress(len(ok) * len(sweep_ns), "sweep", enabled=not args.no_progress)
@@ -713,21 +745,10 @@ def main(argv: list[str] | None = None) -> int:
         bar.close()
 
     total = time.perf_counter() - t_start
-    command = "python -m tinyeff demo" + "".join(f" {a}" for a in (argv if argv is not None
-                                                                   else sys.argv[1:]))
     print()
     print(f"## {title}")
     print(format_table(runs, data.kind))
     print()
-    notes = ["val loss: mean cross-entropy (nats) on the fixed validation set after the last "
-             "step" + ("; bits/char = val loss / ln 2; acc = next-byte accuracy"
-                       if data.kind == "lm" else "; acc = classification accuracy "
-                       f"(majority class {100 * data.majority:.1f}%)"),
-             "ms/step: median wall time of a training step (forward, backward, AdamW); "
-             "tokens/s = batch·N / step time; warm-up s = step 0 (Numba compile or cache "
-             "load)",
-             "peak MiB: tracemalloc peak of one training step above the memory held before "
-             "it (NumPy arrays; parameters and optimizer state not counted)"]
     for note in notes:
         print(f"- {note}")
     print("- options: " + "; ".join(f"{r['variant']} {r['options']}" for r in runs
@@ -745,9 +766,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:<13}" + "".join(f"{c:>18}" for c in cells))
     print(f"\ntotal time {total:.0f} s ({machine['cores']} cores, {machine['date'][:10]})")
 
-    result = {"command": command, "title": title, "machine": machine, "task": task,
-              "data": data.source, "config": cfg, "total_s": total, "runs": runs,
-              "sweep": sweep, "notes": notes}
+    result.update(complete=True, total_s=total)
     written = write_outputs(args.out, result)
     try:
         written += plot(args.out, result)
