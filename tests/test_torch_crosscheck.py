@@ -19,6 +19,7 @@ register it in ``TORCH_REFS``; then update the list in SEMANTICS.md.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -26,7 +27,6 @@ import pytest
 import scipy.sparse as sp
 
 from tinyeff.attention import VARIANTS
-from tinyeff.testing import reference_backend
 from tinyeff.testing.conformance import OK, compare
 from tinyeff.testing.golden import make_cases
 from tinyeff.testing.tolerances import PARITY
@@ -254,6 +254,87 @@ def torch_window(x, options):
     return torch_full(x, {**rest, "mask": mask})
 
 
+def torch_local(x, options):
+    """`local`: `full` with the segment mask σ(i) − b ≤ σ(j) ≤ σ(i) + f, σ(p) = ⌊p / block⌋
+    (queries and keys cut at the same positions; absent segments simply have no keys)."""
+    n, m = x["q"].shape[-2], x["k"].shape[-2]
+    blk = options["block"]
+    back, fwd = options.get("look_backward", 1), options.get("look_forward", 0)
+    seg_q, seg_k = np.arange(n)[:, None] // blk, np.arange(m)[None, :] // blk
+    mask = (seg_k >= seg_q - back) & (seg_k <= seg_q + fwd)        # (N, M)
+    rest = {key: options[key] for key in ("causal", "key_padding_mask", "scale")
+            if key in options}
+    return torch_full(x, {**rest, "mask": mask})
+
+
+def hierarchical_entries(n, options):
+    """The partition P(i) of docs/semantics/hierarchical.md, by brute force over its
+    definition (near fields NF_ℓ(i), not the segment table).
+
+    Returns ``spans``: list of (level, t, lo, hi) for every level-ℓ token (ℓ = 0 … L),
+    ``member (N, T)``: token t is in P(i).  L = L_full = min{L : b·2^L·(1 + w) >= N}, or the
+    given ``levels`` clipped to it."""
+    b = options["block"]
+    w = 1 if options.get("neighbours", True) else 0
+    L = 0
+    while b * 2 ** L * (1 + w) < n:
+        L += 1
+    if options.get("levels") is not None:
+        L = min(L, options["levels"])
+
+    def near_field(i, level):
+        size = b * 2 ** level
+        beta = i // size
+        lo, hi = max(0, (beta - w) * size), min(n, (beta + w + 1) * size)
+        return set(range(lo, hi))
+
+    spans = [(lvl, t, t * 2 ** lvl, min(n, (t + 1) * 2 ** lvl))
+             for lvl in range(L + 1) for t in range(-(-n // 2 ** lvl))]
+    member = np.zeros((n, len(spans)), dtype=bool)
+    for i in range(n):
+        nf = [near_field(i, lvl) for lvl in range(L + 1)]
+        covered = set()
+        for e, (lvl, _, lo, hi) in enumerate(spans):
+            span = set(range(lo, hi))
+            inner = nf[lvl - 1] if lvl > 0 else set()
+            if span <= nf[lvl] and not span & inner:
+                member[i, e] = True
+                assert not span & covered, "spans of P(i) must be disjoint"
+                covered |= span
+        assert covered == nf[L], "P(i) must cover NF_L(i)"
+    return spans, member
+
+
+def torch_hierarchical(x, options):
+    """`hierarchical`: ONE softmax over P(i); coarse key/value = mean of the real keys of a
+    span, logit q_i·k̄·scale + log n (n = real keys in the span); spans with n = 0 and
+    (causal) spans in the future are excluded (a span is never cut by the causal line)."""
+    q, k, v = x["q"], x["k"], x["v"]
+    n, d = q.shape[-2], q.shape[-1]
+    spans, member = hierarchical_entries(n, options)
+    kpm = options.get("key_padding_mask")
+    real = np.ones((1, n)) if kpm is None else np.asarray(kpm, dtype=np.float64)  # (..., N)
+    weight = np.zeros(real.shape[:-1] + (len(spans), n))           # (..., T, N)
+    for e, (_, _, lo, hi) in enumerate(spans):
+        weight[..., e, lo:hi] = real[..., lo:hi]
+    count = weight.sum(-1)                                         # (..., T): n_t
+    weight = weight / np.maximum(count, 1)[..., None]
+    kbar = torch.from_numpy(weight) @ k                            # (..., T, D)
+    vbar = torch.from_numpy(weight) @ v                            # (..., T, Dv)
+    scale = options.get("scale")
+    scale = 1 / math.sqrt(d) if scale is None else scale
+    log_n = torch.from_numpy(np.log(np.maximum(count, 1)))[..., None, :]   # (..., 1, T)
+    s = q @ kbar.transpose(-1, -2) * scale + log_n                 # (..., N, T)
+    allowed = member & (count[..., None, :] > 0)                   # (..., N, T)
+    if options.get("causal", False):
+        last = np.array([hi - 1 for (_, _, _, hi) in spans])
+        first = np.array([lo for (_, _, lo, _) in spans])
+        pos = np.arange(n)[:, None]
+        assert not np.any(member & (first <= pos) & (pos < last)), "a span straddles i"
+        allowed = allowed & (last[None, :] <= pos)
+    return safe_softmax(s, torch.from_numpy(np.asarray(allowed))) @ vbar
+
+
 TORCH_REFS = {
     "full": torch_full,
     "sparse": torch_sparse,
@@ -262,17 +343,44 @@ TORCH_REFS = {
     "performer": torch_performer,
     "linformer": torch_linformer,
     "lsh": torch_lsh,
+    "local": torch_local,
+    "hierarchical": torch_hierarchical,
 }
 
 CASES = [(v, c.name) for v in VARIANTS
          for c in VARIANTS[v].example_cases(np.random.default_rng(0))]
 
 
+@functools.cache
+def _golden_cases(variant):
+    return {case.name: case for case in make_cases(variant)}
+
+
 def _golden(variant, case_name):
-    for case in make_cases(variant):
-        if case.name == case_name:
-            return case
-    raise KeyError(case_name)
+    return _golden_cases(variant)[case_name]
+
+
+def impls_of(variant):
+    """Every explicit implementation of a variant (``auto`` only picks one of them);
+    ``(None,)`` for a variant with a single implementation."""
+    return tuple(i for i in getattr(VARIANTS[variant], "IMPLS", ()) if i != "auto") or (None,)
+
+
+def unsupported(variant, impl, case):
+    """Why an implementation cannot run a case (documented in SEMANTICS.md §5), or None."""
+    if variant == "full" and impl == "blocked":
+        dense = [name for name in ("mask", "bias") if name in case.options or name in case.args]
+        if dense:
+            return f"full impl='blocked' takes no dense {' or '.join(dense)}"
+    return None
+
+
+def run_tinyeff(variant, impl, case):
+    """forward with ``impl`` and its own hand-written backward (``ctx.impl``)."""
+    mod = VARIANTS[variant]
+    extra = {} if impl is None else {"impl": impl}
+    out, ctx = mod.forward(**case.args, **case.options, **extra)
+    return out, mod.backward(case.dout, ctx)
 
 
 def _run_torch(fn, case):
@@ -289,19 +397,62 @@ def _assert_agree(actual, desired, label):
 
 @pytest.mark.parametrize("variant,case_name", CASES)
 def test_autograd_agrees_with_tinyeff(variant, case_name):
+    """torch autograd of the transcription == tinyeff's golden values (float64 reference)
+    and == every implementation's forward and hand-written backward (``impl`` = ref,
+    numba, blocked, ...), output and every gradient, to PARITY[float64]."""
     if variant not in TORCH_REFS:
         pytest.skip(f"no PyTorch transcription of {variant} yet (listed in SEMANTICS.md)")
     case = _golden(variant, case_name)
     out_t, grads_t = _run_torch(TORCH_REFS[variant], case)
     # the float64 reference (what the golden files hold)
-    _assert_agree(out_t, case.out, "out (reference)")
+    _assert_agree(out_t, case.out, "out (golden)")
     for name in case.grads:
-        _assert_agree(grads_t[name], case.grads[name], f"grad {name} (reference)")
-    # the default implementation (Numba kernels where the variant has them)
-    out, grads = reference_backend(variant, case.args, case.options, case.dout)
-    _assert_agree(out_t, out, "out (default impl)")
-    for name in case.grads:
-        _assert_agree(grads_t[name], grads[name], f"grad {name} (default impl)")
+        _assert_agree(grads_t[name], case.grads[name], f"grad {name} (golden)")
+    for impl in impls_of(variant):
+        if unsupported(variant, impl, case):
+            continue
+        out, grads = run_tinyeff(variant, impl, case)
+        _assert_agree(out_t, out, f"out (impl={impl})")
+        for name in case.grads:
+            _assert_agree(grads_t[name], grads[name], f"grad {name} (impl={impl})")
+
+
+def test_every_implementation_is_cross_checked():
+    """Each explicit impl of each variant meets at least one golden case it can run."""
+    for variant in TORCH_REFS:
+        if variant not in VARIANTS:
+            continue
+        for impl in impls_of(variant):
+            runnable = [c for c in _golden_cases(variant).values()
+                        if unsupported(variant, impl, c) is None]
+            assert runnable, f"{variant} impl={impl} is checked on no case"
+
+
+def worst_errors():
+    """{(variant, impl): (worst max rel, where)} over every case, output and gradient;
+    impl "golden" is the stored float64 reference values.  ``python
+    tests/test_torch_crosscheck.py`` prints it (the table in SEMANTICS.md §5)."""
+    worst = {}
+
+    def note(key, actual, desired, where):
+        rel = compare(actual, desired, TOL)[1]
+        if key not in worst or rel > worst[key][0]:
+            worst[key] = (rel, where)
+
+    for variant, case_name in CASES:
+        if variant not in TORCH_REFS:
+            continue
+        case = _golden(variant, case_name)
+        out_t, grads_t = _run_torch(TORCH_REFS[variant], case)
+        runs = {"golden": (case.out, case.grads)}
+        for impl in impls_of(variant):
+            if not unsupported(variant, impl, case):
+                runs[str(impl)] = run_tinyeff(variant, impl, case)
+        for impl, (out, grads) in runs.items():
+            note((variant, impl), out_t, out, f"{case_name} out")
+            for name in case.grads:
+                note((variant, impl), grads_t[name], grads[name], f"{case_name} grad {name}")
+    return worst
 
 
 # ----------------------------------------------------------------------------------------
@@ -355,3 +506,8 @@ def test_transcription_catches_a_wrong_backward(variant):
     for name in case.grads:
         with pytest.raises(AssertionError):
             _assert_agree(grads_t[name] * 1.001, case.grads[name], f"grad {name}")
+
+
+if __name__ == "__main__":
+    for (variant, impl), (rel, where) in sorted(worst_errors().items()):
+        print(f"{variant:<13} {impl:<8} {rel:.1e}  ({where})")
