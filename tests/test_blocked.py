@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from tinyeff.attention import full
-from tinyeff.kernels import blocked
+from tinyeff.kernels import _math
 from tinyeff.kernels._jit import num_threads
 from tinyeff.testing import GRAD_FD, assert_close, check_vjp, random_qkv
 
@@ -198,4 +198,4 @@ def test_fast_exp_is_within_two_ulp(dtype):
 @numba.njit(cache=True)
 def _vexp(out, x):
     for i in range(x.size):
-        out[i] = blocked.fast_exp(x[i])
+        out[i] = _math.fast_exp(x[i])

@@ -30,7 +30,7 @@ and summed over tiles by the caller in a fixed order.
 NOTE: ``np.dot`` inside Numba calls SciPy's OpenBLAS.  When OpenBLAS itself is
 multi-threaded, its threads fight the Numba threads (measured: 36 GF/s instead of 99 GF/s
 on 2 cores); the callers pin it to one thread with ``blas_single_thread`` and the exps use
-the vectorizable ``fast_exp`` (both from ``kernels/blocked.py``, ≤ 1 ulp float32, ≤ 2 ulp
+the vectorizable ``fast_exp`` (both from ``kernels/_math.py``, ≤ 1 ulp float32, ≤ 2 ulp
 float64).  Reductions (row max, row sum, dk/dv accumulation) stay serial in index order.
 
 Kernels take contiguous arrays, outputs first, and do no validation (the variant modules do).
@@ -41,7 +41,7 @@ from __future__ import annotations
 import numpy as np
 
 from ._jit import kernel, prange
-from .blocked import blas_single_thread, fast_exp
+from ._math import blas_single_thread, fast_exp
 
 __all__ = ["attend_band", "attend_band_bwd", "plan_phases", "blas_single_thread"]
 
