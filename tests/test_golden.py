@@ -93,6 +93,14 @@ def _assert_option_equal(got, want):
         assert got == want and type(got) is type(want), (got, want)
 
 
+def test_every_variant_and_example_case_is_written(golden_dir):
+    """The default golden directory holds exactly the example cases of every variant."""
+    want = [(v, c.name) for v in VARIANTS
+            for c in VARIANTS[v].example_cases(np.random.default_rng(0))]
+    got = [(e["variant"], e["case"]) for e in _manifest(golden_dir)["cases"]]
+    assert got == want
+
+
 def test_plain_numpy_load_reads_every_file(golden_dir):
     manifest = _manifest(golden_dir)
     assert manifest["format"] == "tinyeff-golden" and manifest["version"] == golden.VERSION

@@ -5,8 +5,10 @@ formula in SEMANTICS.md, written from the document, not from tinyeff's code.  to
 autograd differentiates it in float64; on every golden case (the variant's example cases,
 the fixed upstream gradient of the golden files) its output and gradients must agree with
 tinyeff's forward and hand-written backward to PARITY[float64]: |a − b| <= 1e-12 + 1e-10·|b|
-entry by entry.  Both tinyeff paths are checked: the float64 reference (the golden values)
-and the default implementation (Numba kernels where they exist).
+entry by entry.  Checked against the golden values (the float64 reference) and against every
+explicit implementation of the variant (``impl`` = ref, numba, blocked: forward, then its own
+backward); ``unsupported`` lists the (impl, case) pairs that cannot run, SEMANTICS.md §5 says
+why.  ``python tests/test_torch_crosscheck.py`` prints the worst error per implementation.
 
 ``full`` is also compared with ``torch.nn.functional.scaled_dot_product_attention`` (SDPA):
 causal masks are top-left in both, boolean masks mean "may attend" in both, and fully masked
@@ -14,7 +16,7 @@ rows give zeros in PyTorch >= 2.5 as in tinyeff.
 
 To add a variant: write ``torch_<variant>(x, options) -> out`` (``x``: dict of float64
 tensors that require grad; ``options``: the golden options as tinyeff received them) and
-register it in ``TORCH_REFS``; then update the list in SEMANTICS.md.
+register it in ``TORCH_REFS``; then update the table in SEMANTICS.md §5.
 """
 
 from __future__ import annotations
