@@ -183,7 +183,7 @@ def test_demo_scripts_train_and_generate(tmp_path, monkeypatch, capsys):
 
 def test_demo_script_compare_variants(monkeypatch, capsys):
     out = _run_script("compare_variants.py", ["--quick"], monkeypatch, capsys)
-    assert "relative error vs N" in out and "(E=F=I)" in out
+    assert "error vs N" in out and "(E=F=I)" in out
     exact = [line for line in out.splitlines() if "(E=F=I)" in line][0]
     assert float(exact.split()[-1]) < 1e-12                        # Linformer with E=F=I
 
