@@ -52,7 +52,7 @@ def measure(reversible, layers, args):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--variant", default="full")
-    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--d-model", type=int, default=64)
     p.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test)")
