@@ -177,8 +177,9 @@ def listops(rng: np.random.Generator, n: int, *, min_len: int = 64, max_len: int
 
     Trees follow LRA's generator (digit with probability 0.75 below ``max_depth``,
     otherwise an operator with 2..max_args children), except that the root is always an
-    operator (LRA draws it like any node and rejects the lone digits by length).  Brackets count as tokens; there are
-    no parentheses.  Sequences are ``<cls>`` + expression, padded with ``<pad>`` to max_len.
+    operator (LRA draws it like any node and rejects the lone digits by length).  Brackets
+    count as tokens; there are no parentheses.  Sequences are ``<cls>`` + expression, padded
+    with ``<pad>`` to max_len.
     Duplicates are dropped; the result is sorted by expression text, so it depends only on
     the seed.
     """
