@@ -238,3 +238,12 @@ def reduce_to_shape(x: np.ndarray, shape: tuple) -> np.ndarray:
     if axes:
         x = x.sum(axis=axes, keepdims=True)
     return x.reshape(shape)
+
+
+def generator(rng, name: str = "rng") -> np.random.Generator:
+    """A ``numpy.random.Generator`` (never global state: an int, None or a legacy RandomState
+    is a TypeError that says how to make one)."""
+    if not isinstance(rng, np.random.Generator):
+        raise TypeError(f"{name} must be a numpy.random.Generator (np.random.default_rng(seed)), "
+                        f"got {type(rng).__name__}")
+    return rng
