@@ -130,6 +130,7 @@ class LSHCtx(Ctx):
 def draw_random_options(rng: np.random.Generator, d: int, dtype=np.float64, *, n_hashes: int,
                         n_buckets: int, **_ignored) -> dict:
     """``{"rotations": (D, n_hashes, n_buckets // 2)}`` i.i.d. N(0, 1) from ``rng``."""
+    rng = _checks.generator(rng)                  # an int/None/RandomState: clear TypeError
     n_hashes = _checks.integer(n_hashes, "n_hashes", minimum=1)
     n_buckets = _checks.integer(n_buckets, "n_buckets", minimum=2)
     if n_buckets % 2:
