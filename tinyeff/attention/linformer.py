@@ -101,6 +101,7 @@ def init_layer_params(rng: np.random.Generator, m: int, dtype=np.float64, *, k: 
     paper's JL argument uses N(0, 1/k) — same order of magnitude).  ``share_kv=True``
     returns the *same* array object under "E" and "F" (key-value sharing).
     """
+    rng = _checks.generator(rng)                  # an int/None/RandomState: clear TypeError
     k = _checks.integer(k, "k", minimum=1)
     m = _checks.integer(m, "m", minimum=0)
     bound = 1.0 / math.sqrt(k)
