@@ -42,6 +42,13 @@ SPEEDTIP: ``math.exp`` is a scalar libm call (5 ns per float32 element, the larg
 after the products); :func:`fast_exp` (``kernels/_math.py``) is a branch-free
 Cephes-style exp that LLVM vectorizes (1 ns per float32 element; ≤ 1 ulp in float32,
 ≤ 2 ulp in float64; it flushes results below 4e-38 (float32) / 1e-307 (float64) to zero).
+SPEEDTIP: the forward holds each tile transposed, Sᵀ = k_J q_Iᵀ (T_k, T_q), in one
+scratch buffer per task: each query's max and sum then run down a column, still serially
+in key order per query (same bits as row-wise loops) but vectorized across queries, and
+causal / key-padding masks cost one range per key row instead of a test per element.
+Measured single-threaded (CPU time, N = 4096, H = 4, D = 64, float32): forward 0.544 s ->
+0.455 s.  The backward keeps row-major tiles: the transposed backward measured 1.5 s
+against 0.9 s (cause not found in the time available).
 NOTE: ``fastmath`` stays off (jit policy): reductions (row max, row sum) run serially in
 index order, so results do not depend on vector width or thread count.
 """
@@ -60,6 +67,48 @@ from ._math import blas_single_thread, fast_exp  # noqa: F401  (re-exported: ker
 def _nanmax(a, b):
     """max(a, b) that propagates NaN (as NumPy's max does)."""
     return a if (a >= b or a != a) else b
+
+
+@serial
+def _colmax(res, tmp, start, st):
+    """res[ii] = max(start[ii], st[0, ii], st[1, ii], …), NaN-propagating, rows in order.
+
+    SPEEDTIP: two rows per step into the other buffer.  The one-row form
+    ``res[ii] = _nanmax(res[ii], x)`` compiles to a masked store (vmaskmovps), which is
+    microcoded on AMD Zen: measured 0.8–1.2 ns per element against 0.1–0.15 ns.
+    """
+    bk, bq = st.shape
+    for ii in range(bq):
+        res[ii] = start[ii]
+    for jj in range(0, bk - 1, 2):
+        r0 = st[jj]
+        r1 = st[jj + 1]
+        for ii in range(bq):
+            tmp[ii] = _nanmax(_nanmax(res[ii], r0[ii]), r1[ii])
+        for ii in range(bq):
+            res[ii] = tmp[ii]
+    if bk % 2 == 1:
+        r0 = st[bk - 1]
+        for ii in range(bq):
+            tmp[ii] = _nanmax(res[ii], r0[ii])
+        for ii in range(bq):
+            res[ii] = tmp[ii]
+
+
+@serial
+def _first_query(bh, j, i0, bq, kpad, causal, has_kpad):
+    """First column ii of a query tile [i0, i0 + bq) that may see key j (bq if none)."""
+    if has_kpad and not kpad[bh, j]:
+        return bq
+    if causal:                                 # i >= j  <=>  ii >= j − i0
+        return min(max(j - i0, 0), bq)
+    return 0
+
+
+@serial
+def _tile_view(buf, bk, bq):
+    """The first bk·bq entries of a flat scratch buffer as a C-contiguous (bk, bq) tile."""
+    return buf[:bk * bq].reshape((bk, bq))
 
 
 @serial
@@ -125,10 +174,13 @@ def flash_fwd(out, lse, q, k, v, kpad, rel, scale, causal, has_kpad, has_rel, ti
 
     out (BH, N, Dv), lse (BH, N); q (BH, N, D), k (BH, M, D), v (BH, M, Dv);
     kpad (BH, M) bool, rel (BH, N + M − 1) (ignored unless has_kpad / has_rel).
+    Tiles are held transposed, Sᵀ (T_k, T_q), so each query's max and sum run down a
+    column: a serial reduction per query in key order that vectorizes across queries.
     """
     bhs, n, _ = q.shape
     m = k.shape[1]
     dv = v.shape[2]
+    dt = out.dtype
     nqt = (n + tile - 1) // tile
     for t in prange(bhs * nqt):
         bh = t // nqt
@@ -136,35 +188,56 @@ def flash_fwd(out, lse, q, k, v, kpad, rel, scale, causal, has_kpad, has_rel, ti
         i0 = qt * tile
         i1 = min(i0 + tile, n)
         bq = i1 - i0
-        acc = np.zeros((bq, dv), dtype=out.dtype)                  # (T_q, Dv)
-        m_run = np.full(bq, -np.inf, dtype=out.dtype)              # (T_q,) running max
-        l_run = np.zeros(bq, dtype=out.dtype)                      # (T_q,) running sum
+        buf = np.empty(tile * tile, dtype=dt)                      # (T_k·T_q,) Sᵀ, then P̃ᵀ
+        pv = np.empty((bq, dv), dtype=dt)                          # (T_q, Dv) P̃ v_J
+        acc = np.zeros((bq, dv), dtype=dt)                         # (T_q, Dv)
+        m_run = np.full(bq, -np.inf, dtype=dt)                     # (T_q,) running max
+        l_run = np.zeros(bq, dtype=dt)                             # (T_q,) running sum
+        m_new = np.empty(bq, dtype=dt)                             # (T_q,) max with tile J
+        m_tmp = np.empty(bq, dtype=dt)                             # (T_q,) scratch of _colmax
+        m_sub = np.empty(bq, dtype=dt)                             # (T_q,) m_new, −∞ -> 0
+        r_sum = np.empty(bq, dtype=dt)                             # (T_q,) rowsum P̃
         kend = min(m, i1) if causal else m                         # causal: keys j < i1
         for j0 in range(0, kend, tile):
             j1 = min(j0 + tile, m)
-            s = np.dot(q[bh, i0:i1], k[bh, j0:j1].T)               # (T_q, T_k)
-            _logits(s, bh, i0, j0, m, kpad, rel, scale, causal, has_kpad, has_rel)
+            bk = j1 - j0
+            st = _tile_view(buf, bk, bq)                           # (T_k, T_q)
+            np.dot(k[bh, j0:j1], q[bh, i0:i1].T, st)               # raw Sᵀ
+            for jj in range(bk):               # logits in place
+                j = j0 + jj
+                c0 = _first_query(bh, j, i0, bq, kpad, causal, has_kpad)
+                row = st[jj]
+                for ii in range(c0):
+                    row[ii] = -np.inf
+                off = i0 - j + m - 1                               # rel_bias index of (i0, j)
+                if has_rel:
+                    for ii in range(c0, bq):
+                        row[ii] = row[ii] * scale + rel[bh, off + ii]
+                else:
+                    for ii in range(c0, bq):
+                        row[ii] = row[ii] * scale
+            _colmax(m_new, m_tmp, m_run, st)   # running max per query, key order
+            for ii in range(bq):               # nothing allowed so far: subtract 0, P̃ = 0
+                r_sum[ii] = 0
+                if m_new[ii] == -np.inf:
+                    m_sub[ii] = 0
+                else:
+                    m_sub[ii] = m_new[ii]
+            for jj in range(bk):
+                row = st[jj]
+                for ii in range(bq):
+                    e = fast_exp(row[ii] - m_sub[ii])
+                    row[ii] = e
+                    r_sum[ii] += e
             for ii in range(bq):
-                m_old = m_run[ii]
-                m_new = m_old
-                for jj in range(j1 - j0):
-                    m_new = _nanmax(m_new, s[ii, jj])
-                if m_new == -np.inf:           # nothing allowed so far: P̃ row = 0
-                    for jj in range(j1 - j0):
-                        s[ii, jj] = 0
-                    continue
-                alpha = fast_exp(m_old - m_new)
-                row_sum = l_run[ii] - l_run[ii]    # 0 in the array's dtype
-                for jj in range(j1 - j0):
-                    s[ii, jj] = fast_exp(s[ii, jj] - m_new)
-                for jj in range(j1 - j0):
-                    row_sum += s[ii, jj]
-                l_run[ii] = l_run[ii] * alpha + row_sum
+                alpha = fast_exp(m_run[ii] - m_sub[ii])
+                l_run[ii] = l_run[ii] * alpha + r_sum[ii]
                 if alpha != 1:
                     for c in range(dv):
                         acc[ii, c] *= alpha
-                m_run[ii] = m_new
-            acc += np.dot(s, v[bh, j0:j1])                         # (T_q, Dv)
+                m_run[ii] = m_new[ii]
+            np.dot(st.T, v[bh, j0:j1], pv)                         # (T_q, Dv)
+            acc += pv
         for ii in range(bq):
             if l_run[ii] == 0:                 # fully masked row
                 lse[bh, i0 + ii] = -np.inf
