@@ -619,3 +619,26 @@ def test_performer_float32_inputs_of_norm_100(name, case_name):
         args[key] = (100 * x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
     out, _ = VARIANTS[name].forward(**args, **case.options)
     assert np.all(np.isfinite(out))
+
+
+# ------------------------------------------------------------------------------------------
+# float32 within a documented tolerance of float64, per variant
+
+@pytest.mark.parametrize("name", NAMES)
+def test_float32_within_the_documented_normwise_tolerance(name):
+    from tinyeff.testing.tolerances import F32_VS_F64_NORMWISE, F32_VS_F64_NORMWISE_DEFAULT
+    bound = F32_VS_F64_NORMWISE.get(name, F32_VS_F64_NORMWISE_DEFAULT)
+    c32 = sized_case(name, seeded(name, "f32"), np.float32, batch=(2, 2), n=64, d=16, dv=16)
+    args64 = {k: x.astype(np.float64) for k, x in c32.args.items()}
+    opts64 = {k: (x.astype(np.float64) if isinstance(x, np.ndarray) and x.dtype == np.float32
+                  else x) for k, x in c32.options.items()}
+    dout = seeded("f32", "dout").standard_normal((2, 2, 64, 16))
+    out64, g64, _ = run(name, args64, opts64, dout)
+    out32, g32, _ = run(name, c32.args, c32.options, dout.astype(np.float32))
+
+    def err(a, b):
+        return float(np.max(np.abs(a.astype(np.float64) - b)) / np.max(np.abs(b)))
+
+    assert err(out32, out64) < bound
+    for key in g64:
+        assert err(g32[key], g64[key]) < bound, key
