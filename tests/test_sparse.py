@@ -198,6 +198,125 @@ def test_rel_bias_gradient_is_reduced_to_its_shape(rng):
                   rng=rng).assert_ok(GRAD_FD)
 
 
+# ---------------------------------------------------------------- kernel schedule paths
+# At test sizes the default schedule sends almost every entry down the per-entry path; the
+# small knobs below make the same small patterns use dense tiles (several per group, several
+# phases), heavy keys and several row/key blocks of the scattered walks.
+
+SMALL_KNOBS = {"TILE": 3, "MIN_RUN": 2, "MIN_EFF": 0.5, "HEAVY_FRAC": 0.2, "HEAVY_MAX": 3,
+               "ROW_CHUNK": 5, "KEY_BLOCK": 4, "KEY_CHUNK": 6, "ROW_BLOCK": 3}
+
+
+@pytest.fixture
+def small_knobs(monkeypatch):
+    for key, value in SMALL_KNOBS.items():
+        monkeypatch.setattr(sparse, key, value)
+
+
+SCHEDULE_PATTERNS = [
+    ("bigbird", 24, 24, lambda: masks.bigbird(24, 2, 2, 3, np.random.default_rng(8)), {}),
+    ("longformer_kpad", 20, 20, lambda: masks.union(masks.local(20, 3), masks.global_tokens(
+        20, [0, 7])), {"kpad": True, "rel": True}),
+    ("causal_rect", 13, 17, lambda: masks.causal(13, 17, offset=4), {"scale": 0.7}),
+    ("holes", 15, 15, lambda: _holes(15, 15, 9), {"kpad": True}),
+    ("per_head", 16, 16, lambda: [masks.bigbird(16, 2, 1, 2, np.random.default_rng(10)),
+                                  masks.local(16, 3)], {"rel": True}),
+]
+
+
+def test_small_knobs_plan_uses_every_path(small_knobs):
+    pat = Pattern.from_scipy(masks.bigbird(24, 2, 2, 3, np.random.default_rng(8)))
+    pl = sparse._plan(pat, 1)
+    dense = int((pl.row_eb - pl.row_ea).sum())
+    heavy = int(np.count_nonzero(pl.hmap[pat.indices] >= 0)) - int(np.count_nonzero(
+        (pl.hmap[pat.indices] >= 0) & (np.arange(pat.nnz) >= pl.row_ea[pat.row_ids])
+        & (np.arange(pat.nnz) < pl.row_eb[pat.row_ids])))
+    assert dense > 0 and heavy > 0 and pl.n_scattered > 0
+    assert dense + heavy + pl.n_scattered == pat.nnz                 # a partition
+    assert pl.phases()[0].shape[0] - 1 > 1                            # several phases
+    assert pl.r_split[1] > 1 and pl.c_split[1] > 1                    # several blocks
+    # both blocked orders hold each scattered entry once
+    np.testing.assert_array_equal(np.sort(pl.r_pos), np.arange(pl.n_scattered))
+    np.testing.assert_array_equal(pl.c_row[pl.r_pos], pl.r_row)
+    np.testing.assert_array_equal(pl.c_col[pl.r_pos], pl.r_col)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("name,n,m,build,opts", SCHEDULE_PATTERNS,
+                         ids=[p[0] for p in SCHEDULE_PATTERNS])
+def test_tiled_kernels_equal_reference(name, n, m, build, opts, dtype, rng, small_knobs):
+    x, mask, options = _setup(rng, n, m, build, opts, dtype)
+    out_r, ctx_r = sparse.forward(**x, mask=mask, impl="ref", **options)
+    out_n, ctx_n = sparse.forward(**x, mask=mask, impl="numba", **options)
+    assert_close(out_n, out_r)
+    assert_close(ctx_n.p, ctx_r.p)
+    assert_close(ctx_n.lse, ctx_r.lse)
+    dout = rng.standard_normal(out_r.shape).astype(dtype)
+    g_rr = sparse.backward(dout, ctx_r, impl="ref")
+    assert_close(sparse.backward(dout, ctx_n), g_rr)
+    assert_close(sparse.backward(dout, ctx_r, impl="numba"), g_rr)    # crossed
+
+
+def test_tiled_kernels_gradcheck(rng, small_knobs):
+    x, mask, options = _setup(rng, 16, 16, SCHEDULE_PATTERNS[4][3], {"rel": True, "kpad": True})
+    check_vjp(sparse.forward, sparse.backward, x, {"mask": mask, "impl": "numba", **options},
+              rng=rng).assert_ok(GRAD_FD)
+
+
+@pytest.mark.parametrize("batch", [(2, 2), (1, 2)])
+def test_tiled_kernels_one_and_two_threads_same_bits(batch, rng, small_knobs):
+    """(1, 2): the backward's per-batch-item schedule (1 thread) against the phase schedule
+    (2 threads); (2, 2): the per-batch-item schedule with 1 and 2 threads."""
+    n = 24
+    x = random_qkv(rng, batch, n=n, d=5, dv=3)
+    x["rel_bias"] = rng.standard_normal((2, 2 * n - 1))[:batch[1]]
+    mask = masks.bigbird(n, 2, 2, 3, np.random.default_rng(11))
+    dout = rng.standard_normal((*batch, n, 3))
+    res = []
+    for t in (1, 2):
+        with num_threads(t):
+            out, ctx = sparse.forward(**x, mask=mask)
+            res.append((out, sparse.backward(dout, ctx)))
+    np.testing.assert_array_equal(res[0][0], res[1][0])
+    for key in res[0][1]:
+        np.testing.assert_array_equal(res[0][1][key], res[1][1][key], err_msg=key)
+
+
+@pytest.mark.parametrize("where", ["q", "k", "v", "dout"])
+def test_tiled_kernels_non_finite_reach_what_the_reference_reaches(where, rng, small_knobs):
+    """A dense product must not spread a NaN (0 · NaN) to rows or keys that do not store
+    the entry: the tiles fall back to entry by entry, so the NaN pattern equals the
+    reference's."""
+    n = 24
+    x = random_qkv(rng, (1, 2), n=n, d=5, dv=3)
+    mask = masks.bigbird(n, 2, 2, 3, np.random.default_rng(12))
+    dout = rng.standard_normal((1, 2, n, 3))
+    for row in (1, 13):                                           # a heavy key, a window key
+        arrays = {**x, "dout": dout}
+        arrays[where] = arrays[where].copy()
+        arrays[where][0, 1, row, 0] = np.nan
+        outs = {}
+        for impl in ("ref", "numba"):
+            out, ctx = sparse.forward(arrays["q"], arrays["k"], arrays["v"], mask=mask,
+                                      impl=impl)
+            outs[impl] = {"out": out, **sparse.backward(arrays["dout"], ctx)}
+        for key in outs["ref"]:
+            nan_r, nan_n = np.isnan(outs["ref"][key]), np.isnan(outs["numba"][key])
+            np.testing.assert_array_equal(nan_n, nan_r, err_msg=f"{where} {row} {key}")
+            assert_close(np.where(nan_n, 0, outs["numba"][key]),
+                         np.where(nan_r, 0, outs["ref"][key]))
+
+
+def test_zero_value_dim_uses_the_reference(rng):
+    x = random_qkv(rng, (2,), n=5, d=3, dv=0)
+    mask = masks.local(5, 1)
+    out, ctx = sparse.forward(**x, mask=mask)
+    assert out.shape == (2, 5, 0)
+    g = sparse.backward(np.ones_like(out), ctx)
+    assert_close(g, sparse.backward(np.ones_like(out), ctx, impl="ref"))
+    assert np.all(g["q"] == 0) and np.all(g["k"] == 0)
+
+
 # ---------------------------------------------------------------- invalid input
 
 def _x(rng):

@@ -34,7 +34,9 @@ rel_bias : float array (..., N + M − 1), leading dimensions broadcastable to t
 scale : float, default 1/sqrt(D).
 impl : "auto" | "ref" | "numba".  "ref" is the NumPy/SciPy path below (per batch item,
     gathers on the nnz entries); "numba" the kernels of :mod:`tinyeff.kernels.sparse`
-    (parallel over batch items × rows); "auto" picks "numba".
+    (BLAS products on tiles of consecutive rows for runs of consecutive keys and for
+    heavily shared keys, cache-blocked entry-by-entry passes for the rest; the schedule is
+    planned once per Pattern and cached); "auto" picks "numba".
 
 Edge cases
 ----------
@@ -62,12 +64,14 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import numba
 import numpy as np
 import scipy.sparse as sp
 
 from .. import _checks
 from ..ctx import Ctx
 from ..kernels import sparse as kern
+from ..kernels.blocked import blas_single_thread
 from ..masks import Pattern
 from ..masks import bigbird as _bigbird
 from ..masks import local as _local
@@ -267,33 +271,199 @@ _NO_REL = {np.dtype(np.float32): np.zeros((0, 0), np.float32),
            np.dtype(np.float64): np.zeros((0, 0), np.float64)}
 _NO_KPAD = np.zeros((0, 0), dtype=bool)
 
+# The kernels' schedule (see tinyeff/kernels/sparse.py).  Tiles: at most TILE rows; a row's
+# longest run of consecutive keys joins its tile's dense key range only if it has at least
+# MIN_RUN keys; the range stays at least MIN_EFF full (Σ runs / (rows · range)) and at most
+# MAX_AREA entries (the (T, R) score tile).  A key stored outside the ranges by at least
+# HEAVY_FRAC of a group's rows (a global token) is *heavy*: its scores and gradients go
+# through products too (at most HEAVY_MAX heavy keys per group).  The remaining (scattered)
+# entries are walked by tasks of ROW_CHUNK rows over blocks of KEY_BLOCK keys (scores, dp,
+# out, dq), and by tasks of KEY_CHUNK keys over blocks of ROW_BLOCK rows (dk, dv); at most
+# SCAT_MAX_BLOCKS chunks or blocks.  None of these changes a result beyond rounding, and
+# every choice is a pure function of the pattern (never of the thread count).
+TILE = 64
+MIN_RUN = 16
+MIN_EFF = 0.5
+MAX_AREA = 1 << 20
+HEAVY_FRAC = 0.25
+HEAVY_MAX = 64
+ROW_CHUNK = 4096
+KEY_BLOCK = 512
+KEY_CHUNK = 4096
+ROW_BLOCK = 512
+SCAT_MAX_BLOCKS = 64
+
+
+def _knobs():
+    return (TILE, MIN_RUN, MIN_EFF, MAX_AREA, HEAVY_FRAC, HEAVY_MAX, ROW_CHUNK, KEY_BLOCK,
+            KEY_CHUNK, ROW_BLOCK, SCAT_MAX_BLOCKS)
+
+
+def _buckets(g, outer, inner, groups, n_outer, n_inner, chunk, block, order):
+    """Stable bucketing of entries (given in ``order``) by (group, outer // chunk,
+    inner // block): -> (bucket pointer, permutation, (chunks, blocks) per group)."""
+    chunk = max(chunk, -(-n_outer // SCAT_MAX_BLOCKS), 1)
+    block = max(block, -(-n_inner // SCAT_MAX_BLOCKS), 1)
+    nc, nb = max(-(-n_outer // chunk), 1), max(-(-n_inner // block), 1)
+    ids = (g * nc + outer // chunk) * nb + inner // block                   # (n_sc,)
+    perm = order[np.argsort(ids[order], kind="stable")]                     # (n_sc,)
+    ptr = np.zeros(groups * nc * nb + 1, dtype=np.int64)                    # (buckets + 1,)
+    np.cumsum(np.bincount(ids, minlength=groups * nc * nb), out=ptr[1:])
+    return ptr, perm, (nc, nb)
+
+
+class _Plan:
+    """The kernels' schedule for one Pattern: tiles, dense spans, heavy keys, the scattered
+    entries in row and column order and, on first use, the backward's phases."""
+
+    def __init__(self, pat: Pattern, groups: int):
+        rows, cols = pat.shape
+        n, m = rows // groups, cols // groups
+        self.pat, self.knobs = pat, _knobs()
+        run_lo = np.empty(rows, dtype=np.int64)                             # (G·N,)
+        run_hi = np.empty(rows, dtype=np.int64)                             # (G·N,)
+        kern.longest_runs(run_lo, run_hi, pat.indptr, pat.indices, MIN_RUN)
+        start = np.zeros(rows + 1, dtype=np.int64)                          # (≤ G·N + 1,)
+        jlo = np.empty(rows, dtype=np.int64)                                # (≤ G·N,)
+        jhi = np.empty(rows, dtype=np.int64)                                # (≤ G·N,)
+        nt = kern.plan_tiles(start, jlo, jhi, run_lo, run_hi, n, TILE, MAX_AREA,
+                             MIN_EFF) if rows else 0
+        self.tile_start = start[:nt + 1].copy()                             # (nt + 1,)
+        self.tile_jlo = jlo[:nt].copy()                                     # (nt,)
+        self.tile_jhi = jhi[:nt].copy()                                     # (nt,)
+        self.row_ea = np.empty(rows, dtype=np.int64)                        # (G·N,)
+        self.row_eb = np.empty(rows, dtype=np.int64)                        # (G·N,)
+        kern.dense_spans(self.row_ea, self.row_eb, pat.indptr, pat.indices, self.tile_start,
+                         self.tile_jlo, self.tile_jhi)
+        # heavy keys: stored outside the dense spans by ≥ HEAVY_FRAC of the group's rows
+        outside = np.zeros(cols, dtype=np.int64)                            # (G·M,)
+        kern.count_outside(outside, pat.indptr, pat.indices, self.row_ea, self.row_eb)
+        heavy = []
+        for g in range(groups):
+            cnt = outside[g * m:(g + 1) * m]                                # (M,)
+            cand = np.nonzero(cnt >= max(HEAVY_FRAC * n, 1))[0]
+            cand = cand[np.argsort(-cnt[cand], kind="stable")[:HEAVY_MAX]]
+            heavy.append(np.sort(cand).astype(np.int64) + g * m)
+        self.heavy_ptr = np.zeros(groups + 1, dtype=np.int64)               # (G + 1,)
+        np.cumsum([h.size for h in heavy], out=self.heavy_ptr[1:])
+        self.heavy_cols = np.concatenate(heavy)                             # (ΣGc,)
+        self.heavy_max = max((h.size for h in heavy), default=0)
+        self.hmap = np.full(cols, -1, dtype=np.int64)                       # (G·M,)
+        for h in heavy:
+            self.hmap[h] = np.arange(h.size)
+        # the scattered entries (outside the dense spans, key not heavy), in two blocked
+        # orders: row side, bucket (group, row chunk, key block) then (row, key); column
+        # side, bucket (group, key chunk, row block) then (key, row)
+        e = np.arange(pat.nnz, dtype=np.int64)                              # (nnz,)
+        rid = pat.row_ids                                                   # (nnz,)
+        scat = ((e < self.row_ea[rid]) | (e >= self.row_eb[rid])) & (self.hmap[pat.indices] < 0)
+        es = e[scat]                                                        # (n_sc,)
+        del e, scat
+        rows, cols = rid[es], pat.indices[es]                               # (n_sc,) each
+        g = rows // max(n, 1)
+        li, lj = rows - g * n, cols - g * m                                 # (n_sc,) local
+        self.r_ptr, perm_r, self.r_split = _buckets(g, li, lj, groups, n, m, ROW_CHUNK,
+                                                    KEY_BLOCK, np.arange(es.size))
+        by_col = np.lexsort((rows, cols))                                   # (n_sc,)
+        self.c_ptr, perm_c, self.c_split = _buckets(g, lj, li, groups, m, n, KEY_CHUNK,
+                                                    ROW_BLOCK, by_col)
+        pos = np.empty(es.size, dtype=np.int64)                             # (n_sc,)
+        pos[perm_c] = np.arange(es.size)
+        self.r_row, self.r_col = li[perm_r], lj[perm_r]                     # (n_sc,) each
+        self.r_e, self.r_pos = es[perm_r], pos[perm_r]                      # (n_sc,) each
+        self.c_row, self.c_col = li[perm_c], lj[perm_c]                     # (n_sc,) each
+        self.n_scattered = int(es.size)
+        self._phases = None
+
+    def phases(self):
+        """-> (phase_ptr, phase_tiles): tiles of one phase have disjoint key ranges."""
+        if self._phases is None:
+            nt = self.tile_jlo.shape[0]
+            order = np.argsort(self.tile_jlo, kind="stable")                # (nt,)
+            phase = np.zeros(nt, dtype=np.int64)                            # (nt,)
+            n_ph = kern.color_tiles(phase, self.tile_jlo, self.tile_jhi, order)
+            phase_ptr = np.zeros(n_ph + 1, dtype=np.int64)                  # (P + 1,)
+            np.cumsum(np.bincount(phase, minlength=n_ph), out=phase_ptr[1:])
+            phase_tiles = np.argsort(phase, kind="stable").astype(np.int64)  # (nt,)
+            self._phases = (phase_ptr, phase_tiles)
+        return self._phases
+
+
+_PLANS: dict = {}          # (id(Pattern), G) -> _Plan (the plan holds the Pattern)
+_PLANS_MAX = 8
+
+
+def _plan(pat: Pattern, groups: int) -> _Plan:
+    """The cached plan of a Pattern (the few most recent patterns are kept)."""
+    key = (id(pat), groups)
+    plan = _PLANS.get(key)
+    if plan is None or plan.pat is not pat or plan.knobs != _knobs():
+        plan = _Plan(pat, groups)
+        _PLANS.pop(key, None)
+        while len(_PLANS) >= _PLANS_MAX:
+            _PLANS.pop(next(iter(_PLANS)))
+        _PLANS[key] = plan
+    return plan
+
 
 def _forward_numba(q, k, v, pat, groups, kpad, rel, scale):
-    bf, n, _ = q.shape
+    bf, n, d = q.shape
     dv = v.shape[2]
+    if d == 0 or dv == 0:                          # nothing for the products to do
+        return _forward_ref(q, k, v, pat, groups, kpad, rel, scale)
     scale = q.dtype.type(scale)
+    pl = _plan(pat, groups)
     p = np.empty((bf // groups, pat.nnz), dtype=q.dtype)                   # (BH/G, nnz)
-    kern.sddmm_csr(p, q, k, _NO_REL[q.dtype] if rel is None else rel,
-                   _NO_KPAD if kpad is None else kpad, pat.indptr, pat.indices, groups, scale)
     lse = np.empty((bf, n), dtype=q.dtype)                                  # (BH, N)
-    kern.softmax_csr(p, lse, p, pat.indptr, groups)                        # in place
     out = np.zeros((bf, n, dv), dtype=q.dtype)                              # (BH, N, Dv)
-    kern.spmm_csr(out, p, v, pat.indptr, pat.indices, groups)
+    # fwd: s = scale · q·k: the scattered entries first, then tiles (+ softmax, dense P v)
+    kern.scattered_dot(p, q, k, pl.r_ptr, pl.r_row, pl.r_col, pl.r_e, groups, *pl.r_split,
+                       scale)
+    with blas_single_thread():
+        kern.tiles_fwd(out, lse, p, q, k, v, _NO_REL[q.dtype] if rel is None else rel,
+                       _NO_KPAD if kpad is None else kpad, pat.indptr, pat.indices,
+                       pl.row_ea, pl.row_eb, pl.tile_start, pl.tile_jlo, pl.tile_jhi,
+                       pl.heavy_ptr, pl.heavy_cols, pl.hmap, groups, scale)
+    empty = _NO_REL[q.dtype]
+    kern.scattered_axpy(out, p, v, empty, empty, p, pl.r_ptr, pl.r_row, pl.r_col, pl.r_e,
+                        pl.r_pos, groups, *pl.r_split, q.dtype.type(1), False)
     return out, p, lse
 
 
 def _backward_numba(dout, q, k, v, ctx: SparseCtx):
     pat, groups = ctx.pattern, ctx.groups
-    bf, n, _ = q.shape
-    m = k.shape[1]
+    bf, n, d = q.shape
+    m, dvn = v.shape[1:]
+    if d == 0 or dvn == 0:
+        return _backward_ref(dout, q, k, v, ctx)
     scale = q.dtype.type(ctx.scale)
     p = np.ascontiguousarray(ctx.p, dtype=q.dtype)
+    pl = _plan(pat, groups)
+    phase_ptr, phase_tiles = pl.phases()
     dq = np.zeros_like(q)                                                   # (BH, N, D)
-    ds = np.empty_like(p)                                                   # (BH/G, nnz)
-    kern.rows_bwd_csr(dq, ds, dout, p, k, v, pat.indptr, pat.indices, groups, scale)
     dk, dv = np.zeros_like(k), np.zeros_like(v)                             # (BH, M, ·)
-    kern.cols_bwd_csr(dk, dv, ds, p, q, dout, pat.t_indptr, pat.t_indices, pat.t_perm,
-                      groups, scale)
+    ds = np.empty_like(p)                                                   # (BH/G, nnz)
+    # fwd: out = P v  -> dp = dout · v on the scattered entries (into ds)
+    kern.scattered_dot(ds, dout, v, pl.r_ptr, pl.r_row, pl.r_col, pl.r_e, groups,
+                       *pl.r_split, q.dtype.type(1))
+    ph = np.zeros((bf, pl.heavy_max, n), dtype=q.dtype)                    # (BH, Gc, N)
+    dsh = np.zeros_like(ph)                                                 # (BH, Gc, N)
+    with blas_single_thread():
+        kern.tiles_bwd(dq, dk, dv, ds, ph, dsh, dout, p, q, k, v, pat.indptr, pat.indices,
+                       pl.row_ea, pl.row_eb, pl.tile_start, pl.tile_jlo, pl.tile_jhi,
+                       phase_ptr, phase_tiles, pl.heavy_ptr, pl.heavy_cols, pl.hmap, groups,
+                       scale, bf >= 2 * numba.get_num_threads())
+        kern.heavy_bwd(dk, dv, ph, dsh, q, dout, p, ds, pl.heavy_ptr, pl.heavy_cols,
+                       pat.t_indptr, pat.t_indices, pat.t_perm, pl.row_ea, pl.row_eb, groups,
+                       scale)
+    # fwd: s = scale · q·k  -> dq += scale Σ ds k over the scattered entries; their p and
+    # ds·scale are saved in column order for dk, dv
+    pc = np.empty((p.shape[0], pl.n_scattered), dtype=q.dtype)             # (BH/G, n_sc)
+    dsc = np.empty_like(pc)                                                 # (BH/G, n_sc)
+    kern.scattered_axpy(dq, ds, k, pc, dsc, p, pl.r_ptr, pl.r_row, pl.r_col, pl.r_e,
+                        pl.r_pos, groups, *pl.r_split, scale, True)
+    kern.cols_bwd_scattered(dk, dv, pc, dsc, q, dout, pl.c_ptr, pl.c_row, pl.c_col, groups,
+                            *pl.c_split)
     drel = None
     if ctx.rel_bias is not None:
         drel = np.zeros((bf, n + m - 1), dtype=q.dtype)                     # (BH, N+M−1)
