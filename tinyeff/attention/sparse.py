@@ -247,7 +247,7 @@ def _backward_ref(dout, q, k, v, ctx: SparseCtx):
     bf, n, _ = q.shape
     m = k.shape[1]
     dq, dk, dv = np.zeros_like(q), np.zeros_like(k), np.zeros_like(v)      # (BH, ·, ·)
-    drel = np.zeros((bf, n + m - 1), dtype=q.dtype)                         # (BH, N+M−1)
+    drel = np.zeros((bf, max(n + m - 1, 0)), dtype=q.dtype)  # (BH, N+M−1); N = M = 0: (BH, 0)
     for b in range(bf):
         rows, cols, indptr, sl = _group(ctx.pattern, b % ctx.groups, n, m)
         pb = ctx.p[b // ctx.groups, sl]                                     # (nnz,)
@@ -351,14 +351,24 @@ class _Plan:
         self.hmap = np.full(cols, -1, dtype=np.int64)                       # (G·M,)
         for h in heavy:
             self.hmap[h] = np.arange(h.size)
+        # heavy entries (outside the dense spans, key heavy), listed per tile
+        e = np.arange(pat.nnz, dtype=np.int64)                              # (nnz,)
+        rid = pat.row_ids                                                   # (nnz,)
+        outside = (e < self.row_ea[rid]) | (e >= self.row_eb[rid])          # (nnz,)
+        hv = outside & (self.hmap[pat.indices] >= 0)                        # (nnz,)
+        self.hv_e = e[hv]                                                   # (n_hv,)
+        tile = np.searchsorted(self.tile_start, rid[hv], side="right") - 1  # (n_hv,)
+        self.hv_r = rid[hv] - self.tile_start[tile]                         # (n_hv,)
+        self.hv_h = self.hmap[pat.indices[hv]]                              # (n_hv,)
+        self.hv_ptr = np.zeros(nt + 1, dtype=np.int64)                      # (nt + 1,)
+        np.cumsum(np.bincount(tile, minlength=nt), out=self.hv_ptr[1:])
+        del hv, tile
         # the scattered entries (outside the dense spans, key not heavy), in two blocked
         # orders: row side, bucket (group, row chunk, key block) then (row, key); column
         # side, bucket (group, key chunk, row block) then (key, row)
-        e = np.arange(pat.nnz, dtype=np.int64)                              # (nnz,)
-        rid = pat.row_ids                                                   # (nnz,)
-        scat = ((e < self.row_ea[rid]) | (e >= self.row_eb[rid])) & (self.hmap[pat.indices] < 0)
+        scat = outside & (self.hmap[pat.indices] < 0)                       # (nnz,)
         es = e[scat]                                                        # (n_sc,)
-        del e, scat
+        del e, scat, outside
         rows, cols = rid[es], pat.indices[es]                               # (n_sc,) each
         g = rows // max(n, 1)
         li, lj = rows - g * n, cols - g * m                                 # (n_sc,) local
@@ -423,7 +433,8 @@ def _forward_numba(q, k, v, pat, groups, kpad, rel, scale):
         kern.tiles_fwd(out, lse, p, q, k, v, _NO_REL[q.dtype] if rel is None else rel,
                        _NO_KPAD if kpad is None else kpad, pat.indptr, pat.indices,
                        pl.row_ea, pl.row_eb, pl.tile_start, pl.tile_jlo, pl.tile_jhi,
-                       pl.heavy_ptr, pl.heavy_cols, pl.hmap, groups, scale)
+                       pl.heavy_ptr, pl.heavy_cols, pl.hv_ptr, pl.hv_e, pl.hv_r, pl.hv_h,
+                       groups, scale)
     empty = _NO_REL[q.dtype]
     kern.scattered_axpy(out, p, v, empty, empty, p, pl.r_ptr, pl.r_row, pl.r_col, pl.r_e,
                         pl.r_pos, groups, *pl.r_split, q.dtype.type(1), False)
@@ -451,8 +462,9 @@ def _backward_numba(dout, q, k, v, ctx: SparseCtx):
     with blas_single_thread():
         kern.tiles_bwd(dq, dk, dv, ds, ph, dsh, dout, p, q, k, v, pat.indptr, pat.indices,
                        pl.row_ea, pl.row_eb, pl.tile_start, pl.tile_jlo, pl.tile_jhi,
-                       phase_ptr, phase_tiles, pl.heavy_ptr, pl.heavy_cols, pl.hmap, groups,
-                       scale, bf >= 2 * numba.get_num_threads())
+                       phase_ptr, phase_tiles, pl.heavy_ptr, pl.heavy_cols, pl.hv_ptr,
+                       pl.hv_e, pl.hv_r, pl.hv_h, groups, scale,
+                       bf >= 2 * numba.get_num_threads())
         kern.heavy_bwd(dk, dv, ph, dsh, q, dout, p, ds, pl.heavy_ptr, pl.heavy_cols,
                        pat.t_indptr, pat.t_indices, pat.t_perm, pl.row_ea, pl.row_eb, groups,
                        scale)
