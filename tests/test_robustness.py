@@ -317,10 +317,7 @@ SIZES = {
 
 # Known failures, keyed by (variant, impl, size label), each in the report with a
 # reproduction; xfail(strict=True) so that the test fails (remove the entry) once fixed.
-SIZE_XFAIL: dict[tuple[str, str, str], str] = {
-    ("sparse", "ref", "N=M=0"): "sparse._backward_ref allocates drel with N + M − 1 = −1 "
-                                "columns: 'negative dimensions are not allowed'",
-}
+SIZE_XFAIL: dict[tuple[str, str, str], str] = {}
 
 
 def _size_params():
