@@ -35,7 +35,6 @@ its own OpenBLAS threads (all cores).
 from __future__ import annotations
 
 import argparse
-import ast
 import datetime
 import gc
 import inspect
@@ -49,6 +48,8 @@ import sys
 import time
 
 import numpy as np
+
+from ._cli import int_list, parse_variant_opts
 
 # ----------------------------------------------------------------------------- defaults
 
@@ -339,32 +340,6 @@ def _worker(spec_json: str) -> int:
 # ----------------------------------------------------------------------------- driver
 
 
-def _parse_opt(values: list[str]) -> dict:
-    out: dict[str, dict] = {}
-    for item in values:
-        key, sep, raw = item.partition("=")
-        name, dot, opt = key.partition(".")
-        if not sep or not dot or not name or not opt:
-            raise SystemExit(f"--opt expects variant.key=value, got {item!r}")
-        try:
-            value = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            value = raw
-        out.setdefault(name, {})[opt] = value
-    return out
-
-
-def _ints(text: str) -> list[int]:
-    try:
-        values = [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
-
-
 def _ms(seconds: float) -> str:
     ms = seconds * 1e3
     return f"{ms:.0f}" if ms >= 100 else f"{ms:.3g}"
@@ -384,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
                                             "tinyeff/bench.py.")
     parser.add_argument("--variants", default=None,
                         help="comma-separated names (default: every registered variant)")
-    parser.add_argument("--n", type=_ints, default=None,
+    parser.add_argument("--n", type=int_list, default=None,
                         help=f"sequence lengths (default {','.join(map(str, DEFAULT_N))})")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--heads", type=int, default=4)
@@ -414,7 +389,10 @@ def main(argv: list[str] | None = None) -> int:
              else list(VARIANTS) + [v for v in DEFAULTS if v not in VARIANTS])
     n_list = args.n or (list(QUICK_N) if args.quick else list(DEFAULT_N))
     repeat = 1 if args.quick else args.repeat
-    overrides = _parse_opt(args.opt)
+    try:
+        overrides = parse_variant_opts(args.opt)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     unknown_opt = sorted(set(overrides) - set(names))
     if unknown_opt:
         parser.error(f"--opt names variants not benchmarked: {unknown_opt}")

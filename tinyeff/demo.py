@@ -88,7 +88,6 @@ machine and library versions.  Times do not.
 from __future__ import annotations
 
 import argparse
-import ast
 import csv
 import datetime
 import json
@@ -103,6 +102,7 @@ import tracemalloc
 import numpy as np
 
 from . import tasks
+from ._cli import int_list, parse_variant_opts
 from .progress import Progress
 
 # ----------------------------------------------------------------------------- defaults
@@ -553,31 +553,11 @@ def plot(out: str, result: dict) -> list[str]:
 # ----------------------------------------------------------------------------- command line
 
 
-def parse_opts(values: list[str]) -> dict:
-    """``["window.window=64", ...]`` -> ``{"window": {"window": 64}}`` (literal values)."""
-    out: dict[str, dict] = {}
-    for item in values:
-        key, sep, raw = item.partition("=")
-        name, dot, opt = key.partition(".")
-        if not sep or not dot or not name or not opt:
-            raise ValueError(f"--opt expects VARIANT.KEY=VALUE, got {item!r}")
-        try:
-            value = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            value = raw
-        out.setdefault(name, {})[opt] = value
-    return out
-
-
 def _ints(text: str) -> list[int]:
-    try:
-        values = [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}"
-                                         ) from None
-    if any(v < 2 for v in values):
-        raise argparse.ArgumentTypeError(f"sequence lengths must be >= 2, got {text!r}")
-    return values
+    return int_list(text, minimum=2)                               # sequence lengths
+
+
+parse_opts = parse_variant_opts
 
 
 def make_parser() -> argparse.ArgumentParser:
