@@ -68,15 +68,20 @@ from .blocked import fast_exp
 # ---------------------------------------------------------------------- helpers
 
 # SPEEDTIP: a dot product over D is a reduction; with fastmath off LLVM must keep the serial
-# order and emits scalar code (measured ≈ 4× slower than this vectorized form on the BigBird
-# benchmark).  This helper alone opts in to reassociation (and FMA contraction) — not to
-# no-inf/no-NaN, so −inf and NaN keep their meaning.  The summation order is then the one
-# the compiled code fixes (SIMD lanes, then a fixed horizontal sum): identical on every call
-# and thread, so results stay bit-identical across thread counts.
+# order and emits scalar code (measured ≈ 4× slower than the vectorized form on the BigBird
+# benchmark).  The kernels that walk entries one by one (the scattered passes) are therefore
+# compiled with reassociation and FMA contraction (``_vec_kernel``) — not with no-inf/no-NaN,
+# so −inf and NaN keep their meaning.  Their small helpers below are inlined (a call per
+# entry cost its overhead plus reference counting of the array views: measured ≈ 20 % of the
+# BigBird fwd+bwd), so they take the flags of the kernel they are inlined into.  The
+# summation order of a dot is then the one the compiled code fixes (SIMD lanes, then a fixed
+# horizontal sum): the same on every call and thread, so results stay bit-identical across
+# thread counts.  No prange reduction exists in these kernels (each output has one owner).
 _DOT_FLAGS = {"reassoc", "contract"}
+_vec_kernel = numba.njit(cache=True, parallel=True, fastmath=_DOT_FLAGS, nogil=True)
 
 
-@numba.njit(cache=True, parallel=False, fastmath=_DOT_FLAGS, nogil=True)
+@numba.njit(inline="always")
 def _dot(x, y):
     """Σ_d x_d y_d (vectorized; order fixed by the compiled code)."""
     acc = x.dtype.type(0)
@@ -95,14 +100,14 @@ def _finite(a):
     return acc == 0
 
 
-@numba.njit(cache=True, parallel=False, fastmath={"contract"}, nogil=True)
+@numba.njit(inline="always")
 def _axpy(out, a, x):
     """out += a · x (elementwise; no reduction, so it vectorizes; FMA allowed)."""
     for d in range(out.shape[0]):
         out[d] += a * x[d]
 
 
-@numba.njit(cache=True, parallel=False, fastmath={"contract"}, nogil=True)
+@numba.njit(inline="always")
 def _axpy2(out, a, x, b, y):
     """out = (out + a · x) + b · y, two entries per pass over out (half the loads/stores)."""
     for d in range(out.shape[0]):
@@ -112,7 +117,7 @@ def _axpy2(out, a, x, b, y):
         out[d] = o
 
 
-@serial
+@numba.njit(inline="always")
 def _row_softmax(x):
     """In place: x = softmax(x) over one row's stored entries; returns lse.
 
@@ -136,7 +141,7 @@ def _row_softmax(x):
     return c + np.log(z)
 
 
-@serial
+@numba.njit(inline="always")
 def _gather_dense(dst, src_row, indices, ea, eb, off, a):
     """dst[e] = a · src_row[indices[e] − off] for e in [ea, eb) (a contiguous copy when the
     span holds consecutive keys, as a window's does)."""
@@ -152,7 +157,7 @@ def _gather_dense(dst, src_row, indices, ea, eb, off, a):
             dst[e] = a * src_row[indices[e] - off]
 
 
-@serial
+@numba.njit(inline="always")
 def _scatter_dense(dst_row, src, indices, ea, eb, off, a):
     """dst_row = 0, then dst_row[indices[e] − off] = a · src[e] for e in [ea, eb)."""
     dst_row[:] = 0
@@ -168,7 +173,7 @@ def _scatter_dense(dst_row, src, indices, ea, eb, off, a):
             dst_row[indices[e] - off] = a * src[e]
 
 
-@serial
+@numba.njit(inline="always")
 def _gather_rows(dst, src, cols, shift):
     """dst[h] = src[cols[h] − shift] (the heavy keys of a group, contiguous)."""
     for h in range(dst.shape[0]):
@@ -293,7 +298,7 @@ def color_tiles(phase, tile_jlo, tile_jhi, order):
 # ---------------------------------------------------------------------- scattered entries
 
 
-@numba.njit(cache=True, parallel=False, fastmath=_DOT_FLAGS, nogil=True)
+@numba.njit(inline="always")
 def _dot2(x1, y1, x2, y2):
     """(x1·y1, x2·y2) in one loop: two independent sums, so the loads of both overlap."""
     a = x1.dtype.type(0)
@@ -304,7 +309,7 @@ def _dot2(x1, y1, x2, y2):
     return a, b
 
 
-@kernel
+@_vec_kernel
 def scattered_dot(vals, x, y, r_ptr, r_row, r_col, r_e, groups, n_chunks, n_blocks, scale):
     """vals[bh // G, e] = scale · x[bh, i]·y[bh, j] for every scattered entry e = (i, j).
 
@@ -331,7 +336,7 @@ def scattered_dot(vals, x, y, r_ptr, r_row, r_col, r_e, groups, n_chunks, n_bloc
             vb[r_e[u]] = _dot(xb[r_row[u]], yb[r_col[u]]) * scale
 
 
-@kernel
+@_vec_kernel
 def scattered_axpy(acc, vals, y, pc, dsc, p, r_ptr, r_row, r_col, r_e, r_pos, groups,
                    n_chunks, n_blocks, scale, save):
     """acc[bh, i] += (scale · vals[bh // G, e]) y[bh, j] over the scattered entries, each
@@ -367,7 +372,7 @@ def scattered_axpy(acc, vals, y, pc, dsc, p, r_ptr, r_row, r_col, r_e, r_pos, gr
                 u += 1
 
 
-@kernel
+@_vec_kernel
 def cols_bwd_scattered(dk, dv, pc, dsc, q, dout, c_ptr, c_row, c_col, groups, n_chunks,
                        n_blocks):
     """dv_j += Σ p_e dout_i, dk_j += Σ (scale·ds_e) q_i over key j's scattered entries, rows
@@ -407,14 +412,18 @@ def cols_bwd_scattered(dk, dv, pc, dsc, q, dout, c_ptr, c_row, c_col, groups, n_
 
 @kernel
 def tiles_fwd(out, lse, p, q, k, v, rel, kpad, indptr, indices, row_ea, row_eb, tile_start,
-              tile_jlo, tile_jhi, heavy_ptr, heavy_cols, hmap, groups, scale):
+              tile_jlo, tile_jhi, heavy_ptr, heavy_cols, hv_ptr, hv_e, hv_r, hv_h, groups,
+              scale):
     """Forward on every tile: dense and heavy scores, the row softmax (the scattered scores
     are in p already, from :func:`scattered_dot`), out = the dense and heavy parts of P v
     (the scattered part is added by :func:`scattered_axpy`).
 
     out (BH, N, Dv) zero-filled on entry; lse (BH, N); p (BH/G, nnz);
     q (BH, N, D); k (BH, M, D); v (BH, M, Dv) with D, Dv > 0; rel (BH, N + M − 1) or
-    (0, 0); kpad (BH, M) bool (True = real key) or (0, 0); the plan arrays.
+    (0, 0); kpad (BH, M) bool (True = real key) or (0, 0); the plan arrays: tiles, dense
+    spans, heavy keys of group g = heavy_cols[heavy_ptr[g]:heavy_ptr[g + 1]] and tile t's
+    heavy entries u ∈ [hv_ptr[t], hv_ptr[t + 1]): CSR entry hv_e[u] of the tile's row
+    hv_r[u], key number hv_h[u] of its group's heavy keys.
     """
     bo_n = p.shape[0]
     _, n, d = q.shape
@@ -451,18 +460,13 @@ def tiles_fwd(out, lse, p, q, k, v, rel, kpad, indptr, indices, row_ea, row_eb, 
             sh = np.dot(qt, kh.T)                                           # (T, Gc)
         else:
             sh = np.zeros((nr, 0), dtype=q.dtype)                           # (T, 0)
+        for u in range(hv_ptr[t], hv_ptr[t + 1]):
+            pb[hv_e[u]] = sh[hv_r[u], hv_h[u]] * scale
         for row in range(r0, r1):
             i = row - g * n
             r = row - r0
             e0, ea, eb, e1 = indptr[row], row_ea[row], row_eb[row], indptr[row + 1]
             _gather_dense(pb, st[r], indices, ea, eb, off, scale)
-            if nh > 0:
-                for e in range(e0, ea):
-                    if hmap[indices[e]] >= 0:
-                        pb[e] = sh[r, hmap[indices[e]]] * scale
-                for e in range(eb, e1):
-                    if hmap[indices[e]] >= 0:
-                        pb[e] = sh[r, hmap[indices[e]]] * scale
             if has_rel:                                    # + rel[i − j + M − 1]
                 for e in range(e0, e1):
                     pb[e] += rel[bh, i - (indices[e] - g * m) + m - 1]
@@ -487,15 +491,12 @@ def tiles_fwd(out, lse, p, q, k, v, rel, kpad, indptr, indices, row_ea, row_eb, 
         if nh > 0:
             heavy_o = _finite(vh)
             sh[:, :] = 0
-            for row in range(r0, r1):
-                e0, ea, eb, e1 = indptr[row], row_ea[row], row_eb[row], indptr[row + 1]
-                for e in range(e0, e1):
-                    if ea <= e < eb or hmap[indices[e]] < 0:
-                        continue
-                    if heavy_o:
-                        sh[row - r0, hmap[indices[e]]] = pb[e]
-                    else:
-                        _axpy(out[bh, row - g * n], pb[e], vb[indices[e] - g * m])
+            for u in range(hv_ptr[t], hv_ptr[t + 1]):
+                e = hv_e[u]
+                if heavy_o:
+                    sh[hv_r[u], hv_h[u]] = pb[e]
+                else:
+                    _axpy(out[bh, i0 + hv_r[u]], pb[e], vb[indices[e] - g * m])
             if heavy_o:
                 out[bh, i0:i0 + nr] += np.dot(sh, vh)                       # (T, Dv)
 
@@ -505,8 +506,8 @@ def tiles_fwd(out, lse, p, q, k, v, rel, kpad, indptr, indices, row_ea, row_eb, 
 
 @serial
 def _tile_bwd(t, bo, dq, dk, dv, ds, ph, dsh, dout, p, q, k, v, indptr, indices, row_ea,
-              row_eb, tile_start, tile_jlo, tile_jhi, heavy_ptr, heavy_cols, hmap, groups,
-              scale):
+              row_eb, tile_start, tile_jlo, tile_jhi, heavy_ptr, heavy_cols, hv_ptr, hv_e, hv_r,
+              hv_h, groups, scale):
     """The backward of tile t for batch items bo·G + g (see :func:`tiles_bwd`)."""
     _, n, d = q.shape
     m, dvn = v.shape[1], v.shape[2]
@@ -541,18 +542,13 @@ def _tile_bwd(t, bo, dq, dk, dv, ds, ph, dsh, dout, p, q, k, v, indptr, indices,
                and _finite(kb[jl:jl + nrng]))
     heavy_g = nh > 0 and _finite(kh)
     pt = np.zeros((nr if dense_g else 0, nrng), dtype=q.dtype)              # (T, R) P̂
+    for u in range(hv_ptr[t], hv_ptr[t + 1]):
+        dsb[hv_e[u]] = dph[hv_r[u], hv_h[u]]
     for row in range(r0, r1):
         i = row - g * n
         r = row - r0
         e0, ea, eb, e1 = indptr[row], row_ea[row], row_eb[row], indptr[row + 1]
         _gather_dense(dsb, dpt[r], indices, ea, eb, off, one)
-        if nh > 0:
-            for e in range(e0, ea):
-                if hmap[indices[e]] >= 0:
-                    dsb[e] = dph[r, hmap[indices[e]]]
-            for e in range(eb, e1):
-                if hmap[indices[e]] >= 0:
-                    dsb[e] = dph[r, hmap[indices[e]]]
         # fwd: p_e = exp(s_e − c_i) / z_i  -> ds_e = p_e (dp_e − Σ_row p dp)
         delta = q.dtype.type(0)
         for e in range(e0, e1):
@@ -571,18 +567,15 @@ def _tile_bwd(t, bo, dq, dk, dv, ds, ph, dsh, dout, p, q, k, v, indptr, indices,
                 _axpy(dq[bh, i], dsb[e] * scale, kb[j])
                 _axpy(dk[bh, j], dsb[e] * scale, qb[i])
                 _axpy(dv[bh, j], pb[e], dob[i])
-        if nh > 0:
-            dph[r, :] = 0
-            for e in range(e0, e1):
-                h = hmap[indices[e]]
-                if ea <= e < eb or h < 0:
-                    continue
-                ph[bh, h, i] = pb[e]        # dk, dv: heavy_bwd
-                dsh[bh, h, i] = dsb[e] * scale
-                if heavy_g:
-                    dph[r, h] = dsb[e] * scale
-                else:
-                    _axpy(dq[bh, i], dsb[e] * scale, kb[indices[e] - g * m])
+    dph[:, :] = 0
+    for u in range(hv_ptr[t], hv_ptr[t + 1]):
+        e, h, i = hv_e[u], hv_h[u], i0 + hv_r[u]
+        ph[bh, h, i] = pb[e]                # dk, dv: heavy_bwd
+        dsh[bh, h, i] = dsb[e] * scale
+        if heavy_g:
+            dph[hv_r[u], h] = dsb[e] * scale
+        else:
+            _axpy(dq[bh, i], dsb[e] * scale, kb[indices[e] - g * m])
     if dense_g:
         dq[bh, i0:i0 + nr] += np.dot(dpt, kb[jl:jl + nrng])                 # (T, D)
         dk[bh, jl:jl + nrng] += np.dot(dpt.T, qt)                           # (R, D)
@@ -594,7 +587,7 @@ def _tile_bwd(t, bo, dq, dk, dv, ds, ph, dsh, dout, p, q, k, v, indptr, indices,
 @kernel
 def tiles_bwd(dq, dk, dv, ds, ph, dsh, dout, p, q, k, v, indptr, indices, row_ea, row_eb,
               tile_start, tile_jlo, tile_jhi, phase_ptr, phase_tiles, heavy_ptr, heavy_cols,
-              hmap, groups, scale, per_item):
+              hv_ptr, hv_e, hv_r, hv_h, groups, scale, per_item):
     """Backward on every tile: the dense and heavy dp (the scattered dp are in ds already,
     from :func:`scattered_dot`), ds of every entry, the dense and heavy parts of dq, the
     dense entries' dk, dv; the heavy entries' p and ds·scale go to ph, dsh.
@@ -618,7 +611,8 @@ def tiles_bwd(dq, dk, dv, ds, ph, dsh, dout, p, q, k, v, indptr, indices, row_ea
                 if tile_start[t] // n == g:
                     _tile_bwd(t, bo, dq, dk, dv, ds, ph, dsh, dout, p, q, k, v, indptr,
                               indices, row_ea, row_eb, tile_start, tile_jlo, tile_jhi,
-                              heavy_ptr, heavy_cols, hmap, groups, scale)
+                              heavy_ptr, heavy_cols, hv_ptr, hv_e, hv_r, hv_h, groups,
+                              scale)
         return
     for f in range(phase_ptr.shape[0] - 1):
         a = phase_ptr[f]
@@ -628,7 +622,7 @@ def tiles_bwd(dq, dk, dv, ds, ph, dsh, dout, p, q, k, v, indptr, indices, row_ea
             t = phase_tiles[a + task - bo * ntp]
             _tile_bwd(t, bo, dq, dk, dv, ds, ph, dsh, dout, p, q, k, v, indptr, indices,
                       row_ea, row_eb, tile_start, tile_jlo, tile_jhi, heavy_ptr, heavy_cols,
-                      hmap, groups, scale)
+                      hv_ptr, hv_e, hv_r, hv_h, groups, scale)
 
 
 @kernel
