@@ -399,15 +399,15 @@ class _Plan:
         return self._phases
 
 
-_PLANS: dict = {}          # (id(Pattern), G) -> _Plan (the plan holds the Pattern)
+_PLANS: dict = {}          # (id(Pattern), G, knobs) -> _Plan (the plan holds the Pattern)
 _PLANS_MAX = 8
 
 
 def _plan(pat: Pattern, groups: int) -> _Plan:
     """The cached plan of a Pattern (the few most recent patterns are kept)."""
-    key = (id(pat), groups)
+    key = (id(pat), groups, _knobs())
     plan = _PLANS.get(key)
-    if plan is None or plan.pat is not pat or plan.knobs != _knobs():
+    if plan is None or plan.pat is not pat:
         plan = _Plan(pat, groups)
         _PLANS.pop(key, None)
         while len(_PLANS) >= _PLANS_MAX:
