@@ -55,9 +55,14 @@ from ._cli import int_list, parse_variant_opts
 
 
 def _bigbird_mask(n: int):
-    """BigBird pattern with about the nnz of a ±128 window: 2·96+1 + 16 global + 48 random."""
+    """BigBird pattern with about the nnz of a ±128 window: 2·96+1 + 16 global + 48 random.
+
+    Returned as a canonical ``Pattern``, as a training loop would keep it: the pattern's
+    transpose plan (used by the backward) is then built once, not on every call.
+    """
     from . import masks
-    return masks.bigbird(n, 96, 16, 48, np.random.default_rng(0))
+    from .masks.pattern import Pattern
+    return Pattern.from_scipy(masks.bigbird(n, 96, 16, 48, np.random.default_rng(0)))
 
 
 DEFAULTS = {
