@@ -13,9 +13,14 @@ Writes are atomic: the file is written to a temporary file in the same directory
 to disk, and renamed over the target (``os.replace``), so a crash never leaves a truncated
 checkpoint under the real name.
 
-Loading checks the file against the model before copying anything: a parameter missing
-from either side, a shape or dtype mismatch, or a config mismatch raises a ``ValueError``
-naming the parameter (or config key) and both values.
+Loading (``allow_pickle=False``, nothing in a file is ever executed) checks the whole file
+against the model and the optimizer before copying anything: a truncated or corrupted
+archive, a missing or malformed header entry (format, version, meta JSON), an entry that is
+not a plain array (a pickle), a parameter/buffer/optimizer array missing from either side,
+a shape or dtype mismatch (nothing is cast), or a config mismatch raises a ``ValueError``
+naming the file, the entry (or config key) and both values; the model and the optimizer are
+left untouched.  A file that cannot be opened at all raises the operating system's error
+(``FileNotFoundError`` ...) unchanged.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import zipfile
+import zlib
 
 import numpy as np
 
@@ -30,6 +37,8 @@ from .layers import Layer
 
 FORMAT = "tinyeff-checkpoint"
 VERSION = 1
+_HEADER = ("format", "version", "meta")
+_SECTIONS = ("param/", "buffer/", "optim/")
 
 
 def save(path, model: Layer, *, optimizer=None, step: int | None = None,
@@ -61,42 +70,122 @@ def save(path, model: Layer, *, optimizer=None, step: int | None = None,
 
 
 def read(path) -> tuple[dict, dict[str, np.ndarray]]:
-    """``(meta, arrays)`` of a checkpoint file, loaded with ``allow_pickle=False``."""
-    with np.load(os.fspath(path), allow_pickle=False) as z:
-        arrays = {k: z[k] for k in z.files}
-    if str(arrays.get("format", "")) != FORMAT:
+    """``(meta, arrays)`` of a checkpoint file, loaded with ``allow_pickle=False``.
+
+    Checks the archive and its header entries (format, version, meta) but not the arrays
+    against a model (that is :func:`load`'s job).  A file that cannot be opened raises the
+    operating system's error (``FileNotFoundError``, ``PermissionError``, ...); a file that
+    opens but is not a readable checkpoint raises ``ValueError`` naming the path and what
+    is wrong.
+    """
+    arrays = _read_arrays(path)
+    fmt = arrays.get("format")
+    if fmt is None or fmt.dtype.kind != "U" or fmt.ndim != 0 or str(fmt) != FORMAT:
         raise ValueError(f"{path} is not a tinyeff checkpoint (no format={FORMAT!r} entry)")
-    if int(arrays["version"]) != VERSION:
-        raise ValueError(f"{path}: checkpoint version {int(arrays['version'])}, this tinyeff "
-                         f"reads version {VERSION}")
-    return json.loads(str(arrays["meta"])), arrays
+    version = arrays.get("version")
+    if version is None:
+        raise ValueError(f"{path}: the checkpoint has no 'version' entry")
+    if version.dtype.kind not in "iu" or version.ndim != 0:
+        raise ValueError(f"{path}: the 'version' entry should be an integer scalar, got "
+                         f"shape {version.shape} dtype {version.dtype}")
+    if int(version) != VERSION:
+        raise ValueError(f"{path}: checkpoint version {int(version)}, this tinyeff reads "
+                         f"version {VERSION}")
+    unknown = sorted(k for k in arrays
+                     if k not in _HEADER and not k.startswith(_SECTIONS))
+    if unknown:
+        raise ValueError(f"{path}: unexpected entries {unknown[:5]} (a version-{VERSION} "
+                         f"checkpoint holds {', '.join(_HEADER)} and "
+                         f"{', '.join(s + '<name>' for s in _SECTIONS)})")
+    return _read_meta(arrays, path), arrays
 
 
-def _check(kind: str, file_arrays: dict, model_arrays: dict, path) -> None:
+def _read_arrays(path) -> dict[str, np.ndarray]:
+    """Every entry of the .npz at ``path`` (``allow_pickle=False``), or a ``ValueError``."""
+    with open(os.fspath(path), "rb") as f:             # OS errors (missing file) propagate
+        try:
+            z = np.load(f, allow_pickle=False)
+        except ValueError as e:                        # NumPy's refusal of a pickle
+            raise ValueError(f"{path} is not a .npz checkpoint archive ({e})") from None
+        except (EOFError, OSError, zipfile.BadZipFile, zlib.error) as e:
+            raise ValueError(f"{path} is truncated or corrupted: not a readable .npz "
+                             f"archive ({type(e).__name__}: {e})") from None
+        if not isinstance(z, np.lib.npyio.NpzFile):
+            raise ValueError(f"{path} holds a single .npy array, not a .npz checkpoint archive")
+        arrays = {}
+        with z:
+            for name in z.files:
+                try:
+                    a = z[name]
+                except ValueError as e:
+                    raise ValueError(f"{path}: entry {name!r} is not a plain array ({e}); "
+                                     "pickled or object content is refused") from None
+                except (EOFError, OSError, KeyError, RuntimeError, NotImplementedError,
+                        zipfile.BadZipFile, zlib.error) as e:
+                    raise ValueError(f"{path}: entry {name!r} is truncated or corrupted "
+                                     f"({type(e).__name__}: {e})") from None
+                if not isinstance(a, np.ndarray) or a.dtype.hasobject:
+                    raise ValueError(f"{path}: entry {name!r} holds objects; refused")
+                arrays[name] = a
+    return arrays
+
+
+def _read_meta(arrays: dict, path) -> dict:
+    meta = arrays.get("meta")
+    if meta is None:
+        raise ValueError(f"{path}: the checkpoint has no 'meta' entry")
+    if meta.dtype.kind != "U" or meta.ndim != 0:
+        raise ValueError(f"{path}: the 'meta' entry should be a JSON text scalar, got shape "
+                         f"{meta.shape} dtype {meta.dtype}")
+    try:
+        meta = json.loads(str(meta))
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise ValueError(f"{path}: the 'meta' entry is not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: the 'meta' entry should be a JSON object, got "
+                         f"{type(meta).__name__}")
+    for key, kinds, what in (("config", (dict, type(None)), "an object or null"),
+                             ("step", (int, type(None)), "an integer or null"),
+                             ("extra", (dict,), "an object")):
+        if key not in meta:
+            raise ValueError(f"{path}: the 'meta' entry has no {key!r} key")
+        if not isinstance(meta[key], kinds) or isinstance(meta[key], bool):
+            raise ValueError(f"{path}: meta {key!r} should be {what}, got {meta[key]!r}")
+    return meta
+
+
+def _check(kind: str, file_arrays: dict, model_arrays: dict, path,
+           holder: str = "model") -> None:
+    """Names, shapes and dtypes of ``file_arrays`` equal those of ``model_arrays``."""
     missing = sorted(set(model_arrays) - set(file_arrays))
     if missing:
-        raise ValueError(f"{path}: the checkpoint has no {kind} {missing[0]!r} that this model "
-                         f"has (missing: {missing[:5]}); it was saved from another config")
+        raise ValueError(f"{path}: the checkpoint has no {kind} {missing[0]!r} that this "
+                         f"{holder} has (missing: {missing[:5]}); it was saved from another "
+                         "config")
     unexpected = sorted(set(file_arrays) - set(model_arrays))
     if unexpected:
-        raise ValueError(f"{path}: the checkpoint has {kind} {unexpected[0]!r} that this model "
-                         f"lacks (unexpected: {unexpected[:5]}); it was saved from another "
-                         "config")
+        raise ValueError(f"{path}: the checkpoint has {kind} {unexpected[0]!r} that this "
+                         f"{holder} lacks (unexpected: {unexpected[:5]}); it was saved from "
+                         "another config")
     for name, target in model_arrays.items():
         src = file_arrays[name]
         if src.shape != target.shape:
             raise ValueError(f"{path}: {kind} {name!r} has shape {src.shape} in the checkpoint "
-                             f"but {target.shape} in the model")
+                             f"but {target.shape} in the {holder}")
         if src.dtype != target.dtype:
             raise ValueError(f"{path}: {kind} {name!r} has dtype {src.dtype} in the checkpoint "
-                             f"but {target.dtype} in the model (no silent casting)")
+                             f"but {target.dtype} in the {holder} (no silent casting)")
 
 
 def load(path, model: Layer, *, optimizer=None, check_config: bool = True) -> dict:
     """Load ``path`` into ``model`` (and ``optimizer``) in place; returns the meta dict.
 
-    Everything is validated before anything is copied.  With ``check_config`` the stored
-    config must equal ``model.config`` key by key (the error names the differing keys).
+    Everything is validated before anything is copied: the archive, its header, every
+    parameter and buffer, and (with ``optimizer``) every optimizer state array against
+    ``optimizer.state_arrays()`` -- names, shapes and dtypes, nothing cast.  A failed load
+    raises ``ValueError`` naming the path and leaves the model and the optimizer untouched.
+    With ``check_config`` the stored config must equal ``model.config`` key by key (the
+    error names the differing keys).
     """
     meta, arrays = read(path)
     config = getattr(model, "config", None)
@@ -114,12 +203,21 @@ def load(path, model: Layer, *, optimizer=None, check_config: bool = True) -> di
     model_params, model_buffers = model.named_parameters(), model.named_buffers()
     _check("parameter", params, model_params, path)
     _check("buffer", buffers, model_buffers, path)
+    if optimizer is not None:
+        state = {k[6:]: v for k, v in arrays.items() if k.startswith("optim/")}
+        if not state:
+            raise ValueError(f"{path}: the checkpoint holds no optimizer state (it was saved "
+                             "without optimizer=); load it without an optimizer")
+        _check("optimizer state", state, optimizer.state_arrays(), path, "optimizer")
+        t = state.get("t")
+        if t is not None and t.ndim == 0 and int(t) < 0:
+            raise ValueError(f"{path}: optimizer state 't' (the step count) is {int(t)} < 0")
+    # nothing is written before this line
     for source, target in ((params, model_params), (buffers, model_buffers)):
         for name, array in target.items():
             array[...] = source[name]
     if optimizer is not None:
-        optimizer.load_state_arrays({k[6:]: v for k, v in arrays.items()
-                                     if k.startswith("optim/")})
+        optimizer.load_state_arrays(state)
     return meta
 
 
@@ -130,6 +228,10 @@ def load_transformer(path):
     meta, _ = read(path)
     if meta.get("config") is None:
         raise ValueError(f"{path} stores no model config; build the model and call load()")
-    model = Transformer.from_config(meta["config"])
+    try:
+        model = Transformer.from_config(meta["config"])
+    except (TypeError, ValueError, KeyError) as e:
+        raise ValueError(f"{path}: the stored config does not build a Transformer "
+                         f"({type(e).__name__}: {e})") from None
     load(path, model)
     return model
