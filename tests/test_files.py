@@ -10,7 +10,10 @@ Added here, for checkpoints: truncated, bit-flipped, empty and non-zip files; en
 missing or hand-edited (format, version, meta, optimizer state); a pickle inside every kind
 of entry never executes; a failed load leaves the model and optimizer untouched; an
 interrupted save (KeyboardInterrupt, or the process killed mid-write) leaves the previous
-file intact.  For golden files: an interrupted write leaves the previous file intact.
+file intact.  For golden files: an interrupted write leaves the previous file intact, and
+the damage tests/test_golden.py does not cover (a JSON nesting bomb in the header or the
+manifest, an encrypted entry or an unknown compression method, a truncated entry, manifest
+fields of the wrong JSON type) gives a ``GoldenError`` (a ``ValueError``) naming the file.
 
 Expected behaviour of a bad file: a ``ValueError`` whose message names the file and what is
 wrong (the entry, expected vs seen shape/dtype, the missing key), never a
@@ -21,11 +24,13 @@ cannot be opened (missing, a directory) keeps the operating system's error.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
 import pathlib
 import re
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -102,6 +107,10 @@ def _corruptions(marker):
                         + raw[len(raw) // 2 + 1:], "truncated or corrupted"),
         "empty": (lambda raw: b"", "truncated or corrupted"),
         "not_a_zip": (lambda raw: b"tinyeff" * 50, "not a .npz"),
+        "unknown_compression_method": (lambda raw: _zip_flags((8, 10, b"\x63\x00"))(raw),
+                                       "truncated or corrupted"),
+        "encrypted_entries": (lambda raw: _zip_flags((6, 8, b"\x01\x00"))(raw),
+                              "truncated or corrupted"),
         "single_npy": (lambda raw: _npy(np.zeros(3)), "single .npy"),
         "no_format": (lambda raw: _rezip(raw, lambda e: e.pop("format.npy")),
                       "not a tinyeff checkpoint"),
@@ -112,6 +121,8 @@ def _corruptions(marker):
             np.array("{not json")))), "not valid JSON"),
         "meta_not_a_dict": (lambda raw: _rezip(raw, _set("meta.npy", lambda e, k: _npy(
             np.array("[1, 2]")))), "JSON object, got list"),
+        "meta_nested_too_deep": (lambda raw: _rezip(raw, _set("meta.npy", lambda e, k: _npy(
+            np.array("[" * 100_000 + "]" * 100_000)))), "not valid JSON"),
         "meta_not_text": (lambda raw: _rezip(raw, _set("meta.npy", lambda e, k: _npy(
             np.zeros(2)))), "JSON text scalar"),
         "meta_without_config": (lambda raw: _rezip(raw, _set("meta.npy", lambda e, k: _npy(
@@ -340,3 +351,98 @@ def test_interrupted_golden_write_never_leaves_a_half_written_file(tmp_path, mon
         golden.load_golden(tmp_path)
     except golden.GoldenError as e:                  # first file new, manifest old: refused
         assert "SHA-256" in str(e) or "manifest" in str(e), e
+
+
+# ----------------------------------------------------------------------------------------
+# Golden files: damage that tests/test_golden.py does not cover
+# ----------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def golden_base(tmp_path_factory):
+    root = tmp_path_factory.mktemp("golden")
+    golden.write_golden(root, ["full"])
+    return root
+
+
+def _golden_manifest(root) -> dict:
+    return json.loads((root / "manifest.json").read_text())
+
+
+def _golden_hand_edit(root, edit=None, raw=None):
+    """Rewrite the first case file (``edit`` its entries, then ``raw`` its bytes) and re-hash
+    it in the manifest, as a person editing the files would; returns the path."""
+    manifest = _golden_manifest(root)
+    path = root / manifest["cases"][0]["file"]
+    data = path.read_bytes()
+    if edit is not None:
+        data = _rezip(data, edit)
+    if raw is not None:
+        data = raw(data)
+    path.write_bytes(data)
+    manifest["cases"][0]["sha256"] = hashlib.sha256(data).hexdigest()
+    (root / "manifest.json").write_text(golden.manifest_text(manifest))
+    return path
+
+
+def _set_header(text):
+    def edit(e):
+        e["header.npy"] = _npy(np.array(text))
+    return edit
+
+
+def _edit_manifest(fn):
+    def go(root):
+        manifest = _golden_manifest(root)
+        fn(manifest)
+        (root / "manifest.json").write_text(json.dumps(manifest))
+    return go
+
+
+def _zip_flags(flag_offset_value):
+    """Set a field of every zip header: (local-header offset, central-header offset, bytes)."""
+    local_off, central_off, value = flag_offset_value
+
+    def raw(data):
+        out = bytearray(data)
+        for sig, off in ((b"PK\x03\x04", local_off), (b"PK\x01\x02", central_off)):
+            i = out.find(sig)
+            while i >= 0:
+                out[i + off:i + off + len(value)] = value
+                i = out.find(sig, i + 4)
+        return bytes(out)
+    return raw
+
+
+_GOLDEN_DAMAGE = {
+    # a JSON bomb: json.loads raises RecursionError, not JSONDecodeError
+    "header_nested_too_deep": (lambda r: _golden_hand_edit(
+        r, _set_header("[" * 100_000 + "]" * 100_000)), "not valid JSON"),
+    "manifest_nested_too_deep": (lambda r: (r / "manifest.json").write_text(
+        "[" * 100_000 + "]" * 100_000), "not valid JSON"),
+    # zipfile raises NotImplementedError / RuntimeError for these
+    "unknown_compression_method": (lambda r: _golden_hand_edit(
+        r, raw=_zip_flags((8, 10, b"\x63\x00"))), "corrupted"),
+    "encrypted_entry": (lambda r: _golden_hand_edit(
+        r, raw=_zip_flags((6, 8, b"\x01\x00"))), "corrupted"),
+    "truncated_entry": (lambda r: _golden_hand_edit(r, lambda e: e.update(
+        {"out.npy": e["out.npy"][:-8]})), "entry 'out' is not a complete plain array"),
+    # hand-edited manifest fields of the wrong JSON type
+    "manifest_args_a_list": (_edit_manifest(lambda m: m["cases"][0].update(args=[1])),
+                             "'args' is not a dict"),
+    "manifest_options_not_names": (_edit_manifest(lambda m: m["cases"][0].update(
+        options=[1, "x"])), "options .* are not names"),
+    "manifest_options_an_int": (_edit_manifest(lambda m: m["cases"][0].update(options=3)),
+                                "'options' is not a list"),
+}
+
+
+@pytest.mark.parametrize("damage", list(_GOLDEN_DAMAGE))
+def test_damaged_golden_directory_gives_a_golden_error(damage, golden_base, tmp_path):
+    root = tmp_path / "g"
+    shutil.copytree(golden_base, root)
+    edit, what = _GOLDEN_DAMAGE[damage]
+    edit(root)
+    with pytest.raises(golden.GoldenError) as err:
+        golden.load_golden(root)
+    assert isinstance(err.value, ValueError)
+    assert str(root) in str(err.value) and re.search(what, str(err.value)), err.value

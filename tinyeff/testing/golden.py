@@ -395,10 +395,14 @@ def _read_npz(path: Path, data: bytes) -> dict[str, np.ndarray]:
                 raw = zf.read(info)
                 a = np.lib.format.read_array(io.BytesIO(raw), allow_pickle=False)
             except ValueError as e:
-                raise GoldenError(f"{path}: entry {name!r} is not a plain array ({e}); "
-                                  "pickled or object content is refused") from None
-            except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as e:
-                raise GoldenError(f"{path}: entry {name!r} is corrupted ({e})") from None
+                raise GoldenError(f"{path}: entry {name!r} is not a complete plain array "
+                                  f"({e}); pickled or object content is refused") from None
+            except (zipfile.BadZipFile, OSError, EOFError, zlib.error, RuntimeError,
+                    NotImplementedError) as e:
+                # RuntimeError: an encrypted entry; NotImplementedError: an unknown
+                # compression method (zipfile's own exceptions for those)
+                raise GoldenError(f"{path}: entry {name!r} is corrupted "
+                                  f"({type(e).__name__}: {e})") from None
             if a.dtype.hasobject:
                 raise GoldenError(f"{path}: entry {name!r} holds objects; refused")
             arrays[name] = a
@@ -432,7 +436,7 @@ def read_case(path, sha256: str | None = None, expect: dict | None = None) -> Go
     _expect(path, htext.dtype.kind == "U" and htext.ndim == 0, "the header is not a text scalar")
     try:
         header = json.loads(str(htext))
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, RecursionError) as e:
         raise GoldenError(f"{path}: the header is not valid JSON ({e})") from None
     _expect(path, isinstance(header, dict), "the header is not a JSON object")
     _expect(path, header.get("format") == FORMAT,
@@ -469,6 +473,12 @@ def read_case(path, sha256: str | None = None, expect: dict | None = None) -> Go
             f"out/dout dtypes {out.dtype}/{dout.dtype}, the header says {dtype}")
     _expect(path, out.shape == dout.shape, f"out {out.shape} and dout {dout.shape} differ")
     if expect is not None:
+        _expect(path, isinstance(expect, dict), f"the manifest entry {expect!r} is not an object")
+        for key, kind in (("args", dict), ("grads", dict), ("options", list)):
+            _expect(path, isinstance(expect.get(key, kind()), kind),
+                    f"the manifest entry's {key!r} is not a {kind.__name__}")
+        _expect(path, all(isinstance(o, str) for o in expect.get("options", [])),
+                f"the manifest entry's options {expect.get('options')!r} are not names")
         for key in ("variant", "case"):
             _expect(path, expect.get(key) == header[key],
                     f"{key} {header[key]!r} but the manifest says {expect.get(key)!r}")
@@ -520,7 +530,7 @@ def load_manifest(root) -> dict:
     except OSError as e:
         raise GoldenError(f"{path}: cannot read ({e.strerror}); is {root} a golden directory "
                           "written by `python -m tinyeff golden`?") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise GoldenError(f"{path}: not valid JSON ({e})") from None
     _expect(path, isinstance(manifest, dict) and manifest.get("format") == FORMAT,
             f"not a {FORMAT} manifest")
