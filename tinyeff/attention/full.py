@@ -59,6 +59,7 @@ import numpy as np
 from .. import _checks
 from ..ctx import Ctx
 from ..ops import softmax
+from . import _nonfinite
 from ._case import Case
 
 NAME = "full"
@@ -116,6 +117,7 @@ def rel_bias_grad(dbias: np.ndarray) -> np.ndarray:
     return out
 
 
+@_nonfinite.nan_rows_of_v
 def forward(q, k, v, *, causal=False, mask=None, key_padding_mask=None, bias=None,
             rel_bias=None, scale=None, impl="auto"):
     """Exact attention.  Returns ``(out (..., N, Dv), ctx)``; see the module docstring."""
@@ -224,8 +226,10 @@ def _backward_ref(dout, ctx: FullCtx) -> dict:
 # ----------------------------------------------------------------- impl="blocked" (Numba)
 
 def _heads(x: np.ndarray, bh: int) -> np.ndarray:
-    """(..., L, C) -> (BH, L, C) C-contiguous (a view when x already is)."""
-    return np.ascontiguousarray(x.reshape(bh, *x.shape[-2:]))     # (BH, L, C)
+    """(..., L, C) -> (BH, L, C) C-contiguous and writeable (a view when x already is; a
+    copy of a read-only x, so that read-only inputs reuse the kernels compiled for writeable
+    ones instead of compiling a read-only specialization)."""
+    return np.require(x.reshape(bh, *x.shape[-2:]), requirements="CW")  # (BH, L, C)
 
 
 def _per_head(x, batch: tuple, bh: int, length: int, dtype) -> np.ndarray:
@@ -233,7 +237,7 @@ def _per_head(x, batch: tuple, bh: int, length: int, dtype) -> np.ndarray:
     if x is None:
         return np.zeros((1, 1), dtype=dtype)                       # unused by the kernel
     full_shape = (*batch, length)
-    return np.ascontiguousarray(np.broadcast_to(x, full_shape).reshape(bh, length))
+    return np.require(np.broadcast_to(x, full_shape).reshape(bh, length), requirements="CW")
 
 
 def _forward_blocked(q, k, v, causal, key_padding_mask, rel_bias, scale):

@@ -111,6 +111,7 @@ import numpy as np
 from .. import _checks
 from ..ctx import Ctx
 from ..ops import softmax
+from . import _nonfinite
 from ._case import Case
 
 NAME = "hierarchical"
@@ -165,6 +166,7 @@ def segment_offsets(level: int, parity: int, neighbours: bool) -> np.ndarray:
     return np.r_[-2 * w - 1:-w, w + 1:2 * w + 1]                   # (2w+1,)
 
 
+@_nonfinite.nan_rows_of_v
 def forward(q, k, v, *, block, levels=None, neighbours=True, causal=False,
             key_padding_mask=None, scale=None):
     """Hierarchical attention.  Returns ``(out (..., N, Dv), ctx)``; see the module docstring."""

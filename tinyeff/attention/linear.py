@@ -89,6 +89,7 @@ from .. import _checks
 from ..ctx import Ctx
 from ..kernels import linear as kernels
 from ..ops.feature_maps import FeatureMap
+from . import _nonfinite
 from ._case import Case
 
 NAME = "linear"
@@ -123,6 +124,7 @@ class LinearCtx(Ctx):
     impl: str
 
 
+@_nonfinite.nan_rows_of_v
 def forward(q, k, v, *, feature_map="elu", causal=False, mask=None, mask_mode="exact",
             normalize=True, eps=1e-6, impl="auto"):
     """Linear attention.  Returns ``(out (..., N, Dv), ctx)``; see the module docstring."""

@@ -55,6 +55,7 @@ from .. import _checks
 from ..ctx import Ctx
 from ..kernels import window as kernels
 from ..ops import softmax
+from . import _nonfinite
 from ._case import Case
 
 NAME = "local"
@@ -86,6 +87,7 @@ class LocalCtx(Ctx):
     impl: str
 
 
+@_nonfinite.nan_rows_of_v
 def forward(q, k, v, *, block, look_backward=1, look_forward=0, causal=False,
             key_padding_mask=None, rel_bias=None, scale=None, impl="auto"):
     """Segment-local attention.  Returns ``(out (..., N, Dv), ctx)``; see the module docstring."""

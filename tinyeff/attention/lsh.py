@@ -87,6 +87,7 @@ import numpy as np
 from .. import _checks
 from ..ctx import Ctx
 from ..ops import permute, softmax
+from . import _nonfinite
 from ._case import Case
 
 NAME = "lsh"
@@ -165,6 +166,7 @@ def gradcheck_invariant(ctx: LSHCtx) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- forward/backward
 
+@_nonfinite.nan_rows_of_v(replay=("buckets",))
 def forward(q, k=None, v=None, *, rotations, chunk_len, n_buckets=None, causal=False,
             key_padding_mask=None, dedup=False, scale=None, buckets=None, impl="auto"):
     """LSH attention of the shared qk = q.  Returns ``(out (..., N, Dv), ctx)``."""

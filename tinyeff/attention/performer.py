@@ -93,7 +93,7 @@ import numpy as np
 from .. import _checks
 from ..ops import feature_maps
 from ..ops.feature_maps import FeatureMap
-from . import linear
+from . import _nonfinite, linear
 from ._case import Case
 from .linear import LinearCtx
 
@@ -110,6 +110,7 @@ IMPLS = linear.IMPLS
 _KIND = {"softmax": "favor_softmax", "relu": "favor_relu"}
 
 
+@_nonfinite.nan_rows_of_v(prepare=lambda o: {**o, "kernel_eps": 1.0})
 def forward(q, k, v, *, features=None, kernel="softmax", scale=None, kernel_eps=1e-3,
             causal=False, mask=None, mask_mode="exact", normalize=True, eps=0.0,
             impl="auto"):

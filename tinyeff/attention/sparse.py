@@ -76,6 +76,7 @@ from ..masks import Pattern
 from ..masks import bigbird as _bigbird
 from ..masks import local as _local
 from ..masks import random as _random
+from . import _nonfinite
 from ._case import Case
 
 NAME = "sparse"
@@ -125,6 +126,7 @@ def _patterns(mask, batch, n, m):
     return pats
 
 
+@_nonfinite.nan_rows_of_v
 def forward(q, k, v, *, mask, causal=False, key_padding_mask=None, rel_bias=None,
             scale=None, impl="auto"):
     """Attention on the stored entries of ``mask``.  Returns ``(out (..., N, Dv), ctx)``."""
@@ -143,11 +145,11 @@ def forward(q, k, v, *, mask, causal=False, key_padding_mask=None, rel_bias=None
     bf = math.prod(batch)
     kpad = rel = None
     if key_padding_mask is not None:
-        kpad = np.ascontiguousarray(
-            np.broadcast_to(key_padding_mask, (*batch, m))).reshape(bf, m)     # (BH, M)
+        kpad = np.require(np.broadcast_to(key_padding_mask, (*batch, m)),
+                          requirements="CW").reshape(bf, m)                   # (BH, M)
     if rel_bias is not None:
-        rel = np.ascontiguousarray(
-            np.broadcast_to(rel_bias, (*batch, n + m - 1))).reshape(bf, -1)    # (BH, N+M−1)
+        rel = np.require(np.broadcast_to(rel_bias, (*batch, n + m - 1)),
+                         requirements="CW").reshape(bf, -1)                   # (BH, N+M−1)
     q3, k3, v3 = _flat(q, k, v)
     run = _forward_ref if impl == "ref" else _forward_numba
     out, p, lse = run(q3, k3, v3, pattern, groups, kpad, rel, scale)
@@ -178,9 +180,10 @@ def backward(dout, ctx: SparseCtx, *, impl=None) -> dict:
 
 
 def _flat(*arrays):
-    """(..., X, Y) -> contiguous (BH, X, Y) (a copy only if not contiguous already)."""
+    """(..., X, Y) -> C-contiguous writeable (BH, X, Y) (a copy only if not contiguous or
+    read-only: read-only inputs then reuse the kernels compiled for writeable ones)."""
     bf = math.prod(arrays[0].shape[:-2])
-    return tuple(np.ascontiguousarray(a).reshape(bf, *a.shape[-2:]) for a in arrays)
+    return tuple(np.require(a, requirements="CW").reshape(bf, *a.shape[-2:]) for a in arrays)
 
 
 # ---------------------------------------------------------------------- reference

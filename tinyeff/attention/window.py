@@ -71,6 +71,7 @@ from .. import _checks
 from ..ctx import Ctx
 from ..kernels import window as kernels
 from ..ops import softmax
+from . import _nonfinite
 from ._case import Case
 
 NAME = "window"
@@ -104,6 +105,7 @@ class WindowCtx(Ctx):
 # ------------------------------------------------------------------------------------------
 # public API
 
+@_nonfinite.nan_rows_of_v
 def forward(q, k, v, *, window, dilation=1, global_indices=None, causal=False,
             key_padding_mask=None, rel_bias=None, scale=None, impl="auto"):
     """Sliding-window attention.  Returns ``(out (..., N, Dv), ctx)``; see the module docstring."""
