@@ -8,13 +8,18 @@ reports, on random float inputs of shape (B, H, N, D):
   timings;
 * median, min and max wall time of the forward, and of forward+backward, over ``--repeat``
   runs (fewer if one run exceeds the per-case ``--budget``; the table says how many);
-* peak extra memory of one forward+backward: each case runs in a fresh subprocess, which
-  builds its inputs, warms up, then resets the kernel's resident-set high-water mark
-  (``/proc/self/clear_refs``, Linux) and reads ``VmHWM`` from ``/proc/self/status`` after
-  the run, minus the resident set just before it.  That counts every buffer — NumPy's,
-  Numba's and BLAS's — which ``tracemalloc`` would not (Numba's allocator is invisible to
-  it).  Without clear_refs it falls back to ``resource.getrusage`` peak RSS minus the
-  baseline (the warm-up is small, so this rarely matters) and says so;
+* memory, from one untimed forward+backward at full size that runs before the timed ones
+  (so the timed runs never pay the first touch of fresh pages): each case runs in a fresh
+  subprocess, which builds its inputs, warms up, then resets the kernel's resident-set
+  high-water mark (``/proc/self/clear_refs``, Linux) and reads ``VmHWM`` from
+  ``/proc/self/status``, minus the resident set just before the call.  That counts every
+  buffer — NumPy's, Numba's and BLAS's — which ``tracemalloc`` would not (Numba's allocator
+  is invisible to it).  Two numbers: **peak** (``peak_extra_bytes``) is that high-water mark
+  over the forward+backward, so it includes the output and the gradients; **work**
+  (``workspace_bytes``) is the peak less the arrays the call returns (the output during the
+  forward; the output and the gradients during the backward) — the saved context plus the
+  temporaries, the "extra memory" of an O(N)-memory claim.  Without clear_refs it falls back
+  to ``resource.getrusage`` peak RSS minus the baseline and reports no work column;
 * useful GFLOP/s where the flop count is well defined (:func:`useful_flops`; matrix
   products only, recomputation not counted), and that rate as a fraction of NumPy's
   matrix-multiply rate in the same dtype, measured in the same run (2048² products,
@@ -305,24 +310,45 @@ def run_case(spec: dict) -> dict:
 
     args, fwd_opts = build_call(mod, b, h, n, d, dtype, options, causal)
     dout = np.random.default_rng(1).standard_normal((b, h, n, d)).astype(dtype)
-    gc.collect()
-    base_kib = _status_kib("VmRSS")
-    if _reset_peak() and base_kib is not None:
-        method = "VmHWM after clear_refs - VmRSS"
-        first = one(args, fwd_opts, dout)
-        peak = (_status_kib("VmHWM") - base_kib) * 1024
-    else:
-        method = "ru_maxrss - VmRSS (includes warm-up peak)"
-        first = one(args, fwd_opts, dout)
-        peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - (base_kib or 0)) * 1024
-    fwd_t, both_t = [first[0]], [first[1]]
+    memory = _memory_run(mod, args, fwd_opts, dout)
+    fwd_t, both_t = [], []
     budget = spec["budget"]
-    while len(both_t) < spec["repeat"] and sum(both_t) + statistics.median(both_t) <= budget:
+    while not both_t or (len(both_t) < spec["repeat"]
+                         and sum(both_t) + statistics.median(both_t) <= budget):
         f, fb = one(args, fwd_opts, dout)
         fwd_t.append(f)
         both_t.append(fb)
     return {"warmup_s": warmup, "warmup_n": n_warm, "fwd_s": fwd_t, "fwd_bwd_s": both_t,
-            "peak_extra_bytes": max(int(peak), 0), "memory_method": method}
+            **memory}
+
+
+def _memory_run(mod, args: dict, fwd_opts: dict, dout: np.ndarray) -> dict:
+    """One untimed full-size forward+backward that measures memory (module docstring).
+
+    ``peak_extra_bytes``: the resident high-water mark of the forward+backward minus the
+    resident set before it (the output and the gradients are alive at the end, so they
+    count).  ``workspace_bytes``: the same peak less the arrays the call returns — the
+    output during the forward, the output and the gradients during the backward — i.e.
+    the saved context and the temporaries, what "O(N) extra memory" is about.
+    """
+    gc.collect()
+    base_kib = _status_kib("VmRSS")
+    if not (_reset_peak() and base_kib is not None):
+        out, ctx = mod.forward(**args, **fwd_opts)
+        mod.backward(dout, ctx)
+        peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - (base_kib or 0)) * 1024
+        return {"peak_extra_bytes": max(int(peak), 0), "workspace_bytes": None,
+                "memory_method": "ru_maxrss - VmRSS (includes warm-up peak)"}
+    out, ctx = mod.forward(**args, **fwd_opts)
+    peak_fwd = (_status_kib("VmHWM") - base_kib) * 1024
+    _reset_peak()
+    grads = mod.backward(dout, ctx)
+    peak_bwd = (_status_kib("VmHWM") - base_kib) * 1024
+    returned = out.nbytes + sum(g.nbytes for g in grads.values())
+    work = max(peak_fwd - out.nbytes, peak_bwd - returned)
+    return {"peak_extra_bytes": max(int(max(peak_fwd, peak_bwd)), 0),
+            "workspace_bytes": max(int(work), 0), "returned_bytes": int(returned),
+            "memory_method": "VmHWM after clear_refs - VmRSS"}
 
 
 def _eval_options(spec: dict, n: int) -> dict:
@@ -498,19 +524,22 @@ def _rates(case: dict, peak: float) -> None:
 
 
 _COLS = (f"{'variant':<13}{'N':>7}  {'warm-up s':>9}  {'fwd ms med [min–max]':<26}"
-         f"{'fwd+bwd ms med [min–max]':<30}{'runs':>4}{'peak MiB':>10}{'GF/s':>7}{'frac':>6}"
+         f"{'fwd+bwd ms med [min–max]':<30}{'runs':>4}{'peak MiB':>10}{'work MiB':>10}{'GF/s':>7}"
+         f"{'frac':>6}"
          "  note")
 
 
 def _row(case: dict) -> str:
     if "fwd_bwd_s" not in case:
         return f"{case['variant']:<13}{case['n']:>7}  {'':>9}  {'':<26}{'':<30}{'':>4}{'':>10}" \
-               f"{'':>7}{'':>6}  {case['note']}"
+               f"{'':>10}{'':>7}{'':>6}  {case['note']}"
     gf = case.get("gflops_fwd_bwd")
     fr = case.get("fraction_fwd_bwd")
+    work = case.get("workspace_bytes")
     return (f"{case['variant']:<13}{case['n']:>7}  {case['warmup_s']:>9.2f}  "
             f"{_fmt_t(case['fwd_s']):<26}{_fmt_t(case['fwd_bwd_s']):<30}"
             f"{len(case['fwd_bwd_s']):>4}{case['peak_extra_bytes'] / 2**20:>10.1f}"
+            f"{'' if work is None else f'{work / 2**20:.1f}':>10}"
             f"{'' if gf is None else f'{gf:.1f}':>7}{'' if fr is None else f'{fr:.2f}':>6}"
             f"  {case['note']}")
 
