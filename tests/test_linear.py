@@ -118,13 +118,19 @@ def test_fully_padded_rows_give_zero_and_zero_gradient(causal, impl, rng):
 @pytest.mark.parametrize("chunk", [1, 3, 64])
 @pytest.mark.parametrize("shape", [((3,), 1, 1, 2, 2), ((2, 2), 11, 11, 3, 5),
                                    ((1,), 6, 13, 4, 1), ((2,), 13, 6, 2, 3)])
-@pytest.mark.parametrize("causal", [False, True])
-def test_numba_matches_reference_and_crosswires(chunk, shape, causal, rng, monkeypatch):
+@pytest.mark.parametrize("causal,fused", [(False, False), (True, False), (True, True)])
+def test_numba_matches_reference_and_crosswires(chunk, shape, causal, fused, rng,
+                                                monkeypatch):
+    """The chunked kernels (Performer's engine) and, for elu/relu causal, the fused ones."""
     monkeypatch.setattr(linear, "CHUNK", chunk)
+    if not fused:
+        monkeypatch.setattr(linear, "_FUSED", ())
     batch, n, m, d, dv = shape
     x = random_qkv(rng, batch, n=n, m=m, d=d, dv=dv)
     mask = rng.random((*batch, m)) < 0.8
-    opts = {"causal": causal, "mask": mask, "feature_map": "relu" if n % 2 else "elu"}
+    opts = {"causal": causal, "mask": mask, "feature_map": "relu" if n % 2 else "elu",
+            "mask_mode": "values_only" if chunk == 3 else "exact",
+            "normalize": chunk != 1}
     out_r, ctx_r = linear.forward(**x, **opts, impl="ref")
     out_n, ctx_n = linear.forward(**x, **opts, impl="numba")
     assert_close(out_n, out_r)

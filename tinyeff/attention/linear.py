@@ -44,9 +44,13 @@ normalize : bool, default True.  False gives the unnormalized φ(Q)(φ(K)ᵀV) o
 eps : float ≥ 0, default 1e-6.  Added to the scalar denominator: out_i = num_i / (den_i + eps)
     with den_i = φ(q_i)·z_i, in the input dtype, exactly fast-transformers' placement.
 impl : "auto" | "ref" | "numba".  "ref" is the readable NumPy path below (whole arrays;
-    causal as a Python loop over positions).  "numba" processes the sequence in chunks of
-    ``CHUNK`` positions: causal through the Numba prefix-sum kernels, non-causal through
-    NumPy matrix products (BLAS beats a hand loop there).  "auto" = "numba".
+    causal as a Python loop over positions).  "numba": causal with this module's maps
+    (elu, relu) runs fused kernels — features, prefix-sum scan, normalization and the
+    maps' chain rule in one pass each (forward; dq scan; reverse dk/dv scan), holding one
+    (F, Dv) state per batch slice and no per-position temporaries; otherwise the sequence
+    is processed in chunks of ``CHUNK`` positions: causal through the Numba prefix-sum
+    kernels with log-scales (Performer), non-causal through NumPy matrix products (BLAS
+    beats a hand loop there).  "auto" = "numba".
 
 Edge cases
 ----------
@@ -157,12 +161,17 @@ def attend(q, k, v, fmap: FeatureMap, *, causal, mask, mask_mode, normalize, eps
     if mask is not None:
         mask = np.broadcast_to(mask, (*batch, m))                  # (..., M) read-only view
     impl = "numba" if impl == "auto" else impl
-    if impl == "ref":
-        num, den, lq, key_scale, kv, z = _forward_ref(q, k, v, fmap, causal, mask, mask_mode)
+    if impl == "numba" and causal and fmap.kind in _FUSED:
+        out, denom, key_scale = _forward_fused(q, k, v, fmap, mask, mask_mode, normalize, eps)
+        kv = z = None
     else:
-        num, den, lq, key_scale, kv, z = _forward_chunked(q, k, v, fmap, causal, mask,
-                                                          mask_mode, CHUNK)
-    out, denom = _finish(num, den, lq, key_scale, normalize, eps)
+        if impl == "ref":
+            num, den, lq, key_scale, kv, z = _forward_ref(q, k, v, fmap, causal, mask,
+                                                          mask_mode)
+        else:
+            num, den, lq, key_scale, kv, z = _forward_chunked(q, k, v, fmap, causal, mask,
+                                                              mask_mode, CHUNK)
+        out, denom = _finish(num, den, lq, key_scale, normalize, eps)
     ctx = LinearCtx(q=q, k=k, v=v, fmap=fmap, mask=mask, mask_mode=mask_mode, causal=causal,
                     normalize=normalize, eps=eps, out=out, denom=denom, key_scale=key_scale,
                     kv=kv, z=z, impl=impl)
@@ -175,6 +184,8 @@ def attend_backward(dout, ctx: LinearCtx, impl: str | None = None) -> dict:
     impl = ctx.impl if impl is None else _checks.choice(impl, "impl", IMPLS)
     if impl == "ref":
         return _backward_ref(dout, ctx)
+    if ctx.causal and ctx.fmap.kind in _FUSED:
+        return _backward_fused(dout, ctx)
     return _backward_chunked(dout, ctx, CHUNK)
 
 
@@ -362,6 +373,56 @@ def _chain_k(fmap, dfk, dv, fk, k, mask, mask_mode):
         else:
             dv = np.where(pad, 0, dv)                              # fwd: v = where(mask, v, 0)
     return dk, dv
+
+
+# --------------------------------------------------------------------------- fused causal path
+
+_FUSED = ("elu", "relu")      # maps without log-scale: one fused kernel per pass (causal)
+
+
+def _fused_args(q, k, v, mask, mask_mode):
+    """(BH, L, X) C-contiguous writeable views/copies and the (BH, M) keep mask."""
+    *batch, n, d = q.shape
+    m = k.shape[-2]
+    bh = math.prod(batch)
+    keep = (np.ones((bh, m), dtype=bool) if mask is None                      # (BH, M)
+            else np.require(mask, requirements="CW").reshape(bh, m))
+    flat = [np.require(x, requirements="CW").reshape(bh, *x.shape[-2:]) for x in (q, k, v)]
+    return (*flat, keep, mask_mode == "exact")
+
+
+def _forward_fused(q, k, v, fmap, mask, mask_mode, normalize, eps):
+    """The causal elu/relu path in one kernel (tinyeff.kernels.linear, fused section)."""
+    *batch, n, _ = q.shape
+    dvd, dtype = v.shape[-1], q.dtype
+    qf, kf, vf, keep, exact = _fused_args(q, k, v, mask, mask_mode)
+    out = np.empty((*batch, n, dvd), dtype)                        # (..., N, Dv)
+    denom = np.empty((*batch, n), dtype)                           # (..., N)
+    key_scale = np.empty((*batch, n), dtype)                       # (..., N) C ∈ {0, −inf}
+    bh = qf.shape[0]
+    kernels.causal_phi_fwd(out.reshape(bh, n, dvd), denom.reshape(bh, n),
+                           key_scale.reshape(bh, n), qf, kf, vf, keep, fmap.kind == "relu",
+                           exact, normalize, dtype.type(eps), dtype.type(0))
+    return out, denom, key_scale
+
+
+def _backward_fused(dout, ctx: LinearCtx) -> dict:
+    """dq by a forward scan, dk and dv by a reverse scan (fused kernels)."""
+    q, k, v = ctx.q, ctx.k, ctx.v
+    qf, kf, vf, keep, exact = _fused_args(q, k, v, ctx.mask, ctx.mask_mode)
+    bh, n, _ = qf.shape
+    dtype, relu, zero = q.dtype, ctx.fmap.kind == "relu", q.dtype.type(0)
+    dof, outf = (np.require(x, requirements="CW").reshape(bh, n, v.shape[-1])
+                 for x in (dout, ctx.out))
+    den = np.require(ctx.denom, requirements="CW").reshape(bh, n)
+    dq = np.empty(q.shape, dtype)                                  # (..., N, D)
+    dk = np.empty(k.shape, dtype)                                  # (..., M, D)
+    dv = np.empty(v.shape, dtype)                                  # (..., M, Dv)
+    kernels.causal_phi_bwd_q(dq.reshape(qf.shape), qf, kf, vf, keep, dof, outf, den, relu,
+                             exact, ctx.normalize, zero)
+    kernels.causal_phi_bwd_kv(dk.reshape(kf.shape), dv.reshape(vf.shape), qf, kf, vf, keep,
+                              dof, outf, den, relu, exact, ctx.normalize, zero)
+    return {"q": dq, "k": dk, "v": dv}
 
 
 # --------------------------------------------------------------------------- chunked path

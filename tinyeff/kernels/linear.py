@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._jit import kernel, prange
+from ._jit import kernel, prange, serial
 
 
 @kernel
@@ -194,3 +194,195 @@ def causal_bwd_kv(dfk, dvv, U, Ut, r, cn, fq, dnum, dden, cmax, fk, lk, v):
                     for e in range(dv):
                         dvv[b, t, e] *= w
         cn[b] = cb
+
+
+# --------------------------------------------------------------------------- fused elu / relu
+#
+# Linear attention's own maps (φ = elu + 1 or relu + 1) have no log-scale (ℓ ≡ 0, C ∈ {0,
+# −inf}), so the causal scan needs no rescaling and the features of one row can be made in
+# the kernel, from q_t and k_t, when the scan reaches it.  These kernels do the whole causal
+# path of tinyeff.attention.linear for those maps in one pass each — features, scan,
+# normalization, and the feature maps' chain rule — so no (…, N, F) feature array, no
+# (…, N, Dv) numerator and no per-chunk temporaries exist.  Same sums in the same order as
+# the chunked kernels above.
+#
+# Common arguments: q (BH, N, D), k (BH, M, D), v (BH, M, Dv); keep (BH, M) bool (False =
+# padded key); relu: the map (False: elu + 1); exact: the mask mode (True: a padded key is
+# removed; False, "values_only": its φ(k) still counts in z and its v is taken as 0);
+# zero: 0 in the input dtype (with ``one = zero + float32(1)`` it keeps every scalar of the
+# kernels in the input dtype, as the NumPy reference computes).  Every row of a batch
+# slice is processed by the thread that owns the slice (prange over BH).
+
+
+@serial
+def _phi(a, x, relu, zero):
+    """a = φ(x): relu(x) + 1, or elu(x) + 1 = exp(min(x, 0)) + max(x, 0)."""
+    one = zero + np.float32(1)
+    for f in range(x.shape[0]):
+        if relu:
+            a[f] = max(x[f], zero) + one
+        else:
+            a[f] = np.exp(min(x[f], zero)) + max(x[f], zero)
+
+
+@serial
+def _dphi(g, x, relu, zero):
+    """g *= φ'(x): [x > 0] for relu + 1; 1 for x > 0 and eˣ for x ≤ 0 for elu + 1."""
+    one = zero + np.float32(1)
+    for f in range(x.shape[0]):
+        if relu:
+            if not x[f] > zero:
+                g[f] = g[f] * zero
+        else:
+            g[f] = g[f] * min(np.exp(min(x[f], zero)) + max(x[f], zero), one)
+
+
+@kernel
+def causal_phi_fwd(out, denom, cmax, q, k, v, keep, relu, exact, normalize, eps, zero):
+    """out_t = φ(q_t) S_t / denom_t (tinyeff.attention.linear's ``_finish``, corr = 1).
+
+    out (BH, N, Dv), denom (BH, N) (+inf for a row that sees no key), cmax (BH, N) (C_t:
+    0, or −inf for a row that sees no key): outputs.
+    """
+    bh, n, d = q.shape
+    m = k.shape[1]
+    dv = v.shape[2]
+    one = zero + np.float32(1)
+    inf = zero + np.float32(np.inf)
+    for b in prange(bh):
+        S = np.zeros((d, dv), dtype=v.dtype)                       # (F, Dv) Σ φ(k_j) v_jᵀ
+        z = np.zeros(d, dtype=v.dtype)                             # (F)     Σ φ(k_j)
+        a = np.empty(d, dtype=v.dtype)                             # (F)     φ(k_t), φ(q_t)
+        seen = False
+        for t in range(n):                                         # keys ≥ N: seen by no row
+            if t < m and (keep[b, t] or not exact):
+                seen = True
+                _phi(a, k[b, t], relu, zero)
+                for f in range(d):
+                    z[f] += a[f]
+                if keep[b, t]:                                     # values_only: v_t = 0
+                    for f in range(d):
+                        af = a[f]
+                        for e in range(dv):
+                            S[f, e] += af * v[b, t, e]
+            _phi(a, q[b, t], relu, zero)
+            den = zero
+            for e in range(dv):
+                out[b, t, e] = zero
+            for f in range(d):
+                qf = a[f]
+                den += qf * z[f]
+                for e in range(dv):
+                    out[b, t, e] += qf * S[f, e]
+            if normalize:
+                if eps > 0:
+                    den = den + eps
+                empty = not seen or den == 0
+            else:
+                den = one
+                empty = not seen
+            if empty:
+                den = inf
+            for e in range(dv):
+                out[b, t, e] /= den
+            denom[b, t] = den
+            cmax[b, t] = zero if seen else -inf
+
+
+@serial
+def _grad_rows(g, dout, out, den, normalize, zero):
+    """g[:Dv] = dnum = dout / denom; returns dden = −(dout·out) / denom (0 if unnormalized)."""
+    dv = dout.shape[0]
+    acc = zero
+    for e in range(dv):
+        g[e] = dout[e] / den
+        acc += dout[e] * out[e]
+    return -acc / den if normalize else zero
+
+
+@kernel
+def causal_phi_bwd_q(dq, q, k, v, keep, dout, out, denom, relu, exact, normalize, zero):
+    """dq_t = φ'(q_t) ∘ (S_t dnum_t + dden_t z_t), rebuilding Sᵀ in a forward scan.
+
+    dq (BH, N, D): output.  dout, out (BH, N, Dv), denom (BH, N) from the forward.
+    """
+    bh, n, d = q.shape
+    m = k.shape[1]
+    dv = v.shape[2]
+    for b in prange(bh):
+        St = np.zeros((dv, d), dtype=v.dtype)                      # (Dv, F) Sᵀ
+        z = np.zeros(d, dtype=v.dtype)                             # (F)
+        a = np.empty(d, dtype=v.dtype)                             # (F) φ(k_t)
+        g = np.empty(dv, dtype=v.dtype)                            # (Dv) dnum_t
+        for t in range(n):
+            if t < m and (keep[b, t] or not exact):
+                _phi(a, k[b, t], relu, zero)
+                for f in range(d):
+                    z[f] += a[f]
+                if keep[b, t]:
+                    for e in range(dv):
+                        ve = v[b, t, e]
+                        for f in range(d):
+                            St[e, f] += a[f] * ve
+            # fwd: out_t = num_t / denom_t,  num_t = φ(q_t) S_t,  den_t = φ(q_t)·z_t
+            dden = _grad_rows(g, dout[b, t], out[b, t], denom[b, t], normalize, zero)
+            for f in range(d):
+                dq[b, t, f] = dden * z[f]
+            for e in range(dv):
+                ge = g[e]
+                for f in range(d):
+                    dq[b, t, f] += ge * St[e, f]
+            # fwd: φ(q_t) = φ(q_t)
+            _dphi(dq[b, t], q[b, t], relu, zero)
+
+
+@kernel
+def causal_phi_bwd_kv(dk, dv_out, q, k, v, keep, dout, out, denom, relu, exact, normalize,
+                      zero):
+    """dk_t = φ'(k_t) ∘ (Ũ_t v_t + r̃_t), dv_t = Ũ_tᵀ φ(k_t) by a reverse scan over rows.
+
+    dk (BH, M, D), dv_out (BH, M, Dv): outputs (0 for padded keys in "exact" mode, 0 dv
+    for padded keys in "values_only" mode, 0 for keys no row sees).
+    """
+    bh, n, d = q.shape
+    m = k.shape[1]
+    dv = v.shape[2]
+    for b in prange(bh):
+        U = np.zeros((d, dv), dtype=v.dtype)                       # (F, Dv) Ũ
+        Ut = np.zeros((dv, d), dtype=v.dtype)                      # (Dv, F) Ũᵀ
+        r = np.zeros(d, dtype=v.dtype)                             # (F) r̃
+        a = np.empty(d, dtype=v.dtype)                             # (F) φ(q_t), φ(k_t)
+        g = np.empty(dv, dtype=v.dtype)                            # (Dv) dnum_t
+        for t in range(max(n, m) - 1, -1, -1):
+            if t < n:
+                dden = _grad_rows(g, dout[b, t], out[b, t], denom[b, t], normalize, zero)
+                _phi(a, q[b, t], relu, zero)
+                for f in range(d):
+                    qf = a[f]
+                    r[f] += dden * qf
+                    for e in range(dv):
+                        U[f, e] += qf * g[e]
+                for e in range(dv):
+                    ge = g[e]
+                    for f in range(d):
+                        Ut[e, f] += ge * a[f]
+            if t < m:
+                for f in range(d):
+                    dk[b, t, f] = zero
+                for e in range(dv):
+                    dv_out[b, t, e] = zero
+                if t < n and (keep[b, t] or not exact):
+                    # fwd: z += φ(k_t);  S += φ(k_t) v_tᵀ   (v_t = 0 if padded, values_only)
+                    for f in range(d):
+                        dk[b, t, f] = r[f]
+                    if keep[b, t]:
+                        for e in range(dv):
+                            ve = v[b, t, e]
+                            for f in range(d):
+                                dk[b, t, f] += ve * Ut[e, f]
+                        _phi(a, k[b, t], relu, zero)
+                        for f in range(d):
+                            af = a[f]
+                            for e in range(dv):
+                                dv_out[b, t, e] += af * U[f, e]
+                    _dphi(dk[b, t], k[b, t], relu, zero)
