@@ -383,7 +383,7 @@ def _classes(x, d, length):
     """(BH, L, C) -> (BH·d, ceil(L/d), C): rows regrouped by residue class (row r + u·d)."""
     bh, _, c = x.shape
     if d == 1:
-        return np.ascontiguousarray(x)
+        return np.require(x, requirements="CW")  # writeable: one kernel specialization
     lc = -(-length // d)
     pad = np.zeros((bh, lc * d, c), dtype=x.dtype)                 # (BH, Lc·d, C)
     pad[:, :length] = x
