@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import argparse
 import ast
+import datetime
+import os
+import platform
+
+import numpy as np
 
 
 def parse_variant_opts(values: list[str]) -> dict:
@@ -37,3 +42,28 @@ def int_list(text: str, *, minimum: int = 1) -> list[int]:
         raise argparse.ArgumentTypeError(
             f"expected comma-separated integers >= {minimum}, got {text!r}")
     return values
+
+
+#: Environment variables that set thread counts; the header and results.json show them.
+THREAD_ENV = ("NUMBA_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS",
+              "MKL_NUM_THREADS")
+
+
+def machine_info() -> dict:
+    """CPU model, cores, thread settings, library versions, date and load (demo, bench)."""
+    model = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    import numba
+    return {"cpu": model, "cores": os.cpu_count(), "numba_threads": numba.get_num_threads(),
+            "python": platform.python_version(), "numpy": np.__version__,
+            "numba": numba.__version__, "platform": platform.platform(),
+            "date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+            "env": {k: os.environ[k] for k in THREAD_ENV if k in os.environ}}

@@ -40,12 +40,10 @@ its own OpenBLAS threads (all cores).
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import inspect
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -54,7 +52,7 @@ import time
 
 import numpy as np
 
-from ._cli import int_list, parse_variant_opts
+from ._cli import int_list, machine_info, parse_variant_opts
 
 # ----------------------------------------------------------------------------- defaults
 
@@ -222,24 +220,6 @@ def matmul_gflops(dtype, size: int = 2048, repeat: int = 5) -> float:
         a @ a
         times.append(time.perf_counter() - t0)
     return 2 * size ** 3 / statistics.median(times) / 1e9
-
-
-def machine_info() -> dict:
-    model = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    import numba
-    return {"cpu": model, "cores": os.cpu_count(), "numba_threads": numba.get_num_threads(),
-            "python": platform.python_version(), "numpy": np.__version__,
-            "numba": numba.__version__, "platform": platform.platform(),
-            "date": datetime.datetime.now().isoformat(timespec="seconds"),
-            "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None}
 
 
 # ----------------------------------------------------------------------------- one case

@@ -89,11 +89,9 @@ from __future__ import annotations
 
 import argparse
 import csv
-import datetime
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -102,7 +100,7 @@ import tracemalloc
 import numpy as np
 
 from . import tasks
-from ._cli import int_list, parse_variant_opts
+from ._cli import int_list, machine_info, parse_variant_opts
 from .progress import Progress
 
 # ----------------------------------------------------------------------------- defaults
@@ -422,30 +420,6 @@ def format_table(records: list, kind: str) -> str:
             row = row[:1] + [""] * (len(_COLUMNS) - 2) + row[-1:]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
-
-
-def machine_info() -> dict:
-    model = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    import numba
-    return {"cpu": model, "cores": os.cpu_count(), "numba_threads": numba.get_num_threads(),
-            "python": platform.python_version(), "numpy": np.__version__,
-            "numba": numba.__version__, "platform": platform.platform(),
-            "date": datetime.datetime.now().isoformat(timespec="seconds"),
-            "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-            "env": {k: os.environ[k] for k in THREAD_ENV if k in os.environ}}
-
-
-#: Environment variables that set thread counts; the header and results.json show them.
-THREAD_ENV = ("NUMBA_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS",
-              "MKL_NUM_THREADS")
 
 
 def write_outputs(out: str, result: dict) -> list[str]:
