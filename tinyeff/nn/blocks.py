@@ -230,7 +230,37 @@ class TransformerCtx(Ctx):
     head: object
 
 
-class Transformer(Layer):
+class TokenModel(Layer):
+    """A model from tokens (B, N) to logits, trained with cross-entropy: the training step
+    shared by :class:`Transformer` and :class:`tinyeff.nn.hierarchical.HierarchicalTransformer`
+    (subclasses provide ``forward(tokens, key_padding=) -> (logits, ctx)`` and
+    ``backward(dlogits, ctx)``)."""
+
+    def loss_and_grads(self, tokens, targets, *, key_padding=None, ignore_index: int = -100,
+                       label_smoothing: float = 0.0, zero_grad: bool = True):
+        """One training step's forward and backward.
+
+        tokens (B, N) int; targets (B, N) int for per-token tasks ("lm": the next tokens;
+        "token"), with ``ignore_index`` where no loss is wanted, or (B,) int for "classify".
+        Zeroes the gradients first (unless ``zero_grad=False``, to accumulate), computes the
+        mean cross-entropy and backpropagates.  Returns ``(loss: float, grads: {name:
+        array})`` — the grads are the model's own accumulators (the same names as
+        :meth:`named_parameters`).
+        """
+        if zero_grad:
+            self.zero_grad()
+        logits, ctx = self.forward(tokens, key_padding=key_padding)
+        loss, lctx = cross_entropy(logits, targets, ignore_index=ignore_index,
+                                   label_smoothing=label_smoothing)
+        self.backward(cross_entropy_backward(lctx), ctx)
+        return loss, self.named_grads()
+
+    def logits(self, tokens, key_padding=None) -> np.ndarray:
+        """Forward only (no ctx kept by the caller)."""
+        return self.forward(tokens, key_padding=key_padding)[0]
+
+
+class Transformer(TokenModel):
     """A Transformer over token ids: a causal LM (task="lm") or a classifier (task="classify").
 
     Parameters
@@ -457,28 +487,6 @@ class Transformer(Layer):
             dx = self.pos.backward(dx, ctx.pos)                    # (B, N, d)
         self.embed.backward(dx, ctx.embed)
         return None
-
-    def loss_and_grads(self, tokens, targets, *, key_padding=None, ignore_index: int = -100,
-                       label_smoothing: float = 0.0, zero_grad: bool = True):
-        """One training step's forward and backward.
-
-        tokens (B, N) int; targets (B, N) int for "lm" (next tokens; ``ignore_index`` where
-        no loss is wanted) or (B,) int for "classify".  Zeroes the gradients first (unless
-        ``zero_grad=False``, to accumulate), computes the mean cross-entropy and backpropagates.
-        Returns ``(loss: float, grads: {name: array})`` — the grads are the model's own
-        accumulators (the same names as :meth:`named_parameters`).
-        """
-        if zero_grad:
-            self.zero_grad()
-        logits, ctx = self.forward(tokens, key_padding=key_padding)
-        loss, lctx = cross_entropy(logits, targets, ignore_index=ignore_index,
-                                   label_smoothing=label_smoothing)
-        self.backward(cross_entropy_backward(lctx), ctx)
-        return loss, self.named_grads()
-
-    def logits(self, tokens, key_padding=None) -> np.ndarray:
-        """Forward only (no ctx kept by the caller)."""
-        return self.forward(tokens, key_padding=key_padding)[0]
 
     def generate(self, prompt, n_new: int, *, rng: np.random.Generator,
                  temperature: float = 1.0, top_k: int | None = None) -> np.ndarray:

@@ -86,9 +86,8 @@ import numpy as np
 from .. import _checks
 from ..ctx import Ctx
 from .attention import variant_module
-from .blocks import TransformerBlock, attention_branch, ffn_branch
+from .blocks import TokenModel, TransformerBlock, attention_branch, ffn_branch
 from .layers import Embedding, Layer, LayerNorm, Linear, _dtype, _dy, _input, _rng, _tokens
-from .losses import cross_entropy, cross_entropy_backward
 from .positions import LearnedPositions, SinusoidalPositions
 
 POOLINGS = ("mean", "learned")
@@ -398,7 +397,7 @@ class HierarchicalModelCtx(Ctx):
     head: object
 
 
-class HierarchicalTransformer(Layer):
+class HierarchicalTransformer(TokenModel):
     """Token ids -> :class:`HierarchicalEncoder` -> class logits (B, C) or token logits
     (B, N, C).  Same training API as :class:`~tinyeff.nn.Transformer`.
 
@@ -502,25 +501,6 @@ class HierarchicalTransformer(Layer):
             dx = self.pos.backward(dx, ctx.pos)                    # (B, N, d)
         self.embed.backward(dx, ctx.embed)
         return None
-
-    def loss_and_grads(self, tokens, targets, *, key_padding=None, ignore_index: int = -100,
-                       label_smoothing: float = 0.0, zero_grad: bool = True):
-        """Mean cross-entropy and its gradients, as :meth:`Transformer.loss_and_grads`.
-
-        targets: (B,) int for "classify", (B, N) int for "token" (``ignore_index`` where no
-        loss is wanted, e.g. at padded positions).  Returns ``(loss, grads)``.
-        """
-        if zero_grad:
-            self.zero_grad()
-        logits, ctx = self.forward(tokens, key_padding=key_padding)
-        loss, lctx = cross_entropy(logits, targets, ignore_index=ignore_index,
-                                   label_smoothing=label_smoothing)
-        self.backward(cross_entropy_backward(lctx), ctx)
-        return loss, self.named_grads()
-
-    def logits(self, tokens, key_padding=None) -> np.ndarray:
-        """Forward only."""
-        return self.forward(tokens, key_padding=key_padding)[0]
 
     def config_json(self) -> str:
         """The constructor arguments as JSON (array-valued options cannot be stored)."""
