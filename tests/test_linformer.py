@@ -34,6 +34,24 @@ def test_equals_full_over_projected_keys(rng):
     assert_close(out, out_f)
 
 
+def test_gradients_equal_the_dense_chain_rule(rng):
+    """dq, dk, dv, dE, dF == full's gradients w.r.t. (q, E K, F V) pushed through E and F."""
+    x = random_qkv(rng, (2, 3), n=5, m=8, d=4, dv=2)
+    E, F = _proj(rng, 3, 4, 8), _proj(rng, 4, 8)
+    out, ctx = linformer.forward(**x, E=E, F=F)
+    dout = rng.standard_normal(out.shape)
+    g = linformer.backward(dout, ctx)
+    kp, vp = E @ x["k"], F @ x["v"]                                # (2, 3, 4, 4), (2, 3, 4, 2)
+    _, ctx_f = full.forward(x["q"], kp, vp)
+    g_f = full.backward(dout, ctx_f)
+    dkp, dvp = g_f["k"], g_f["v"]
+    assert_close(g["q"], g_f["q"])
+    assert_close(g["k"], np.swapaxes(E, -1, -2) @ dkp)
+    assert_close(g["v"], np.swapaxes(F, -1, -2) @ dvp)
+    assert_close(g["E"], (dkp @ np.swapaxes(x["k"], -1, -2)).sum(axis=0))        # (3, 4, 8)
+    assert_close(g["F"], (dvp @ np.swapaxes(x["v"], -1, -2)).sum(axis=(0, 1)))   # (4, 8)
+
+
 @pytest.mark.parametrize("shared", [False, True])
 def test_padding_removes_keys_exactly(shared, rng):
     """Padded keys (even NaN ones) contribute nothing: equal to deleting them and E's columns."""
@@ -108,14 +126,21 @@ def test_gradcheck_projection_shapes(eshape, fshape, rng):
     report.assert_ok(GRAD_FD)
 
 
-def test_row_chunking_does_not_change_the_result(rng, monkeypatch):
-    x = random_qkv(rng, (2,), n=13, m=9, d=3)
-    E, F = _proj(rng, 4, 9), _proj(rng, 4, 9)
-    out, ctx = linformer.forward(**x, E=E, F=F)
+@pytest.mark.parametrize("masked", [False, True])
+def test_chunking_does_not_change_the_result(masked, rng, monkeypatch):
+    """Row chunks, key blocks of dk/dv and column blocks of dE/dF: same result to rounding."""
+    x = random_qkv(rng, (2, 3), n=13, m=9, d=3)
+    E, F = _proj(rng, 4, 9), _proj(rng, 3, 4, 9)                   # summed / kept head axis
+    kpm = None
+    if masked:
+        kpm = rng.random((2, 1, 9)) < 0.6
+        kpm[:, :, 0] = True
+    out, ctx = linformer.forward(**x, E=E, F=F, key_padding_mask=kpm)
     dout = rng.standard_normal(out.shape)
     g = linformer.backward(dout, ctx)
-    monkeypatch.setattr(linformer, "_CHUNK_ELEMENTS", 2 * 4 * 3)   # 3 rows per chunk
-    out3, ctx3 = linformer.forward(**x, E=E, F=F)
+    # 6 rows / 6 keys per chunk; 1 (dE: S·D = 6·3) or 4 (dF: S·D = 2·3) columns per gather
+    monkeypatch.setattr(linformer, "_CHUNK_ELEMENTS", 2 * 4 * 3)
+    out3, ctx3 = linformer.forward(**x, E=E, F=F, key_padding_mask=kpm)
     assert_close(out3, out)
     assert_close(linformer.backward(dout, ctx3), g)
 

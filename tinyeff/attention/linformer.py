@@ -17,8 +17,12 @@ Complexity", arXiv:2006.04768 (2020).
 Shapes: q (..., N, D), k (..., M, D), v (..., M, Dv), E and F (k, M) or (..., k, M) whose
 leading dimensions broadcast to the batch dimensions without enlarging them (e.g. (H, k, M)
 for (B, H) batches: one projection per head).  k is the Linformer rank.  Cost O(N·k·D +
-k·M·D) time and O(N + k·M) memory: the forward saves the row log-sum-exp, not P, and the
-backward recomputes P in row chunks, so no (N, k) array larger than a chunk is ever held.
+k·M·D) time and O(N + k·M) memory: the forward saves K̃, Ṽ and the row log-sum-exp, not
+P, and the backward recomputes P in row chunks.  Everything runs one batch element at a time
+and in blocks of ~2²⁰ entries, so the only large arrays are the output and the gradients
+(no (…, N, k), no (…, k, M) from E broadcast over heads, no masked or transposed copy of
+k or v); at N = M = 65,536, k = 256, B·H = 4, D = 64 in float32 the work space beyond the
+returned arrays is ~30 MiB.
 
 Options
 -------
@@ -76,7 +80,7 @@ KEY_PADDING = "key_padding_mask"
 DIFFERENTIABLE = ("q", "k", "v", "E", "F")
 LAYER_PARAMS = ("E", "F")
 
-_CHUNK_ELEMENTS = 1 << 22   # rows per chunk: a (..., rows, k) score block holds ~4M entries
+_CHUNK_ELEMENTS = 1 << 20   # entries of one (rows, k) score block or one (cols, S·C) gather
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,8 +131,9 @@ def _projection(value, name: str, batch: tuple, m: int, dtype) -> np.ndarray:
     return value
 
 
-def _row_chunk(batch: tuple, kk: int) -> int:
-    return max(1, _CHUNK_ELEMENTS // max(1, math.prod(batch) * kk))
+def _row_chunk(kk: int) -> int:
+    """Rows per chunk of one batch element: a (rows, k) score block holds ~_CHUNK_ELEMENTS."""
+    return max(1, _CHUNK_ELEMENTS // max(1, kk))
 
 
 def forward(q, k, v, *, E, F, key_padding_mask=None, causal=False, scale=None):
@@ -157,81 +162,135 @@ def backward(dout, ctx: LinformerCtx) -> dict:
     return _backward_ref(dout, ctx)
 
 
-def _masked(x, kpm):
-    """m ⊙ x for x (..., M, C): padded rows become exactly 0 (even NaN ones)."""
-    if kpm is None:
+def _masked(x, keep):
+    """m ⊙ x for x (M, C) and keep (M,) or None: padded rows become exactly 0 (even NaN ones)."""
+    if keep is None:
         return x
-    return np.where(kpm[..., None], x, 0)                          # (..., M, C)
+    return np.where(keep[:, None], x, 0)                           # (M, C)
+
+
+def _per_element(a, batch: tuple):
+    """``a`` (…, r, c) as a view broadcast to (*batch, r, c), or None: index it by batch index."""
+    if a is None:
+        return None
+    return np.broadcast_to(a, (*batch, *a.shape[-2:]))             # (..., r, c) view
 
 
 def _forward_ref(q, k, v, E, F, kpm, scale):
-    kp = E @ _masked(k, kpm)                                       # (..., k, D)  K̃ = E (m ⊙ K)
-    vp = F @ _masked(v, kpm)                                       # (..., k, Dv) Ṽ = F (m ⊙ V)
-    batch, n = q.shape[:-2], q.shape[-2]
-    kp = np.broadcast_to(kp, (*batch, *kp.shape[-2:]))             # (..., k, D)
-    vp = np.broadcast_to(vp, (*batch, *vp.shape[-2:]))             # (..., k, Dv)
-    out = np.empty((*batch, n, vp.shape[-1]), dtype=q.dtype)       # (..., N, Dv)
+    # Everything is done one batch element (b, h, …) at a time, so that no (…, k, M) copy of E
+    # broadcast over the heads and no (…, M, D) masked copy of k or v is ever formed.
+    batch, n, m = q.shape[:-2], q.shape[-2], k.shape[-2]
+    kk = E.shape[-2]
+    Eb, Fb = _per_element(E, batch), _per_element(F, batch)       # (..., k, M) views
+    mb = None if kpm is None else np.broadcast_to(kpm, (*batch, m))   # (..., M) view
+    kp = np.empty((*batch, kk, k.shape[-1]), dtype=q.dtype)        # (..., k, D)
+    vp = np.empty((*batch, kk, v.shape[-1]), dtype=q.dtype)        # (..., k, Dv)
+    out = np.empty((*batch, n, v.shape[-1]), dtype=q.dtype)        # (..., N, Dv)
     lse = np.empty((*batch, n), dtype=q.dtype)                     # (..., N)
-    kpt = kp.swapaxes(-1, -2)                                      # (..., D, k)
-    step = _row_chunk(batch, kp.shape[-2])
-    for r0 in range(0, n, step):                                   # rows are independent
-        rows = slice(r0, min(n, r0 + step))
-        s = (q[..., rows, :] @ kpt) * scale                        # (..., R, k)  S = Q K̃ᵀ·scale
-        p, lse[..., rows] = softmax.forward(s)                     # (..., R, k)  P = softmax(S)
-        out[..., rows, :] = p @ vp                                 # (..., R, Dv) out = P Ṽ
+    step = _row_chunk(kk)
+    for i in np.ndindex(*batch):
+        keep = None if mb is None else mb[i]                       # (M,)
+        np.matmul(Eb[i], _masked(k[i], keep), out=kp[i])           # (k, D)  K̃ = E (m ⊙ K)
+        np.matmul(Fb[i], _masked(v[i], keep), out=vp[i])           # (k, Dv) Ṽ = F (m ⊙ V)
+        kpt = kp[i].T                                              # (D, k)
+        for r0 in range(0, n, step):                               # rows are independent
+            rows = slice(r0, min(n, r0 + step))
+            s = q[i][rows] @ kpt                                   # (R, k)
+            s *= scale                                             # S = Q K̃ᵀ·scale
+            p, lse[i][rows] = softmax.forward(s)                   # (R, k)  P = softmax(S)
+            np.matmul(p, vp[i], out=out[i][rows])                  # (R, Dv) out = P Ṽ
     ctx = LinformerCtx(q=q, k=k, v=v, E=E, F=F, key_padding_mask=kpm, kp=kp, vp=vp, lse=lse,
                        scale=scale)
     return out, ctx
 
 
-def _weight_grad(dproj: np.ndarray, x: np.ndarray, shape: tuple) -> np.ndarray:
-    """Σ over the broadcast batch axes of dproj @ xᵀ, returned with the weight's ``shape``.
+def _weight_grad(dproj, x, mb, shape: tuple, dtype) -> np.ndarray:
+    """dW = Σ over the broadcast batch axes of dproj (m ⊙ x)ᵀ, returned with W's ``shape``.
 
-    dproj (..., k, C), x (..., M, C) -> (k, M) or (..., k, M).  The summed batch axes are
-    folded into the contraction, so no (batch, k, M) temporary is formed.
+    dproj (..., k, C), x (..., M, C), mb (..., M) or None -> (k, M) or (..., k, M).  For each
+    kept batch index the summed axes (size S) are folded into the contraction: a (k, S·C)
+    @ (S·C, cols) product per block of columns, written straight into the result, so
+    neither a (batch, k, M) temporary nor a transposed copy of x is ever formed — only a
+    (cols, S·C) gather of x, ~_CHUNK_ELEMENTS entries.
     """
-    nb = dproj.ndim - 2
+    batch, kk, m = dproj.shape[:-2], dproj.shape[-2], x.shape[-2]
+    nb = len(batch)
     lead = (1,) * (nb - (len(shape) - 2)) + tuple(shape[:-2])
-    summed = [a for a in range(nb) if lead[a] == 1]
     kept = [a for a in range(nb) if lead[a] != 1]
-    kept_shape = [dproj.shape[a] for a in kept]
-    sc = math.prod(dproj.shape[a] for a in summed) * dproj.shape[-1]   # S·C
-    a = dproj.transpose(*kept, nb, *summed, nb + 1)                # (kept..., k, summed..., C)
-    a = a.reshape(*kept_shape, dproj.shape[-2], sc)                # (kept..., k, S·C)
-    b = x.transpose(*kept, *summed, nb + 1, nb)                    # (kept..., summed..., C, M)
-    b = b.reshape(*kept_shape, sc, x.shape[-2])                    # (kept..., S·C, M)
-    return (a @ b).reshape(shape)                                  # weight's shape
+    summed = [a for a in range(nb) if lead[a] == 1]
+    kept_shape = tuple(batch[a] for a in kept)
+    summed_shape = tuple(batch[a] for a in summed)
+    dw = np.empty(shape, dtype=dtype)                              # W's shape
+    dw_kept = dw.reshape(*kept_shape, kk, m)                       # (kept..., k, M) view
+    sc = math.prod(summed_shape) * x.shape[-1]                     # S·C
+    cols = max(1, _CHUNK_ELEMENTS // max(1, sc))
+
+    def full_index(ki, si):                                        # batch index from both parts
+        idx = [0] * nb
+        for a, j in zip(kept, ki):
+            idx[a] = j
+        for a, j in zip(summed, si):
+            idx[a] = j
+        return tuple(idx)
+
+    for ki in np.ndindex(*kept_shape):
+        parts = [full_index(ki, si) for si in np.ndindex(*summed_shape)]
+        a = np.concatenate([dproj[i] for i in parts], axis=1)      # (k, S·C)
+        for c0 in range(0, m, cols):
+            c = slice(c0, min(m, c0 + cols))
+            xs = np.stack([_masked(x[i][c], None if mb is None else mb[i][c])
+                           for i in parts], axis=1)                # (cols, S, C)
+            np.matmul(a, xs.reshape(xs.shape[0], sc).T, out=dw_kept[ki][:, c])   # (k, cols)
+    return dw
 
 
 def _backward_ref(dout, ctx: LinformerCtx) -> dict:
-    q, kp, vp, lse, scale = ctx.q, ctx.kp, ctx.vp, ctx.lse, ctx.scale
-    batch, n = q.shape[:-2], q.shape[-2]
+    q, k, v, kp, vp, lse, scale = ctx.q, ctx.k, ctx.v, ctx.kp, ctx.vp, ctx.lse, ctx.scale
+    batch, n, m = q.shape[:-2], q.shape[-2], k.shape[-2]
+    kpm = ctx.key_padding_mask
+    Eb, Fb = _per_element(ctx.E, batch), _per_element(ctx.F, batch)   # (..., k, M) views
+    mb = None if kpm is None else np.broadcast_to(kpm, (*batch, m))   # (..., M) view
     dq = np.empty_like(q)                                          # (..., N, D)
+    dk = np.empty_like(k)                                          # (..., M, D)
+    dv = np.empty_like(v)                                          # (..., M, Dv)
     dkp = np.zeros(kp.shape, dtype=q.dtype)                        # (..., k, D)
     dvp = np.zeros(vp.shape, dtype=q.dtype)                        # (..., k, Dv)
-    kpt = kp.swapaxes(-1, -2)                                      # (..., D, k)
-    step = _row_chunk(batch, kp.shape[-2])
-    for r0 in range(0, n, step):
-        rows = slice(r0, min(n, r0 + step))
-        qc, dc = q[..., rows, :], dout[..., rows, :]               # (..., R, D), (..., R, Dv)
-        # recompute P = softmax(S) from the saved log-sum-exp
-        p = np.exp((qc @ kpt) * scale - lse[..., rows, None])      # (..., R, k)
-        # fwd: out = P Ṽ
-        dvp += p.swapaxes(-1, -2) @ dc                             # (..., k, Dv)
-        dp = dc @ vp.swapaxes(-1, -2)                              # (..., R, k)
-        # fwd: P = softmax(S)
-        ds = softmax.backward(dp, p)                               # (..., R, k)
-        # fwd: S = Q K̃ᵀ · scale
-        dq[..., rows, :] = (ds @ kp) * scale                       # (..., R, D)
-        dkp += (ds.swapaxes(-1, -2) @ qc) * scale                  # (..., k, D)
-    kpm = ctx.key_padding_mask
-    km, vm = _masked(ctx.k, kpm), _masked(ctx.v, kpm)              # (..., M, D), (..., M, Dv)
+    step = _row_chunk(kp.shape[-2])
+    for i in np.ndindex(*batch):
+        kpt = kp[i].T                                              # (D, k)
+        for r0 in range(0, n, step):
+            rows = slice(r0, min(n, r0 + step))
+            qc, dc = q[i][rows], dout[i][rows]                     # (R, D), (R, Dv)
+            # recompute P = softmax(S) from the saved log-sum-exp
+            p = qc @ kpt                                           # (R, k)
+            p *= scale
+            p -= lse[i][rows, None]
+            np.exp(p, out=p)                                       # P = exp(S − lse)
+            # fwd: out = P Ṽ
+            dvp[i] += p.T @ dc                                     # (k, Dv)
+            dp = dc @ vp[i].T                                      # (R, k)
+            # fwd: P = softmax(S)
+            ds = softmax.backward(dp, p)                           # (R, k)
+            # fwd: S = Q K̃ᵀ · scale
+            dqc = dq[i][rows]                                      # (R, D) view
+            np.matmul(ds, kp[i], out=dqc)
+            dqc *= scale
+            dkp[i] += (ds.T @ qc) * scale                          # (k, D)
+        # In blocks of keys: one (M, k) @ (k, D) product would make OpenBLAS touch a
+        # buffer of ~¾ of E's size (48 MiB at M = 65,536, k = 256) on top of the result.
+        for c0 in range(0, m, step):
+            c = slice(c0, min(m, c0 + step))
+            # fwd: K̃ = E (m ⊙ K)
+            np.matmul(Eb[i][:, c].T, dkp[i], out=dk[i][c])         # (C, D)
+            # fwd: Ṽ = F (m ⊙ V)
+            np.matmul(Fb[i][:, c].T, dvp[i], out=dv[i][c])         # (C, Dv)
+        if mb is not None:                                         # padded keys: dk = dv = 0
+            dk[i][~mb[i]] = 0
+            dv[i][~mb[i]] = 0
     # fwd: K̃ = E (m ⊙ K)
-    dE = _weight_grad(dkp, km, ctx.E.shape)                        # E's shape
-    dk = _masked(ctx.E.swapaxes(-1, -2) @ dkp, kpm)                # (..., M, D)
+    dE = _weight_grad(dkp, k, mb, ctx.E.shape, q.dtype)            # E's shape
     # fwd: Ṽ = F (m ⊙ V)
-    dF = _weight_grad(dvp, vm, ctx.F.shape)                        # F's shape
-    dv = _masked(ctx.F.swapaxes(-1, -2) @ dvp, kpm)                # (..., M, Dv)
+    dF = _weight_grad(dvp, v, mb, ctx.F.shape, q.dtype)            # F's shape
     return {"q": dq, "k": dk, "v": dv, "E": dE, "F": dF}
 
 
