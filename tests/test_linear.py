@@ -209,3 +209,36 @@ def test_invalid_input(rng):
         linear.forward(x["q"].astype(np.float32), x["k"], x["v"])
     with pytest.raises(TypeError, match="ctx"):
         linear.backward(np.zeros((2, 4, 3)), object())
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_read_only_inputs_add_no_kernel_signature(fused, rng, monkeypatch):
+    """Read-only q, k, v, mask and dout reach the kernels as writeable copies, so they reuse
+    the specializations compiled for writeable inputs (tests/test_readonly_inputs.py)."""
+    from tinyeff.kernels import linear as kernels
+    if not fused:
+        monkeypatch.setattr(linear, "_FUSED", ())
+    x = random_qkv(rng, (2,), n=5, d=3, dv=2)
+    mask = rng.random((2, 5)) < 0.8
+    dout = rng.standard_normal((2, 5, 2))
+
+    def run(args, m, g):
+        out, ctx = linear.forward(**args, causal=True, mask=m, feature_map="relu")
+        return out, linear.backward(g, ctx)
+
+    want = run(x, mask, dout)
+    before = {n: list(f.signatures) for n, f in vars(kernels).items()
+              if hasattr(f, "signatures")}
+
+    def ro(a):
+        a = a.copy()
+        a.setflags(write=False)
+        return a
+
+    got = run({k: ro(a) for k, a in x.items()}, ro(mask), ro(dout))
+    after = {n: list(f.signatures) for n, f in vars(kernels).items()
+             if hasattr(f, "signatures")}
+    assert after == before
+    np.testing.assert_array_equal(got[0], want[0])
+    for name in "qkv":
+        np.testing.assert_array_equal(got[1][name], want[1][name])

@@ -436,8 +436,9 @@ def _chunk_slices(n, m, chunk):
 
 
 def _bh(x, bh, nb):
-    """Contiguous (BH, L[, X]) array of a (..., L[, X]) chunk with nb batch dimensions."""
-    return np.ascontiguousarray(x).reshape((bh,) + x.shape[nb:])
+    """C-contiguous writeable (BH, L[, X]) array of a (..., L[, X]) chunk with nb batch
+    dimensions (a read-only chunk is copied: read-only inputs reuse the same kernels)."""
+    return np.require(x, requirements="CW").reshape((bh,) + x.shape[nb:])
 
 
 def _n_features(fmap, d):
