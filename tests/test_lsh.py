@@ -287,6 +287,73 @@ def test_hash_ties_go_to_the_first_index(impl):
     assert ctx.buckets[0, 0].tolist() == [brute_buckets(x, rot)[0] for x in qk[0]]
 
 
+def inorder_buckets(x, rot):
+    """(G, N, D), (D, r, H) -> (G, r, N): e_h = Σ_d x_d R_dh in float64 in the order d = 0, 1, …
+    (elementwise numpy: the same IEEE operations), then the first maximum of [e ; −e],
+    scanned as the definition states (strict '>' from index 0, so NaN rows give 0)."""
+    g, n, d = x.shape
+    r_, h_ = rot.shape[1:]
+    x64, r64 = x.astype(np.float64), rot.astype(np.float64)
+    out = np.empty((g, r_, n), dtype=np.int64)
+    with np.errstate(all="ignore"):
+        for r in range(r_):
+            e = np.zeros((g, n, h_))
+            for a in range(d):
+                e += x64[:, :, a, None] * r64[a, r]
+            for gi, i in np.ndindex(g, n):
+                both = list(e[gi, i]) + list(-e[gi, i])
+                best = 0
+                for k in range(1, 2 * h_):
+                    if both[k] > both[best]:
+                        best = k
+                out[gi, r, i] = best
+    return out
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_numba_hash_filter_is_exact(dtype, rng):
+    """The kernel's float32 filter never changes a bucket: equal to the in-order float64
+    definition on exact ties (duplicated and negated rotation columns), ties closer than
+    float32 resolves (columns equal to 1e-9), values near float32's
+    under/overflow, D and N not multiples of 4, zero rows, and inf/NaN rows."""
+    for trial in range(12):
+        g, n, d, h, r = 2, int(rng.integers(1, 11)), int(rng.integers(1, 11)), \
+            int(rng.integers(1, 40)), int(rng.integers(1, 4))
+        x = rng.standard_normal((g, n, d)) * 10.0 ** rng.uniform(-40, 40)
+        rot = rng.standard_normal((d, r, h)) * 10.0 ** rng.uniform(-3, 3)
+        if trial % 2 == 0:                                         # exact ties
+            rot[:, :, h // 2:] = rot[:, :, :h - h // 2][:, :, ::-1] * rng.choice([-1.0, 1.0])
+        elif h > 1:                                                # ties below float32's ulp
+            rot[:, :, 1::2] = rot[:, :, :h // 2 * 2:2] * (1 + 1e-9 * rng.standard_normal(
+                (d, r, h // 2)))
+        x, rot = x.astype(dtype), rot.astype(dtype)
+        x[0, 0] = 0.0
+        if trial % 3 == 0:
+            x[1, 0, 0] = [np.inf, -np.inf, np.nan][trial % 9 // 3]
+        with np.errstate(all="ignore"):
+            got = lsh._hash_numba(x, rot, r)
+        np.testing.assert_array_equal(got, inorder_buckets(x, rot), err_msg=f"trial {trial}")
+
+
+def test_numba_hash_filter_rechecks_near_ties(rng):
+    """Columns a and b = a + w + ε·x̂ with w ⊥ x: x·b exceeds x·a by ~1e-10 while their float32
+    products differ by ~1e-7 either way, so a filter without its error bound picks a or b
+    at random; the kernel must pick b (index 1) every time."""
+    d, trials = 16, 40
+    x = rng.standard_normal((1, trials, d))                        # (1, N, D)
+    got = []
+    for i in range(trials):
+        xi = x[0, i]
+        a = 3.0 * xi / np.linalg.norm(xi) + 0.1 * rng.standard_normal(d)
+        w = rng.standard_normal(d)
+        w -= (w @ xi) / (xi @ xi) * xi                             # w ⊥ x
+        b = a + w + 1e-10 * xi / np.linalg.norm(xi)
+        rot = np.stack([a, b], axis=-1)[:, None, :]                # (D, 1, 2)
+        assert inorder_buckets(x[:, i:i + 1], rot)[0, 0, 0] == 1
+        got.append(lsh._hash_numba(x[:, i:i + 1], rot, 1)[0, 0, 0])
+    assert got == [1] * trials
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_sort_is_stable_by_bucket_then_position(impl, rng):
     qk, v, rot = draw(rng, batch=(2,), n=24, d=4, n_hashes=3, n_buckets=4)
