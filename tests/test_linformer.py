@@ -138,8 +138,8 @@ def test_chunking_does_not_change_the_result(masked, rng, monkeypatch):
     out, ctx = linformer.forward(**x, E=E, F=F, key_padding_mask=kpm)
     dout = rng.standard_normal(out.shape)
     g = linformer.backward(dout, ctx)
-    # 6 rows / 6 keys per chunk; 1 (dE: S·D = 6·3) or 4 (dF: S·D = 2·3) columns per gather
-    monkeypatch.setattr(linformer, "_CHUNK_ELEMENTS", 2 * 4 * 3)
+    monkeypatch.setattr(linformer, "_ROW_BLOCK", 24)                # 6 rows per block
+    monkeypatch.setattr(linformer, "_KEY_BLOCK", 24)   # 1 (S·D = 6·3) or 4 (S·D = 2·3) keys
     out3, ctx3 = linformer.forward(**x, E=E, F=F, key_padding_mask=kpm)
     assert_close(out3, out)
     assert_close(linformer.backward(dout, ctx3), g)

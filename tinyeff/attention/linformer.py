@@ -68,7 +68,6 @@ import numpy as np
 
 from .. import _checks
 from ..ctx import Ctx
-from ..ops import softmax
 from ._case import Case
 
 NAME = "linformer"
@@ -80,7 +79,8 @@ KEY_PADDING = "key_padding_mask"
 DIFFERENTIABLE = ("q", "k", "v", "E", "F")
 LAYER_PARAMS = ("E", "F")
 
-_CHUNK_ELEMENTS = 1 << 20   # entries of one (rows, k) score block or one (cols, S·C) gather
+_ROW_BLOCK = 1 << 21        # entries of one (rows, k) score block (8 MiB in float32)
+_KEY_BLOCK = 1 << 20        # entries of one (keys, S·D) block of the projection backward
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,11 +131,6 @@ def _projection(value, name: str, batch: tuple, m: int, dtype) -> np.ndarray:
     return value
 
 
-def _row_chunk(kk: int) -> int:
-    """Rows per chunk of one batch element: a (rows, k) score block holds ~_CHUNK_ELEMENTS."""
-    return max(1, _CHUNK_ELEMENTS // max(1, kk))
-
-
 def forward(q, k, v, *, E, F, key_padding_mask=None, causal=False, scale=None):
     """Linformer attention.  Returns ``(out (..., N, Dv), ctx)``; see the module docstring."""
     batch, n, m, d, dv, dtype = _checks.qkv(q, k, v)
@@ -169,127 +164,168 @@ def _masked(x, keep):
     return np.where(keep[:, None], x, 0)                           # (M, C)
 
 
-def _per_element(a, batch: tuple):
-    """``a`` (…, r, c) as a view broadcast to (*batch, r, c), or None: index it by batch index."""
-    if a is None:
-        return None
-    return np.broadcast_to(a, (*batch, *a.shape[-2:]))             # (..., r, c) view
+def _groups(lead: tuple, batch: tuple):
+    """The batch indices grouped by the slice of a broadcast projection they share.
+
+    ``lead`` is E.shape[:-2] (broadcastable to ``batch`` without enlarging it).  Yields
+    ``(e_index, members)``: ``E[e_index]`` is the (k, M) matrix that every batch index in
+    ``members`` uses (for a head-shared (k, M) E: one group holding every (b, h)).
+    """
+    nb, ne = len(batch), len(lead)
+    full = (1,) * (nb - ne) + tuple(lead)
+    kept = [a for a in range(nb) if full[a] != 1]
+    summed = [a for a in range(nb) if full[a] == 1]
+    for ki in np.ndindex(*(batch[a] for a in kept)):
+        members = []
+        for si in np.ndindex(*(batch[a] for a in summed)):
+            idx = [0] * nb
+            for a, j in zip(kept, ki):
+                idx[a] = j
+            for a, j in zip(summed, si):
+                idx[a] = j
+            members.append(tuple(idx))
+        e_index = tuple(j if full[a] != 1 else 0 for a, j in enumerate(members[0]))[nb - ne:]
+        yield e_index, members
+
+
+def _key_blocks(m: int, width: int):
+    """Slices of the M keys, each a (keys, width) block of ~_KEY_BLOCK entries."""
+    step = max(1, _KEY_BLOCK // max(1, width))
+    return [slice(c0, min(m, c0 + step)) for c0 in range(0, m, step)]
 
 
 def _forward_ref(q, k, v, E, F, kpm, scale):
-    # Everything is done one batch element (b, h, …) at a time, so that no (…, k, M) copy of E
-    # broadcast over the heads and no (…, M, D) masked copy of k or v is ever formed.
+    # One batch element (b, h, …) at a time, rows in blocks: no (…, k, M) copy of E broadcast
+    # over the heads, no (…, M, D) masked copy of k or v, no (…, N, k) array.
     batch, n, m = q.shape[:-2], q.shape[-2], k.shape[-2]
     kk = E.shape[-2]
-    Eb, Fb = _per_element(E, batch), _per_element(F, batch)       # (..., k, M) views
+    Eb = np.broadcast_to(E, (*batch, kk, m))                       # (..., k, M) view
+    Fb = np.broadcast_to(F, (*batch, kk, m))                       # (..., k, M) view
     mb = None if kpm is None else np.broadcast_to(kpm, (*batch, m))   # (..., M) view
     kp = np.empty((*batch, kk, k.shape[-1]), dtype=q.dtype)        # (..., k, D)
     vp = np.empty((*batch, kk, v.shape[-1]), dtype=q.dtype)        # (..., k, Dv)
     out = np.empty((*batch, n, v.shape[-1]), dtype=q.dtype)        # (..., N, Dv)
     lse = np.empty((*batch, n), dtype=q.dtype)                     # (..., N)
-    step = _row_chunk(kk)
+    step = max(1, _ROW_BLOCK // max(1, kk))
+    s_buf = np.empty((min(n, step), kk), dtype=q.dtype)            # (R, k) reused per block
     for i in np.ndindex(*batch):
         keep = None if mb is None else mb[i]                       # (M,)
         np.matmul(Eb[i], _masked(k[i], keep), out=kp[i])           # (k, D)  K̃ = E (m ⊙ K)
         np.matmul(Fb[i], _masked(v[i], keep), out=vp[i])           # (k, Dv) Ṽ = F (m ⊙ V)
-        kpt = kp[i].T                                              # (D, k)
         for r0 in range(0, n, step):                               # rows are independent
             rows = slice(r0, min(n, r0 + step))
-            s = q[i][rows] @ kpt                                   # (R, k)
+            s = s_buf[:rows.stop - r0]                             # (R, k)
+            np.matmul(q[i][rows], kp[i].T, out=s)
             s *= scale                                             # S = Q K̃ᵀ·scale
-            p, lse[i][rows] = softmax.forward(s)                   # (R, k)  P = softmax(S)
-            np.matmul(p, vp[i], out=out[i][rows])                  # (R, Dv) out = P Ṽ
+            # P = softmax(S), in place (same operations as ops.softmax.forward, which would
+            # allocate three (R, k) temporaries per block)
+            c = s.max(axis=-1, keepdims=True)                      # (R, 1)
+            c[c == -np.inf] = 0                                    # all −inf row: any shift
+            s -= c
+            np.exp(s, out=s)                                       # e = exp(S − c)
+            z = s.sum(axis=-1, keepdims=True)                      # (R, 1)
+            s /= np.where(z > 0, z, 1)                             # P = e / z
+            with np.errstate(divide="ignore"):
+                lse[i][rows] = (c + np.log(z))[:, 0]               # (R,)
+            np.matmul(s, vp[i], out=out[i][rows])                  # (R, Dv) out = P Ṽ
     ctx = LinformerCtx(q=q, k=k, v=v, E=E, F=F, key_padding_mask=kpm, kp=kp, vp=vp, lse=lse,
                        scale=scale)
     return out, ctx
 
 
+def _project_back(W, dproj, mb, dx) -> None:
+    """dx = m ⊙ (Wᵀ dproj) for every batch element, written into dx (..., M, C).
+
+    The batch elements sharing one W slice (e.g. every head, for a head-shared E) are done
+    in one (keys, k) @ (k, S·C) product per block of keys — a wider, faster product than
+    one per head, and in key blocks because a single (M, k) @ (k, C) product makes OpenBLAS
+    touch a buffer of ~¾ of W's size (48 MiB at M = 65,536, k = 256).
+    """
+    batch, c_dim, m = dproj.shape[:-2], dproj.shape[-1], dx.shape[-2]
+    for e_index, members in _groups(W.shape[:-2], batch):
+        a = np.concatenate([dproj[i] for i in members], axis=1)    # (k, S·C)
+        for c in _key_blocks(m, a.shape[1]):
+            if len(members) == 1:
+                np.matmul(W[e_index][:, c].T, a, out=dx[members[0]][c])   # (keys, C)
+                continue
+            t = W[e_index][:, c].T @ a                             # (keys, S·C)
+            for j, i in enumerate(members):
+                dx[i][c] = t[:, j * c_dim:(j + 1) * c_dim]         # (keys, C)
+    if mb is not None:
+        for i in np.ndindex(*batch):
+            dx[i][~mb[i]] = 0                                      # (M, C) padded keys: 0
+
+
 def _weight_grad(dproj, x, mb, shape: tuple, dtype) -> np.ndarray:
     """dW = Σ over the broadcast batch axes of dproj (m ⊙ x)ᵀ, returned with W's ``shape``.
 
-    dproj (..., k, C), x (..., M, C), mb (..., M) or None -> (k, M) or (..., k, M).  For each
-    kept batch index the summed axes (size S) are folded into the contraction: a (k, S·C)
-    @ (S·C, cols) product per block of columns, written straight into the result, so
-    neither a (batch, k, M) temporary nor a transposed copy of x is ever formed — only a
-    (cols, S·C) gather of x, ~_CHUNK_ELEMENTS entries.
+    dproj (..., k, C), x (..., M, C), mb (..., M) or None -> (k, M) or (..., k, M).  The
+    batch elements sharing one W slice (S of them) are folded into the contraction: one
+    (k, S·C) @ (S·C, keys) product per block of keys, written straight into dW, so neither
+    a (batch, k, M) temporary nor a transposed copy of x is formed — only a (keys, S·C)
+    gather of m ⊙ x, ~_KEY_BLOCK entries.
     """
-    batch, kk, m = dproj.shape[:-2], dproj.shape[-2], x.shape[-2]
-    nb = len(batch)
-    lead = (1,) * (nb - (len(shape) - 2)) + tuple(shape[:-2])
-    kept = [a for a in range(nb) if lead[a] != 1]
-    summed = [a for a in range(nb) if lead[a] == 1]
-    kept_shape = tuple(batch[a] for a in kept)
-    summed_shape = tuple(batch[a] for a in summed)
+    batch, m = dproj.shape[:-2], x.shape[-2]
     dw = np.empty(shape, dtype=dtype)                              # W's shape
-    dw_kept = dw.reshape(*kept_shape, kk, m)                       # (kept..., k, M) view
-    sc = math.prod(summed_shape) * x.shape[-1]                     # S·C
-    cols = max(1, _CHUNK_ELEMENTS // max(1, sc))
-
-    def full_index(ki, si):                                        # batch index from both parts
-        idx = [0] * nb
-        for a, j in zip(kept, ki):
-            idx[a] = j
-        for a, j in zip(summed, si):
-            idx[a] = j
-        return tuple(idx)
-
-    for ki in np.ndindex(*kept_shape):
-        parts = [full_index(ki, si) for si in np.ndindex(*summed_shape)]
-        a = np.concatenate([dproj[i] for i in parts], axis=1)      # (k, S·C)
-        for c0 in range(0, m, cols):
-            c = slice(c0, min(m, c0 + cols))
+    for e_index, members in _groups(shape[:-2], batch):
+        a = np.concatenate([dproj[i] for i in members], axis=1)    # (k, S·C)
+        for c in _key_blocks(m, a.shape[1]):
             xs = np.stack([_masked(x[i][c], None if mb is None else mb[i][c])
-                           for i in parts], axis=1)                # (cols, S, C)
-            np.matmul(a, xs.reshape(xs.shape[0], sc).T, out=dw_kept[ki][:, c])   # (k, cols)
+                           for i in members], axis=1)              # (keys, S, C)
+            np.matmul(a, xs.reshape(xs.shape[0], -1).T, out=dw[e_index][:, c])   # (k, keys)
     return dw
 
 
-def _backward_ref(dout, ctx: LinformerCtx) -> dict:
-    q, k, v, kp, vp, lse, scale = ctx.q, ctx.k, ctx.v, ctx.kp, ctx.vp, ctx.lse, ctx.scale
-    batch, n, m = q.shape[:-2], q.shape[-2], k.shape[-2]
-    kpm = ctx.key_padding_mask
-    Eb, Fb = _per_element(ctx.E, batch), _per_element(ctx.F, batch)   # (..., k, M) views
-    mb = None if kpm is None else np.broadcast_to(kpm, (*batch, m))   # (..., M) view
+def _backward_attention(dout, q, kp, vp, lse, scale):
+    """(dQ, dK̃, dṼ) of the attention over the k projected keys, rows in blocks.
+
+    A function of its own so that its two (R, k) work buffers are freed when it returns,
+    before the (…, M, D) and (k, M) gradients are filled.
+    """
+    batch, n, kk = q.shape[:-2], q.shape[-2], kp.shape[-2]
     dq = np.empty_like(q)                                          # (..., N, D)
-    dk = np.empty_like(k)                                          # (..., M, D)
-    dv = np.empty_like(v)                                          # (..., M, Dv)
     dkp = np.zeros(kp.shape, dtype=q.dtype)                        # (..., k, D)
     dvp = np.zeros(vp.shape, dtype=q.dtype)                        # (..., k, Dv)
-    step = _row_chunk(kp.shape[-2])
+    step = max(1, _ROW_BLOCK // max(1, kk))
+    p_buf = np.empty((min(n, step), kk), dtype=q.dtype)            # (R, k) reused per block
+    dp_buf = np.empty_like(p_buf)                                  # (R, k)
     for i in np.ndindex(*batch):
-        kpt = kp[i].T                                              # (D, k)
         for r0 in range(0, n, step):
             rows = slice(r0, min(n, r0 + step))
             qc, dc = q[i][rows], dout[i][rows]                     # (R, D), (R, Dv)
+            p, dp = p_buf[:rows.stop - r0], dp_buf[:rows.stop - r0]   # (R, k) views
             # recompute P = softmax(S) from the saved log-sum-exp
-            p = qc @ kpt                                           # (R, k)
+            np.matmul(qc, kp[i].T, out=p)
             p *= scale
             p -= lse[i][rows, None]
             np.exp(p, out=p)                                       # P = exp(S − lse)
             # fwd: out = P Ṽ
             dvp[i] += p.T @ dc                                     # (k, Dv)
-            dp = dc @ vp[i].T                                      # (R, k)
-            # fwd: P = softmax(S)
-            ds = softmax.backward(dp, p)                           # (R, k)
+            np.matmul(dc, vp[i].T, out=dp)                         # (R, k)
+            # fwd: P = softmax(S)  ->  dS = P ⊙ (dP − rowsum(dP ⊙ P)), in place in dp
+            # (the operations of ops.softmax.backward, without its (R, k) temporaries)
+            dp -= np.sum(dp * p, axis=-1, keepdims=True)
+            dp *= p                                                # dS
             # fwd: S = Q K̃ᵀ · scale
             dqc = dq[i][rows]                                      # (R, D) view
-            np.matmul(ds, kp[i], out=dqc)
+            np.matmul(dp, kp[i], out=dqc)
             dqc *= scale
-            dkp[i] += (ds.T @ qc) * scale                          # (k, D)
-        # In blocks of keys: one (M, k) @ (k, D) product would make OpenBLAS touch a
-        # buffer of ~¾ of E's size (48 MiB at M = 65,536, k = 256) on top of the result.
-        for c0 in range(0, m, step):
-            c = slice(c0, min(m, c0 + step))
-            # fwd: K̃ = E (m ⊙ K)
-            np.matmul(Eb[i][:, c].T, dkp[i], out=dk[i][c])         # (C, D)
-            # fwd: Ṽ = F (m ⊙ V)
-            np.matmul(Fb[i][:, c].T, dvp[i], out=dv[i][c])         # (C, Dv)
-        if mb is not None:                                         # padded keys: dk = dv = 0
-            dk[i][~mb[i]] = 0
-            dv[i][~mb[i]] = 0
+            dkp[i] += (dp.T @ qc) * scale                          # (k, D)
+    return dq, dkp, dvp
+
+
+def _backward_ref(dout, ctx: LinformerCtx) -> dict:
+    q, k, v = ctx.q, ctx.k, ctx.v
+    kpm = ctx.key_padding_mask
+    mb = None if kpm is None else np.broadcast_to(kpm, (*q.shape[:-2], k.shape[-2]))  # (..., M)
+    dq, dkp, dvp = _backward_attention(dout, q, ctx.kp, ctx.vp, ctx.lse, ctx.scale)
     # fwd: K̃ = E (m ⊙ K)
+    dk = np.empty_like(k)                                          # (..., M, D)
+    _project_back(ctx.E, dkp, mb, dk)
     dE = _weight_grad(dkp, k, mb, ctx.E.shape, q.dtype)            # E's shape
     # fwd: Ṽ = F (m ⊙ V)
+    dv = np.empty_like(v)                                          # (..., M, Dv)
+    _project_back(ctx.F, dvp, mb, dv)
     dF = _weight_grad(dvp, v, mb, ctx.F.shape, q.dtype)            # F's shape
     return {"q": dq, "k": dk, "v": dv, "E": dE, "F": dF}
 
