@@ -18,11 +18,13 @@ Shapes: q (..., N, D), k (..., M, D), v (..., M, Dv), E and F (k, M) or (..., k,
 leading dimensions broadcast to the batch dimensions without enlarging them (e.g. (H, k, M)
 for (B, H) batches: one projection per head).  k is the Linformer rank.  Cost O(N·k·D +
 k·M·D) time and O(N + k·M) memory: the forward saves K̃, Ṽ and the row log-sum-exp, not
-P, and the backward recomputes P in row chunks.  Everything runs one batch element at a time
-and in blocks of ~2²⁰ entries, so the only large arrays are the output and the gradients
-(no (…, N, k), no (…, k, M) from E broadcast over heads, no masked or transposed copy of
-k or v); at N = M = 65,536, k = 256, B·H = 4, D = 64 in float32 the work space beyond the
-returned arrays is ~30 MiB.
+P, and the backward recomputes P in row blocks.  Everything runs one batch element at a
+time (the elements sharing a projection together) and in blocks of ~2²⁰–2²¹ entries, so the
+only large arrays are the output and the gradients (no (…, N, k), no (…, k, M) from E
+broadcast over the heads, no (…, M, D) masked or transposed copy of k or v — with a
+key-padding mask the forward makes one (M, D) masked copy per batch element): at N = M = 65,536,
+k = 256, B·H = 4, D = 64 in float32 the work space beyond the 384 MiB of returned arrays is
+~18 MiB (docs/semantics/linformer.md, "Implementation notes").
 
 Options
 -------
