@@ -117,7 +117,8 @@ class LSHCtx(Ctx):
     inv_perm: np.ndarray          # (..., r, N) int64 slot of each position
     z: np.ndarray                 # (..., r, N) float64 per-round log-sum-exp z_i^(r)
     lse: np.ndarray               # (..., N) float64 Z_i = logsumexp_r z_i^(r)
-    out: np.ndarray               # (..., N, Dv) a private copy of the output
+    out: np.ndarray               # (..., N, Dv) the returned output (a reference, as
+                                  #   full/window/local/linear: δ_i = ⟨dout_i, out_i⟩)
     scale: float
     chunk_len: int
     n_buckets: int
@@ -156,7 +157,8 @@ def hash_buckets(qk: np.ndarray, rotations: np.ndarray) -> np.ndarray:
 def inverse_norm(qk: np.ndarray) -> np.ndarray:
     """rn = 1 / sqrt(‖qk‖² + D·ε) in qk's dtype, so that k̂ = qk · rn."""
     d = qk.shape[-1]
-    return 1.0 / np.sqrt(np.sum(qk * qk, axis=-1) + qk.dtype.type(d * NORM_EPS))  # (..., N)
+    sq = np.einsum("...d,...d->...", qk, qk)                       # (..., N) ‖qk‖², no temporary
+    return 1.0 / np.sqrt(sq + qk.dtype.type(d * NORM_EPS))         # (..., N)
 
 
 def gradcheck_invariant(ctx: LSHCtx) -> np.ndarray:
@@ -223,7 +225,7 @@ def forward(q, k=None, v=None, *, rotations, chunk_len, n_buckets=None, causal=F
     ctx = LSHCtx(qk=qk, v=v, key_mask=None if kp is None else shaped(kp, n),
                  rn=shaped(rn, n), buckets=shaped(bk, n_hashes, n),
                  perm=shaped(perm, n_hashes, n), inv_perm=shaped(inv_perm, n_hashes, n),
-                 z=shaped(z, n_hashes, n), lse=shaped(lse, n), out=out.copy(), scale=scale,
+                 z=shaped(z, n_hashes, n), lse=shaped(lse, n), out=out, scale=scale,
                  chunk_len=chunk_len, n_buckets=n_buckets, causal=causal, dedup=dedup,
                  impl="numba" if use_numba else "ref")
     return out, ctx
@@ -447,10 +449,8 @@ def _backward_numba(f, ctx: LSHCtx):
             ctx.chunk_len, SELF_PENALTY)
     dx = np.zeros_like(x)                                          # (G, N, D)
     K.chunk_attend_bwd_q(dx, dout, dd, lse, *args)
-    dkhat = np.zeros_like(x)                                       # (G, N, D)
     dv = np.zeros_like(v)                                          # (G, N, Dv)
-    K.chunk_attend_bwd_kv(dkhat, dv, dout, dd, lse, *args)
-    K.normalize_bwd(dx, x, rn, dkhat)
+    K.chunk_attend_bwd_kv(dx, dv, dout, dd, lse, *args)            # adds the key path to dx
     return dx, dv
 
 

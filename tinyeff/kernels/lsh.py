@@ -9,8 +9,8 @@ sequence, W = 2c keys per window (the previous chunk, then the chunk itself).
 * ``sort_buckets``     stable counting sort of each round by bucket -> perm, inv_perm
 * ``chunk_attend``     per round, per chunk: logits, softmax, o and z; rounds combined online
 * ``chunk_attend_bwd_q``   dx (query side) = scale Σ_j dS_ij k̂_j, parallel over query chunks
-* ``chunk_attend_bwd_kv``  dk̂, dv walked from the keys' side (the "transposed" windows)
-* ``normalize_bwd``    dx += rn·dk̂ − rn³⟨x, dk̂⟩x  (backward of k̂ = x·rn)
+* ``chunk_attend_bwd_kv``  dk̂, dv walked from the keys' side (the "transposed" windows),
+                       dk̂ folded into dx per round: dx += rn·dk̂ − rn³⟨x, dk̂⟩x
 
 Parallelism: ``prange`` runs over (g, chunk) of ONE round at a time; rounds run serially.
 Within one round every position occupies exactly one slot, so a chunk owns the rows it
@@ -360,13 +360,15 @@ def chunk_attend_bwd_q(dx, dout, dd, lse, x, v, rn, perm, inv_perm, kp, use_kp, 
 
 
 @kernel
-def chunk_attend_bwd_kv(dkhat, dv, dout, dd, lse, x, v, rn, perm, inv_perm, kp, use_kp,
+def chunk_attend_bwd_kv(dx, dv, dout, dd, lse, x, v, rn, perm, inv_perm, kp, use_kp,
                         causal, dedup, scale, c, penalty):
-    """dk̂_j += scale Σ dS_ij x_i,  dv_j += Σ P_ij dout_i, over every window j appears in.
+    """The keys' side, one round at a time: dk̂_j^(r) = scale Σ dS_ij x_i and
+    dv_j += Σ P_ij dout_i over the windows j appears in during round r, and then, through
+    k̂_j = x_j·rn_j, dx_j += rn_j dk̂_j^(r) − rn_j³ ⟨x_j, dk̂_j^(r)⟩ x_j  (no (G, N, D) dk̂).
 
     Walked from the keys' side: the keys of chunk t are seen by the queries of chunk t (as
-    the current chunk) and of chunk t+1 (as its look-back), cyclically.  dkhat (G, N, D)
-    and dv (G, N, Dv) must be zero on entry.
+    the current chunk) and of chunk t+1 (as its look-back), cyclically.  dx (G, N, D) holds
+    the query side on entry (``chunk_attend_bwd_q``); dv (G, N, Dv) must be zero on entry.
     """
     G, R, N = perm.shape
     D = x.shape[2]
@@ -429,25 +431,15 @@ def chunk_attend_bwd_kv(dkhat, dv, dout, dd, lse, x, v, rn, perm, inv_perm, kp, 
                             dk_acc[b, d] += dsb * xi[d]
             for b in range(c):
                 j = jpos[b]
+                # fwd: k̂_j = x_j · rn_j,  rn_j = (‖x_j‖² + D·ε)^(−1/2)
+                rj = np.float64(rn[g, j])
+                dot = 0.0
                 for d in range(D):
-                    dkhat[g, j, d] += dk_acc[b, d]
+                    dot += np.float64(x[g, j, d]) * dk_acc[b, d]
+                for d in range(D):
+                    dx[g, j, d] += rj * dk_acc[b, d] - rj * rj * rj * dot * x[g, j, d]
                 for e in range(Dv):
                     dv[g, j, e] += dv_acc[b, e]
-
-
-@kernel
-def normalize_bwd(dx, x, rn, dkhat):
-    """dx_i += rn_i dk̂_i − rn_i³ ⟨x_i, dk̂_i⟩ x_i   (backward of k̂_i = x_i rn_i)."""
-    G, N, D = x.shape
-    for gi in prange(G * N):
-        g = gi // N
-        i = gi % N
-        r = np.float64(rn[g, i])
-        dot = 0.0
-        for d in range(D):
-            dot += np.float64(x[g, i, d]) * dkhat[g, i, d]
-        for d in range(D):
-            dx[g, i, d] += r * dkhat[g, i, d] - r * r * r * dot * x[g, i, d]
 
 
 @kernel
