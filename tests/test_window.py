@@ -145,6 +145,20 @@ def test_numba_matches_reference_and_crossed_pairs(opts, dtype, rng):
     assert_close(window.backward(dout, ctx_n, impl="ref"), g_ref)  # numba fwd + ref bwd
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_numba_rows_whose_band_lies_past_the_last_key(dtype, rng):
+    """N ≫ M: whole kernel tiles of rows see no key at all (their band starts after M)."""
+    n, m = 150, 20
+    x = random_qkv(rng, (2,), n=n, m=m, d=4, dv=3, dtype=dtype)
+    for opts in (dict(window=3), dict(window=2, dilation=2, causal=True)):
+        out_r, ctx_r = window.forward(**x, **opts, impl="ref")
+        out_n, ctx_n = window.forward(**x, **opts, impl="numba")
+        assert_close(out_n, out_r)
+        assert np.all(out_n[:, 40:] == 0) and np.all(ctx_n.lse[:, 40:] == -np.inf)
+        dout = rng.standard_normal(out_r.shape).astype(dtype)
+        assert_close(window.backward(dout, ctx_n), window.backward(dout, ctx_r))
+
+
 def test_one_and_two_threads_give_the_same_bits(rng):
     n = 300
     x = random_qkv(rng, (1, 3), n=n, d=8, dv=8)

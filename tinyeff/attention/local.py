@@ -332,7 +332,8 @@ def _forward_numba(q, k, v, *, block, look_backward, look_forward, causal, key_p
         kernels.attend_band(plan.flat(out), lse.reshape(plan.bh, -1), plan.flat(q),
                             plan.flat(k), plan.flat(v), plan.tile_start, plan.tile_jlo,
                             plan.tile_jhi, plan.lo, plan.hi, plan.row_ok, plan.key_ok,
-                            plan.bias, plan.has_bias, plan.off_min, dt.type(scale))
+                            plan.bias, plan.has_bias, plan.off_min, dt.type(scale),
+                            kernels.n_chunks())
     return out, lse
 
 
@@ -342,7 +343,6 @@ def _backward_numba(dout, ctx: LocalCtx) -> dict:
     plan = _Plan(q, k, block=ctx.block, look_backward=ctx.look_backward,
                  look_forward=ctx.look_forward, causal=ctx.causal,
                  key_padding_mask=ctx.key_padding_mask, rel_bias=ctx.rel_bias)
-    delta = np.sum(dout * ctx.out, axis=-1)                        # (..., N) = Σ_j p dp
     dq = np.zeros(q.shape, dtype=dt)                               # (..., N, D)
     dk = np.zeros(k.shape, dtype=dt)                               # (..., M, D)
     dv = np.zeros(v.shape, dtype=dt)                               # (..., M, Dv)
@@ -350,12 +350,12 @@ def _backward_numba(dout, ctx: LocalCtx) -> dict:
     dbias_part = np.zeros((plan.bh, nt, plan.n_off if plan.has_bias else 1), dtype=dt)
     with kernels.blas_single_thread():
         kernels.attend_band_bwd(plan.flat(dq), plan.flat(dk), plan.flat(dv), dbias_part,
-                                plan.flat(dout), delta.reshape(plan.bh, n),
+                                plan.flat(dout), plan.flat(ctx.out),
                                 np.ascontiguousarray(ctx.lse).reshape(plan.bh, n),
                                 plan.flat(q), plan.flat(k), plan.flat(v), plan.tile_start,
                                 plan.tile_jlo, plan.tile_jhi, plan.n_phases, plan.lo, plan.hi,
                                 plan.row_ok, plan.key_ok, plan.bias, plan.has_bias,
-                                plan.off_min, dt.type(ctx.scale))
+                                plan.off_min, dt.type(ctx.scale), kernels.n_chunks())
     grads = {"q": dq, "k": dk, "v": dv}
     if ctx.rel_bias is not None:
         batch = q.shape[:-2]

@@ -459,7 +459,8 @@ def _forward_numba(q, k, v, *, window, dilation, global_indices, causal, key_pad
     with kernels.blas_single_thread():
         kernels.attend_band(out_c, lse_c, qc, kc, vc, plan.tile_start, plan.tile_jlo,
                             plan.tile_jhi, plan.lo, plan.hi, plan.row_ok, plan.key_ok,
-                            plan.bias, plan.has_bias, plan.off_min, dt.type(scale))
+                            plan.bias, plan.has_bias, plan.off_min, dt.type(scale),
+                            kernels.n_chunks())
     out_b = _unclasses(out_c, plan.bh, dilation, n).reshape(*batch, n, -1)      # (..., N, Dv)
     lse_b = _unclasses(lse_c[..., None], plan.bh, dilation, n).reshape(*batch, n)  # (..., N)
     if gidx.size == 0:
@@ -488,7 +489,6 @@ def _backward_numba(dout, ctx: WindowCtx) -> dict:
     plan = _BandPlan(q, k, window=ctx.window, dilation=d, global_indices=gidx,
                      causal=ctx.causal, key_padding_mask=ctx.key_padding_mask,
                      rel_bias=ctx.rel_bias)
-    delta = np.sum(dout * ctx.out, axis=-1)                        # (..., N) = Σ_j p dp
     qc, kc, vc, doc = plan.rows(q), plan.keys(k), plan.keys(v), plan.rows(dout)
     dqc = np.zeros_like(qc)                                        # (BH·d, Ln, D)
     dkc = np.zeros_like(kc)                                        # (BH·d, Lm, D)
@@ -496,12 +496,11 @@ def _backward_numba(dout, ctx: WindowCtx) -> dict:
     nt = plan.tile_jlo.shape[0]
     dbias_part = np.zeros((qc.shape[0], nt, plan.n_off if plan.has_bias else 1), dtype=dt)
     with kernels.blas_single_thread():
-        kernels.attend_band_bwd(dqc, dkc, dvc, dbias_part, doc,
-                                plan._plane(plan.rows(delta[..., None])),
+        kernels.attend_band_bwd(dqc, dkc, dvc, dbias_part, doc, plan.rows(ctx.out),
                                 plan._plane(plan.rows(lse[..., None])), qc, kc, vc, plan.tile_start,
                                 plan.tile_jlo, plan.tile_jhi, plan.n_phases, plan.lo, plan.hi,
                                 plan.row_ok, plan.key_ok, plan.bias, plan.has_bias,
-                                plan.off_min, dt.type(scale))
+                                plan.off_min, dt.type(scale), kernels.n_chunks())
     bh = plan.bh
     dq = _unclasses(dqc, bh, d, n).reshape(q.shape)                # (..., N, D)
     dk = _unclasses(dkc, bh, d, m).reshape(k.shape)                # (..., M, D)
@@ -510,6 +509,7 @@ def _backward_numba(dout, ctx: WindowCtx) -> dict:
         dq, dk, dv = np.array(dq), np.array(dk), np.array(dv)
     key_ok = _key_ok(ctx.key_padding_mask, batch, m)
     if gidx.size:
+        delta = np.sum(dout * ctx.out, axis=-1)                    # (..., N) = Σ_j p dp
         # global columns — fwd: s_g = q @ k[G]ᵀ · scale, out += p_g @ v[G]
         s_g, ok_g = _gcol_scores(q, k, gidx, ctx.causal, key_ok, ctx.rel_bias, scale)
         p_g = _exp_minus(s_g, lse, ok_g)                           # (..., N, G)
