@@ -197,3 +197,14 @@ def test_empty_queries_and_all_padded(rng):
     x = random_qkv(rng, (2,), n=3, m=0)
     out, ctx = linformer.forward(**x, E=np.zeros((2, 0)), F=np.zeros((2, 0)))
     assert np.all(out == 0)
+
+
+@pytest.mark.parametrize("eshape", [(2, 5), (3, 2, 5), (1, 2, 5)])
+def test_empty_batch_gives_zero_projection_gradients(eshape, rng):
+    """B = 0: dE, dF are sums over no batch element, i.e. exactly 0 (never uninitialized)."""
+    x = random_qkv(rng, (0, 3), n=4, m=5)
+    E = _proj(rng, *eshape)
+    out, ctx = linformer.forward(**x, E=E, F=E)
+    g = linformer.backward(out.copy(), ctx)
+    assert g["E"].shape == E.shape and np.all(g["E"] == 0) and np.all(g["F"] == 0)
+    assert g["q"].shape == x["q"].shape and g["k"].shape == x["k"].shape

@@ -178,7 +178,9 @@ def _groups(lead: tuple, batch: tuple):
     kept = [a for a in range(nb) if full[a] != 1]
     summed = [a for a in range(nb) if full[a] == 1]
     for ki in np.ndindex(*(batch[a] for a in kept)):
-        members = []
+        at = dict(zip(kept, ki))
+        e_index = tuple(at.get(a, 0) for a in range(nb - ne, nb))
+        members = []                                               # empty if a summed axis is 0
         for si in np.ndindex(*(batch[a] for a in summed)):
             idx = [0] * nb
             for a, j in zip(kept, ki):
@@ -186,7 +188,6 @@ def _groups(lead: tuple, batch: tuple):
             for a, j in zip(summed, si):
                 idx[a] = j
             members.append(tuple(idx))
-        e_index = tuple(j if full[a] != 1 else 0 for a, j in enumerate(members[0]))[nb - ne:]
         yield e_index, members
 
 
@@ -245,6 +246,8 @@ def _project_back(W, dproj, mb, dx) -> None:
     """
     batch, c_dim, m = dproj.shape[:-2], dproj.shape[-1], dx.shape[-2]
     for e_index, members in _groups(W.shape[:-2], batch):
+        if not members:
+            continue
         a = np.concatenate([dproj[i] for i in members], axis=1)    # (k, S·C)
         for c in _key_blocks(m, a.shape[1]):
             if len(members) == 1:
@@ -270,6 +273,9 @@ def _weight_grad(dproj, x, mb, shape: tuple, dtype) -> np.ndarray:
     batch, m = dproj.shape[:-2], x.shape[-2]
     dw = np.empty(shape, dtype=dtype)                              # W's shape
     for e_index, members in _groups(shape[:-2], batch):
+        if not members:                                            # a sum over no elements
+            dw[e_index] = 0
+            continue
         a = np.concatenate([dproj[i] for i in members], axis=1)    # (k, S·C)
         for c in _key_blocks(m, a.shape[1]):
             xs = np.stack([_masked(x[i][c], None if mb is None else mb[i][c])
