@@ -32,7 +32,9 @@ Equivalently out_i is ONE softmax over the multiset union of i's windows (every 
 of j counts); with ``dedup=True`` each distinct key counts once, i.e. exact attention over
 the union of the windows (the paper's "subtract log N_ij").
 
-Cost O(r·N·c·(D + Dv)) time, O(r·N) memory for the context (nothing of size N·c is kept).
+Cost O(r·N·c·(D + Dv)) time for attention plus O(r·N·D·nb/2) for hashing (quadratic in N
+when nb grows with N, as under trax's rule nb = 2N/c; the kernel runs it at the float32 rate,
+see ``tinyeff/kernels/lsh.py``), O(r·N) memory for the context (nothing of size N·c is kept).
 
 Options
 -------

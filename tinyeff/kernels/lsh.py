@@ -49,8 +49,10 @@ def hash_argmax(buckets, x, rot32, rot_t, tol, tol_abs):
        derives tol from the float32 and float64 rounding bounds, with a factor 2 to spare).
        A non-candidate has |e_h| < M − b ≤ |e_h*| (h* = argmax |p|), so every index that
        attains max_h |e_h| is a candidate, and the first-maximum rule over the candidates
-       in increasing h picks the same k as over the whole list.  If M or b is not finite
-       (inf/NaN inputs, float64 values beyond float32's range) every h is a candidate.
+       in increasing h picks the same k as over the whole list.  A single candidate h*
+       (the usual case) is that argmax, with the sign of p_h* (|p − e| ≤ b < M): no exact
+       product is needed.  If M or b is not finite (inf/NaN inputs, float64 values beyond
+       float32's range) every h is a candidate.
 
     buckets (G, R, N) int64 out; x (G, N, D) float32/float64; rot32 (R, D4, H) float32 (the
     rotations rounded, zero-padded to D4 = a multiple of 4 features); rot_t (R, H, D) float64
@@ -108,54 +110,79 @@ def hash_argmax(buckets, x, rot32, rot_t, tol, tol_abs):
                     p2[h] += (c0 * qa + c1 * qb) + (c2 * qc + c3 * qd)
                     p3[h] += (e0 * qa + e1 * qb) + (e2 * qc + e3 * qd)
             for k in range(nr):
-                # max |p| on the bits (monotone for non-negative floats; NaN bits above inf),
-                # per group of 32 so that the candidate scan skips whole groups
-                mb = np.uint32(0)
-                for q in range(ngrp):
-                    gm = np.uint32(0)
-                    for h in range(q * 32, min(q * 32 + 32, H)):
-                        gm = max(gm, pb[k, h] & np.uint32(0x7FFFFFFF))
-                    grp[q] = gm
-                    mb = max(mb, gm)
                 b = tol[r] * xn[k] + tol_abs[r]
-                tb = np.uint32(0)                                  # every h a candidate
-                if mb < np.uint32(0x7F800000) and b < np.inf:
-                    one_b[0] = mb
-                    thr = np.float64(one[0]) - 2.0 * b
-                    if thr > 0.0:
-                        one[0] = np.float32(thr)
-                        if np.float64(one[0]) > thr:               # round down
-                            one_b[0] -= np.uint32(1)
-                        tb = one_b[0]
-                first = True
-                best_p = 0.0
-                best_m = 0.0
-                arg_p = 0
-                arg_m = 0
-                for q in range(ngrp):                              # increasing h
-                    if grp[q] < tb:
-                        continue
-                    for h in range(q * 32, min(q * 32 + 32, H)):
-                        if (pb[k, h] & np.uint32(0x7FFFFFFF)) < tb:
-                            continue
-                        e = 0.0
-                        for d in range(D):                         # in order, float64
-                            e += xe[k, d] * rot_t[r, h, d]
-                        if first:
-                            best_p = e
-                            arg_p = h
-                            best_m = -e
-                            arg_m = h
-                            first = False
-                        else:
-                            if e > best_p:
-                                best_p = e
-                                arg_p = h
-                            if -e > best_m:
-                                best_m = -e
-                                arg_m = h
-                # the "+" half precedes the "−" half, so a tie goes to the "+" index
-                buckets[g, r, i0 + k] = H + arg_m if best_m > best_p else arg_p
+                buckets[g, r, i0 + k] = _pick_bucket(p[k], pb[k], xe[k], rot_t[r], b, grp,
+                                                     one, one_b)
+
+
+@serial
+def _pick_bucket(p, pb, xe, rot_t, b, grp, one, one_b):
+    """Stage 2 of ``hash_argmax`` for one position and round: p (H,) the filter's products,
+    pb their bits, xe (D,) the position in float64, rot_t (H, D) float64, b the bound on
+    |p_h − e_h|; grp (⌈H/32⌉,), one and one_b are scratch.  Returns the bucket."""
+    H = p.shape[0]
+    D = xe.shape[0]
+    ngrp = grp.shape[0]
+    # max |p| on the bits (monotone for non-negative floats; NaN bits above inf), per group
+    # of 32 so that the candidate scans skip whole groups
+    mb = np.uint32(0)
+    for q in range(ngrp):
+        gm = np.uint32(0)
+        for h in range(q * 32, min(q * 32 + 32, H)):
+            gm = max(gm, pb[h] & np.uint32(0x7FFFFFFF))
+        grp[q] = gm
+        mb = max(mb, gm)
+    tb = np.uint32(0)                                              # every h a candidate
+    if mb < np.uint32(0x7F800000) and b < np.inf:
+        one_b[0] = mb
+        thr = np.float64(one[0]) - 2.0 * b
+        if thr > 0.0:
+            one[0] = np.float32(thr)
+            if np.float64(one[0]) > thr:                           # round down
+                one_b[0] -= np.uint32(1)
+            tb = one_b[0]
+    if tb > 0:
+        n_cand = 0
+        h_cand = 0
+        for q in range(ngrp):
+            if grp[q] >= tb:
+                for h in range(q * 32, min(q * 32 + 32, H)):
+                    if (pb[h] & np.uint32(0x7FFFFFFF)) >= tb:
+                        n_cand += 1
+                        h_cand = h
+        if n_cand == 1:
+            # the only candidate h* is the unique argmax of |e|, and |p − e| ≤ b < M = |p_h*|
+            # gives e_h* the sign of p_h*: no exact product needed
+            return h_cand if p[h_cand] > 0 else H + h_cand
+    first = True
+    best_p = 0.0
+    best_m = 0.0
+    arg_p = 0
+    arg_m = 0
+    for q in range(ngrp):                                          # increasing h
+        if grp[q] < tb:
+            continue
+        for h in range(q * 32, min(q * 32 + 32, H)):
+            if (pb[h] & np.uint32(0x7FFFFFFF)) < tb:
+                continue
+            e = 0.0
+            for d in range(D):                                     # in order, float64
+                e += xe[d] * rot_t[h, d]
+            if first:
+                best_p = e
+                arg_p = h
+                best_m = -e
+                arg_m = h
+                first = False
+            else:
+                if e > best_p:
+                    best_p = e
+                    arg_p = h
+                if -e > best_m:
+                    best_m = -e
+                    arg_m = h
+    # the "+" half precedes the "−" half, so a tie goes to the "+" index
+    return H + arg_m if best_m > best_p else arg_p
 
 
 @kernel
