@@ -21,30 +21,34 @@ Backward (P recomputed from the saved log-sum-exp, as in FlashAttention; O(N) sa
     dk[jlo:jhi] += dS_tᵀ q[i0:i1] · scale,    dv[jlo:jhi] += P_tᵀ dout[i0:i1]
 
 The key ranges of neighbouring tiles overlap, so dk/dv would race if all tiles ran at once.
-Tiles are coloured into P *phases* (tile t runs in phase t mod P) such that the tiles of one
-phase have disjoint key ranges; phases run one after the other and each key row receives its
-contributions in a fixed order whatever the number of threads (no atomics; bit-identical
-results with 1 or 2 threads).  The bias gradient is written per tile, ``dbias_part[b, t]``,
-and summed over tiles by the caller in a fixed order.
+Let P be the smallest distance such that tiles t and t + P have disjoint key ranges
+(:func:`plan_phases`).  The backward cuts each batch·head's tiles into *blocks* of
+L = max(16, 2P) consecutive tiles and runs in two parts: first every block's tiles after its
+first P − 1, in order, all blocks at once (tiles of different blocks are then ≥ P apart),
+then every block's first P − 1 tiles, in order, all blocks at once (≥ L − P + 2 ≥ P apart).
+Each key row thus receives its contributions in one fixed order whatever the number of
+threads (no atomics; bit-identical results with 1 or 2 threads), and consecutive tiles of a
+block reuse the key rows (k, v, dk, dv) just touched, from cache.  The bias gradient is
+written per tile, ``dbias_part[b, t]``, and summed over tiles by the caller in a fixed order.
 
-Schedule: ``prange`` over ``n_chunks`` contiguous runs of (batch·head, tile) tasks (the
-callers pass the Numba thread count); each run allocates its scratch tiles once and reuses
-them for all its tasks.  Every task computes its tile the same way whichever run holds it,
-so ``n_chunks`` never changes a result.
+Schedule: ``prange`` over ``n_chunks`` contiguous runs of tasks ((batch·head, tile) in the
+forward, (batch·head, block) in the backward; the callers pass the Numba thread count); each
+run allocates its scratch tiles once and reuses them for all its tasks.  Every task computes
+its tiles the same way whichever run holds it, so ``n_chunks`` never changes a result.
 
-SPEEDTIP: the forward holds each tile transposed, Sᵀ = k q_tileᵀ (R, T), as the blocked
-kernel of ``kernels/blocked.py`` does: each query's max and sum then run down a column,
-serially in key order per query (the same order as a row-wise loop) but vectorized across
-the T queries, and the band becomes one range of queries per key row (lo, hi never
-decrease), so masking costs two range fills per key row instead of a test per element.
-SPEEDTIP: loops that should vectorize run over views starting at index 0 (``x = s[r, a:e]``,
-``for u in range(e − a)``): a loop ``for u in range(a, e)`` keeps Numba's negative-index
-wraparound check, which stops LLVM from vectorizing it (measured 10 ns against 1.8 ns per
-element for the backward's exp loop).  Tiles whose keys are all valid and carry no bias
-(every tile of the bench's ``local``) skip the per-key select.
-SPEEDTIP: fresh scratch per task (two 192 KiB tiles plus the products' outputs) measured
-slower, mostly from page faults once glibc returns freed blocks to the system; ``np.dot``
-writes into the scratch (and into dq directly) through its ``out`` argument.
+SPEEDTIP: tiles are held transposed, Sᵀ = k q_tileᵀ (R, T), as in the forward of
+``kernels/blocked.py``: each query's max and sum run down a column, serially in key order
+per query (the order of a row-wise loop) but vectorized across the T queries; the band
+becomes one range of queries per key row (lo, hi never decrease), so masking costs two range
+fills per key row instead of a test per element; and the backward's products measured
+faster in this orientation (one thread, T = 128, R = 384, D = 64: 467 µs per tile for the
+five products against 519 µs row-major).
+SPEEDTIP: loops that should vectorize run over views starting at index 0 (``x = st[jj, a:e]``,
+``for u in range(e − a)``): with ``for u in range(a, e)`` Numba keeps its negative-index
+wraparound check and LLVM emitted no packed instructions for the loop.  Tiles without
+padded keys, empty rows or bias (every tile of the benchmark's ``local``) skip the select.
+SPEEDTIP: no allocation per tile: ``np.dot`` writes into per-run scratch (and straight into
+dq / out) through its ``out`` argument.
 SPEEDTIP: ``np.dot`` inside Numba calls SciPy's OpenBLAS.  When OpenBLAS itself is
 multi-threaded, its threads fight the Numba threads (measured: 36 GF/s instead of 99 GF/s
 on 2 cores); the callers pin it to one thread with ``blas_single_thread`` and the exps use
@@ -65,6 +69,8 @@ from ._jit import kernel, prange, serial
 from ._math import blas_single_thread, fast_exp
 
 __all__ = ["attend_band", "attend_band_bwd", "plan_phases", "n_chunks", "blas_single_thread"]
+
+BLOCK_TILES = 16   # the backward's blocks of consecutive tiles (at least 2·n_phases)
 
 
 def n_chunks() -> int:
@@ -218,70 +224,84 @@ def attend_band(out, lse, q, k, v, tile_start, tile_jlo, tile_jhi, lo, hi, row_o
 
 @serial
 def _bwd_tile(dq, dk, dv, dbias_part, dout, out, lse, q, k, v, b, t, i0, i1, jl, jh, lo, hi,
-              row_ok, key_ok, bias, has_bias, off_min, scale, sbuf, gbuf, kbuf, vbuf, dl):
-    """One tile of :func:`attend_band_bwd`: rows [i0, i1) against keys [jl, jh), jh > jl."""
+              row_ok, key_ok, bias, has_bias, off_min, scale, sbuf, gbuf, kbuf, vbuf, lt, dl,
+              live):
+    """One tile of :func:`attend_band_bwd`: rows [i0, i1) against keys [jl, jh), jh > jl.
+
+    Held transposed like the forward's tiles: Sᵀ, dPᵀ (R, T), one key per row.
+    """
     bq = i1 - i0
     bk = jh - jl
     d = q.shape[2]
     ddv = v.shape[2]
     zero = scale * 0
-    s = sbuf[:bq * bk].reshape((bq, bk))                           # (T, R) scratch
-    dp = gbuf[:bq * bk].reshape((bq, bk))                          # (T, R) scratch
-    np.dot(q[b, i0:i1], k[b, jl:jh].T, s)                          # raw scores
-    np.dot(dout[b, i0:i1], v[b, jl:jh].T, dp)                      # dP
-    all_ok = True
-    for jj in range(bk):
-        all_ok = all_ok and key_ok[b, jl + jj]
-    for r in range(bq):
+    st = sbuf[:bk * bq].reshape((bk, bq))                          # (R, T) scratch
+    gt = gbuf[:bk * bq].reshape((bk, bq))                          # (R, T) scratch
+    np.dot(k[b, jl:jh], q[b, i0:i1].T, st)                         # raw Sᵀ
+    np.dot(v[b, jl:jh], dout[b, i0:i1].T, gt)                      # dPᵀ
+    any_dead = False
+    for r in range(bq):                        # per query: lse, δ, live
         i = i0 + r
-        li = lse[b, i]
         acc = 0.0                              # δ_i = dout_i · out_i, serial in float64
         for c in range(ddv):
             acc += np.float64(dout[b, i, c]) * np.float64(out[b, i, c])
         dl[r] = acc                            # rounded to the dtype
-        di = dl[r]
-        ca = min(max(lo[i] - jl, 0), bk)       # band of row i: columns [ca, ce)
-        ce = max(min(hi[i] - jl, bk), ca)
-        if not row_ok[b, i] or li == -np.inf:  # empty or skipped row
-            ca = bk
-            ce = bk
-        s[r, :ca] = 0                          # outside the band: P = 0, dS = 0
-        s[r, ce:] = 0
-        dp[r, :ca] = 0
-        dp[r, ce:] = 0
-        x = s[r, ca:ce]                                            # views: band of row i
-        g = dp[r, ca:ce]
-        ok = key_ok[b, jl + ca:jl + ce]
-        nb = ce - ca
+        lt[r] = lse[b, i]
+        live[r] = row_ok[b, i] and lse[b, i] != -np.inf   # empty or skipped rows: P = 0
+        any_dead = any_dead or not live[r]
+    ia = 0                                     # rows [ia, ib) of the tile see key j
+    ib = 0
+    for jj in range(bk):
+        j = jl + jj
+        while ia < bq and hi[i0 + ia] <= j:
+            ia += 1
+        while ib < bq and lo[i0 + ib] <= j:
+            ib += 1
+        a = ia
+        e = max(ib, ia)
+        if not key_ok[b, j]:                   # padded key: P = 0, dS = 0
+            a = bq
+            e = bq
+        st[jj, :a] = 0                         # outside the band
+        st[jj, e:] = 0
+        gt[jj, :a] = 0
+        gt[jj, e:] = 0
+        x = st[jj, a:e]                                            # views: rows seeing j
+        g = gt[jj, a:e]
+        lr = lt[a:e]
+        dr = dl[a:e]
+        ok = live[a:e]
+        nb = e - a
         if has_bias:
-            off = i - jl - ca - off_min        # bias index of (i, jl + ca)
+            off = i0 + a - j - off_min         # bias index of (i0 + a, j)
+            db = dbias_part[b, t, off:off + nb]
             for u in range(nb):
                 # fwd: p = exp(x − max) / z  ==  exp(x − lse),  x = q·k · scale + bias
-                p = fast_exp(x[u] * scale + bias[b, off - u] - li) if ok[u] else zero
+                p = fast_exp(x[u] * scale + bias[b, off + u] - lr[u]) if ok[u] else zero
                 x[u] = p
                 # fwd: p = softmax(x)  ->  ds = p (dp − Σ_j p dp)
-                g[u] = p * (g[u] - di)
+                g[u] = p * (g[u] - dr[u]) if ok[u] else zero
             for u in range(nb):
                 # fwd: x += bias[i − j − off_min]
-                dbias_part[b, t, off - u] += g[u]
+                db[u] += g[u]
             for u in range(nb):
                 g[u] = g[u] * scale            # ds · scale
-        elif all_ok:
+        elif any_dead:
+            for u in range(nb):
+                p = fast_exp(x[u] * scale - lr[u]) if ok[u] else zero
+                x[u] = p
+                g[u] = (p * (g[u] - dr[u])) * scale if ok[u] else zero
+        else:
             for u in range(nb):
                 # fwd: p = exp(x − max) / z  ==  exp(x − lse),  x = q·k · scale
-                p = fast_exp(x[u] * scale - li)
+                p = fast_exp(x[u] * scale - lr[u])
                 x[u] = p
                 # fwd: p = softmax(x)  ->  ds = p (dp − Σ_j p dp), then · scale
-                g[u] = (p * (g[u] - di)) * scale
-        else:
-            for u in range(nb):                # padded key: p = 0
-                p = fast_exp(x[u] * scale - li) if ok[u] else zero
-                x[u] = p
-                g[u] = (p * (g[u] - di)) * scale
-    # fwd: x = (q kᵀ) · scale   (dp now holds ds · scale)
-    np.dot(dp, k[b, jl:jh], dq[b, i0:i1])                          # (T, D)
+                g[u] = (p * (g[u] - dr[u])) * scale
+    # fwd: x = (q kᵀ) · scale   (gt now holds dSᵀ · scale)
+    np.dot(gt.T, k[b, jl:jh], dq[b, i0:i1])                        # (T, D)
     tkk = kbuf[:bk * d].reshape((bk, d))
-    np.dot(dp.T, q[b, i0:i1], tkk)                                 # (R, D)
+    np.dot(gt, q[b, i0:i1], tkk)                                   # (R, D)
     for jj in range(bk):
         acc_k = dk[b, jl + jj]
         add_k = tkk[jj]
@@ -289,7 +309,7 @@ def _bwd_tile(dq, dk, dv, dbias_part, dout, out, lse, q, k, v, b, t, i0, i1, jl,
             acc_k[c] += add_k[c]
     # fwd: out = p v
     tvv = vbuf[:bk * ddv].reshape((bk, ddv))
-    np.dot(s.T, dout[b, i0:i1], tvv)                               # (R, Dv)
+    np.dot(st, dout[b, i0:i1], tvv)                                # (R, Dv)
     for jj in range(bk):
         acc_v = dv[b, jl + jj]
         add_v = tvv[jj]
@@ -314,26 +334,34 @@ def attend_band_bwd(dq, dk, dv, dbias_part, dout, out, lse, q, k, v, tile_start,
     nt = tile_start.shape[0] - 1
     dt = dq.dtype
     tq, tk = _tile_extent(tile_start, tile_jlo, tile_jhi)
-    for ph in range(n_phases):
-        ntp = (nt - ph + n_phases - 1) // n_phases                 # tiles ph, ph + P, …
-        ntask = bh * ntp
-        nch = max(1, min(ntask, n_chunks))
+    span = max(BLOCK_TILES, 2 * n_phases)      # tiles per block
+    nblk = (nt + span - 1) // span
+    ntask = bh * nblk
+    nch = max(1, min(ntask, n_chunks))
+    for part in range(2):                      # 0: block bodies, 1: their first P − 1 tiles
         for c in prange(nch):
             sbuf = np.empty(tq * tk, dtype=dt)                     # (T·R,) scores, then P
             gbuf = np.empty(tq * tk, dtype=dt)                     # (T·R,) dP, then dS·scale
             kbuf = np.empty(tk * d, dtype=dt)                      # (R·D,) dk of a tile
             vbuf = np.empty(tk * ddv, dtype=dt)                    # (R·Dv,) dv of a tile
+            lt = np.empty(tq, dtype=dt)                            # (T,) lse of the tile rows
             dl = np.empty(tq, dtype=dt)                            # (T,) δ of the tile rows
+            live = np.empty(tq, dtype=np.bool_)                    # (T,) rows with a key
             for task in range(c * ntask // nch, (c + 1) * ntask // nch):
-                b = task // ntp
-                t = ph + n_phases * (task - b * ntp)
-                jl = min(tile_jlo[t], m)       # (a band may run past the last key)
-                jh = min(tile_jhi[t], m)
-                if jh <= jl:
-                    continue
-                _bwd_tile(dq, dk, dv, dbias_part, dout, out, lse, q, k, v, b, t,
-                          tile_start[t], tile_start[t + 1], jl, jh, lo, hi, row_ok, key_ok,
-                          bias, has_bias, off_min, scale, sbuf, gbuf, kbuf, vbuf, dl)
+                b = task // nblk
+                ta = (task - b * nblk) * span
+                tb = min(ta + span, nt)
+                head = min(ta + n_phases - 1, tb)
+                t_first, t_end = (head, tb) if part == 0 else (ta, head)
+                for t in range(t_first, t_end):
+                    jl = min(tile_jlo[t], m)   # (a band may run past the last key)
+                    jh = min(tile_jhi[t], m)
+                    if jh <= jl:
+                        continue
+                    _bwd_tile(dq, dk, dv, dbias_part, dout, out, lse, q, k, v, b, t,
+                              tile_start[t], tile_start[t + 1], jl, jh, lo, hi, row_ok,
+                              key_ok, bias, has_bias, off_min, scale, sbuf, gbuf, kbuf, vbuf,
+                              lt, dl, live)
 
 
 def plan_phases(tile_jlo: np.ndarray, tile_jhi: np.ndarray) -> int:
