@@ -135,6 +135,24 @@ def test_many_tiles_backward_blocks_and_seams(rng):
         np.testing.assert_array_equal(results[0][1][name], results[1][1][name], err_msg=name)
 
 
+def test_plain_tiles_give_the_bits_of_the_general_path(rng):
+    """Tiles without padding, empty rows or bias skip the backward's per-element select; a
+    zero rel_bias and an all-True key padding mask force the general path: same bits."""
+    n = 300
+    x = random_qkv(rng, (2, 2), n=n, d=8, dv=5)
+    dout = rng.standard_normal((2, 2, n, 5))
+    opts = dict(block=50, look_backward=1, look_forward=1, impl="numba")
+    out, ctx = local.forward(**x, **opts)
+    grads = local.backward(dout, ctx)
+    general = dict(rel_bias=np.zeros(2 * n - 1), key_padding_mask=np.ones(n, dtype=bool))
+    out_g, ctx_g = local.forward(**x, **opts, **general)
+    grads_g = local.backward(dout, ctx_g)
+    np.testing.assert_array_equal(out, out_g)
+    np.testing.assert_array_equal(ctx.lse, ctx_g.lse)
+    for name in grads:
+        np.testing.assert_array_equal(grads[name], grads_g[name], err_msg=name)
+
+
 def test_causal_prefix_consistency(rng):
     """Causal output at positions < t does not depend on anything at positions >= t."""
     n, t = 20, 13
