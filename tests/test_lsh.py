@@ -514,3 +514,36 @@ def test_permute_backward_is_the_inverse_gather(rng):
     # adjoint identity ⟨y, dy⟩ = ⟨x, Σ_r dx_r⟩
     assert np.isclose(np.sum(y * dy), np.sum(x * dx.sum(axis=1, keepdims=True)))
     np.testing.assert_array_equal(permute.forward(y, inv), np.broadcast_to(x, y.shape))
+
+
+def test_read_only_inputs_add_no_kernel_signature(rng):
+    """Read-only qk, v, rotations, mask and dout reach the kernels as writeable copies, so
+    they reuse the specializations compiled for writeable inputs (issue 11)."""
+    from tinyeff.kernels import lsh as kernels
+    qk, v, rot = draw(rng)
+    kp = np.ones(qk.shape[:-1], dtype=bool)
+    kp[0, 0, -1] = False
+    dout = rng.standard_normal(v.shape)
+    opts = {"chunk_len": 4, "causal": True}
+
+    def run(qk_, v_, rot_, kp_, dout_):
+        out, ctx = lsh.forward(qk_, v=v_, rotations=rot_, key_padding_mask=kp_, **opts)
+        return out, lsh.backward(dout_, ctx)
+
+    def signatures():
+        return {n: list(f.signatures) for n, f in vars(kernels).items()
+                if hasattr(f, "signatures")}
+
+    want = run(qk, v, rot, kp, dout)
+    before = signatures()
+
+    def ro(a):
+        a = a.copy()
+        a.setflags(write=False)
+        return a
+
+    got = run(ro(qk), ro(v), ro(rot), ro(kp), ro(dout))
+    assert signatures() == before
+    np.testing.assert_array_equal(got[0], want[0])
+    for name in want[1]:
+        np.testing.assert_array_equal(got[1][name], want[1][name])

@@ -395,7 +395,7 @@ def _hash_numba(x, rotations, n_hashes):
     d4 = -(-d // 4) * 4
     rot32 = np.zeros((n_hashes, d4, rot.shape[2]), dtype=np.float32)  # (r, D4, nb/2)
     rot32[:, :d] = rot
-    rot_t = np.ascontiguousarray(rot.transpose(0, 2, 1))           # (r, nb/2, D)
+    rot_t = np.ascontiguousarray(rot.transpose(0, 2, 1))           # (r, nb/2, D) a copy
     with np.errstate(over="ignore", invalid="ignore"):
         col = np.sqrt(np.sum(rot * rot, axis=1)).max(axis=1)       # (r,) max_h ‖R_h‖
         big = np.abs(rot).max(axis=(1, 2))                         # (r,) max |R|
@@ -403,22 +403,25 @@ def _hash_numba(x, rotations, n_hashes):
     # (+ D4·2⁻¹⁵⁰ per magnitude for float32 underflow); Σ_d |x_d R_dh| ≤ ‖x‖·‖R_h‖; ×2 spare
     tol = 2.0 * (((d4 + 3) * 2.0**-24 + d * 2.0**-53) * col + d4 * 2.0**-149)  # (r,)
     tol_abs = 2.0 * d4 * 2.0**-149 * (1.0 + big)                   # (r,)
-    K.hash_argmax(bk, np.ascontiguousarray(x), rot32, rot_t, tol, tol_abs)
+    K.hash_argmax(bk, np.require(x, requirements="CW"), rot32, rot_t, tol, tol_abs)
     return bk
 
+
+# Kernel inputs go through np.require(..., "CW"): C-contiguous and writeable (a read-only
+# input is copied), so read-only inputs reuse the kernels compiled for writeable ones.
 
 def _sort_numba(bk, n_slots):
     from ..kernels import lsh as K
     perm = np.empty_like(bk)                                       # (G, r, N)
     inv_perm = np.empty_like(bk)                                   # (G, r, N)
-    K.sort_buckets(perm, inv_perm, np.ascontiguousarray(bk), n_slots)
+    K.sort_buckets(perm, inv_perm, np.require(bk, requirements="CW"), n_slots)
     return perm, inv_perm
 
 
 def _kp_args(kp, g, n):
     if kp is None:
         return np.ones((1, 1), dtype=bool), False
-    return np.ascontiguousarray(kp), True
+    return np.require(kp, requirements="CW"), True
 
 
 def _forward_numba(x, v, rn, perm, inv_perm, kp, causal, dedup, scale, c):
@@ -428,24 +431,24 @@ def _forward_numba(x, v, rn, perm, inv_perm, kp, causal, dedup, scale, c):
     lse = np.empty((g, n))                                         # (G, N)
     z = np.empty((g, r, n))                                        # (G, R, N)
     kp_arr, use_kp = _kp_args(kp, g, n)
-    K.chunk_attend(out, lse, z, np.ascontiguousarray(x), np.ascontiguousarray(v),
-                   np.ascontiguousarray(rn), perm, inv_perm, kp_arr, use_kp, causal, dedup,
+    x, v, rn = (np.require(a, requirements="CW") for a in (x, v, rn))
+    K.chunk_attend(out, lse, z, x, v, rn, perm, inv_perm, kp_arr, use_kp, causal, dedup,
                    float(scale), c, SELF_PENALTY)
     return out, z, lse
 
 
 def _backward_numba(f, ctx: LSHCtx):
     from ..kernels import lsh as K
-    x = np.ascontiguousarray(f["x"])
-    v = np.ascontiguousarray(f["v"])
-    dout = np.ascontiguousarray(f["dout"])
-    rn = np.ascontiguousarray(f["rn"])
-    perm = np.ascontiguousarray(f["perm"])
-    inv_perm = np.ascontiguousarray(f["inv_perm"])
-    lse = np.ascontiguousarray(f["lse"], dtype=np.float64)
+    x = np.require(f["x"], requirements="CW")
+    v = np.require(f["v"], requirements="CW")
+    dout = np.require(f["dout"], requirements="CW")
+    rn = np.require(f["rn"], requirements="CW")
+    perm = np.require(f["perm"], requirements="CW")
+    inv_perm = np.require(f["inv_perm"], requirements="CW")
+    lse = np.require(f["lse"], np.float64, "CW")
     g, n, d = x.shape
     dd = np.empty((g, n))                                          # (G, N) ⟨dout_i, out_i⟩
-    K.row_dot(dd, dout, np.ascontiguousarray(f["out"]))
+    K.row_dot(dd, dout, np.require(f["out"], requirements="CW"))
     kp_arr, use_kp = _kp_args(f["kp"], g, n)
     args = (x, v, rn, perm, inv_perm, kp_arr, use_kp, ctx.causal, ctx.dedup, float(ctx.scale),
             ctx.chunk_len, SELF_PENALTY)
