@@ -153,6 +153,35 @@ def test_plain_tiles_give_the_bits_of_the_general_path(rng):
         np.testing.assert_array_equal(grads[name], grads_g[name], err_msg=name)
 
 
+class _NaNEmptyNumPy:
+    """NumPy with ``empty``/``empty_like`` filled with NaN (uninitialised memory made loud)."""
+
+    def __getattr__(self, name):
+        return getattr(np, name)
+
+    @staticmethod
+    def empty(*args, **kwargs):
+        return np.full_like(np.empty(*args, **kwargs), np.nan)
+
+    @staticmethod
+    def empty_like(*args, **kwargs):
+        return np.full_like(np.empty_like(*args, **kwargs), np.nan)
+
+
+@pytest.mark.parametrize("n,m,opts", [(14, 9, dict(block=3, look_backward=2, causal=True)),
+                              (150, 20, dict(block=4, look_backward=0))])
+def test_numba_writes_every_entry_of_its_uninitialised_outputs(n, m, opts, rng, monkeypatch):
+    """The wrappers hand np.empty outputs to the kernels (rows of key-less tiles included)."""
+    monkeypatch.setattr(local, "np", _NaNEmptyNumPy())
+    x = random_qkv(rng, (2, 2), n=n, m=m, d=4, dv=3)
+    kp = rng.random((2, 1, m)) < 0.8
+    out_r, ctx_r = local.forward(**x, **opts, key_padding_mask=kp, impl="ref")
+    out_n, ctx_n = local.forward(**x, **opts, key_padding_mask=kp, impl="numba")
+    assert_close(out_n, out_r)
+    dout = rng.standard_normal(out_r.shape)
+    assert_close(local.backward(dout, ctx_n), local.backward(dout, ctx_r))
+
+
 def test_causal_prefix_consistency(rng):
     """Causal output at positions < t does not depend on anything at positions >= t."""
     n, t = 20, 13

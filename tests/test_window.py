@@ -198,6 +198,35 @@ def test_many_tiles_backward_blocks_and_seams(rng):
         np.testing.assert_array_equal(results[0][1][name], results[1][1][name], err_msg=name)
 
 
+class _NaNEmptyNumPy:
+    """NumPy with ``empty``/``empty_like`` filled with NaN (uninitialised memory made loud)."""
+
+    def __getattr__(self, name):
+        return getattr(np, name)
+
+    @staticmethod
+    def empty(*args, **kwargs):
+        return np.full_like(np.empty(*args, **kwargs), np.nan)
+
+    @staticmethod
+    def empty_like(*args, **kwargs):
+        return np.full_like(np.empty_like(*args, **kwargs), np.nan)
+
+
+@pytest.mark.parametrize("n,m,opts", [(150, 20, dict(window=3)),
+                              (150, 150, dict(window=5, dilation=3, global_indices=[2, 60]))])
+def test_numba_writes_every_entry_of_its_uninitialised_outputs(n, m, opts, rng, monkeypatch):
+    """The wrappers hand np.empty outputs to the kernels (rows of key-less tiles included)."""
+    monkeypatch.setattr(window, "np", _NaNEmptyNumPy())
+    x = random_qkv(rng, (2, 2), n=n, m=m, d=4, dv=3)
+    kp = rng.random((2, 1, m)) < 0.8
+    out_r, ctx_r = window.forward(**x, **opts, key_padding_mask=kp, impl="ref")
+    out_n, ctx_n = window.forward(**x, **opts, key_padding_mask=kp, impl="numba")
+    assert_close(out_n, out_r)
+    dout = rng.standard_normal(out_r.shape)
+    assert_close(window.backward(dout, ctx_n), window.backward(dout, ctx_r))
+
+
 def test_fully_masked_rows_are_zero_with_zero_gradient(rng):
     x = random_qkv(rng, (2,), n=10, d=3)
     kp = np.ones((2, 10), dtype=bool)

@@ -343,9 +343,9 @@ def _backward_numba(dout, ctx: LocalCtx) -> dict:
     plan = _Plan(q, k, block=ctx.block, look_backward=ctx.look_backward,
                  look_forward=ctx.look_forward, causal=ctx.causal,
                  key_padding_mask=ctx.key_padding_mask, rel_bias=ctx.rel_bias)
-    dq = np.zeros(q.shape, dtype=dt)                               # (..., N, D)
-    dk = np.zeros(k.shape, dtype=dt)                               # (..., M, D)
-    dv = np.zeros(v.shape, dtype=dt)                               # (..., M, Dv)
+    dq = np.empty(q.shape, dtype=dt)                               # (..., N, D) (the kernel
+    dk = np.empty(k.shape, dtype=dt)                               # (..., M, D)  fills or
+    dv = np.empty(v.shape, dtype=dt)                               # (..., M, Dv) zeroes them)
     nt = plan.tile_jlo.shape[0]
     dbias_part = np.zeros((plan.bh, nt, plan.n_off if plan.has_bias else 1), dtype=dt)
     with kernels.blas_single_thread():

@@ -490,9 +490,9 @@ def _backward_numba(dout, ctx: WindowCtx) -> dict:
                      causal=ctx.causal, key_padding_mask=ctx.key_padding_mask,
                      rel_bias=ctx.rel_bias)
     qc, kc, vc, doc = plan.rows(q), plan.keys(k), plan.keys(v), plan.rows(dout)
-    dqc = np.zeros_like(qc)                                        # (BH·d, Ln, D)
-    dkc = np.zeros_like(kc)                                        # (BH·d, Lm, D)
-    dvc = np.zeros_like(vc)                                        # (BH·d, Lm, Dv)
+    dqc = np.empty_like(qc)                                        # (BH·d, Ln, D) (the kernel
+    dkc = np.empty_like(kc)                                        # (BH·d, Lm, D)  fills or
+    dvc = np.empty_like(vc)                                        # (BH·d, Lm, Dv) zeroes them)
     nt = plan.tile_jlo.shape[0]
     dbias_part = np.zeros((qc.shape[0], nt, plan.n_off if plan.has_bias else 1), dtype=dt)
     with kernels.blas_single_thread():

@@ -321,9 +321,11 @@ def _bwd_tile(dq, dk, dv, dbias_part, dout, out, lse, q, k, v, b, t, i0, i1, jl,
 def attend_band_bwd(dq, dk, dv, dbias_part, dout, out, lse, q, k, v, tile_start, tile_jlo,
                     tile_jhi, n_phases, lo, hi, row_ok, key_ok, bias, has_bias, off_min, scale,
                     n_chunks):
-    """Backward of :func:`attend_band`; dq, dk and dv must be zero on entry.
+    """Backward of :func:`attend_band`.
 
-    dq (BH, N, D), dk (BH, M, D), dv (BH, M, Dv), dbias_part (BH, nt, n_off) zeroed;
+    dq (BH, N, D), dk (BH, M, D), dv (BH, M, Dv) may arrive uninitialised (``np.empty``: the
+    kernel zeroes dk, dv and the dq rows of key-less tiles, in parallel, instead of a serial
+    ``np.zeros`` in the caller); dbias_part (BH, nt, n_off) zeroed;
     dout (BH, N, Dv); out (BH, N, Dv) and lse (BH, N) from the forward (δ_i = dout_i · out_i
     is formed here, in float64, once per row).
     """
@@ -338,6 +340,9 @@ def attend_band_bwd(dq, dk, dv, dbias_part, dout, out, lse, q, k, v, tile_start,
     nblk = (nt + span - 1) // span
     ntask = bh * nblk
     nch = max(1, min(ntask, n_chunks))
+    for r in prange(bh * m):                   # dk, dv accumulate: start from 0
+        dk[r // m, r % m, :] = 0
+        dv[r // m, r % m, :] = 0
     for part in range(2):                      # 0: block bodies, 1: their first P − 1 tiles
         for c in prange(nch):
             sbuf = np.empty(tq * tk, dtype=dt)                     # (T·R,) scores, then P
@@ -356,7 +361,8 @@ def attend_band_bwd(dq, dk, dv, dbias_part, dout, out, lse, q, k, v, tile_start,
                 for t in range(t_first, t_end):
                     jl = min(tile_jlo[t], m)   # (a band may run past the last key)
                     jh = min(tile_jhi[t], m)
-                    if jh <= jl:
+                    if jh <= jl:               # no key: dq = 0 (no product writes it)
+                        dq[b, tile_start[t]:tile_start[t + 1], :] = 0
                         continue
                     _bwd_tile(dq, dk, dv, dbias_part, dout, out, lse, q, k, v, b, t,
                               tile_start[t], tile_start[t + 1], jl, jh, lo, hi, row_ok,
