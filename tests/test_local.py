@@ -218,3 +218,38 @@ def test_invalid_options_raise_clear_errors(rng):
         local.forward(**x, block=2, key_padding_mask=np.ones(5, bool))
     with pytest.raises(TypeError, match="ctx"):
         local.backward(np.zeros((1, 6, 3)), object())
+
+
+def test_read_only_inputs_add_no_kernel_signature():
+    """Read-only q, k, v, key padding, rel_bias and dout reach the band kernels as writeable
+    copies, so they reuse the specializations compiled for writeable inputs (issue 11)."""
+    from tinyeff.kernels import window as kernels
+    rng = np.random.default_rng(3)
+    q, k, v = (rng.standard_normal((2, 2, 12, 4)) for _ in range(3))
+    kp = np.ones((2, 2, 12), dtype=bool)
+    kp[0, 1, 3] = False
+    rel = rng.standard_normal((2, 2, 23))
+    dout = rng.standard_normal(q.shape)
+
+    def run(q_, k_, v_, kp_, rel_, dout_):
+        out, ctx = local.forward(q_, k_, v_, block=4, key_padding_mask=kp_, rel_bias=rel_,
+                                 impl="numba")
+        return out, local.backward(dout_, ctx)
+
+    def signatures():
+        return {n: list(f.signatures) for n, f in vars(kernels).items()
+                if hasattr(f, "signatures")}
+
+    want = run(q, k, v, kp, rel, dout)
+    before = signatures()
+
+    def ro(a):
+        a = a.copy()
+        a.setflags(write=False)
+        return a
+
+    got = run(*(ro(a) for a in (q, k, v, kp, rel, dout)))
+    assert signatures() == before
+    np.testing.assert_array_equal(got[0], want[0])
+    for name in want[1]:
+        np.testing.assert_array_equal(got[1][name], want[1][name])

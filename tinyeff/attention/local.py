@@ -306,7 +306,8 @@ class _Plan:
         self.tile_jhi = np.asarray(self.tile_jhi, dtype=np.int64)
         self.n_phases = kernels.plan_phases(self.tile_jlo, self.tile_jhi)
         self.row_ok = np.ones((bh, n), dtype=bool)
-        self.key_ok = np.ascontiguousarray(_key_ok(key_padding_mask, batch, m).reshape(bh, m))
+        self.key_ok = np.require(_key_ok(key_padding_mask, batch, m).reshape(bh, m),
+                                 requirements="CW")
         self.off_min = -((f + 1) * kk - 1)                         # smallest i − j
         self.n_off = (b + f + 2) * kk - 1
         self.slot_offsets = np.arange(self.n_off) + self.off_min   # (S,) i − j per slot
@@ -318,7 +319,7 @@ class _Plan:
                 _rel_bias_at(rel_bias, batch, m, self.slot_offsets).reshape(bh, self.n_off))
 
     def flat(self, x):
-        return np.ascontiguousarray(x).reshape(self.bh, x.shape[-2], -1)
+        return np.require(x, requirements="CW").reshape(self.bh, x.shape[-2], -1)
 
 
 def _forward_numba(q, k, v, *, block, look_backward, look_forward, causal, key_padding_mask,
