@@ -32,3 +32,22 @@ def attention_rows(q, k, v, allowed=None, bias=None, scale=None):
             z = sum(w)
             out[b][i] = sum(wj / z * v[b][j] for wj, j in zip(w, js))
     return out
+
+
+def check_numba_threads(mod, args: dict, options: dict, dout, reference: bool = False):
+    """``mod``'s impl="numba" forward+backward gives the same bits with 1 and 2 Numba threads
+    (and, with ``reference``, matches impl="ref" to the tolerance table)."""
+    from tinyeff.kernels._jit import num_threads
+    from tinyeff.testing import assert_close
+    results = []
+    for threads in (1, 2):
+        with num_threads(threads):
+            out, ctx = mod.forward(**args, **options, impl="numba")
+            results.append((out, mod.backward(dout, ctx)))
+    if reference:
+        out_r, ctx_r = mod.forward(**args, **options, impl="ref")
+        assert_close(results[0][0], out_r)
+        assert_close(results[0][1], mod.backward(dout, ctx_r))
+    np.testing.assert_array_equal(results[0][0], results[1][0])
+    for name in results[0][1]:
+        np.testing.assert_array_equal(results[0][1][name], results[1][1][name], err_msg=name)

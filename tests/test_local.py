@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 from tinyeff.attention import full, local
-from tinyeff.kernels._jit import num_threads
 from tinyeff.testing import GRAD_FD, assert_close, check_vjp, random_qkv
+
+from .oracles import check_numba_threads
 
 
 def dense_allowed(n, m, block, look_backward=1, look_forward=0, causal=False):
@@ -102,14 +103,7 @@ def test_one_and_two_threads_give_the_same_bits(rng):
     x["rel_bias"] = rng.standard_normal((3, 2 * n - 1))
     opts = dict(block=32, look_backward=1, look_forward=1)
     dout = rng.standard_normal((1, 3, n, 8))
-    results = []
-    for threads in (1, 2):
-        with num_threads(threads):
-            out, ctx = local.forward(**x, **opts, impl="numba")
-            results.append((out, local.backward(dout, ctx)))
-    np.testing.assert_array_equal(results[0][0], results[1][0])
-    for name in results[0][1]:
-        np.testing.assert_array_equal(results[0][1][name], results[1][1][name], err_msg=name)
+    check_numba_threads(local, x, opts, dout)
 
 
 def test_many_tiles_backward_blocks_and_seams(rng):
@@ -121,18 +115,7 @@ def test_many_tiles_backward_blocks_and_seams(rng):
     kp = rng.random((1, 1, n)) < 0.9
     opts = dict(block=8, look_backward=2, look_forward=1, key_padding_mask=kp)
     dout = rng.standard_normal((1, 2, n, 3))
-    out_r, ctx_r = local.forward(**x, **opts, impl="ref")
-    g_ref = local.backward(dout, ctx_r)
-    results = []
-    for threads in (1, 2):
-        with num_threads(threads):
-            out, ctx = local.forward(**x, **opts, impl="numba")
-            results.append((out, local.backward(dout, ctx)))
-    assert_close(results[0][0], out_r)
-    assert_close(results[0][1], g_ref)
-    np.testing.assert_array_equal(results[0][0], results[1][0])
-    for name in results[0][1]:
-        np.testing.assert_array_equal(results[0][1][name], results[1][1][name], err_msg=name)
+    check_numba_threads(local, x, opts, dout, reference=True)
 
 
 def test_plain_tiles_give_the_bits_of_the_general_path(rng):

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 from tinyeff.attention import full, window
-from tinyeff.kernels._jit import num_threads
 from tinyeff.testing import GRAD_FD, assert_close, check_vjp, random_qkv
+
+from .oracles import check_numba_threads
 
 
 def dense_allowed(n, m, w, dilation=1, global_indices=(), causal=False):
@@ -165,14 +166,7 @@ def test_one_and_two_threads_give_the_same_bits(rng):
     x["rel_bias"] = rng.standard_normal((3, 2 * n - 1))
     opts = dict(window=9, dilation=2, global_indices=[7], causal=True)
     dout = rng.standard_normal((1, 3, n, 8))
-    results = []
-    for threads in (1, 2):
-        with num_threads(threads):
-            out, ctx = window.forward(**x, **opts, impl="numba")
-            results.append((out, window.backward(dout, ctx)))
-    np.testing.assert_array_equal(results[0][0], results[1][0])
-    for name in results[0][1]:
-        np.testing.assert_array_equal(results[0][1][name], results[1][1][name], err_msg=name)
+    check_numba_threads(window, x, opts, dout)
 
 
 def test_many_tiles_backward_blocks_and_seams(rng):
@@ -184,18 +178,7 @@ def test_many_tiles_backward_blocks_and_seams(rng):
     kp = rng.random((1, 1, n)) < 0.9
     opts = dict(window=40, global_indices=[5, 1500], key_padding_mask=kp)
     dout = rng.standard_normal((1, 2, n, 3))
-    out_r, ctx_r = window.forward(**x, **opts, impl="ref")
-    g_ref = window.backward(dout, ctx_r)
-    results = []
-    for threads in (1, 2):
-        with num_threads(threads):
-            out, ctx = window.forward(**x, **opts, impl="numba")
-            results.append((out, window.backward(dout, ctx)))
-    assert_close(results[0][0], out_r)
-    assert_close(results[0][1], g_ref)
-    np.testing.assert_array_equal(results[0][0], results[1][0])
-    for name in results[0][1]:
-        np.testing.assert_array_equal(results[0][1][name], results[1][1][name], err_msg=name)
+    check_numba_threads(window, x, opts, dout, reference=True)
 
 
 class _NaNEmptyNumPy:

@@ -58,41 +58,9 @@ from __future__ import annotations
 import numpy as np
 
 from ._jit import kernel, prange, serial
-from ._math import blas_single_thread, fast_exp  # noqa: F401  (re-exported: kernels/sparse.py, attention/sparse.py)
+from ._math import blas_single_thread, colmax, fast_exp  # noqa: F401  (re-exported: kernels/sparse.py, attention/sparse.py)
 
 # ----------------------------------------------------------------------------- tile helpers
-
-
-@serial
-def _nanmax(a, b):
-    """max(a, b) that propagates NaN (as NumPy's max does)."""
-    return a if (a >= b or a != a) else b
-
-
-@serial
-def _colmax(res, tmp, start, st):
-    """res[ii] = max(start[ii], st[0, ii], st[1, ii], …), NaN-propagating, rows in order.
-
-    SPEEDTIP: two rows per step into the other buffer.  The one-row form
-    ``res[ii] = _nanmax(res[ii], x)`` compiles to a masked store (vmaskmovps), which is
-    microcoded on AMD Zen: measured 0.8–1.2 ns per element against 0.1–0.15 ns.
-    """
-    bk, bq = st.shape
-    for ii in range(bq):
-        res[ii] = start[ii]
-    for jj in range(0, bk - 1, 2):
-        r0 = st[jj]
-        r1 = st[jj + 1]
-        for ii in range(bq):
-            tmp[ii] = _nanmax(_nanmax(res[ii], r0[ii]), r1[ii])
-        for ii in range(bq):
-            res[ii] = tmp[ii]
-    if bk % 2 == 1:
-        r0 = st[bk - 1]
-        for ii in range(bq):
-            tmp[ii] = _nanmax(res[ii], r0[ii])
-        for ii in range(bq):
-            res[ii] = tmp[ii]
 
 
 @serial
@@ -194,7 +162,7 @@ def flash_fwd(out, lse, q, k, v, kpad, rel, scale, causal, has_kpad, has_rel, ti
         m_run = np.full(bq, -np.inf, dtype=dt)                     # (T_q,) running max
         l_run = np.zeros(bq, dtype=dt)                             # (T_q,) running sum
         m_new = np.empty(bq, dtype=dt)                             # (T_q,) max with tile J
-        m_tmp = np.empty(bq, dtype=dt)                             # (T_q,) scratch of _colmax
+        m_tmp = np.empty(bq, dtype=dt)                             # (T_q,) scratch of colmax
         m_sub = np.empty(bq, dtype=dt)                             # (T_q,) m_new, −∞ -> 0
         r_sum = np.empty(bq, dtype=dt)                             # (T_q,) rowsum P̃
         kend = min(m, i1) if causal else m                         # causal: keys j < i1
@@ -216,7 +184,7 @@ def flash_fwd(out, lse, q, k, v, kpad, rel, scale, causal, has_kpad, has_rel, ti
                 else:
                     for ii in range(c0, bq):
                         row[ii] = row[ii] * scale
-            _colmax(m_new, m_tmp, m_run, st)   # running max per query, key order
+            colmax(m_new, m_tmp, m_run, st)   # running max per query, key order
             for ii in range(bq):               # nothing allowed so far: subtract 0, P̃ = 0
                 r_sum[ii] = 0
                 if m_new[ii] == -np.inf:

@@ -66,7 +66,7 @@ import numba
 import numpy as np
 
 from ._jit import kernel, prange, serial
-from ._math import blas_single_thread, fast_exp
+from ._math import blas_single_thread, colmax, fast_exp
 
 __all__ = ["attend_band", "attend_band_bwd", "plan_phases", "n_chunks", "blas_single_thread"]
 
@@ -79,37 +79,6 @@ def n_chunks() -> int:
 
 
 # ----------------------------------------------------------------------------- tile helpers
-
-
-@serial
-def _nanmax(a, b):
-    """max(a, b) that propagates NaN (as NumPy's max does)."""
-    return a if (a >= b or a != a) else b
-
-
-@serial
-def _colmax(res, tmp, st):
-    """res[ii] = max(st[0, ii], st[1, ii], …) (−∞ for no rows), NaN-propagating.
-
-    SPEEDTIP: two rows per step into the other buffer (a one-row update compiles to a
-    masked store, microcoded on AMD Zen; see ``kernels/blocked.py``).
-    """
-    bk, bq = st.shape
-    for ii in range(bq):
-        res[ii] = -np.inf
-    for jj in range(0, bk - 1, 2):
-        r0 = st[jj]
-        r1 = st[jj + 1]
-        for ii in range(bq):
-            tmp[ii] = _nanmax(_nanmax(res[ii], r0[ii]), r1[ii])
-        for ii in range(bq):
-            res[ii] = tmp[ii]
-    if bk % 2 == 1:
-        r0 = st[bk - 1]
-        for ii in range(bq):
-            tmp[ii] = _nanmax(res[ii], r0[ii])
-        for ii in range(bq):
-            res[ii] = tmp[ii]
 
 
 @serial
@@ -159,7 +128,8 @@ def _fwd_tile(out, lse, q, k, v, b, i0, i1, jl, jh, lo, hi, row_ok, key_ok, bias
         if not row_ok[b, i0 + ii]:             # skipped row: nothing allowed
             for jj in range(bk):
                 st[jj, ii] = -np.inf
-    _colmax(mx, tmp, st)                       # row max (per column of Sᵀ)
+    mx[:bq] = -np.inf
+    colmax(mx, tmp, mx, st)                    # row max (per column of Sᵀ)
     for ii in range(bq):                       # no admissible key: subtract 0, P̃ = 0
         z[ii] = 0
         msub[ii] = zero if mx[ii] == -np.inf else mx[ii]
@@ -203,7 +173,7 @@ def attend_band(out, lse, q, k, v, tile_start, tile_jlo, tile_jhi, lo, hi, row_o
     for c in prange(nch):
         buf = np.empty(tq * tk, dtype=dt)                          # (R·T,) Sᵀ, then P̃ᵀ
         mx = np.empty(tq, dtype=dt)                                # (T,) row max
-        tmp = np.empty(tq, dtype=dt)                               # (T,) scratch of _colmax
+        tmp = np.empty(tq, dtype=dt)                               # (T,) scratch of colmax
         msub = np.empty(tq, dtype=dt)                              # (T,) max, −∞ -> 0
         z = np.empty(tq, dtype=dt)                                 # (T,) row sum of P̃
         for task in range(c * ntask // nch, (c + 1) * ntask // nch):
