@@ -51,3 +51,18 @@ def check_numba_threads(mod, args: dict, options: dict, dout, reference: bool = 
     np.testing.assert_array_equal(results[0][0], results[1][0])
     for name in results[0][1]:
         np.testing.assert_array_equal(results[0][1][name], results[1][1][name], err_msg=name)
+
+
+class NaNEmptyNumPy:
+    """NumPy with ``empty``/``empty_like`` filled with NaN (uninitialised memory made loud)."""
+
+    def __getattr__(self, name):
+        return getattr(np, name)
+
+    @staticmethod
+    def empty(*args, **kwargs):
+        return np.full_like(np.empty(*args, **kwargs), np.nan)
+
+    @staticmethod
+    def empty_like(*args, **kwargs):
+        return np.full_like(np.empty_like(*args, **kwargs), np.nan)

@@ -13,7 +13,7 @@ import pytest
 from tinyeff.attention import full, local
 from tinyeff.testing import GRAD_FD, assert_close, check_vjp, random_qkv
 
-from .oracles import check_numba_threads
+from .oracles import NaNEmptyNumPy, check_numba_threads
 
 
 def dense_allowed(n, m, block, look_backward=1, look_forward=0, causal=False):
@@ -136,26 +136,11 @@ def test_plain_tiles_give_the_bits_of_the_general_path(rng):
         np.testing.assert_array_equal(grads[name], grads_g[name], err_msg=name)
 
 
-class _NaNEmptyNumPy:
-    """NumPy with ``empty``/``empty_like`` filled with NaN (uninitialised memory made loud)."""
-
-    def __getattr__(self, name):
-        return getattr(np, name)
-
-    @staticmethod
-    def empty(*args, **kwargs):
-        return np.full_like(np.empty(*args, **kwargs), np.nan)
-
-    @staticmethod
-    def empty_like(*args, **kwargs):
-        return np.full_like(np.empty_like(*args, **kwargs), np.nan)
-
-
 @pytest.mark.parametrize("n,m,opts", [(14, 9, dict(block=3, look_backward=2, causal=True)),
                               (150, 20, dict(block=4, look_backward=0))])
 def test_numba_writes_every_entry_of_its_uninitialised_outputs(n, m, opts, rng, monkeypatch):
     """The wrappers hand np.empty outputs to the kernels (rows of key-less tiles included)."""
-    monkeypatch.setattr(local, "np", _NaNEmptyNumPy())
+    monkeypatch.setattr(local, "np", NaNEmptyNumPy())
     x = random_qkv(rng, (2, 2), n=n, m=m, d=4, dv=3)
     kp = rng.random((2, 1, m)) < 0.8
     out_r, ctx_r = local.forward(**x, **opts, key_padding_mask=kp, impl="ref")

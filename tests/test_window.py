@@ -13,7 +13,7 @@ import pytest
 from tinyeff.attention import full, window
 from tinyeff.testing import GRAD_FD, assert_close, check_vjp, random_qkv
 
-from .oracles import check_numba_threads
+from .oracles import NaNEmptyNumPy, check_numba_threads
 
 
 def dense_allowed(n, m, w, dilation=1, global_indices=(), causal=False):
@@ -181,26 +181,11 @@ def test_many_tiles_backward_blocks_and_seams(rng):
     check_numba_threads(window, x, opts, dout, reference=True)
 
 
-class _NaNEmptyNumPy:
-    """NumPy with ``empty``/``empty_like`` filled with NaN (uninitialised memory made loud)."""
-
-    def __getattr__(self, name):
-        return getattr(np, name)
-
-    @staticmethod
-    def empty(*args, **kwargs):
-        return np.full_like(np.empty(*args, **kwargs), np.nan)
-
-    @staticmethod
-    def empty_like(*args, **kwargs):
-        return np.full_like(np.empty_like(*args, **kwargs), np.nan)
-
-
 @pytest.mark.parametrize("n,m,opts", [(150, 20, dict(window=3)),
                               (150, 150, dict(window=5, dilation=3, global_indices=[2, 60]))])
 def test_numba_writes_every_entry_of_its_uninitialised_outputs(n, m, opts, rng, monkeypatch):
     """The wrappers hand np.empty outputs to the kernels (rows of key-less tiles included)."""
-    monkeypatch.setattr(window, "np", _NaNEmptyNumPy())
+    monkeypatch.setattr(window, "np", NaNEmptyNumPy())
     x = random_qkv(rng, (2, 2), n=n, m=m, d=4, dv=3)
     kp = rng.random((2, 1, m)) < 0.8
     out_r, ctx_r = window.forward(**x, **opts, key_padding_mask=kp, impl="ref")

@@ -82,6 +82,17 @@ def n_chunks() -> int:
 
 
 @serial
+def _rows_seeing(ia, ib, j, lo, hi, i0, bq):
+    """Advance the tile rows [ia, ib) that see key j (lo, hi rise with the row, so both ends
+    only move forward as j grows): row i0 + r sees j iff lo[i0 + r] ≤ j < hi[i0 + r]."""
+    while ia < bq and hi[i0 + ia] <= j:
+        ia += 1
+    while ib < bq and lo[i0 + ib] <= j:
+        ib += 1
+    return ia, ib
+
+
+@serial
 def _tile_extent(tile_start, tile_jlo, tile_jhi):
     """(most query rows, most keys) of any tile: the scratch sizes."""
     tq = 1
@@ -105,10 +116,7 @@ def _fwd_tile(out, lse, q, k, v, b, i0, i1, jl, jh, lo, hi, row_ok, key_ok, bias
     ib = 0
     for jj in range(bk):
         j = jl + jj
-        while ia < bq and hi[i0 + ia] <= j:
-            ia += 1
-        while ib < bq and lo[i0 + ib] <= j:
-            ib += 1
+        ia, ib = _rows_seeing(ia, ib, j, lo, hi, i0, bq)
         a = ia
         e = max(ib, ia)
         if not key_ok[b, j]:                   # padded key: −∞ for every row
@@ -223,10 +231,7 @@ def _bwd_tile(dq, dk, dv, dbias_part, dout, out, lse, q, k, v, b, t, i0, i1, jl,
     ib = 0
     for jj in range(bk):
         j = jl + jj
-        while ia < bq and hi[i0 + ia] <= j:
-            ia += 1
-        while ib < bq and lo[i0 + ib] <= j:
-            ib += 1
+        ia, ib = _rows_seeing(ia, ib, j, lo, hi, i0, bq)
         a = ia
         e = max(ib, ia)
         if not key_ok[b, j]:                   # padded key: P = 0, dS = 0
