@@ -76,7 +76,6 @@ from ..masks import Pattern
 from ..masks import bigbird as _bigbird
 from ..masks import local as _local
 from ..masks import random as _random
-from . import _nonfinite
 from ._case import Case
 
 NAME = "sparse"
@@ -126,7 +125,6 @@ def _patterns(mask, batch, n, m):
     return pats
 
 
-@_nonfinite.nan_rows_of_v
 def forward(q, k, v, *, mask, causal=False, key_padding_mask=None, rel_bias=None,
             scale=None, impl="auto"):
     """Attention on the stored entries of ``mask``.  Returns ``(out (..., N, Dv), ctx)``."""
