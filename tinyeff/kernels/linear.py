@@ -226,15 +226,16 @@ def _phi(a, x, relu, zero):
 
 
 @serial
-def _dphi(g, x, relu, zero):
-    """g *= φ'(x): [x > 0] for relu + 1; 1 for x > 0 and eˣ for x ≤ 0 for elu + 1."""
+def _dphi(g, a, x, relu, zero):
+    """g *= φ'(x), from a = φ(x): [x > 0] for relu + 1; min(φ, 1) for elu + 1 (1 for x > 0,
+    eˣ = φ(x) for x ≤ 0) — the chunked path's ``df · min(f, 1)``."""
     one = zero + np.float32(1)
     for f in range(x.shape[0]):
         if relu:
             if not x[f] > zero:
                 g[f] = g[f] * zero
         else:
-            g[f] = g[f] * min(np.exp(min(x[f], zero)) + max(x[f], zero), one)
+            g[f] = g[f] * min(a[f], one)
 
 
 @kernel
@@ -312,7 +313,7 @@ def causal_phi_bwd_q(dq, q, k, v, keep, dout, out, denom, relu, exact, normalize
     for b in prange(bh):
         St = np.zeros((dv, d), dtype=v.dtype)                      # (Dv, F) Sᵀ
         z = np.zeros(d, dtype=v.dtype)                             # (F)
-        a = np.empty(d, dtype=v.dtype)                             # (F) φ(k_t)
+        a = np.empty(d, dtype=v.dtype)                             # (F) φ(k_t), φ(q_t)
         g = np.empty(dv, dtype=v.dtype)                            # (Dv) dnum_t
         for t in range(n):
             if t < m and (keep[b, t] or not exact):
@@ -332,8 +333,9 @@ def causal_phi_bwd_q(dq, q, k, v, keep, dout, out, denom, relu, exact, normalize
                 ge = g[e]
                 for f in range(d):
                     dq[b, t, f] += ge * St[e, f]
-            # fwd: φ(q_t) = φ(q_t)
-            _dphi(dq[b, t], q[b, t], relu, zero)
+            # fwd: φ(q_t) from q_t
+            _phi(a, q[b, t], relu, zero)
+            _dphi(dq[b, t], a, q[b, t], relu, zero)
 
 
 @kernel
@@ -373,6 +375,7 @@ def causal_phi_bwd_kv(dk, dv_out, q, k, v, keep, dout, out, denom, relu, exact, 
                     dv_out[b, t, e] = zero
                 if t < n and (keep[b, t] or not exact):
                     # fwd: z += φ(k_t);  S += φ(k_t) v_tᵀ   (v_t = 0 if padded, values_only)
+                    _phi(a, k[b, t], relu, zero)
                     for f in range(d):
                         dk[b, t, f] = r[f]
                     if keep[b, t]:
@@ -380,9 +383,8 @@ def causal_phi_bwd_kv(dk, dv_out, q, k, v, keep, dout, out, denom, relu, exact, 
                             ve = v[b, t, e]
                             for f in range(d):
                                 dk[b, t, f] += ve * Ut[e, f]
-                        _phi(a, k[b, t], relu, zero)
                         for f in range(d):
                             af = a[f]
                             for e in range(dv):
                                 dv_out[b, t, e] += af * U[f, e]
-                    _dphi(dk[b, t], k[b, t], relu, zero)
+                    _dphi(dk[b, t], a, k[b, t], relu, zero)
