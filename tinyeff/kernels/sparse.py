@@ -410,6 +410,29 @@ def cols_bwd_scattered(dk, dv, pc, dsc, q, dout, c_ptr, c_row, c_col, groups, n_
 # ---------------------------------------------------------------------- forward
 
 
+@serial
+def _tile_geometry(t, bo, tile_start, tile_jlo, tile_jhi, n, m, groups):
+    """Tile t of batch item bo·G + g: rows [r0, r1) of the stacked (G·N) rows, nr = r1 − r0,
+    the group g, the batch slice bh, the first row i0 within the slice, the stacked key
+    ``off`` of tile column 0, the same key jl within the slice, and the dense span length."""
+    r0, r1 = tile_start[t], tile_start[t + 1]
+    g = r0 // n
+    off = tile_jlo[t]                                      # stacked key of tile column 0
+    return (r0, r1, r1 - r0, g, bo * groups + g, r0 - g * n, off, off - g * m,
+            max(tile_jhi[t] - off, 0))
+
+
+@serial
+def _heavy_keys(kb, vb, heavy_ptr, heavy_cols, g, m):
+    """The heavy keys of group g gathered into contiguous (Gc, D) and (Gc, Dv) blocks."""
+    h0, h1 = heavy_ptr[g], heavy_ptr[g + 1]
+    kh = np.empty((h1 - h0, kb.shape[1]), dtype=kb.dtype)                   # (Gc, D)
+    vh = np.empty((h1 - h0, vb.shape[1]), dtype=vb.dtype)                   # (Gc, Dv)
+    _gather_rows(kh, kb, heavy_cols[h0:h1], g * m)
+    _gather_rows(vh, vb, heavy_cols[h0:h1], g * m)
+    return kh, vh
+
+
 @kernel
 def tiles_fwd(out, lse, p, q, k, v, rel, kpad, indptr, indices, row_ea, row_eb, tile_start,
               tile_jlo, tile_jhi, heavy_ptr, heavy_cols, hv_ptr, hv_e, hv_r, hv_h, groups,
@@ -427,7 +450,7 @@ def tiles_fwd(out, lse, p, q, k, v, rel, kpad, indptr, indices, row_ea, row_eb, 
     """
     bo_n = p.shape[0]
     _, n, d = q.shape
-    m, dv = v.shape[1], v.shape[2]
+    m = v.shape[1]
     has_rel = rel.shape[0] > 0
     has_kpad = kpad.shape[0] > 0
     one = q.dtype.type(1)
@@ -435,16 +458,8 @@ def tiles_fwd(out, lse, p, q, k, v, rel, kpad, indptr, indices, row_ea, row_eb, 
     for task in prange(bo_n * nt):
         bo = task // nt
         t = task - bo * nt
-        r0, r1 = tile_start[t], tile_start[t + 1]
-        nr = r1 - r0
-        g = r0 // n
-        bh = bo * groups + g
-        i0 = r0 - g * n
-        off = tile_jlo[t]                                  # stacked key of tile column 0
-        jl = off - g * m
-        nrng = max(tile_jhi[t] - off, 0)
-        h0 = heavy_ptr[g]
-        nh = heavy_ptr[g + 1] - h0
+        r0, r1, nr, g, bh, i0, off, jl, nrng = _tile_geometry(t, bo, tile_start, tile_jlo,
+                                                               tile_jhi, n, m, groups)
         qb, kb, vb, pb = q[bh], k[bh], v[bh], p[bo]
         qt = qb[i0:i0 + nr]
         # fwd: s_e = scale · q_i·k_j — the range and the heavy keys by products
@@ -452,10 +467,8 @@ def tiles_fwd(out, lse, p, q, k, v, rel, kpad, indptr, indices, row_ea, row_eb, 
             st = np.dot(qt, kb[jl:jl + nrng].T)                             # (T, R)
         else:
             st = np.zeros((nr, 0), dtype=q.dtype)                           # (T, 0)
-        kh = np.empty((nh, d), dtype=q.dtype)                               # (Gc, D)
-        vh = np.empty((nh, dv), dtype=q.dtype)                              # (Gc, Dv)
-        _gather_rows(kh, kb, heavy_cols[h0:h0 + nh], g * m)
-        _gather_rows(vh, vb, heavy_cols[h0:h0 + nh], g * m)
+        kh, vh = _heavy_keys(kb, vb, heavy_ptr, heavy_cols, g, m)           # (Gc, D), (Gc, Dv)
+        nh = kh.shape[0]
         if nh > 0:
             sh = np.dot(qt, kh.T)                                           # (T, Gc)
         else:
@@ -510,18 +523,10 @@ def _tile_bwd(t, bo, dq, dk, dv, ds, ph, dsh, dout, p, q, k, v, indptr, indices,
               hv_h, groups, scale):
     """The backward of tile t for batch items bo·G + g (see :func:`tiles_bwd`)."""
     _, n, d = q.shape
-    m, dvn = v.shape[1], v.shape[2]
+    m = v.shape[1]
     one = q.dtype.type(1)
-    r0, r1 = tile_start[t], tile_start[t + 1]
-    nr = r1 - r0
-    g = r0 // n
-    bh = bo * groups + g
-    i0 = r0 - g * n
-    off = tile_jlo[t]
-    jl = off - g * m
-    nrng = max(tile_jhi[t] - off, 0)
-    h0 = heavy_ptr[g]
-    nh = heavy_ptr[g + 1] - h0
+    r0, r1, nr, g, bh, i0, off, jl, nrng = _tile_geometry(t, bo, tile_start, tile_jlo,
+                                                           tile_jhi, n, m, groups)
     qb, kb, vb, dob, pb, dsb = q[bh], k[bh], v[bh], dout[bh], p[bo], ds[bo]
     qt, dot_ = qb[i0:i0 + nr], dob[i0:i0 + nr]
     # fwd: out_i = Σ_e p_e v_j   -> dp_e = dout_i · v_j (range and heavy keys: products)
@@ -529,10 +534,8 @@ def _tile_bwd(t, bo, dq, dk, dv, ds, ph, dsh, dout, p, q, k, v, indptr, indices,
         dpt = np.dot(dot_, vb[jl:jl + nrng].T)                              # (T, R)
     else:
         dpt = np.zeros((nr, 0), dtype=q.dtype)                              # (T, 0)
-    kh = np.empty((nh, d), dtype=q.dtype)                                   # (Gc, D)
-    vh = np.empty((nh, dvn), dtype=q.dtype)                                 # (Gc, Dv)
-    _gather_rows(kh, kb, heavy_cols[h0:h0 + nh], g * m)
-    _gather_rows(vh, vb, heavy_cols[h0:h0 + nh], g * m)
+    kh, vh = _heavy_keys(kb, vb, heavy_ptr, heavy_cols, g, m)               # (Gc, D), (Gc, Dv)
+    nh = kh.shape[0]
     if nh > 0:
         dph = np.dot(dot_, vh.T)                                            # (T, Gc)
     else:
