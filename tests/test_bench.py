@@ -42,3 +42,12 @@ def test_flop_counts():
                                             "look_forward": 0}, False) == 2 * 2 + 6 * 4
     fwd, both = bench.useful_flops("full", 1, 2, 4, 3, {}, False)
     assert fwd == 2 * 4 * 16 * 3 and both == 3 * fwd
+
+
+def test_first_touch_times_both_page_sizes():
+    from tinyeff import _alloc
+    touch = bench.first_touch_ms(nbytes=1 << 20, repeat=1, settle=0.0)
+    if _alloc._set_madvise_hugepage is None:
+        assert touch == {}
+        return
+    assert set(touch) == {"huge", "small"} and all(t > 0 for t in touch.values())

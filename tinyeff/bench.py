@@ -226,6 +226,32 @@ def matmul_gflops(dtype, size: int = 2048, repeat: int = 5) -> float:
     return 2 * size ** 3 / statistics.median(times) / 1e9
 
 
+def first_touch_ms(nbytes: int = 64 << 20, repeat: int = 6, settle: float = 3.0) -> dict:
+    """Milliseconds to first write a fresh ``nbytes`` array, with NumPy's transparent
+    huge-page request (``"huge"``, its default) and without it (``"small"``, as
+    :func:`tinyeff._alloc.empty` allocates outputs); medians of ``repeat`` alternating
+    runs, each after ``settle`` seconds with the previous arrays freed, so a virtual
+    machine has time to hand the freed memory back to its host (``--first-touch``)."""
+    from ._alloc import _set_madvise_hugepage as setting
+    if setting is None:
+        return {}
+    times = {"huge": [], "small": []}
+    previous = setting(True)
+    try:
+        for _ in range(repeat):
+            for mode in times:
+                setting(mode == "huge")
+                a = np.empty(nbytes // 4, np.float32)              # (nbytes/4,) fresh
+                t0 = time.perf_counter()
+                a.fill(0)
+                times[mode].append(time.perf_counter() - t0)
+                del a
+                time.sleep(settle)
+    finally:
+        setting(previous)
+    return {mode: 1e3 * statistics.median(t) for mode, t in times.items()}
+
+
 # ----------------------------------------------------------------------------- one case
 
 
@@ -393,6 +419,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true",
                         help=f"smoke test: n={','.join(map(str, QUICK_N))}, repeat 1, "
                              "matmul rate from 512² products")
+    parser.add_argument("--first-touch", action="store_true",
+                        help="also time the first write of a fresh 64 MiB array with and "
+                             "without transparent huge pages (~40 s; see tinyeff/_alloc.py)")
     parser.add_argument("--out", default=None, help="directory for bench.json (and bench.png)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -423,6 +452,11 @@ def main(argv: list[str] | None = None) -> int:
           f"{machine['numba_threads']}, {machine['date']}, load {machine['load_average']}")
     print(f"# NumPy matmul {mm.get('size', 2048)}²: float32 {rates['float32'][0]:.1f} GFLOP/s, "
           f"float64 {rates['float64'][0]:.1f} GFLOP/s")
+    touch = first_touch_ms() if args.first_touch else {}
+    if touch:
+        print(f"# first write of a fresh 64 MiB array: {touch['huge']:.1f} ms with "
+              f"transparent huge pages, {touch['small']:.1f} ms with 4 KiB pages (medians "
+              f"of 6)")
     print(f"# B={args.batch} H={args.heads} D={args.dim} {args.dtype}"
           f"{' causal' if args.causal else ''}, repeat {repeat}")
 
@@ -469,6 +503,7 @@ def main(argv: list[str] | None = None) -> int:
     _print_table(cases, args.dtype, peak)
     result = {"command": "python -m tinyeff bench " + " ".join(argv or sys.argv[1:]),
               "machine": machine, "matmul_gflops": rates, "reference_gflops": peak,
+              "first_touch_ms": touch,
               "config": {"batch": args.batch, "heads": args.heads, "dim": args.dim,
                          "dtype": args.dtype, "causal": args.causal, "repeat": repeat,
                          "n": n_list},
