@@ -1,29 +1,116 @@
-"""tinyeff._alloc.empty: np.empty without the huge-page request, NumPy's setting restored."""
+"""tinyeff._alloc: the block cache never hands out memory that a live array still uses, and
+the huge-page setting of NumPy is restored."""
+
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from tinyeff import _alloc
-
-setting = _alloc._set_madvise_hugepage
-pytestmark = pytest.mark.skipif(setting is None, reason="NumPy has no madvise setting")
+from tinyeff.attention import linear, performer
 
 
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Cache blocks from 1 KiB on, with an empty cache and a 1 MiB limit."""
+    monkeypatch.setattr(_alloc, "CACHE_MIN_BYTES", 1024)
+    _alloc.clear_cache()
+    previous = _alloc.set_cache_limit(1 << 20)
+    yield
+    _alloc.set_cache_limit(previous)
+    _alloc.clear_cache()
+
+
+def test_array_like_np_empty(small_blocks):
+    for shape, dtype in [((3, 256), np.float32), (700, np.float64), ((2, 0, 5), np.float32),
+                         ((), np.float64), ((4, 4096), np.float64)]:
+        a = _alloc.empty(shape, dtype)
+        b = np.empty(shape, dtype)
+        assert a.shape == b.shape and a.dtype == b.dtype
+        assert a.flags.c_contiguous and a.flags.writeable and a.flags.aligned
+    with pytest.raises(ValueError):
+        _alloc.empty((-1, 512), np.float32)
+
+
+def test_live_arrays_and_views_are_never_reused(small_blocks):
+    a = _alloc.empty((64, 64), np.float64)                         # 32 KiB: cached
+    a[...] = 1.0
+    view = a[3:, ::2]
+    del a
+    b = _alloc.empty((64, 64), np.float64)
+    assert not np.shares_memory(b, view)                           # the view keeps it
+    b[...] = 2.0
+    assert np.all(view == 1.0)
+    address = view.base.__array_interface__["data"][0]             # the first block
+    del view
+    c = _alloc.empty((64, 64), np.float64)                         # now it is free
+    assert c.__array_interface__["data"][0] == address
+    assert _alloc.cached_bytes() == (2 * 32768, 0)
+    del b, c
+    assert _alloc.cached_bytes() == (0, 2 * 32768)
+    _alloc.clear_cache()
+    assert _alloc.cached_bytes() == (0, 0)
+
+
+def test_limit_is_respected(small_blocks):
+    held = [_alloc.empty((256, 1024), np.float32) for _ in range(3)]  # 1 MiB each
+    assert _alloc.cached_bytes() == (1 << 20, 0)                   # only the first cached
+    assert [h.base is not None and h.base.nbytes == 1 << 20 for h in held] == [True] * 3
+    del held
+    _alloc.empty((512,), np.float64)                               # 4 KiB: evicts the free
+    assert _alloc.cached_bytes() == (0, 4096)                      # 1 MiB block to fit
+    assert _alloc.set_cache_limit(0) == 1 << 20
+    assert _alloc.cached_bytes() == (0, 0)
+    with pytest.raises(ValueError, match="nbytes"):
+        _alloc.set_cache_limit(-1)
+
+
+@pytest.mark.parametrize("variant,options", [
+    (linear, {}), (linear, {"causal": True}),
+    (performer, {"m": 16}), (performer, {"m": 16, "causal": True})])
+def test_results_identical_and_not_aliased(small_blocks, variant, options):
+    rng = np.random.default_rng(0)
+    q, k, v, dout = (rng.standard_normal((2, 3, 40, 8)) for _ in range(4))
+    opts = dict(options)
+    if variant is performer:
+        opts["features"] = performer.draw_random_options(rng, 8, m=opts.pop("m"))["features"]
+    first, ctx = variant.forward(q, k, v, **opts)
+    grads = variant.backward(dout, ctx)
+    kept = [first.copy()] + [g.copy() for g in grads.values()]
+    for _ in range(2):                                             # reuse what is freed
+        out, ctx2 = variant.forward(q, k, v, **opts)
+        grads2 = variant.backward(dout, ctx2)
+        for a, b in zip([out, *grads2.values()], kept):
+            np.testing.assert_array_equal(a, b)
+    for a, b in zip([first, *grads.values()], kept):               # the first results are
+        np.testing.assert_array_equal(a, b)                        # untouched
+    _alloc.set_cache_limit(0)
+    out3, ctx3 = variant.forward(q, k, v, **opts)
+    for a, b in zip([out3, *variant.backward(dout, ctx3).values()], kept):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.skipif(_alloc._set_madvise_hugepage is None, reason="no NumPy madvise setting")
 @pytest.mark.parametrize("before", [True, False])
-def test_setting_restored(before):
+def test_huge_page_setting_restored(before):
+    setting = _alloc._set_madvise_hugepage
     previous = setting(before)
     try:
-        a = _alloc.empty((3, 2**20), np.float32)                   # 12 MiB: above 4 MiB
-        assert a.shape == (3, 2**20) and a.dtype == np.float32
-        assert a.flags.c_contiguous and a.flags.writeable and a.flags.owndata
-        assert setting(before) is before                           # unchanged by the call
+        _alloc.empty((3, 2**20), np.float32)                       # 12 MiB: above 4 MiB
+        with pytest.raises(ValueError):
+            _alloc.empty((-1,), np.float32)
+        assert setting(before) is before                           # unchanged by the calls
     finally:
         setting(previous)
 
 
-def test_setting_restored_after_error():
-    current = setting(True)
-    setting(current)                                               # read it, unchanged
-    with pytest.raises((ValueError, TypeError)):
-        _alloc.empty((-1,), np.float32)
-    assert setting(current) is current
+def test_environment_variable():
+    code = "from tinyeff import _alloc; print(_alloc.cache_limit())"
+    run = [sys.executable, "-c", code]
+    out = subprocess.run(run, capture_output=True, text=True,
+                         env={"TINYEFF_CACHE_MIB": "3", "PATH": ""})
+    assert out.stdout.strip() == str(3 << 20)
+    bad = subprocess.run(run, capture_output=True, text=True,
+                         env={"TINYEFF_CACHE_MIB": "lots", "PATH": ""})
+    assert bad.returncode != 0 and "TINYEFF_CACHE_MIB" in bad.stderr

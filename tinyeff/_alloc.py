@@ -1,28 +1,48 @@
-"""Allocation of the large arrays a kernel path returns (outputs and gradients).
+"""Allocation of the large arrays the kernel paths return (outputs and gradients).
 
-``empty(shape, dtype)`` is ``np.empty`` without NumPy's request for transparent huge pages.
+``empty(shape, dtype)`` is ``np.empty(shape, dtype)`` that is cheap to call once per
+training step at large N.  It differs from ``np.empty`` in two ways, both about fresh
+memory, never about results.
 
-NumPy calls ``madvise(MADV_HUGEPAGE)`` on every allocation of 4 MiB or more (Linux; its
-``NUMPY_MADVISE_HUGEPAGE`` setting).  Arrays that large come straight from the operating
-system (``mmap``) and go back to it when freed, so an (N, D) output or gradient at large N
-is fresh memory on every call, and its first write pays for the page faults.  On a
-virtual machine that hands freed memory back to its host in 2 MiB blocks (virtio-balloon
-free page reporting, as on the Firecracker VMs the benchmark runs on), a fresh huge page
-waits for the host to back it: first writes to a fresh 64 MiB array measured 230 ms with
-huge pages and 48 ms with 4 KiB pages there (medians of 6, freed memory given 3 s to be
-reported).  That cost grew the Performer forward+backward at N = 65,536 by ~0.7 s (16 %),
-and it is absent at small N, where the allocator recycles the same memory.  These arrays
-are written and read once in order, where small pages cost nothing measurable on bare
-metal either.  So the kernel paths allocate what they return here.
+Why: an allocation above 32 MiB is served by glibc straight from the operating system
+(``mmap``) and handed back at ``free``, so every call of an attention at N = 65,536
+(B = 1, H = 4, D = 64, float32: four 64 MiB arrays for the output and the gradients)
+page-faults 256 MiB of fresh memory — 65,540 faults per forward+backward of ``linear``,
+against none at N = 4,096, whose 4 MiB arrays glibc recycles from its heap.  Each fresh
+page must be zeroed by the kernel and, on a virtual machine that returns freed memory to
+its host (virtio-balloon free page reporting, as on the Firecracker VMs the benchmark runs
+on), backed again by the host.  ``python -m tinyeff bench --first-touch`` measures the
+first write of a fresh 64 MiB array: 160–230 ms with transparent huge pages and ~50 ms
+with 4 KiB pages there.
 
-Only NumPy's own request is skipped; a system set to ``transparent_hugepage=always``
-still gets huge pages.  The setting is process-wide in NumPy: it is switched off for the
-one allocation under a lock and restored, so another thread allocating at that instant
-can at worst miss the request too (speed only, never a result).
+1. **Reuse.**  Blocks of at least :data:`CACHE_MIN_BYTES` (glibc's largest mmap
+   threshold, 32 MiB) are kept after the caller drops them and handed out again for a
+   request of the same size, as glibc's heap already does for smaller ones.  A block is
+   free when nothing but this cache refers to it: every array ``empty`` returns is a view
+   of the block, and every view of that array has the block as its ``base``, so the
+   block's reference count says whether any of them is alive.  The cache holds at most
+   :func:`cache_limit` bytes (default the smaller of 1 GiB and 1/8 of physical memory,
+   or the environment variable ``TINYEFF_CACHE_MIB`` read at import; beyond it ``empty``
+   falls back to plain allocation); :func:`clear_cache` lets the free blocks go, and
+   ``set_cache_limit(0)`` or ``TINYEFF_CACHE_MIB=0`` turns reuse off.  The returned arrays are
+   ordinary writeable C-contiguous arrays, except that ``a.base`` is the block
+   (``a.flags.owndata`` is False).
+2. **Small pages.**  NumPy asks Linux for transparent huge pages (``madvise``) on every
+   allocation of 4 MiB or more; a fresh huge page costs 3–5× more than its 512 small pages
+   on such a VM (above), and these arrays are streamed in order, where small pages cost
+   nothing measurable.  ``empty`` skips that request for its blocks (only the request: a
+   system set to ``transparent_hugepage=always`` still gets huge pages).  NumPy's setting
+   is process-wide, so it is switched off for the one allocation under a lock and
+   restored; another thread allocating at that instant can at worst miss it too.
+
+Thread-safe (one lock).  Nothing here changes a value: tests compare every variant's
+output with and without reuse bit for bit.
 """
 
 from __future__ import annotations
 
+import os
+import sys
 import threading
 
 import numpy as np
@@ -35,16 +55,117 @@ except ImportError:                    # pragma: no cover - NumPy 1.x
     except ImportError:
         _set_madvise_hugepage = None
 
+CACHE_MIN_BYTES = 32 << 20             # smaller blocks: glibc's heap recycles them already
+
+
+def _default_limit() -> int:
+    env = os.environ.get("TINYEFF_CACHE_MIB")
+    if env is not None:
+        try:
+            mib = int(env)
+        except ValueError:
+            mib = -1
+        if mib < 0:
+            raise ValueError(f"TINYEFF_CACHE_MIB must be an integer >= 0 (MiB), got {env!r}")
+        return mib << 20
+    try:
+        ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):  # pragma: no cover - not POSIX
+        ram = 8 << 30
+    return min(1 << 30, ram // 8)
+
+
 _LOCK = threading.Lock()
+_blocks: list[np.ndarray] = []         # (nbytes,) uint8 blocks, oldest first
+_limit = _default_limit()
 
 
 def empty(shape, dtype) -> np.ndarray:
-    """``np.empty(shape, dtype)`` without asking for transparent huge pages (see above)."""
+    """An uninitialized array like ``np.empty(shape, dtype)`` (module docstring)."""
+    dtype = np.dtype(dtype)
+    shape = (int(shape),) if np.ndim(shape) == 0 else tuple(int(s) for s in shape)
+    nbytes = dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+    if nbytes < CACHE_MIN_BYTES or min(shape) < 0:                 # (negative: np.empty raises)
+        return _fresh(shape, dtype)
+    with _LOCK:
+        block = _take(nbytes)
+    return block.view(dtype).reshape(shape)
+
+
+def cache_limit() -> int:
+    """Bytes the cache may hold (blocks in use and free)."""
+    return _limit
+
+
+def set_cache_limit(nbytes: int) -> int:
+    """Set :func:`cache_limit` (0 turns reuse off); returns the previous limit."""
+    global _limit
+    if not isinstance(nbytes, int) or isinstance(nbytes, bool) or nbytes < 0:
+        raise ValueError(f"nbytes must be an int >= 0, got {nbytes!r}")
+    with _LOCK:
+        previous, _limit = _limit, nbytes
+        _evict(0)
+    return previous
+
+
+def clear_cache() -> None:
+    """Let go of every free block (blocks still in use stay until they are dropped)."""
+    with _LOCK:
+        _evict(None)
+
+
+def cached_bytes() -> tuple[int, int]:
+    """(bytes in blocks in use, bytes in free blocks)."""
+    with _LOCK:
+        free = [_is_free(i) for i in range(len(_blocks))]
+        return (sum(b.nbytes for b, f in zip(_blocks, free) if not f),
+                sum(b.nbytes for b, f in zip(_blocks, free) if f))
+
+
+# --------------------------------------------------------------------------- under _LOCK
+
+def _is_free(i: int) -> bool:
+    # references: the list _blocks and getrefcount's own argument; any live array that
+    # empty() returned, or any view of one, holds one more (its base is the block).
+    return sys.getrefcount(_blocks[i]) == 2
+
+
+def _take(nbytes: int) -> np.ndarray:
+    for i in range(len(_blocks)):
+        if _blocks[i].nbytes == nbytes and _is_free(i):
+            _blocks.append(_blocks.pop(i))                         # now the newest
+            return _blocks[-1]
+    _evict(nbytes)
+    block = _fresh((nbytes,), np.dtype(np.uint8))                  # (nbytes,)
+    if sum(b.nbytes for b in _blocks) + nbytes <= _limit:
+        _blocks.append(block)
+    return block
+
+
+def _evict(room: int | None) -> None:
+    """Drop free blocks, oldest first, until ``room`` more bytes fit under the limit
+    (``None``: drop every free block)."""
+    i = 0
+    while i < len(_blocks):
+        total = sum(b.nbytes for b in _blocks)
+        if room is not None and total + room <= _limit:
+            return
+        if _is_free(i):
+            del _blocks[i]
+        else:
+            i += 1
+
+
+def _fresh(shape, dtype) -> np.ndarray:
+    """``np.empty`` without NumPy's transparent-huge-page request."""
     if _set_madvise_hugepage is None:  # pragma: no cover - NumPy without the setting
         return np.empty(shape, dtype)
-    with _LOCK:
+    with _HUGE_LOCK:
         previous = _set_madvise_hugepage(False)
         try:
             return np.empty(shape, dtype)
         finally:
             _set_madvise_hugepage(previous)
+
+
+_HUGE_LOCK = threading.Lock()
