@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 
 from tinyeff import _alloc
-from tinyeff.attention import linear, performer
+from tinyeff.attention import linear, linformer, local, performer
 
 
 @pytest.fixture
 def small_blocks(monkeypatch):
-    """Cache blocks from 1 KiB on, with an empty cache and a 1 MiB limit."""
-    monkeypatch.setattr(_alloc, "CACHE_MIN_BYTES", 1024)
+    """Cache every block of at least 1 byte, with an empty cache and a 1 MiB limit."""
+    monkeypatch.setattr(_alloc, "CACHE_MIN_BYTES", 1)
     _alloc.clear_cache()
     previous = _alloc.set_cache_limit(1 << 20)
     yield
@@ -66,29 +66,29 @@ def test_limit_is_respected(small_blocks):
         _alloc.set_cache_limit(-1)
 
 
-@pytest.mark.parametrize("variant,options", [
-    (linear, {}), (linear, {"causal": True}),
-    (performer, {"m": 16}), (performer, {"m": 16, "causal": True})])
-def test_results_identical_and_not_aliased(small_blocks, variant, options):
+def _cases():
     rng = np.random.default_rng(0)
-    q, k, v, dout = (rng.standard_normal((2, 3, 40, 8)) for _ in range(4))
-    opts = dict(options)
-    if variant is performer:
-        opts["features"] = performer.draw_random_options(rng, 8, m=opts.pop("m"))["features"]
-    first, ctx = variant.forward(q, k, v, **opts)
+    for variant in (linear, performer, local, linformer):
+        for case in variant.example_cases(rng):
+            yield pytest.param(variant, case, id=f"{variant.NAME}-{case.name}")
+
+
+@pytest.mark.parametrize("variant,case", list(_cases()))
+def test_results_identical_and_not_aliased(small_blocks, variant, case):
+    """Every path that allocates through _alloc (example cases of the variants that use it)
+    gives the same bits with reuse on and off, and never writes into a result still held."""
+    dout = np.random.default_rng(1).standard_normal(
+        variant.forward(**case.args, **case.options)[0].shape)
+    first, ctx = variant.forward(**case.args, **case.options)
     grads = variant.backward(dout, ctx)
     kept = [first.copy()] + [g.copy() for g in grads.values()]
-    for _ in range(2):                                             # reuse what is freed
-        out, ctx2 = variant.forward(q, k, v, **opts)
-        grads2 = variant.backward(dout, ctx2)
-        for a, b in zip([out, *grads2.values()], kept):
+    for reuse in (True, True, False):
+        _alloc.set_cache_limit(1 << 20 if reuse else 0)
+        out, ctx2 = variant.forward(**case.args, **case.options)
+        for a, b in zip([out, *variant.backward(dout, ctx2).values()], kept):
             np.testing.assert_array_equal(a, b)
     for a, b in zip([first, *grads.values()], kept):               # the first results are
         np.testing.assert_array_equal(a, b)                        # untouched
-    _alloc.set_cache_limit(0)
-    out3, ctx3 = variant.forward(q, k, v, **opts)
-    for a, b in zip([out3, *variant.backward(dout, ctx3).values()], kept):
-        np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.skipif(_alloc._set_madvise_hugepage is None, reason="no NumPy madvise setting")

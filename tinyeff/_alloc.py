@@ -85,7 +85,7 @@ def empty(shape, dtype) -> np.ndarray:
     dtype = np.dtype(dtype)
     shape = (int(shape),) if np.ndim(shape) == 0 else tuple(int(s) for s in shape)
     nbytes = dtype.itemsize * int(np.prod(shape, dtype=np.int64))
-    if nbytes < CACHE_MIN_BYTES or min(shape) < 0:                 # (negative: np.empty raises)
+    if nbytes < CACHE_MIN_BYTES or min(shape, default=0) < 0:  # (< 0: np.empty raises)
         return _fresh(shape, dtype)
     with _LOCK:
         block = _take(nbytes)
