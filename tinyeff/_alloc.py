@@ -35,7 +35,7 @@ with 4 KiB pages there.
    is process-wide, so it is switched off for the one allocation under a lock and
    restored; another thread allocating at that instant can at worst miss it too.
 
-Thread-safe (one lock).  Nothing here changes a value: tests compare every variant's
+Thread-safe (under locks).  Nothing here changes a value: tests compare every variant's
 output with and without reuse bit for bit.
 """
 
@@ -125,9 +125,18 @@ def cached_bytes() -> tuple[int, int]:
 # --------------------------------------------------------------------------- under _LOCK
 
 def _is_free(i: int) -> bool:
-    # references: the list _blocks and getrefcount's own argument; any live array that
-    # empty() returned, or any view of one, holds one more (its base is the block).
-    return sys.getrefcount(_blocks[i]) == 2
+    # Free = as many references as an object held by a list alone (_ONLY_LISTED: the list,
+    # plus getrefcount's argument where the interpreter counts it); every live array that
+    # empty() returned, and every view of one, holds one more (its base is the block).
+    return sys.getrefcount(_blocks[i]) == _ONLY_LISTED
+
+
+def _count_only_listed() -> int:
+    probe = [object()]
+    return sys.getrefcount(probe[0])
+
+
+_ONLY_LISTED = _count_only_listed()
 
 
 def _take(nbytes: int) -> np.ndarray:
