@@ -170,14 +170,13 @@ def attend(q, k, v, fmap: FeatureMap, *, causal, mask, mask_mode, normalize, eps
     if impl == "numba" and causal and fmap.kind in _FUSED:
         out, denom, key_scale = _forward_fused(q, k, v, fmap, mask, mask_mode, normalize, eps)
         kv = z = None
-    else:
-        if impl == "ref":
-            num, den, lq, key_scale, kv, z = _forward_ref(q, k, v, fmap, causal, mask,
-                                                          mask_mode)
-        else:
-            num, den, lq, key_scale, kv, z = _forward_chunked(q, k, v, fmap, causal, mask,
-                                                              mask_mode, _chunk(causal))
+    elif impl == "ref":
+        num, den, lq, key_scale, kv, z = _forward_ref(q, k, v, fmap, causal, mask, mask_mode)
         out, denom = _finish(num, den, lq, key_scale, normalize, eps)
+    else:
+        out, denom, key_scale, kv, z = _forward_chunked(q, k, v, fmap, causal, mask,
+                                                        mask_mode, normalize, eps,
+                                                        _chunk(causal))
     ctx = LinearCtx(q=q, k=k, v=v, fmap=fmap, mask=mask, mask_mode=mask_mode, causal=causal,
                     normalize=normalize, eps=eps, out=out, denom=denom, key_scale=key_scale,
                     kv=kv, z=z, impl=impl)
@@ -223,7 +222,8 @@ def _key_features(fmap, k, v, mask, mask_mode):
 
 
 def _finish(num, den, lq, key_scale, normalize, eps):
-    """out = num / denom (in place on num); returns (out, denom) — module docstring."""
+    """out = num / denom (in place on num); returns (out, denom) — module docstring.
+    Entry by entry, so a chunk of rows gives the same bits as the whole."""
     seen = key_scale > -np.inf                                     # (..., N) row sees a key
     with np.errstate(over="ignore"):
         corr = np.exp(np.where(seen, -(lq + key_scale), 0))       # (..., N) exp(−ℓq − C)
@@ -451,15 +451,19 @@ def _n_features(fmap, d):
     return d if fmap.n_features is None else fmap.n_features
 
 
-def _forward_chunked(q, k, v, fmap, causal, mask, mask_mode, chunk):
+def _forward_chunked(q, k, v, fmap, causal, mask, mask_mode, normalize, eps, chunk):
+    """(out, denom, key_scale, kv, z); each chunk of rows is finished (out = num / denom)
+    while it is in cache, instead of one more pass over the whole output."""
     *batch, n, d = q.shape
     m, dvd = v.shape[-2:]
     dtype, nb, bh, nf = q.dtype, len(batch), math.prod(batch), _n_features(fmap, d)
-    num = _alloc.empty((*batch, n, dvd), dtype)                    # (..., N, Dv)
-    den = np.empty((*batch, n), dtype)                             # (..., N)
-    lq = np.empty((*batch, n), dtype)                              # (..., N)
+    out = _alloc.empty((*batch, n, dvd), dtype)                    # (..., N, Dv)
+    denom = np.empty((*batch, n), dtype)                           # (..., N)
     key_scale = np.empty((*batch, n), dtype)                       # (..., N)
     chunks = _chunk_slices(n, m, chunk)
+
+    def finish(qs, num_c, den_c, lq_c, c_c):
+        out[..., qs, :], denom[..., qs] = _finish(num_c, den_c, lq_c, c_c, normalize, eps)
 
     def keys(ks):
         return _key_features(fmap, k[..., ks, :], v[..., ks, :],
@@ -470,7 +474,7 @@ def _forward_chunked(q, k, v, fmap, causal, mask, mask_mode, chunk):
                  np.zeros((bh, nf), dtype),                        # z (BH, F)
                  np.full(bh, -np.inf, dtype))                      # C (BH,)
         for qs, ks in chunks:
-            fq, lq[..., qs] = _features(fmap, q[..., qs, :])       # (..., nq, F)
+            fq, lq = _features(fmap, q[..., qs, :])                # (..., nq, F), (..., nq)
             fk, lk, vc = keys(ks)                                  # (..., nk, F)
             nq = fq.shape[-2]
             num_c = np.empty((bh, nq, dvd), dtype)                 # (BH, nq, Dv)
@@ -478,10 +482,10 @@ def _forward_chunked(q, k, v, fmap, causal, mask, mask_mode, chunk):
             cm_c = np.empty((bh, nq), dtype)                       # (BH, nq)
             kernels.causal_fwd(num_c, den_c, cm_c, *state, _bh(fq, bh, nb), _bh(fk, bh, nb),
                                _bh(lk, bh, nb), _bh(vc, bh, nb))
-            num[..., qs, :] = num_c.reshape(*batch, nq, dvd)
-            den[..., qs] = den_c.reshape(*batch, nq)
             key_scale[..., qs] = cm_c.reshape(*batch, nq)
-        return num, den, lq, key_scale, None, None
+            finish(qs, num_c.reshape(*batch, nq, dvd), den_c.reshape(*batch, nq), lq,
+                   key_scale[..., qs])
+        return out, denom, key_scale, None, None
     # non-causal: kv and z summed over key chunks at the running maximum C of ℓk (rescaled
     # when it grows: the online-softmax trick), then read by every query chunk.
     big_c = np.full(batch, -np.inf, dtype)                         # (...)
@@ -498,12 +502,11 @@ def _forward_chunked(q, k, v, fmap, causal, mask, mask_mode, chunk):
             fkw = fk * _exp_shift(lk, big_c[..., None])[..., None]  # (..., nk, F)
             kv += fkw.swapaxes(-1, -2) @ vc
             z += fkw.sum(axis=-2)
-    for qs, _ in chunks:
-        fq, lq[..., qs] = _features(fmap, q[..., qs, :])           # (..., nq, F)
-        num[..., qs, :] = fq @ kv
-        den[..., qs] = (fq @ z[..., None])[..., 0]
     key_scale[...] = big_c[..., None]
-    return num, den, lq, key_scale, kv, z
+    for qs, _ in chunks:
+        fq, lq = _features(fmap, q[..., qs, :])                    # (..., nq, F), (..., nq)
+        finish(qs, fq @ kv, (fq @ z[..., None])[..., 0], lq, key_scale[..., qs])
+    return out, denom, key_scale, kv, z
 
 
 def _backward_chunked(dout, ctx: LinearCtx, chunk) -> dict:
