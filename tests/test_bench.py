@@ -45,9 +45,9 @@ def test_flop_counts():
 
 
 def test_first_touch_times_both_page_sizes():
-    from tinyeff import _alloc
+    from tinyeff import memory
     touch = bench.first_touch_ms(nbytes=1 << 20, repeat=1, settle=0.0)
-    if _alloc._set_madvise_hugepage is None:
+    if memory._set_madvise_hugepage is None:
         assert touch == {}
         return
     assert set(touch) == {"huge", "small"} and all(t > 0 for t in touch.values())

@@ -8,6 +8,6 @@ gradient checker and comparison helpers that the tests (and other backends) use.
 
 __version__ = "0.1.0"
 
-from . import attention, nn, testing  # noqa: E402
+from . import attention, memory, nn, testing  # noqa: E402
 
-__all__ = ["attention", "nn", "testing", "__version__"]
+__all__ = ["attention", "memory", "nn", "testing", "__version__"]

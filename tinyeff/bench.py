@@ -229,10 +229,10 @@ def matmul_gflops(dtype, size: int = 2048, repeat: int = 5) -> float:
 def first_touch_ms(nbytes: int = 64 << 20, repeat: int = 6, settle: float = 3.0) -> dict:
     """Milliseconds to first write a fresh ``nbytes`` array, with NumPy's transparent
     huge-page request (``"huge"``, its default) and without it (``"small"``, as
-    :func:`tinyeff._alloc.empty` allocates outputs); medians of ``repeat`` alternating
+    :func:`tinyeff.memory.empty` allocates outputs); medians of ``repeat`` alternating
     runs, each after ``settle`` seconds with the previous arrays freed, so a virtual
     machine has time to hand the freed memory back to its host (``--first-touch``)."""
-    from ._alloc import _set_madvise_hugepage as setting
+    from .memory import _set_madvise_hugepage as setting
     if setting is None:
         return {}
     times = {"huge": [], "small": []}
@@ -421,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
                              "matmul rate from 512² products")
     parser.add_argument("--first-touch", action="store_true",
                         help="also time the first write of a fresh 64 MiB array with and "
-                             "without transparent huge pages (~40 s; see tinyeff/_alloc.py)")
+                             "without transparent huge pages (~40 s; see tinyeff/memory.py)")
     parser.add_argument("--out", default=None, help="directory for bench.json (and bench.png)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

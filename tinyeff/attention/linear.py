@@ -89,7 +89,7 @@ import math
 
 import numpy as np
 
-from .. import _alloc, _checks
+from .. import _checks, memory
 from ..ctx import Ctx
 from ..kernels import linear as kernels
 from ..ops.feature_maps import FeatureMap
@@ -402,7 +402,7 @@ def _forward_fused(q, k, v, fmap, mask, mask_mode, normalize, eps):
     *batch, n, _ = q.shape
     dvd, dtype = v.shape[-1], q.dtype
     qf, kf, vf, keep, exact = _fused_args(q, k, v, mask, mask_mode)
-    out = _alloc.empty((*batch, n, dvd), dtype)                    # (..., N, Dv)
+    out = memory.empty((*batch, n, dvd), dtype)                    # (..., N, Dv)
     denom = np.empty((*batch, n), dtype)                           # (..., N)
     key_scale = np.empty((*batch, n), dtype)                       # (..., N) C ∈ {0, −inf}
     bh = qf.shape[0]
@@ -421,9 +421,9 @@ def _backward_fused(dout, ctx: LinearCtx) -> dict:
     dof, outf = (np.require(x, requirements="CW").reshape(bh, n, v.shape[-1])
                  for x in (dout, ctx.out))
     den = np.require(ctx.denom, requirements="CW").reshape(bh, n)
-    dq = _alloc.empty(q.shape, dtype)                              # (..., N, D)
-    dk = _alloc.empty(k.shape, dtype)                              # (..., M, D)
-    dv = _alloc.empty(v.shape, dtype)                              # (..., M, Dv)
+    dq = memory.empty(q.shape, dtype)                              # (..., N, D)
+    dk = memory.empty(k.shape, dtype)                              # (..., M, D)
+    dv = memory.empty(v.shape, dtype)                              # (..., M, Dv)
     kernels.causal_phi_bwd_q(dq.reshape(qf.shape), qf, kf, vf, keep, dof, outf, den, relu,
                              exact, ctx.normalize, zero)
     kernels.causal_phi_bwd_kv(dk.reshape(kf.shape), dv.reshape(vf.shape), qf, kf, vf, keep,
@@ -457,7 +457,7 @@ def _forward_chunked(q, k, v, fmap, causal, mask, mask_mode, normalize, eps, chu
     *batch, n, d = q.shape
     m, dvd = v.shape[-2:]
     dtype, nb, bh, nf = q.dtype, len(batch), math.prod(batch), _n_features(fmap, d)
-    out = _alloc.empty((*batch, n, dvd), dtype)                    # (..., N, Dv)
+    out = memory.empty((*batch, n, dvd), dtype)                    # (..., N, Dv)
     denom = np.empty((*batch, n), dtype)                           # (..., N)
     key_scale = np.empty((*batch, n), dtype)                       # (..., N)
     chunks = _chunk_slices(n, m, chunk)
@@ -514,9 +514,9 @@ def _backward_chunked(dout, ctx: LinearCtx, chunk) -> dict:
     *batch, n, d = q.shape
     m, dvd = v.shape[-2:]
     dtype, nb, bh, nf = q.dtype, len(batch), math.prod(batch), _n_features(fmap, d)
-    dq = _alloc.empty(q.shape, dtype)                              # (..., N, D)
-    dk = _alloc.empty(k.shape, dtype)                              # (..., M, D)
-    dv = _alloc.empty(v.shape, dtype)                              # (..., M, Dv)
+    dq = memory.empty(q.shape, dtype)                              # (..., N, D)
+    dk = memory.empty(k.shape, dtype)                              # (..., M, D)
+    dv = memory.empty(v.shape, dtype)                              # (..., M, Dv)
     chunks = _chunk_slices(n, m, chunk)
 
     def keys(ks):

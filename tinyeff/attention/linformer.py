@@ -68,7 +68,7 @@ import math
 
 import numpy as np
 
-from .. import _alloc, _checks
+from .. import _checks, memory
 from ..ctx import Ctx
 from ._case import Case
 
@@ -207,7 +207,7 @@ def _forward_ref(q, k, v, E, F, kpm, scale):
     mb = None if kpm is None else np.broadcast_to(kpm, (*batch, m))   # (..., M) view
     kp = np.empty((*batch, kk, k.shape[-1]), dtype=q.dtype)        # (..., k, D)
     vp = np.empty((*batch, kk, v.shape[-1]), dtype=q.dtype)        # (..., k, Dv)
-    out = _alloc.empty((*batch, n, v.shape[-1]), q.dtype)          # (..., N, Dv)
+    out = memory.empty((*batch, n, v.shape[-1]), q.dtype)          # (..., N, Dv)
     lse = np.empty((*batch, n), dtype=q.dtype)                     # (..., N)
     step = max(1, _ROW_BLOCK // max(1, kk))
     s_buf = np.empty((min(n, step), kk), dtype=q.dtype)            # (R, k) reused per block
@@ -291,7 +291,7 @@ def _backward_attention(dout, q, kp, vp, lse, scale):
     before the (…, M, D) and (k, M) gradients are filled.
     """
     batch, n, kk = q.shape[:-2], q.shape[-2], kp.shape[-2]
-    dq = _alloc.empty(q.shape, q.dtype)                            # (..., N, D)
+    dq = memory.empty(q.shape, q.dtype)                            # (..., N, D)
     dkp = np.zeros(kp.shape, dtype=q.dtype)                        # (..., k, D)
     dvp = np.zeros(vp.shape, dtype=q.dtype)                        # (..., k, Dv)
     step = max(1, _ROW_BLOCK // max(1, kk))
@@ -328,11 +328,11 @@ def _backward_ref(dout, ctx: LinformerCtx) -> dict:
     mb = None if kpm is None else np.broadcast_to(kpm, (*q.shape[:-2], k.shape[-2]))  # (..., M)
     dq, dkp, dvp = _backward_attention(dout, q, ctx.kp, ctx.vp, ctx.lse, ctx.scale)
     # fwd: K̃ = E (m ⊙ K)
-    dk = _alloc.empty(k.shape, k.dtype)                            # (..., M, D)
+    dk = memory.empty(k.shape, k.dtype)                            # (..., M, D)
     _project_back(ctx.E, dkp, mb, dk)
     dE = _weight_grad(dkp, k, mb, ctx.E.shape, q.dtype)            # E's shape
     # fwd: Ṽ = F (m ⊙ V)
-    dv = _alloc.empty(v.shape, v.dtype)                            # (..., M, Dv)
+    dv = memory.empty(v.shape, v.dtype)                            # (..., M, Dv)
     _project_back(ctx.F, dvp, mb, dv)
     dF = _weight_grad(dvp, v, mb, ctx.F.shape, q.dtype)            # F's shape
     return {"q": dq, "k": dk, "v": dv, "E": dE, "F": dF}

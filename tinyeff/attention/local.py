@@ -51,7 +51,7 @@ import dataclasses
 
 import numpy as np
 
-from .. import _alloc, _checks
+from .. import _checks, memory
 from ..ctx import Ctx
 from ..kernels import window as kernels
 from ..ops import softmax
@@ -327,7 +327,7 @@ def _forward_numba(q, k, v, *, block, look_backward, look_forward, causal, key_p
     dt = q.dtype
     plan = _Plan(q, k, block=block, look_backward=look_backward, look_forward=look_forward,
                  causal=causal, key_padding_mask=key_padding_mask, rel_bias=rel_bias)
-    out = _alloc.empty(q.shape[:-1] + v.shape[-1:], dt)            # (..., N, Dv)
+    out = memory.empty(q.shape[:-1] + v.shape[-1:], dt)            # (..., N, Dv)
     lse = np.empty(q.shape[:-1], dtype=dt)                         # (..., N)
     with kernels.blas_single_thread():
         kernels.attend_band(plan.flat(out), lse.reshape(plan.bh, -1), plan.flat(q),
@@ -344,9 +344,9 @@ def _backward_numba(dout, ctx: LocalCtx) -> dict:
     plan = _Plan(q, k, block=ctx.block, look_backward=ctx.look_backward,
                  look_forward=ctx.look_forward, causal=ctx.causal,
                  key_padding_mask=ctx.key_padding_mask, rel_bias=ctx.rel_bias)
-    dq = _alloc.empty(q.shape, dt)                                 # (..., N, D) (the kernel
-    dk = _alloc.empty(k.shape, dt)                                 # (..., M, D)  fills or
-    dv = _alloc.empty(v.shape, dt)                                 # (..., M, Dv) zeroes them)
+    dq = memory.empty(q.shape, dt)                                 # (..., N, D) (the kernel
+    dk = memory.empty(k.shape, dt)                                 # (..., M, D)  fills or
+    dv = memory.empty(v.shape, dt)                                 # (..., M, Dv) zeroes them)
     nt = plan.tile_jlo.shape[0]
     dbias_part = np.zeros((plan.bh, nt, plan.n_off if plan.has_bias else 1), dtype=dt)
     with kernels.blas_single_thread():

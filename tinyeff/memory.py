@@ -55,6 +55,8 @@ except ImportError:                    # pragma: no cover - NumPy 1.x
     except ImportError:
         _set_madvise_hugepage = None
 
+__all__ = ["empty", "cache_limit", "set_cache_limit", "clear_cache", "cached_bytes"]
+
 CACHE_MIN_BYTES = 32 << 20             # smaller blocks: glibc's heap recycles them already
 
 
