@@ -12,8 +12,8 @@ against none at N = 4,096, whose 4 MiB arrays glibc recycles from its heap.  Eac
 page must be zeroed by the kernel and, on a virtual machine that returns freed memory to
 its host (virtio-balloon free page reporting, as on the Firecracker VMs the benchmark runs
 on), backed again by the host.  ``python -m tinyeff bench --first-touch`` measures the
-first write of a fresh 64 MiB array: 160–230 ms with transparent huge pages and ~50 ms
-with 4 KiB pages there.
+first write of a fresh 64 MiB array: 68–160 ms with transparent huge pages and 46–50 ms
+with 4 KiB pages there (three runs on 2026-11-29).
 
 1. **Reuse.**  Blocks of at least :data:`CACHE_MIN_BYTES` (glibc's largest mmap
    threshold, 32 MiB) are kept after the caller drops them and handed out again for a
@@ -28,9 +28,8 @@ with 4 KiB pages there.
    ordinary writeable C-contiguous arrays, except that ``a.base`` is the block
    (``a.flags.owndata`` is False).
 2. **Small pages.**  NumPy asks Linux for transparent huge pages (``madvise``) on every
-   allocation of 4 MiB or more; a fresh huge page costs 3–5× more than its 512 small pages
-   on such a VM (above), and these arrays are streamed in order, where small pages cost
-   nothing measurable.  ``empty`` skips that request for its blocks (only the request: a
+   allocation of 4 MiB or more; a fresh huge page costs 1.5–3× more than its 512 small pages
+   on such a VM (above).  ``empty`` skips that request for its blocks (only the request: a
    system set to ``transparent_hugepage=always`` still gets huge pages).  NumPy's setting
    is process-wide, so it is switched off for the one allocation under a lock and
    restored; another thread allocating at that instant can at worst miss it too.
