@@ -64,6 +64,9 @@ def test_limit_is_respected(small_blocks):
     assert memory.cached_bytes() == (0, 0)
     with pytest.raises(ValueError, match="nbytes"):
         memory.set_cache_limit(-1)
+    with pytest.raises(TypeError, match="nbytes"):
+        memory.set_cache_limit(1.5)
+    assert memory.set_cache_limit(np.int64(2048)) == 0 and memory.cache_limit() == 2048
 
 
 def _cases():

@@ -40,6 +40,7 @@ output with and without reuse bit for bit.
 
 from __future__ import annotations
 
+import numbers
 import os
 import sys
 import threading
@@ -101,8 +102,11 @@ def cache_limit() -> int:
 def set_cache_limit(nbytes: int) -> int:
     """Set :func:`cache_limit` (0 turns reuse off); returns the previous limit."""
     global _limit
-    if not isinstance(nbytes, int) or isinstance(nbytes, bool) or nbytes < 0:
-        raise ValueError(f"nbytes must be an int >= 0, got {nbytes!r}")
+    if isinstance(nbytes, bool) or not isinstance(nbytes, numbers.Integral):
+        raise TypeError(f"nbytes must be an integer, got {type(nbytes).__name__}")
+    nbytes = int(nbytes)
+    if nbytes < 0:
+        raise ValueError(f"nbytes must be >= 0, got {nbytes}")
     with _LOCK:
         previous, _limit = _limit, nbytes
         _evict(0)
