@@ -82,14 +82,18 @@ def n_chunks() -> int:
 
 
 @serial
-def _rows_seeing(ia, ib, j, lo, hi, i0, bq):
+def _rows_seeing(ia, ib, j, lo, hi, i0, bq, key_real):
     """Advance the tile rows [ia, ib) that see key j (lo, hi rise with the row, so both ends
-    only move forward as j grows): row i0 + r sees j iff lo[i0 + r] ≤ j < hi[i0 + r]."""
+    only move forward as j grows): row i0 + r sees j iff lo[i0 + r] ≤ j < hi[i0 + r].
+    Returns (ia, ib, a, e): [a, e) are the rows that score key j — [ia, ib), or none
+    (a = e = bq) when j is a padded key."""
     while ia < bq and hi[i0 + ia] <= j:
         ia += 1
     while ib < bq and lo[i0 + ib] <= j:
         ib += 1
-    return ia, ib
+    if not key_real:
+        return ia, ib, bq, bq
+    return ia, ib, ia, max(ib, ia)
 
 
 @serial
@@ -116,12 +120,7 @@ def _fwd_tile(out, lse, q, k, v, b, i0, i1, jl, jh, lo, hi, row_ok, key_ok, bias
     ib = 0
     for jj in range(bk):
         j = jl + jj
-        ia, ib = _rows_seeing(ia, ib, j, lo, hi, i0, bq)
-        a = ia
-        e = max(ib, ia)
-        if not key_ok[b, j]:                   # padded key: −∞ for every row
-            a = bq
-            e = bq
+        ia, ib, a, e = _rows_seeing(ia, ib, j, lo, hi, i0, bq, key_ok[b, j])  # padded: −∞
         st[jj, :a] = -np.inf
         st[jj, e:] = -np.inf
         x = st[jj, a:e]                                            # view: rows seeing j
@@ -231,12 +230,7 @@ def _bwd_tile(dq, dk, dv, dbias_part, dout, out, lse, q, k, v, b, t, i0, i1, jl,
     ib = 0
     for jj in range(bk):
         j = jl + jj
-        ia, ib = _rows_seeing(ia, ib, j, lo, hi, i0, bq)
-        a = ia
-        e = max(ib, ia)
-        if not key_ok[b, j]:                   # padded key: P = 0, dS = 0
-            a = bq
-            e = bq
+        ia, ib, a, e = _rows_seeing(ia, ib, j, lo, hi, i0, bq, key_ok[b, j])  # padded: P = 0
         st[jj, :a] = 0                         # outside the band
         st[jj, e:] = 0
         gt[jj, :a] = 0
