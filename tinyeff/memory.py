@@ -77,7 +77,8 @@ def _default_limit() -> int:
     return min(1 << 30, ram // 8)
 
 
-_LOCK = threading.Lock()
+_LOCK = threading.Lock()                # the block list
+_HUGE_LOCK = threading.Lock()           # NumPy's process-wide huge-page setting
 _blocks: list[np.ndarray] = []         # (nbytes,) uint8 blocks, oldest first
 _limit = _default_limit()
 
@@ -181,5 +182,3 @@ def _fresh(shape, dtype) -> np.ndarray:
         finally:
             _set_madvise_hugepage(previous)
 
-
-_HUGE_LOCK = threading.Lock()
