@@ -39,9 +39,9 @@ def test_noncausal_equals_quadratic_with_padding(impl, rng):
     x = random_qkv(rng, (2, 2), n=6, m=8, d=3, dv=2)
     pad = rng.random((2, 1, 8)) < 0.7
     pad[0, 0, 0] = True
-    out, _ = linear.forward(**x, mask=pad, impl=impl)
+    out, _ = linear.forward(**x, key_padding_mask=pad, impl=impl)
     assert_close(out, quadratic(**x, allowed=pad[..., None, :]))
-    out, _ = linear.forward(**x, mask=pad, causal=True, impl=impl)
+    out, _ = linear.forward(**x, key_padding_mask=pad, causal=True, impl=impl)
     assert_close(out, quadratic(**x, allowed=pad[..., None, :] & np.tri(6, 8, dtype=bool)))
 
 
@@ -86,11 +86,11 @@ def test_padding_invariance_exact_but_not_values_only(rng):
     extra = random_qkv(rng, (2,), n=4, d=3)
     padded = {"q": x["q"], "k": np.concatenate([x["k"], 3 * extra["k"]], axis=1),
               "v": np.concatenate([x["v"], extra["v"]], axis=1)}
-    mask = np.arange(9) < 5                                        # (M,) broadcast to batch
+    mask = (np.arange(9) < 5)[None, :]                             # (1, M) broadcast to batch
     ref, _ = linear.forward(**x)
-    out, _ = linear.forward(**padded, mask=mask)
+    out, _ = linear.forward(**padded, key_padding_mask=mask)
     assert_close(out, ref)
-    vo, _ = linear.forward(**padded, mask=mask, mask_mode="values_only")
+    vo, _ = linear.forward(**padded, key_padding_mask=mask, mask_mode="values_only")
     assert not np.allclose(vo, ref)                                # padded keys still count
     den = fm.elu_plus_one(x["q"]) @ fm.elu_plus_one(padded["k"]).sum(1)[:, :, None]
     num = quadratic(**x, normalize=False)
@@ -104,15 +104,15 @@ def test_fully_padded_rows_give_zero_and_zero_gradient(causal, impl, rng):
     mask = np.ones((2, 1, 6), bool)
     mask[1] = False                                                # batch 1: nothing real
     mask[0, 0, :2] = False                                         # batch 0: rows 0, 1 empty
-    out, ctx = linear.forward(**x, mask=mask, causal=causal, impl=impl)
+    out, ctx = linear.forward(**x, key_padding_mask=mask, causal=causal, impl=impl)
     assert np.all(out[1] == 0)
     g = linear.backward(rng.standard_normal(out.shape), ctx)
     assert np.all(g["q"][1] == 0) and np.all(g["k"][1] == 0) and np.all(g["v"][1] == 0)
     assert np.all(g["k"][0, :, :2] == 0) and np.all(g["v"][0, :, :2] == 0)
     if causal:
         assert np.all(out[0, :, :2] == 0) and np.all(g["q"][0, :, :2] == 0)
-    check_vjp(linear.forward, linear.backward, x,
-              {"mask": mask, "causal": causal, "impl": impl}, rng=rng).assert_ok(GRAD_FD)
+    opts = {"key_padding_mask": mask, "causal": causal, "impl": impl}
+    check_vjp(linear.forward, linear.backward, x, opts, rng=rng).assert_ok(GRAD_FD)
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 64])
@@ -128,7 +128,7 @@ def test_numba_matches_reference_and_crosswires(chunk, shape, causal, fused, rng
     batch, n, m, d, dv = shape
     x = random_qkv(rng, batch, n=n, m=m, d=d, dv=dv)
     mask = rng.random((*batch, m)) < 0.8
-    opts = {"causal": causal, "mask": mask, "feature_map": "relu" if n % 2 else "elu",
+    opts = {"causal": causal, "key_padding_mask": mask, "feature_map": "relu" if n % 2 else "elu",
             "mask_mode": "values_only" if chunk == 3 else "exact",
             "normalize": chunk != 1}
     out_r, ctx_r = linear.forward(**x, **opts, impl="ref")
@@ -194,9 +194,9 @@ def test_invalid_input(rng):
     with pytest.raises(ValueError, match="feature_map"):
         linear.forward(**x, feature_map="softmax")
     with pytest.raises(ValueError, match="mask"):
-        linear.forward(**x, mask=np.ones((2, 5), bool))
+        linear.forward(**x, key_padding_mask=np.ones((2, 5), bool))
     with pytest.raises(TypeError, match="mask"):
-        linear.forward(**x, mask=np.ones((2, 4)))
+        linear.forward(**x, key_padding_mask=np.ones((2, 4)))
     with pytest.raises(ValueError, match="mask_mode"):
         linear.forward(**x, mask_mode="values")
     with pytest.raises(ValueError, match="eps"):
@@ -223,7 +223,7 @@ def test_read_only_inputs_add_no_kernel_signature(fused, rng, monkeypatch):
     dout = rng.standard_normal((2, 5, 2))
 
     def run(args, m, g):
-        out, ctx = linear.forward(**args, causal=True, mask=m, feature_map="relu")
+        out, ctx = linear.forward(**args, causal=True, key_padding_mask=m, feature_map="relu")
         return out, linear.backward(g, ctx)
 
     want = run(x, mask, dout)

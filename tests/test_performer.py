@@ -76,7 +76,7 @@ def test_stabilizer_cancels_exactly(causal, eps, impl, rng):
     omega = _omega(7, 6, 13)
     pad = rng.random((2, 1, 11)) < 0.8
     pad[..., 0] = True
-    out, _ = performer.forward(**x, features=omega, causal=causal, eps=eps, mask=pad,
+    out, _ = performer.forward(**x, features=omega, causal=causal, eps=eps, key_padding_mask=pad,
                                impl=impl)
     ref = unstabilized(**x, omega=omega, scale=1 / math.sqrt(6), causal=causal, eps=eps,
                        pad=pad)
@@ -145,7 +145,7 @@ def test_numba_matches_reference_and_crosswires(chunk, kernel, causal, rng, monk
     x = random_qkv(rng, (2, 2), n=n, m=m, d=5, dv=3)
     x["k"] *= np.linspace(0.5, 2, m)[:, None]                      # growing norms: rescaling
     opts = {"features": _omega(0, 5, 11), "kernel": kernel, "causal": causal,
-            "mask": rng.random((2, 2, m)) < 0.8}
+            "key_padding_mask": rng.random((2, 2, m)) < 0.8}
     out_r, ctx_r = performer.forward(**x, **opts, impl="ref")
     out_n, ctx_n = performer.forward(**x, **opts, impl="numba")
     assert_close(out_n, out_r)
@@ -183,10 +183,10 @@ def test_values_only_keeps_padded_keys_in_the_denominator(rng):
     x = random_qkv(rng, (2,), n=5, m=7, d=4, dv=2)
     omega = _omega(0, 4, 8)
     pad = np.arange(7) < 4
-    vo, _ = performer.forward(**x, features=omega, mask=pad, mask_mode="values_only")
+    vo, _ = performer.forward(**x, features=omega, key_padding_mask=pad, mask_mode="values_only")
     v0 = x["v"] * pad[:, None]
     assert_close(vo, unstabilized(x["q"], x["k"], v0, omega, 0.5))
-    ex, _ = performer.forward(**x, features=omega, mask=pad)
+    ex, _ = performer.forward(**x, features=omega, key_padding_mask=pad)
     trimmed, _ = performer.forward(x["q"], x["k"][:, :4], x["v"][:, :4], features=omega)
     assert_close(ex, trimmed)
 

@@ -106,7 +106,7 @@ def kernelized(fq, fk, v, options, eps_default):
     out_i = Σ_j w_ij v_j / (Σ_j w_ij + eps),  w_ij = φ(q_i)·φ(k_j) [j <= i if causal];
     a padded key loses φ(k_j) ("exact") or only v_j ("values_only").
     """
-    key_mask = _opt(options, "mask")
+    key_mask = _opt(options, "key_padding_mask")
     if key_mask is not None:
         km = key_mask[..., None].to(fk.dtype)                      # (..., M, 1)
         if options.get("mask_mode", "exact") == "exact":

@@ -9,6 +9,7 @@ batch dimensions.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from collections.abc import Sequence
@@ -173,23 +174,59 @@ def attn_mask(mask, batch_shape: tuple, n: int, m: int, name: str = "mask"):
     return mask
 
 
-def key_padding_mask(mask, batch_shape: tuple, m: int, name: str = "mask"):
-    """A per-key boolean mask of shape (..., M) (True = real token), or ``None``.
+def position_mask(mask, batch_shape: tuple, length: int, name: str, meaning: str):
+    """A per-position boolean mask of shape ``(*batch_shape, length)``, or ``None``.
 
-    Its leading dimensions must broadcast to the batch dimensions (e.g. (B, 1, M) for
-    (B, H) batches).  Returns the array unchanged.
+    The mask has exactly ``len(batch_shape) + 1`` dimensions and lines up with the batch
+    dimensions from the left; a dimension of size 1 broadcasts (``(B, 1, M)`` for (B, H)
+    batches).  A mask with fewer dimensions is an error whatever its sizes: a PyTorch-style
+    ``(B, M)`` padding mask against ``(B, H, N, D)`` inputs would otherwise be read as
+    ``(H, M)`` when B == H.  ``meaning`` says what True means.  Returns the array unchanged.
     """
     if mask is None:
         return None
     if not isinstance(mask, np.ndarray):
         raise TypeError(f"{name} must be a boolean numpy.ndarray, got {type(mask).__name__}")
     if mask.dtype != np.bool_:
-        raise TypeError(f"{name} must have dtype bool (True = real token), got {mask.dtype}")
-    target = (*batch_shape, m)
-    if mask.ndim < 1 or mask.shape[-1] != m or not _fits(mask.shape, target):
-        raise ValueError(f"{name} of shape {mask.shape} does not broadcast to (..., M) = "
-                         f"{target} without enlarging it")
+        raise TypeError(f"{name} must have dtype bool ({meaning}), got {mask.dtype}")
+    target = (*batch_shape, length)
+    letters = ("B", "H", "G", "P")[:len(batch_shape)] + ("L",)
+    want = "(" + ", ".join(letters) + ")"
+    if mask.ndim < len(target) and mask.ndim >= 1:
+        hint = ""
+        if mask.ndim == 2 and len(target) == 3:
+            hint = f"; for one mask per batch item use {name}[:, None, :] (shape (B, 1, L))"
+        raise ValueError(f"{name} of shape {mask.shape} must have {len(target)} dimensions "
+                         f"{want} = {target}, one per batch dimension of q plus the position "
+                         f"(size-1 dimensions broadcast){hint}")
+    if mask.ndim != len(target) or mask.shape[-1] != length or not _fits(mask.shape, target):
+        raise ValueError(f"{name} of shape {mask.shape} does not match {want} = {target} "
+                         "(each dimension equal or 1)")
     return mask
+
+
+def key_padding_mask(mask, batch_shape: tuple, m: int, name: str = "key_padding_mask"):
+    """A per-key padding mask ``(..., M)`` (True = real token): :func:`position_mask`."""
+    return position_mask(mask, batch_shape, m, name, "True = real token")
+
+
+def renamed(**old_to_new):
+    """Decorator: calling ``fn(old=...)`` raises a TypeError naming the new option.
+
+    Used where an option was renamed and an alias would change its meaning silently
+    (``mask=`` is a pair mask in ``full`` but was key padding in ``linear``).
+    """
+    def wrap(fn):
+        @functools.wraps(fn)
+        def checked(*args, **kwargs):
+            for old, new in old_to_new.items():
+                if old in kwargs:
+                    raise TypeError(f"{fn.__module__.rsplit('.', 1)[-1]}.{fn.__name__}() takes "
+                                    f"no option {old!r}: key padding is {new}= (shape "
+                                    f"(..., M), True = real token) in every variant")
+            return fn(*args, **kwargs)
+        return checked
+    return wrap
 
 
 def bias(value, batch_shape: tuple, n: int, m: int, dtype, name: str = "bias"):

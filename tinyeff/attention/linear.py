@@ -32,7 +32,7 @@ causal : bool, default False.  Query i sees keys j ≤ i.  For N != M the alignm
     *top-left*, as in :mod:`tinyeff.attention.full` and PyTorch's ``is_causal``: row i sees
     keys 0 … min(i, M − 1).  Causal outputs do not depend on later tokens:
     f(x)[:t] == f(x[:t]).
-mask : boolean (..., M), leading dimensions broadcastable to the batch dimensions, True =
+key_padding_mask : boolean (..., M), one dimension per batch dimension (size 1 broadcasts), True =
     real key (``KEY_PADDING``).  None = every key is real.
 mask_mode : "exact" (default) | "values_only".  "exact" removes a padded key from the
     numerator *and* the denominator (φ(k_j) is zeroed, as fast-transformers does), so the
@@ -101,7 +101,7 @@ SUPPORTS_MASK = True
 SUPPORTS_CAUSAL = True
 SUPPORTS_BIAS = False
 SUPPORTS_REL_BIAS = False
-KEY_PADDING = "mask"
+KEY_PADDING = "key_padding_mask"
 DIFFERENTIABLE = ("q", "k", "v")
 IMPLS = ("auto", "ref", "numba")
 FEATURE_MAPS = ("elu", "relu")
@@ -121,7 +121,7 @@ class LinearCtx(Ctx):
     k: np.ndarray                 # (..., M, D)
     v: np.ndarray                 # (..., M, Dv)
     fmap: FeatureMap              # the feature map and its parameters (features recomputed)
-    mask: np.ndarray | None       # (..., M) key padding, broadcast to the batch dims
+    key_padding_mask: np.ndarray | None  # (..., M) True = real key, broadcast to the batch
     mask_mode: str
     causal: bool
     normalize: bool
@@ -134,15 +134,16 @@ class LinearCtx(Ctx):
     impl: str
 
 
+@_checks.renamed(mask="key_padding_mask")
 @_nonfinite.nan_rows_of_v
-def forward(q, k, v, *, feature_map="elu", causal=False, mask=None, mask_mode="exact",
-            normalize=True, eps=1e-6, impl="auto"):
+def forward(q, k, v, *, feature_map="elu", causal=False, key_padding_mask=None,
+            mask_mode="exact", normalize=True, eps=1e-6, impl="auto"):
     """Linear attention.  Returns ``(out (..., N, Dv), ctx)``; see the module docstring."""
     _checks.qkv(q, k, v)
     feature_map = _checks.choice(feature_map, "feature_map", FEATURE_MAPS)
     fmap = FeatureMap(kind=feature_map, omega=None, scale=1.0, kernel_eps=0.0)
-    return attend(q, k, v, fmap, causal=causal, mask=mask, mask_mode=mask_mode,
-                  normalize=normalize, eps=eps, impl=impl)
+    return attend(q, k, v, fmap, causal=causal, key_padding_mask=key_padding_mask,
+                  mask_mode=mask_mode, normalize=normalize, eps=eps, impl=impl)
 
 
 def backward(dout, ctx: LinearCtx) -> dict:
@@ -155,13 +156,14 @@ def backward(dout, ctx: LinearCtx) -> dict:
 
 # --------------------------------------------------------------------------- the engine
 
-def attend(q, k, v, fmap: FeatureMap, *, causal, mask, mask_mode, normalize, eps, impl):
+def attend(q, k, v, fmap: FeatureMap, *, causal, key_padding_mask, mask_mode, normalize, eps,
+           impl):
     """Kernelized attention with feature map ``fmap`` (shared with Performer)."""
     batch, n, m, d, dv, dtype = _checks.qkv(q, k, v)
     causal = _checks.flag(causal, "causal")
     normalize = _checks.flag(normalize, "normalize")
     eps = _checks.positive_float(eps, "eps", allow_zero=True)
-    mask = _checks.key_padding_mask(mask, batch, m, name="mask")
+    mask = _checks.key_padding_mask(key_padding_mask, batch, m)
     mask_mode = _checks.choice(mask_mode, "mask_mode", MASK_MODES)
     impl = _checks.choice(impl, "impl", IMPLS)
     if mask is not None:
@@ -177,9 +179,9 @@ def attend(q, k, v, fmap: FeatureMap, *, causal, mask, mask_mode, normalize, eps
         out, denom, key_scale, kv, z = _forward_chunked(q, k, v, fmap, causal, mask,
                                                         mask_mode, normalize, eps,
                                                         _chunk(causal))
-    ctx = LinearCtx(q=q, k=k, v=v, fmap=fmap, mask=mask, mask_mode=mask_mode, causal=causal,
-                    normalize=normalize, eps=eps, out=out, denom=denom, key_scale=key_scale,
-                    kv=kv, z=z, impl=impl)
+    ctx = LinearCtx(q=q, k=k, v=v, fmap=fmap, key_padding_mask=mask, mask_mode=mask_mode,
+                    causal=causal, normalize=normalize, eps=eps, out=out, denom=denom,
+                    key_scale=key_scale, kv=kv, z=z, impl=impl)
     return out, ctx
 
 
@@ -299,7 +301,7 @@ def _causal_scan_ref(fq, fk, lk, v):
 def _backward_ref(dout, ctx: LinearCtx) -> dict:
     q, k, fmap = ctx.q, ctx.k, ctx.fmap
     fq, lq = _features(fmap, q)                                    # recomputed, not stored
-    fk, lk, v = _key_features(fmap, k, ctx.v, ctx.mask, ctx.mask_mode)
+    fk, lk, v = _key_features(fmap, k, ctx.v, ctx.key_padding_mask, ctx.mask_mode)
     dnum, dden = _grad_num_den(dout, ctx.out, ctx.denom, ctx.normalize)
     if ctx.causal:
         dfq, dfk, dv = _causal_backward_ref(fq, fk, lk, v, dnum, dden, ctx.key_scale)
@@ -313,7 +315,7 @@ def _backward_ref(dout, ctx: LinearCtx) -> dict:
         # fwd: kv = (fk·w)ᵀ v ;  z = Σ_j fk_j w_j      (w = exp(ℓk − C) constant)
         dfk = (v @ dkv.swapaxes(-1, -2) + dz[..., None, :]) * w[..., None]  # (..., M, F)
         dv = (fk * w[..., None]) @ dkv                             # (..., M, Dv)
-    dk, dv = _chain_k(fmap, dfk, dv, fk, k, ctx.mask, ctx.mask_mode)
+    dk, dv = _chain_k(fmap, dfk, dv, fk, k, ctx.key_padding_mask, ctx.mask_mode)
     return {"q": _chain_q(fmap, dfq, fq, q), "k": dk, "v": dv}
 
 
@@ -415,7 +417,7 @@ def _forward_fused(q, k, v, fmap, mask, mask_mode, normalize, eps):
 def _backward_fused(dout, ctx: LinearCtx) -> dict:
     """dq by a forward scan, dk and dv by a reverse scan (fused kernels)."""
     q, k, v = ctx.q, ctx.k, ctx.v
-    qf, kf, vf, keep, exact = _fused_args(q, k, v, ctx.mask, ctx.mask_mode)
+    qf, kf, vf, keep, exact = _fused_args(q, k, v, ctx.key_padding_mask, ctx.mask_mode)
     bh, n, _ = qf.shape
     dtype, relu, zero = q.dtype, ctx.fmap.kind == "relu", q.dtype.type(0)
     dof, outf = (np.require(x, requirements="CW").reshape(bh, n, v.shape[-1])
@@ -510,7 +512,7 @@ def _forward_chunked(q, k, v, fmap, causal, mask, mask_mode, normalize, eps, chu
 
 
 def _backward_chunked(dout, ctx: LinearCtx, chunk) -> dict:
-    q, k, v, fmap, mask = ctx.q, ctx.k, ctx.v, ctx.fmap, ctx.mask
+    q, k, v, fmap, mask = ctx.q, ctx.k, ctx.v, ctx.fmap, ctx.key_padding_mask
     *batch, n, d = q.shape
     m, dvd = v.shape[-2:]
     dtype, nb, bh, nf = q.dtype, len(batch), math.prod(batch), _n_features(fmap, d)
@@ -602,10 +604,10 @@ def example_cases(rng: np.random.Generator, dtype=np.float64) -> list[Case]:
         Case("plain", qkv(), {}),
         Case("relu", qkv(), {"feature_map": "relu"}),
         Case("causal", qkv(), {"causal": True}),
-        Case("causal_rect", qkv(5, 9), {"causal": True, "mask": pad9}),
+        Case("causal_rect", qkv(5, 9), {"causal": True, "key_padding_mask": pad9}),
         Case("causal_tall", qkv(9, 4), {"causal": True, "feature_map": "relu"}),
-        Case("padmask", qkv(), {"mask": pad}),
-        Case("values_only_causal", qkv(), {"mask": pad, "mask_mode": "values_only",
+        Case("padmask", qkv(), {"key_padding_mask": pad}),
+        Case("values_only_causal", qkv(), {"key_padding_mask": pad, "mask_mode": "values_only",
                                             "causal": True}),
         Case("unnormalized", qkv(), {"normalize": False, "causal": True}),
         Case("eps0_ref", qkv(), {"eps": 0.0, "impl": "ref"}),

@@ -34,10 +34,10 @@ scale : float, default 1/√D.  x̂ = √scale · x, so that q̂·k̂ = q·k·sc
 kernel_eps : float ≥ 0, default 1e-3, added to the relu features (unused for softmax).
 causal : bool, default False.  Prefix sums through the Numba kernel of ``linear``; top-left
     alignment for N != M (row i sees keys ≤ i, as ``full``); f(x)[:t] == f(x[:t]) exactly.
-mask, mask_mode, normalize, impl : as in :mod:`tinyeff.attention.linear`
-    (``mask`` = key padding (..., M), True = real key; "exact" removes padded keys from the
-    numerator and the denominator; "values_only" zeroes their values only, like the public
-    Performer code).
+key_padding_mask, mask_mode, normalize, impl : as in :mod:`tinyeff.attention.linear`
+    (``key_padding_mask`` = key padding (..., M), True = real key; "exact" removes padded
+    keys from the numerator and the denominator; "values_only" zeroes their values only,
+    like the public Performer code).
 eps : float ≥ 0, default 0.  Added to the *un-stabilized* denominator φ(q_i)·Σ_j φ(k_j).
 
 Stabilizer (kernel="softmax"), and why it cancels exactly
@@ -102,7 +102,7 @@ SUPPORTS_MASK = True
 SUPPORTS_CAUSAL = True
 SUPPORTS_BIAS = False
 SUPPORTS_REL_BIAS = False
-KEY_PADDING = "mask"
+KEY_PADDING = "key_padding_mask"
 DIFFERENTIABLE = ("q", "k", "v")
 RANDOM_OPTIONS = ("features",)
 KERNELS = ("softmax", "relu")
@@ -110,9 +110,10 @@ IMPLS = linear.IMPLS
 _KIND = {"softmax": "favor_softmax", "relu": "favor_relu"}
 
 
+@_checks.renamed(mask="key_padding_mask")
 @_nonfinite.nan_rows_of_v(prepare=lambda o: {**o, "kernel_eps": 1.0})
 def forward(q, k, v, *, features=None, kernel="softmax", scale=None, kernel_eps=1e-3,
-            causal=False, mask=None, mask_mode="exact", normalize=True, eps=0.0,
+            causal=False, key_padding_mask=None, mask_mode="exact", normalize=True, eps=0.0,
             impl="auto"):
     """FAVOR+ attention.  Returns ``(out (..., N, Dv), ctx)``; see the module docstring."""
     batch, n, m, d, dv, dtype = _checks.qkv(q, k, v)
@@ -133,8 +134,8 @@ def forward(q, k, v, *, features=None, kernel="softmax", scale=None, kernel_eps=
     if not np.all(np.isfinite(features)):
         raise ValueError("features must be finite")
     fmap = FeatureMap(kind=_KIND[kernel], omega=features, scale=scale, kernel_eps=kernel_eps)
-    return linear.attend(q, k, v, fmap, causal=causal, mask=mask, mask_mode=mask_mode,
-                         normalize=normalize, eps=eps, impl=impl)
+    return linear.attend(q, k, v, fmap, causal=causal, key_padding_mask=key_padding_mask,
+                         mask_mode=mask_mode, normalize=normalize, eps=eps, impl=impl)
 
 
 def backward(dout, ctx: LinearCtx) -> dict:
@@ -187,8 +188,9 @@ def example_cases(rng: np.random.Generator, dtype=np.float64) -> list[Case]:
         Case("plain", qkv(), {"features": omega()}),
         Case("iid_causal", qkv(), {"features": omega(False), "causal": True}),
         Case("causal_rect", qkv(5, 9), {"features": omega(), "causal": True}),
-        Case("padmask_causal", qkv(), {"features": omega(), "mask": pad, "causal": True}),
-        Case("values_only", qkv(), {"features": omega(), "mask": pad,
+        Case("padmask_causal", qkv(), {"features": omega(), "key_padding_mask": pad,
+                                       "causal": True}),
+        Case("values_only", qkv(), {"features": omega(), "key_padding_mask": pad,
                                     "mask_mode": "values_only"}),
         Case("relu", qkv(), {"features": omega(), "kernel": "relu"}),
         Case("relu_identity_causal", qkv(), {"kernel": "relu", "scale": 1.0, "causal": True}),
