@@ -131,8 +131,8 @@ def port_performer(inputs, options, dout, forget_norm_term=False):
         return dxh * root
 
     key = np.ones(k.shape[:-1] + (1,), dtype=q.dtype)                # (..., M, 1) 1 = real key
-    if options.get("mask") is not None:
-        key = np.broadcast_to(options["mask"][..., None], key.shape).astype(q.dtype)
+    if options.get("key_padding_mask") is not None:
+        key = np.broadcast_to(options["key_padding_mask"][..., None], key.shape).astype(q.dtype)
     exact = options.get("mask_mode", "exact") == "exact"
     fq, fk = phi(q), phi(k)
     fk_m = fk * key if exact else fk

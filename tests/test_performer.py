@@ -182,9 +182,9 @@ def test_gradcheck_large_norm_causal(rng):
 def test_values_only_keeps_padded_keys_in_the_denominator(rng):
     x = random_qkv(rng, (2,), n=5, m=7, d=4, dv=2)
     omega = _omega(0, 4, 8)
-    pad = np.arange(7) < 4
+    pad = (np.arange(7) < 4)[None, :]                              # (1, M)
     vo, _ = performer.forward(**x, features=omega, key_padding_mask=pad, mask_mode="values_only")
-    v0 = x["v"] * pad[:, None]
+    v0 = x["v"] * pad[0, :, None]
     assert_close(vo, unstabilized(x["q"], x["k"], v0, omega, 0.5))
     ex, _ = performer.forward(**x, features=omega, key_padding_mask=pad)
     trimmed, _ = performer.forward(x["q"], x["k"][:, :4], x["v"][:, :4], features=omega)
