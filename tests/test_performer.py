@@ -228,3 +228,40 @@ def test_invalid_input(rng):
     with pytest.raises(TypeError, match="ctx"):
         out, ctx = full.forward(**x)
         performer.backward(out, ctx)
+
+
+@pytest.mark.parametrize("case_index", range(9))
+def test_reference_in_this_module_is_the_engine_on_favor_features(case_index, rng):
+    """performer._forward_ref/_backward_ref (the FAVOR+ specification, read top to bottom)
+    give the bits of linear's generic reference on the same feature map, and impl="ref"
+    runs them."""
+    case = performer.example_cases(np.random.default_rng(3))[case_index]
+    calls = []
+
+    def spy(fn):
+        def wrapped(*args):
+            calls.append(fn.__name__)
+            return fn(*args)
+        return wrapped
+
+    opts = {**case.options, "impl": "ref"}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(performer, "_forward_ref", spy(performer._forward_ref))
+        mp.setattr(performer, "_backward_ref", spy(performer._backward_ref))
+        out, ctx = performer.forward(**case.args, **opts)
+        dout = rng.standard_normal(out.shape)
+        grads = performer.backward(dout, ctx)
+    assert calls == ["_forward_ref", "_backward_ref"]
+    a = case.args
+    fmap, mask = ctx.fmap, ctx.key_padding_mask
+    want = performer.linear._forward_ref(a["q"], a["k"], a["v"], fmap, ctx.causal, mask,
+                                         ctx.mask_mode)
+    got = performer._forward_ref(a["q"], a["k"], a["v"], fmap, ctx.causal, mask, ctx.mask_mode)
+    for x, y in zip(got, want):
+        if y is None:
+            assert x is None
+        else:
+            np.testing.assert_array_equal(x, y)
+    generic = performer.linear._backward_ref(dout, ctx)
+    for name in ("q", "k", "v"):
+        np.testing.assert_array_equal(grads[name], generic[name])

@@ -157,8 +157,12 @@ def backward(dout, ctx: LinearCtx) -> dict:
 # --------------------------------------------------------------------------- the engine
 
 def attend(q, k, v, fmap: FeatureMap, *, causal, key_padding_mask, mask_mode, normalize, eps,
-           impl):
-    """Kernelized attention with feature map ``fmap`` (shared with Performer)."""
+           impl, forward_ref=None):
+    """Kernelized attention with feature map ``fmap`` (shared with Performer).
+
+    ``forward_ref`` is the calling variant's reference (``_forward_ref`` of this module by
+    default, Performer's own for the FAVOR+ maps); it returns (num, den, ℓq, C, kv, z).
+    """
     batch, n, m, d, dv, dtype = _checks.qkv(q, k, v)
     causal = _checks.flag(causal, "causal")
     normalize = _checks.flag(normalize, "normalize")
@@ -173,7 +177,8 @@ def attend(q, k, v, fmap: FeatureMap, *, causal, key_padding_mask, mask_mode, no
         out, denom, key_scale = _forward_fused(q, k, v, fmap, mask, mask_mode, normalize, eps)
         kv = z = None
     elif impl == "ref":
-        num, den, lq, key_scale, kv, z = _forward_ref(q, k, v, fmap, causal, mask, mask_mode)
+        forward_ref = _forward_ref if forward_ref is None else forward_ref
+        num, den, lq, key_scale, kv, z = forward_ref(q, k, v, fmap, causal, mask, mask_mode)
         out, denom = _finish(num, den, lq, key_scale, normalize, eps)
     else:
         out, denom, key_scale, kv, z = _forward_chunked(q, k, v, fmap, causal, mask,
@@ -185,12 +190,13 @@ def attend(q, k, v, fmap: FeatureMap, *, causal, key_padding_mask, mask_mode, no
     return out, ctx
 
 
-def attend_backward(dout, ctx: LinearCtx, impl: str | None = None) -> dict:
-    """Gradients of :func:`attend`; ``impl`` defaults to the forward's."""
+def attend_backward(dout, ctx: LinearCtx, impl: str | None = None, backward_ref=None) -> dict:
+    """Gradients of :func:`attend`; ``impl`` defaults to the forward's, ``backward_ref`` to
+    this module's ``_backward_ref``."""
     dout = _checks.dout(dout, ctx.out.shape, ctx.out.dtype)
     impl = ctx.impl if impl is None else _checks.choice(impl, "impl", IMPLS)
     if impl == "ref":
-        return _backward_ref(dout, ctx)
+        return (_backward_ref if backward_ref is None else backward_ref)(dout, ctx)
     if ctx.causal and ctx.fmap.kind in _FUSED:
         return _backward_fused(dout, ctx)
     return _backward_chunked(dout, ctx, _chunk(ctx.causal))
@@ -211,9 +217,14 @@ def _features(fmap, x):
 
 
 def _key_features(fmap, k, v, mask, mask_mode):
-    """Key features with padding applied: "exact" sets ℓk = −inf and fk = 0 on padded keys,
-    "values_only" zeroes their v instead.  Returns (fk, ℓk, v)."""
+    """Key features with padding applied (:func:`_pad_keys`).  Returns (fk, ℓk, v)."""
     fk, lk = _features(fmap, k)                                    # (..., M, F), (..., M)
+    return _pad_keys(fk, lk, v, mask, mask_mode)
+
+
+def _pad_keys(fk, lk, v, mask, mask_mode):
+    """"exact" sets ℓk = −inf and fk = 0 on padded keys, "values_only" zeroes their v
+    instead.  Returns (fk, ℓk, v)."""
     if mask is not None:
         if mask_mode == "exact":
             lk = np.where(mask, lk, -np.inf)                       # (..., M)
@@ -256,9 +267,18 @@ def _grad_num_den(dout, out, denom, normalize):
 def _forward_ref(q, k, v, fmap, causal, mask, mask_mode):
     fq, lq = _features(fmap, q)                                    # (..., N, F), (..., N)
     fk, lk, v = _key_features(fmap, k, v, mask, mask_mode)         # (..., M, F), (..., M)
+    num, den, key_scale, kv, z = _sums_ref(fq, fk, lk, v, causal)
+    return num, den, lq, key_scale, kv, z
+
+
+def _sums_ref(fq, fk, lk, v, causal):
+    """num_i = fq_i·Σ_j exp(ℓk_j − C_i) fk_j v_jᵀ and den_i (v_j → 1), j ≤ i when causal.
+
+    Returns (num (..., N, Dv), den (..., N), C (..., N), kv, z); kv, z are None if causal.
+    """
     if causal:
         num, den, key_scale = _causal_scan_ref(fq, fk, lk, v)
-        return num, den, lq, key_scale, None, None
+        return num, den, key_scale, None, None
     big_c = lk.max(axis=-1) if lk.shape[-1] else np.full(lk.shape[:-1], -np.inf, lk.dtype)
     w = _exp_shift(lk, big_c[..., None])                           # (..., M) exp(ℓk − C)
     fkw = fk * w[..., None]                                        # (..., M, F)
@@ -266,8 +286,8 @@ def _forward_ref(q, k, v, fmap, causal, mask, mask_mode):
     z = fkw.sum(axis=-2)                                           # (..., F)
     num = fq @ kv                                                  # (..., N, Dv)
     den = fq @ z[..., None]                                        # (..., N, 1)
-    key_scale = np.broadcast_to(big_c[..., None], lq.shape).copy()  # (..., N)
-    return num, den[..., 0], lq, key_scale, kv, z
+    key_scale = np.broadcast_to(big_c[..., None], fq.shape[:-1]).copy()  # (..., N)
+    return num, den[..., 0], key_scale, kv, z
 
 
 def _causal_scan_ref(fq, fk, lk, v):
@@ -303,6 +323,13 @@ def _backward_ref(dout, ctx: LinearCtx) -> dict:
     fq, lq = _features(fmap, q)                                    # recomputed, not stored
     fk, lk, v = _key_features(fmap, k, ctx.v, ctx.key_padding_mask, ctx.mask_mode)
     dnum, dden = _grad_num_den(dout, ctx.out, ctx.denom, ctx.normalize)
+    dfq, dfk, dv = _sums_backward_ref(fq, fk, lk, v, dnum, dden, ctx)
+    dk, dv = _chain_k(fmap, dfk, dv, fk, k, ctx.key_padding_mask, ctx.mask_mode)
+    return {"q": _chain_q(fmap, dfq, fq, q), "k": dk, "v": dv}
+
+
+def _sums_backward_ref(fq, fk, lk, v, dnum, dden, ctx: LinearCtx):
+    """dfq, dfk, dv of :func:`_sums_ref` (C, kv, z read from ``ctx``)."""
     if ctx.causal:
         dfq, dfk, dv = _causal_backward_ref(fq, fk, lk, v, dnum, dden, ctx.key_scale)
     else:
@@ -315,8 +342,7 @@ def _backward_ref(dout, ctx: LinearCtx) -> dict:
         # fwd: kv = (fk·w)ᵀ v ;  z = Σ_j fk_j w_j      (w = exp(ℓk − C) constant)
         dfk = (v @ dkv.swapaxes(-1, -2) + dz[..., None, :]) * w[..., None]  # (..., M, F)
         dv = (fk * w[..., None]) @ dkv                             # (..., M, Dv)
-    dk, dv = _chain_k(fmap, dfk, dv, fk, k, ctx.key_padding_mask, ctx.mask_mode)
-    return {"q": _chain_q(fmap, dfq, fq, q), "k": dk, "v": dv}
+    return dfq, dfk, dv
 
 
 def _causal_backward_ref(fq, fk, lk, v, dnum, dden, key_scale):
@@ -374,6 +400,11 @@ def _chain_k(fmap, dfk, dv, fk, k, mask, mask_mode):
     """dk through the feature map, and the padding of dk (exact) or dv (values_only)."""
     # fwd: fk = φ(k)
     dk = fmap.backward(dfk, fk, k)                                 # (..., M, D)
+    return _pad_grads(dk, dv, mask, mask_mode)
+
+
+def _pad_grads(dk, dv, mask, mask_mode):
+    """dk (exact) or dv (values_only) set to 0 on padded keys."""
     if mask is not None:
         pad = ~mask[..., None]                                     # (..., M, 1)
         if mask_mode == "exact":

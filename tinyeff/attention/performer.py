@@ -135,7 +135,8 @@ def forward(q, k, v, *, features=None, kernel="softmax", scale=None, kernel_eps=
         raise ValueError("features must be finite")
     fmap = FeatureMap(kind=_KIND[kernel], omega=features, scale=scale, kernel_eps=kernel_eps)
     return linear.attend(q, k, v, fmap, causal=causal, key_padding_mask=key_padding_mask,
-                         mask_mode=mask_mode, normalize=normalize, eps=eps, impl=impl)
+                         mask_mode=mask_mode, normalize=normalize, eps=eps, impl=impl,
+                         forward_ref=_forward_ref)
 
 
 def backward(dout, ctx: LinearCtx) -> dict:
@@ -143,7 +144,62 @@ def backward(dout, ctx: LinearCtx) -> dict:
     if not isinstance(ctx, LinearCtx) or ctx.fmap.kind not in _KIND.values():
         raise TypeError(f"ctx must be the LinearCtx returned by performer.forward, got "
                         f"{type(ctx).__name__}")
-    return linear.attend_backward(dout, ctx)
+    return linear.attend_backward(dout, ctx, backward_ref=_backward_ref)
+
+
+# --------------------------------------------------------------------------- reference path
+
+def _phi(fmap, x):
+    """φ(x) = f·exp(ℓ): the stabilized FAVOR+ features of x and their log-scale ℓ."""
+    if fmap.kind == "favor_softmax":
+        # x̂ = √scale·x ;  a_f = ω_f·x̂ − ‖x̂‖²/2 ;  c = max_f a_f
+        # f = exp(a − c) ∈ (0, 1] ;  ℓ = c − ½ ln m     (φ = m^(−1/2) exp(a) = f·exp(ℓ))
+        return feature_maps.favor_softmax(x, fmap.omega, fmap.scale)  # (..., L, m), (..., L)
+    # f = relu(ω x̂) + kernel_eps ;  ℓ = 0
+    f = feature_maps.favor_relu(x, fmap.omega, fmap.scale, fmap.kernel_eps)  # (..., L, m)
+    return f, np.zeros(x.shape[:-1], dtype=x.dtype)                # (..., L, m), (..., L)
+
+
+def _phi_backward(fmap, df, f, x):
+    """dx of :func:`_phi` with the shift c held constant (it cancels in out)."""
+    if fmap.kind == "favor_softmax":
+        # fwd: f = exp(ω x̂ − ‖x̂‖²/2 − c) ;  x̂ = √scale·x
+        #   dx = √scale · ((df·f) ω − Σ_f (df·f)_f · x̂)
+        return feature_maps.favor_softmax_backward(df, f, x, fmap.omega, fmap.scale)
+    # fwd: f = relu(ω x̂) + kernel_eps  →  dx = √scale · (df·[ω x̂ > 0]) ω
+    return feature_maps.favor_relu_backward(df, f, x, fmap.omega, fmap.scale, fmap.kernel_eps)
+
+
+def _forward_ref(q, k, v, fmap, causal, mask, mask_mode):
+    """FAVOR+ read top to bottom.  Returns (num, den, ℓq, C, kv, z); ``linear.attend``
+    finishes out_i = num_i / (den_i + eps·exp(−ℓq_i − C_i)) (module docstring)."""
+    fq, lq = _phi(fmap, q)                                         # (..., N, m), (..., N)
+    fk, lk = _phi(fmap, k)                                         # (..., M, m), (..., M)
+    # padded keys: "exact" drops φ(k_j) (fk = 0, ℓk = −inf); "values_only" zeroes v_j
+    fk, lk, v = linear._pad_keys(fk, lk, v, mask, mask_mode)       # (..., M, m), (..., M)
+    # num_i = fq_i · Σ_j exp(ℓk_j − C_i) fk_j v_jᵀ ;  den_i = fq_i · Σ_j exp(ℓk_j − C_i) fk_j
+    #   C_i = max_j ℓk_j (non-causal) or max_{j ≤ i} ℓk_j (causal: a running maximum, so
+    #   row i never sees a later key); the row's own exp(ℓq_i) cancels in num / den
+    num, den, key_scale, kv, z = linear._sums_ref(fq, fk, lk, v, causal)
+    return num, den, lq, key_scale, kv, z
+
+
+def _backward_ref(dout, ctx: LinearCtx) -> dict:
+    """Gradients of :func:`_forward_ref` and the division by the denominator."""
+    fmap = ctx.fmap
+    fq, _ = _phi(fmap, ctx.q)                                      # recomputed, not stored
+    fk, lk = _phi(fmap, ctx.k)
+    fk, lk, v = linear._pad_keys(fk, lk, ctx.v, ctx.key_padding_mask, ctx.mask_mode)
+    # fwd: out = num / denom ;  denom = den + eps·exp(−ℓq − C)    (ℓq, C constants)
+    dnum, dden = linear._grad_num_den(dout, ctx.out, ctx.denom, ctx.normalize)
+    # fwd: num, den = Σ_j exp(ℓk_j − C_i) (fq_i·fk_j) (v_j, 1)
+    dfq, dfk, dv = linear._sums_backward_ref(fq, fk, lk, v, dnum, dden, ctx)
+    # fwd: fq = φ(q) ;  fk = φ(k)
+    dq = _phi_backward(fmap, dfq, fq, ctx.q)                       # (..., N, D)
+    dk = _phi_backward(fmap, dfk, fk, ctx.k)                       # (..., M, D)
+    # fwd: fk = where(mask, fk, 0)  or  v = where(mask, v, 0)
+    dk, dv = linear._pad_grads(dk, dv, ctx.key_padding_mask, ctx.mask_mode)
+    return {"q": dq, "k": dk, "v": dv}
 
 
 def draw_random_options(rng: np.random.Generator, d: int, dtype=np.float64, *, m=None,
