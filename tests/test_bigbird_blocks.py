@@ -154,11 +154,13 @@ def test_bad_arguments():
         masks.bigbird_blocks(32, 4.0, 1, rng=rng, num_heads=1)
 
 
-def duplicated_key_softmax(q, k, v, block, rand_attn, scale):
+def duplicated_key_softmax(q, k, v, block, rand_attn, scale, real=None):
     """HF's computation written out: per row, a softmax over the concatenated key list
-    (repeats kept), one entry at a time.  q, k, v (H, n, ·)."""
+    (repeats kept), −10000 added to padded keys, padded query rows multiplied by 0; one
+    entry at a time.  q, k, v (H, n, ·); real (n,) bool or None."""
     heads, n, _ = q.shape
     nb = n // block
+    real = np.ones(n, bool) if real is None else real
     out = np.zeros((heads, n, v.shape[-1]))
     for h in range(heads):
         for i in range(n):
@@ -166,44 +168,65 @@ def duplicated_key_softmax(q, k, v, block, rand_attn, scale):
             rand_row = list(rand_attn[h, a - 1]) if 1 <= a <= nb - 2 else []
             js = [j for c in hf_key_blocks(a, nb, rand_row)
                   for j in range(c * block, c * block + block)]
-            s = [float(q[h, i] @ k[h, j]) * scale for j in js]
+            s = [float(q[h, i] @ k[h, j]) * scale + (0.0 if real[j] else -10000.0)
+                 for j in js]
             mx = max(s)
             w = [math.exp(x - mx) for x in s]
             z = sum(w)
-            out[h, i] = sum(wj / z * v[h, j] for wj, j in zip(w, js))
+            out[h, i] = sum(wj / z * v[h, j] for wj, j in zip(w, js)) * real[i]
     return out
 
 
-def log_count_bias(counts, block):
-    """(H, n_b, n_b) block counts -> (H, n, n) bias log(count), −inf where 0."""
-    c = counts.repeat(block, axis=1).repeat(block, axis=2).astype(np.float64)
-    return np.log(c, out=np.full(c.shape, -np.inf), where=c > 0)
+def hf_bigbird_call(q, k, v, kpm, L, b, r, rand_attn):
+    """The worked call of docs/semantics/sparse.md (HF BigBird), verbatim."""
+    lay = masks.bigbird_blocks(L, b, r, rand_attn=np.stack(rand_attn))
+    if lay.counts.max() == 1:                         # training-mode draw: each key at most once
+        out, ctx = sparse.forward(q, k, v, mask=lay.masks, key_padding_mask=kpm)
+    else:                                             # eval mode: block 0 counted 1 + r times
+        c = lay.counts.repeat(b, axis=1).repeat(b, axis=2).astype(q.dtype)   # (H, L, L)
+        bias = np.log(c, out=np.full(c.shape, -np.inf, q.dtype), where=c > 0)
+        out, ctx = full.forward(q, k, v, bias=bias, key_padding_mask=kpm)
+    out = out * kpm[..., :, None]                     # HF zeroes padded query rows
+    return out
 
 
-def test_eval_mode_equals_full_with_log_count_bias():
+def padded(batch, n, rng):
+    kpm = np.ones((batch, 1, n), bool)
+    kpm[1:, 0, n - 1 - int(rng.integers(1, n // 3)):] = False
+    return kpm
+
+
+def test_eval_mode_doc_call_equals_duplicated_key_softmax():
     """HF eval mode: rand_attn = 0, block 0 counted 1 + r times per middle row."""
-    n, block, r, heads, d = 40, 4, 2, 2, 5
+    n, block, r, heads, d, batch = 40, 4, 2, 2, 5, 2
     nb = n // block
     rng = np.random.default_rng(11)
-    q, k, v = (rng.standard_normal((1, heads, n, d)) for _ in range(3))
-    rand = np.zeros((heads, nb - 2, r), np.int64)
-    lay = masks.bigbird_blocks(n, block, r, rand_attn=rand)
-    out, _ = full.forward(q, k, v, bias=log_count_bias(lay.counts, block)[None])
-    want = duplicated_key_softmax(q[0], k[0], v[0], block, rand, 1 / math.sqrt(d))
-    np.testing.assert_allclose(out[0], want, rtol=0, atol=1e-13)
+    q, k, v = (rng.standard_normal((batch, heads, n, d)) for _ in range(3))
+    kpm = padded(batch, n, rng)
+    rand = [np.zeros((nb - 2, r), np.int32) for _ in range(heads)]     # HF's list, eval mode
+    out = hf_bigbird_call(q, k, v, kpm, n, block, r, rand)
+    for b in range(batch):
+        want = duplicated_key_softmax(q[b], k[b], v[b], block, np.stack(rand),
+                                      1 / math.sqrt(d), kpm[b, 0])
+        np.testing.assert_allclose(out[b], want, rtol=0, atol=1e-13)
     # the plain pattern (each key once) is a different function here
+    lay = masks.bigbird_blocks(n, block, r, rand_attn=np.stack(rand))
     plain, _ = sparse.forward(q, k, v, mask=lay.masks)
-    assert np.abs(plain[0] - want).max() > 1e-3
+    assert np.abs(plain[0] - duplicated_key_softmax(q[0], k[0], v[0], block, lay.rand_attn,
+                                                    1 / math.sqrt(d))).max() > 1e-3
 
 
-def test_training_mode_sparse_equals_duplicated_key_softmax():
-    n, block, r, heads, d = 48, 4, 2, 3, 4
+def test_training_mode_doc_call_equals_duplicated_key_softmax():
+    n, block, r, heads, d, batch = 48, 4, 2, 3, 4, 2
     rng = np.random.default_rng(12)
-    q, k, v = (rng.standard_normal((2, heads, n, d)) for _ in range(3))
+    q, k, v = (rng.standard_normal((batch, heads, n, d)) for _ in range(3))
+    kpm = padded(batch, n, rng)
     lay = masks.bigbird_blocks(n, block, r, rng=rng, num_heads=heads)
+    out = hf_bigbird_call(q, k, v, kpm, n, block, r, list(lay.rand_attn))
     for impl in ("ref", "numba"):
-        out, _ = sparse.forward(q, k, v, mask=lay.masks, impl=impl)
-        for b in range(2):
-            want = duplicated_key_softmax(q[b], k[b], v[b], block, lay.rand_attn,
-                                          1 / math.sqrt(d))
-            np.testing.assert_allclose(out[b], want, rtol=0, atol=1e-13)
+        out2, _ = sparse.forward(q, k, v, mask=lay.masks, key_padding_mask=kpm, impl=impl)
+        np.testing.assert_allclose(out2 * kpm[..., :, None], out, rtol=0, atol=1e-13)
+    for b in range(batch):
+        want = duplicated_key_softmax(q[b], k[b], v[b], block, lay.rand_attn,
+                                      1 / math.sqrt(d), kpm[b, 0])
+        np.testing.assert_allclose(out[b], want, rtol=0, atol=1e-13)
