@@ -437,6 +437,21 @@ def test_self_only_rows_and_fully_masked_rows(impl, rng):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+def test_self_only_in_every_round_is_v_up_to_the_self_logit_rounding(impl, rng):
+    """Causal position 0 sees only itself: out_0 = v_0 exactly with one round; with several
+    rounds the −1e5 logits go through the rounds' log-sum-exp (ulp(1e5) ≈ 1.5e-11), so
+    out_0 = v_0 only to about 1e-11 relative (docs/semantics/lsh.md)."""
+    worst = {}
+    for n_hashes in (1, 2, 4, 8):
+        qk, v, rot = draw(rng, batch=(3,), n=16, d=4, n_hashes=n_hashes, n_buckets=4)
+        out, _ = lsh.forward(qk, v=v, rotations=rot, chunk_len=4, causal=True, impl=impl)
+        worst[n_hashes] = np.max(np.abs(out[:, 0] - v[:, 0]) / np.abs(v[:, 0]).max(axis=-1,
+                                                                                 keepdims=True))
+    assert worst[1] == 0
+    assert max(worst.values()) < 1e-10, worst
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_shared_k_spellings_and_bucket_reuse(impl, rng):
     qk, v, rot = draw(rng, n=12, n_hashes=2, n_buckets=4)
     out, ctx = lsh.forward(qk, v=v, rotations=rot, chunk_len=4, impl=impl)

@@ -1,5 +1,6 @@
-"""Position encodings: exact T5 bucket tables and ALiBi slopes (PEERS.md §7.2, §7.3), the
-sinusoidal table, RoPE's relative property, and every scheme's backward."""
+"""Position encodings: exact T5 bucket tables (HF ``models/t5/modeling_t5.py``) and ALiBi
+slopes (``get_slopes`` of ofirpress/attention_with_linear_biases), the sinusoidal table,
+RoPE's relative property, and every scheme's backward."""
 
 from __future__ import annotations
 

@@ -23,7 +23,7 @@ Shapes: q (..., N, D), k (..., M, D), v (..., M, Dv); F = D features for the map
 Options
 -------
 feature_map : "elu" (default) | "relu".  φ(x) = elu(x) + 1 (Katharopoulos et al.,
-    fast-transformers, LRA) or φ(x) = relu(x) + 1 (tinyeff's design document).  elu + 1 is
+    fast-transformers, LRA) or φ(x) = relu(x) + 1 (a non-negative alternative).  elu + 1 is
     the default: it is what the paper and every public implementation use, it is strictly
     positive and its derivative is continuous (relu + 1 has a kink at 0 and maps every
     negative coordinate to the same feature).  φ acts on the raw q and k: there is **no

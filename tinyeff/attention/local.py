@@ -1,4 +1,4 @@
-"""Segment-local attention with look-back and look-forward buffers (the design document's §3.1).
+"""Segment-local attention with look-back and look-forward buffers.
 
 The positions are cut into segments of ``block`` = k consecutive positions (the last one may
 be shorter); σ(p) = ⌊p / k⌋ is the segment of position p.  Query i attends the keys of its
@@ -18,7 +18,7 @@ fewer keys.  The result equals ``full`` with the boolean mask [σ(i) − b ≤ �
 Cost: O(⌈N/k⌉ · k · (b + 1 + f)k · D) time, i.e. O(N·(b + 1 + f)·k·D); O(N) saved state (the
 log-sum-exp; the backward recomputes the probabilities segment by segment).
 
-Reference: the design document's §3.1; the segment-with-look-around scheme of
+Reference: the segment-with-look-around scheme of
 lucidrains/local-attention (``window_size`` = k, ``look_backward``, ``look_forward``), whose
 out-of-range look-around buckets are masked like tinyeff's absent segments.  Differences and
 how to reproduce it: docs/semantics/local.md.

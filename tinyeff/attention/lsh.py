@@ -61,7 +61,9 @@ Edge cases
 ----------
 * A query always sees itself (unless it is padded or the keys are all excluded): if it sees
   nothing else in a round, that round's z is −1e5 and it gets weight exp(−1e5 − Z) ≈ 0
-  unless every round is self-only; then out_i = v_i (the paper's "unless no other target").
+  unless every round is self-only; then out_i = v_i (the paper's "unless no other target"),
+  exactly with one round and to about 1e-11 relative with several (the rounds' z ≈ −1e5 go
+  through a log-sum-exp, and ulp(1e5) ≈ 1.5e-11).
 * A query that sees no admissible key in any round outputs 0 and gets zero gradient.
 * x = 0 hashes to bucket 0 (all projections tie at 0).
 * N = 0 gives an empty output.
@@ -70,8 +72,9 @@ Peers
 -----
 * trax subtracts 1e5 (self) and 1e9 (causal, pad) from the logits; HF replaces them by
   −1e5 / −1e9.  tinyeff replaces the self logit (HF) and excludes causal/pad exactly; the
-  results agree to float precision except for queries with no admissible key at all (HF:
-  uniform over the window, tinyeff: 0).
+  results agree to float precision except for queries with no admissible key at all: HF
+  replaces the padded self entry's −1e9 by −1e5, which wins, so HF outputs v_i; tinyeff
+  outputs 0.
 * Rotations shared over batch and heads (lucidrains' default); for HF's per-head R call
   once per head.  Factorised bucket lists ([b1, b2]) are not supported.
 * lucidrains: scale = 1/√D, its ε is 1e-12 on ‖k‖, chunk = bucket size (set chunk_len and

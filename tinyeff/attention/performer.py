@@ -79,7 +79,8 @@ Peers
   random ω; google-research/LRA default = kernel="relu", features=None, scale=1.0,
   kernel_eps=1e-3.
 * fast-transformers' ``Favor`` uses hyperbolic features [exp(u − ‖x̂‖²/2), exp(−u − ‖x̂‖²/2)]
-  with u = ω x̂ (PEERS.md §2.1); feeding ω' = [ω; −ω] with kernel="softmax" gives that
+  with u = ω x̂ (``fast_transformers/feature_maps/fourier_features.py``); feeding
+  ω' = [ω; −ω] with kernel="softmax" gives that
   form (with 1/√m' for the m' = 2·rows(ω) features; not checked against their code).
 * Redrawing: peers redraw ω on a schedule (every 1000 training calls in performer-pytorch,
   every call in google-research with a data-dependent seed); here ω is an argument, so the

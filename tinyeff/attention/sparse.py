@@ -53,9 +53,11 @@ Backward (dk, dv by the transposed pattern; see ``_backward_ref``)::
     dk_j = scale Σ_i ds_ij q_i                   drel[i − j + M − 1] += ds_ij
 
 Differences from public peers: HF BigBird is block-sparse with additive −10000 padding and
-multiplies padded query rows by 0; openai/sparse_attention masks with −1e9 (a fully masked
-row becomes uniform, not 0).  Reproduce a block layout with
-``masks.from_block_layout``; tinyeff excludes masked entries exactly.
+multiplies padded query rows by 0 (tinyeff attends from them); its layout, per head, is
+``masks.bigbird_blocks`` — in eval mode HF repeats block 0 as every random block, which a
+set pattern cannot express (``full`` with a log-count bias can; docs/semantics/sparse.md).
+openai/sparse_attention masks with −1e9 (a fully masked row becomes uniform, not 0).
+Other block layouts: ``masks.from_block_layout``; tinyeff excludes masked entries exactly.
 The Numba kernels are in ``tinyeff/kernels/sparse.py``.
 """
 

@@ -13,7 +13,7 @@ column-major order, i.e. the CSC form), which lets a backward pass gather instea
     t_indices (nnz,)   int64   row i of transposed entry t, strictly increasing within a column
     t_perm    (nnz,)   int64   CSR position of transposed entry t:  indices[t_perm[t]] == j
 
-Canonicalization (:meth:`Pattern.from_scipy`) happens exactly once (DESIGN.md §2.5): indices
+Canonicalization (:meth:`Pattern.from_scipy`) happens exactly once per Pattern: indices
 are sorted, duplicates merged, both index arrays cast to int64 together, and the *structure*
 is the pattern — the stored values are not read, except that explicitly stored ``False``
 entries are rejected rather than guessed about (call ``eliminate_zeros()`` first).  Every

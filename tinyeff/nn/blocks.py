@@ -6,7 +6,7 @@ Pre-LN block (GPT-2 / nanoGPT ordering), F = attention branch, G = feed-forward 
     y = h + G(h),   G(h) = FFN(LN₂(h))
     backward:  dh = dy + Gᵀ(dy);   dx = dh + Fᵀ(dh)
 
-Reversible block (Gomez et al. 2017; Reformer, Kitaev et al. 2020; PEERS.md §4.5):
+Reversible block (Gomez et al. 2017; Reformer, Kitaev et al. 2020):
 
     y₁ = x₁ + F(x₂),   y₂ = x₂ + G(y₁)
     backward from (y₁, y₂, dy₁, dy₂), storing no activations:
@@ -32,7 +32,7 @@ The model (``Transformer``):
     task "lm":        logits = h W_head + b                        (B, N, V), causal attention
     task "classify":  logits = mean_{real j}(h_j) W_head + b       (B, C), bidirectional
 
-ALBERT cross-layer sharing (``share``, PEERS.md §9): "attention" shares F = {LN₁, W_q,
+ALBERT cross-layer sharing (``share``, Lan et al. 2020): "attention" shares F = {LN₁, W_q,
 W_k, W_v, W_o and biases} across all layers, "ffn" shares G = {LN₂, W₁, b₁, W₂, b₂}, "all"
 shares both (ALBERT's released configuration), None shares nothing.  A shared layer is one
 object called by every block, so it receives the sum of the L gradients and is counted

@@ -1,5 +1,5 @@
 """A hierarchical encoder: local attention below, global attention over segment summaries
-above, broadcast back to the tokens (the design document's §3.2 read as an architecture).
+above, broadcast back to the tokens (a two-level hierarchy built across layers).
 
 Shape letters: B batch, N tokens, d model width, H heads, k segment length,
 C = ⌈N / k⌉ segments, σ(i) = ⌊i / k⌋ the segment of token i, S_c = {i : σ(i) = c}.
@@ -67,12 +67,14 @@ Its training API is the :class:`~tinyeff.nn.Transformer`'s: ``loss_and_grads``,
 ``named_parameters`` / ``named_grads`` (so :class:`~tinyeff.nn.AdamW`, ``clip_grad_norm``
 and ``checkpoint.save`` / ``load`` work unchanged), ``config`` / ``from_config``.
 
-Peers (PEERS.md §8.2): Funnel Transformer pools by stride-2 mean pooling with ``pool_q_only``
-attention, repeatedly, and separates [CLS]; here one pooling step of stride k with a plain
-mean (or a learned-query attention pooling), no [CLS], and local attention below the pooling.
-Funnel's up-sampling (repeat to full length, add the first block's output) is the one used.
-H-Transformer-1D (PEERS.md §8.1) builds the hierarchy inside one attention layer; the
-``hierarchical`` attention variant does that, this encoder builds it across layers.
+Peers: Funnel Transformer (Dai et al. 2020; HF transformers
+``src/transformers/models/funnel/modeling_funnel.py``) pools by stride-2 mean pooling with
+``pool_q_only`` attention, repeatedly, and separates [CLS]; here one pooling step of stride k
+with a plain mean (or a learned-query attention pooling), no [CLS], and local attention below
+the pooling.  Funnel's up-sampling (repeat to full length, add the first block's output) is
+the one used.  H-Transformer-1D (Zhu & Soricut 2021; lucidrains/h-transformer-1d) builds the
+hierarchy inside one attention layer; the ``hierarchical`` attention variant does that, this
+encoder builds it across layers.
 """
 
 from __future__ import annotations

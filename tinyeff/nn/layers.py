@@ -1,8 +1,8 @@
 """A small module system with hand-written backward passes: the layer base class and the
 position-wise layers of a Transformer.
 
-The layer contract (DESIGN.md §2.3)
------------------------------------
+The layer contract
+------------------
 A layer keeps its *parameters and their gradients*, never activations::
 
     y, ctx = layer.forward(x)          # ctx: a frozen dataclass with what the backward needs

@@ -15,7 +15,7 @@ an (H, N + M − 1) vector, O(N) memory, never (N, M).  With t = i − j + M −
 query offset is  n = j − i = (M − 1) − t.
 
 RelativePositionBias(kind="t5")       bias_h(i, j) = table[h, bucket(j − i)]      (Raffel et al.)
-    T5's ``_relative_position_bucket`` (PEERS.md §7.2), num_buckets = 32, max_distance = 128:
+    T5's ``_relative_position_bucket`` (HF ``t5/modeling_t5.py``), 32 buckets, max_distance 128:
       bidirectional: B = num_buckets/2, offset = B·[n > 0], a = |n|;
       causal:        B = num_buckets,   offset = 0,         a = max(−n, 0) (future -> bucket 0);
       e = B/2;  bucket = offset + (a                                          if a < e
@@ -27,7 +27,8 @@ RelativePositionBias(kind="clipped")  bias_h(i, j) = table[h, clip(j − i, −K
     rel_bias gradient into the buckets used.  T5 shares one table across the layers of a
     stack (the Transformer's ``share_rel_bias`` option, default True).
 ALiBi                                 bias_h(i, j) = −m_h · |i − j|   (Press et al. 2022)
-    Fixed slopes (PEERS.md §7.3): for H a power of two m_h = 2^(−8h/H), h = 1..H; otherwise
+    Fixed slopes (``get_slopes``, ofirpress/attention_with_linear_biases): for H a power of
+    two m_h = 2^(−8h/H), h = 1..H; otherwise
     with c = 2^⌊log2 H⌋, slopes(c) followed by every other slope of slopes(2c), first H − c.
     For a causal model −m_h·|i − j| = m_h·(j − i) on the allowed entries (j ≤ i), the
     paper's form; fairseq adds m_h·j instead, equal after the softmax.  No parameters.
