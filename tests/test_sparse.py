@@ -10,6 +10,7 @@ import scipy.sparse as sp
 
 from tinyeff import masks
 from tinyeff.attention import full, sparse
+from tinyeff.kernels import sparse_plan
 from tinyeff.kernels._jit import num_threads
 from tinyeff.masks import Pattern
 from tinyeff.testing import GRAD_FD, assert_close, check_vjp, random_qkv
@@ -209,8 +210,7 @@ SMALL_KNOBS = {"TILE": 3, "MIN_RUN": 2, "MIN_EFF": 0.5, "HEAVY_FRAC": 0.2, "HEAV
 
 @pytest.fixture
 def small_knobs(monkeypatch):
-    for key, value in SMALL_KNOBS.items():
-        monkeypatch.setattr(sparse, key, value)
+    monkeypatch.setattr(sparse, "KNOBS", sparse_plan.Knobs()._replace(**SMALL_KNOBS))
 
 
 SCHEDULE_PATTERNS = [

@@ -242,7 +242,7 @@ def _per_head(x, batch: tuple, bh: int, length: int, dtype) -> np.ndarray:
 
 def _forward_blocked(q, k, v, causal, key_padding_mask, rel_bias, scale):
     # imported here so that `import tinyeff` does not compile or load Numba code
-    from ..kernels import blocked
+    from ..kernels import blas_single_thread, blocked
     batch, n, m, dv = q.shape[:-2], q.shape[-2], k.shape[-2], v.shape[-1]
     bh = math.prod(batch)
     dtype = q.dtype
@@ -252,7 +252,7 @@ def _forward_blocked(q, k, v, causal, key_padding_mask, rel_bias, scale):
     if bh and n and m:
         kpad = _per_head(key_padding_mask, batch, bh, m, bool)     # (BH, M)
         rel = _per_head(rel_bias, batch, bh, n + m - 1, dtype)     # (BH, N + M − 1)
-        with blocked.blas_single_thread():
+        with blas_single_thread():
             blocked.flash_fwd(out, lse, _heads(q, bh), _heads(k, bh), _heads(v, bh), kpad, rel,
                               dtype.type(scale), causal, key_padding_mask is not None,
                               rel_bias is not None, tile)
@@ -269,7 +269,7 @@ def _backward_blocked(dout, ctx: FullCtx, schedule: str = "auto") -> dict:
     """schedule: "fused" (one thread per head), "split" (dq pass, then dk/dv pass) or "auto"."""
     import numba
 
-    from ..kernels import blocked
+    from ..kernels import blas_single_thread, blocked
     q, k, v = ctx.q, ctx.k, ctx.v
     batch, n, m, d, dv = q.shape[:-2], q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
     bh = math.prod(batch)
@@ -294,7 +294,7 @@ def _backward_blocked(dout, ctx: FullCtx, schedule: str = "auto") -> dict:
             fused = bh >= 4 * threads or (bh >= threads and bh % threads == 0)
         else:
             fused = schedule == "fused"
-        with blocked.blas_single_thread():
+        with blas_single_thread():
             if fused:
                 blocked.flash_bwd_fused(dq, dk, dvv, q3, k3, v3, dout3, lse, delta, kpad, rel,
                                         *flags, has_rel, tile)

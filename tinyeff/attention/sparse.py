@@ -72,8 +72,8 @@ import scipy.sparse as sp
 
 from .. import _checks
 from ..ctx import Ctx
+from ..kernels import blas_single_thread, sparse_plan
 from ..kernels import sparse as kern
-from ..kernels.blocked import blas_single_thread
 from ..masks import Pattern
 from ..masks import bigbird as _bigbird
 from ..masks import local as _local
@@ -274,149 +274,25 @@ _NO_REL = {np.dtype(np.float32): np.zeros((0, 0), np.float32),
            np.dtype(np.float64): np.zeros((0, 0), np.float64)}
 _NO_KPAD = np.zeros((0, 0), dtype=bool)
 
-# The kernels' schedule (see tinyeff/kernels/sparse.py).  Tiles: at most TILE rows; a row's
-# longest run of consecutive keys joins its tile's dense key range only if it has at least
-# MIN_RUN keys; the range stays at least MIN_EFF full (Σ runs / (rows · range)) and at most
-# MAX_AREA entries (the (T, R) score tile).  A key stored outside the ranges by at least
-# HEAVY_FRAC of a group's rows (a global token) is *heavy*: its scores and gradients go
-# through products too (at most HEAVY_MAX heavy keys per group).  The remaining (scattered)
-# entries are walked by tasks of ROW_CHUNK rows over blocks of KEY_BLOCK keys (scores, dp,
-# out, dq), and by tasks of KEY_CHUNK keys over blocks of ROW_BLOCK rows (dk, dv); at most
-# SCAT_MAX_BLOCKS chunks or blocks.  None of these changes a result beyond rounding, and
-# every choice is a pure function of the pattern (never of the thread count).
-TILE = 64
-MIN_RUN = 16
-MIN_EFF = 0.5
-MAX_AREA = 1 << 20
-HEAVY_FRAC = 0.25
-HEAVY_MAX = 64
-ROW_CHUNK = 4096
-KEY_BLOCK = 512
-KEY_CHUNK = 4096
-ROW_BLOCK = 512
-SCAT_MAX_BLOCKS = 64
+# The kernels' schedule: tinyeff/kernels/sparse_plan.py (KNOBS: its sizes and thresholds).
+KNOBS = sparse_plan.Knobs()
 
 
-def _knobs():
-    return (TILE, MIN_RUN, MIN_EFF, MAX_AREA, HEAVY_FRAC, HEAVY_MAX, ROW_CHUNK, KEY_BLOCK,
-            KEY_CHUNK, ROW_BLOCK, SCAT_MAX_BLOCKS)
-
-
-def _buckets(g, outer, inner, groups, n_outer, n_inner, chunk, block, order):
-    """Stable bucketing of entries (given in ``order``) by (group, outer // chunk,
-    inner // block): -> (bucket pointer, permutation, (chunks, blocks) per group)."""
-    chunk = max(chunk, -(-n_outer // SCAT_MAX_BLOCKS), 1)
-    block = max(block, -(-n_inner // SCAT_MAX_BLOCKS), 1)
-    nc, nb = max(-(-n_outer // chunk), 1), max(-(-n_inner // block), 1)
-    ids = (g * nc + outer // chunk) * nb + inner // block                   # (n_sc,)
-    perm = order[np.argsort(ids[order], kind="stable")]                     # (n_sc,)
-    ptr = np.zeros(groups * nc * nb + 1, dtype=np.int64)                    # (buckets + 1,)
-    np.cumsum(np.bincount(ids, minlength=groups * nc * nb), out=ptr[1:])
-    return ptr, perm, (nc, nb)
-
-
-class _Plan:
-    """The kernels' schedule for one Pattern: tiles, dense spans, heavy keys, the scattered
-    entries in row and column order and, on first use, the backward's phases."""
-
-    def __init__(self, pat: Pattern, groups: int):
-        rows, cols = pat.shape
-        n, m = rows // groups, cols // groups
-        self.pat, self.knobs = pat, _knobs()
-        run_lo = np.empty(rows, dtype=np.int64)                             # (G·N,)
-        run_hi = np.empty(rows, dtype=np.int64)                             # (G·N,)
-        kern.longest_runs(run_lo, run_hi, pat.indptr, pat.indices, MIN_RUN)
-        start = np.zeros(rows + 1, dtype=np.int64)                          # (≤ G·N + 1,)
-        jlo = np.empty(rows, dtype=np.int64)                                # (≤ G·N,)
-        jhi = np.empty(rows, dtype=np.int64)                                # (≤ G·N,)
-        nt = kern.plan_tiles(start, jlo, jhi, run_lo, run_hi, n, TILE, MAX_AREA,
-                             MIN_EFF) if rows else 0
-        self.tile_start = start[:nt + 1].copy()                             # (nt + 1,)
-        self.tile_jlo = jlo[:nt].copy()                                     # (nt,)
-        self.tile_jhi = jhi[:nt].copy()                                     # (nt,)
-        self.row_ea = np.empty(rows, dtype=np.int64)                        # (G·N,)
-        self.row_eb = np.empty(rows, dtype=np.int64)                        # (G·N,)
-        kern.dense_spans(self.row_ea, self.row_eb, pat.indptr, pat.indices, self.tile_start,
-                         self.tile_jlo, self.tile_jhi)
-        # heavy keys: stored outside the dense spans by ≥ HEAVY_FRAC of the group's rows
-        outside = np.zeros(cols, dtype=np.int64)                            # (G·M,)
-        kern.count_outside(outside, pat.indptr, pat.indices, self.row_ea, self.row_eb)
-        heavy = []
-        for g in range(groups):
-            cnt = outside[g * m:(g + 1) * m]                                # (M,)
-            cand = np.nonzero(cnt >= max(HEAVY_FRAC * n, 1))[0]
-            cand = cand[np.argsort(-cnt[cand], kind="stable")[:HEAVY_MAX]]
-            heavy.append(np.sort(cand).astype(np.int64) + g * m)
-        self.heavy_ptr = np.zeros(groups + 1, dtype=np.int64)               # (G + 1,)
-        np.cumsum([h.size for h in heavy], out=self.heavy_ptr[1:])
-        self.heavy_cols = np.concatenate(heavy)                             # (ΣGc,)
-        self.heavy_max = max((h.size for h in heavy), default=0)
-        self.hmap = np.full(cols, -1, dtype=np.int64)                       # (G·M,)
-        for h in heavy:
-            self.hmap[h] = np.arange(h.size)
-        # heavy entries (outside the dense spans, key heavy), listed per tile
-        e = np.arange(pat.nnz, dtype=np.int64)                              # (nnz,)
-        rid = pat.row_ids                                                   # (nnz,)
-        outside = (e < self.row_ea[rid]) | (e >= self.row_eb[rid])          # (nnz,)
-        hv = outside & (self.hmap[pat.indices] >= 0)                        # (nnz,)
-        self.hv_e = e[hv]                                                   # (n_hv,)
-        tile = np.searchsorted(self.tile_start, rid[hv], side="right") - 1  # (n_hv,)
-        self.hv_r = rid[hv] - self.tile_start[tile]                         # (n_hv,)
-        self.hv_h = self.hmap[pat.indices[hv]]                              # (n_hv,)
-        self.hv_ptr = np.zeros(nt + 1, dtype=np.int64)                      # (nt + 1,)
-        np.cumsum(np.bincount(tile, minlength=nt), out=self.hv_ptr[1:])
-        del hv, tile
-        # the scattered entries (outside the dense spans, key not heavy), in two blocked
-        # orders: row side, bucket (group, row chunk, key block) then (row, key); column
-        # side, bucket (group, key chunk, row block) then (key, row)
-        scat = outside & (self.hmap[pat.indices] < 0)                       # (nnz,)
-        es = e[scat]                                                        # (n_sc,)
-        del e, scat, outside
-        rows, cols = rid[es], pat.indices[es]                               # (n_sc,) each
-        g = rows // max(n, 1)
-        li, lj = rows - g * n, cols - g * m                                 # (n_sc,) local
-        self.r_ptr, perm_r, self.r_split = _buckets(g, li, lj, groups, n, m, ROW_CHUNK,
-                                                    KEY_BLOCK, np.arange(es.size))
-        by_col = np.lexsort((rows, cols))                                   # (n_sc,)
-        self.c_ptr, perm_c, self.c_split = _buckets(g, lj, li, groups, m, n, KEY_CHUNK,
-                                                    ROW_BLOCK, by_col)
-        pos = np.empty(es.size, dtype=np.int64)                             # (n_sc,)
-        pos[perm_c] = np.arange(es.size)
-        self.r_row, self.r_col = li[perm_r], lj[perm_r]                     # (n_sc,) each
-        self.r_e, self.r_pos = es[perm_r], pos[perm_r]                      # (n_sc,) each
-        self.c_row, self.c_col = li[perm_c], lj[perm_c]                     # (n_sc,) each
-        self.n_scattered = int(es.size)
-        self._phases = None
-
-    def phases(self):
-        """-> (phase_ptr, phase_tiles): tiles of one phase have disjoint key ranges."""
-        if self._phases is None:
-            nt = self.tile_jlo.shape[0]
-            order = np.argsort(self.tile_jlo, kind="stable")                # (nt,)
-            phase = np.zeros(nt, dtype=np.int64)                            # (nt,)
-            n_ph = kern.color_tiles(phase, self.tile_jlo, self.tile_jhi, order)
-            phase_ptr = np.zeros(n_ph + 1, dtype=np.int64)                  # (P + 1,)
-            np.cumsum(np.bincount(phase, minlength=n_ph), out=phase_ptr[1:])
-            phase_tiles = np.argsort(phase, kind="stable").astype(np.int64)  # (nt,)
-            self._phases = (phase_ptr, phase_tiles)
-        return self._phases
-
-
-_PLANS: dict = {}          # (id(Pattern), G, knobs) -> _Plan (the plan holds the Pattern)
+_PLANS: dict = {}          # (id(Pattern), G, knobs) -> (Pattern, Plan)
 _PLANS_MAX = 8
 
 
-def _plan(pat: Pattern, groups: int) -> _Plan:
+def _plan(pat: Pattern, groups: int) -> sparse_plan.Plan:
     """The cached plan of a Pattern (the few most recent patterns are kept)."""
-    key = (id(pat), groups, _knobs())
-    plan = _PLANS.get(key)
-    if plan is None or plan.pat is not pat:
-        plan = _Plan(pat, groups)
+    key = (id(pat), groups, KNOBS)
+    held = _PLANS.get(key)
+    if held is None or held[0] is not pat:
+        held = (pat, sparse_plan.Plan(pat.indptr, pat.indices, pat.shape, groups, KNOBS))
         _PLANS.pop(key, None)
         while len(_PLANS) >= _PLANS_MAX:
             _PLANS.pop(next(iter(_PLANS)))
-        _PLANS[key] = plan
-    return plan
+        _PLANS[key] = held
+    return held[1]
 
 
 def _forward_numba(q, k, v, pat, groups, kpad, rel, scale):

@@ -58,7 +58,7 @@ from __future__ import annotations
 import numpy as np
 
 from ._jit import kernel, prange, serial
-from ._math import blas_single_thread, colmax, fast_exp  # noqa: F401  (re-exported: kernels/sparse.py, attention/sparse.py)
+from ._math import colmax, fast_exp
 
 # ----------------------------------------------------------------------------- tile helpers
 

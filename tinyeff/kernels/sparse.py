@@ -1,4 +1,4 @@
-"""Numba kernels of sparse (CSR-pattern) attention and of the pattern algebra.
+"""Numba kernels of sparse (CSR-pattern) attention.
 
 Attention on a pattern with nnz stored entries, batch items bh = 0 … BH − 1 and G pattern
 groups (G = 1: one pattern shared by every batch item; G = H: per-head patterns, stacked
@@ -14,8 +14,8 @@ at [bh // G, e].  The math, entry by entry (e = (i, j) a stored entry of row i):
     dv_j  = Σ_{e ∈ col j} p_e dout_i;   dk_j = scale Σ_{e ∈ col j} ds_e q_i
     drel[i − j + M − 1] += ds_e
 
-The schedule (a *plan*, built once per pattern by the caller from the kernels of the "plan"
-section) sorts every entry into one of three kinds:
+The schedule (a *plan*, :class:`tinyeff.kernels.sparse_plan.Plan`, built once per pattern
+from the kernels of the "plan" section) sorts every entry into one of three kinds:
 
 * dense: consecutive query rows [r0, r1) form a *tile* with one contiguous key range
   [jlo, jhi) (the hull of the rows' longest runs of consecutive keys, e.g. BigBird's or
@@ -49,7 +49,7 @@ factors of a product are not all finite (v[jlo:jhi] in the forward; q, dout of i
 k[jlo:jhi] in the backward; likewise the heavy keys) computes those parts entry by entry.
 
 NOTE: ``np.dot`` inside the kernels calls SciPy's OpenBLAS: the callers run them under
-``blas_single_thread`` (kernels/blocked.py; BLAS threads inside prange threads oversubscribe
+``blas_single_thread`` (kernels/_math.py; BLAS threads inside prange threads oversubscribe
 the cores).  The exps use the vectorizable ``fast_exp`` (≤ 1 ulp float32, ≤ 2 ulp float64).
 NOTE: fastmath stays off (−inf marks padded keys), except in :func:`_dot` and
 :func:`_finite`, which opt in to reassociation only (see the SPEEDTIP).  The reference
@@ -63,7 +63,7 @@ import numba
 import numpy as np
 
 from ._jit import kernel, prange, serial
-from .blocked import fast_exp
+from ._math import fast_exp
 
 # ---------------------------------------------------------------------- helpers
 
@@ -676,80 +676,3 @@ def rel_bias_bwd_csr(drel, ds, indptr, indices, groups, n, m):
             row = g * n + i
             for e in range(indptr[row], indptr[row + 1]):
                 drel[bh, i - (indices[e] - g * m) + m - 1] += ds[bo, e]
-
-
-# ---------------------------------------------------------------------- pattern algebra
-
-
-@serial
-def transpose_csr(t_indices, t_perm, t_next, indptr, indices):
-    """Counting sort of the CSR entries by column (stable: rows ascend within a column).
-
-    t_next (M,) holds t_indptr[:-1] on entry (it is consumed).
-    """
-    n = indptr.shape[0] - 1
-    for i in range(n):
-        for e in range(indptr[i], indptr[i + 1]):
-            t = t_next[indices[e]]
-            t_indices[t] = i
-            t_perm[t] = e
-            t_next[indices[e]] = t + 1
-
-
-@kernel
-def merge_count_csr(counts, a_ptr, a_idx, b_ptr, b_idx, intersect):
-    """counts[i] = |A(i) ∪ B(i)| (or |A(i) ∩ B(i)|) for sorted, duplicate-free rows."""
-    for i in prange(counts.shape[0]):
-        ea, ea1 = a_ptr[i], a_ptr[i + 1]
-        eb, eb1 = b_ptr[i], b_ptr[i + 1]
-        c = 0
-        while ea < ea1 and eb < eb1:
-            x, y = a_idx[ea], b_idx[eb]
-            if x == y:
-                ea += 1
-                eb += 1
-                c += 1
-            elif x < y:
-                ea += 1
-                c += 0 if intersect else 1
-            else:
-                eb += 1
-                c += 0 if intersect else 1
-        if not intersect:
-            c += (ea1 - ea) + (eb1 - eb)
-        counts[i] = c
-
-
-@kernel
-def merge_fill_csr(out_idx, out_ptr, a_ptr, a_idx, b_ptr, b_idx, intersect):
-    """Write the merged rows counted by :func:`merge_count_csr` (sorted, duplicate-free)."""
-    for i in prange(out_ptr.shape[0] - 1):
-        ea, ea1 = a_ptr[i], a_ptr[i + 1]
-        eb, eb1 = b_ptr[i], b_ptr[i + 1]
-        o = out_ptr[i]
-        while ea < ea1 and eb < eb1:
-            x, y = a_idx[ea], b_idx[eb]
-            if x == y:
-                out_idx[o] = x
-                o += 1
-                ea += 1
-                eb += 1
-            elif x < y:
-                if not intersect:
-                    out_idx[o] = x
-                    o += 1
-                ea += 1
-            else:
-                if not intersect:
-                    out_idx[o] = y
-                    o += 1
-                eb += 1
-        if not intersect:
-            while ea < ea1:
-                out_idx[o] = a_idx[ea]
-                o += 1
-                ea += 1
-            while eb < eb1:
-                out_idx[o] = b_idx[eb]
-                o += 1
-                eb += 1

@@ -48,7 +48,7 @@ from typing import NamedTuple
 import numpy as np
 import scipy.sparse as sp
 
-from ..kernels.sparse import merge_count_csr, merge_fill_csr
+from ..kernels.csr import merge_count_csr, merge_fill_csr
 from .pattern import Pattern
 
 __all__ = ["Pattern", "causal", "local", "dilated", "global_tokens", "strided", "fixed",

@@ -30,7 +30,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
-from ..kernels.sparse import transpose_csr
+from ..kernels.csr import transpose_csr
 
 
 def _frozen(a: np.ndarray) -> np.ndarray:
