@@ -725,6 +725,16 @@ def example_cases(rng: np.random.Generator, dtype=np.float64) -> list[Case]:
 
     kpad = np.ones((b, 1, n), dtype=bool)
     kpad[1, :, -3:] = False                                        # key padding of batch 1
+    gmask = np.zeros((b, 1, n), dtype=bool)                        # per-sample global tokens
+    gmask[0, :, [0, 5]] = True
+    gmask[1, :, 7] = True
+    gmask_h = np.zeros((b, h, n), dtype=bool)                      # per batch item and head
+    gmask_h[0, 0, 2] = True
+    gmask_h[1, :, [1, 9]] = True
+
+    def proj(x):
+        return {name: rng.standard_normal(x[name[0]].shape).astype(dtype)
+                for name in PROJECTIONS}
     return [
         Case("plain", qkv(), {"window": 2}),
         Case("causal", qkv(), {"window": 3, "causal": True}),
@@ -736,4 +746,13 @@ def example_cases(rng: np.random.Generator, dtype=np.float64) -> list[Case]:
                                              "dilation": 3}),
         Case("rect_rel_bias", {**qkv(8, 13), "rel_bias": rng.standard_normal(
             (b, h, 8 + 13 - 1)).astype(dtype)}, {"window": 3, "causal": True, "scale": 0.6}),
+        Case("global_mask_kpad", qkv(), {"window": 2, "global_mask": gmask,
+                                         "key_padding_mask": kpad}),
+        Case("global_mask_heads_causal", qkv(), {"window": 1, "dilation": 2,
+                                                 "global_mask": gmask_h, "causal": True}),
+        Case("global_projections", {**(x := qkv()), **proj(x)},
+             {"window": 2, "global_indices": [0, 6], "key_padding_mask": kpad}),
+        Case("global_projections_mask_rel_bias",
+             {**(x := qkv()), **proj(x), "rel_bias": rng.standard_normal(
+                 (h, 2 * n - 1)).astype(dtype)}, {"window": 1, "global_mask": gmask}),
     ]
