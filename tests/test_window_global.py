@@ -232,3 +232,87 @@ def test_invalid_global_options_raise_clear_errors(rng):
         window.forward(**x, window=1, **{**p, "k_global": p["k_global"][:, :, :5]})
     with pytest.raises(TypeError, match="v_global"):
         window.forward(**x, window=1, **{**p, "v_global": p["v_global"].astype(np.float32)})
+
+
+# --------------------------------------------------------------------------------------------
+# nn.MultiHeadAttention(global_projections=True) and per-sequence global tokens
+
+
+def _tokens(b, n, rng):
+    gt = rng.random((b, n)) < 0.3
+    gt[0, 1] = True
+    return gt
+
+
+@pytest.mark.parametrize("config", [
+    dict(positions="rope", shared_kv=True),
+    dict(pad_to_multiple=4),
+    dict(rank=2),
+])
+def test_layer_gradcheck_with_global_projections(config, rng):
+    from tinyeff.nn import MultiHeadAttention, RoPE
+
+    from .test_nn import layer_check
+    config = dict(config)
+    if config.pop("positions", None) == "rope":
+        config["positions"] = RoPE(4)
+    b, n, d = 2, 6, 8
+    layer = MultiHeadAttention(d, 2, "window", window=1, global_projections=True, rng=rng,
+                               impl="ref", **config)
+    kp = np.ones((b, n), dtype=bool)
+    kp[1, -1] = False
+    gt = _tokens(b, n, rng)
+
+    def call(lay, x):
+        return lay.forward(x, key_padding=kp, global_tokens=gt)
+
+    report = layer_check(layer, {"x": rng.standard_normal((b, n, d))}, rng, call=call)
+    assert any(name.startswith("qg_proj") for name in report.errors)
+    report.assert_ok(GRAD_FD)
+
+
+def test_layer_with_global_projections_equal_to_the_main_ones_is_the_plain_layer(rng):
+    from tinyeff.nn import MultiHeadAttention
+    b, n, d = 2, 10, 8
+    plain = MultiHeadAttention(d, 2, "window", window=2, rng=np.random.default_rng(4))
+    proj = MultiHeadAttention(d, 2, "window", window=2, global_projections=True,
+                              rng=np.random.default_rng(4))
+    for main, glob in (("q_proj", "qg_proj"), ("k_proj", "kg_proj"), ("v_proj", "vg_proj")):
+        for name, p in getattr(proj, main).params.items():
+            np.testing.assert_array_equal(p, getattr(plain, main).params[name])
+            getattr(proj, glob).params[name][...] = p
+    x = rng.standard_normal((b, n, d))
+    gt = _tokens(b, n, rng)
+    y, _ = plain.forward(x, global_tokens=gt)
+    y_p, _ = proj.forward(x, global_tokens=gt)
+    assert_close(y_p, y)
+    # per-sequence tokens are those of per-item global_indices calls
+    for i in range(b):
+        single = MultiHeadAttention(d, 2, "window", window=2, global_projections=True,
+                                    global_indices=np.nonzero(gt[i])[0],
+                                    rng=np.random.default_rng(4))
+        for name, p in proj.named_parameters().items():
+            single.named_parameters()[name][...] = p
+        assert_close(single.forward(x[i:i + 1])[0], y_p[i:i + 1])
+
+
+def test_model_gradcheck_with_global_projections(rng):
+    from .test_model_gradcheck import batch, build, model_gradcheck
+    model = build("window", attention_options=dict(window=1, global_indices=[0, 5],
+                                                   global_projections=True, impl="ref"))
+    tokens, targets, kp = batch(model, rng, padded=True)
+    model_gradcheck(model, tokens, targets, rng, key_padding=kp).assert_ok(GRAD_FD)
+
+
+def test_layer_rejects_global_options_it_cannot_honour(rng):
+    from tinyeff.nn import MultiHeadAttention
+    with pytest.raises(ValueError, match="SUPPORTS_GLOBAL_PROJECTIONS"):
+        MultiHeadAttention(8, 2, "full", global_projections=True)
+    with pytest.raises(ValueError, match="q_global"):
+        MultiHeadAttention(8, 2, "window", window=1, q_global=np.zeros(3))
+    x = rng.standard_normal((2, 6, 8))
+    with pytest.raises(ValueError, match="GLOBAL_MASK"):
+        MultiHeadAttention(8, 2, "full").forward(x, global_tokens=np.ones((2, 6), bool))
+    layer = MultiHeadAttention(8, 2, "window", window=1)
+    with pytest.raises(ValueError, match="global_tokens"):
+        layer.forward(x, global_tokens=np.ones((2, 1, 6), bool))

@@ -80,9 +80,11 @@ SUPPORTS_CAUSAL = True
 SUPPORTS_BIAS = False
 SUPPORTS_REL_BIAS = True
 KEY_PADDING = "key_padding_mask"
-PROJECTIONS = ("q_global", "k_global", "v_global")
-DIFFERENTIABLE = ("q", "k", "v", "rel_bias", *PROJECTIONS)
-SUPPORTS_GLOBAL_PROJECTIONS = True
+GLOBAL_MASK = "global_mask"          # the per-sample global-token option (nn passes it)
+SUPPORTS_GLOBAL_PROJECTIONS = True   # q_global, k_global, v_global (nn can create them)
+GLOBAL_PROJECTIONS = ("q_global", "k_global", "v_global")
+PROJECTIONS = GLOBAL_PROJECTIONS
+DIFFERENTIABLE = ("q", "k", "v", "rel_bias", *GLOBAL_PROJECTIONS)
 IMPLS = ("auto", "ref", "numba")
 TILE = 64            # query rows per tile of the Numba kernel
 
