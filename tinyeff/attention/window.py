@@ -1,7 +1,7 @@
 """Sliding-window attention with dilation and global tokens (Longformer, Beltagy et al. 2020).
 
 Query i attends the keys of its *allowed set* A(i); with one-sided window w, dilation d and the
-set G of global positions (``global_indices``):
+set G of global positions (``global_indices``, or per batch item ``global_mask``):
 
     band(i) = { j = i + t·d : t ∈ {−w, …, w}, 0 ≤ j < M, j ∉ G }
     A(i)    = all keys 0 ≤ j < M                         if i ∈ G   (global query rows)
@@ -12,12 +12,21 @@ set G of global positions (``global_indices``):
     p_ij  = exp(s_ij − lse_i),   lse_i = log Σ_{j∈A(i)} exp(s_ij)
     out_i = Σ_{j∈A(i)} p_ij v_j
 
+With global projections (Longformer §3.1 "Linear Projections for Global Attention"; HF's
+``query_global`` / ``key_global`` / ``value_global``) the rows i ∈ G use them instead:
+
+    s_ij  = q_global_i·k_global_j · scale + rel_bias[i − j + M − 1]      (i ∈ G, j ∈ A(i))
+    out_i = Σ_{j∈A(i)} p_ij v_global_j
+
+while every other row, global key columns included, keeps q, k, v.
+
 Every allowed pair is counted once: global keys are removed from the band and re-added as
 explicit columns (allenai/longformer and HF do the same, to avoid double counting), so the
 result equals ``full`` with the boolean mask band ∪ global columns ∪ global rows — that
 equality is the definition, and tests/test_window.py checks it in the forward and every
-gradient.  Cost O(N·(w + |G|)·D + |G|·M·D) time; O(N) saved state (the log-sum-exp; the
-backward recomputes the band probabilities); O(N·w) transient memory in the reference.
+gradient.  Cost O(N·(w + G)·D + G·M·D) time, G the largest global count of a batch item;
+O(N) saved state (the log-sum-exp; the backward recomputes the band probabilities); O(N·w)
+transient memory in the reference.
 
 Paper: Beltagy, Peters, Cohan, "Longformer: The Long-Document Transformer", 2020, §3.1
 (sliding window, dilated sliding window, global attention).
@@ -30,7 +39,13 @@ Options
 window : int >= 0, one-sided w: 2w + 1 band slots per query (w = 0: only j = i).
 dilation : int >= 1, default 1.  Keys i ± t·d.  (allenai's ``tvm`` mode; HF has none.)
 global_indices : None or 1-D integer array of distinct positions g with 0 <= g < min(N, M),
-    any order.  Row g attends every key; every row attends key g.
+    any order, the same for the whole batch.  Row g attends every key; every row attends
+    key g.
+global_mask : None or bool (..., N), exactly q.ndim − 1 dimensions lined up with the batch
+    dimensions, size-1 dimensions broadcast (``(B, 1, N)`` or ``(B, H, N)``); True = global
+    token, only at positions < min(N, M).  Batch item b behaves exactly as a call with
+    ``global_indices = nonzero(global_mask[b])``.  Not together with ``global_indices``.
+    Held as per-item position lists padded to G, the largest count in the batch.
 causal : bool.  Keeps j <= i (top-left alignment, like ``full``): band slots t ∈ [−w, 0],
     global rows see keys j <= g, and global key g is seen only by rows i >= g.
 key_padding_mask : bool (..., M), True = real key; leading dims broadcastable to the batch.
@@ -38,6 +53,10 @@ rel_bias : float (..., N + M − 1): bias_ij = rel_bias[..., i − j + M − 1] 
     the band and on the global rows/columns alike; gradient returned reduced to its shape.
     On the band only 2w + 1 of its entries are read (the offsets ±t·d), so the work stays
     O(N·w).
+q_global, k_global, v_global : None, or all three, shaped and typed like q, k, v: the
+    queries, keys and values of the global rows (see the formula); each gets a gradient.
+    The global rows read v_global, so a non-finite v_j reaches only non-global rows; a
+    non-finite v_global is plain IEEE arithmetic (it may reach every global row).
 scale : float, default 1/sqrt(D).
 impl : "auto" (the Numba kernel, or the reference for empty shapes) | "ref" | "numba".
 
@@ -51,9 +70,8 @@ Edge cases
 * A row with no allowed key (all its keys padded; or causal row 0 with its key padded)
   outputs 0 with 0 gradient, like ``full``.
 * The row maximum is subtracted before exp (a constant of the backward).
-* Global rows attend with the *same* q, k, v.  Longformer recomputes global rows with
-  separate projections (``query_global`` …): reproduce that by calling ``full`` on the
-  global rows with the global projections and overwriting those rows of ``out``.
+* Global rows attend with q, k, v unless ``q_global``, ``k_global``, ``v_global`` are given;
+  the q of a global row and the q_global of a non-global row then get zero gradient.
 
 Numba kernel: ``tinyeff/kernels/window.py`` (tiles of 64 queries against their contiguous
 key range, ``np.dot`` on contiguous slices, an explicit band mask per tile; dilation d is
