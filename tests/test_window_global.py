@@ -18,7 +18,7 @@ import pytest
 from tinyeff.attention import window
 from tinyeff.testing import GRAD_FD, assert_close, check_vjp, random_qkv
 
-from .oracles import check_numba_threads
+from .oracles import NaNEmptyNumPy, check_numba_threads
 from .test_window import dense_allowed
 
 PROJ = ("q_global", "k_global", "v_global")
@@ -195,6 +195,27 @@ def test_one_and_two_threads_give_the_same_bits(projections, rng):
     opts = dict(window=9, dilation=2, causal=True, global_mask=gmask)
     dout = rng.standard_normal((2, 3, n, 8))
     check_numba_threads(window, x, opts, dout, reference=True)
+
+
+def test_numba_writes_every_entry_and_an_empty_mask_is_no_global(rng, monkeypatch):
+    """np.empty outputs are fully written with per-sample tokens and projections; a
+    global_mask without any True gives the bits of the call without global tokens."""
+    n = 150
+    x = random_qkv(rng, (2, 2), n=n, d=4, dv=3)
+    dout = rng.standard_normal((2, 2, n, 3))
+    plain = window.forward(**x, window=5, impl="numba")
+    empty = window.forward(**x, window=5, global_mask=np.zeros((2, 1, n), bool), impl="numba")
+    np.testing.assert_array_equal(empty[0], plain[0])
+    g0, g1 = window.backward(dout, plain[1]), window.backward(dout, empty[1])
+    for name in g0:
+        np.testing.assert_array_equal(g1[name], g0[name], err_msg=name)
+    monkeypatch.setattr(window, "np", NaNEmptyNumPy())
+    x.update(_projections(rng, x))
+    opts = dict(window=5, dilation=2, global_mask=_global_mask(rng, 2, 2, n, n, p=0.05))
+    out_r, ctx_r = window.forward(**x, **opts, impl="ref")
+    out_n, ctx_n = window.forward(**x, **opts, impl="numba")
+    assert_close(out_n, out_r)
+    assert_close(window.backward(dout, ctx_n), window.backward(dout, ctx_r))
 
 
 def test_non_finite_v_with_projections_reaches_only_rows_that_see_it(rng):
