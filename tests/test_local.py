@@ -127,7 +127,7 @@ def test_plain_tiles_give_the_bits_of_the_general_path(rng):
     opts = dict(block=50, look_backward=1, look_forward=1, impl="numba")
     out, ctx = local.forward(**x, **opts)
     grads = local.backward(dout, ctx)
-    general = dict(rel_bias=np.zeros(2 * n - 1), key_padding_mask=np.ones(n, dtype=bool))
+    general = dict(rel_bias=np.zeros(2 * n - 1), key_padding_mask=np.ones((1, 1, n), dtype=bool))
     out_g, ctx_g = local.forward(**x, **opts, **general)
     grads_g = local.backward(dout, ctx_g)
     np.testing.assert_array_equal(out, out_g)
@@ -183,7 +183,7 @@ def test_invalid_options_raise_clear_errors(rng):
     with pytest.raises(ValueError, match="look_forward"):
         local.forward(**x, block=2, look_forward=-1)
     with pytest.raises(ValueError, match="key_padding_mask"):
-        local.forward(**x, block=2, key_padding_mask=np.ones(5, bool))
+        local.forward(**x, block=2, key_padding_mask=np.ones((1, 5), bool))
     with pytest.raises(TypeError, match="ctx"):
         local.backward(np.zeros((1, 6, 3)), object())
 

@@ -33,6 +33,9 @@ installed, ``DIR/bench.png`` (log-log time and memory against N).
 
 Default options per variant at large N live in one table, :data:`DEFAULTS`; override any
 with ``--opt variant.key=value`` (value parsed as a Python literal, else kept a string).
+:data:`CONFIGS` names extra configurations of a registered variant: ``window_global_indices``
+and ``window_global_mask`` run ``window`` with the same 16 global tokens given as
+``global_indices`` and as a per-sample ``global_mask`` (flop counts ignore the globals).
 Thread count: Numba uses ``NUMBA_NUM_THREADS`` (default: all cores); NumPy's matmul uses
 its own OpenBLAS threads (all cores).
 """
@@ -68,6 +71,22 @@ def _bigbird_mask(n: int):
     return Pattern.from_scipy(masks.bigbird(n, 96, 16, 48, np.random.default_rng(0)))
 
 
+def _global_positions(n: int, count: int = 16) -> np.ndarray:
+    """``count`` global tokens spread evenly over the sequence (fewer for tiny n)."""
+    return np.unique(np.linspace(0, n - 1, count).astype(np.int64))
+
+
+def _global_mask(n: int) -> np.ndarray:
+    """The tokens of :func:`_global_positions` as a per-sample ``global_mask`` (1, 1, N)."""
+    mask = np.zeros((1, 1, n), dtype=bool)
+    mask[..., _global_positions(n)] = True
+    return mask
+
+
+# configurations that run a registered variant under another name (same tokens, two forms:
+# the per-sample path against the batch-wide one)
+CONFIGS = {"window_global_indices": "window", "window_global_mask": "window"}
+
 DEFAULTS = {
     # variant:      options at length n (a function, since some depend on n)
     "full":         lambda n: {},
@@ -79,6 +98,8 @@ DEFAULTS = {
     "lsh":          lambda n: {"chunk_len": 64, "n_hashes": 4, "n_buckets": 2 * max(1, n // 64)},
     "linformer":    lambda n: {"k": 256},
     "hierarchical": lambda n: {"block": 64},
+    "window_global_indices": lambda n: {"window": 128, "global_indices": _global_positions(n)},
+    "window_global_mask":    lambda n: {"window": 128, "global_mask": _global_mask(n)},
 }
 
 DEFAULT_N = (1024, 4096, 16384, 65536)
@@ -298,7 +319,7 @@ def build_call(mod, b: int, h: int, n: int, d: int, dtype, options: dict, causal
 def run_case(spec: dict) -> dict:
     """Time one (variant, N) case in this process; see the module docstring."""
     from .attention import VARIANTS
-    mod = VARIANTS[spec["variant"]]
+    mod = VARIANTS[CONFIGS.get(spec["variant"], spec["variant"])]
     dtype = np.dtype(spec["dtype"])
     b, h, n, d = spec["batch"], spec["heads"], spec["n"], spec["dim"]
     options, causal = spec["options"], spec["causal"]
@@ -465,10 +486,11 @@ def main(argv: list[str] | None = None) -> int:
         for n in n_list:
             case = {"variant": name, "n": n, "note": ""}
             cases.append(case)
-            if name not in VARIANTS:
+            base = CONFIGS.get(name, name)                 # the variant the case runs
+            if base not in VARIANTS:
                 case["note"] = "not registered"
                 continue
-            mod = VARIANTS[name]
+            mod = VARIANTS[base]
             if args.causal and not getattr(mod, "SUPPORTS_CAUSAL", False):
                 case["note"] = "no causal"
                 continue
@@ -483,13 +505,13 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             case["options"] = {k: (v if isinstance(v, (int, float, str, bool)) else
                                    type(v).__name__) for k, v in options.items()}
-            est = estimate_bytes(name, args.batch, args.heads, n, args.dim, dtype.itemsize,
+            est = estimate_bytes(base, args.batch, args.heads, n, args.dim, dtype.itemsize,
                                  options, args.causal)
             case["estimate_bytes"] = est
             if est > mem_limit:
                 case["note"] = f"skipped: needs ~{est / 2**30:.1f} GiB"
                 continue
-            flops = useful_flops(name, args.batch, args.heads, n, args.dim, options,
+            flops = useful_flops(base, args.batch, args.heads, n, args.dim, options,
                                  args.causal)
             case["flops_fwd"], case["flops_fwd_bwd"] = flops if flops else (None, None)
             case.update(_spawn(spec, args.timeout))

@@ -1,7 +1,7 @@
 """Sliding-window attention with dilation and global tokens (Longformer, Beltagy et al. 2020).
 
 Query i attends the keys of its *allowed set* A(i); with one-sided window w, dilation d and the
-set G of global positions (``global_indices``):
+set G of global positions (``global_indices``, or per batch item ``global_mask``):
 
     band(i) = { j = i + t·d : t ∈ {−w, …, w}, 0 ≤ j < M, j ∉ G }
     A(i)    = all keys 0 ≤ j < M                         if i ∈ G   (global query rows)
@@ -12,12 +12,21 @@ set G of global positions (``global_indices``):
     p_ij  = exp(s_ij − lse_i),   lse_i = log Σ_{j∈A(i)} exp(s_ij)
     out_i = Σ_{j∈A(i)} p_ij v_j
 
+With global projections (Longformer §3.1 "Linear Projections for Global Attention"; HF's
+``query_global`` / ``key_global`` / ``value_global``) the rows i ∈ G use them instead:
+
+    s_ij  = q_global_i·k_global_j · scale + rel_bias[i − j + M − 1]      (i ∈ G, j ∈ A(i))
+    out_i = Σ_{j∈A(i)} p_ij v_global_j
+
+while every other row, global key columns included, keeps q, k, v.
+
 Every allowed pair is counted once: global keys are removed from the band and re-added as
 explicit columns (allenai/longformer and HF do the same, to avoid double counting), so the
 result equals ``full`` with the boolean mask band ∪ global columns ∪ global rows — that
 equality is the definition, and tests/test_window.py checks it in the forward and every
-gradient.  Cost O(N·(w + |G|)·D + |G|·M·D) time; O(N) saved state (the log-sum-exp; the
-backward recomputes the band probabilities); O(N·w) transient memory in the reference.
+gradient.  Cost O(N·(w + G)·D + G·M·D) time, G the largest global count of a batch item;
+O(N) saved state (the log-sum-exp; the backward recomputes the band probabilities); O(N·w)
+transient memory in the reference.
 
 Paper: Beltagy, Peters, Cohan, "Longformer: The Long-Document Transformer", 2020, §3.1
 (sliding window, dilated sliding window, global attention).
@@ -30,7 +39,13 @@ Options
 window : int >= 0, one-sided w: 2w + 1 band slots per query (w = 0: only j = i).
 dilation : int >= 1, default 1.  Keys i ± t·d.  (allenai's ``tvm`` mode; HF has none.)
 global_indices : None or 1-D integer array of distinct positions g with 0 <= g < min(N, M),
-    any order.  Row g attends every key; every row attends key g.
+    any order, the same for the whole batch.  Row g attends every key; every row attends
+    key g.
+global_mask : None or bool (..., N), exactly q.ndim − 1 dimensions lined up with the batch
+    dimensions, size-1 dimensions broadcast (``(B, 1, N)`` or ``(B, H, N)``); True = global
+    token, only at positions < min(N, M).  Batch item b behaves exactly as a call with
+    ``global_indices = nonzero(global_mask[b])``.  Not together with ``global_indices``.
+    Held as per-item position lists padded to G, the largest count in the batch.
 causal : bool.  Keeps j <= i (top-left alignment, like ``full``): band slots t ∈ [−w, 0],
     global rows see keys j <= g, and global key g is seen only by rows i >= g.
 key_padding_mask : bool (..., M), True = real key; leading dims broadcastable to the batch.
@@ -38,6 +53,10 @@ rel_bias : float (..., N + M − 1): bias_ij = rel_bias[..., i − j + M − 1] 
     the band and on the global rows/columns alike; gradient returned reduced to its shape.
     On the band only 2w + 1 of its entries are read (the offsets ±t·d), so the work stays
     O(N·w).
+q_global, k_global, v_global : None, or all three, shaped and typed like q, k, v: the
+    queries, keys and values of the global rows (see the formula); each gets a gradient.
+    The global rows read v_global, so a non-finite v_j reaches only non-global rows; a
+    non-finite v_global is plain IEEE arithmetic (it may reach every global row).
 scale : float, default 1/sqrt(D).
 impl : "auto" (the Numba kernel, or the reference for empty shapes) | "ref" | "numba".
 
@@ -51,9 +70,8 @@ Edge cases
 * A row with no allowed key (all its keys padded; or causal row 0 with its key padded)
   outputs 0 with 0 gradient, like ``full``.
 * The row maximum is subtracted before exp (a constant of the backward).
-* Global rows attend with the *same* q, k, v.  Longformer recomputes global rows with
-  separate projections (``query_global`` …): reproduce that by calling ``full`` on the
-  global rows with the global projections and overwriting those rows of ``out``.
+* Global rows attend with q, k, v unless ``q_global``, ``k_global``, ``v_global`` are given;
+  the q of a global row and the q_global of a non-global row then get zero gradient.
 
 Numba kernel: ``tinyeff/kernels/window.py`` (tiles of 64 queries against their contiguous
 key range, ``np.dot`` on contiguous slices, an explicit band mask per tile; dilation d is
@@ -80,7 +98,11 @@ SUPPORTS_CAUSAL = True
 SUPPORTS_BIAS = False
 SUPPORTS_REL_BIAS = True
 KEY_PADDING = "key_padding_mask"
-DIFFERENTIABLE = ("q", "k", "v", "rel_bias")
+GLOBAL_MASK = "global_mask"          # the per-sample global-token option (nn passes it)
+SUPPORTS_GLOBAL_PROJECTIONS = True   # q_global, k_global, v_global (nn can create them)
+GLOBAL_PROJECTIONS = ("q_global", "k_global", "v_global")
+PROJECTIONS = GLOBAL_PROJECTIONS
+DIFFERENTIABLE = ("q", "k", "v", "rel_bias", *GLOBAL_PROJECTIONS)
 IMPLS = ("auto", "ref", "numba")
 TILE = 64            # query rows per tile of the Numba kernel
 
@@ -94,10 +116,15 @@ class WindowCtx(Ctx):
     lse: np.ndarray                      # (..., N) log-sum-exp over A(i) (−inf: empty row)
     window: int
     dilation: int
-    global_indices: np.ndarray           # (G,) int64, sorted
+    global_indices: np.ndarray           # (G,) int64, sorted (empty with global_mask)
+    global_mask: np.ndarray | None       # (..., N) as given, or None
+    glob: _Globals                       # the global tokens as both paths use them
     causal: bool
     key_padding_mask: np.ndarray | None  # (..., M) as given
     rel_bias: np.ndarray | None          # (..., N + M − 1) as given
+    q_global: np.ndarray | None          # (..., N, D) as given, or None (global rows use q)
+    k_global: np.ndarray | None          # (..., M, D)
+    v_global: np.ndarray | None          # (..., M, Dv)
     scale: float
     impl: str
 
@@ -105,24 +132,41 @@ class WindowCtx(Ctx):
 # ------------------------------------------------------------------------------------------
 # public API
 
-@_nonfinite.nan_rows_of_v
-def forward(q, k, v, *, window, dilation=1, global_indices=None, causal=False,
-            key_padding_mask=None, rel_bias=None, scale=None, impl="auto"):
+def _hit_pass_options(options: dict) -> dict:
+    """Options of the NaN-propagation pass (``_nonfinite``): the global rows of a call with
+    global projections read v_global, not v, so zero projections keep them out of the pass."""
+    hit = dict(options)
+    for name in PROJECTIONS:
+        if isinstance(hit.get(name), np.ndarray):
+            hit[name] = np.zeros_like(hit[name])
+    return hit
+
+
+@_nonfinite.nan_rows_of_v(prepare=_hit_pass_options)
+def forward(q, k, v, *, window, dilation=1, global_indices=None, global_mask=None,
+            causal=False, key_padding_mask=None, rel_bias=None, q_global=None, k_global=None,
+            v_global=None, scale=None, impl="auto"):
     """Sliding-window attention.  Returns ``(out (..., N, Dv), ctx)``; see the module docstring."""
     batch, n, m, d, dv, dtype = _checks.qkv(q, k, v)
     window = _checks.integer(window, "window", minimum=0)
     dilation = _checks.integer(dilation, "dilation", minimum=1)
+    if global_indices is not None and global_mask is not None:
+        raise ValueError("give global_indices (one set of global positions for the whole "
+                         "batch) or global_mask (one per batch item), not both")
     gidx = _global_indices(global_indices, n, m)
+    global_mask = _global_mask(global_mask, batch, n, m)
     causal = _checks.flag(causal, "causal")
     key_padding_mask = _checks.key_padding_mask(key_padding_mask, batch, m,
                                                 name="key_padding_mask")
     rel_bias = _checks.rel_bias(rel_bias, batch, n, m, dtype)
+    q_global, k_global, v_global = _projections(q_global, k_global, v_global, q, k, v)
     scale = _checks.scale(scale, d)
     impl = _checks.choice(impl, "impl", IMPLS)
     if impl == "auto":
         impl = "ref" if 0 in (n, m, d, dv) or q.size == 0 else "numba"
-    opts = dict(window=window, dilation=dilation, global_indices=gidx, causal=causal,
-                key_padding_mask=key_padding_mask, rel_bias=rel_bias, scale=scale)
+    opts = dict(window=window, dilation=dilation, glob=_globals(gidx, global_mask, batch, n, m),
+                causal=causal, key_padding_mask=key_padding_mask, rel_bias=rel_bias,
+                q_global=q_global, k_global=k_global, v_global=v_global, scale=scale)
     if q.size == 0 or v.size == 0:
         # B, N, M or Dv = 0: zeros, every row empty (docs/robustness.md); neither path can
         # take it (the reference indexes key 0, the kernel plan reshapes with -1)
@@ -132,12 +176,14 @@ def forward(q, k, v, *, window, dilation=1, global_indices=None, causal=False,
         out, lse = _forward_numba(q, k, v, **opts)
     else:
         out, lse = _forward_ref(q, k, v, **opts)
-    ctx = WindowCtx(q=q, k=k, v=v, out=out, lse=lse, impl=impl, **opts)
+    ctx = WindowCtx(q=q, k=k, v=v, out=out, lse=lse, impl=impl, global_indices=gidx,
+                    global_mask=global_mask, **opts)
     return out, ctx
 
 
 def backward(dout, ctx: WindowCtx, *, impl=None) -> dict:
-    """Gradients ``{"q", "k", "v"}`` (and ``"rel_bias"`` if one was given)."""
+    """Gradients ``{"q", "k", "v"}``, plus ``"rel_bias"`` and ``"q_global"``, ``"k_global"``,
+    ``"v_global"`` when those were given."""
     if not isinstance(ctx, WindowCtx):
         raise TypeError(f"ctx must be the WindowCtx returned by window.forward, got "
                         f"{type(ctx).__name__}")
@@ -148,6 +194,8 @@ def backward(dout, ctx: WindowCtx, *, impl=None) -> dict:
         grads = {"q": np.zeros_like(ctx.q), "k": np.zeros_like(ctx.k), "v": np.zeros_like(ctx.v)}
         if ctx.rel_bias is not None:
             grads["rel_bias"] = np.zeros_like(ctx.rel_bias)
+        if ctx.q_global is not None:
+            grads.update({name: np.zeros_like(getattr(ctx, name)) for name in PROJECTIONS})
         return grads
     if impl == "auto":
         impl = "ref" if ctx.q.size == 0 or ctx.k.size == 0 or dout.size == 0 else "numba"
@@ -192,12 +240,109 @@ def _global_indices(value, n, m) -> np.ndarray:
     return out
 
 
-def _flags(n, m, gidx):
-    is_grow = np.zeros(n, dtype=bool)                              # (N,) global query rows
+def _global_mask(value, batch, n, m):
+    """Validate ``global_mask`` (..., N) bool; True only at positions < min(N, M)."""
+    mask = _checks.position_mask(value, batch, n, "global_mask", "True = global token")
+    if mask is not None and n > m and mask[..., m:].any():
+        first = int(np.nonzero(mask[..., m:].any(axis=tuple(range(mask.ndim - 1))))[0][0]) + m
+        raise ValueError(f"global_mask may be True only at positions < min(N, M) = {m} (a "
+                         f"global token is a query row and a key column), got True at "
+                         f"position {first} (N={n}, M={m})")
+    return mask
+
+
+def _projections(q_global, k_global, v_global, q, k, v):
+    """Validate the global projections: all three or none, shaped and typed like q, k, v."""
+    given = {name: x for name, x in zip(PROJECTIONS, (q_global, k_global, v_global))
+             if x is not None}
+    if not given:
+        return None, None, None
+    if len(given) < 3:
+        missing = [name for name in PROJECTIONS if name not in given]
+        raise ValueError(f"q_global, k_global and v_global go together (all three or none): "
+                         f"got {', '.join(given)} without {', '.join(missing)}")
+    for (name, x), like in zip(given.items(), (q, k, v)):
+        _checks.float_array(x, name, dtype=q.dtype)
+        if x.shape != like.shape:
+            raise ValueError(f"{name} must have the shape of {name[0]}, {like.shape}, got "
+                             f"{x.shape}")
+    return q_global, k_global, v_global
+
+
+@dataclasses.dataclass(frozen=True)
+class _Globals:
+    """The global tokens in the one form both paths use.
+
+    From ``global_indices`` (shared by the whole batch): ``idx`` is the sorted (G,) positions,
+    ``ok`` is None, ``rows`` (N,) and ``cols`` (M,).  From ``global_mask``: ``idx`` (..., G)
+    holds each batch item's positions in ascending order in its first count slots and 0 in
+    the rest, ``ok`` (..., G) marks the filled slots, ``rows`` (..., N), ``cols`` (..., M);
+    G is the largest count in the batch.  Slot c of a batch item is global position idx[c].
+    """
+
+    idx: np.ndarray              # (G,) or (..., G) int64
+    ok: np.ndarray | None        # None or (..., G) bool
+    rows: np.ndarray             # (N,) or (..., N) bool: global query rows
+    cols: np.ndarray             # (M,) or (..., M) bool: global key columns
+
+    @property
+    def size(self) -> int:
+        return self.idx.shape[-1]
+
+
+def _globals(gidx, global_mask, batch, n, m) -> _Globals:
+    is_grow = np.zeros(n, dtype=bool)                              # (N,)
     is_grow[gidx] = True
-    is_gcol = np.zeros(m, dtype=bool)                              # (M,) global key columns
+    is_gcol = np.zeros(m, dtype=bool)                              # (M,)
     is_gcol[gidx] = True
-    return is_grow, is_gcol
+    count = 0 if global_mask is None else int(global_mask.sum(axis=-1).max(initial=0))
+    if count == 0:
+        return _Globals(gidx, None, is_grow, is_gcol)
+    # a stable sort of "not global" puts each item's global positions first, ascending
+    order = np.argsort(~global_mask, axis=-1, kind="stable")[..., :count]  # (..', G)
+    ok = np.arange(count) < global_mask.sum(axis=-1)[..., None]   # (..', G)
+    idx = np.where(ok, order, 0).astype(np.int64)                  # (..', G)
+    rows = np.broadcast_to(global_mask, (*batch, n))               # (..., N)
+    cols = np.zeros((*batch, m), dtype=bool)                       # (..., M)
+    cols[..., :min(n, m)] = rows[..., :min(n, m)]
+    return _Globals(np.broadcast_to(idx, (*batch, count)),
+                    np.broadcast_to(ok, (*batch, count)), rows, cols)
+
+
+def _global_qkv(q, k, v, q_global, k_global, v_global):
+    """The q, k, v of the global rows: the global projections when given."""
+    if q_global is None:
+        return q, k, v
+    return q_global, k_global, v_global
+
+
+def _rows_at(x, gl):
+    """x (..., L, C) -> (..., G, C): the rows at the global positions, in slot order."""
+    if gl.ok is None:
+        return x[..., gl.idx, :]
+    return np.take_along_axis(x, gl.idx[..., None], axis=-2)
+
+
+def _at(x, gl):
+    """x (..., L) -> (..., G): the entries at the global positions, in slot order."""
+    if gl.ok is None:
+        return x[..., gl.idx]
+    return np.take_along_axis(x, gl.idx, axis=-1)
+
+
+def _put(dst, gl, vals, *, add=False, rows=True):
+    """dst[..., G, :] = vals (``rows``; dst[..., G] otherwise), or += with ``add``; the
+    empty slots of a per-item list are skipped.  Positions are distinct per batch item."""
+    if gl.ok is None:
+        at = (Ellipsis, gl.idx, slice(None)) if rows else (Ellipsis, gl.idx)
+    else:
+        sel = np.nonzero(gl.ok)                                    # (batch…, slot) of filled slots
+        at = (*sel[:-1], gl.idx[sel])
+        vals = vals[sel]
+    if add:
+        dst[at] += vals
+    else:
+        dst[at] = vals
 
 
 def _key_ok(key_padding_mask, batch, m):
@@ -206,39 +351,51 @@ def _key_ok(key_padding_mask, batch, m):
     return np.broadcast_to(key_padding_mask, (*batch, m))          # (..., M)
 
 
-def _rel_bias_at(rel_bias, batch, m, offsets):
-    """rel_bias[..., i − j + M − 1] for an integer array of offsets i − j (clipped index)."""
+def _rel_bias_at(rel_bias, batch, m, offsets, per_item=False):
+    """rel_bias[..., i − j + M − 1] for an integer array of offsets i − j (clipped index):
+    offsets (A,) or (A, B) shared by the batch, or (``per_item``) (..., A, B)."""
     top = rel_bias.shape[-1] - 1
     idx = np.clip(offsets + (m - 1), 0, top)
-    return np.broadcast_to(rel_bias, (*batch, rel_bias.shape[-1]))[..., idx]
+    full = np.broadcast_to(rel_bias, (*batch, rel_bias.shape[-1]))   # (..., N + M − 1)
+    if not per_item:
+        return full[..., idx]
+    flat = idx.reshape(*idx.shape[:-2], -1)                        # (..., A·B)
+    return np.take_along_axis(full, flat, axis=-1).reshape(idx.shape)
 
 
-def _gcol_scores(q, k, gidx, causal, key_ok, rel_bias, scale):
-    """Scores and allowed flags of the global key columns for the non-global rows."""
-    n, m = q.shape[-2], k.shape[-2]
+def _gcol_scores(q, k_g, gl, causal, key_ok, rel_bias, scale):
+    """Scores and allowed flags of the global key columns (keys k_g = k at G) for the
+    non-global rows."""
+    n, m = q.shape[-2], key_ok.shape[-1]
     batch = q.shape[:-2]
-    is_grow, _ = _flags(n, m, gidx)
-    s = (q @ k[..., gidx, :].swapaxes(-1, -2)) * scale             # (..., N, G)
+    s = (q @ k_g.swapaxes(-1, -2)) * scale                         # (..., N, G)
     i = np.arange(n)[:, None]                                      # (N, 1)
+    gj = gl.idx[..., None, :]                                      # (1, G) or (..., 1, G)
     if rel_bias is not None:
-        s = s + _rel_bias_at(rel_bias, batch, m, i - gidx[None, :])  # (..., N, G)
-    ok = ~is_grow[:, None] & key_ok[..., None, gidx]               # (..., N, G)
+        s = s + _rel_bias_at(rel_bias, batch, m, i - gj, gl.ok is not None)  # (..., N, G)
+    ok = ~gl.rows[..., :, None] & _at(key_ok, gl)[..., None, :]    # (..., N, G)
+    if gl.ok is not None:
+        ok = ok & gl.ok[..., None, :]                              # empty slots
     if causal:
-        ok = ok & (gidx[None, :] <= i)                             # (..., N, G)
+        ok = ok & (gj <= i)                                        # (..., N, G)
     return s, np.broadcast_to(ok, s.shape)
 
 
-def _grow_scores(q, k, gidx, causal, key_ok, rel_bias, scale):
-    """Scores and allowed flags of the global query rows (they attend every key)."""
+def _grow_scores(q_g, k, gl, causal, key_ok, rel_bias, scale):
+    """Scores and allowed flags of the global query rows (queries q_g = q at G, or the
+    global projection at G; they attend every key k)."""
     m = k.shape[-2]
-    batch = q.shape[:-2]
-    s = (q[..., gidx, :] @ k.swapaxes(-1, -2)) * scale             # (..., G, M)
+    batch = q_g.shape[:-2]
+    s = (q_g @ k.swapaxes(-1, -2)) * scale                         # (..., G, M)
     j = np.arange(m)[None, :]                                      # (1, M)
+    gi = gl.idx[..., :, None]                                      # (G, 1) or (..., G, 1)
     if rel_bias is not None:
-        s = s + _rel_bias_at(rel_bias, batch, m, gidx[:, None] - j)  # (..., G, M)
+        s = s + _rel_bias_at(rel_bias, batch, m, gi - j, gl.ok is not None)  # (..., G, M)
     ok = key_ok[..., None, :]                                      # (..., 1, M)
+    if gl.ok is not None:
+        ok = ok & gl.ok[..., :, None]                              # empty slots
     if causal:
-        ok = ok & (j <= gidx[:, None])                             # (..., G, M)
+        ok = ok & (j <= gi)                                        # (..., G, M)
     return s, np.broadcast_to(ok, s.shape)
 
 
@@ -249,13 +406,27 @@ def _exp_minus(s, lse, ok):
         return np.where(live, np.exp(np.where(live, s - lse[..., None], 0)), 0)
 
 
-def _rel_bias_grad_gparts(drel, ds_gcol, ds_grow, gidx, n, m):
-    """Accumulate the offset-bias gradient of the global columns and rows into drel."""
-    for c, g in enumerate(gidx):
+def _rel_bias_grad_gparts(drel, ds_gcol, ds_grow, gl, n, m):
+    """Accumulate the offset-bias gradient of the global columns and rows into drel
+    (..., N + M − 1), a C-contiguous array of the full batch shape."""
+    if gl.ok is None:
+        for c, g in enumerate(gl.idx):
+            # fwd (columns): s[i, g] += rel_bias[i − g + M − 1],  i = 0 … N − 1
+            drel[..., m - 1 - g:m - 1 - g + n] += ds_gcol[..., :, c]
+            # fwd (rows): s[g, j] += rel_bias[g − j + M − 1],  j = M − 1 … 0
+            drel[..., g:g + m] += ds_grow[..., c, ::-1]
+        return
+    size = gl.size
+    flat = drel.reshape(-1, drel.shape[-1])                        # (BH, N + M − 1) view
+    gi = gl.idx.reshape(-1, size)                                  # (BH, G)
+    b = np.arange(flat.shape[0])[:, None]                          # (BH, 1)
+    dc = ds_gcol.reshape(-1, n, size)                              # (BH, N, G)
+    dr = ds_grow.reshape(-1, size, m)                              # (BH, G, M)
+    for c in range(size):                  # (empty slots carry ds = 0)
         # fwd (columns): s[i, g] += rel_bias[i − g + M − 1],  i = 0 … N − 1
-        drel[..., m - 1 - g:m - 1 - g + n] += ds_gcol[..., :, c]
+        flat[b, (m - 1 - gi[:, c])[:, None] + np.arange(n)] += dc[:, :, c]
         # fwd (rows): s[g, j] += rel_bias[g − j + M − 1],  j = M − 1 … 0
-        drel[..., g:g + m] += ds_grow[..., c, ::-1]
+        flat[b, gi[:, c][:, None] + np.arange(m)] += dr[:, c, ::-1]
 
 
 # ------------------------------------------------------------------------------------------
@@ -269,14 +440,13 @@ def _band(n, m, window, dilation):
     return offsets, ranges
 
 
-def _band_allowed(n, m, window, dilation, gidx, causal, key_ok):
+def _band_allowed(n, m, window, dilation, gl, causal, key_ok):
     offsets, _ = _band(n, m, window, dilation)
-    is_grow, is_gcol = _flags(n, m, gidx)
     i = np.arange(n)[:, None]                                      # (N, 1)
     j = i + offsets[None, :]                                       # (N, S)
     inside = (j >= 0) & (j < m)
     jc = np.clip(j, 0, max(m - 1, 0))
-    ok = inside & ~is_gcol[jc] & ~is_grow[:, None]                 # (N, S)
+    ok = inside & ~gl.cols[..., jc] & ~gl.rows[..., :, None]       # (N, S) or (..., N, S)
     if causal:
         ok &= j <= i
     return ok & key_ok[..., jc]                                    # (..., N, S)
@@ -296,50 +466,56 @@ def _band_scores(q, k, window, dilation, rel_bias, scale):
     return s
 
 
-def _forward_ref(q, k, v, *, window, dilation, global_indices, causal, key_padding_mask,
-                 rel_bias, scale):
+def _forward_ref(q, k, v, *, window, dilation, glob, causal, key_padding_mask, rel_bias,
+                 q_global, k_global, v_global, scale):
     n, m = q.shape[-2], k.shape[-2]
-    batch, gidx = q.shape[:-2], global_indices
+    batch, gl = q.shape[:-2], glob
     key_ok = _key_ok(key_padding_mask, batch, m)                   # (..., M)
     offsets, ranges = _band(n, m, window, dilation)
     # rows i ∉ G: one softmax over [global columns, band without global keys]
-    s_g, ok_g = _gcol_scores(q, k, gidx, causal, key_ok, rel_bias, scale)   # (..., N, G)
+    k_g, v_g = _rows_at(k, gl), _rows_at(v, gl)                    # (..., G, D), (..., G, Dv)
+    s_g, ok_g = _gcol_scores(q, k_g, gl, causal, key_ok, rel_bias, scale)   # (..., N, G)
     s_b = _band_scores(q, k, window, dilation, rel_bias, scale)    # (..., N, S)
-    ok_b = _band_allowed(n, m, window, dilation, gidx, causal, key_ok)      # (..., N, S)
+    ok_b = _band_allowed(n, m, window, dilation, gl, causal, key_ok)        # (..., N, S)
     p, lse = softmax.forward(np.concatenate([s_g, s_b], axis=-1),
                              np.concatenate([ok_g, ok_b], axis=-1))  # (..., N, G + S)
-    p_g, p_b = p[..., :gidx.size], p[..., gidx.size:]
-    out = p_g @ v[..., gidx, :]                                    # (..., N, Dv)
+    p_g, p_b = p[..., :gl.size], p[..., gl.size:]
+    out = p_g @ v_g                                                # (..., N, Dv)
     for t, (o, (lo, hi)) in enumerate(zip(offsets, ranges)):
         if lo < hi:
             out[..., lo:hi, :] += p_b[..., lo:hi, t, None] * v[..., lo + o:hi + o, :]
-    # rows i ∈ G: a full softmax over every key (their band/column entries above are empty)
-    s_r, ok_r = _grow_scores(q, k, gidx, causal, key_ok, rel_bias, scale)   # (..., G, M)
+    # rows i ∈ G: a full softmax over every key (their band/column entries above are empty),
+    # with the global projections when given
+    q_r, k_r, v_r = _global_qkv(q, k, v, q_global, k_global, v_global)
+    s_r, ok_r = _grow_scores(_rows_at(q_r, gl), k_r, gl, causal, key_ok, rel_bias, scale)
     p_r, lse_r = softmax.forward(s_r, ok_r)                        # (..., G, M), (..., G)
-    out[..., gidx, :] = p_r @ v                                    # (..., G, Dv)
-    lse[..., gidx] = lse_r
+    _put(out, gl, p_r @ v_r)                                       # out[G] (..., G, Dv)
+    _put(lse, gl, lse_r, rows=False)                               # lse[G]
     return out, lse
 
 
 def _backward_ref(dout, ctx: WindowCtx) -> dict:
     q, k, v, lse, scale = ctx.q, ctx.k, ctx.v, ctx.lse, ctx.scale
     n, m = q.shape[-2], k.shape[-2]
-    batch, gidx, w, dil = q.shape[:-2], ctx.global_indices, ctx.window, ctx.dilation
+    batch, gl, w, dil = q.shape[:-2], ctx.glob, ctx.window, ctx.dilation
     key_ok = _key_ok(ctx.key_padding_mask, batch, m)
     offsets, ranges = _band(n, m, w, dil)
+    q_r, k_r, v_r = _global_qkv(q, k, v, ctx.q_global, ctx.k_global, ctx.v_global)
     # recompute the probabilities from the saved log-sum-exp: p = exp(s − lse)
-    s_g, ok_g = _gcol_scores(q, k, gidx, ctx.causal, key_ok, ctx.rel_bias, scale)
+    k_g, v_g = _rows_at(k, gl), _rows_at(v, gl)                    # (..., G, D), (..., G, Dv)
+    s_g, ok_g = _gcol_scores(q, k_g, gl, ctx.causal, key_ok, ctx.rel_bias, scale)
     s_b = _band_scores(q, k, w, dil, ctx.rel_bias, scale)
-    ok_b = _band_allowed(n, m, w, dil, gidx, ctx.causal, key_ok)
+    ok_b = _band_allowed(n, m, w, dil, gl, ctx.causal, key_ok)
     p_g = _exp_minus(s_g, lse, ok_g)                               # (..., N, G)
     p_b = _exp_minus(s_b, lse, ok_b)                               # (..., N, S)
-    s_r, ok_r = _grow_scores(q, k, gidx, ctx.causal, key_ok, ctx.rel_bias, scale)
-    p_r = _exp_minus(s_r, lse[..., gidx], ok_r)                    # (..., G, M)
+    q_rg = _rows_at(q_r, gl)                                       # (..., G, D)
+    s_r, ok_r = _grow_scores(q_rg, k_r, gl, ctx.causal, key_ok, ctx.rel_bias, scale)
+    p_r = _exp_minus(s_r, _at(lse, gl), ok_r)                      # (..., G, M)
 
     # fwd: out = p_g @ v[G] + Σ_t p_b[:, t] v[i + off_t]
     dv = np.zeros_like(v)                                          # (..., M, Dv)
-    dv[..., gidx, :] += p_g.swapaxes(-1, -2) @ dout
-    dp_g = dout @ v[..., gidx, :].swapaxes(-1, -2)                 # (..., N, G)
+    _put(dv, gl, p_g.swapaxes(-1, -2) @ dout, add=True)            # dv[G]
+    dp_g = dout @ v_g.swapaxes(-1, -2)                             # (..., N, G)
     dp_b = np.zeros_like(p_b)                                      # (..., N, S)
     for t, (o, (lo, hi)) in enumerate(zip(offsets, ranges)):
         if lo < hi:
@@ -348,22 +524,25 @@ def _backward_ref(dout, ctx: WindowCtx) -> dict:
     # fwd: p = softmax([s_g, s_b]) over the allowed entries
     ds = softmax.backward(np.concatenate([dp_g, dp_b], -1),
                           np.concatenate([p_g, p_b], -1))          # (..., N, G + S)
-    ds_g, ds_b = ds[..., :gidx.size], ds[..., gidx.size:]
+    ds_g, ds_b = ds[..., :gl.size], ds[..., gl.size:]
     # fwd: s_g = q @ k[G]ᵀ · scale (+ rel_bias)
-    dq = (ds_g @ k[..., gidx, :]) * scale                          # (..., N, D)
+    dq = (ds_g @ k_g) * scale                                      # (..., N, D)
     dk = np.zeros_like(k)                                          # (..., M, D)
-    dk[..., gidx, :] += (ds_g.swapaxes(-1, -2) @ q) * scale
+    _put(dk, gl, (ds_g.swapaxes(-1, -2) @ q) * scale, add=True)    # dk[G]
     # fwd: s_b[:, t] = Σ_d q_i k_{i+off_t} · scale (+ rel_bias)
     for t, (o, (lo, hi)) in enumerate(zip(offsets, ranges)):
         if lo < hi:
             dq[..., lo:hi, :] += ds_b[..., lo:hi, t, None] * k[..., lo + o:hi + o, :] * scale
             dk[..., lo + o:hi + o, :] += ds_b[..., lo:hi, t, None] * q[..., lo:hi, :] * scale
-    # global rows — fwd: out[G] = p_r @ v,  p_r = softmax(q[G] @ kᵀ · scale (+ rel_bias))
-    dv += p_r.swapaxes(-1, -2) @ dout[..., gidx, :]
-    ds_r = softmax.backward(dout[..., gidx, :] @ v.swapaxes(-1, -2), p_r)  # (..., G, M)
-    dq[..., gidx, :] += (ds_r @ k) * scale
-    dk += (ds_r.swapaxes(-1, -2) @ q[..., gidx, :]) * scale
+    # global rows — fwd: out[G] = p_r @ v_r,  p_r = softmax(q_r[G] @ k_rᵀ · scale (+ rel_bias)),
+    # (q_r, k_r, v_r) = (q, k, v), or the global projections
     grads = {"q": dq, "k": dk, "v": dv}
+    dq_r, dk_r, dv_r = _global_grads(grads, ctx)
+    dout_g = _rows_at(dout, gl)                                    # (..., G, Dv)
+    dv_r += p_r.swapaxes(-1, -2) @ dout_g
+    ds_r = softmax.backward(dout_g @ v_r.swapaxes(-1, -2), p_r)    # (..., G, M)
+    _put(dq_r, gl, (ds_r @ k_r) * scale, add=True)                 # dq_r[G]
+    dk_r += (ds_r.swapaxes(-1, -2) @ q_rg) * scale
     if ctx.rel_bias is not None:
         drel = np.zeros((*batch, n + m - 1), dtype=q.dtype)        # (..., N + M − 1)
         # fwd: s_b[:, t] += rel_bias[−off_t + M − 1]  (the same entry for every row i)
@@ -371,9 +550,19 @@ def _backward_ref(dout, ctx: WindowCtx) -> dict:
         for t, o in enumerate(offsets):
             if -(m - 1) <= -o <= n - 1:
                 drel[..., -o + m - 1] += dslot[..., t]
-        _rel_bias_grad_gparts(drel, ds_g, ds_r, gidx, n, m)
+        _rel_bias_grad_gparts(drel, ds_g, ds_r, gl, n, m)
         grads["rel_bias"] = _checks.reduce_to_shape(drel, ctx.rel_bias.shape)
     return grads
+
+
+def _global_grads(grads, ctx):
+    """The gradient arrays of the global rows' (q, k, v): those of q, k, v, or (with global
+    projections) new zero arrays entered into ``grads``."""
+    if ctx.q_global is None:
+        return grads["q"], grads["k"], grads["v"]
+    for name in PROJECTIONS:
+        grads[name] = np.zeros_like(getattr(ctx, name))
+    return tuple(grads[name] for name in PROJECTIONS)
 
 
 # ------------------------------------------------------------------------------------------
@@ -402,18 +591,17 @@ def _unclasses(x, bh, d, length):
 class _BandPlan:
     """The class-coordinates band problem handed to the kernel (shared by forward/backward)."""
 
-    def __init__(self, q, k, *, window, dilation, global_indices, causal, key_padding_mask,
-                 rel_bias):
+    def __init__(self, q, k, *, window, dilation, glob, causal, key_padding_mask, rel_bias):
         n, m = q.shape[-2], k.shape[-2]
         batch = q.shape[:-2]
         bh = int(np.prod(batch, dtype=np.int64))
         d, w = dilation, window
-        is_grow, is_gcol = _flags(n, m, global_indices)
         self.n, self.m, self.bh, self.d = n, m, bh, d
         self.ln, self.lm = -(-n // d), -(-m // d)
+        is_gcol = np.broadcast_to(glob.cols, (*batch, m)).reshape(bh, m)  # (BH, M)
         key_ok = _key_ok(key_padding_mask, batch, m).reshape(bh, m) & ~is_gcol  # (BH, M)
         self.key_ok = self._plane(_classes(key_ok[..., None], d, m))  # (BH·d, Lm)
-        row_ok = np.broadcast_to(~is_grow, (bh, n))                # (BH, N)
+        row_ok = np.broadcast_to(~glob.rows, (*batch, n)).reshape(bh, n)  # (BH, N)
         self.row_ok = self._plane(_classes(row_ok[..., None], d, n))  # (BH·d, Ln)
         i = np.arange(self.ln)                                     # class coordinates
         self.lo = np.maximum(i - w, 0).astype(np.int64)            # (Ln,)
@@ -447,12 +635,12 @@ class _BandPlan:
         return _classes(np.ascontiguousarray(x).reshape(self.bh, self.m, -1), self.d, self.m)
 
 
-def _forward_numba(q, k, v, *, window, dilation, global_indices, causal, key_padding_mask,
-                   rel_bias, scale):
+def _forward_numba(q, k, v, *, window, dilation, glob, causal, key_padding_mask, rel_bias,
+                   q_global, k_global, v_global, scale):
     n, m, dt = q.shape[-2], k.shape[-2], q.dtype
-    batch, gidx = q.shape[:-2], global_indices
-    plan = _BandPlan(q, k, window=window, dilation=dilation, global_indices=gidx,
-                     causal=causal, key_padding_mask=key_padding_mask, rel_bias=rel_bias)
+    batch, gl = q.shape[:-2], glob
+    plan = _BandPlan(q, k, window=window, dilation=dilation, glob=gl, causal=causal,
+                     key_padding_mask=key_padding_mask, rel_bias=rel_bias)
     qc, kc, vc = plan.rows(q), plan.keys(k), plan.keys(v)
     out_c = np.empty(qc.shape[:-1] + vc.shape[-1:], dtype=dt)      # (BH·d, Ln, Dv)
     lse_c = np.empty(qc.shape[:-1], dtype=dt)                      # (BH·d, Ln)
@@ -463,32 +651,33 @@ def _forward_numba(q, k, v, *, window, dilation, global_indices, causal, key_pad
                             kernels.n_chunks())
     out_b = _unclasses(out_c, plan.bh, dilation, n).reshape(*batch, n, -1)      # (..., N, Dv)
     lse_b = _unclasses(lse_c[..., None], plan.bh, dilation, n).reshape(*batch, n)  # (..., N)
-    if gidx.size == 0:
+    if gl.size == 0:
         return np.ascontiguousarray(out_b), np.ascontiguousarray(lse_b)
     key_ok = _key_ok(key_padding_mask, batch, m)
     # merge the band softmax with the global-column softmax (log-sum-exp weights)
-    s_g, ok_g = _gcol_scores(q, k, gidx, causal, key_ok, rel_bias, scale)
+    k_g, v_g = _rows_at(k, gl), _rows_at(v, gl)                    # (..., G, D), (..., G, Dv)
+    s_g, ok_g = _gcol_scores(q, k_g, gl, causal, key_ok, rel_bias, scale)
     p_g, lse_g = softmax.forward(s_g, ok_g)                        # (..., N, G), (..., N)
     lse = np.logaddexp(lse_b, lse_g)                               # (..., N)
     live = lse != -np.inf
     with np.errstate(invalid="ignore"):
         w_b = np.where(live, np.exp(np.where(live, lse_b - lse, 0)), 0)[..., None]
         w_g = np.where(live, np.exp(np.where(live, lse_g - lse, 0)), 0)[..., None]
-    out = w_b * out_b + w_g * (p_g @ v[..., gidx, :])              # (..., N, Dv)
-    s_r, ok_r = _grow_scores(q, k, gidx, causal, key_ok, rel_bias, scale)
+    out = w_b * out_b + w_g * (p_g @ v_g)                          # (..., N, Dv)
+    q_r, k_r, v_r = _global_qkv(q, k, v, q_global, k_global, v_global)
+    s_r, ok_r = _grow_scores(_rows_at(q_r, gl), k_r, gl, causal, key_ok, rel_bias, scale)
     p_r, lse_r = softmax.forward(s_r, ok_r)                        # (..., G, M)
-    out[..., gidx, :] = p_r @ v
-    lse[..., gidx] = lse_r
+    _put(out, gl, p_r @ v_r)                                       # out[G]
+    _put(lse, gl, lse_r, rows=False)                               # lse[G]
     return out.astype(dt, copy=False), lse.astype(dt, copy=False)
 
 
 def _backward_numba(dout, ctx: WindowCtx) -> dict:
     q, k, v, lse, scale = ctx.q, ctx.k, ctx.v, ctx.lse, ctx.scale
     n, m, dt = q.shape[-2], k.shape[-2], q.dtype
-    batch, gidx, d = q.shape[:-2], ctx.global_indices, ctx.dilation
-    plan = _BandPlan(q, k, window=ctx.window, dilation=d, global_indices=gidx,
-                     causal=ctx.causal, key_padding_mask=ctx.key_padding_mask,
-                     rel_bias=ctx.rel_bias)
+    batch, gl, d = q.shape[:-2], ctx.glob, ctx.dilation
+    plan = _BandPlan(q, k, window=ctx.window, dilation=d, glob=gl, causal=ctx.causal,
+                     key_padding_mask=ctx.key_padding_mask, rel_bias=ctx.rel_bias)
     qc, kc, vc, doc = plan.rows(q), plan.keys(k), plan.keys(v), plan.rows(dout)
     dqc = np.empty_like(qc)                                        # (BH·d, Ln, D) (the kernel
     dkc = np.empty_like(kc)                                        # (BH·d, Lm, D)  fills or
@@ -508,23 +697,28 @@ def _backward_numba(dout, ctx: WindowCtx) -> dict:
     if d > 1:
         dq, dk, dv = np.array(dq), np.array(dk), np.array(dv)
     key_ok = _key_ok(ctx.key_padding_mask, batch, m)
-    if gidx.size:
+    grads = {"q": dq, "k": dk, "v": dv}
+    dq_r, dk_r, dv_r = _global_grads(grads, ctx)
+    if gl.size:
         delta = np.sum(dout * ctx.out, axis=-1)                    # (..., N) = Σ_j p dp
         # global columns — fwd: s_g = q @ k[G]ᵀ · scale, out += p_g @ v[G]
-        s_g, ok_g = _gcol_scores(q, k, gidx, ctx.causal, key_ok, ctx.rel_bias, scale)
+        k_g, v_g = _rows_at(k, gl), _rows_at(v, gl)                # (..., G, D), (..., G, Dv)
+        s_g, ok_g = _gcol_scores(q, k_g, gl, ctx.causal, key_ok, ctx.rel_bias, scale)
         p_g = _exp_minus(s_g, lse, ok_g)                           # (..., N, G)
-        dv[..., gidx, :] += p_g.swapaxes(-1, -2) @ dout
-        ds_g = p_g * (dout @ v[..., gidx, :].swapaxes(-1, -2) - delta[..., None])
-        dq += (ds_g @ k[..., gidx, :]) * scale
-        dk[..., gidx, :] += (ds_g.swapaxes(-1, -2) @ q) * scale
-        # global rows — fwd: out[G] = softmax(q[G] @ kᵀ · scale) @ v
-        s_r, ok_r = _grow_scores(q, k, gidx, ctx.causal, key_ok, ctx.rel_bias, scale)
-        p_r = _exp_minus(s_r, lse[..., gidx], ok_r)                # (..., G, M)
-        dv += p_r.swapaxes(-1, -2) @ dout[..., gidx, :]
-        ds_r = softmax.backward(dout[..., gidx, :] @ v.swapaxes(-1, -2), p_r)  # (..., G, M)
-        dq[..., gidx, :] += (ds_r @ k) * scale
-        dk += (ds_r.swapaxes(-1, -2) @ q[..., gidx, :]) * scale
-    grads = {"q": dq, "k": dk, "v": dv}
+        _put(dv, gl, p_g.swapaxes(-1, -2) @ dout, add=True)        # dv[G]
+        ds_g = p_g * (dout @ v_g.swapaxes(-1, -2) - delta[..., None])
+        dq += (ds_g @ k_g) * scale
+        _put(dk, gl, (ds_g.swapaxes(-1, -2) @ q) * scale, add=True)  # dk[G]
+        # global rows — fwd: out[G] = softmax(q_r[G] @ k_rᵀ · scale) @ v_r,
+        # (q_r, k_r, v_r) = (q, k, v), or the global projections
+        q_r, k_r, v_r = _global_qkv(q, k, v, ctx.q_global, ctx.k_global, ctx.v_global)
+        q_rg, dout_g = _rows_at(q_r, gl), _rows_at(dout, gl)      # (..., G, D), (..., G, Dv)
+        s_r, ok_r = _grow_scores(q_rg, k_r, gl, ctx.causal, key_ok, ctx.rel_bias, scale)
+        p_r = _exp_minus(s_r, _at(lse, gl), ok_r)                  # (..., G, M)
+        dv_r += p_r.swapaxes(-1, -2) @ dout_g
+        ds_r = softmax.backward(dout_g @ v_r.swapaxes(-1, -2), p_r)  # (..., G, M)
+        _put(dq_r, gl, (ds_r @ k_r) * scale, add=True)             # dq_r[G]
+        dk_r += (ds_r.swapaxes(-1, -2) @ q_rg) * scale
     if ctx.rel_bias is not None:
         drel = np.zeros((*batch, n + m - 1), dtype=dt)             # (..., N + M − 1)
         dslot = dbias_part.sum(axis=1).reshape(bh, d, plan.n_off).sum(axis=1)  # (BH, S)
@@ -532,8 +726,8 @@ def _backward_numba(dout, ctx: WindowCtx) -> dict:
         for t, o in enumerate(plan.slot_offsets):
             if -(m - 1) <= o <= n - 1:
                 drel[..., o + m - 1] += dslot[..., t]
-        if gidx.size:
-            _rel_bias_grad_gparts(drel, ds_g, ds_r, gidx, n, m)
+        if gl.size:
+            _rel_bias_grad_gparts(drel, ds_g, ds_r, gl, n, m)
         grads["rel_bias"] = _checks.reduce_to_shape(drel, ctx.rel_bias.shape)
     return grads
 
@@ -551,6 +745,16 @@ def example_cases(rng: np.random.Generator, dtype=np.float64) -> list[Case]:
 
     kpad = np.ones((b, 1, n), dtype=bool)
     kpad[1, :, -3:] = False                                        # key padding of batch 1
+    gmask = np.zeros((b, 1, n), dtype=bool)                        # per-sample global tokens
+    gmask[0, :, [0, 5]] = True
+    gmask[1, :, 7] = True
+    gmask_h = np.zeros((b, h, n), dtype=bool)                      # per batch item and head
+    gmask_h[0, 0, 2] = True
+    gmask_h[1, :, [1, 9]] = True
+
+    def proj(x):
+        return {name: rng.standard_normal(x[name[0]].shape).astype(dtype)
+                for name in PROJECTIONS}
     return [
         Case("plain", qkv(), {"window": 2}),
         Case("causal", qkv(), {"window": 3, "causal": True}),
@@ -562,4 +766,13 @@ def example_cases(rng: np.random.Generator, dtype=np.float64) -> list[Case]:
                                              "dilation": 3}),
         Case("rect_rel_bias", {**qkv(8, 13), "rel_bias": rng.standard_normal(
             (b, h, 8 + 13 - 1)).astype(dtype)}, {"window": 3, "causal": True, "scale": 0.6}),
+        Case("global_mask_kpad", qkv(), {"window": 2, "global_mask": gmask,
+                                         "key_padding_mask": kpad}),
+        Case("global_mask_heads_causal", qkv(), {"window": 1, "dilation": 2,
+                                                 "global_mask": gmask_h, "causal": True}),
+        Case("global_projections", {**(x := qkv()), **proj(x)},
+             {"window": 2, "global_indices": [0, 6], "key_padding_mask": kpad}),
+        Case("global_projections_mask_rel_bias",
+             {**(x := qkv()), **proj(x), "rel_bias": rng.standard_normal(
+                 (h, 2 * n - 1)).astype(dtype)}, {"window": 1, "global_mask": gmask}),
     ]

@@ -43,6 +43,17 @@ raised unchanged, or pass ``pad_to_multiple=c``: the layer then pads the sequenc
 rows up to a multiple of c, marks them as padding through the variant's key-padding option
 (so they are invisible to every real query), and drops their outputs; gradients are exact.
 
+Global projections (Longformer, ``SUPPORTS_GLOBAL_PROJECTIONS``; ``window``):
+``global_projections=True`` creates a second set of Q, K, V projections (Longformer's
+Q_g, K_g, V_g; HF's ``query_global`` / ``key_global`` / ``value_global``), passed to the
+variant under the names of its ``GLOBAL_PROJECTIONS``; the rows of global tokens attend
+with them (same RoPE, ``shared_kv`` and ``rank`` as the main projections).  Which tokens are
+global: ``global_indices=`` among the layer options (the same for every sequence), or per
+sequence ``forward(x, global_tokens=)`` (B, N) bool, True = global token, passed as the
+variant's ``GLOBAL_MASK`` option with shape (B, 1, N) (padding positions added by
+``pad_to_multiple`` are not global).  ``Transformer`` passes only key padding to its layers,
+so inside a ``Transformer`` use ``global_indices``.
+
 Multi-head factorization: ``shared_kv=True`` projects one K/V head of width Dh that every
 query head uses (multi-query attention, Shazeer 2019); its gradient is the sum over heads.
 Projection compression: ``rank=r`` makes the four projections :class:`LowRankLinear`.
@@ -94,9 +105,11 @@ def settable_options(mod) -> tuple[set, set, bool]:
     """
     fwd, var_kw = _keywords(mod.forward)
     fwd -= {"q", "k", "v"}
-    reserved = {"causal", "rel_bias", *getattr(mod, "LAYER_PARAMS", ())}
-    if mod.KEY_PADDING is not None:
-        reserved.add(mod.KEY_PADDING)
+    reserved = {"causal", "rel_bias", *getattr(mod, "LAYER_PARAMS", ()),
+                *getattr(mod, "GLOBAL_PROJECTIONS", ())}
+    for option in (mod.KEY_PADDING, getattr(mod, "GLOBAL_MASK", None)):
+        if option is not None:
+            reserved.add(option)
     to_forward = fwd - reserved
     valid = set(to_forward)
     for helper, positional in (("draw_random_options", {"rng", "d", "dtype"}),
@@ -139,6 +152,7 @@ class MHACtx(Ctx):
     attn: Ctx                     # the variant's ctx
     o: object                     # ctx of the output projection
     drop: object                  # ctx of the output dropout
+    glob: object = None           # ctxs of the global projections (q, k, v, rope_q, rope_k)
 
 
 class MultiHeadAttention(Layer):
@@ -157,6 +171,8 @@ class MultiHeadAttention(Layer):
     layer_params : "layer" (one set shared by the heads) or "head" (one set per head).
     variant_params : an existing :class:`VariantParams` to share across layers.
     pad_to_multiple : pad the sequence to a multiple of this length (see the module docstring).
+    global_projections : create the global Q, K, V projections (requires the variant's
+        ``SUPPORTS_GLOBAL_PROJECTIONS``; see the module docstring).
     dropout : dropout probability on the output.
     rng, dtype : seeded Generator for initialisation and random options; float32/float64.
     **options : the variant's own options (``window=``, ``n_features=``, …).
@@ -166,8 +182,8 @@ class MultiHeadAttention(Layer):
                  causal: bool = False, rank: int | None = None, shared_kv: bool = False,
                  positions: Layer | None = None, max_len: int | None = None,
                  layer_params: str = "layer", variant_params: VariantParams | None = None,
-                 pad_to_multiple: int | None = None, dropout: float = 0.0, rng=None,
-                 dtype=np.float64, **options):
+                 pad_to_multiple: int | None = None, global_projections: bool = False,
+                 dropout: float = 0.0, rng=None, dtype=np.float64, **options):
         super().__init__()
         rng, self.dtype = _rng(rng), _dtype(dtype)
         self.d_model = _checks.integer(d_model, "d_model", minimum=1)
@@ -225,6 +241,15 @@ class MultiHeadAttention(Layer):
                                                               dtype=dtype)
         self.v_proj = make_linear(d, d_kv, rank, rng=rng, dtype=dtype)
         self.o_proj = make_linear(d, d, rank, rng=rng, dtype=dtype)
+        self.global_projections = _checks.flag(global_projections, "global_projections")
+        if self.global_projections and not getattr(mod, "SUPPORTS_GLOBAL_PROJECTIONS", False):
+            raise ValueError(f"attention {attention!r} has no global projections "
+                             "(SUPPORTS_GLOBAL_PROJECTIONS is False)")
+        self.qg_proj = self.kg_proj = self.vg_proj = None
+        if self.global_projections:
+            self.qg_proj = make_linear(d, d, rank, rng=rng, dtype=dtype)
+            self.kg_proj = make_linear(d, d_kv, rank, rng=rng, dtype=dtype)
+            self.vg_proj = make_linear(d, d_kv, rank, rng=rng, dtype=dtype)
         self.drop = Dropout(dropout, seed=int(rng.integers(2**63)))
 
         self.layer_params = _checks.choice(layer_params, "layer_params", ("layer", "head"))
@@ -269,13 +294,57 @@ class MultiHeadAttention(Layer):
         b, h, n, dh = y.shape
         return y.transpose(0, 2, 1, 3).reshape(b, n, h * dh)       # (B, N, d)
 
-    def forward(self, x, key_padding=None):
-        """x (B, N, d), key_padding (B, N) bool or None -> (y (B, N, d), ctx)."""
+    def _project(self, x, q_proj, k_proj, v_proj):
+        """(q, k, v) (B, H, N, Dh) of one set of projections, with RoPE and shared K/V, and
+        the ctxs (q, k, v, rope_q, rope_k); k is None for SHARED_QK."""
+        b, n, _ = x.shape
+        h = self.n_heads
+        q2, cq = q_proj.forward(x)                                 # (B, N, d)
+        q = self._heads(q2, h)                                     # (B, H, N, Dh)
+        k = ck = None
+        if not self.shared_qk:
+            k2, ck = k_proj.forward(x)                             # (B, N, d_kv)
+            k = self._heads(k2, 1 if self.shared_kv else h)        # (B, H or 1, N, Dh)
+        v2, cv = v_proj.forward(x)                                 # (B, N, d_kv)
+        v = self._heads(v2, 1 if self.shared_kv else h)            # (B, H or 1, N, Dh)
+        if self.shared_kv:
+            v = np.ascontiguousarray(np.broadcast_to(v, (b, h, n, self.head_dim)))
+            if not self.shared_qk:
+                k = np.ascontiguousarray(np.broadcast_to(k, (b, h, n, self.head_dim)))
+        crq = crk = None
+        if isinstance(self.positions, RoPE):
+            q, crq = self.positions.forward(q)                     # (B, H, N, Dh)
+            if not self.shared_qk:
+                k, crk = self.positions.forward(k)                 # (B, H, N, Dh)
+        return (q, k, v), (cq, ck, cv, crq, crk)
+
+    def _project_backward(self, dq, dk, dv, ctxs, q_proj, k_proj, v_proj):
+        """Backward of :meth:`_project`: dq, dk, dv (B, H, N, Dh) -> dx (B, N, d)."""
+        cq, ck, cv, crq, crk = ctxs
+        if crq is not None:
+            # fwd: q = rope(q) ; k = rope(k)
+            dq = self.positions.backward(dq, crq)                  # (B, H, N, Dh)
+            if dk is not None:
+                dk = self.positions.backward(dk, crk)              # (B, H, N, Dh)
+        if self.shared_kv:
+            # fwd: v = broadcast_to(v1, (B, H, N, Dh))  ->  sum over the heads
+            dv = dv.sum(axis=1, keepdims=True)                     # (B, 1, N, Dh)
+            if dk is not None:
+                dk = dk.sum(axis=1, keepdims=True)                 # (B, 1, N, Dh)
+        # fwd: q = heads(q_proj(x)), k = heads(k_proj(x)), v = heads(v_proj(x))
+        dx = q_proj.backward(self._merge(dq), cq)                  # (B, N, d)
+        dx = dx + v_proj.backward(self._merge(dv), cv)             # (B, N, d)
+        if dk is not None:
+            dx = dx + k_proj.backward(self._merge(dk), ck)         # (B, N, d)
+        return dx
+
+    def forward(self, x, key_padding=None, global_tokens=None):
+        """x (B, N, d), key_padding (B, N) bool or None, global_tokens (B, N) bool or None
+        (True = global token; variants with ``GLOBAL_MASK``) -> (y (B, N, d), ctx)."""
         _input(x, "x", self.dtype, self.d_model)
         if x.ndim != 3:
             raise ValueError(f"x must be (B, N, d_model), got shape {x.shape}")
         b, n, _ = x.shape
-        h = self.n_heads
         mod = self.mod
         if key_padding is not None:
             if mod.KEY_PADDING is None:
@@ -285,25 +354,22 @@ class MultiHeadAttention(Layer):
                     or key_padding.shape != (b, n)):
                 raise ValueError(f"key_padding must be a bool array of shape (B, N) = "
                                  f"{(b, n)}, got {getattr(key_padding, 'shape', key_padding)}")
+        if global_tokens is not None:
+            if getattr(mod, "GLOBAL_MASK", None) is None:
+                raise ValueError(f"attention {self.attention!r} does not take per-sequence "
+                                 "global tokens (GLOBAL_MASK is None)")
+            if (not isinstance(global_tokens, np.ndarray) or global_tokens.dtype != np.bool_
+                    or global_tokens.shape != (b, n)):
+                raise ValueError(f"global_tokens must be a bool array of shape (B, N) = "
+                                 f"{(b, n)}, got "
+                                 f"{getattr(global_tokens, 'shape', global_tokens)}")
 
-        q2, cq = self.q_proj.forward(x)                            # (B, N, d)
-        q = self._heads(q2, h)                                     # (B, H, N, Dh)
-        ck = None
-        if not self.shared_qk:
-            k2, ck = self.k_proj.forward(x)                        # (B, N, d_kv)
-            k = self._heads(k2, 1 if self.shared_kv else h)        # (B, H or 1, N, Dh)
-        v2, cv = self.v_proj.forward(x)                            # (B, N, d_kv)
-        v = self._heads(v2, 1 if self.shared_kv else h)            # (B, H or 1, N, Dh)
-        if self.shared_kv:
-            v = np.ascontiguousarray(np.broadcast_to(v, (b, h, n, self.head_dim)))
-            if not self.shared_qk:
-                k = np.ascontiguousarray(np.broadcast_to(k, (b, h, n, self.head_dim)))
-
-        crq = crk = None
-        if isinstance(self.positions, RoPE):
-            q, crq = self.positions.forward(q)                     # (B, H, N, Dh)
-            if not self.shared_qk:
-                k, crk = self.positions.forward(k)                 # (B, H, N, Dh)
+        (q, k, v), (cq, ck, cv, crq, crk) = self._project(x, self.q_proj, self.k_proj,
+                                                          self.v_proj)
+        glob = cglob = None
+        if self.global_projections:
+            # fwd: (q_g, k_g, v_g) = the same heads of the global projections of x
+            glob, cglob = self._project(x, self.qg_proj, self.kg_proj, self.vg_proj)
 
         n_pad = n
         if self.pad_to_multiple is not None:
@@ -316,6 +382,10 @@ class MultiHeadAttention(Layer):
             if not self.shared_qk:
                 k = np.pad(k, widths)                              # (B, H, N_pad, Dh)
             key_padding = np.pad(key_padding, ((0, 0), (0, n_pad - n)))  # (B, N_pad)
+            if glob is not None:
+                glob = tuple(np.pad(a, widths) for a in glob)      # (B, H, N_pad, Dh)
+            if global_tokens is not None:
+                global_tokens = np.pad(global_tokens, ((0, 0), (0, n_pad - n)))  # (B, N_pad)
         if self.shared_qk:
             k = q                                                  # the contract: k is q
 
@@ -325,6 +395,10 @@ class MultiHeadAttention(Layer):
             opts["causal"] = True
         if key_padding is not None:
             opts[mod.KEY_PADDING] = key_padding[:, None, :]        # (B, 1, N_pad)
+        if global_tokens is not None:
+            opts[mod.GLOBAL_MASK] = global_tokens[:, None, :]      # (B, 1, N_pad)
+        if glob is not None:
+            opts.update(zip(mod.GLOBAL_PROJECTIONS, glob))         # (B, H, N_pad, Dh) each
         crel = None
         if isinstance(self.positions, (RelativePositionBias, ALiBi)):
             opts["rel_bias"], crel = self.positions.forward(n_pad, n_pad)  # (H, 2N_pad − 1)
@@ -340,7 +414,8 @@ class MultiHeadAttention(Layer):
         y, co = self.o_proj.forward(self._merge(o))                # (B, N, d)
         y, cd = self.drop.forward(y)                               # (B, N, d)
         return y, MHACtx(variant=self.attention, n=n, n_pad=n_pad, q=cq, k=ck, v=cv,
-                         rope_q=crq, rope_k=crk, rel=crel, attn=cattn, o=co, drop=cd)
+                         rope_q=crq, rope_k=crk, rel=crel, attn=cattn, o=co, drop=cd,
+                         glob=cglob)
 
     def backward(self, dy, ctx: MHACtx):
         mod, n, h = self.mod, ctx.n, self.n_heads
@@ -360,19 +435,11 @@ class MultiHeadAttention(Layer):
         if self.variant_params is not None:
             for name in self.variant_params.names:
                 self.variant_params.grads[name] += g[name]
-        if ctx.rope_q is not None:
-            # fwd: q = rope(q) ; k = rope(k)
-            dq = self.positions.backward(dq, ctx.rope_q)           # (B, H, N, Dh)
-            if dk is not None:
-                dk = self.positions.backward(dk, ctx.rope_k)       # (B, H, N, Dh)
-        if self.shared_kv:
-            # fwd: v = broadcast_to(v1, (B, H, N, Dh))  ->  sum over the heads
-            dv = dv.sum(axis=1, keepdims=True)                     # (B, 1, N, Dh)
-            if dk is not None:
-                dk = dk.sum(axis=1, keepdims=True)                 # (B, 1, N, Dh)
-        # fwd: q = heads(q_proj(x)), k = heads(k_proj(x)), v = heads(v_proj(x))
-        dx = self.q_proj.backward(self._merge(dq), ctx.q)          # (B, N, d)
-        dx = dx + self.v_proj.backward(self._merge(dv), ctx.v)     # (B, N, d)
-        if dk is not None:
-            dx = dx + self.k_proj.backward(self._merge(dk), ctx.k)  # (B, N, d)
+        dx = self._project_backward(dq, dk, dv, (ctx.q, ctx.k, ctx.v, ctx.rope_q, ctx.rope_k),
+                                    self.q_proj, self.k_proj, self.v_proj)  # (B, N, d)
+        if ctx.glob is not None:
+            # fwd: (q_g, k_g, v_g) = the global projections of x
+            dg = [g[name][:, :, :n] for name in mod.GLOBAL_PROJECTIONS]  # (B, H, N, Dh) each
+            dx = dx + self._project_backward(*dg, ctx.glob, self.qg_proj, self.kg_proj,
+                                             self.vg_proj)         # (B, N, d)
         return dx
