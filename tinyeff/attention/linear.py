@@ -32,8 +32,8 @@ causal : bool, default False.  Query i sees keys j ≤ i.  For N != M the alignm
     *top-left*, as in :mod:`tinyeff.attention.full` and PyTorch's ``is_causal``: row i sees
     keys 0 … min(i, M − 1).  Causal outputs do not depend on later tokens:
     f(x)[:t] == f(x[:t]).
-key_padding_mask : boolean (..., M), one dimension per batch dimension (size 1 broadcasts), True =
-    real key (``KEY_PADDING``).  None = every key is real.
+key_padding_mask : boolean (..., M), one dimension per batch dimension (size 1
+    broadcasts), True = real key (``KEY_PADDING``).  None = every key is real.
 mask_mode : "exact" (default) | "values_only".  "exact" removes a padded key from the
     numerator *and* the denominator (φ(k_j) is zeroed, as fast-transformers does), so the
     output does not depend on how much padding there is.  "values_only" zeroes v_j only, as

@@ -32,7 +32,7 @@ Options
 block : int >= 1, segment length k.
 look_backward : int >= 0, default 1.   look_forward : int >= 0, default 0.
 causal : bool (top-left, j <= i, like ``full``).
-key_padding_mask : bool (..., M), True = real key; leading dims broadcastable to the batch.
+key_padding_mask : bool (..., M), True = real key; one dim per batch dim (size 1 broadcasts).
 rel_bias : float (..., N + M − 1), bias_ij = rel_bias[..., i − j + M − 1]; gradient returned.
 scale : float, default 1/sqrt(D).
 impl : "auto" (Numba for non-empty shapes) | "ref" (dense per-segment blocks with batched

@@ -43,7 +43,7 @@ rotations : (D, r, nb/2) array of q's dtype, e.g. from :func:`draw_random_option
 chunk_len : int, c.  N must be a multiple of it (ValueError otherwise; layers pad).
 n_buckets : int or None; None = 2·rotations.shape[2].  Given, it must equal that.
 causal : bool, default False.  Removes keys at later positions.
-key_padding_mask : bool (..., N), leading dims broadcastable to the batch, True = real.
+key_padding_mask : bool (..., N), one dim per batch dim (size 1 broadcasts), True = real.
     Padded keys are excluded (−inf), padded positions hash to the extra bucket nb (so they
     sort to the end of each round, as trax/HF).  Padded positions remain queries.
 dedup : bool, default False (trax and HF omit the correction).

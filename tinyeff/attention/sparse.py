@@ -25,8 +25,8 @@ mask : the pattern S (N, M), required.  Any boolean ``scipy.sparse`` matrix or a
     batch index [..., h], i.e. the last batch dimension must have length H.
 causal : bool, default False.  Keep only j <= i (top-left alignment, like ``full``):
     S is intersected with the causal pattern before anything else.
-key_padding_mask : boolean array (..., M), leading dimensions broadcastable to the batch
-    dimensions; True = real key.  Padded keys get the score −inf (excluded).
+key_padding_mask : boolean array (..., M), one dimension per batch dimension (size 1
+    broadcasts, e.g. (B, 1, M)); True = real key.  Padded keys get the score −inf (excluded).
 rel_bias : float array (..., N + M − 1), leading dimensions broadcastable to the batch:
     bias_ij = rel_bias[..., i − j + M − 1] is added to the scaled score of each stored
     entry (relative positions, T5 buckets, ALiBi).  Its gradient sums ∂s over the stored

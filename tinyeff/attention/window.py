@@ -48,7 +48,7 @@ global_mask : None or bool (..., N), exactly q.ndim − 1 dimensions lined up wi
     Held as per-item position lists padded to G, the largest count in the batch.
 causal : bool.  Keeps j <= i (top-left alignment, like ``full``): band slots t ∈ [−w, 0],
     global rows see keys j <= g, and global key g is seen only by rows i >= g.
-key_padding_mask : bool (..., M), True = real key; leading dims broadcastable to the batch.
+key_padding_mask : bool (..., M), True = real key; one dim per batch dim (size 1 broadcasts).
 rel_bias : float (..., N + M − 1): bias_ij = rel_bias[..., i − j + M − 1] added to s_ij, on
     the band and on the global rows/columns alike; gradient returned reduced to its shape.
     On the band only 2w + 1 of its entries are read (the offsets ±t·d), so the work stays
