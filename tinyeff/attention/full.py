@@ -18,8 +18,8 @@ causal : bool, default False
 mask : boolean array broadcastable to (..., N, M), True = may attend; or a scipy.sparse
     matrix of shape (N, M) whose stored entries are the allowed pairs.
 key_padding_mask : boolean array (..., M) with one dimension per batch dimension (size 1
-    broadcasts: (B, 1, M) for (B, H) batches; a (B, M) mask is a ValueError); True = real key.  Combined with ``mask``
-    by logical and.
+    broadcasts: (B, 1, M) for (B, H) batches; a (B, M) mask is a ValueError); True = real
+    key.  Combined with ``mask`` by logical and.
 bias : float array broadcastable to (..., N, M), added to the scaled scores.  ``-inf``
     entries act as a mask.  Its gradient is returned reduced to the bias's own shape.
 rel_bias : float array (..., N + M − 1) whose leading dimensions broadcast to the batch

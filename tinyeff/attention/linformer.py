@@ -34,8 +34,8 @@ E, F : float arrays of the inputs' dtype; *differentiable* arguments (``backward
     ``E[:, :M]`` for shorter inputs; pass that explicitly to reproduce them).  E and F must
     have the same rank k >= 1.
 key_padding_mask : boolean (..., M), True = real key, one dimension per batch dimension
-    (size 1 broadcasts).  Padded keys are removed exactly from the projections: the output equals the
-    output of the same call with those keys deleted from k, v and their columns deleted
+    (size 1 broadcasts).  Padded keys are removed exactly from the projections: the output
+    equals the output of the same call with those keys deleted from k, v and their columns deleted
     from E and F.  (fairseq's Linformer ignores the padding mask in self-attention, so its
     padded tokens leak into every projected key; LRA and lucidrains take no mask at all.
     To reproduce them pass no mask.)  Note that, unlike in ``full``, a padded key does not
