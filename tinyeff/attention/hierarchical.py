@@ -71,8 +71,8 @@ causal : bool, default False: query i sees keys j <= i only.  No span of P(i) ev
 key_padding_mask : boolean (..., N), True = real key, one dimension per batch dimension
     (size 1 broadcasts).  Padded keys are removed exactly: span means and counts n_t run
     over the real keys only; a span with no real key is dropped (n = 0, logit −inf).  So
-    padded keys get zero gradient and, with keys constant within every span, the result equals ``full``
-    with the same padding.
+    padded keys get zero gradient and, with keys constant within every span, the result
+    equals ``full`` with the same padding.
 scale : float, default 1/sqrt(D).
 
 Any N is allowed: the last block and the last span of every level may be shorter (their
