@@ -4,16 +4,12 @@
 training step at large N.  It differs from ``np.empty`` in two ways, both about fresh
 memory, never about results.
 
-Why: an allocation above 32 MiB is served by glibc straight from the operating system
-(``mmap``) and handed back at ``free``, so every call of an attention at N = 65,536
-(B = 1, H = 4, D = 64, float32: four 64 MiB arrays for the output and the gradients)
-page-faults 256 MiB of fresh memory — 65,540 faults per forward+backward of ``linear``,
-against none at N = 4,096, whose 4 MiB arrays glibc recycles from its heap.  Each fresh
-page must be zeroed by the kernel and, on a virtual machine that returns freed memory to
-its host (virtio-balloon free page reporting, as on the Firecracker VMs the benchmark runs
-on), backed again by the host.  ``python -m tinyeff bench --first-touch`` measures the
-first write of a fresh 64 MiB array: 68–160 ms with transparent huge pages and 46–50 ms
-with 4 KiB pages there (three runs on 2026-11-29).
+Why: glibc serves an allocation above 32 MiB straight from the operating system (``mmap``)
+and hands it back at ``free``, so without reuse every forward+backward at large N
+page-faults its outputs and gradients afresh, and each fresh page is zeroed by the kernel
+(and, on a virtual machine that returns freed memory to its host, backed again by the host).
+``python -m tinyeff bench --first-touch`` measures that cost; BENCHMARKS.md ("Fresh memory")
+has the figures.
 
 1. **Reuse.**  Blocks of at least :data:`CACHE_MIN_BYTES` (glibc's largest mmap
    threshold, 32 MiB) are kept after the caller drops them and handed out again for a
@@ -28,8 +24,8 @@ with 4 KiB pages there (three runs on 2026-11-29).
    ordinary writeable C-contiguous arrays, except that ``a.base`` is the block
    (``a.flags.owndata`` is False).
 2. **Small pages.**  NumPy asks Linux for transparent huge pages (``madvise``) on every
-   allocation of 4 MiB or more; a fresh huge page costs 1.5–3× more than its 512 small pages
-   on such a VM (above).  ``empty`` skips that request for its blocks (only the request: a
+   allocation of 4 MiB or more; on a VM that returns freed memory to its host a fresh huge
+   page costs more than its 512 small pages (BENCHMARKS.md).  ``empty`` skips that request for its blocks (only the request: a
    system set to ``transparent_hugepage=always`` still gets huge pages).  NumPy's setting
    is process-wide, so it is switched off for the one allocation under a lock and
    restored; another thread allocating at that instant can at worst miss it too.

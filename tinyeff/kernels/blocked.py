@@ -34,21 +34,18 @@ Parallel schedule (``prange`` over independent outputs only; no atomics):
   into its own buffer (2T − 1 offsets), and the buffers are added in a fixed order.
 
 SPEEDTIP: the tile products are ``np.dot`` on 2-D tiles, which Numba hands to BLAS (the
-``gemm`` of SciPy's OpenBLAS).  Hand-written triple loops reached 4 GFLOP/s here against
-60–90 GFLOP/s for BLAS on 128-wide tiles.  BLAS's own threads inside ``prange`` threads
-oversubscribe the cores (measured 11–25 GFLOP/s instead of 60–90 on 2 cores), so the
-wrappers run the kernels under :func:`blas_single_thread` (``kernels/_math.py``).
-SPEEDTIP: ``math.exp`` is a scalar libm call (5 ns per float32 element, the largest cost
-after the products); :func:`fast_exp` (``kernels/_math.py``) is a branch-free
-Cephes-style exp that LLVM vectorizes (1 ns per float32 element; ≤ 1 ulp in float32,
-≤ 2 ulp in float64; it flushes results below 4e-38 (float32) / 1e-307 (float64) to zero).
+``gemm`` of SciPy's OpenBLAS); hand-written loops are an order of magnitude slower.  BLAS's
+own threads inside ``prange`` threads oversubscribe the cores, so the wrappers run the
+kernels under :func:`tinyeff.kernels.blas_single_thread`.
+SPEEDTIP: ``math.exp`` is a scalar libm call; :func:`fast_exp` (``kernels/_math.py``) is a
+branch-free Cephes-style exp that LLVM vectorizes (≤ 1 ulp in float32, ≤ 2 ulp in float64;
+it flushes results below 4e-38 (float32) / 1e-307 (float64) to zero).
 SPEEDTIP: the forward holds each tile transposed, Sᵀ = k_J q_Iᵀ (T_k, T_q), in one
 scratch buffer per task: each query's max and sum then run down a column, still serially
 in key order per query (same bits as row-wise loops) but vectorized across queries, and
-causal / key-padding masks cost one range per key row instead of a test per element.
-Measured single-threaded (CPU time, N = 4096, H = 4, D = 64, float32): forward 0.544 s ->
-0.455 s.  The backward keeps row-major tiles: the transposed backward measured 1.5 s
-against 0.9 s (cause not found in the time available).
+causal / key-padding masks cost one range per key row instead of a test per element.  The
+backward keeps row-major tiles (faster there).  Measurements: BENCHMARKS.md ("Blocked
+kernel: design measurements").
 NOTE: ``fastmath`` stays off (jit policy): reductions (row max, row sum) run serially in
 index order, so results do not depend on vector width or thread count.
 """
