@@ -25,8 +25,8 @@ has the figures.
    (``a.flags.owndata`` is False).
 2. **Small pages.**  NumPy asks Linux for transparent huge pages (``madvise``) on every
    allocation of 4 MiB or more; on a VM that returns freed memory to its host a fresh huge
-   page costs more than its 512 small pages (BENCHMARKS.md).  ``empty`` skips that request for its blocks (only the request: a
-   system set to ``transparent_hugepage=always`` still gets huge pages).  NumPy's setting
+   page costs more than its 512 small pages (BENCHMARKS.md).  ``empty`` skips that request
+   for its blocks (only the request: a system set to ``transparent_hugepage=always`` still gets huge pages).  NumPy's setting
    is process-wide, so it is switched off for the one allocation under a lock and
    restored; another thread allocating at that instant can at worst miss it too.
 
