@@ -23,12 +23,13 @@ has the figures.
    ``set_cache_limit(0)`` or ``TINYEFF_CACHE_MIB=0`` turns reuse off.  The returned arrays are
    ordinary writeable C-contiguous arrays, except that ``a.base`` is the block
    (``a.flags.owndata`` is False).
-2. **Small pages.**  NumPy asks Linux for transparent huge pages (``madvise``) on every
+2. **Small pages.** NumPy asks Linux for transparent huge pages (``madvise``) on every
    allocation of 4 MiB or more; on a VM that returns freed memory to its host a fresh huge
-   page costs more than its 512 small pages (BENCHMARKS.md).  ``empty`` skips that request
-   for its blocks (only the request: a system set to ``transparent_hugepage=always`` still gets huge pages).  NumPy's setting
-   is process-wide, so it is switched off for the one allocation under a lock and
-   restored; another thread allocating at that instant can at worst miss it too.
+   page costs more than its 512 small pages (BENCHMARKS.md). ``empty`` skips that request
+   for its blocks (only the request: a system set to ``transparent_hugepage=always`` still
+   gets huge pages). NumPy's setting is process-wide, so it is switched off for the one
+   allocation under a lock and restored; another thread allocating at that instant can at
+   worst miss it too.
 
 Thread-safe (under locks).  Nothing here changes a value: tests compare every variant's
 output with and without reuse bit for bit.
