@@ -6,8 +6,7 @@ Every attention variant is a module of :mod:`tinyeff.attention` with a pure
 gradient checker and comparison helpers that the tests (and other backends) use.
 """
 
-__version__ = "0.1.0"
-
-from . import attention, memory, nn, testing  # noqa: E402
+from . import attention, memory, nn, testing
+from ._version import __version__
 
 __all__ = ["attention", "memory", "nn", "testing", "__version__"]
