@@ -63,7 +63,7 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
-from .. import __version__
+from .._version import __version__
 
 FORMAT = "tinyeff-golden"
 VERSION = 1
