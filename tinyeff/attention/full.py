@@ -76,24 +76,26 @@ AUTO_BLOCKED_MIN_NM = 1 << 20      # impl="auto" uses "blocked" from N·M = 1024
 
 @dataclasses.dataclass(frozen=True)
 class FullCtx(Ctx):
-    q: np.ndarray                 # (..., N, D)
-    k: np.ndarray                 # (..., M, D)
-    v: np.ndarray                 # (..., M, Dv)
-    p: np.ndarray | None          # (..., N, M) probabilities, 0 outside the allowed set
-                                  #   (None for impl="blocked": recomputed from lse)
-    lse: np.ndarray               # (..., N) log-sum-exp of the allowed scores (−inf: empty row)
+    """One schema for both implementations: inputs and options by reference (no copies),
+    the output and lse; ``p`` is the reference path's saved P (the blocked path recomputes
+    it tile by tile from lse instead of storing O(N·M))."""
+
+    q: np.ndarray                        # (..., N, D)
+    k: np.ndarray                        # (..., M, D)
+    v: np.ndarray                        # (..., M, Dv)
+    out: np.ndarray                      # (..., N, Dv) the output (δ = rowsum(dout∘out))
+    lse: np.ndarray                      # (..., N) log-sum-exp of the allowed scores (−inf: empty)
+    p: np.ndarray | None                 # (..., N, M) probabilities, 0 outside the allowed set;
+                                         #   None when impl="blocked" (recomputed from lse)
     scale: float
-    bias_shape: tuple | None      # shape of the bias argument (its gradient is reduced to it)
-    rel_bias_shape: tuple | None  # shape of the rel_bias argument
-    impl: str                     # "ref" or "blocked": the implementation that made this ctx
-    # What the blocked backward needs besides q, k, v, lse (references, no copies):
-    out: np.ndarray | None = None               # (..., N, Dv) the output (δ = rowsum(dout∘out));
-                                                #   None for "ref" (recomputed as P v)
-    causal: bool = False
-    key_padding_mask: np.ndarray | None = None  # (..., M) as passed
-    rel_bias: np.ndarray | None = None          # (..., N + M − 1) as passed
-    dense: bool = False           # a dense mask or bias was used (only the ref backward applies)
-    tile: int = 0                 # tile of the blocked forward (0 for "ref")
+    causal: bool
+    key_padding_mask: np.ndarray | None  # (..., M) as passed
+    rel_bias: np.ndarray | None          # (..., N + M − 1) as passed
+    bias_shape: tuple | None             # shape of bias (its gradient is reduced to it)
+    rel_bias_shape: tuple | None         # shape of the rel_bias argument
+    dense: bool                          # a dense mask or bias was used ("ref" backward only)
+    impl: str                            # "ref" or "blocked": the implementation that made this ctx
+    tile: int                            # query/key tile of the blocked forward (0 for "ref")
 
 
 def causal_mask(n: int, m: int) -> np.ndarray:
@@ -146,10 +148,12 @@ def forward(q, k, v, *, causal=False, mask=None, key_padding_mask=None, bias=Non
     if causal:
         tri = causal_mask(n, m)                                    # (N, M)
         allowed = tri if allowed is None else (allowed & tri)
-    out, ctx = _forward_ref(q, k, v, allowed, bias, rel_bias, scale)
-    # out is not kept (P is): a blocked backward of this ctx recomputes it as P v
-    ctx = dataclasses.replace(ctx, causal=causal, key_padding_mask=key_padding_mask,
-                              rel_bias=rel_bias, dense=dense)
+    out, p, lse = _forward_ref(q, k, v, allowed, bias, rel_bias, scale)
+    ctx = FullCtx(q=q, k=k, v=v, out=out, lse=lse, p=p, scale=scale, causal=causal,
+                  key_padding_mask=key_padding_mask, rel_bias=rel_bias,
+                  bias_shape=None if bias is None else bias.shape,
+                  rel_bias_shape=None if rel_bias is None else rel_bias.shape, dense=dense,
+                  impl="ref", tile=0)
     return out, ctx
 
 
@@ -181,10 +185,7 @@ def _forward_ref(q, k, v, allowed, bias, rel_bias, scale):
         s = s + rel_bias_matrix(rel_bias, q.shape[-2], k.shape[-2])  # (..., N, M)
     p, lse = softmax.forward(s, allowed)                           # (..., N, M), (..., N)
     out = p @ v                                                    # (..., N, Dv)
-    ctx = FullCtx(q=q, k=k, v=v, p=p, lse=lse, scale=scale,
-                  bias_shape=None if bias is None else bias.shape,
-                  rel_bias_shape=None if rel_bias is None else rel_bias.shape, impl="ref")
-    return out, ctx
+    return out, p, lse
 
 
 def _probs_from_lse(ctx: FullCtx) -> np.ndarray:
@@ -257,11 +258,10 @@ def _forward_blocked(q, k, v, causal, key_padding_mask, rel_bias, scale):
                               dtype.type(scale), causal, key_padding_mask is not None,
                               rel_bias is not None, tile)
     out = out.reshape(*batch, n, dv)                               # (..., N, Dv)
-    ctx = FullCtx(q=q, k=k, v=v, p=None, lse=lse.reshape(*batch, n), scale=scale,
-                  bias_shape=None,
-                  rel_bias_shape=None if rel_bias is None else rel_bias.shape,
-                  impl="blocked", out=out, causal=causal, key_padding_mask=key_padding_mask,
-                  rel_bias=rel_bias, dense=False, tile=tile)
+    ctx = FullCtx(q=q, k=k, v=v, out=out, lse=lse.reshape(*batch, n), p=None, scale=scale,
+                  causal=causal, key_padding_mask=key_padding_mask, rel_bias=rel_bias,
+                  bias_shape=None, rel_bias_shape=None if rel_bias is None else rel_bias.shape,
+                  dense=False, impl="blocked", tile=tile)
     return out, ctx
 
 
@@ -275,7 +275,7 @@ def _backward_blocked(dout, ctx: FullCtx, schedule: str = "auto") -> dict:
     bh = math.prod(batch)
     dtype = q.dtype
     tile = ctx.tile or BLOCKED_TILE
-    out = ctx.out if ctx.out is not None else ctx.p @ v            # (..., N, Dv)
+    out = ctx.out                                                  # (..., N, Dv)
     dq = np.zeros((bh, n, d), dtype=dtype)                         # (BH, N, D)
     dk = np.zeros((bh, m, d), dtype=dtype)                         # (BH, M, D)
     dvv = np.zeros((bh, m, dv), dtype=dtype)                       # (BH, M, Dv)
