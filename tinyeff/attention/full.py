@@ -52,6 +52,7 @@ Edge cases
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import numpy as np
@@ -60,7 +61,7 @@ from .. import _checks
 from ..ctx import Ctx
 from ..ops import softmax
 from . import _nonfinite
-from ._case import Case
+from ._case import Case, random_qkv
 
 NAME = "full"
 SUPPORTS_MASK = True
@@ -320,10 +321,7 @@ def example_cases(rng: np.random.Generator, dtype=np.float64) -> list[Case]:
     """Small valid calls covering every option (used by the contract tests and golden files)."""
     b, h, n, m, d, dv = 2, 2, 7, 7, 5, 3
 
-    def qkv(n_=n, m_=m):
-        return {"q": rng.standard_normal((b, h, n_, d)).astype(dtype),
-                "k": rng.standard_normal((b, h, m_, d)).astype(dtype),
-                "v": rng.standard_normal((b, h, m_, dv)).astype(dtype)}
+    qkv = functools.partial(random_qkv, rng, (b, h), d=d, dv=dv, dtype=dtype)  # qkv(N, M)
 
     pad = np.ones((b, 1, 1, m), dtype=bool)
     pad[1, :, :, -3:] = False                                      # key padding of batch 1
@@ -332,14 +330,14 @@ def example_cases(rng: np.random.Generator, dtype=np.float64) -> list[Case]:
     holes = rng.random((n, m)) < 0.6
     holes[2] = False                                               # one fully masked row
     return [
-        Case("plain", qkv(), {}),
-        Case("causal", qkv(), {"causal": True}),
+        Case("plain", qkv(n, m), {}),
+        Case("causal", qkv(n, m), {"causal": True}),
         Case("causal_rect", qkv(5, 9), {"causal": True}),
-        Case("padmask", qkv(), {"mask": pad}),
-        Case("holes_causal", qkv(), {"mask": holes, "causal": True, "scale": 0.7}),
-        Case("bias_head", {**qkv(), "bias": rng.standard_normal((h, n, m)).astype(dtype)},
+        Case("padmask", qkv(n, m), {"mask": pad}),
+        Case("holes_causal", qkv(n, m), {"mask": holes, "causal": True, "scale": 0.7}),
+        Case("bias_head", {**qkv(n, m), "bias": rng.standard_normal((h, n, m)).astype(dtype)},
              {"causal": True}),
-        Case("bias_full", {**qkv(), "bias": rng.standard_normal((b, h, n, m)).astype(dtype)},
+        Case("bias_full", {**qkv(n, m), "bias": rng.standard_normal((b, h, n, m)).astype(dtype)},
              {"mask": pad}),
         Case("rel_bias_kpad",
              {**qkv(5, 9), "rel_bias": rng.standard_normal((h, 5 + 9 - 1)).astype(dtype)},

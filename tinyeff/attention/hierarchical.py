@@ -104,6 +104,7 @@ Differences from public peers
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import numpy as np
@@ -112,7 +113,7 @@ from .. import _checks
 from ..ctx import Ctx
 from ..ops import softmax
 from . import _nonfinite
-from ._case import Case
+from ._case import Case, random_qkv
 
 NAME = "hierarchical"
 SUPPORTS_MASK = False
@@ -463,10 +464,7 @@ def example_cases(rng: np.random.Generator, dtype=np.float64) -> list[Case]:
     """Small valid calls covering every option (used by the contract tests and golden files)."""
     b, h, d, dv = 2, 2, 3, 2
 
-    def qkv(n):
-        return {"q": rng.standard_normal((b, h, n, d)).astype(dtype),
-                "k": rng.standard_normal((b, h, n, d)).astype(dtype),
-                "v": rng.standard_normal((b, h, n, dv)).astype(dtype)}
+    qkv = functools.partial(random_qkv, rng, (b, h), d=d, dv=dv, dtype=dtype)  # qkv(N)
 
     kpad = np.ones((b, 1, 13), dtype=bool)
     kpad[1, :, [2, 3, 9]] = False                                  # key padding of batch 1

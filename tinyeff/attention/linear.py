@@ -85,6 +85,7 @@ the same.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import numpy as np
@@ -94,7 +95,7 @@ from ..ctx import Ctx
 from ..kernels import linear as kernels
 from ..ops.feature_maps import FeatureMap
 from . import _nonfinite
-from ._case import Case
+from ._case import Case, random_qkv
 
 NAME = "linear"
 SUPPORTS_MASK = True
@@ -622,24 +623,21 @@ def example_cases(rng: np.random.Generator, dtype=np.float64) -> list[Case]:
     """Small valid calls covering every option (used by the contract tests and golden files)."""
     b, h, n, d, dv = 2, 2, 7, 5, 3
 
-    def qkv(n_=n, m_=n):
-        return {"q": rng.standard_normal((b, h, n_, d)).astype(dtype),
-                "k": rng.standard_normal((b, h, m_, d)).astype(dtype),
-                "v": rng.standard_normal((b, h, m_, dv)).astype(dtype)}
+    qkv = functools.partial(random_qkv, rng, (b, h), d=d, dv=dv, dtype=dtype)  # qkv(N, M)
 
     pad = np.ones((b, 1, n), dtype=bool)
     pad[1, :, -3:] = False                                         # batch 1: 3 padded keys
     pad9 = np.ones((b, 1, 9), dtype=bool)
     pad9[0, :, 4:] = False
     return [
-        Case("plain", qkv(), {}),
-        Case("relu", qkv(), {"feature_map": "relu"}),
-        Case("causal", qkv(), {"causal": True}),
+        Case("plain", qkv(n), {}),
+        Case("relu", qkv(n), {"feature_map": "relu"}),
+        Case("causal", qkv(n), {"causal": True}),
         Case("causal_rect", qkv(5, 9), {"causal": True, "key_padding_mask": pad9}),
         Case("causal_tall", qkv(9, 4), {"causal": True, "feature_map": "relu"}),
-        Case("padmask", qkv(), {"key_padding_mask": pad}),
-        Case("values_only_causal", qkv(), {"key_padding_mask": pad, "mask_mode": "values_only",
+        Case("padmask", qkv(n), {"key_padding_mask": pad}),
+        Case("values_only_causal", qkv(n), {"key_padding_mask": pad, "mask_mode": "values_only",
                                             "causal": True}),
-        Case("unnormalized", qkv(), {"normalize": False, "causal": True}),
-        Case("eps0_ref", qkv(), {"eps": 0.0, "impl": "ref"}),
+        Case("unnormalized", qkv(n), {"normalize": False, "causal": True}),
+        Case("eps0_ref", qkv(n), {"eps": 0.0, "impl": "ref"}),
     ]

@@ -64,13 +64,14 @@ Layers (``tinyeff.nn``) create the projections with :func:`init_layer_params`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import numpy as np
 
 from .. import _checks, memory
 from ..ctx import Ctx
-from ._case import Case
+from ._case import Case, random_qkv
 
 NAME = "linformer"
 SUPPORTS_MASK = False
@@ -342,10 +343,7 @@ def example_cases(rng: np.random.Generator, dtype=np.float64) -> list[Case]:
     """Small valid calls covering every option (used by the contract tests and golden files)."""
     b, h, n, m, d, dv, kk = 2, 2, 7, 6, 5, 3, 4
 
-    def qkv(n_=n, m_=m):
-        return {"q": rng.standard_normal((b, h, n_, d)).astype(dtype),
-                "k": rng.standard_normal((b, h, m_, d)).astype(dtype),
-                "v": rng.standard_normal((b, h, m_, dv)).astype(dtype)}
+    qkv = functools.partial(random_qkv, rng, (b, h), d=d, dv=dv, dtype=dtype)  # qkv(N, M)
 
     def proj(*shape):
         return (rng.standard_normal(shape) / math.sqrt(shape[-1])).astype(dtype)
@@ -353,10 +351,10 @@ def example_cases(rng: np.random.Generator, dtype=np.float64) -> list[Case]:
     kpad = np.ones((b, 1, m), dtype=bool)
     kpad[1, :, -2:] = False                                        # key padding of batch 1
     return [
-        Case("plain", {**qkv(), "E": proj(kk, m), "F": proj(kk, m)}, {}),
-        Case("per_head", {**qkv(), "E": proj(h, kk, m), "F": proj(1, kk, m)}, {"scale": 0.6}),
+        Case("plain", {**qkv(n, m), "E": proj(kk, m), "F": proj(kk, m)}, {}),
+        Case("per_head", {**qkv(n, m), "E": proj(h, kk, m), "F": proj(1, kk, m)}, {"scale": 0.6}),
         Case("per_example", {**qkv(5, 9), "E": proj(b, h, kk, 9), "F": proj(kk, 9)}, {}),
-        Case("rank_above_m", {**qkv(), "E": proj(m + 2, m), "F": proj(m + 2, m)}, {}),
-        Case("kpad", {**qkv(), "E": proj(kk, m), "F": proj(h, kk, m)},
+        Case("rank_above_m", {**qkv(n, m), "E": proj(m + 2, m), "F": proj(m + 2, m)}, {}),
+        Case("kpad", {**qkv(n, m), "E": proj(kk, m), "F": proj(h, kk, m)},
              {"key_padding_mask": kpad}),
     ]

@@ -89,13 +89,15 @@ Peers
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from .. import _checks
 from ..ops import feature_maps
 from ..ops.feature_maps import FeatureMap
 from . import _nonfinite, linear
-from ._case import Case
+from ._case import Case, random_qkv
 from .linear import LinearCtx
 
 NAME = "performer"
@@ -231,10 +233,7 @@ def example_cases(rng: np.random.Generator, dtype=np.float64) -> list[Case]:
     """Small valid calls covering every option (used by the contract tests and golden files)."""
     b, h, n, d, dv, m = 2, 2, 7, 5, 3, 8
 
-    def qkv(n_=n, m_=n):
-        return {"q": rng.standard_normal((b, h, n_, d)).astype(dtype),
-                "k": rng.standard_normal((b, h, m_, d)).astype(dtype),
-                "v": rng.standard_normal((b, h, m_, dv)).astype(dtype)}
+    qkv = functools.partial(random_qkv, rng, (b, h), d=d, dv=dv, dtype=dtype)  # qkv(N, M)
 
     def omega(orthogonal=True):
         return draw_random_options(rng, d, dtype, m=m, orthogonal=orthogonal)["features"]
@@ -242,17 +241,17 @@ def example_cases(rng: np.random.Generator, dtype=np.float64) -> list[Case]:
     pad = np.ones((b, 1, n), dtype=bool)
     pad[1, :, -3:] = False                                         # batch 1: 3 padded keys
     return [
-        Case("plain", qkv(), {"features": omega()}),
-        Case("iid_causal", qkv(), {"features": omega(False), "causal": True}),
+        Case("plain", qkv(n), {"features": omega()}),
+        Case("iid_causal", qkv(n), {"features": omega(False), "causal": True}),
         Case("causal_rect", qkv(5, 9), {"features": omega(), "causal": True}),
-        Case("padmask_causal", qkv(), {"features": omega(), "key_padding_mask": pad,
+        Case("padmask_causal", qkv(n), {"features": omega(), "key_padding_mask": pad,
                                        "causal": True}),
-        Case("values_only", qkv(), {"features": omega(), "key_padding_mask": pad,
+        Case("values_only", qkv(n), {"features": omega(), "key_padding_mask": pad,
                                     "mask_mode": "values_only"}),
-        Case("relu", qkv(), {"features": omega(), "kernel": "relu"}),
-        Case("relu_identity_causal", qkv(), {"kernel": "relu", "scale": 1.0, "causal": True}),
-        Case("eps_unnormalized", qkv(), {"features": omega(), "eps": 1e-3, "scale": 0.3,
+        Case("relu", qkv(n), {"features": omega(), "kernel": "relu"}),
+        Case("relu_identity_causal", qkv(n), {"kernel": "relu", "scale": 1.0, "causal": True}),
+        Case("eps_unnormalized", qkv(n), {"features": omega(), "eps": 1e-3, "scale": 0.3,
                                          "normalize": False}),
-        Case("eps_causal_ref", qkv(), {"features": omega(), "eps": 1e-2, "causal": True,
+        Case("eps_causal_ref", qkv(n), {"features": omega(), "eps": 1e-2, "causal": True,
                                        "impl": "ref"}),
     ]

@@ -64,6 +64,7 @@ The Numba kernels are in ``tinyeff/kernels/sparse.py``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import numba
@@ -78,7 +79,7 @@ from ..masks import Pattern
 from ..masks import bigbird as _bigbird
 from ..masks import local as _local
 from ..masks import random as _random
-from ._case import Case
+from ._case import Case, random_qkv
 
 NAME = "sparse"
 SUPPORTS_MASK = True
@@ -368,10 +369,7 @@ def example_cases(rng: np.random.Generator, dtype=np.float64) -> list[Case]:
     """Small valid calls covering every option (used by the contract tests and golden files)."""
     b, h, n, d, dv = 2, 2, 7, 5, 3
 
-    def qkv(n_=n, m_=n):
-        return {"q": rng.standard_normal((b, h, n_, d)).astype(dtype),
-                "k": rng.standard_normal((b, h, m_, d)).astype(dtype),
-                "v": rng.standard_normal((b, h, m_, dv)).astype(dtype)}
+    qkv = functools.partial(random_qkv, rng, (b, h), d=d, dv=dv, dtype=dtype)  # qkv(N, M)
 
     dense = rng.random((n, n)) < 0.5
     dense[[2, 5]] = False                                          # two empty rows
@@ -379,13 +377,13 @@ def example_cases(rng: np.random.Generator, dtype=np.float64) -> list[Case]:
     kpad = np.ones((b, 1, 9), dtype=bool)
     kpad[0, :, 6:] = False                                         # key padding of batch 0
     return [
-        Case("local", qkv(), {"mask": _local(n, 2)}),
-        Case("bigbird_causal", qkv(), {"mask": _bigbird(n, 1, 1, 2, rng), "causal": True}),
+        Case("local", qkv(n), {"mask": _local(n, 2)}),
+        Case("bigbird_causal", qkv(n), {"mask": _bigbird(n, 1, 1, 2, rng), "causal": True}),
         Case("random_rect", qkv(5, 9), {"mask": _random(5, 3, rng, m=9), "scale": 0.7}),
-        Case("empty_rows", qkv(), {"mask": holes}),
+        Case("empty_rows", qkv(n), {"mask": holes}),
         Case("rel_bias_kpad",
              {**qkv(5, 9), "rel_bias": rng.standard_normal((h, 5 + 9 - 1)).astype(dtype)},
              {"mask": _local(5, 3, m=9, offset=2), "key_padding_mask": kpad}),
-        Case("per_head", qkv(), {"mask": [_local(n, 1), _random(n, 3, rng)],
+        Case("per_head", qkv(n), {"mask": [_local(n, 1), _random(n, 3, rng)],
                                  "causal": True}),
     ]
