@@ -12,8 +12,16 @@ from __future__ import annotations
 import numpy as np
 
 from . import SHARED_BUGS
-from ._dense import (causal_mask, default_scale, dense_mask, key_mask, reduce_to,
-                     rel_bias_dense, rel_bias_grad, softmax_attention)
+from ._dense import (
+    causal_mask,
+    default_scale,
+    dense_mask,
+    key_mask,
+    reduce_to,
+    rel_bias_dense,
+    rel_bias_grad,
+    softmax_attention,
+)
 
 SOFTMAX_BUGS = {
     "nan_empty_rows": "plain softmax: a row with no admissible key gives 0/0 = NaN, not 0",

@@ -8,8 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import SHARED_BUGS
-from ._dense import reduce_to, softmax_attention, swap_t
-from ._dense import default_scale as _default_scale
+from ._dense import default_scale, reduce_to, softmax_attention, swap_t
 from .full import SOFTMAX_BUGS
 
 BUGS = {
@@ -24,7 +23,7 @@ BUGS = {
 
 def compute(x, options, dout, bug):
     q, k, v, E, F = x["q"], x["k"], x["v"], x["E"], x["F"]
-    scale = _default_scale(q, options, bug)
+    scale = default_scale(q, options, bug)
     if bug == "ef_swapped":
         E, F = F, E
     if bug == "per_head_on_batch" and q.ndim >= 4:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import SHARED_BUGS
-from ._dense import dense_mask, default_scale
+from ._dense import default_scale, dense_mask
 from .full import SOFTMAX_BUGS, allowed_pairs, attend_with_biases
 
 BUGS = {
