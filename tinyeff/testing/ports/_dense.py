@@ -115,7 +115,7 @@ def softmax_attention(q, k, v, dout, *, scale: float, allowed, bias=None, fixed=
             s = np.where(fixed[0], fixed[1], s)
         a = np.broadcast_to(allowed, s.shape) & (s > -np.inf)      # (..., N, T)
         nonempty = a.any(axis=-1, keepdims=True)                   # (..., N, 1)
-        c = np.max(np.where(a, s, -np.inf), axis=-1, keepdims=True)
+        c = np.max(np.where(a, s, -np.inf), axis=-1, keepdims=True, initial=-np.inf)
         c = np.where(nonempty, c, 0.0)                             # row max: a constant
         if bug == "no_max_sub":
             c = np.zeros_like(c)

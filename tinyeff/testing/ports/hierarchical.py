@@ -25,7 +25,7 @@ BUGS = {
     "no_log_count": "coarse logits without + log n",
     "count_includes_padding": "span means and log n count padded keys as real",
     "neighbours_ignored": "neighbours=False ignored (always the tri-diagonal near field)",
-    "causal_straddle": "causal keeps a span when its first key is <= i (not its last)",
+    "causal_fine_only": "causal applied to the fine keys only (future coarse spans kept)",
     "levels_ignored": "levels ignored (always L_full)",
     "short_span_count": "the last, shorter span of a level counted as 2^l keys (its mean and "
                         "log n use the nominal size, not the true count)",
@@ -84,8 +84,10 @@ def compute(x, options, dout, bug):
         padded_key = ~np.asarray(kpm, dtype=bool)[..., first]      # (..., T)
         allowed = allowed & ~((lvl == 0) & padded_key)[..., None, :]
     if options.get("causal", False):
-        edge = first if bug == "causal_straddle" else last
-        allowed = allowed & (edge[None, :] <= pos[:, None])
+        past = last[None, :] <= pos[:, None]                       # (N, T)
+        if bug == "causal_fine_only":
+            past = past | (lvl > 0)[None, :]
+        allowed = allowed & past
     out, dq, dkbar, dvbar, _ = softmax_attention(q, kbar, vbar, dout, scale=scale,
                                                  allowed=allowed, bias=logn, bug=bug)
     # fwd: k̄ = W k,  v̄ = W v

@@ -85,12 +85,16 @@ def compute(x, options, dout, bug):
     eps = options.get("eps", 0.0)
     if bug == "eps_inside_phi":
         fq, fk, eps = fq + eps, fk + eps, 0.0
+    normalize = options.get("normalize", True)
+    logc = cq + ck                                                 # (..., N, 1)
     with np.errstate(over="ignore"):
-        logc = cq + ck                                             # (..., N, 1)
-        out, dfq, dfk, dv = kernelized(
-            fq, fk, v, dout, causal=options.get("causal", False),
-            key_padding_mask=options.get("key_padding_mask"),
-            mask_mode=options.get("mask_mode", "exact"),
-            normalize=options.get("normalize", True), eps=eps * np.exp(-logc),
-            out_scale=np.exp(logc), bug=bug)
+        # the pulled-out e^{c_i + C}: eps·e^{−c_i−C} in the denominator (0 stays 0), or
+        # a factor of the unnormalized output
+        eps_row = eps * np.exp(-logc) if eps else 0.0
+        out_scale = None if normalize else np.exp(logc)
+    out, dfq, dfk, dv = kernelized(
+        fq, fk, v, dout, causal=options.get("causal", False),
+        key_padding_mask=options.get("key_padding_mask"),
+        mask_mode=options.get("mask_mode", "exact"), normalize=normalize, eps=eps_row,
+        out_scale=out_scale, bug=bug)
     return out, {"q": back_q(dfq), "k": back_k(dfk), "v": dv}
