@@ -32,6 +32,8 @@ BUGS = {
     "scale_on_q_only": "scale applied to q only (q̂ = scale·q, k̂ = k) instead of √scale to both",
     "no_m_norm": "features not divided by sqrt(m)",
     "relu_no_kernel_eps": "relu kernel without + kernel_eps",
+    "no_stabilizer": "softmax features exp(ω x̂ − ‖x̂‖²/2) without the max shift: overflow "
+                     "or underflow to 0 for large inputs",
 }
 
 
@@ -58,7 +60,10 @@ def features(x, omega, kernel, root, options, bug, per_row: bool):
     else:
         c = lg.max(axis=(-2, -1), keepdims=True) if lg.shape[-2] else np.zeros(
             lg.shape[:-2] + (1, 1))                                # (..., 1, 1)
-    phi = np.exp(lg - c)                                           # (..., L, m)
+    if bug == "no_stabilizer":
+        c = np.zeros_like(c)
+    with np.errstate(over="ignore"):
+        phi = np.exp(lg - c)                                       # (..., L, m)
 
     def back(dphi):
         # fwd: φ̃ = exp(ω x̂ − ‖x̂‖²/2 − log √m − c)   (c a constant)
