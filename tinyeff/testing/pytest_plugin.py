@@ -7,8 +7,8 @@ in a conftest.py.  Importing it imports neither Numba nor the attention variants
 are computed only for tests that ask for them.
 
 A test that takes the ``golden_case`` fixture is parametrized over the golden cases, one
-test per case, the case as the test id (``window/plain``; ``window/plain-float32`` for the
-float32 copy)::
+test per case, the case as the test id (``window/plain``; a float32 case whose name is also
+a float64 case's gets ``-float32`` appended)::
 
     @pytest.mark.golden(variants="window")            # optional: which cases
     def test_port(golden_case):
@@ -45,17 +45,13 @@ class GoldenCheck:
     """One golden case (``.case``, a :class:`~tinyeff.testing.golden.GoldenCase`) and
     :meth:`check`, which runs a backend on it inside a test."""
 
-    def __init__(self, case):
+    def __init__(self, case, id: str | None = None):
         self.case = case
+        self.id = id or case.key
 
     variant = property(lambda self: self.case.variant)
     name = property(lambda self: self.case.name)
     dtype = property(lambda self: self.case.dtype)
-
-    @property
-    def id(self) -> str:
-        suffix = "" if self.case.dtype == "float64" else f"-{self.case.dtype}"
-        return f"{self.case.variant}/{self.case.name}{suffix}"
 
     def check(self, backend, *, backward: bool = True, tol=None):
         """Run ``backend(variant, inputs, options, dout)`` on the case and compare.
@@ -66,7 +62,7 @@ class GoldenCheck:
         """
         from .conformance import SKIP, ConformanceReport, check_case
 
-        rows = check_case(self.case, backend, tol=tol, backward=backward)
+        rows = list(check_case(self.case, backend, tol=tol, backward=backward))
         report = ConformanceReport(rows=rows, dtype=self.case.dtype)
         if not report.ok:
             pytest.fail(f"{self.id}: the backend differs from the golden values\n"
@@ -103,7 +99,8 @@ def _cases(variants, golden, dtypes, cases):
 
 
 def golden_params(variants=None, *, golden=None, dtypes=None, cases=None) -> list:
-    """``pytest.param(GoldenCheck, id="variant/case")`` for every selected golden case.
+    """``pytest.param(GoldenCheck, id="variant/case")`` for every selected golden case
+    (``-float32`` appended to a float32 case named like a float64 one).
 
     variants : name(s) or None (all); golden : a golden directory or None (the default suite
     in memory); dtypes : ``"float64"``, ``"float32"``, a list, or None (both; a golden
@@ -111,10 +108,13 @@ def golden_params(variants=None, *, golden=None, dtypes=None, cases=None) -> lis
     """
     golden = None if golden is None else str(golden)
     found = _cases(_names(variants), golden, _names(dtypes), _names(cases))
+    keys = [c.key for c in found]
     params = []
     for case in found:
-        check = GoldenCheck(case)
-        params.append(pytest.param(check, id=check.id))
+        ident = case.key                                           # "window/plain"
+        if keys.count(ident) > 1 and case.dtype != "float64":
+            ident = f"{ident}-{case.dtype}"                        # same name in two dtypes
+        params.append(pytest.param(GoldenCheck(case, ident), id=ident))
     return params
 
 
