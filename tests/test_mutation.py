@@ -20,7 +20,7 @@ from tinyeff.attention import VARIANTS
 from tinyeff.attention._case import Case
 from tinyeff.check import main as check_main
 from tinyeff.testing.conformance import check_case
-from tinyeff.testing.golden import _compute_case
+from tinyeff.testing.golden import _compute_case, write_golden
 from tinyeff.testing.mutation import default_cases, mutation_score, score_variant
 from tinyeff.testing.ports import PORT_VARIANTS, backend, bugs, port_backend
 
@@ -132,4 +132,12 @@ def test_mutation_command_prints_the_table(capsys):
 
 def test_mutation_command_rejects_an_unknown_variant(capsys):
     assert check_main(["--mutation-score", "--variants", "nope"]) == 2
-    assert "no port of ['nope']" in capsys.readouterr().out
+    assert "no port of ['nope']" in capsys.readouterr().err
+
+
+def test_mutation_command_on_a_golden_directory(tmp_path, capsys):
+    write_golden(tmp_path, ["linformer"], dtype="float64")
+    rc = check_main(["--mutation-score", "--golden", str(tmp_path)])
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines[2:-1]] == ["linformer"]
+    assert rc == (0 if mutation_score(golden=tmp_path).ok else 1)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import sys
 
 from .conformance import check_case
 from .golden import DTYPES, GoldenCase, load_golden, make_cases
@@ -116,20 +117,22 @@ def score_variant(variant: str, cases: list[GoldenCase] | None = None) -> Varian
 
 
 def mutation_score(variants=None, golden=None) -> MutationReport:
-    """:class:`MutationReport` for ``variants`` (default: every ported variant).
+    """:class:`MutationReport` for ``variants`` (default: every ported variant, or every
+    one that ``golden`` holds).
 
     ``golden``: a golden directory (or loaded :class:`~tinyeff.testing.golden.Golden`)
     instead of the in-memory default suite.
     """
+    if golden is not None and not hasattr(golden, "select"):
+        golden = load_golden(golden)
     if variants is None:
-        variants = list(PORT_VARIANTS)
+        present = None if golden is None else {c.variant for c in golden.cases}
+        variants = [v for v in PORT_VARIANTS if present is None or v in present]
     elif isinstance(variants, str):
         variants = [variants]
     unknown = [v for v in variants if v not in PORT_VARIANTS]
     if unknown:
         raise ValueError(f"no port of {unknown}; ported variants: {', '.join(PORT_VARIANTS)}")
-    if golden is not None and not hasattr(golden, "select"):
-        golden = load_golden(golden)
     scores = []
     for v in variants:
         cases = None if golden is None else golden.select(v)
@@ -155,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = mutation_score(names, golden=args.golden)
     except ValueError as e:                                        # GoldenError included
-        print(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
         return 2
     print(report.table(verbose=args.verbose))
     return 0 if report.ok else 1
