@@ -13,6 +13,10 @@ The backend function (see :mod:`tinyeff.testing.conformance`)::
 
 ``--against`` takes ``package.module:function`` (importable; the current directory is on
 the path) or ``path/to/file.py:function``.
+
+``python -m tinyeff check --mutation-score [--variants a,b] [--golden DIR] [-v]`` instead
+prints how many planted porting bugs the golden suite catches per variant
+(:mod:`tinyeff.testing.mutation`).
 """
 
 from __future__ import annotations
@@ -55,8 +59,16 @@ def load_function(spec: str):
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--mutation-score" in argv:
+        from .testing.mutation import main as mutation_main
+
+        return mutation_main([a for a in argv if a != "--mutation-score"])
     parser = argparse.ArgumentParser(prog="python -m tinyeff check", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mutation-score", action="store_true",
+                        help="score the golden suite with planted porting bugs instead "
+                             "(takes --variants, --golden DIR, -v; no DIR or --against)")
     parser.add_argument("dir", help="golden directory (python -m tinyeff golden --out DIR)")
     parser.add_argument("--against", required=True, metavar="MODULE:FUNCTION",
                         help="the backend function to test")

@@ -61,3 +61,8 @@ __all__ = ["GradReport", "check_vjp", "check_elementwise", "numeric_grad", "asse
            "random_qkv", "Tol", "PARITY", "F32_VS_F64", "GRAD_FD", "FD_EPS",
            "check_backend", "ConformanceReport", "reference_backend", "write_golden",
            "load_golden", "read_case", "make_cases", "GoldenCase", "GoldenError"]
+
+# framework adapters (tinyeff.testing.adapters): torch / jax are imported only when called
+from .adapters import jax_backend, torch_backend  # noqa: E402
+
+__all__ += ["torch_backend", "jax_backend"]
