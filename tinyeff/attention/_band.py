@@ -61,7 +61,7 @@ class BandPlan(NamedTuple):
 
 
 def make_plan(q, k, *, groups, lo, hi, tile_start, row_ok, key_ok, rel_bias, off_min,
-         n_off) -> BandPlan:
+              n_off) -> BandPlan:
     """The band problem of q (..., N, D) against k (..., M, D).
 
     groups: d.  lo, hi (Ln,): each row's key range in group coordinates, non-decreasing

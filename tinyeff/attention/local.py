@@ -284,6 +284,7 @@ def _band_plan(q, k, *, block, look_backward, look_forward, causal, key_padding_
         s1 = min(n, s0 + kk * group)
         pieces = -(-(s1 - s0) // TILE_MAX)
         starts.extend(s0 + (s1 - s0) * p // pieces for p in range(pieces))
+    # bias slots: the offsets i − j of a segment window, −((f + 1)·k − 1) … (b + 1)·k − 1
     return _band.make_plan(q, k, groups=1, lo=np.clip((sg - b) * kk, 0, m), hi=hi,
                            tile_start=starts + [n], row_ok=None,
                            key_ok=_band.key_ok(key_padding_mask, q.shape[:-2], m),
