@@ -191,7 +191,7 @@ def test_invalid_options_raise_clear_errors(rng):
 def test_read_only_inputs_add_no_kernel_signature():
     """Read-only q, k, v, key padding, rel_bias and dout reach the band kernels as writeable
     copies, so they reuse the specializations compiled for writeable inputs (issue 11)."""
-    from tinyeff.kernels import window as kernels
+    from tinyeff.kernels import band as kernels
     rng = np.random.default_rng(3)
     q, k, v = (rng.standard_normal((2, 2, 12, 4)) for _ in range(3))
     kp = np.ones((2, 2, 12), dtype=bool)

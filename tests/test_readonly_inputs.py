@@ -54,7 +54,7 @@ CALLS = {
     "sparse": (sparse, "tinyeff.kernels.sparse", dict(
         mask=sp.csr_array(np.abs(np.subtract.outer(np.arange(N), np.arange(M))) <= 2),
         impl="numba")),
-    "window": (window, "tinyeff.kernels.window", dict(window=2, impl="numba")),
+    "window": (window, "tinyeff.kernels.band", dict(window=2, impl="numba")),
 }
 
 
@@ -133,8 +133,10 @@ def test_writeable_inputs_reach_the_kernels_writeable(name, rng, monkeypatch):
     if name == "full":
         monkeypatch.setattr(importlib.import_module("tinyeff.kernels"), "blocked", Spy(real))
     else:
-        attr = {"sparse": "kern", "window": "kernels"}[name]
-        monkeypatch.setattr(mod, attr, Spy(real))
+        owner, attr = {"sparse": (mod, "kern"),
+                       "window": (importlib.import_module("tinyeff.attention._band"),
+                                  "kernels")}[name]
+        monkeypatch.setattr(owner, attr, Spy(real))
     for batch in ((2, 2), (1, 1)):
         xb, kb = _inputs(batch, rng)
         for args, mask in ((xb, kb), ({k: _readonly(a) for k, a in xb.items()}, _readonly(kb))):

@@ -36,8 +36,8 @@ key_padding_mask : bool (..., M), True = real key; one dim per batch dim (size 1
 rel_bias : float (..., N + M − 1), bias_ij = rel_bias[..., i − j + M − 1]; gradient returned.
 scale : float, default 1/sqrt(D).
 impl : "auto" (Numba for non-empty shapes) | "ref" (dense per-segment blocks with batched
-    matrix products: the spec) | "numba" (the tiled interval kernel of
-    ``tinyeff/kernels/window.py``, with tiles aligned to the segments).
+    matrix products: the spec) | "numba" (the band engine of ``tinyeff/attention/_band.py``
+    and ``tinyeff/kernels/band.py``, with tiles aligned to the segments).
 
 Edge cases
 ----------
@@ -51,11 +51,10 @@ import dataclasses
 
 import numpy as np
 
-from .. import _checks, memory
+from .. import _checks
 from ..ctx import Ctx
-from ..kernels import window as kernels
 from ..ops import softmax
-from . import _nonfinite
+from . import _band, _nonfinite
 from ._case import Case
 
 NAME = "local"
@@ -147,18 +146,6 @@ def allowed_mask(n, m, *, block, look_backward=1, look_forward=0, causal=False):
     return ok
 
 
-def _key_ok(key_padding_mask, batch, m):
-    if key_padding_mask is None:
-        return np.ones((*batch, m), dtype=bool)                    # (..., M)
-    return np.broadcast_to(key_padding_mask, (*batch, m))          # (..., M)
-
-
-def _rel_bias_at(rel_bias, batch, m, offsets):
-    """rel_bias[..., i − j + M − 1] for an integer array of offsets i − j (clipped index)."""
-    idx = np.clip(offsets + (m - 1), 0, rel_bias.shape[-1] - 1)
-    return np.broadcast_to(rel_bias, (*batch, rel_bias.shape[-1]))[..., idx]
-
-
 # ------------------------------------------------------------------------------------------
 # reference implementation (the spec): dense per-segment blocks, batched matrix products
 
@@ -222,7 +209,7 @@ def _scores(q, k, seg: _Segments, rel_bias, scale):
     kw = seg.windows(k)                                            # (..., ns, W·k, D)
     s = (qs @ kw.swapaxes(-1, -2)) * scale                         # (..., ns, k, W·k)
     if rel_bias is not None:
-        s = s + _rel_bias_at(rel_bias, q.shape[:-2], seg.m, seg.offset)[..., None, :, :]
+        s = s + _band.rel_bias_at(rel_bias, q.shape[:-2], seg.m, seg.offset)[..., None, :, :]
     return qs, kw, s
 
 
@@ -230,7 +217,7 @@ def _forward_ref(q, k, v, *, block, look_backward, look_forward, causal, key_pad
                  rel_bias, scale):
     n, m = q.shape[-2], k.shape[-2]
     seg = _Segments(n, m, block, look_backward, look_forward)
-    ok = seg.allowed(causal, _key_ok(key_padding_mask, q.shape[:-2], m))  # (..., ns, k, W·k)
+    ok = seg.allowed(causal, _band.key_ok(key_padding_mask, q.shape[:-2], m))  # (..., ns, k, W·k)
     _, _, s = _scores(q, k, seg, rel_bias, scale)                  # (..., ns, k, W·k)
     p, lse = softmax.forward(s, ok)                                # (..., ns, k, W·k)
     out = p @ seg.windows(v)                                       # (..., ns, k, Dv)
@@ -244,7 +231,7 @@ def _backward_ref(dout, ctx: LocalCtx) -> dict:
     n, m = q.shape[-2], k.shape[-2]
     batch = q.shape[:-2]
     seg = _Segments(n, m, ctx.block, ctx.look_backward, ctx.look_forward)
-    ok = seg.allowed(ctx.causal, _key_ok(ctx.key_padding_mask, batch, m))
+    ok = seg.allowed(ctx.causal, _band.key_ok(ctx.key_padding_mask, batch, m))
     qs, kw, s = _scores(q, k, seg, ctx.rel_bias, scale)
     lse = seg.queries(ctx.lse[..., None])[..., 0]                  # (..., ns, k)
     live = ok & (lse[..., None] != -np.inf)                        # (..., ns, k, W·k)
@@ -276,96 +263,51 @@ def _backward_ref(dout, ctx: LocalCtx) -> dict:
 
 
 # ------------------------------------------------------------------------------------------
-# Numba implementation: every row attends one contiguous key interval, so the tiled interval
-# kernel of tinyeff/kernels/window.py applies with tiles aligned to the segments.
+# Numba implementation: every row attends one contiguous key range, so the shared band engine
+# (attention/_band.py) applies with tiles aligned to the segments.
 
-class _Plan:
-    def __init__(self, q, k, *, block, look_backward, look_forward, causal, key_padding_mask,
-                 rel_bias):
-        n, m = q.shape[-2], k.shape[-2]
-        batch = q.shape[:-2]
-        self.bh = bh = int(np.prod(batch, dtype=np.int64))
-        kk, b, f = block, look_backward, look_forward
-        i = np.arange(n)
-        sg = i // kk                                               # (N,) segment of row i
-        self.lo = np.clip((sg - b) * kk, 0, m).astype(np.int64)    # (N,)
-        hi = np.clip((sg + f + 1) * kk, 0, m)
-        if causal:
-            hi = np.minimum(hi, i + 1)
-        self.hi = np.maximum(hi, self.lo).astype(np.int64)         # (N,)
-        # tiles: whole segments, split when longer than TILE_MAX, grouped when shorter
-        group = max(1, TILE_MIN // kk)
-        starts = []
-        for s0 in range(0, n, kk * group):
-            s1 = min(n, s0 + kk * group)
-            pieces = -(-(s1 - s0) // TILE_MAX)
-            starts.extend(s0 + (s1 - s0) * p // pieces for p in range(pieces))
-        self.tile_start = np.array(starts + [n], dtype=np.int64)  # (nt + 1,)
-        self.tile_jlo = self.lo[self.tile_start[:-1]].copy()
-        self.tile_jhi = np.maximum.reduceat(self.hi, self.tile_start[:-1]) if n else self.lo[:0]
-        self.tile_jhi = np.asarray(self.tile_jhi, dtype=np.int64)
-        self.n_phases = kernels.plan_phases(self.tile_jlo, self.tile_jhi)
-        self.row_ok = np.ones((bh, n), dtype=bool)
-        self.key_ok = np.require(_key_ok(key_padding_mask, batch, m).reshape(bh, m),
-                                 requirements="CW")
-        self.off_min = -((f + 1) * kk - 1)                         # smallest i − j
-        self.n_off = (b + f + 2) * kk - 1
-        self.slot_offsets = np.arange(self.n_off) + self.off_min   # (S,) i − j per slot
-        if rel_bias is None:
-            self.has_bias, self.bias = False, np.zeros((1, 1), dtype=q.dtype)
-        else:
-            self.has_bias = True
-            self.bias = np.ascontiguousarray(
-                _rel_bias_at(rel_bias, batch, m, self.slot_offsets).reshape(bh, self.n_off))
-
-    def flat(self, x):
-        return np.require(x, requirements="CW").reshape(self.bh, x.shape[-2], -1)
+def _band_plan(q, k, *, block, look_backward, look_forward, causal, key_padding_mask,
+               rel_bias):
+    """The band for ``_band``: row i sees keys [(σ(i) − b)·k, (σ(i) + f + 1)·k) ∩ [0, M)
+    (j ≤ i if causal); tiles are whole segments, split when longer than TILE_MAX, grouped
+    when shorter than TILE_MIN."""
+    n, m = q.shape[-2], k.shape[-2]
+    kk, b, f = block, look_backward, look_forward
+    i = np.arange(n)
+    sg = i // kk                                                   # (N,) segment of row i
+    hi = np.clip((sg + f + 1) * kk, 0, m)                          # (N,)
+    if causal:
+        hi = np.minimum(hi, i + 1)
+    group = max(1, TILE_MIN // kk)                                 # segments per tile
+    starts = []
+    for s0 in range(0, n, kk * group):
+        s1 = min(n, s0 + kk * group)
+        pieces = -(-(s1 - s0) // TILE_MAX)
+        starts.extend(s0 + (s1 - s0) * p // pieces for p in range(pieces))
+    # bias slots: the offsets i − j of a segment window, −((f + 1)·k − 1) … (b + 1)·k − 1
+    return _band.make_plan(q, k, groups=1, lo=np.clip((sg - b) * kk, 0, m), hi=hi,
+                           tile_start=starts + [n], row_ok=None,
+                           key_ok=_band.key_ok(key_padding_mask, q.shape[:-2], m),
+                           rel_bias=rel_bias, off_min=-((f + 1) * kk - 1),
+                           n_off=(b + f + 2) * kk - 1)
 
 
 def _forward_numba(q, k, v, *, block, look_backward, look_forward, causal, key_padding_mask,
                    rel_bias, scale):
-    dt = q.dtype
-    plan = _Plan(q, k, block=block, look_backward=look_backward, look_forward=look_forward,
-                 causal=causal, key_padding_mask=key_padding_mask, rel_bias=rel_bias)
-    out = memory.empty(q.shape[:-1] + v.shape[-1:], dt)            # (..., N, Dv)
-    lse = np.empty(q.shape[:-1], dtype=dt)                         # (..., N)
-    with kernels.blas_single_thread():
-        kernels.attend_band(plan.flat(out), lse.reshape(plan.bh, -1), plan.flat(q),
-                            plan.flat(k), plan.flat(v), plan.tile_start, plan.tile_jlo,
-                            plan.tile_jhi, plan.lo, plan.hi, plan.row_ok, plan.key_ok,
-                            plan.bias, plan.has_bias, plan.off_min, dt.type(scale),
-                            kernels.n_chunks())
-    return out, lse
+    plan = _band_plan(q, k, block=block, look_backward=look_backward,
+                      look_forward=look_forward, causal=causal,
+                      key_padding_mask=key_padding_mask, rel_bias=rel_bias)
+    return _band.forward(plan, q, k, v, scale)
 
 
 def _backward_numba(dout, ctx: LocalCtx) -> dict:
-    q, k, v = ctx.q, ctx.k, ctx.v
-    n, m, dt = q.shape[-2], k.shape[-2], q.dtype
-    plan = _Plan(q, k, block=ctx.block, look_backward=ctx.look_backward,
-                 look_forward=ctx.look_forward, causal=ctx.causal,
-                 key_padding_mask=ctx.key_padding_mask, rel_bias=ctx.rel_bias)
-    dq = memory.empty(q.shape, dt)                                 # (..., N, D) (the kernel
-    dk = memory.empty(k.shape, dt)                                 # (..., M, D)  fills or
-    dv = memory.empty(v.shape, dt)                                 # (..., M, Dv) zeroes them)
-    nt = plan.tile_jlo.shape[0]
-    dbias_part = np.zeros((plan.bh, nt, plan.n_off if plan.has_bias else 1), dtype=dt)
-    with kernels.blas_single_thread():
-        kernels.attend_band_bwd(plan.flat(dq), plan.flat(dk), plan.flat(dv), dbias_part,
-                                plan.flat(dout), plan.flat(ctx.out),
-                                np.ascontiguousarray(ctx.lse).reshape(plan.bh, n),
-                                plan.flat(q), plan.flat(k), plan.flat(v), plan.tile_start,
-                                plan.tile_jlo, plan.tile_jhi, plan.n_phases, plan.lo, plan.hi,
-                                plan.row_ok, plan.key_ok, plan.bias, plan.has_bias,
-                                plan.off_min, dt.type(ctx.scale), kernels.n_chunks())
+    plan = _band_plan(ctx.q, ctx.k, block=ctx.block, look_backward=ctx.look_backward,
+                      look_forward=ctx.look_forward, causal=ctx.causal,
+                      key_padding_mask=ctx.key_padding_mask, rel_bias=ctx.rel_bias)
+    dq, dk, dv, drel = _band.backward(plan, dout, ctx.out, ctx.lse, ctx.q, ctx.k, ctx.v,
+                                      ctx.scale)
     grads = {"q": dq, "k": dk, "v": dv}
     if ctx.rel_bias is not None:
-        batch = q.shape[:-2]
-        dslot = dbias_part.sum(axis=1).reshape(*batch, plan.n_off)  # (..., S)
-        drel = np.zeros((*batch, n + m - 1), dtype=dt)             # (..., N + M − 1)
-        lo = max(plan.off_min, -(m - 1))
-        hi = min(plan.off_min + plan.n_off, n)
-        if lo < hi:
-            drel[..., lo + m - 1:hi + m - 1] = dslot[..., lo - plan.off_min:hi - plan.off_min]
         grads["rel_bias"] = _checks.reduce_to_shape(drel, ctx.rel_bias.shape)
     return grads
 

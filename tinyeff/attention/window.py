@@ -73,10 +73,12 @@ Edge cases
 * Global rows attend with q, k, v unless ``q_global``, ``k_global``, ``v_global`` are given;
   the q of a global row and the q_global of a non-global row then get zero gradient.
 
-Numba kernel: ``tinyeff/kernels/window.py`` (tiles of 64 queries against their contiguous
-key range, ``np.dot`` on contiguous slices, an explicit band mask per tile; dilation d is
-handled by regrouping positions into the d residue classes i mod d, where the dilated band
-becomes a plain band).  The global rows and columns are dense NumPy products in both paths.
+Numba path: the band engine shared with ``local`` (``tinyeff/attention/_band.py``, kernels in
+``tinyeff/kernels/band.py``: tiles of 64 queries against their contiguous key range,
+``np.dot`` on contiguous slices, an explicit band mask per tile); dilation d is handled by
+regrouping positions into the d residue classes i mod d, where the dilated band becomes a
+plain band.  The global rows and columns (``tinyeff/attention/_window_globals.py``) are
+dense NumPy products in both paths.
 """
 
 from __future__ import annotations
@@ -87,10 +89,26 @@ import numpy as np
 
 from .. import _checks
 from ..ctx import Ctx
-from ..kernels import window as kernels
 from ..ops import softmax
-from . import _nonfinite
+from . import _band, _nonfinite
 from ._case import Case
+from ._window_globals import (
+    PROJECTIONS,
+    Globals,
+    check_indices,
+    check_mask,
+    check_projections,
+    entries_at,
+    exp_minus,
+    gcol_scores,
+    global_grads,
+    global_qkv,
+    grow_scores,
+    make_globals,
+    put,
+    rel_bias_grad_gparts,
+    rows_at,
+)
 
 NAME = "window"
 SUPPORTS_MASK = False
@@ -100,8 +118,7 @@ SUPPORTS_REL_BIAS = True
 KEY_PADDING = "key_padding_mask"
 GLOBAL_MASK = "global_mask"          # the per-sample global-token option (nn passes it)
 SUPPORTS_GLOBAL_PROJECTIONS = True   # q_global, k_global, v_global (nn can create them)
-GLOBAL_PROJECTIONS = ("q_global", "k_global", "v_global")
-PROJECTIONS = GLOBAL_PROJECTIONS
+GLOBAL_PROJECTIONS = PROJECTIONS
 DIFFERENTIABLE = ("q", "k", "v", "rel_bias", *GLOBAL_PROJECTIONS)
 IMPLS = ("auto", "ref", "numba")
 TILE = 64            # query rows per tile of the Numba kernel
@@ -118,7 +135,7 @@ class WindowCtx(Ctx):
     dilation: int
     global_indices: np.ndarray           # (G,) int64, sorted (empty with global_mask)
     global_mask: np.ndarray | None       # (..., N) as given, or None
-    glob: _Globals                       # the global tokens as both paths use them
+    glob: Globals                        # the global tokens as both paths use them
     causal: bool
     key_padding_mask: np.ndarray | None  # (..., M) as given
     rel_bias: np.ndarray | None          # (..., N + M − 1) as given
@@ -153,18 +170,19 @@ def forward(q, k, v, *, window, dilation=1, global_indices=None, global_mask=Non
     if global_indices is not None and global_mask is not None:
         raise ValueError("give global_indices (one set of global positions for the whole "
                          "batch) or global_mask (one per batch item), not both")
-    gidx = _global_indices(global_indices, n, m)
-    global_mask = _global_mask(global_mask, batch, n, m)
+    gidx = check_indices(global_indices, n, m)
+    global_mask = check_mask(global_mask, batch, n, m)
     causal = _checks.flag(causal, "causal")
     key_padding_mask = _checks.key_padding_mask(key_padding_mask, batch, m,
                                                 name="key_padding_mask")
     rel_bias = _checks.rel_bias(rel_bias, batch, n, m, dtype)
-    q_global, k_global, v_global = _projections(q_global, k_global, v_global, q, k, v)
+    q_global, k_global, v_global = check_projections(q_global, k_global, v_global, q, k, v)
     scale = _checks.scale(scale, d)
     impl = _checks.choice(impl, "impl", IMPLS)
     if impl == "auto":
         impl = "ref" if 0 in (n, m, d, dv) or q.size == 0 else "numba"
-    opts = dict(window=window, dilation=dilation, glob=_globals(gidx, global_mask, batch, n, m),
+    opts = dict(window=window, dilation=dilation,
+                glob=make_globals(gidx, global_mask, batch, n, m),
                 causal=causal, key_padding_mask=key_padding_mask, rel_bias=rel_bias,
                 q_global=q_global, k_global=k_global, v_global=v_global, scale=scale)
     if q.size == 0 or v.size == 0:
@@ -210,7 +228,7 @@ def allowed_mask(n, m, *, window, dilation=1, global_indices=None, causal=False)
     j = np.arange(m)[None, :]
     off = j - i                                                    # (N, M)
     band = (np.abs(off) <= window * dilation) & (off % dilation == 0)
-    g = _global_indices(global_indices, n, m)
+    g = check_indices(global_indices, n, m)
     band[:, g] = True                                              # global key columns
     band[g, :] = True                                              # global query rows
     if causal:
@@ -219,220 +237,9 @@ def allowed_mask(n, m, *, window, dilation=1, global_indices=None, causal=False)
 
 
 # ------------------------------------------------------------------------------------------
-# shared pieces (readable NumPy; the global parts are used by both implementations)
-
-def _global_indices(value, n, m) -> np.ndarray:
-    """Validate ``global_indices`` -> sorted int64 (G,) array (empty if None)."""
-    if value is None:
-        return np.zeros(0, dtype=np.int64)
-    arr = np.asarray(value)
-    if arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.integer) and arr.size:
-        raise TypeError(f"global_indices must be integers, got dtype {arr.dtype}")
-    if arr.ndim != 1:
-        raise ValueError(f"global_indices must be 1-D, got shape {arr.shape}")
-    arr = arr.astype(np.int64)
-    if arr.size and (arr.min() < 0 or arr.max() >= min(n, m)):
-        raise ValueError(f"global_indices must lie in [0, min(N, M)) = [0, {min(n, m)}), "
-                         f"got values from {arr.min()} to {arr.max()} (N={n}, M={m})")
-    out = np.unique(arr)
-    if out.size != arr.size:
-        raise ValueError(f"global_indices must be distinct, got {arr.tolist()}")
-    return out
-
-
-def _global_mask(value, batch, n, m):
-    """Validate ``global_mask`` (..., N) bool; True only at positions < min(N, M)."""
-    mask = _checks.position_mask(value, batch, n, "global_mask", "True = global token")
-    if mask is not None and n > m and mask[..., m:].any():
-        first = int(np.nonzero(mask[..., m:].any(axis=tuple(range(mask.ndim - 1))))[0][0]) + m
-        raise ValueError(f"global_mask may be True only at positions < min(N, M) = {m} (a "
-                         f"global token is a query row and a key column), got True at "
-                         f"position {first} (N={n}, M={m})")
-    return mask
-
-
-def _projections(q_global, k_global, v_global, q, k, v):
-    """Validate the global projections: all three or none, shaped and typed like q, k, v."""
-    given = {name: x for name, x in zip(PROJECTIONS, (q_global, k_global, v_global))
-             if x is not None}
-    if not given:
-        return None, None, None
-    if len(given) < 3:
-        missing = [name for name in PROJECTIONS if name not in given]
-        raise ValueError(f"q_global, k_global and v_global go together (all three or none): "
-                         f"got {', '.join(given)} without {', '.join(missing)}")
-    for (name, x), like in zip(given.items(), (q, k, v)):
-        _checks.float_array(x, name, dtype=q.dtype)
-        if x.shape != like.shape:
-            raise ValueError(f"{name} must have the shape of {name[0]}, {like.shape}, got "
-                             f"{x.shape}")
-    return q_global, k_global, v_global
-
-
-@dataclasses.dataclass(frozen=True)
-class _Globals:
-    """The global tokens in the one form both paths use.
-
-    From ``global_indices`` (shared by the whole batch): ``idx`` is the sorted (G,) positions,
-    ``ok`` is None, ``rows`` (N,) and ``cols`` (M,).  From ``global_mask``: ``idx`` (..., G)
-    holds each batch item's positions in ascending order in its first count slots and 0 in
-    the rest, ``ok`` (..., G) marks the filled slots, ``rows`` (..., N), ``cols`` (..., M);
-    G is the largest count in the batch.  Slot c of a batch item is global position idx[c].
-    """
-
-    idx: np.ndarray              # (G,) or (..., G) int64
-    ok: np.ndarray | None        # None or (..., G) bool
-    rows: np.ndarray             # (N,) or (..., N) bool: global query rows
-    cols: np.ndarray             # (M,) or (..., M) bool: global key columns
-
-    @property
-    def size(self) -> int:
-        return self.idx.shape[-1]
-
-
-def _globals(gidx, global_mask, batch, n, m) -> _Globals:
-    is_grow = np.zeros(n, dtype=bool)                              # (N,)
-    is_grow[gidx] = True
-    is_gcol = np.zeros(m, dtype=bool)                              # (M,)
-    is_gcol[gidx] = True
-    count = 0 if global_mask is None else int(global_mask.sum(axis=-1).max(initial=0))
-    if count == 0:
-        return _Globals(gidx, None, is_grow, is_gcol)
-    # a stable sort of "not global" puts each item's global positions first, ascending
-    order = np.argsort(~global_mask, axis=-1, kind="stable")[..., :count]  # (..', G)
-    ok = np.arange(count) < global_mask.sum(axis=-1)[..., None]   # (..', G)
-    idx = np.where(ok, order, 0).astype(np.int64)                  # (..', G)
-    rows = np.broadcast_to(global_mask, (*batch, n))               # (..., N)
-    cols = np.zeros((*batch, m), dtype=bool)                       # (..., M)
-    cols[..., :min(n, m)] = rows[..., :min(n, m)]
-    return _Globals(np.broadcast_to(idx, (*batch, count)),
-                    np.broadcast_to(ok, (*batch, count)), rows, cols)
-
-
-def _global_qkv(q, k, v, q_global, k_global, v_global):
-    """The q, k, v of the global rows: the global projections when given."""
-    if q_global is None:
-        return q, k, v
-    return q_global, k_global, v_global
-
-
-def _rows_at(x, gl):
-    """x (..., L, C) -> (..., G, C): the rows at the global positions, in slot order."""
-    if gl.ok is None:
-        return x[..., gl.idx, :]
-    return np.take_along_axis(x, gl.idx[..., None], axis=-2)
-
-
-def _at(x, gl):
-    """x (..., L) -> (..., G): the entries at the global positions, in slot order."""
-    if gl.ok is None:
-        return x[..., gl.idx]
-    return np.take_along_axis(x, gl.idx, axis=-1)
-
-
-def _put(dst, gl, vals, *, add=False, rows=True):
-    """dst[..., G, :] = vals (``rows``; dst[..., G] otherwise), or += with ``add``; the
-    empty slots of a per-item list are skipped.  Positions are distinct per batch item."""
-    if gl.ok is None:
-        at = (Ellipsis, gl.idx, slice(None)) if rows else (Ellipsis, gl.idx)
-    else:
-        sel = np.nonzero(gl.ok)                                    # (batch…, slot) of filled slots
-        at = (*sel[:-1], gl.idx[sel])
-        vals = vals[sel]
-    if add:
-        dst[at] += vals
-    else:
-        dst[at] = vals
-
-
-def _key_ok(key_padding_mask, batch, m):
-    if key_padding_mask is None:
-        return np.ones((*batch, m), dtype=bool)                    # (..., M)
-    return np.broadcast_to(key_padding_mask, (*batch, m))          # (..., M)
-
-
-def _rel_bias_at(rel_bias, batch, m, offsets, per_item=False):
-    """rel_bias[..., i − j + M − 1] for an integer array of offsets i − j (clipped index):
-    offsets (A,) or (A, B) shared by the batch, or (``per_item``) (..., A, B)."""
-    top = rel_bias.shape[-1] - 1
-    idx = np.clip(offsets + (m - 1), 0, top)
-    full = np.broadcast_to(rel_bias, (*batch, rel_bias.shape[-1]))   # (..., N + M − 1)
-    if not per_item:
-        return full[..., idx]
-    flat = idx.reshape(*idx.shape[:-2], -1)                        # (..., A·B)
-    return np.take_along_axis(full, flat, axis=-1).reshape(idx.shape)
-
-
-def _gcol_scores(q, k_g, gl, causal, key_ok, rel_bias, scale):
-    """Scores and allowed flags of the global key columns (keys k_g = k at G) for the
-    non-global rows."""
-    n, m = q.shape[-2], key_ok.shape[-1]
-    batch = q.shape[:-2]
-    s = (q @ k_g.swapaxes(-1, -2)) * scale                         # (..., N, G)
-    i = np.arange(n)[:, None]                                      # (N, 1)
-    gj = gl.idx[..., None, :]                                      # (1, G) or (..., 1, G)
-    if rel_bias is not None:
-        s = s + _rel_bias_at(rel_bias, batch, m, i - gj, gl.ok is not None)  # (..., N, G)
-    ok = ~gl.rows[..., :, None] & _at(key_ok, gl)[..., None, :]    # (..., N, G)
-    if gl.ok is not None:
-        ok = ok & gl.ok[..., None, :]                              # empty slots
-    if causal:
-        ok = ok & (gj <= i)                                        # (..., N, G)
-    return s, np.broadcast_to(ok, s.shape)
-
-
-def _grow_scores(q_g, k, gl, causal, key_ok, rel_bias, scale):
-    """Scores and allowed flags of the global query rows (queries q_g = q at G, or the
-    global projection at G; they attend every key k)."""
-    m = k.shape[-2]
-    batch = q_g.shape[:-2]
-    s = (q_g @ k.swapaxes(-1, -2)) * scale                         # (..., G, M)
-    j = np.arange(m)[None, :]                                      # (1, M)
-    gi = gl.idx[..., :, None]                                      # (G, 1) or (..., G, 1)
-    if rel_bias is not None:
-        s = s + _rel_bias_at(rel_bias, batch, m, gi - j, gl.ok is not None)  # (..., G, M)
-    ok = key_ok[..., None, :]                                      # (..., 1, M)
-    if gl.ok is not None:
-        ok = ok & gl.ok[..., :, None]                              # empty slots
-    if causal:
-        ok = ok & (j <= gi)                                        # (..., G, M)
-    return s, np.broadcast_to(ok, s.shape)
-
-
-def _exp_minus(s, lse, ok):
-    """p = exp(s − lse) on the allowed entries, 0 elsewhere (and on empty rows)."""
-    live = ok & (lse[..., None] != -np.inf)
-    with np.errstate(invalid="ignore", over="ignore"):
-        return np.where(live, np.exp(np.where(live, s - lse[..., None], 0)), 0)
-
-
-def _rel_bias_grad_gparts(drel, ds_gcol, ds_grow, gl, n, m):
-    """Accumulate the offset-bias gradient of the global columns and rows into drel
-    (..., N + M − 1), a C-contiguous array of the full batch shape."""
-    if gl.ok is None:
-        for c, g in enumerate(gl.idx):
-            # fwd (columns): s[i, g] += rel_bias[i − g + M − 1],  i = 0 … N − 1
-            drel[..., m - 1 - g:m - 1 - g + n] += ds_gcol[..., :, c]
-            # fwd (rows): s[g, j] += rel_bias[g − j + M − 1],  j = M − 1 … 0
-            drel[..., g:g + m] += ds_grow[..., c, ::-1]
-        return
-    size = gl.size
-    flat = drel.reshape(-1, drel.shape[-1])                        # (BH, N + M − 1) view
-    gi = gl.idx.reshape(-1, size)                                  # (BH, G)
-    b = np.arange(flat.shape[0])[:, None]                          # (BH, 1)
-    dc = ds_gcol.reshape(-1, n, size)                              # (BH, N, G)
-    dr = ds_grow.reshape(-1, size, m)                              # (BH, G, M)
-    for c in range(size):                  # (empty slots carry ds = 0)
-        # fwd (columns): s[i, g] += rel_bias[i − g + M − 1],  i = 0 … N − 1
-        flat[b, (m - 1 - gi[:, c])[:, None] + np.arange(n)] += dc[:, :, c]
-        # fwd (rows): s[g, j] += rel_bias[g − j + M − 1],  j = M − 1 … 0
-        flat[b, gi[:, c][:, None] + np.arange(m)] += dr[:, c, ::-1]
-
-
-# ------------------------------------------------------------------------------------------
 # reference implementation (the spec)
 
-def _band(n, m, window, dilation):
+def _band_slots(n, m, window, dilation):
     """Band slot t = 0 … 2w: key j = i + (t − w)·d.  Returns offsets (S,) and, per slot, the
     query range [i_lo, i_hi) for which that key exists."""
     offsets = (np.arange(2 * window + 1) - window) * dilation      # (S,) j − i
@@ -441,7 +248,7 @@ def _band(n, m, window, dilation):
 
 
 def _band_allowed(n, m, window, dilation, gl, causal, key_ok):
-    offsets, _ = _band(n, m, window, dilation)
+    offsets, _ = _band_slots(n, m, window, dilation)
     i = np.arange(n)[:, None]                                      # (N, 1)
     j = i + offsets[None, :]                                       # (N, S)
     inside = (j >= 0) & (j < m)
@@ -455,14 +262,14 @@ def _band_allowed(n, m, window, dilation, gl, causal, key_ok):
 def _band_scores(q, k, window, dilation, rel_bias, scale):
     """s[..., i, t] = q_i·k_{i+off_t}·scale + rel_bias[−off_t + M − 1] (0 where j is outside)."""
     n, m = q.shape[-2], k.shape[-2]
-    offsets, ranges = _band(n, m, window, dilation)
+    offsets, ranges = _band_slots(n, m, window, dilation)
     s = np.zeros(q.shape[:-1] + offsets.shape, dtype=q.dtype)      # (..., N, S)
     for t, (o, (lo, hi)) in enumerate(zip(offsets, ranges)):
         if lo < hi:                                                # one diagonal of q kᵀ
             s[..., lo:hi, t] = np.sum(q[..., lo:hi, :] * k[..., lo + o:hi + o, :], axis=-1)
     s *= scale
     if rel_bias is not None:
-        s += _rel_bias_at(rel_bias, q.shape[:-2], m, -offsets)[..., None, :]  # (..., 1, S)
+        s += _band.rel_bias_at(rel_bias, q.shape[:-2], m, -offsets)[..., None, :]  # (..., 1, S)
     return s
 
 
@@ -470,11 +277,11 @@ def _forward_ref(q, k, v, *, window, dilation, glob, causal, key_padding_mask, r
                  q_global, k_global, v_global, scale):
     n, m = q.shape[-2], k.shape[-2]
     batch, gl = q.shape[:-2], glob
-    key_ok = _key_ok(key_padding_mask, batch, m)                   # (..., M)
-    offsets, ranges = _band(n, m, window, dilation)
+    key_ok = _band.key_ok(key_padding_mask, batch, m)              # (..., M)
+    offsets, ranges = _band_slots(n, m, window, dilation)
     # rows i ∉ G: one softmax over [global columns, band without global keys]
-    k_g, v_g = _rows_at(k, gl), _rows_at(v, gl)                    # (..., G, D), (..., G, Dv)
-    s_g, ok_g = _gcol_scores(q, k_g, gl, causal, key_ok, rel_bias, scale)   # (..., N, G)
+    k_g, v_g = rows_at(k, gl), rows_at(v, gl)                      # (..., G, D), (..., G, Dv)
+    s_g, ok_g = gcol_scores(q, k_g, gl, causal, key_ok, rel_bias, scale)   # (..., N, G)
     s_b = _band_scores(q, k, window, dilation, rel_bias, scale)    # (..., N, S)
     ok_b = _band_allowed(n, m, window, dilation, gl, causal, key_ok)        # (..., N, S)
     p, lse = softmax.forward(np.concatenate([s_g, s_b], axis=-1),
@@ -486,11 +293,11 @@ def _forward_ref(q, k, v, *, window, dilation, glob, causal, key_padding_mask, r
             out[..., lo:hi, :] += p_b[..., lo:hi, t, None] * v[..., lo + o:hi + o, :]
     # rows i ∈ G: a full softmax over every key (their band/column entries above are empty),
     # with the global projections when given
-    q_r, k_r, v_r = _global_qkv(q, k, v, q_global, k_global, v_global)
-    s_r, ok_r = _grow_scores(_rows_at(q_r, gl), k_r, gl, causal, key_ok, rel_bias, scale)
+    q_r, k_r, v_r = global_qkv(q, k, v, q_global, k_global, v_global)
+    s_r, ok_r = grow_scores(rows_at(q_r, gl), k_r, gl, causal, key_ok, rel_bias, scale)
     p_r, lse_r = softmax.forward(s_r, ok_r)                        # (..., G, M), (..., G)
-    _put(out, gl, p_r @ v_r)                                       # out[G] (..., G, Dv)
-    _put(lse, gl, lse_r, rows=False)                               # lse[G]
+    put(out, gl, p_r @ v_r)                                        # out[G] (..., G, Dv)
+    put(lse, gl, lse_r, rows=False)                                # lse[G]
     return out, lse
 
 
@@ -498,23 +305,23 @@ def _backward_ref(dout, ctx: WindowCtx) -> dict:
     q, k, v, lse, scale = ctx.q, ctx.k, ctx.v, ctx.lse, ctx.scale
     n, m = q.shape[-2], k.shape[-2]
     batch, gl, w, dil = q.shape[:-2], ctx.glob, ctx.window, ctx.dilation
-    key_ok = _key_ok(ctx.key_padding_mask, batch, m)
-    offsets, ranges = _band(n, m, w, dil)
-    q_r, k_r, v_r = _global_qkv(q, k, v, ctx.q_global, ctx.k_global, ctx.v_global)
+    key_ok = _band.key_ok(ctx.key_padding_mask, batch, m)
+    offsets, ranges = _band_slots(n, m, w, dil)
+    q_r, k_r, v_r = global_qkv(q, k, v, ctx.q_global, ctx.k_global, ctx.v_global)
     # recompute the probabilities from the saved log-sum-exp: p = exp(s − lse)
-    k_g, v_g = _rows_at(k, gl), _rows_at(v, gl)                    # (..., G, D), (..., G, Dv)
-    s_g, ok_g = _gcol_scores(q, k_g, gl, ctx.causal, key_ok, ctx.rel_bias, scale)
+    k_g, v_g = rows_at(k, gl), rows_at(v, gl)                      # (..., G, D), (..., G, Dv)
+    s_g, ok_g = gcol_scores(q, k_g, gl, ctx.causal, key_ok, ctx.rel_bias, scale)
     s_b = _band_scores(q, k, w, dil, ctx.rel_bias, scale)
     ok_b = _band_allowed(n, m, w, dil, gl, ctx.causal, key_ok)
-    p_g = _exp_minus(s_g, lse, ok_g)                               # (..., N, G)
-    p_b = _exp_minus(s_b, lse, ok_b)                               # (..., N, S)
-    q_rg = _rows_at(q_r, gl)                                       # (..., G, D)
-    s_r, ok_r = _grow_scores(q_rg, k_r, gl, ctx.causal, key_ok, ctx.rel_bias, scale)
-    p_r = _exp_minus(s_r, _at(lse, gl), ok_r)                      # (..., G, M)
+    p_g = exp_minus(s_g, lse, ok_g)                                # (..., N, G)
+    p_b = exp_minus(s_b, lse, ok_b)                                # (..., N, S)
+    q_rg = rows_at(q_r, gl)                                        # (..., G, D)
+    s_r, ok_r = grow_scores(q_rg, k_r, gl, ctx.causal, key_ok, ctx.rel_bias, scale)
+    p_r = exp_minus(s_r, entries_at(lse, gl), ok_r)                      # (..., G, M)
 
     # fwd: out = p_g @ v[G] + Σ_t p_b[:, t] v[i + off_t]
     dv = np.zeros_like(v)                                          # (..., M, Dv)
-    _put(dv, gl, p_g.swapaxes(-1, -2) @ dout, add=True)            # dv[G]
+    put(dv, gl, p_g.swapaxes(-1, -2) @ dout, add=True)             # dv[G]
     dp_g = dout @ v_g.swapaxes(-1, -2)                             # (..., N, G)
     dp_b = np.zeros_like(p_b)                                      # (..., N, S)
     for t, (o, (lo, hi)) in enumerate(zip(offsets, ranges)):
@@ -528,7 +335,7 @@ def _backward_ref(dout, ctx: WindowCtx) -> dict:
     # fwd: s_g = q @ k[G]ᵀ · scale (+ rel_bias)
     dq = (ds_g @ k_g) * scale                                      # (..., N, D)
     dk = np.zeros_like(k)                                          # (..., M, D)
-    _put(dk, gl, (ds_g.swapaxes(-1, -2) @ q) * scale, add=True)    # dk[G]
+    put(dk, gl, (ds_g.swapaxes(-1, -2) @ q) * scale, add=True)     # dk[G]
     # fwd: s_b[:, t] = Σ_d q_i k_{i+off_t} · scale (+ rel_bias)
     for t, (o, (lo, hi)) in enumerate(zip(offsets, ranges)):
         if lo < hi:
@@ -537,11 +344,11 @@ def _backward_ref(dout, ctx: WindowCtx) -> dict:
     # global rows — fwd: out[G] = p_r @ v_r,  p_r = softmax(q_r[G] @ k_rᵀ · scale (+ rel_bias)),
     # (q_r, k_r, v_r) = (q, k, v), or the global projections
     grads = {"q": dq, "k": dk, "v": dv}
-    dq_r, dk_r, dv_r = _global_grads(grads, ctx)
-    dout_g = _rows_at(dout, gl)                                    # (..., G, Dv)
+    dq_r, dk_r, dv_r = global_grads(grads, ctx)
+    dout_g = rows_at(dout, gl)                                     # (..., G, Dv)
     dv_r += p_r.swapaxes(-1, -2) @ dout_g
     ds_r = softmax.backward(dout_g @ v_r.swapaxes(-1, -2), p_r)    # (..., G, M)
-    _put(dq_r, gl, (ds_r @ k_r) * scale, add=True)                 # dq_r[G]
+    put(dq_r, gl, (ds_r @ k_r) * scale, add=True)                  # dq_r[G]
     dk_r += (ds_r.swapaxes(-1, -2) @ q_rg) * scale
     if ctx.rel_bias is not None:
         drel = np.zeros((*batch, n + m - 1), dtype=q.dtype)        # (..., N + M − 1)
@@ -550,113 +357,45 @@ def _backward_ref(dout, ctx: WindowCtx) -> dict:
         for t, o in enumerate(offsets):
             if -(m - 1) <= -o <= n - 1:
                 drel[..., -o + m - 1] += dslot[..., t]
-        _rel_bias_grad_gparts(drel, ds_g, ds_r, gl, n, m)
+        rel_bias_grad_gparts(drel, ds_g, ds_r, gl, n, m)
         grads["rel_bias"] = _checks.reduce_to_shape(drel, ctx.rel_bias.shape)
     return grads
 
 
-def _global_grads(grads, ctx):
-    """The gradient arrays of the global rows' (q, k, v): those of q, k, v, or (with global
-    projections) new zero arrays entered into ``grads``."""
-    if ctx.q_global is None:
-        return grads["q"], grads["k"], grads["v"]
-    for name in PROJECTIONS:
-        grads[name] = np.zeros_like(getattr(ctx, name))
-    return tuple(grads[name] for name in PROJECTIONS)
-
-
 # ------------------------------------------------------------------------------------------
-# Numba implementation (same Ctx; band by the kernel, global parts as above)
+# Numba implementation (same Ctx): the band by the shared band engine (attention/_band.py),
+# the global rows and columns as in the reference
 
-def _classes(x, d, length):
-    """(BH, L, C) -> (BH·d, ceil(L/d), C): rows regrouped by residue class (row r + u·d)."""
-    bh, _, c = x.shape
-    if d == 1:
-        return np.require(x, requirements="CW")  # writeable: one kernel specialization
-    lc = -(-length // d)
-    pad = np.zeros((bh, lc * d, c), dtype=x.dtype)                 # (BH, Lc·d, C)
-    pad[:, :length] = x
-    return np.ascontiguousarray(pad.reshape(bh, lc, d, c).transpose(0, 2, 1, 3)
-                                .reshape(bh * d, lc, c))
-
-
-def _unclasses(x, bh, d, length):
-    """Inverse of :func:`_classes`: (BH·d, Lc, C) -> (BH, length, C)."""
-    _, lc, c = x.shape
-    if d == 1:
-        return x
-    return x.reshape(bh, d, lc, c).transpose(0, 2, 1, 3).reshape(bh, lc * d, c)[:, :length]
-
-
-class _BandPlan:
-    """The class-coordinates band problem handed to the kernel (shared by forward/backward)."""
-
-    def __init__(self, q, k, *, window, dilation, glob, causal, key_padding_mask, rel_bias):
-        n, m = q.shape[-2], k.shape[-2]
-        batch = q.shape[:-2]
-        bh = int(np.prod(batch, dtype=np.int64))
-        d, w = dilation, window
-        self.n, self.m, self.bh, self.d = n, m, bh, d
-        self.ln, self.lm = -(-n // d), -(-m // d)
-        is_gcol = np.broadcast_to(glob.cols, (*batch, m)).reshape(bh, m)  # (BH, M)
-        key_ok = _key_ok(key_padding_mask, batch, m).reshape(bh, m) & ~is_gcol  # (BH, M)
-        self.key_ok = self._plane(_classes(key_ok[..., None], d, m))  # (BH·d, Lm)
-        row_ok = np.broadcast_to(~glob.rows, (*batch, n)).reshape(bh, n)  # (BH, N)
-        self.row_ok = self._plane(_classes(row_ok[..., None], d, n))  # (BH·d, Ln)
-        i = np.arange(self.ln)                                     # class coordinates
-        self.lo = np.maximum(i - w, 0).astype(np.int64)            # (Ln,)
-        hi = np.minimum(i + w + 1, self.lm)
-        if causal:
-            hi = np.minimum(hi, i + 1)
-        self.hi = np.maximum(hi, self.lo).astype(np.int64)         # (Ln,)
-        self.tile_start = np.append(np.arange(0, self.ln, TILE), self.ln).astype(np.int64)
-        self.tile_jlo = self.lo[self.tile_start[:-1]].copy()       # (nt,)
-        self.tile_jhi = self.hi[self.tile_start[1:] - 1].copy()    # (nt,)
-        self.n_phases = kernels.plan_phases(self.tile_jlo, self.tile_jhi)
-        self.off_min, self.n_off = -w, 2 * w + 1                   # class offsets i' − j'
-        if rel_bias is None:
-            self.has_bias = False
-            self.bias = np.zeros((1, 1), dtype=q.dtype)
-        else:
-            self.has_bias = True
-            slot = (np.arange(self.n_off) + self.off_min) * d      # (S,) offsets i − j
-            b = _rel_bias_at(rel_bias, batch, m, slot).reshape(bh, self.n_off)
-            self.bias = np.ascontiguousarray(np.repeat(b, d, axis=0))  # (BH·d, S)
-        self.slot_offsets = (np.arange(self.n_off) + self.off_min) * d
-
-    @staticmethod
-    def _plane(x):  # (B', L, 1) -> contiguous (B', L): one kernel specialization (C layout)
-        return np.ascontiguousarray(x[..., 0])
-
-    def rows(self, x):  # (..., N, C) -> (BH·d, Ln, C)
-        return _classes(np.ascontiguousarray(x).reshape(self.bh, self.n, -1), self.d, self.n)
-
-    def keys(self, x):  # (..., M, C) -> (BH·d, Lm, C)
-        return _classes(np.ascontiguousarray(x).reshape(self.bh, self.m, -1), self.d, self.m)
+def _band_plan(q, k, *, window, dilation, glob, causal, key_padding_mask, rel_bias):
+    """The band for ``_band``: positions regrouped into the d residue classes i mod d, where
+    the dilated band j = i + t·d becomes the plain band i' − w ≤ j' ≤ i' + w of row i' in its
+    class (j' ≤ i' if causal); global rows and key columns are left out of it."""
+    n, m, d, w = q.shape[-2], k.shape[-2], dilation, window
+    ln, lm = -(-n // d), -(-m // d)                                # rows, keys per class
+    i = np.arange(ln)                                              # (Ln,) class coordinates
+    hi = np.minimum(i + w + 1, lm)                                 # (Ln,)
+    if causal:
+        hi = np.minimum(hi, i + 1)
+    key_ok = _band.key_ok(key_padding_mask, q.shape[:-2], m) & ~glob.cols   # (..., M)
+    return _band.make_plan(q, k, groups=d, lo=np.maximum(i - w, 0), hi=hi,
+                           tile_start=np.append(np.arange(0, ln, TILE), ln),
+                           row_ok=~glob.rows, key_ok=key_ok, rel_bias=rel_bias,
+                           off_min=-w, n_off=2 * w + 1)
 
 
 def _forward_numba(q, k, v, *, window, dilation, glob, causal, key_padding_mask, rel_bias,
                    q_global, k_global, v_global, scale):
-    n, m, dt = q.shape[-2], k.shape[-2], q.dtype
+    m, dt = k.shape[-2], q.dtype
     batch, gl = q.shape[:-2], glob
-    plan = _BandPlan(q, k, window=window, dilation=dilation, glob=gl, causal=causal,
-                     key_padding_mask=key_padding_mask, rel_bias=rel_bias)
-    qc, kc, vc = plan.rows(q), plan.keys(k), plan.keys(v)
-    out_c = np.empty(qc.shape[:-1] + vc.shape[-1:], dtype=dt)      # (BH·d, Ln, Dv)
-    lse_c = np.empty(qc.shape[:-1], dtype=dt)                      # (BH·d, Ln)
-    with kernels.blas_single_thread():
-        kernels.attend_band(out_c, lse_c, qc, kc, vc, plan.tile_start, plan.tile_jlo,
-                            plan.tile_jhi, plan.lo, plan.hi, plan.row_ok, plan.key_ok,
-                            plan.bias, plan.has_bias, plan.off_min, dt.type(scale),
-                            kernels.n_chunks())
-    out_b = _unclasses(out_c, plan.bh, dilation, n).reshape(*batch, n, -1)      # (..., N, Dv)
-    lse_b = _unclasses(lse_c[..., None], plan.bh, dilation, n).reshape(*batch, n)  # (..., N)
+    plan = _band_plan(q, k, window=window, dilation=dilation, glob=gl, causal=causal,
+                      key_padding_mask=key_padding_mask, rel_bias=rel_bias)
+    out_b, lse_b = _band.forward(plan, q, k, v, scale)             # (..., N, Dv), (..., N)
     if gl.size == 0:
-        return np.ascontiguousarray(out_b), np.ascontiguousarray(lse_b)
-    key_ok = _key_ok(key_padding_mask, batch, m)
+        return out_b, lse_b
+    key_ok = _band.key_ok(key_padding_mask, batch, m)
     # merge the band softmax with the global-column softmax (log-sum-exp weights)
-    k_g, v_g = _rows_at(k, gl), _rows_at(v, gl)                    # (..., G, D), (..., G, Dv)
-    s_g, ok_g = _gcol_scores(q, k_g, gl, causal, key_ok, rel_bias, scale)
+    k_g, v_g = rows_at(k, gl), rows_at(v, gl)                      # (..., G, D), (..., G, Dv)
+    s_g, ok_g = gcol_scores(q, k_g, gl, causal, key_ok, rel_bias, scale)
     p_g, lse_g = softmax.forward(s_g, ok_g)                        # (..., N, G), (..., N)
     lse = np.logaddexp(lse_b, lse_g)                               # (..., N)
     live = lse != -np.inf
@@ -664,70 +403,48 @@ def _forward_numba(q, k, v, *, window, dilation, glob, causal, key_padding_mask,
         w_b = np.where(live, np.exp(np.where(live, lse_b - lse, 0)), 0)[..., None]
         w_g = np.where(live, np.exp(np.where(live, lse_g - lse, 0)), 0)[..., None]
     out = w_b * out_b + w_g * (p_g @ v_g)                          # (..., N, Dv)
-    q_r, k_r, v_r = _global_qkv(q, k, v, q_global, k_global, v_global)
-    s_r, ok_r = _grow_scores(_rows_at(q_r, gl), k_r, gl, causal, key_ok, rel_bias, scale)
+    q_r, k_r, v_r = global_qkv(q, k, v, q_global, k_global, v_global)
+    s_r, ok_r = grow_scores(rows_at(q_r, gl), k_r, gl, causal, key_ok, rel_bias, scale)
     p_r, lse_r = softmax.forward(s_r, ok_r)                        # (..., G, M)
-    _put(out, gl, p_r @ v_r)                                       # out[G]
-    _put(lse, gl, lse_r, rows=False)                               # lse[G]
+    put(out, gl, p_r @ v_r)                                        # out[G]
+    put(lse, gl, lse_r, rows=False)                                # lse[G]
     return out.astype(dt, copy=False), lse.astype(dt, copy=False)
 
 
 def _backward_numba(dout, ctx: WindowCtx) -> dict:
     q, k, v, lse, scale = ctx.q, ctx.k, ctx.v, ctx.lse, ctx.scale
-    n, m, dt = q.shape[-2], k.shape[-2], q.dtype
-    batch, gl, d = q.shape[:-2], ctx.glob, ctx.dilation
-    plan = _BandPlan(q, k, window=ctx.window, dilation=d, glob=gl, causal=ctx.causal,
-                     key_padding_mask=ctx.key_padding_mask, rel_bias=ctx.rel_bias)
-    qc, kc, vc, doc = plan.rows(q), plan.keys(k), plan.keys(v), plan.rows(dout)
-    dqc = np.empty_like(qc)                                        # (BH·d, Ln, D) (the kernel
-    dkc = np.empty_like(kc)                                        # (BH·d, Lm, D)  fills or
-    dvc = np.empty_like(vc)                                        # (BH·d, Lm, Dv) zeroes them)
-    nt = plan.tile_jlo.shape[0]
-    dbias_part = np.zeros((qc.shape[0], nt, plan.n_off if plan.has_bias else 1), dtype=dt)
-    with kernels.blas_single_thread():
-        kernels.attend_band_bwd(dqc, dkc, dvc, dbias_part, doc, plan.rows(ctx.out),
-                                plan._plane(plan.rows(lse[..., None])), qc, kc, vc, plan.tile_start,
-                                plan.tile_jlo, plan.tile_jhi, plan.n_phases, plan.lo, plan.hi,
-                                plan.row_ok, plan.key_ok, plan.bias, plan.has_bias,
-                                plan.off_min, dt.type(scale), kernels.n_chunks())
-    bh = plan.bh
-    dq = _unclasses(dqc, bh, d, n).reshape(q.shape)                # (..., N, D)
-    dk = _unclasses(dkc, bh, d, m).reshape(k.shape)                # (..., M, D)
-    dv = _unclasses(dvc, bh, d, m).reshape(v.shape)                # (..., M, Dv)
-    if d > 1:
-        dq, dk, dv = np.array(dq), np.array(dk), np.array(dv)
-    key_ok = _key_ok(ctx.key_padding_mask, batch, m)
+    n, m = q.shape[-2], k.shape[-2]
+    batch, gl = q.shape[:-2], ctx.glob
+    plan = _band_plan(q, k, window=ctx.window, dilation=ctx.dilation, glob=gl,
+                      causal=ctx.causal, key_padding_mask=ctx.key_padding_mask,
+                      rel_bias=ctx.rel_bias)
+    dq, dk, dv, drel = _band.backward(plan, dout, ctx.out, lse, q, k, v, scale)
+    key_ok = _band.key_ok(ctx.key_padding_mask, batch, m)
     grads = {"q": dq, "k": dk, "v": dv}
-    dq_r, dk_r, dv_r = _global_grads(grads, ctx)
+    dq_r, dk_r, dv_r = global_grads(grads, ctx)
     if gl.size:
         delta = np.sum(dout * ctx.out, axis=-1)                    # (..., N) = Σ_j p dp
         # global columns — fwd: s_g = q @ k[G]ᵀ · scale, out += p_g @ v[G]
-        k_g, v_g = _rows_at(k, gl), _rows_at(v, gl)                # (..., G, D), (..., G, Dv)
-        s_g, ok_g = _gcol_scores(q, k_g, gl, ctx.causal, key_ok, ctx.rel_bias, scale)
-        p_g = _exp_minus(s_g, lse, ok_g)                           # (..., N, G)
-        _put(dv, gl, p_g.swapaxes(-1, -2) @ dout, add=True)        # dv[G]
+        k_g, v_g = rows_at(k, gl), rows_at(v, gl)                  # (..., G, D), (..., G, Dv)
+        s_g, ok_g = gcol_scores(q, k_g, gl, ctx.causal, key_ok, ctx.rel_bias, scale)
+        p_g = exp_minus(s_g, lse, ok_g)                            # (..., N, G)
+        put(dv, gl, p_g.swapaxes(-1, -2) @ dout, add=True)         # dv[G]
         ds_g = p_g * (dout @ v_g.swapaxes(-1, -2) - delta[..., None])
         dq += (ds_g @ k_g) * scale
-        _put(dk, gl, (ds_g.swapaxes(-1, -2) @ q) * scale, add=True)  # dk[G]
+        put(dk, gl, (ds_g.swapaxes(-1, -2) @ q) * scale, add=True)   # dk[G]
         # global rows — fwd: out[G] = softmax(q_r[G] @ k_rᵀ · scale) @ v_r,
         # (q_r, k_r, v_r) = (q, k, v), or the global projections
-        q_r, k_r, v_r = _global_qkv(q, k, v, ctx.q_global, ctx.k_global, ctx.v_global)
-        q_rg, dout_g = _rows_at(q_r, gl), _rows_at(dout, gl)      # (..., G, D), (..., G, Dv)
-        s_r, ok_r = _grow_scores(q_rg, k_r, gl, ctx.causal, key_ok, ctx.rel_bias, scale)
-        p_r = _exp_minus(s_r, _at(lse, gl), ok_r)                  # (..., G, M)
+        q_r, k_r, v_r = global_qkv(q, k, v, ctx.q_global, ctx.k_global, ctx.v_global)
+        q_rg, dout_g = rows_at(q_r, gl), rows_at(dout, gl)         # (..., G, D), (..., G, Dv)
+        s_r, ok_r = grow_scores(q_rg, k_r, gl, ctx.causal, key_ok, ctx.rel_bias, scale)
+        p_r = exp_minus(s_r, entries_at(lse, gl), ok_r)            # (..., G, M)
         dv_r += p_r.swapaxes(-1, -2) @ dout_g
         ds_r = softmax.backward(dout_g @ v_r.swapaxes(-1, -2), p_r)  # (..., G, M)
-        _put(dq_r, gl, (ds_r @ k_r) * scale, add=True)             # dq_r[G]
+        put(dq_r, gl, (ds_r @ k_r) * scale, add=True)              # dq_r[G]
         dk_r += (ds_r.swapaxes(-1, -2) @ q_rg) * scale
     if ctx.rel_bias is not None:
-        drel = np.zeros((*batch, n + m - 1), dtype=dt)             # (..., N + M − 1)
-        dslot = dbias_part.sum(axis=1).reshape(bh, d, plan.n_off).sum(axis=1)  # (BH, S)
-        dslot = dslot.reshape(*batch, plan.n_off)
-        for t, o in enumerate(plan.slot_offsets):
-            if -(m - 1) <= o <= n - 1:
-                drel[..., o + m - 1] += dslot[..., t]
         if gl.size:
-            _rel_bias_grad_gparts(drel, ds_g, ds_r, gl, n, m)
+            rel_bias_grad_gparts(drel, ds_g, ds_r, gl, n, m)
         grads["rel_bias"] = _checks.reduce_to_shape(drel, ctx.rel_bias.shape)
     return grads
 

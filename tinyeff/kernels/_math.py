@@ -12,7 +12,7 @@
 * :func:`blas_single_thread` — pins SciPy's OpenBLAS (the BLAS behind ``np.dot`` in Numba)
   to one thread while kernels that call it from ``prange`` threads run.
 
-Used by ``kernels/blocked.py``, ``kernels/window.py`` and ``kernels/sparse.py``.
+Used by ``kernels/blocked.py``, ``kernels/band.py`` and ``kernels/sparse.py``.
 """
 
 from __future__ import annotations

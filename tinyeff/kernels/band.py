@@ -1,4 +1,4 @@
-"""Numba kernels of banded ("interval") attention, used by ``window`` and ``local``.
+"""Numba kernels of banded ("interval") attention, serving ``window`` and ``local``.
 
 Both variants are special cases of one structure: query row i may attend the keys of one
 contiguous interval [lo_i, hi_i) (intersected with a per-key validity flag), and lo_i, hi_i
@@ -40,24 +40,24 @@ SPEEDTIP: tiles are held transposed, Sᵀ = k q_tileᵀ (R, T), as in the forwar
 ``kernels/blocked.py``: each query's max and sum run down a column, serially in key order
 per query (the order of a row-wise loop) but vectorized across the T queries; the band
 becomes one range of queries per key row (lo, hi never decrease), so masking costs two range
-fills per key row instead of a test per element; and the backward's products measured
-faster in this orientation (one thread, T = 128, R = 384, D = 64: 467 µs per tile for the
-five products against 519 µs row-major).
+fills per key row instead of a test per element; and the backward's five tile products are
+faster in this orientation.
 SPEEDTIP: loops that should vectorize run over views starting at index 0 (``x = st[jj, a:e]``,
 ``for u in range(e − a)``): with ``for u in range(a, e)`` Numba keeps its negative-index
-wraparound check and LLVM emitted no packed instructions for the loop.  Tiles without
-padded keys, empty rows or bias (every tile of the benchmark's ``local``) skip the select.
+wraparound check, which keeps LLVM from vectorizing the loop.  Tiles without padded keys,
+empty rows or bias skip the select.
 SPEEDTIP: no allocation per tile: ``np.dot`` writes into per-run scratch (and straight into
 dq / out) through its ``out`` argument.
 SPEEDTIP: ``np.dot`` inside Numba calls SciPy's OpenBLAS.  When OpenBLAS itself is
-multi-threaded, its threads fight the Numba threads (measured: 36 GF/s instead of 99 GF/s
-on 2 cores); the callers pin it to one thread with ``blas_single_thread`` and the exps use
-the vectorizable ``fast_exp`` (both from ``kernels/_math.py``, ≤ 1 ulp float32, ≤ 2 ulp
-float64).
+multi-threaded, its threads fight the Numba threads; the callers pin it to one thread with
+``blas_single_thread`` and the exps use the vectorizable ``fast_exp`` (both from
+``kernels/_math.py``, ≤ 1 ulp float32, ≤ 2 ulp float64).
 NOTE: reductions (row max, row sum, δ, dk/dv accumulation, bias gradient) stay serial in
 index order; ``fastmath`` stays off (jit policy).
+Measurements behind these choices: BENCHMARKS.md, "Band kernels: design measurements".
 
-Kernels take contiguous arrays, outputs first, and do no validation (the variant modules do).
+Kernels take contiguous arrays, outputs first, and do no validation; ``attention/_band.py``
+builds their arguments (a ``BandPlan``) for both variants and is the only caller.
 """
 
 from __future__ import annotations
@@ -66,9 +66,9 @@ import numba
 import numpy as np
 
 from ._jit import kernel, prange, serial
-from ._math import blas_single_thread, colmax, fast_exp
+from ._math import colmax, fast_exp
 
-__all__ = ["attend_band", "attend_band_bwd", "plan_phases", "n_chunks", "blas_single_thread"]
+__all__ = ["attend_band", "attend_band_bwd", "plan_phases", "n_chunks"]
 
 BLOCK_TILES = 16   # the backward's blocks of consecutive tiles (at least 2·n_phases)
 
@@ -288,7 +288,7 @@ def _bwd_tile(dq, dk, dv, dbias_part, dout, out, lse, q, k, v, b, t, i0, i1, jl,
 
 @kernel
 def attend_band_bwd(dq, dk, dv, dbias_part, dout, out, lse, q, k, v, tile_start, tile_jlo,
-                    tile_jhi, n_phases, lo, hi, row_ok, key_ok, bias, has_bias, off_min, scale,
+                    tile_jhi, lo, hi, row_ok, key_ok, bias, has_bias, off_min, n_phases, scale,
                     n_chunks):
     """Backward of :func:`attend_band`.
 
@@ -296,7 +296,8 @@ def attend_band_bwd(dq, dk, dv, dbias_part, dout, out, lse, q, k, v, tile_start,
     kernel zeroes dk, dv and the dq rows of key-less tiles, in parallel, instead of a serial
     ``np.zeros`` in the caller); dbias_part (BH, nt, n_off) zeroed;
     dout (BH, N, Dv); out (BH, N, Dv) and lse (BH, N) from the forward (δ_i = dout_i · out_i
-    is formed here, in float64, once per row).
+    is formed here, in float64, once per row); the band arguments as in :func:`attend_band`;
+    n_phases from :func:`plan_phases` of the tile key ranges.
     """
     bh = q.shape[0]
     m = k.shape[1]
