@@ -48,6 +48,7 @@ Edge cases
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import numpy as np
 
@@ -55,7 +56,7 @@ from .. import _checks
 from ..ctx import Ctx
 from ..ops import softmax
 from . import _band, _nonfinite
-from ._case import Case
+from ._case import Case, random_qkv
 
 NAME = "local"
 SUPPORTS_MASK = False
@@ -318,20 +319,17 @@ def example_cases(rng: np.random.Generator, dtype=np.float64) -> list[Case]:
     """Small valid calls covering every option (used by the contract tests and golden files)."""
     b, h, n, d, dv = 2, 2, 11, 5, 3
 
-    def qkv(n_=n, m_=n):
-        return {"q": rng.standard_normal((b, h, n_, d)).astype(dtype),
-                "k": rng.standard_normal((b, h, m_, d)).astype(dtype),
-                "v": rng.standard_normal((b, h, m_, dv)).astype(dtype)}
+    qkv = functools.partial(random_qkv, rng, (b, h), d=d, dv=dv, dtype=dtype)  # qkv(N, M)
 
     kpad = np.ones((b, 1, n), dtype=bool)
     kpad[1, :, -4:] = False                                        # key padding of batch 1
     return [
-        Case("plain", qkv(), {"block": 3}),
-        Case("causal_lookaround", qkv(), {"block": 4, "look_backward": 1, "look_forward": 1,
+        Case("plain", qkv(n), {"block": 3}),
+        Case("causal_lookaround", qkv(n), {"block": 4, "look_backward": 1, "look_forward": 1,
                                           "causal": True}),
-        Case("kpad_forward", qkv(), {"block": 2, "look_backward": 0, "look_forward": 2,
+        Case("kpad_forward", qkv(n), {"block": 2, "look_backward": 0, "look_forward": 2,
                                      "key_padding_mask": kpad}),
-        Case("rel_bias", {**qkv(), "rel_bias": rng.standard_normal(
+        Case("rel_bias", {**qkv(n), "rel_bias": rng.standard_normal(
             (h, 2 * n - 1)).astype(dtype)}, {"block": 3, "look_forward": 1}),
         Case("rect_rel_bias_causal", {**qkv(9, 13), "rel_bias": rng.standard_normal(
             (b, h, 9 + 13 - 1)).astype(dtype)}, {"block": 4, "causal": True, "scale": 0.6}),

@@ -84,6 +84,7 @@ dense NumPy products in both paths.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import numpy as np
 
@@ -91,7 +92,7 @@ from .. import _checks
 from ..ctx import Ctx
 from ..ops import softmax
 from . import _band, _nonfinite
-from ._case import Case
+from ._case import Case, random_qkv
 from ._window_globals import (
     PROJECTIONS,
     Globals,
@@ -455,10 +456,7 @@ def example_cases(rng: np.random.Generator, dtype=np.float64) -> list[Case]:
     """Small valid calls covering every option (used by the contract tests and golden files)."""
     b, h, n, d, dv = 2, 2, 11, 5, 3
 
-    def qkv(n_=n, m_=n):
-        return {"q": rng.standard_normal((b, h, n_, d)).astype(dtype),
-                "k": rng.standard_normal((b, h, m_, d)).astype(dtype),
-                "v": rng.standard_normal((b, h, m_, dv)).astype(dtype)}
+    qkv = functools.partial(random_qkv, rng, (b, h), d=d, dv=dv, dtype=dtype)  # qkv(N, M)
 
     kpad = np.ones((b, 1, n), dtype=bool)
     kpad[1, :, -3:] = False                                        # key padding of batch 1
@@ -473,23 +471,23 @@ def example_cases(rng: np.random.Generator, dtype=np.float64) -> list[Case]:
         return {name: rng.standard_normal(x[name[0]].shape).astype(dtype)
                 for name in PROJECTIONS}
     return [
-        Case("plain", qkv(), {"window": 2}),
-        Case("causal", qkv(), {"window": 3, "causal": True}),
-        Case("dilated_global", qkv(), {"window": 2, "dilation": 2, "global_indices": [0, 6]}),
-        Case("global_causal_kpad", qkv(), {"window": 1, "global_indices": [4],
+        Case("plain", qkv(n), {"window": 2}),
+        Case("causal", qkv(n), {"window": 3, "causal": True}),
+        Case("dilated_global", qkv(n), {"window": 2, "dilation": 2, "global_indices": [0, 6]}),
+        Case("global_causal_kpad", qkv(n), {"window": 1, "global_indices": [4],
                                            "causal": True, "key_padding_mask": kpad}),
-        Case("rel_bias_global", {**qkv(), "rel_bias": rng.standard_normal(
+        Case("rel_bias_global", {**qkv(n), "rel_bias": rng.standard_normal(
             (h, 2 * n - 1)).astype(dtype)}, {"window": 2, "global_indices": [3, 9],
                                              "dilation": 3}),
         Case("rect_rel_bias", {**qkv(8, 13), "rel_bias": rng.standard_normal(
             (b, h, 8 + 13 - 1)).astype(dtype)}, {"window": 3, "causal": True, "scale": 0.6}),
-        Case("global_mask_kpad", qkv(), {"window": 2, "global_mask": gmask,
+        Case("global_mask_kpad", qkv(n), {"window": 2, "global_mask": gmask,
                                          "key_padding_mask": kpad}),
-        Case("global_mask_heads_causal", qkv(), {"window": 1, "dilation": 2,
+        Case("global_mask_heads_causal", qkv(n), {"window": 1, "dilation": 2,
                                                  "global_mask": gmask_h, "causal": True}),
-        Case("global_projections", {**(x := qkv()), **proj(x)},
+        Case("global_projections", {**(x := qkv(n)), **proj(x)},
              {"window": 2, "global_indices": [0, 6], "key_padding_mask": kpad}),
         Case("global_projections_mask_rel_bias",
-             {**(x := qkv()), **proj(x), "rel_bias": rng.standard_normal(
+             {**(x := qkv(n)), **proj(x), "rel_bias": rng.standard_normal(
                  (h, 2 * n - 1)).astype(dtype)}, {"window": 1, "global_mask": gmask}),
     ]
