@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import io
 import json
@@ -456,3 +457,172 @@ def test_crc_seeding_is_documented():
     np.testing.assert_array_equal(case.args["q"], first.args["q"])
     drng = np.random.default_rng(zlib.crc32(f"full/{case.name}/5/dout".encode()))
     np.testing.assert_array_equal(case.dout, drng.standard_normal(case.out.shape))
+
+
+# ----------------------------------------------------------------------------------------
+# SEMANTICS.md §3.1: every pinned edge case names a case that exercises it (checked on
+# the stored files, not taken from the names)
+# ----------------------------------------------------------------------------------------
+
+EXP_OVERFLOW = 709.79                                              # exp(x) = inf above (float64)
+
+
+def _n_m(case):
+    n = case.args["q"].shape[-2]
+    return n, (case.args["k"].shape[-2] if "k" in case.args else n)
+
+
+def _kpm(case):
+    kpm = case.options.get("key_padding_mask")
+    return None if kpm is None else np.asarray(kpm)
+
+
+def _zero_rows(case) -> np.ndarray:
+    """(..., N) rows whose output and query gradient are exactly 0."""
+    return np.all(case.out == 0, axis=-1) & np.all(case.grads["q"] == 0, axis=-1)
+
+
+def _empty_row(case) -> bool:
+    rows = _zero_rows(case)
+    if "lse" in case.ctx:                                          # out 0, dq 0, lse −inf
+        rows = rows & np.isneginf(case.ctx["lse"])
+    return bool(rows.any())
+
+
+def _overflow(case) -> bool:
+    """Some row's largest admissible logit exceeds exp's overflow: lse − log(#entries)."""
+    if case.dtype != "float64" or "lse" not in case.ctx:
+        return False
+    lse = case.ctx["lse"]
+    rounds = case.options["rotations"].shape[1] if "rotations" in case.options else 1
+    entries = 4 * max(_n_m(case)[1], 1) * rounds                   # a generous bound
+    return bool(np.any(lse[np.isfinite(lse)] - np.log(entries) > EXP_OVERFLOW))
+
+
+def _large_exponents(case) -> bool:
+    """FAVOR+: a query row whose every exponent ω·x̂ − ‖x̂‖²/2 is below −745 (each feature
+    underflows to 0 unless stabilized)."""
+    q = case.args["q"].astype(np.float64)
+    scale = case.options.get("scale") or 1 / np.sqrt(q.shape[-1])
+    xh = q * np.sqrt(scale)
+    a = xh @ case.options["features"].astype(np.float64).T - 0.5 * (xh * xh).sum(-1)[..., None]
+    return bool(np.any(a.max(-1) < -745))
+
+
+def _self_only_row(case) -> bool:
+    out, v = case.out, case.args["v"]
+    same = np.all(np.abs(out - v) <= 1e-9 * np.abs(v) + 1e-300, axis=-1)
+    return bool(np.any(same & np.any(v != 0, axis=-1)))
+
+
+def _empty_span(case) -> bool:
+    """A level-1 span (two aligned keys) with no real key, in some batch item."""
+    kpm = _kpm(case)
+    if kpm is None:
+        return False
+    n = kpm.shape[-1] // 2 * 2
+    return bool(np.any(~kpm[..., 0:n:2] & ~kpm[..., 1:n:2]))
+
+
+def _all_keys_padded(case) -> bool:
+    kpm = _kpm(case)
+    return kpm is not None and bool(np.any(~kpm.any(-1)))
+
+
+def _option(case, spec: str) -> bool:
+    name, sep, literal = spec.partition("=")
+    if name not in case.options:
+        return False
+    value = case.options[name]
+    if not sep:
+        return value is not None and value is not False and not (
+            isinstance(value, (list, tuple)) and not value)
+    return bool(value == ast.literal_eval(literal) and type(value) is type(
+        ast.literal_eval(literal)))
+
+
+PROPERTIES = {
+    "empty_row": _empty_row,
+    "zero_out_row": lambda c: bool(_zero_rows(c).any()),
+    "overflow": _overflow,
+    "large_inputs": lambda c: bool(max(np.abs(c.args["q"]).max(), np.abs(c.args["k"]).max())
+                                   > EXP_OVERFLOW),
+    "large_exponents": _large_exponents,
+    "long": lambda c: (min(_n_m(c)) > 128 and all(x % 64 for x in _n_m(c))
+                       and c.args["q"].shape[-1] in (32, 64)),
+    "b_ne_h": lambda c: c.args["q"].ndim == 4 and c.args["q"].shape[0] != c.args["q"].shape[1],
+    "3d": lambda c: c.args["q"].ndim == 3,
+    "float32": lambda c: c.dtype == "float32" and c.out.dtype == np.float32,
+    "n_ne_m": lambda c: _n_m(c)[0] != _n_m(c)[1],
+    "n_gt_m": lambda c: _n_m(c)[0] > _n_m(c)[1],
+    "n0": lambda c: _n_m(c)[0] == 0,
+    "m0": lambda c: _n_m(c)[1] == 0,
+    "nnz0": lambda c: sp.issparse(c.options["mask"]) and c.options["mask"].nnz == 0,
+    "per_head": lambda c: isinstance(c.options.get("mask"), (list, tuple)),
+    "neg_inf_bias": lambda c: bool(np.any(np.all(np.isneginf(c.args["bias"]), axis=-1))),
+    "exact_zeros": lambda c: bool(np.any(c.args["q"] == 0) and np.any(c.args["k"] == 0)),
+    "zero_q_rows": lambda c: bool(np.any(np.all(c.args["q"] == 0, axis=-1))),
+    "self_only_row": _self_only_row,
+    "empty_span": _empty_span,
+    "all_keys_padded": _all_keys_padded,
+    "rounds_gt_1": lambda c: c.options["rotations"].shape[1] > 1,
+    "chunks_gt_1": lambda c: _n_m(c)[0] // c.options["chunk_len"] > 1,
+    "default_scale": lambda c: c.options.get("scale") is None,
+    "rank_gt_m": lambda c: c.args["E"].shape[-2] > _n_m(c)[1],
+    "odd_block": lambda c: c.options["block"] % 2 == 1,
+    "block_ge_nm": lambda c: c.options["block"] >= max(_n_m(c)),
+    "window_ge_nm": lambda c: c.options["window"] >= max(_n_m(c)),
+}
+PREFIXED = {
+    "opt": _option,
+    "arg": lambda c, name: name in c.args,
+    "not_multiple": lambda c, opt: all(x % c.options[opt] for x in _n_m(c)),
+}
+#: what every variant's rows must show between them (issue: empty row wherever defined,
+#: N > 128, B ≠ H, large logits; plus 3-D, float32 and N ≠ M where defined)
+REQUIRED = [{"long"}, {"b_ne_h"}, {"3d"}, {"float32"}, {"empty_row", "zero_out_row"},
+            {"overflow", "large_inputs", "large_exponents"}]
+M_EQUALS_N = {"lsh", "hierarchical"}
+
+
+def _coverage_table() -> list[tuple[str, str, str, list[str]]]:
+    """(variant, edge case, case, properties) for every row of SEMANTICS.md §3.1."""
+    text = (ROOT / "SEMANTICS.md").read_text()
+    section = text.split("### 3.1 ", 1)[1].split("\n### ", 1)[0].split("\n## ", 1)[0]
+    rows = []
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 4 or not cells[0].startswith("`"):
+            continue
+        props = re.findall(r"`([^`]+)`", cells[3])
+        rows.append((cells[0].strip("`"), cells[1], cells[2].strip("`"), props))
+    return rows
+
+
+def test_coverage_table_names_cases_that_exercise_each_edge_case(golden_dir):
+    rows = _coverage_table()
+    cases = {c.key: c for c in load_golden(golden_dir).cases}
+    assert {v for v, *_ in rows} == set(VARIANTS)
+    problems = []
+    for variant, what, name, props in rows:
+        case = cases.get(f"{variant}/{name}")
+        if case is None:
+            problems.append(f"{variant}/{name} ({what}): no such case in the default suite")
+            continue
+        assert props, f"{variant}/{name}: the row names no property to check"
+        for prop in props:
+            kind, colon, arg = prop.partition(":")
+            if colon and kind in PREFIXED:
+                ok = PREFIXED[kind](case, arg)
+            elif prop in PROPERTIES:
+                ok = PROPERTIES[prop](case)
+            else:
+                raise AssertionError(f"SEMANTICS.md §3.1 uses an unknown property {prop!r}")
+            if not ok:
+                problems.append(f"{variant}/{name} ({what}): {prop} does not hold")
+    assert not problems, "\n".join(problems)
+    for variant in VARIANTS:
+        shown = {p for v, _, _, props in rows if v == variant for p in props}
+        required = REQUIRED + ([] if variant in M_EQUALS_N else [{"n_ne_m"}])
+        missing = [sorted(r) for r in required if not r & shown]
+        assert not missing, f"{variant}: no row of SEMANTICS.md §3.1 shows {missing}"
