@@ -401,7 +401,7 @@ def test_manifest_shapes_are_checked(small_dir):
 
 def test_cli_writes_and_rejects_unknown_variants(tmp_path, capsys):
     assert golden_cli.main(["--out", str(tmp_path), "--variants", "full", "--seed", "3"]) == 0
-    assert "wrote 25 cases" in capsys.readouterr().out
+    assert "wrote 25 cases (full 13 + 12; float64 + float32" in capsys.readouterr().out
     assert load_golden(tmp_path).manifest["seed"] == 3
     with pytest.raises(SystemExit):
         golden_cli.main(["--out", str(tmp_path / "x"), "--variants", "nope"])

@@ -78,7 +78,12 @@ def main(argv: list[str] | None = None) -> int:
         for entry in manifest["cases"]:
             print(f"{entry['file']:<52} {entry['bytes']:>9} bytes  "
                   f"sha256 {entry['sha256'][:16]}…")
-    print(f"wrote {len(manifest['cases'])} cases of {', '.join(manifest['variants'])} "
-          f"({', '.join(manifest['dtypes'])}, seed {args.seed}, size {args.size}), "
+    counts = {v: {d: 0 for d in manifest["dtypes"]} for v in manifest["variants"]}
+    for entry in manifest["cases"]:
+        counts[entry["variant"]][entry["dtype"]] += 1
+    per_variant = ", ".join(f"{v} {' + '.join(str(n) for n in c.values())}"
+                            for v, c in counts.items())
+    print(f"wrote {len(manifest['cases'])} cases ({per_variant}; "
+          f"{' + '.join(manifest['dtypes'])}, seed {args.seed}, size {args.size}), "
           f"{total / 1e6:.1f} MB, and manifest.json to {args.out} in {seconds:.1f} s")
     return 0
