@@ -406,8 +406,10 @@ def write_golden(out_dir, variants=None, dtype=None, seed: int = 0,
     The cases are :func:`make_cases` ``(variants, dtype, seed, size, examples_only)``
     unless given.  A directory that already holds a suite (a ``manifest.json`` or
     ``<subdir>/*.npz`` files) is refused with :class:`FileExistsError` unless
-    ``overwrite``, which deletes that whole suite first: no file of the old suite is left
-    behind, listed or not.  Returns the manifest (also written to ``manifest.json``).
+    ``overwrite``, which replaces that whole suite: once the new files and manifest are
+    written, every file of the old suite that the new manifest does not list is deleted,
+    listed by the old manifest or not.  Returns the manifest (also written to
+    ``manifest.json``).
     """
     out_dir = Path(out_dir)
     names = _resolve_variants(variants)
@@ -420,11 +422,6 @@ def write_golden(out_dir, variants=None, dtype=None, seed: int = 0,
             f"{', ...' if len(old) > 3 else ''}); pass --force (overwrite=True) to replace "
             "it as a whole, or choose another directory")
     out_dir.mkdir(parents=True, exist_ok=True)
-    for path in old:                                               # manifest first
-        path.unlink()
-    for sub in sorted({p.parent for p in old if p.parent != out_dir}):
-        if not any(sub.iterdir()):
-            sub.rmdir()
     if cases is None:
         cases = make_cases(names, dtypes, seed, size=size, examples_only=examples_only)
     entries = []
@@ -453,6 +450,15 @@ def write_golden(out_dir, variants=None, dtype=None, seed: int = 0,
                 "seed": int(seed), "size": int(size), "examples_only": bool(examples_only),
                 "variants": names, "cases": entries}
     _write_atomic(out_dir / MANIFEST, manifest_text(manifest).encode())
+    # the new suite is complete: delete what is left of the old one (an interrupted run
+    # leaves the old manifest, whose SHA-256s the new files fail: refused on load)
+    keep = {out_dir / MANIFEST, *(out_dir / e["file"] for e in entries)}
+    for path in old:
+        if path not in keep:
+            path.unlink(missing_ok=True)
+    for sub in sorted({p.parent for p in old if p.parent != out_dir}):
+        if sub.is_dir() and not any(sub.iterdir()):
+            sub.rmdir()
     return manifest
 
 
