@@ -25,13 +25,18 @@ array it reports
 * ``max rel``: max_i |a_i − b_i| / max_i |b_i| (the error relative to the array's scale);
 * ``ratio``: max_i |a_i − b_i| / (atol + rtol·|b_i|).  An array passes when ratio ≤ 1, i.e.
   ``numpy.allclose(a, b, rtol, atol)`` entry by entry, with (rtol, atol) from
-  :data:`tinyeff.testing.tolerances.PARITY` for the golden dtype (float64: 1e-10 / 1e-12;
+  :data:`tinyeff.testing.tolerances.PARITY` for the case's dtype (float64: 1e-10 / 1e-12;
   float32: 1e-4 / 1e-5).  A wrong shape or dtype, a NaN where the golden value is finite, a
   missing or extra gradient all fail.
 
 The result is a :class:`ConformanceReport`: ``report.ok``, ``report.rows`` (one
-:class:`Row` per compared array), ``str(report)`` (a table) and ``report.failures()``.
-``python -m tinyeff check DIR --against module:function`` does the same from a shell.
+:class:`Row` per compared array; iterating over the report gives them), ``str(report)``
+(the table, followed by the traceback of the first exception the backend raised) and
+``report.failures()``.  :func:`check_case` does the same for one case (what a pytest
+parametrization over cases calls).  A backend that cannot take the four arguments above is
+a ``TypeError`` naming :data:`SIGNATURE`; ``raise_errors=True`` re-raises the backend's
+first exception instead of reporting it.  ``python -m tinyeff check DIR --against
+module:function`` does the same from a shell.
 """
 
 from __future__ import annotations

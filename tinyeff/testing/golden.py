@@ -1,9 +1,13 @@
-"""Golden test vectors: every variant's example cases, frozen into files another backend reads.
+"""Golden test vectors: every variant's cases, frozen into files another backend reads.
 
 Layout of a golden directory (format ``tinyeff-golden``, version :data:`VERSION`)::
 
     DIR/manifest.json             what is there, with the SHA-256 of every case file
-    DIR/<variant>/<case>.npz      one file per (variant, example case)
+    DIR/<variant>/<case>.npz      one file per (variant, case, dtype); float32 copies are
+                                  named ``<case>_f32``
+
+The cases of a variant are its ``example_cases`` followed by its conformance cases
+(:mod:`tinyeff.testing.suite`), by default in float64 and float32 (:func:`make_cases`).
 
 Each ``.npz`` is an ordinary NumPy zip archive that ``numpy.load(path, allow_pickle=False)``
 opens.  Its entries (all plain numeric, boolean or unicode arrays; never objects):
@@ -18,8 +22,9 @@ opens.  Its entries (all plain numeric, boolean or unicode arrays; never objects
     out               forward(**args, **options)[0]
     grad.<name>       backward(dout, ctx)[name] for every differentiable input
     ctx.<field>       informational: the saved-context arrays of the reference forward that
-                      are not inputs (log-sum-exp, probabilities, bucket ids, ...); useful
-                      when porting, never compared by the conformance harness
+                      are not inputs or the output (log-sum-exp, probabilities, bucket ids,
+                      ...) and have at most as many entries as the case's largest input or
+                      output (or :data:`CTX_MIN_ENTRIES`); never compared by the harness
 
 Scalar options (flags, sizes, floats, strings, None) live in the header JSON; a
 non-finite float is written as ``{"float": "inf"}``, a tuple as ``{"tuple": [...]}``.
@@ -27,8 +32,11 @@ non-finite float is written as ``{"float": "inf"}``, a tuple as ``{"tuple": [...
 How the numbers are made
 ------------------------
 * Inputs come from ``example_cases(rng, dtype)`` of the variant, with
-  ``rng = default_rng(crc32("<variant>/<seed>"))``; the upstream gradient of each case from
-  ``default_rng(crc32("<variant>/<case>/<seed>/dout"))``.
+  ``rng = default_rng(crc32("<variant>/<seed>"))``, then from
+  ``suite.suite_cases(variant, rng, dtype, size)`` with
+  ``rng = default_rng(crc32("<variant>/suite/<seed>"))``; the upstream gradient of each
+  case from ``default_rng(crc32("<variant>/<case>/<seed>/dout"))`` (``<case>`` without
+  the ``_f32`` suffix).
 * Output and gradients are always computed by the float64 reference path (``impl="ref"``
   where the variant has one).  For ``dtype=float32`` the stored float32 inputs are widened
   exactly to float64, the float64 results are rounded to float32 once at the end: the
