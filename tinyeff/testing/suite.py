@@ -21,7 +21,8 @@ variant (SEMANTICS.md §3 lists them with the edge case each one pins):
 The logits are made large without making the softmax ill-conditioned: every key gets
 k[..., 0] = 1 and every query q[..., 0] = t_i / scale with t_i drawn in [T, T + 50), so each
 row's logits are t_i plus the O(1) scores of the other coordinates (a per-row shift, which
-softmax ignores), with T = 800.
+softmax ignores), with T = 800; entries are multiples of 1/8 so that the logits are exact
+in float64 whatever the summation order.
 
 Shapes in the comments: B batch, H heads, N queries, M keys, D and Dv feature sizes.
 """
@@ -58,11 +59,17 @@ def _qkv(rng, batch, n, m, d, dv, dtype) -> dict[str, np.ndarray]:
 
 def _large_logits(rng, args: dict, scale: float, dtype) -> dict:
     """k[..., 0] = 1 and q[..., 0] = t_i / scale, t_i in [T, T + 50): every logit of row i
-    is t_i + O(1) (see the module docstring)."""
-    q, k = args["q"].copy(), args["k"].copy()
-    target = LARGE
+    is t_i + O(1) (see the module docstring).  Every entry of q and k is a multiple of 1/8
+    and ``scale`` a power of 2, so q·k and the logits are exact in float64 in any summation
+    order: the rounding of a logit of 800 (~1e-13) would otherwise reach dk[..., 0] (a sum
+    of ds_ij·t_i) amplified by t, beyond float64's tolerance for some draws."""
+    if math.frexp(scale)[0] != 0.5:
+        raise ValueError(f"scale must be a power of 2 here, got {scale}")
+    q = np.round(np.clip(args["q"].astype(np.float64), -4, 4) * 8) / 8
+    k = np.round(np.clip(args["k"].astype(np.float64), -4, 4) * 8) / 8
     k[..., 0] = 1                                                  # (..., M)
-    q[..., 0] = (target + 50 * rng.random(q.shape[:-1])) / scale   # (..., N)
+    t = LARGE + np.round(50 * rng.random(q.shape[:-1]) * 8) / 8    # (..., N), multiples of 1/8
+    q[..., 0] = t / scale
     return {**args, "q": q.astype(dtype), "k": k.astype(dtype)}
 
 
@@ -323,7 +330,7 @@ def lsh_cases(rng, dtype=np.float64, size=1) -> list[Case]:
     nl = 144
     ql, vl, rotl = _lsh_inputs(rng, (2,), nl, 16, 8, 2, 4, dtype)
     norm = np.linalg.norm(ql.astype(np.float64), axis=-1)         # (B, N)
-    big = float(LARGE * 2.5 / np.median(norm))
+    big = float(1.25 * LARGE / np.median(norm))
     return [
         Case("long_two_rounds", {"q": q, "v": v},
              {"rotations": rot, "chunk_len": 8,
