@@ -51,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
                              "computed in float64, then rounded once)")
     parser.add_argument("--size", type=_positive_int, default=1, metavar="K",
                         help="multiply the sequence lengths of the long conformance cases "
-                             "by K (default 1: N = 267, M = 293)")
+                             "by K (default 1: N = 267, M = 293); float32 sums round more "
+                             "over longer sequences (see SEMANTICS.md §3)")
     parser.add_argument("--examples-only", action="store_true",
                         help="only the small example cases of each variant (a quick smoke "
                              "test; not the conformance suite)")

@@ -60,9 +60,10 @@ def _qkv(rng, batch, n, m, d, dv, dtype) -> dict[str, np.ndarray]:
 def _large_logits(rng, args: dict, scale: float, dtype) -> dict:
     """k[..., 0] = 1 and q[..., 0] = t_i / scale, t_i in [T, T + 50): every logit of row i
     is t_i + O(1) (see the module docstring).  Every entry of q and k is a multiple of 1/8
-    and ``scale`` a power of 2, so q·k and the logits are exact in float64 in any summation
-    order: the rounding of a logit of 800 (~1e-13) would otherwise reach dk[..., 0] (a sum
-    of ds_ij·t_i) amplified by t, beyond float64's tolerance for some draws."""
+    and ``scale`` a power of 2, so where a logit is q·k·scale (full, sparse, window, local)
+    it is exact in float64 in any summation order: the rounding of a logit of 800 (~1e-13)
+    would otherwise reach dk[..., 0] (a sum of ds_ij·t_i) amplified by t, beyond float64's
+    tolerance for some draws."""
     if math.frexp(scale)[0] != 0.5:
         raise ValueError(f"scale must be a power of 2 here, got {scale}")
     q = np.round(np.clip(args["q"].astype(np.float64), -4, 4) * 8) / 8
