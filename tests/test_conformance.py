@@ -419,3 +419,17 @@ def test_check_case_report_prints_its_table():
     with pytest.raises(AssertionError, match="(?s)full/plain .*grad k"):
         case.check(_bugged("dk_unscaled"))
     assert case.check(_bugged(None)).ok
+
+
+def test_cli_prints_the_first_traceback_or_all_of_them(tmp_path, capsys):
+    write_golden(tmp_path / "g", ["full"], dtype="float64", examples_only=True)
+    (tmp_path / "crash.py").write_text(
+        "def helper(x):\n    raise ValueError('bad shape ' + str(x.shape))\n\n"
+        "def fn(variant, inputs, options, dout):\n    return helper(inputs['q'])\n")
+    args = [str(tmp_path / "g"), "--against", f"{tmp_path / 'crash.py'}:fn"]
+    assert check_cli.main(args) == 1
+    out = capsys.readouterr().out
+    assert out.count("Traceback (most recent call last)") == 1 and "in helper" in out
+    assert "ValueError: bad shape (2, 2, 7, 5)" in out
+    assert check_cli.main([*args, "--traceback"]) == 1
+    assert capsys.readouterr().out.count("Traceback (most recent call last)") == len(FULL_CASES)
