@@ -7,14 +7,14 @@ variant (SEMANTICS.md §3 lists them with the edge case each one pins):
 * ``long_*`` — batch (1, 2), N and M between 256 and 300 and not multiples of 64 or of the
   variant's block, window or chunk (a port that is right only on its first tile of 64 or
   128 rows fails), D = 32 (64 for ``full``), Dv = 16 ≠ D, default ``scale``;
-* ``heads_*`` — batch (2, 3) (B ≠ H: a batch/head mix-up gives wrong numbers, not a shape
-  error), N ≠ M wherever the variant defines it, and rows with no admissible key;
-* ``large_*_3d`` — 3-D inputs (B, N, D), and every admissible logit of many rows beyond the
-  exp overflow threshold of the dtype (> 750 in float64, > 90 in float32), so a port that
-  skips the softmax max-subtraction overflows; for ``linear`` and ``performer`` the inputs
-  (and FAVOR+'s feature exponents) are that large instead.  These cases exist in float64
-  only: a float32 logit of 750 carries an absolute rounding error of ~1e-4, which moves the
-  probabilities by more than float32's tolerance;
+* ``heads_*`` — batch (2, 3) (B ≠ H: a batch/head mix-up changes shapes, which a (2, 2)
+  batch hides), N ≠ M wherever the variant defines it, and rows with no admissible key;
+* ``large_*_3d`` — 3-D inputs (B, N, D), and every admissible logit of many rows above 750
+  (exp overflows in float64 above 709.78), so a port that skips the softmax
+  max-subtraction overflows; ``lsh`` gets ‖qk‖ ≈ 1000 at its default scale 1; for
+  ``linear`` and ``performer`` the inputs (and FAVOR+'s feature exponents) are that large
+  instead.  These cases exist in float64 only: a float32 logit of 750 carries an absolute
+  rounding error of ~1e-4, which moves the probabilities by more than float32's tolerance;
 * a few small cases for the edge cases a page pins that the others do not reach
   (M = 0, N = 0, window 0, one segment, an odd block, ...).
 
