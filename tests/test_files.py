@@ -341,7 +341,7 @@ def test_interrupted_golden_write_never_leaves_a_half_written_file(tmp_path, mon
 
     monkeypatch.setattr(pathlib.Path, "write_bytes", failing)
     with pytest.raises(OSError, match="disk full"):
-        golden.write_golden(tmp_path, ["full"], seed=1)
+        golden.write_golden(tmp_path, ["full"], seed=1, overwrite=True)
     monkeypatch.undo()
     half = calls[1]
     assert half.name.endswith(".tmp")                # the partial bytes went to a temp name

@@ -3,8 +3,11 @@
 Loads the golden directory DIR (written by ``python -m tinyeff golden``; every file is
 verified against the manifest's SHA-256), calls your backend function on every case and
 prints, per case, the max absolute and relative error of the output and of each gradient
-against the tolerance of the dtype.  Exit status 0 when everything agrees, 1 when something
-differs, 2 when the files or the arguments are wrong.
+against the tolerance of the case's dtype, the worst entry (got/want with enough digits to
+tell them apart) and the traceback of the first exception your backend raised (``--traceback``:
+of every one).  Exit status 0 when everything agrees, 1 when something differs, 2 when the
+files or the arguments are wrong (a backend that cannot be called as
+``fn(variant, inputs, options, dout)``, an unknown case name: the valid ones are listed).
 
 The backend function (see :mod:`tinyeff.testing.conformance`)::
 
@@ -32,7 +35,7 @@ import numpy as np
 
 from .golden import split_names
 from .testing.conformance import check_backend
-from .testing.golden import GoldenError, load_golden
+from .testing.golden import DTYPES, GoldenError, load_golden
 from .testing.tolerances import PARITY, Tol
 
 
@@ -76,12 +79,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="only these variants (default: every variant in DIR)")
     parser.add_argument("--cases", nargs="+", metavar="NAME",
                         help="only these cases (name, or variant/name)")
+    parser.add_argument("--dtype", choices=DTYPES,
+                        help="only the cases of this dtype (default: every case in DIR)")
     parser.add_argument("--forward-only", action="store_true",
                         help="compare outputs only, not gradients")
     parser.add_argument("--rtol", type=float, help="override the dtype's relative tolerance")
     parser.add_argument("--atol", type=float, help="override the dtype's absolute tolerance")
     parser.add_argument("--failures-only", action="store_true",
                         help="print only the rows that fail")
+    parser.add_argument("--traceback", action="store_true",
+                        help="print the traceback of every exception of the backend (default: "
+                             "of the first one)")
     args = parser.parse_args(argv)
     try:
         golden = load_golden(args.dir)
@@ -95,15 +103,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     tol = None
     if args.rtol is not None or args.atol is not None:
-        base = PARITY[np.dtype(golden.dtype)]
-        tol = Tol(base.rtol if args.rtol is None else args.rtol,
-                  base.atol if args.atol is None else args.atol)
+        tol = {np.dtype(d): Tol(base.rtol if args.rtol is None else args.rtol,
+                                base.atol if args.atol is None else args.atol)
+               for d, base in ((d, PARITY[np.dtype(d)]) for d in DTYPES)}
     try:
         report = check_backend(split_names(args.variants), fn, golden=golden,
-                               cases=split_names(args.cases), backward=not args.forward_only,
-                               tol=tol)
-    except ValueError as e:
+                               dtype=args.dtype, cases=split_names(args.cases),
+                               backward=not args.forward_only, tol=tol)
+    except (ValueError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(report.table(failures_only=args.failures_only))
+    print(report.table(failures_only=args.failures_only,
+                       tracebacks="all" if args.traceback else "first"))
     return 0 if report.ok else 1

@@ -5,16 +5,19 @@
 * :func:`assert_close` — strict comparison (shape and dtype must match) with tolerances from
   the one table :mod:`tinyeff.testing.tolerances`.
 * :func:`random_qkv` — seeded random inputs of the contract's shapes.
-* :func:`write_golden`, :func:`load_golden`, :func:`read_case` — golden test vectors
-  (:mod:`tinyeff.testing.golden`); :func:`check_backend` — the conformance harness that
-  runs another backend over them (:mod:`tinyeff.testing.conformance`).
+* :func:`write_golden`, :func:`load_golden`, :func:`read_case`, :func:`make_cases` — golden
+  test vectors (:mod:`tinyeff.testing.golden`; the larger conformance cases are built in
+  :mod:`tinyeff.testing.suite`).
+* :func:`check_backend` runs another backend over them, :func:`check_case` over one case
+  (``GoldenCase.check(backend)`` does the same and raises with the table); both return a
+  :class:`ConformanceReport` whose ``str()`` is the table (:mod:`tinyeff.testing.conformance`).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from .conformance import ConformanceReport, check_backend, reference_backend
+from .conformance import ConformanceReport, Row, check_backend, check_case, reference_backend
 from .golden import GoldenCase, GoldenError, load_golden, make_cases, read_case, write_golden
 from .gradcheck import GradReport, check_elementwise, check_vjp, numeric_grad
 from .tolerances import F32_VS_F64, FD_EPS, GRAD_FD, PARITY, Tol
@@ -59,7 +62,8 @@ def random_qkv(rng: np.random.Generator, batch=(2, 2), n: int = 8, m: int | None
 
 __all__ = ["GradReport", "check_vjp", "check_elementwise", "numeric_grad", "assert_close",
            "random_qkv", "Tol", "PARITY", "F32_VS_F64", "GRAD_FD", "FD_EPS",
-           "check_backend", "ConformanceReport", "reference_backend", "write_golden",
+           "check_backend", "check_case", "ConformanceReport", "Row", "reference_backend",
+           "write_golden",
            "load_golden", "read_case", "make_cases", "GoldenCase", "GoldenError"]
 
 # framework adapters (tinyeff.testing.adapters): torch / jax are imported only when called

@@ -1,9 +1,13 @@
-"""Golden test vectors: every variant's example cases, frozen into files another backend reads.
+"""Golden test vectors: every variant's cases, frozen into files another backend reads.
 
 Layout of a golden directory (format ``tinyeff-golden``, version :data:`VERSION`)::
 
     DIR/manifest.json             what is there, with the SHA-256 of every case file
-    DIR/<variant>/<case>.npz      one file per (variant, example case)
+    DIR/<variant>/<case>.npz      one file per (variant, case, dtype); float32 copies are
+                                  named ``<case>_f32``
+
+The cases of a variant are its ``example_cases`` followed by its conformance cases
+(:mod:`tinyeff.testing.suite`), by default in float64 and float32 (:func:`make_cases`).
 
 Each ``.npz`` is an ordinary NumPy zip archive that ``numpy.load(path, allow_pickle=False)``
 opens.  Its entries (all plain numeric, boolean or unicode arrays; never objects):
@@ -18,8 +22,9 @@ opens.  Its entries (all plain numeric, boolean or unicode arrays; never objects
     out               forward(**args, **options)[0]
     grad.<name>       backward(dout, ctx)[name] for every differentiable input
     ctx.<field>       informational: the saved-context arrays of the reference forward that
-                      are not inputs (log-sum-exp, probabilities, bucket ids, ...); useful
-                      when porting, never compared by the conformance harness
+                      are not inputs or the output (log-sum-exp, probabilities, bucket ids,
+                      ...) and have at most as many entries as the case's largest input or
+                      output (or :data:`CTX_MIN_ENTRIES`); never compared by the harness
 
 Scalar options (flags, sizes, floats, strings, None) live in the header JSON; a
 non-finite float is written as ``{"float": "inf"}``, a tuple as ``{"tuple": [...]}``.
@@ -27,8 +32,11 @@ non-finite float is written as ``{"float": "inf"}``, a tuple as ``{"tuple": [...
 How the numbers are made
 ------------------------
 * Inputs come from ``example_cases(rng, dtype)`` of the variant, with
-  ``rng = default_rng(crc32("<variant>/<seed>"))``; the upstream gradient of each case from
-  ``default_rng(crc32("<variant>/<case>/<seed>/dout"))``.
+  ``rng = default_rng(crc32("<variant>/<seed>"))``, then from
+  ``suite.suite_cases(variant, rng, dtype, size)`` with
+  ``rng = default_rng(crc32("<variant>/suite/<seed>"))``; the upstream gradient of each
+  case from ``default_rng(crc32("<variant>/<case>/<seed>/dout"))`` (``<case>`` without
+  the ``_f32`` suffix).
 * Output and gradients are always computed by the float64 reference path (``impl="ref"``
   where the variant has one).  For ``dtype=float32`` the stored float32 inputs are widened
   exactly to float64, the float64 results are rounded to float32 once at the end: the
@@ -66,9 +74,13 @@ import scipy.sparse as sp
 from .._version import __version__
 
 FORMAT = "tinyeff-golden"
-VERSION = 1
+VERSION = 2
 MANIFEST = "manifest.json"
 DTYPES = ("float64", "float32")
+SUFFIX = {"float32": "f32"}
+#: a ctx array is stored when it has at most as many entries as the largest input or output
+#: of its case, or at most this many (so the (N, M) probabilities of long cases are not)
+CTX_MIN_ENTRIES = 4096
 _ZIP_TIME = (1980, 1, 1, 0, 0, 0)
 
 
@@ -98,6 +110,17 @@ class GoldenCase:
     @property
     def key(self) -> str:
         return f"{self.variant}/{self.name}"
+
+    def check(self, backend, **kwargs):
+        """Run ``backend`` on this case (:func:`tinyeff.testing.check_case`, same keyword
+        arguments) and return the report; raise ``AssertionError`` with the report's table
+        when anything differs."""
+        from .conformance import check_case
+
+        report = check_case(self, backend, **kwargs)
+        if not report.ok:
+            raise AssertionError(f"{self.key} ({self.dtype}) differs:\n{report.table()}")
+        return report
 
 
 # ----------------------------------------------------------------------------------------
@@ -136,16 +159,46 @@ def _dtype_name(dtype) -> str:
     return name
 
 
-def make_cases(variants=None, dtype="float64", seed: int = 0) -> Iterator[GoldenCase]:
-    """Compute the golden cases in memory (exactly what :func:`write_golden` stores)."""
-    from ..attention import VARIANTS
+def _dtype_names(dtype) -> tuple[str, ...]:
+    """None -> both dtypes; a dtype or a list of dtypes -> their names, validated."""
+    if dtype is None:
+        return DTYPES
+    if isinstance(dtype, (list, tuple)):
+        names = tuple(dict.fromkeys(_dtype_name(d) for d in dtype))
+        if not names:
+            raise ValueError(f"dtype: an empty list; choose from {DTYPES}")
+        return names
+    return (_dtype_name(dtype),)
 
-    dtype = _dtype_name(dtype)
+
+def case_name(name: str, dtype: str) -> str:
+    """File and report name of a case: the float32 copy of ``plain`` is ``plain_f32``."""
+    return name if dtype == "float64" else f"{name}_{SUFFIX[dtype]}"
+
+
+def make_cases(variants=None, dtype=None, seed: int = 0, size: int = 1,
+               examples_only: bool = False) -> Iterator[GoldenCase]:
+    """Compute the golden cases in memory (exactly what :func:`write_golden` stores).
+
+    For each variant and each dtype (``None``: float64, then float32): the variant's
+    ``example_cases``, then its conformance cases (:mod:`tinyeff.testing.suite`, whose
+    sequence lengths grow with ``size``) unless ``examples_only``.
+    """
+    from ..attention import VARIANTS
+    from .suite import suite_cases
+
+    dtypes = _dtype_names(dtype)
     for variant in _resolve_variants(variants):
         mod = VARIANTS[variant]
-        rng = np.random.default_rng(_seed(variant, seed))
-        for case in mod.example_cases(rng, np.dtype(dtype)):
-            yield _compute_case(mod, variant, case, dtype, seed)
+        for dt in dtypes:
+            rng = np.random.default_rng(_seed(variant, seed))
+            for case in mod.example_cases(rng, np.dtype(dt)):
+                yield _compute_case(mod, variant, case, dt, seed)
+            if examples_only:
+                continue
+            rng = np.random.default_rng(_seed(variant, "suite", seed))
+            for case in suite_cases(variant, rng, np.dtype(dt), size):
+                yield _compute_case(mod, variant, case, dt, seed)
 
 
 def _compute_case(mod, variant: str, case, dtype: str, seed: int) -> GoldenCase:
@@ -163,13 +216,17 @@ def _compute_case(mod, variant: str, case, dtype: str, seed: int) -> GoldenCase:
                            f"arguments {sorted(case.args)}")
     inputs = [np.asarray(x) for x in (*args64.values(), *case.args.values())]
     inputs += [x for x in call_opts.values() if isinstance(x, np.ndarray)]
+    inputs.append(out64)
+    largest = max([CTX_MIN_ENTRIES, *(x.size for x in inputs)])
     ctx_arrays = {}
     for name, a in ctx.arrays().items():
         if any(a is x or np.may_share_memory(a, x) for x in inputs):
-            continue                                               # an input, stored already
+            continue                                               # an input or out, stored
+        if a.size > largest:
+            continue                                               # e.g. (N, M) probabilities
         ctx_arrays[name] = a.astype(dtype) if a.dtype == np.float64 else a
     return GoldenCase(
-        variant=variant, name=case.name, dtype=dtype,
+        variant=variant, name=case_name(case.name, dtype), dtype=dtype,
         args={k: np.asarray(x) for k, x in case.args.items()},
         options=options, dout=dout, out=out64.astype(dtype),
         grads={k: grads64[k].astype(dtype) for k in case.args}, ctx=ctx_arrays)
@@ -340,38 +397,76 @@ def manifest_text(manifest: dict) -> str:
     return "\n".join(["{", *head, ' "cases": [', *cases, " ]", "}", ""])
 
 
-def write_golden(out_dir, variants=None, dtype="float64", seed: int = 0,
-                 cases: Iterable[GoldenCase] | None = None) -> dict:
-    """Write ``<out_dir>/<variant>/<case>.npz`` for every example case, then the manifest.
+def _existing_suite(out_dir: Path) -> list[Path]:
+    """The files of a golden suite already in ``out_dir``: its manifest and every
+    ``<subdir>/*.npz`` (whether the manifest lists it or not)."""
+    found = [out_dir / MANIFEST] if (out_dir / MANIFEST).exists() else []
+    found += sorted(p for p in out_dir.glob("*/*.npz") if p.is_file())
+    found += sorted(p for p in out_dir.glob("*/*.npz.tmp") if p.is_file())
+    return found
 
-    Returns the manifest (also written to ``<out_dir>/manifest.json``).
+
+def write_golden(out_dir, variants=None, dtype=None, seed: int = 0,
+                 cases: Iterable[GoldenCase] | None = None, *, size: int = 1,
+                 examples_only: bool = False, overwrite: bool = False) -> dict:
+    """Write ``<out_dir>/<variant>/<case>.npz`` for every case, then the manifest.
+
+    The cases are :func:`make_cases` ``(variants, dtype, seed, size, examples_only)``
+    unless given.  A directory that already holds a suite (a ``manifest.json`` or
+    ``<subdir>/*.npz`` files) is refused with :class:`FileExistsError` unless
+    ``overwrite``, which replaces that whole suite: once the new files and manifest are
+    written, every file of the old suite that the new manifest does not list is deleted,
+    listed by the old manifest or not.  Returns the manifest (also written to
+    ``manifest.json``).
     """
-    dtype = _dtype_name(dtype)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     names = _resolve_variants(variants)
+    dtypes = _dtype_names(dtype)
+    old = _existing_suite(out_dir) if out_dir.is_dir() else []
+    if old and not overwrite:
+        shown = ", ".join(str(p.relative_to(out_dir)) for p in old[:3])
+        raise FileExistsError(
+            f"{out_dir} already holds a golden suite ({len(old)} files: {shown}"
+            f"{', ...' if len(old) > 3 else ''}); pass --force (overwrite=True) to replace "
+            "it as a whole, or choose another directory")
+    out_dir.mkdir(parents=True, exist_ok=True)
     if cases is None:
-        cases = make_cases(names, dtype, seed)
+        cases = make_cases(names, dtypes, seed, size=size, examples_only=examples_only)
     entries = []
+    seen: set[str] = set()
     for case in cases:
         if not case.name.replace("_", "").replace("-", "").isalnum():
             raise ValueError(f"{case.key}: case names must be file-name safe")
-        data = case_bytes(case)
         rel = f"{case.variant}/{case.name}.npz"
+        if rel in seen:
+            raise ValueError(f"{case.key}: two cases with this name")
+        seen.add(rel)
+        data = case_bytes(case)
         (out_dir / case.variant).mkdir(exist_ok=True)
         _write_atomic(out_dir / rel, data)
         entries.append({
-            "variant": case.variant, "case": case.name, "file": rel,
+            "variant": case.variant, "case": case.name, "dtype": case.dtype, "file": rel,
             "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
             "args": {k: _spec(x) for k, x in case.args.items()},
             "options": sorted(case.options),
             "dout": _spec(case.dout), "out": _spec(case.out),
             "grads": {k: _spec(x) for k, x in case.grads.items()},
         })
+    present = [d for d in DTYPES if any(e["dtype"] == d for e in entries)]
     manifest = {"format": FORMAT, "version": VERSION, "tinyeff_version": __version__,
-                "dtype": dtype, "computed_in": "float64", "seed": int(seed),
+                "dtypes": present or list(dtypes), "computed_in": "float64",
+                "seed": int(seed), "size": int(size), "examples_only": bool(examples_only),
                 "variants": names, "cases": entries}
     _write_atomic(out_dir / MANIFEST, manifest_text(manifest).encode())
+    # the new suite is complete: delete what is left of the old one (an interrupted run
+    # leaves the old manifest, whose SHA-256s the new files fail: refused on load)
+    keep = {out_dir / MANIFEST, *(out_dir / e["file"] for e in entries)}
+    for path in old:
+        if path not in keep:
+            path.unlink(missing_ok=True)
+    for sub in sorted({p.parent for p in old if p.parent != out_dir}):
+        if sub.is_dir() and not any(sub.iterdir()):
+            sub.rmdir()
     return manifest
 
 
@@ -507,20 +602,31 @@ class Golden:
     cases: list[GoldenCase]
 
     @property
-    def dtype(self) -> str:
-        return self.manifest["dtype"]
+    def dtypes(self) -> list[str]:
+        return list(self.manifest["dtypes"])
 
-    def select(self, variants=None) -> list[GoldenCase]:
-        if variants is None:
-            return list(self.cases)
-        if isinstance(variants, str):
-            variants = [variants]
-        present = {c.variant for c in self.cases}
-        unknown = [v for v in variants if v not in present]
-        if unknown:
-            raise ValueError(f"variants {unknown} are not in {self.root}; it holds "
-                             f"{sorted(present)}")
-        return [c for c in self.cases if c.variant in variants]
+    def select(self, variants=None, dtype=None) -> list[GoldenCase]:
+        """The cases of ``variants`` (None: all) in ``dtype`` (None: every dtype)."""
+        cases = list(self.cases)
+        if variants is not None:
+            if isinstance(variants, str):
+                variants = [variants]
+            present = {c.variant for c in cases}
+            unknown = [v for v in variants if v not in present]
+            if unknown:
+                raise ValueError(f"variants {unknown} are not in {self.root}; it holds "
+                                 f"{sorted(present)}")
+            cases = [c for c in cases if c.variant in variants]
+        if dtype is not None:
+            wanted = _dtype_names(dtype)
+            held = sorted({c.dtype for c in cases})
+            cases = [c for c in cases if c.dtype in wanted]
+            if not cases:
+                raise ValueError(f"{self.root} holds no {'/'.join(wanted)} cases"
+                                 f"{' of ' + ', '.join(variants) if variants else ''}; its "
+                                 f"cases are {', '.join(held) or 'none'} (write them with "
+                                 "`python -m tinyeff golden --dtype ...`)")
+        return cases
 
 
 def load_manifest(root) -> dict:
@@ -535,12 +641,16 @@ def load_manifest(root) -> dict:
     _expect(path, isinstance(manifest, dict) and manifest.get("format") == FORMAT,
             f"not a {FORMAT} manifest")
     _expect(path, manifest.get("version") == VERSION,
-            f"format version {manifest.get('version')!r}; this tinyeff reads version {VERSION}")
-    _expect(path, manifest.get("dtype") in DTYPES, f"dtype {manifest.get('dtype')!r}")
+            f"format version {manifest.get('version')!r}; this tinyeff reads version {VERSION} "
+            "(regenerate the files with `python -m tinyeff golden --out DIR --force`)")
+    dtypes = manifest.get("dtypes")
+    _expect(path, isinstance(dtypes, list) and all(d in DTYPES for d in dtypes),
+            f"dtypes {dtypes!r} (expected a list of {DTYPES})")
     _expect(path, isinstance(manifest.get("cases"), list), "no list of cases")
     for entry in manifest["cases"]:
         _expect(path, isinstance(entry, dict) and isinstance(entry.get("file"), str)
-                and isinstance(entry.get("sha256"), str), f"invalid case entry {entry!r}")
+                and isinstance(entry.get("sha256"), str) and entry.get("dtype") in dtypes,
+                f"invalid case entry {entry!r}")
         rel = Path(entry["file"])
         _expect(path, not rel.is_absolute() and ".." not in rel.parts,
                 f"case file {entry['file']!r} points outside the directory")
@@ -556,7 +666,7 @@ def load_golden(root, variants=None) -> Golden:
                 [variants] if isinstance(variants, str) else variants):
             continue
         case = read_case(Path(root) / entry["file"], sha256=entry["sha256"], expect=entry)
-        _expect(case.path, case.dtype == manifest["dtype"],
-                f"dtype {case.dtype}, the manifest says {manifest['dtype']}")
+        _expect(case.path, case.dtype == entry["dtype"],
+                f"dtype {case.dtype}, the manifest says {entry['dtype']}")
         cases.append(case)
     return Golden(root=str(root), manifest=manifest, cases=cases)
