@@ -58,10 +58,11 @@ import math
 import numpy as np
 
 from .. import _checks
+from .._random import random_qkv
 from ..ctx import Ctx
 from ..ops import softmax
 from . import _nonfinite
-from ._case import Case, random_qkv
+from ._case import Case
 
 NAME = "full"
 SUPPORTS_MASK = True

@@ -91,11 +91,12 @@ import math
 import numpy as np
 
 from .. import _checks, memory
+from .._random import random_qkv
 from ..ctx import Ctx
 from ..kernels import linear as kernels
 from ..ops.feature_maps import FeatureMap
 from . import _nonfinite
-from ._case import Case, random_qkv
+from ._case import Case
 
 NAME = "linear"
 SUPPORTS_MASK = True

@@ -70,8 +70,9 @@ import math
 import numpy as np
 
 from .. import _checks, memory
+from .._random import random_qkv
 from ..ctx import Ctx
-from ._case import Case, random_qkv
+from ._case import Case
 
 NAME = "linformer"
 SUPPORTS_MASK = False

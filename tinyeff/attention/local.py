@@ -53,10 +53,11 @@ import functools
 import numpy as np
 
 from .. import _checks
+from .._random import random_qkv
 from ..ctx import Ctx
 from ..ops import softmax
 from . import _band, _nonfinite
-from ._case import Case, random_qkv
+from ._case import Case
 
 NAME = "local"
 SUPPORTS_MASK = False

@@ -94,10 +94,11 @@ import functools
 import numpy as np
 
 from .. import _checks
+from .._random import random_qkv
 from ..ops import feature_maps
 from ..ops.feature_maps import FeatureMap
 from . import _nonfinite, linear
-from ._case import Case, random_qkv
+from ._case import Case
 from .linear import LinearCtx
 
 NAME = "performer"

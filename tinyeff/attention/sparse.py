@@ -72,6 +72,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from .. import _checks
+from .._random import random_qkv
 from ..ctx import Ctx
 from ..kernels import blas_single_thread, sparse_plan
 from ..kernels import sparse as kern
@@ -79,7 +80,7 @@ from ..masks import Pattern
 from ..masks import bigbird as _bigbird
 from ..masks import local as _local
 from ..masks import random as _random
-from ._case import Case, random_qkv
+from ._case import Case
 
 NAME = "sparse"
 SUPPORTS_MASK = True

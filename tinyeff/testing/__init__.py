@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .._random import random_qkv
 from .conformance import ConformanceReport, Row, check_backend, check_case, reference_backend
 from .golden import GoldenCase, GoldenError, load_golden, make_cases, read_case, write_golden
 from .gradcheck import GradReport, check_elementwise, check_vjp, numeric_grad
@@ -47,17 +48,6 @@ def assert_close(actual, desired, *, rtol: float | None = None, atol: float | No
                                rtol=tol.rtol if rtol is None else rtol,
                                atol=tol.atol if atol is None else atol,
                                err_msg=err_msg, strict=True)
-
-
-def random_qkv(rng: np.random.Generator, batch=(2, 2), n: int = 8, m: int | None = None,
-               d: int = 4, dv: int | None = None, dtype=np.float64) -> dict[str, np.ndarray]:
-    """Standard-normal ``{"q", "k", "v"}``: (*batch, N, D), (*batch, M, D), (*batch, M, Dv)."""
-    m = n if m is None else m
-    dv = d if dv is None else dv
-    batch = tuple(batch)
-    return {"q": rng.standard_normal((*batch, n, d)).astype(dtype),
-            "k": rng.standard_normal((*batch, m, d)).astype(dtype),
-            "v": rng.standard_normal((*batch, m, dv)).astype(dtype)}
 
 
 __all__ = ["GradReport", "check_vjp", "check_elementwise", "numeric_grad", "assert_close",
