@@ -128,7 +128,7 @@ def test_default_suite_stays_modest(golden_dir):
     entries = _manifest(golden_dir)["cases"]
     total = sum(e["bytes"] for e in entries)
     assert total < 40e6, total
-    assert len(entries) == 201, len(entries)
+    assert len(entries) == 209, len(entries)
 
 
 def test_size_lengthens_the_long_cases_only():
