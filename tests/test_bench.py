@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import json
 
-from tinyeff import bench
 from tinyeff.__main__ import main as cli
+from tinyeff.cli import bench
 
 
 def test_bench_quick_writes_table_and_json(tmp_path, capsys):

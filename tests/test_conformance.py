@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from tinyeff import check as check_cli
 from tinyeff.attention import VARIANTS
+from tinyeff.cli import check as check_cli
 from tinyeff.testing import check_backend, reference_backend, write_golden
 from tinyeff.testing.conformance import ERROR, FAIL, NA, OK, SIGNATURE, SKIP, check_case, compare
 from tinyeff.testing.golden import make_cases

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from tinyeff import golden as golden_cli
 from tinyeff.attention import VARIANTS
+from tinyeff.cli import golden as golden_cli
 from tinyeff.testing import golden
 from tinyeff.testing.golden import GoldenError, load_golden, read_case, write_golden
 from tinyeff.testing.suite import suite_cases

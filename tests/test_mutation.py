@@ -19,7 +19,7 @@ import pytest
 
 from tinyeff.attention import VARIANTS
 from tinyeff.attention._case import Case
-from tinyeff.check import main as check_main
+from tinyeff.cli.check import main as check_main
 from tinyeff.testing.conformance import check_case
 from tinyeff.testing.golden import _compute_case, write_golden
 from tinyeff.testing.mutation import default_cases, mutation_score, score_variant

@@ -33,10 +33,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ..testing.conformance import check_backend
+from ..testing.golden import DTYPES, GoldenError, load_golden
+from ..testing.tolerances import PARITY, Tol
 from .golden import split_names
-from .testing.conformance import check_backend
-from .testing.golden import DTYPES, GoldenError, load_golden
-from .testing.tolerances import PARITY, Tol
 
 
 def load_function(spec: str):
@@ -64,7 +64,7 @@ def load_function(spec: str):
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if "--mutation-score" in argv:
-        from .testing.mutation import main as mutation_main
+        from ..testing.mutation import main as mutation_main
 
         return mutation_main([a for a in argv if a != "--mutation-score"])
     parser = argparse.ArgumentParser(prog="python -m tinyeff check", description=__doc__,

@@ -19,8 +19,8 @@ import argparse
 import sys
 import time
 
-from .attention import VARIANTS
-from .testing.golden import DTYPES, write_golden
+from ..attention import VARIANTS
+from ..testing.golden import DTYPES, write_golden
 
 
 def split_names(values: list[str] | None) -> list[str] | None:

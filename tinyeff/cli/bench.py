@@ -55,7 +55,7 @@ import time
 
 import numpy as np
 
-from ._cli import int_list, machine_info, parse_variant_opts
+from .report import int_list, machine_info, parse_variant_opts
 
 # ----------------------------------------------------------------------------- defaults
 
@@ -66,8 +66,8 @@ def _bigbird_mask(n: int):
     Returned as a canonical ``Pattern``, as a training loop would keep it: the pattern's
     transpose plan (used by the backward) is then built once, not on every call.
     """
-    from . import masks
-    from .masks.pattern import Pattern
+    from .. import masks
+    from ..masks.pattern import Pattern
     return Pattern.from_scipy(masks.bigbird(n, 96, 16, 48, np.random.default_rng(0)))
 
 
@@ -182,7 +182,7 @@ def estimate_bytes(name: str, b: int, h: int, n: int, d: int, itemsize: int, opt
     base = 10 * bh * n * d * itemsize
     if name == "full":
         impl = options.get("impl", "auto")
-        from .attention import full
+        from ..attention import full
         blocked = impl == "blocked" or (impl == "auto" and n * n >= full.AUTO_BLOCKED_MIN_NM)
         return base + (0 if blocked else 5 * bh * n * n * itemsize)
     if name in ("window", "local") and options.get("impl", "auto") != "ref":
@@ -253,7 +253,7 @@ def first_touch_ms(nbytes: int = 64 << 20, repeat: int = 6, settle: float = 3.0)
     :func:`tinyeff.memory.empty` allocates outputs); medians of ``repeat`` alternating
     runs, each after ``settle`` seconds with the previous arrays freed, so a virtual
     machine has time to hand the freed memory back to its host (``--first-touch``)."""
-    from .memory import _set_madvise_hugepage as setting
+    from ..memory import _set_madvise_hugepage as setting
     if setting is None:
         return {}
     times = {"huge": [], "small": []}
@@ -318,7 +318,7 @@ def build_call(mod, b: int, h: int, n: int, d: int, dtype, options: dict, causal
 
 def run_case(spec: dict) -> dict:
     """Time one (variant, N) case in this process; see the module docstring."""
-    from .attention import VARIANTS
+    from ..attention import VARIANTS
     mod = VARIANTS[CONFIGS.get(spec["variant"], spec["variant"])]
     dtype = np.dtype(spec["dtype"])
     b, h, n, d = spec["batch"], spec["heads"], spec["n"], spec["dim"]
@@ -418,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
                                      description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="Default options per variant: see DEFAULTS in "
-                                            "tinyeff/bench.py.")
+                                            "tinyeff/cli/bench.py.")
     parser.add_argument("--variants", default=None,
                         help="comma-separated names (default: every registered variant)")
     parser.add_argument("--n", type=int_list, default=None,
@@ -449,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker is not None:
         return _worker(args.worker)
 
-    from .attention import VARIANTS
+    from ..attention import VARIANTS
     names = (args.variants.split(",") if args.variants
              else list(VARIANTS) + [v for v in DEFAULTS if v not in VARIANTS])
     n_list = args.n or (list(QUICK_N) if args.quick else list(DEFAULT_N))
@@ -541,7 +541,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _spawn(spec: dict, timeout: float) -> dict:
-    cmd = [sys.executable, "-m", "tinyeff.bench", "--worker", json.dumps(spec)]
+    cmd = [sys.executable, "-m", "tinyeff.cli.bench", "--worker", json.dumps(spec)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:

@@ -1,0 +1,118 @@
+"""What the ``python -m tinyeff`` commands share: argument types, machine info, JSON/CSV files."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import csv
+import datetime
+import json
+import os
+import platform
+
+import numpy as np
+
+
+def parse_variant_opts(values: list[str]) -> dict:
+    """``["window.window=64", ...]`` -> ``{"window": {"window": 64}}``.
+
+    Values are Python literals (``64``, ``0.5``, ``(1, 2)``, ``True``); anything else is
+    kept as a string.  A malformed item is a ``ValueError``.
+    """
+    out: dict[str, dict] = {}
+    for item in values:
+        key, sep, raw = item.partition("=")
+        name, dot, opt = key.partition(".")
+        if not sep or not dot or not name or not opt:
+            raise ValueError(f"--opt expects VARIANT.KEY=VALUE, got {item!r}")
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = raw
+        out.setdefault(name, {})[opt] = value
+    return out
+
+
+def int_list(text: str, *, minimum: int = 1) -> list[int]:
+    """``"256,512"`` -> ``[256, 512]`` for argparse ``type=``; each value must be >= minimum."""
+    try:
+        values = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < minimum:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers >= {minimum}, got {text!r}")
+    return values
+
+
+def variant_list(text: str) -> list[str]:
+    """``"full,window"`` -> ``["full", "window"]`` for argparse ``type=`` (``--variants``).
+
+    Names are not checked here: each command knows which names it accepts.
+    """
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected comma-separated variant names, got {text!r}")
+    return names
+
+
+def add_variants_argument(parser: argparse.ArgumentParser, default_help: str) -> None:
+    """``--variants a,b``: the same spelling in every command."""
+    parser.add_argument("--variants", type=variant_list, default=None, metavar="A,B",
+                        help=f"comma-separated variant names (default: {default_help})")
+
+
+#: Environment variables that set thread counts; the header and results.json show them.
+THREAD_ENV = ("NUMBA_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS",
+              "MKL_NUM_THREADS")
+
+
+def machine_info() -> dict:
+    """CPU model, cores, thread settings, library versions, date and load (demo, bench)."""
+    model = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    import numba
+    return {"cpu": model, "cores": os.cpu_count(), "numba_threads": numba.get_num_threads(),
+            "python": platform.python_version(), "numpy": np.__version__,
+            "numba": numba.__version__, "platform": platform.platform(),
+            "date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+            "env": {k: os.environ[k] for k in THREAD_ENV if k in os.environ}}
+
+
+def write_json(path: str, data) -> str:
+    """Write ``data`` as indented JSON to ``path`` (its directory is created); returns path."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(data, f, indent=1)
+    return path
+
+
+def write_csv(path: str, header: list[str], rows: list[list]) -> str:
+    """Write a header row and ``rows`` as CSV to ``path`` (its directory is created)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+def mem_available() -> int:
+    """Bytes of MemAvailable (/proc/meminfo), or 8 GiB where that file does not exist."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 << 30
