@@ -59,6 +59,25 @@ Capabilities are data, read by the layers and the tests instead of special-casin
 * ``gradcheck_invariant(ctx)`` (optional): the non-differentiable choices of a forward
   (bucket ids) that a finite-difference check must not see change.
 
+What the benchmark (``python -m tinyeff bench``) knows about a variant, all per batch·head
+at N = M = n, so that no tool special-cases a name:
+
+* ``bench_options(n) -> dict``: the options the benchmark runs at length n.
+* ``scored_pairs(n, options, causal) -> int | None`` (optional): the (query, key) pairs
+  the variant scores, where that is well defined.
+* ``useful_flops(n, d, options, causal) -> int | None`` (optional): the forward's
+  multiply-add flops of the matrix products (the backward counts twice that;
+  recomputation, hashing, feature nonlinearities and normalizers are not counted).
+* ``extra_bytes(n, d, itemsize, options, causal) -> int``: a generous bound on the saved
+  context and temporaries of one forward+backward beyond the inputs, output and gradients
+  (the benchmark skips cases that cannot fit).
+
+Option routing
+--------------
+``tinyeff.attention._options.split_options(mod, options)`` splits one flat dict of options
+between ``forward``, ``draw_random_options`` and ``init_layer_params`` by their
+signatures.
+
 Registry
 --------
 ``VARIANTS`` maps each name to its module; layers, tests, benchmarks and the golden-vector

@@ -344,3 +344,28 @@ def example_cases(rng: np.random.Generator, dtype=np.float64) -> list[Case]:
              {**qkv(5, 9), "rel_bias": rng.standard_normal((h, 5 + 9 - 1)).astype(dtype)},
              {"key_padding_mask": kpad, "causal": True}),
     ]
+
+
+# ----------------------------------------------------------------------------- benchmark data
+def bench_options(n: int) -> dict:
+    """Options ``python -m tinyeff bench`` runs at length n (``--opt`` overrides them)."""
+    return {}
+
+
+def scored_pairs(n: int, options: dict, causal: bool) -> int:
+    """(query, key) pairs scored per batch·head at N = M = n."""
+    return n * (n + 1) // 2 if causal else n * n
+
+
+def useful_flops(n: int, d: int, options: dict, causal: bool) -> int | None:
+    """Forward flops of the matrix products per batch·head: 2·P·D (q kᵀ) + 2·P·D (P v)."""
+    pairs = scored_pairs(n, options, causal)
+    return None if pairs is None else 4 * pairs * d
+
+
+def extra_bytes(n: int, d: int, itemsize: int, options: dict, causal: bool) -> int:
+    """Generous bound on the saved context and temporaries per batch·head: a few (N, N)
+    score arrays on the reference path, none on the blocked one."""
+    impl = options.get("impl", "auto")
+    blocked = impl == "blocked" or (impl == "auto" and n * n >= AUTO_BLOCKED_MIN_NM)
+    return 0 if blocked else 5 * n * n * itemsize

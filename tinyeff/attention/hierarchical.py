@@ -476,3 +476,15 @@ def example_cases(rng: np.random.Generator, dtype=np.float64) -> list[Case]:
         Case("kpad_causal", qkv(13), {"block": 4, "causal": True, "key_padding_mask": kpad}),
         Case("one_level", qkv(11), {"block": 2, "levels": 1, "neighbours": False}),
     ]
+
+
+# ----------------------------------------------------------------------------- benchmark data
+def bench_options(n: int) -> dict:
+    """Options ``python -m tinyeff bench`` runs at length n (``--opt`` overrides them)."""
+    return {"block": 64}
+
+
+def extra_bytes(n: int, d: int, itemsize: int, options: dict, causal: bool) -> int:
+    """Generous bound on the saved context and temporaries per batch·head: sixteen
+    (N, block) arrays."""
+    return 16 * n * int(options.get("block", 64)) * itemsize

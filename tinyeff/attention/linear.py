@@ -642,3 +642,20 @@ def example_cases(rng: np.random.Generator, dtype=np.float64) -> list[Case]:
         Case("unnormalized", qkv(n), {"normalize": False, "causal": True}),
         Case("eps0_ref", qkv(n), {"eps": 0.0, "impl": "ref"}),
     ]
+
+
+# ----------------------------------------------------------------------------- benchmark data
+def bench_options(n: int) -> dict:
+    """Options ``python -m tinyeff bench`` runs at length n (``--opt`` overrides them)."""
+    return {}
+
+
+def useful_flops(n: int, d: int, options: dict, causal: bool) -> int:
+    """Forward flops of the matrix products per batch·head: 4·N·D² (φ(k)ᵀv and φ(q)(kv));
+    feature maps and normalizers not counted."""
+    return 4 * n * d * d
+
+
+def extra_bytes(n: int, d: int, itemsize: int, options: dict, causal: bool) -> int:
+    """Generous bound on the saved context and temporaries per batch·head: ten (N, D)."""
+    return 10 * n * d * itemsize

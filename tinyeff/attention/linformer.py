@@ -359,3 +359,21 @@ def example_cases(rng: np.random.Generator, dtype=np.float64) -> list[Case]:
         Case("kpad", {**qkv(n, m), "E": proj(kk, m), "F": proj(h, kk, m)},
              {"key_padding_mask": kpad}),
     ]
+
+
+# ----------------------------------------------------------------------------- benchmark data
+def bench_options(n: int) -> dict:
+    """Options ``python -m tinyeff bench`` runs at length n (``--opt`` overrides them)."""
+    return {"k": 256}
+
+
+def useful_flops(n: int, d: int, options: dict, causal: bool) -> int:
+    """Forward flops of the matrix products per batch·head at rank k: the E, F projections
+    4·k·N·D plus attention to k keys 4·N·k·D."""
+    k = int(options.get("k", 256))
+    return 4 * k * n * d + 4 * n * k * d
+
+
+def extra_bytes(n: int, d: int, itemsize: int, options: dict, causal: bool) -> int:
+    """Generous bound on the saved context and temporaries per batch·head: eight (N, k)."""
+    return 8 * n * int(options.get("k", 256)) * itemsize

@@ -335,3 +335,35 @@ def example_cases(rng: np.random.Generator, dtype=np.float64) -> list[Case]:
         Case("rect_rel_bias_causal", {**qkv(9, 13), "rel_bias": rng.standard_normal(
             (b, h, 9 + 13 - 1)).astype(dtype)}, {"block": 4, "causal": True, "scale": 0.6}),
     ]
+
+
+# ----------------------------------------------------------------------------- benchmark data
+def bench_options(n: int) -> dict:
+    """Options ``python -m tinyeff bench`` runs at length n (``--opt`` overrides them)."""
+    return {"block": 128, "look_backward": 1, "look_forward": 1}
+
+
+def scored_pairs(n: int, options: dict, causal: bool) -> int:
+    """(query, key) pairs scored per batch·head at N = M = n."""
+    i = np.arange(n)                                              # (N,)
+    b = int(options.get("block", 1))
+    back, fwd = int(options.get("look_backward", 1)), int(options.get("look_forward", 0))
+    blk = i // b                                                  # (N,) query block
+    lo = np.maximum(blk - back, 0) * b                            # (N,) first key
+    hi = np.minimum((blk + fwd + 1) * b, n) - 1                   # (N,) last key
+    hi = np.minimum(hi, i) if causal else hi
+    return int(np.sum(hi - lo + 1))
+
+
+def useful_flops(n: int, d: int, options: dict, causal: bool) -> int | None:
+    """Forward flops of the matrix products per batch·head: 2·P·D (q kᵀ) + 2·P·D (P v)."""
+    pairs = scored_pairs(n, options, causal)
+    return None if pairs is None else 4 * pairs * d
+
+
+def extra_bytes(n: int, d: int, itemsize: int, options: dict, causal: bool) -> int:
+    """Generous bound on the saved context and temporaries per batch·head: the band kernel
+    keeps per-row statistics only; the reference path a few arrays per scored pair."""
+    if options.get("impl", "auto") != "ref":
+        return 2 * n * 8
+    return 5 * scored_pairs(n, options, causal) * (itemsize + 8)

@@ -546,3 +546,28 @@ def example_cases(rng: np.random.Generator, dtype=np.float64) -> list[Case]:
                                          "causal": True, "scale": 0.5}),
         Case("one_chunk", a5, {"rotations": r5, "chunk_len": 8}),
     ]
+
+
+# ----------------------------------------------------------------------------- benchmark data
+def bench_options(n: int) -> dict:
+    """Options ``python -m tinyeff bench`` runs at length n (``--opt`` overrides them)."""
+    return {"chunk_len": 64, "n_hashes": 4, "n_buckets": suggest_n_buckets(n, 64)}
+
+
+def scored_pairs(n: int, options: dict, causal: bool) -> int:
+    """(query, key) pairs scored per batch·head at N = n: each chunk of each hash round
+    attends to itself and to the previous chunk."""
+    c, r = int(options.get("chunk_len", 64)), int(options.get("n_hashes", 1))
+    return r * n * 2 * c
+
+
+def useful_flops(n: int, d: int, options: dict, causal: bool) -> int | None:
+    """Forward flops of the matrix products per batch·head: 2·P·D (q kᵀ) + 2·P·D (P v)."""
+    pairs = scored_pairs(n, options, causal)
+    return None if pairs is None else 4 * pairs * d
+
+
+def extra_bytes(n: int, d: int, itemsize: int, options: dict, causal: bool) -> int:
+    """Generous bound on the saved context and temporaries per batch·head: a few arrays per
+    scored pair."""
+    return 5 * scored_pairs(n, options, causal) * (itemsize + 8)

@@ -256,3 +256,21 @@ def example_cases(rng: np.random.Generator, dtype=np.float64) -> list[Case]:
         Case("eps_causal_ref", qkv(n), {"features": omega(), "eps": 1e-2, "causal": True,
                                        "impl": "ref"}),
     ]
+
+
+# ----------------------------------------------------------------------------- benchmark data
+def bench_options(n: int) -> dict:
+    """Options ``python -m tinyeff bench`` runs at length n (``--opt`` overrides them)."""
+    return {"m": 256}
+
+
+def useful_flops(n: int, d: int, options: dict, causal: bool) -> int:
+    """Forward flops of the matrix products per batch·head with m features: the features
+    4·N·D·m plus linear attention over them 4·N·m·D; nonlinearities not counted."""
+    m = int(options.get("m", d))
+    return 4 * n * d * m + 4 * n * m * d
+
+
+def extra_bytes(n: int, d: int, itemsize: int, options: dict, causal: bool) -> int:
+    """Generous bound on the saved context and temporaries per batch·head: eight (N, m)."""
+    return 8 * n * int(options.get("m", d)) * itemsize

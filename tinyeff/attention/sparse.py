@@ -388,3 +388,36 @@ def example_cases(rng: np.random.Generator, dtype=np.float64) -> list[Case]:
         Case("per_head", qkv(n), {"mask": [_local(n, 1), _random(n, 3, rng)],
                                  "causal": True}),
     ]
+
+
+# ----------------------------------------------------------------------------- benchmark data
+def bench_options(n: int) -> dict:
+    """Options ``python -m tinyeff bench`` runs at length n (``--opt`` overrides them): a
+    BigBird pattern with about the nnz of a ±128 window (2·96+1 + 16 global + 48 random),
+    as a canonical ``Pattern`` so that its transpose plan is built once."""
+    return {"mask": Pattern.from_scipy(_bigbird(n, 96, 16, 48, np.random.default_rng(0)))}
+
+
+def scored_pairs(n: int, options: dict, causal: bool) -> int | None:
+    """(query, key) pairs scored per batch·head at N = M = n, when ``mask`` is a sparse
+    array or a ``Pattern`` (None otherwise)."""
+    mask = options.get("mask")
+    if not hasattr(mask, "nnz"):
+        return None
+    if not causal:
+        return int(mask.nnz)
+    return int(sum(np.count_nonzero(mask.indices[mask.indptr[r]:mask.indptr[r + 1]] <= r)
+                   for r in range(n)))
+
+
+def useful_flops(n: int, d: int, options: dict, causal: bool) -> int | None:
+    """Forward flops of the matrix products per batch·head: 2·P·D (q kᵀ) + 2·P·D (P v)."""
+    pairs = scored_pairs(n, options, causal)
+    return None if pairs is None else 4 * pairs * d
+
+
+def extra_bytes(n: int, d: int, itemsize: int, options: dict, causal: bool) -> int:
+    """Generous bound on the saved context and temporaries per batch·head: a few arrays per
+    scored pair (ten (N, D) arrays when the pair count is unknown)."""
+    pairs = scored_pairs(n, options, causal)
+    return 10 * n * d * itemsize if pairs is None else 5 * pairs * (itemsize + 8)

@@ -492,3 +492,31 @@ def example_cases(rng: np.random.Generator, dtype=np.float64) -> list[Case]:
              {**(x := qkv(n)), **proj(x), "rel_bias": rng.standard_normal(
                  (h, 2 * n - 1)).astype(dtype)}, {"window": 1, "global_mask": gmask}),
     ]
+
+
+# ----------------------------------------------------------------------------- benchmark data
+def bench_options(n: int) -> dict:
+    """Options ``python -m tinyeff bench`` runs at length n (``--opt`` overrides them)."""
+    return {"window": 128}
+
+
+def scored_pairs(n: int, options: dict, causal: bool) -> int:
+    """(query, key) pairs scored per batch·head at N = M = n (global tokens not counted)."""
+    i = np.arange(n)                                              # (N,)
+    w = int(options.get("window", 0))
+    hi = i if causal else np.minimum(i + w, n - 1)                # (N,) last key
+    return int(np.sum(hi - np.maximum(i - w, 0) + 1))
+
+
+def useful_flops(n: int, d: int, options: dict, causal: bool) -> int | None:
+    """Forward flops of the matrix products per batch·head: 2·P·D (q kᵀ) + 2·P·D (P v)."""
+    pairs = scored_pairs(n, options, causal)
+    return None if pairs is None else 4 * pairs * d
+
+
+def extra_bytes(n: int, d: int, itemsize: int, options: dict, causal: bool) -> int:
+    """Generous bound on the saved context and temporaries per batch·head: the band kernel
+    keeps per-row statistics only; the reference path a few arrays per scored pair."""
+    if options.get("impl", "auto") != "ref":
+        return 2 * n * 8
+    return 5 * scored_pairs(n, options, causal) * (itemsize + 8)
