@@ -238,7 +238,7 @@ def test_byte_identical_with_one_and_two_threads(tmp_path, golden_dir):
                "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
         procs[threads] = subprocess.Popen(
             [sys.executable, "-m", "tinyeff", "golden", "--out", str(tmp_path / threads),
-             "--quiet", "--variants", *THREAD_VARIANTS],
+             "--quiet", "--variants", ",".join(THREAD_VARIANTS)],
             env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for proc in procs.values():
         _, err = proc.communicate(timeout=300)

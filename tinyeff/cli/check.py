@@ -36,7 +36,7 @@ import numpy as np
 from ..testing.conformance import check_backend
 from ..testing.golden import DTYPES, GoldenError, load_golden
 from ..testing.tolerances import PARITY, Tol
-from .golden import split_names
+from .report import add_variants_argument
 
 
 def load_function(spec: str):
@@ -61,6 +61,13 @@ def load_function(spec: str):
     return fn
 
 
+def _names(values: list[str] | None) -> list[str] | None:
+    """``["a,b", "c"]`` -> ``["a", "b", "c"]``."""
+    if values is None:
+        return None
+    return [name for value in values for name in value.split(",") if name]
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if "--mutation-score" in argv:
@@ -75,10 +82,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("dir", help="golden directory (python -m tinyeff golden --out DIR)")
     parser.add_argument("--against", required=True, metavar="MODULE:FUNCTION",
                         help="the backend function to test")
-    parser.add_argument("--variants", nargs="+", metavar="NAME",
-                        help="only these variants (default: every variant in DIR)")
+    add_variants_argument(parser, "every variant in DIR")
     parser.add_argument("--cases", nargs="+", metavar="NAME",
-                        help="only these cases (name, or variant/name)")
+                        help="only these cases (name, or variant/name; space- or "
+                             "comma-separated)")
     parser.add_argument("--dtype", choices=DTYPES,
                         help="only the cases of this dtype (default: every case in DIR)")
     parser.add_argument("--forward-only", action="store_true",
@@ -107,8 +114,8 @@ def main(argv: list[str] | None = None) -> int:
                                 base.atol if args.atol is None else args.atol)
                for d, base in ((d, PARITY[np.dtype(d)]) for d in DTYPES)}
     try:
-        report = check_backend(split_names(args.variants), fn, golden=golden,
-                               dtype=args.dtype, cases=split_names(args.cases),
+        report = check_backend(args.variants, fn, golden=golden,
+                               dtype=args.dtype, cases=_names(args.cases),
                                backward=not args.forward_only, tol=tol)
     except (ValueError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -21,13 +21,7 @@ import time
 
 from ..attention import VARIANTS
 from ..testing.golden import DTYPES, write_golden
-
-
-def split_names(values: list[str] | None) -> list[str] | None:
-    """``["a,b", "c"]`` -> ``["a", "b", "c"]`` (both spellings of a list are accepted)."""
-    if values is None:
-        return None
-    return [name for value in values for name in value.split(",") if name]
+from .report import add_variants_argument
 
 
 def _positive_int(text: str) -> int:
@@ -44,8 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tinyeff golden", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="directory to write (created if needed)")
-    parser.add_argument("--variants", nargs="+", metavar="NAME",
-                        help=f"variants to write (default: all of {', '.join(VARIANTS)})")
+    add_variants_argument(parser, f"all of {', '.join(VARIANTS)}")
     parser.add_argument("--dtype", choices=(*DTYPES, "both"), default="both",
                         help="dtype of the stored arrays (default: both; values are always "
                              "computed in float64, then rounded once)")
@@ -61,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     parser.add_argument("--quiet", action="store_true", help="print only the summary line")
     args = parser.parse_args(argv)
-    names = split_names(args.variants)
+    names = args.variants
     unknown = sorted(set(names or ()) - set(VARIANTS))
     if unknown:
         parser.error(f"unknown variants {unknown}; valid: {', '.join(VARIANTS)}")
