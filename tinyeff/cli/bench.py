@@ -71,6 +71,7 @@ from .report import (
     machine_info,
     mem_available,
     parse_variant_opts,
+    plot_scaling,
     write_json,
 )
 
@@ -280,34 +281,21 @@ def _print_table(cases: list, dtype: str, peak: float) -> None:
 
 
 def _plot(cases: list, path: str, args) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: `pip install matplotlib` (optional) to get "
-              "bench.png; bench.json has every number")
-        return
-    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.5))
+    series = {}
     for name in dict.fromkeys(c["variant"] for c in cases):
         rows = [c for c in cases if c["variant"] == name and "fwd_bwd_s" in c]
-        if not rows:
-            continue
-        ns = [c["n"] for c in rows]
-        ax_t.plot(ns, [statistics.median(c["fwd_bwd_s"]) for c in rows], "o-", label=name)
-        ax_m.plot(ns, [max(c["peak_extra_bytes"], 1) / 2**20 for c in rows], "o-", label=name)
-    for ax, label in ((ax_t, "forward+backward time (s)"), (ax_m, "peak extra memory (MiB)")):
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("N")
-        ax.set_ylabel(label)
-        ax.grid(True, which="both", alpha=0.3)
-    ax_t.legend(fontsize=8)
-    fig.suptitle(f"tinyeff bench: B={args.batch} H={args.heads} D={args.dim} {args.dtype}"
-                 f"{' causal' if args.causal else ''}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    print(f"wrote {path}")
+        if rows:
+            series[name] = ([c["n"] for c in rows],
+                            [statistics.median(c["fwd_bwd_s"]) for c in rows],
+                            [max(c["peak_extra_bytes"], 1) / 2**20 for c in rows])
+    title = (f"tinyeff bench: B={args.batch} H={args.heads} D={args.dim} {args.dtype}"
+             f"{' causal' if args.causal else ''}")
+    if plot_scaling(path, series, ("forward+backward time (s)", "peak extra memory (MiB)"),
+                    title) is None:
+        print("matplotlib is not installed: `pip install matplotlib` (optional) to get "
+              "bench.png; bench.json has every number")
+    else:
+        print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -116,3 +116,35 @@ def mem_available() -> int:
     except OSError:
         pass
     return 8 << 30
+
+
+def plot_scaling(path: str, series: dict, ylabels: tuple[str, str], title: str, *,
+                 xlabel: str = "N", dpi: int = 120) -> str | None:
+    """Two log-log panels against N, one line per name, saved to ``path``.
+
+    ``series`` maps a name to ``(ns, left values, right values)`` (time and memory, say);
+    ``ylabels`` are the two panels' axis labels.  Returns ``path``, or None when matplotlib
+    is not installed (it is optional).
+    """
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    for name, (ns, left, right) in series.items():
+        axes[0].plot(ns, left, "o-", label=name)
+        axes[1].plot(ns, right, "o-", label=name)
+    for ax, label in zip(axes, ylabels):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
