@@ -62,7 +62,7 @@ def test_every_variant_gives_its_bench_options_and_cost_model():
 
 def test_split_options_routes_each_option_once():
     from tinyeff.attention import linformer, lsh, window
-    from tinyeff.attention._options import split_options
+    from tinyeff.attention._options import accepted_options, split_options
     fwd, rnd, layer = split_options(linformer, {"k": 8})
     assert fwd == {} and rnd == {} and layer == {"k": 8}
     fwd, rnd, layer = split_options(lsh, {"chunk_len": 4, "n_hashes": 2, "n_buckets": 4})
@@ -70,6 +70,10 @@ def test_split_options_routes_each_option_once():
     assert split_options(window, {"window": 3}) == ({"window": 3}, {}, {})
     with pytest.raises(TypeError, match="nonsense"):
         split_options(window, {"nonsense": 1})
+    with pytest.raises(TypeError, match=r"\['causal'\].*valid options: .*'window'"):
+        split_options(window, {"window": 3, "causal": True}, reserved=("causal",))
+    valid, var_kw = accepted_options(linformer, reserved=("E", "F"))
+    assert "k" in valid and "share_kv" in valid and not {"E", "F", "q"} & valid and not var_kw
 
 
 def test_first_touch_times_both_page_sizes():

@@ -74,9 +74,10 @@ at N = M = n, so that no tool special-cases a name:
 
 Option routing
 --------------
-``tinyeff.attention._options.split_options(mod, options)`` splits one flat dict of options
-between ``forward``, ``draw_random_options`` and ``init_layer_params`` by their
-signatures.
+``tinyeff.attention._options.split_options(mod, options, reserved=())`` splits one flat
+dict of options between ``forward``, ``draw_random_options`` and ``init_layer_params`` by
+their signatures (an option none of them takes, or one the caller ``reserved`` for itself,
+is a TypeError); ``accepted_options(mod, reserved)`` is the set of valid names.
 
 Registry
 --------

@@ -32,28 +32,40 @@ def option_names(mod, helper: str) -> tuple[set, bool]:
     return names - _POSITIONAL[helper], var_kw
 
 
-def split_options(mod, options: dict) -> tuple[dict, dict, dict]:
+def accepted_options(mod, reserved=()) -> tuple[set, bool]:
+    """(the options ``forward`` or a helper of ``mod`` names, minus ``reserved``; whether
+    ``forward`` also takes ``**kwargs``).  ``reserved``: options the caller sets itself
+    (a layer sets ``causal``, the key-padding option and its ``LAYER_PARAMS``)."""
+    names, var_kw = option_names(mod, "forward")
+    for helper, attr in (("draw_random_options", "RANDOM_OPTIONS"),
+                         ("init_layer_params", "LAYER_PARAMS")):
+        if getattr(mod, attr, ()):
+            names |= option_names(mod, helper)[0]
+    return names - set(reserved), var_kw
+
+
+def split_options(mod, options: dict, *, reserved=()) -> tuple[dict, dict, dict]:
     """``options`` -> ``(forward options, draw_random_options', init_layer_params')``.
 
     Each callable gets the options its signature names, or all of them if it takes
     ``**kwargs``; a helper the variant does not have (no ``RANDOM_OPTIONS`` /
     ``LAYER_PARAMS``) gets an empty dict.  Linformer's rank ``k`` goes to
-    ``init_layer_params`` only, since ``k`` is also the keys of ``forward``.  An option that
-    no callable names (and that no ``**kwargs`` of ``forward`` absorbs) is a TypeError
-    naming it and the variant.
+    ``init_layer_params`` only, since ``k`` is also the keys of ``forward``.  An option
+    that no callable names (and that no ``**kwargs`` of ``forward`` absorbs), or one in
+    ``reserved``, is a TypeError naming it, the variant and the valid options.
     """
-    routed, used = [], set()
-    for helper, wanted in (("forward", True),
-                           ("draw_random_options", bool(getattr(mod, "RANDOM_OPTIONS", ()))),
-                           ("init_layer_params", bool(getattr(mod, "LAYER_PARAMS", ())))):
-        names, var_kw = option_names(mod, helper) if wanted else (set(), False)
-        used |= names
-        if helper == "forward" and var_kw:
-            used |= set(options)
-        routed.append({key: val for key, val in options.items() if key in names or var_kw})
-    unknown = sorted(set(options) - used)
+    valid, fwd_var_kw = accepted_options(mod, reserved)
+    unknown = sorted(set(options) - valid if not fwd_var_kw else set(options) & set(reserved))
     if unknown:
         raise TypeError(f"options {unknown} are taken by neither {mod.NAME}.forward nor its "
-                        "helpers")
+                        f"helpers; valid options: {sorted(valid)}")
+    routed = []
+    for helper, attr in (("forward", None), ("draw_random_options", "RANDOM_OPTIONS"),
+                         ("init_layer_params", "LAYER_PARAMS")):
+        if attr is not None and not getattr(mod, attr, ()):
+            routed.append({})
+            continue
+        names, var_kw = option_names(mod, helper)
+        routed.append({key: val for key, val in options.items() if key in names or var_kw})
     forward_opts, random_opts, layer_opts = routed
     return forward_opts, random_opts, layer_opts
