@@ -189,7 +189,12 @@ SIZES = {
                     eval_every=30, eval_batches=8, sweep="512,1024,2048"),
     "recall":  dict(seq_len=512, steps=300, batch=8, d_model=64, heads=4, layers=2, lr=1e-3,
                     eval_every=30, eval_batches=8, sweep="512,1024,2048"),
+    "mqar":    dict(seq_len=256, steps=1000, batch=32, d_model=64, heads=4, layers=2,
+                    lr=3e-3, eval_every=50, eval_batches=8, sweep="", kv_pairs=16, vocab=256),
 }
+#: ``--task mqar --quick``: the first look (a few minutes for every causal variant).
+QUICK_MQAR = dict(seq_len=64, steps=300, batch=32, d_model=64, heads=4, layers=2,
+                  eval_every=50, kv_pairs=4, vocab=64)
 QUICK = dict(seq_len=64, steps=40, batch=4, d_model=32, heads=2, layers=1, eval_every=10,
              eval_batches=2, sweep="64,128")
 
@@ -260,6 +265,33 @@ class ClassifyData:
                 yield tokens[idx], labels[idx], pad[idx]
 
 
+class MQARData:
+    """Multi-query associative recall (:func:`tinyeff.tasks.mqar`): a causal model predicts
+    the value at each query position; every other target is ignored (-100).  Training
+    batches are drawn fresh from the seed (the same for every variant); the held-out set is
+    drawn once from its own seed."""
+
+    kind = "recall"
+
+    def __init__(self, seq_len: int, batch: int, n_valid: int, seed: int, *,
+                 num_kv_pairs: int, vocab_size: int):
+        self.seq_len, self.batch = seq_len, batch
+        self.opts = dict(seq_len=seq_len, num_kv_pairs=num_kv_pairs, vocab_size=vocab_size)
+        self.vocab_size, self.n_classes = vocab_size, None
+        held = tasks.mqar(np.random.default_rng([seed, 6]), n_valid, **self.opts)
+        self.valid = [(held.tokens[i:i + batch], held.targets[i:i + batch], None)
+                      for i in range(0, n_valid, batch)]
+        self.source = (f"MQAR (Zoology generator), {seq_len} tokens, {num_kv_pairs} key-value "
+                       f"pairs, vocabulary {vocab_size}; fresh training batches, "
+                       f"{n_valid} held-out sequences ({n_valid * num_kv_pairs} queries)")
+
+    def batches(self, seed: int):
+        rng = np.random.default_rng([seed, 5])
+        while True:
+            d = tasks.mqar(rng, self.batch, **self.opts)
+            yield d.tokens, d.targets, None
+
+
 # ----------------------------------------------------------------------------- one run
 
 
@@ -272,9 +304,10 @@ def _evaluate(model, data) -> tuple[float, float]:
         for x, y, kp in data.valid:
             logits = model.logits(x, key_padding=kp if _wants_padding(model) else None)
             loss, _ = cross_entropy(logits, y)
-            n = y.size
+            scored = y != tasks.IGNORE                   # MQAR: the query positions only
+            n = int(scored.sum())
             total += loss * n
-            correct += float(np.sum(np.argmax(logits, axis=-1) == y))
+            correct += float(np.sum((np.argmax(logits, axis=-1) == y) & scored))
             count += n
     finally:
         model.train()
@@ -287,18 +320,33 @@ def _wants_padding(model) -> bool:
 
 def build_model(name: str, data, cfg: dict, n: int, overrides: dict):
     from .nn import Transformer
-    opts, model_opts = variant_options(name, n, overrides, causal=data.kind == "lm")
+    causal = data.kind != "classify"
+    opts, model_opts = variant_options(name, n, overrides, causal=causal)
     model = Transformer(data.vocab_size, cfg["d_model"], cfg["heads"], cfg["layers"],
                         max_len=n, attention=name, attention_options=opts,
-                        positions="learned", task=data.kind, n_classes=data.n_classes,
+                        positions="learned", task="lm" if causal else "classify",
+                        n_classes=data.n_classes,
                         seed=cfg["seed"], dtype=np.float32, **model_opts)
     return model, opts, model_opts
 
 
+def _jsonable(value):
+    """``value`` as it reads back from JSON (tuples become lists, ...)."""
+    return json.loads(json.dumps(value, sort_keys=True))
+
+
 def train_one(name: str, data, cfg: dict, overrides: dict, *, progress: bool = True,
-              stream=None) -> dict:
-    """Train one variant; returns its record (options, curve, timings, memory)."""
+              stream=None, checkpoint: str | None = None, resume: bool = False) -> dict:
+    """Train one variant; returns its record (options, curve, timings, memory).
+
+    With ``checkpoint`` (a path), the model, the optimizer and the record so far are saved
+    there after every evaluation; with ``resume`` as well, a run finds its checkpoint,
+    checks that it was written with the same config and options, and continues from its
+    step (the batches are replayed up to that step, so a resumed run sees the same data
+    and, with the same library versions, repeats the uninterrupted run's losses).
+    """
     from .nn import AdamW, clip_grad_norm, warmup_cosine
+    from .nn import checkpoint as ckpt
     n, steps = cfg["seq_len"], cfg["steps"]
     model, opts, model_opts = build_model(name, data, cfg, n, overrides)
     optim = AdamW(model, lr=cfg["lr"], weight_decay=0.01)
@@ -307,16 +355,36 @@ def train_one(name: str, data, cfg: dict, overrides: dict, *, progress: bool = T
     pad = _wants_padding(model)
     record = {"variant": name, "status": "ok", "params": int(model.num_parameters()),
               "options": _printable(opts), "model_options": model_opts, "curve": []}
+    run_id = _jsonable({"variant": name, "config": cfg, "options": record["options"],
+                        "overrides": {k: repr(v) for k, v in overrides.items()}})
+    step_times, train_time, train_losses, start = [], 0.0, [], 0
+    if checkpoint and resume and os.path.exists(checkpoint):
+        meta = ckpt.load(checkpoint, model, optimizer=optim, check_config=False)
+        saved = meta["extra"]
+        if saved.get("run") != run_id:
+            raise SystemExit(f"{checkpoint} was written by another run (config or options "
+                             "differ); delete it or choose another --out")
+        record, step_times = saved["record"], saved["step_times"]
+        train_time, train_losses, start = saved["train_time"], saved["train_losses"], meta["step"]
+        for _ in range(start):                     # replay the data up to the saved step
+            next(batches)
 
     def evaluate(step: int, train_time: float) -> None:
         loss, acc = _evaluate(model, data)
         record["curve"].append({"step": step, "train_time_s": train_time, "val_loss": loss,
                                 "val_acc": acc})
 
-    evaluate(0, 0.0)
-    step_times, train_time, train_losses = [], 0.0, []
+    def save(step: int) -> None:
+        if checkpoint:
+            ckpt.save(checkpoint, model, optimizer=optim, step=step, config=False,
+                      extra={"run": run_id, "record": record, "step_times": step_times,
+                             "train_time": train_time, "train_losses": train_losses})
+
+    if start == 0:
+        evaluate(0, 0.0)
     bar = Progress(steps, name, enabled=progress, file=stream)
-    for step in range(steps):
+    bar.update(start)
+    for step in range(start, steps):
         x, y, kp = next(batches)
         if step == 1:
             tracemalloc.start()
@@ -343,11 +411,13 @@ def train_one(name: str, data, cfg: dict, overrides: dict, *, progress: bool = T
             break
         if (step + 1) % cfg["eval_every"] == 0 or step + 1 == steps:
             evaluate(step + 1, train_time)
+            save(step + 1)
         bar.update(loss=f"{loss:.3f}", val=f"{record['curve'][-1]['val_loss']:.3f}",
+                   acc=f"{100 * record['curve'][-1]['val_acc']:.1f}%",
                    ms=f"{1e3 * (statistics.median(step_times) if step_times else dt):.0f}")
     bar.close()
     if not step_times:                         # runs of 1–2 steps: report what there is
-        step_times = [train_time / len(train_losses)]
+        step_times = [train_time / max(1, len(train_losses))]
     last = record["curve"][-1]
     ms = 1e3 * statistics.median(step_times)
     record.update({
@@ -368,7 +438,7 @@ def sweep_one(name: str, data, cfg: dict, overrides: dict, n: int, repeat: int) 
     model, opts, _ = build_model(name, data, cfg, n, overrides)
     rng = np.random.default_rng([cfg["seed"], 4, n])
     x = rng.integers(0, data.vocab_size, size=(1, n))                     # (1, n)
-    if data.kind == "lm":
+    if data.kind != "classify":
         y = rng.integers(0, data.vocab_size, size=(1, n))                 # (1, n)
     else:
         y = rng.integers(0, data.n_classes, size=(1,))                    # (1,)
@@ -527,6 +597,11 @@ def plot(out: str, result: dict) -> list[str]:
 # ----------------------------------------------------------------------------- command line
 
 
+def _hms(seconds: float) -> str:
+    m, sec = divmod(int(round(seconds)), 60)
+    return f"{m // 60}:{m % 60:02d}:{sec:02d}"
+
+
 def _ints(text: str) -> list[int]:
     return int_list(text, minimum=2)                               # sequence lengths
 
@@ -565,6 +640,14 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-every", type=int, default=None, help="steps between validations")
     p.add_argument("--eval-batches", type=int, default=None,
                    help="validation batches (charlm; listops/recall use --n-valid)")
+    p.add_argument("--kv-pairs", type=int, default=None,
+                   help="mqar: key-value pairs per sequence (16)")
+    p.add_argument("--vocab", type=int, default=None,
+                   help="mqar: vocabulary, keys from the lower half, values from the upper "
+                        "(256)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the checkpoints in OUT/checkpoints/ (written after "
+                        "every evaluation); a finished variant is not retrained")
     p.add_argument("--n-train", type=int, default=2000, help="listops/recall training examples")
     p.add_argument("--n-valid", type=int, default=256, help="listops/recall validation examples")
     p.add_argument("--seed", type=int, default=0)
@@ -582,15 +665,20 @@ def make_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _load_task(task: str, cfg: dict, args):
-    if task == "charlm":
-        return LMData(tasks.stdlib_corpus(), cfg["seq_len"], cfg["batch"],
-                      cfg["eval_batches"], cfg["seed"])
-    if task.startswith("file:"):
-        return LMData(tasks.text_file_corpus(task[5:]), cfg["seq_len"], cfg["batch"],
-                      cfg["eval_batches"], cfg["seed"])
-    return ClassifyData(task, cfg["seq_len"], cfg["batch"], args.n_train, args.n_valid,
-                        cfg["seed"])
+#: How each --task builds its data (``file:PATH`` is charlm on the user's text).
+TASKS = {
+    "charlm": lambda cfg, args: LMData(tasks.stdlib_corpus(), cfg["seq_len"], cfg["batch"],
+                                       cfg["eval_batches"], cfg["seed"]),
+    "file": lambda cfg, args: LMData(tasks.text_file_corpus(args.text_file), cfg["seq_len"],
+                                     cfg["batch"], cfg["eval_batches"], cfg["seed"]),
+    "listops": lambda cfg, args: ClassifyData("listops", cfg["seq_len"], cfg["batch"],
+                                              args.n_train, args.n_valid, cfg["seed"]),
+    "recall": lambda cfg, args: ClassifyData("recall", cfg["seq_len"], cfg["batch"],
+                                             args.n_train, args.n_valid, cfg["seed"]),
+    "mqar": lambda cfg, args: MQARData(cfg["seq_len"], cfg["batch"], args.n_valid,
+                                       cfg["seed"], num_kv_pairs=cfg["kv_pairs"],
+                                       vocab_size=cfg["vocab"]),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -599,19 +687,26 @@ def main(argv: list[str] | None = None) -> int:
     from .attention import VARIANTS
 
     task = f"file:{args.text_file}" if args.text_file else args.task
-    base = "charlm" if task.startswith("file:") else task
-    if base not in SIZES:
-        parser.error(f"--task must be charlm, listops, recall or file:PATH, got {task!r}")
-    cfg = dict(SIZES[base])
+    if task.startswith("file:"):
+        args.text_file = task[5:]
+    base = "file" if task.startswith("file:") else task
+    if base not in TASKS:
+        parser.error(f"--task must be charlm, listops, recall, mqar or file:PATH, got {task!r}")
+    cfg = dict(SIZES["charlm" if base == "file" else base])
     if args.quick:
-        cfg.update(QUICK)
+        cfg.update(QUICK_MQAR if base == "mqar" else QUICK)
     for key in ("seq_len", "steps", "batch", "layers", "d_model", "heads", "lr", "eval_every",
-                "eval_batches", "sweep"):
+                "eval_batches", "sweep", "kv_pairs", "vocab"):
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
+    if base != "mqar":
+        cfg.pop("kv_pairs", None)
+        cfg.pop("vocab", None)
     cfg["seed"] = args.seed
     for key in ("seq_len", "steps", "batch", "layers", "d_model", "heads", "eval_every",
-                "eval_batches"):
+                "eval_batches", "kv_pairs", "vocab"):
+        if key not in cfg:
+            continue
         if cfg[key] < 1:
             parser.error(f"--{key.replace('_', '-')} must be >= 1, got {cfg[key]}")
     if cfg["d_model"] % cfg["heads"]:
@@ -633,7 +728,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--opt names variants that are not run: {stray}")
 
     t_start = time.perf_counter()
-    data = _load_task(task, cfg, args)
+    try:
+        data = TASKS[base](cfg, args)
+    except OSError as e:
+        if base != "file":
+            raise
+        parser.error(f"--text-file: cannot read {args.text_file!r} "
+                     f"({e.strerror or type(e).__name__})")
+    except ValueError as e:
+        parser.error(f"--task {task}: {e}")
     cfg["kind"] = data.kind
     machine = machine_info()
     title = (f"tinyeff demo --task {task}: N={cfg['seq_len']}, batch {cfg['batch']}, "
@@ -650,10 +753,13 @@ def main(argv: list[str] | None = None) -> int:
 
     command = "python -m tinyeff demo" + "".join(f" {a}" for a in (argv if argv is not None
                                                                    else sys.argv[1:]))
+    metric = {"lm": "; bits/char = val loss / ln 2; acc = next-byte accuracy",
+              "recall": "; val loss and acc at the query positions only (acc = fraction of "
+                        "held-out queries answered with the right value)"}.get(
+        data.kind, f"; acc = classification accuracy (majority class "
+                   f"{100 * getattr(data, 'majority', 0.0):.1f}%)")
     notes = ["val loss: mean cross-entropy (nats) on the fixed validation set after the last "
-             "step" + ("; bits/char = val loss / ln 2; acc = next-byte accuracy"
-                       if data.kind == "lm" else "; acc = classification accuracy "
-                       f"(majority class {100 * data.majority:.1f}%)"),
+             "step" + metric,
              "ms/step: median wall time of a training step (forward, backward, AdamW); "
              "tokens/s = batch·N / step time; warm-up s = step 0 (Numba compile or cache "
              "load)",
@@ -663,16 +769,22 @@ def main(argv: list[str] | None = None) -> int:
     result = {"command": command, "title": title, "machine": machine, "task": task,
               "data": data.source, "config": cfg, "complete": False, "total_s": None,
               "runs": runs, "sweep": sweep, "notes": notes}
+    todo = [n for n in names if data.kind == "classify" or VARIANTS[n].SUPPORTS_CAUSAL]
+    done_steps, done_s = 0, 0.0                # for the time-left estimate
     for name in names:
         mod = VARIANTS[name]
-        if data.kind == "lm" and not mod.SUPPORTS_CAUSAL:
+        if data.kind != "classify" and not mod.SUPPORTS_CAUSAL:
             runs.append({"variant": name, "status": "skipped: not causal (cannot be a "
                          "language model; try --task listops)"})
             print(f"{name:<13}skipped: {name} does not support causal attention")
             continue
+        ckpt = os.path.join(args.out, "checkpoints", f"{name}.npz")
+        os.makedirs(os.path.dirname(ckpt), exist_ok=True)
+        t_variant = time.perf_counter()
         try:
             record = train_one(name, data, cfg, overrides.get(name, {}),
-                               progress=not args.no_progress)
+                               progress=not args.no_progress, checkpoint=ckpt,
+                               resume=args.resume)
             print(f"{name:<13}val loss {record['val_loss']:.3f}"
                   + (f" ({record['bits_per_char']:.3f} bits/char)" if data.kind == "lm"
                      else f", accuracy {100 * record['val_acc']:.1f}%")
@@ -681,6 +793,12 @@ def main(argv: list[str] | None = None) -> int:
             record = {"variant": name, "status": f"failed: {type(e).__name__}: {e}"}
             print(f"{name:<13}{record['status']}", file=sys.stderr)
         runs.append(record)
+        done_steps += cfg["steps"]
+        done_s += time.perf_counter() - t_variant
+        left = len(todo) - todo.index(name) - 1
+        if left:
+            print(f"# {len(todo) - left}/{len(todo)} variants done in {_hms(done_s)}; about "
+                  f"{_hms(done_s / done_steps * cfg['steps'] * left)} left at this pace")
         sys.stdout.flush()
         write_outputs(args.out, result)       # partial results survive an interrupted run
 
