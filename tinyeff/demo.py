@@ -38,8 +38,16 @@ Tasks (``--task``), all with data present on any machine:
 * ``listops``: ListOps as in the Long Range Arena (``tinyeff.tasks.listops``), expressions of
   seq_len/4 … seq_len − 1 tokens, classify the value 0–9; bidirectional attention with key
   padding, mean pooling.
-* ``recall``: associative recall (``tinyeff.tasks.associative_recall``), classify the value
-  paired with the query key.
+* ``recall``: single-query associative recall (``tinyeff.tasks.associative_recall``),
+  classify the value paired with the query key from mean-pooled states (kept as the
+  classification counterpart; ``mqar`` is the recall benchmark).
+* ``mqar``: multi-query associative recall, the Zoology study's task (Arora et al. 2023;
+  ``tinyeff.tasks.mqar``): ``--kv-pairs`` key-value pairs, then every key queried once at
+  a random later position; a causal model predicts each value at its query position, and
+  loss and accuracy count those positions only.  Training batches are drawn fresh from
+  ``--seed``, the held-out set (``--n-valid`` sequences) from its own seed.  Default size:
+  N = 256, 16 pairs, vocabulary 256, d_model 64, 2 layers, 4 heads, RoPE positions,
+  batch 32, lr 3e-3; ``--quick`` is the first look (N = 64, 4 pairs, vocabulary 64).
 * ``file:PATH`` or ``--text-file PATH``: byte-level language modelling on your own text.
 
 Long-range runs (each variant sees sequences of 512–4096 tokens; the sweep is optional)::
@@ -71,6 +79,12 @@ lsh 377 vs 499; full "blocked" (the FlashAttention-style kernel, O(N) memory) 14
 the demo runs full with impl="blocked" and every other variant with its default "auto".
 Reproduce a pair with e.g. ``python -m tinyeff demo --variants window --steps 30 --sweep ""
 --opt window.impl=ref``.
+
+Checkpoints and resuming: every variant's model, optimizer and curve so far are saved to
+``OUT/checkpoints/VARIANT.npz`` after each evaluation.  ``--resume`` continues an
+interrupted comparison from there: the batches are replayed up to the saved step, so the
+losses are those of an uninterrupted run.  Progress bars show each variant's time left,
+and a line after each variant estimates the time left for the whole comparison.
 
 Outputs in ``--out`` (default ``tinyeff_demo/``): ``results.json`` (the command, the
 machine, the config, every variant's options, curves, timings and the sweep),
@@ -324,7 +338,8 @@ def build_model(name: str, data, cfg: dict, n: int, overrides: dict):
     opts, model_opts = variant_options(name, n, overrides, causal=causal)
     model = Transformer(data.vocab_size, cfg["d_model"], cfg["heads"], cfg["layers"],
                         max_len=n, attention=name, attention_options=opts,
-                        positions="learned", task="lm" if causal else "classify",
+                        positions=cfg.get("positions", "learned"),
+                        task="lm" if causal else "classify",
                         n_classes=data.n_classes,
                         seed=cfg["seed"], dtype=np.float32, **model_opts)
     return model, opts, model_opts
@@ -640,6 +655,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-every", type=int, default=None, help="steps between validations")
     p.add_argument("--eval-batches", type=int, default=None,
                    help="validation batches (charlm; listops/recall use --n-valid)")
+    p.add_argument("--positions", default=None, choices=("learned", "sinusoidal", "rope"),
+                   help="position encoding (mqar: rope; the other tasks: learned)")
     p.add_argument("--kv-pairs", type=int, default=None,
                    help="mqar: key-value pairs per sequence (16)")
     p.add_argument("--vocab", type=int, default=None,
@@ -696,7 +713,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         cfg.update(QUICK_MQAR if base == "mqar" else QUICK)
     for key in ("seq_len", "steps", "batch", "layers", "d_model", "heads", "lr", "eval_every",
-                "eval_batches", "sweep", "kv_pairs", "vocab"):
+                "eval_batches", "sweep", "kv_pairs", "vocab", "positions"):
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
     if base != "mqar":
