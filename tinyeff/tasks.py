@@ -287,7 +287,10 @@ def mqar(rng: np.random.Generator, n: int, *, seq_len: int = 256, num_kv_pairs: 
     g_i follow Zoology's power law, P(g) ∝ (g + 1)^(power_a − 1) over g = 0 … (seq_len −
     2P)/2 − 1 (power_a = 1 is uniform; 0.01 favours queries close to the pairs).  With
     ``random_non_queries`` every other position after the pairs holds a uniformly random
-    token of the whole vocabulary (Zoology's filler), otherwise 0.
+    token of the vocabulary except this sequence's keys, otherwise 0.  (Zoology draws the
+    filler from the whole vocabulary; with its 8,192 tokens a filler token rarely equals
+    one of the keys, but with the small vocabularies a CPU run uses it often would, and
+    such a token is a false earlier occurrence of the key: so the keys are excluded.)
     """
     n = _checks.integer(n, "n", minimum=1)
     seq_len = _checks.integer(seq_len, "seq_len", minimum=4)
@@ -311,14 +314,17 @@ def mqar(rng: np.random.Generator, n: int, *, seq_len: int = 256, num_kv_pairs: 
     prob /= prob.sum()
     tokens = np.zeros((n, seq_len), dtype=np.int64)
     targets = np.full((n, seq_len), IGNORE, dtype=np.int64)
-    if random_non_queries:
-        tokens[:, context:] = rng.integers(0, vocab_size, size=(n, seq_len - context))
     for r in range(n):
         keys = 1 + rng.choice(half - 1, size=p, replace=False)        # (P,)
         values = half + rng.choice(vocab_size - half, size=p, replace=False)  # (P,)
         gaps = rng.choice(space, size=p, replace=False, p=prob)       # (P,) slot per key
         tokens[r, 0:context:2] = keys
         tokens[r, 1:context:2] = values
+        if random_non_queries:
+            # uniform over the vocabulary without this sequence's keys: a filler token
+            # equal to a key would be a false earlier occurrence of it
+            others = np.setdiff1d(np.arange(vocab_size), keys)      # (V − P,)
+            tokens[r, context:] = others[rng.integers(0, len(others), size=seq_len - context)]
         pos = context + 2 * gaps                                      # (P,) query positions
         tokens[r, pos] = keys
         targets[r, pos] = values
