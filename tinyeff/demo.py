@@ -50,9 +50,10 @@ Tasks (``--task``), all with data present on any machine:
   batch 16, 1500 steps, lr 3e-3; ``--quick`` is the first look (N = 64, 4 pairs, vocabulary 64).
 * ``file:PATH`` or ``--text-file PATH``: byte-level language modelling on your own text.
 
-Long-range runs (each variant sees sequences of 512–4096 tokens; the sweep is optional)::
+Long-range runs (each variant sees sequences of 256–4096 tokens; the sweep is optional)::
 
-    python -m tinyeff demo --task listops --seq-len 1024 --steps 400
+    python -m tinyeff demo --task mqar
+    python -m tinyeff demo --task listops
     python -m tinyeff demo --task recall --seq-len 2048 --steps 300 \
         --variants window,lsh,performer,linformer
     python -m tinyeff demo --task listops --seq-len 4096 --batch 4 --sweep "" \
@@ -202,7 +203,8 @@ SIZES = {
     "listops": dict(seq_len=512, steps=300, batch=8, d_model=64, heads=4, layers=2, lr=1e-3,
                     eval_every=30, eval_batches=8, sweep="512,1024,2048"),
     "recall":  dict(seq_len=512, steps=300, batch=8, d_model=64, heads=4, layers=2, lr=1e-3,
-                    eval_every=30, eval_batches=8, sweep="512,1024,2048"),
+                    eval_every=30, eval_batches=8, sweep="512,1024,2048", n_train=2000,
+                    n_valid=256),
     "mqar":    dict(seq_len=256, steps=1500, batch=16, d_model=64, heads=4, layers=2,
                     lr=3e-3, eval_every=100, eval_batches=8, sweep="", kv_pairs=16, vocab=256,
                     positions="rope"),
@@ -631,7 +633,8 @@ def make_parser() -> argparse.ArgumentParser:
         prog="python -m tinyeff demo", formatter_class=argparse.RawDescriptionHelpFormatter,
         description=doc.split("\n\n")[0] + "\n\n" + doc.split("\n\n")[1],
         epilog="Long-range runs:\n"
-               "  python -m tinyeff demo --task listops --seq-len 1024 --steps 400\n"
+               "  python -m tinyeff demo --task mqar\n"
+               "  python -m tinyeff demo --task listops\n"
                "  python -m tinyeff demo --task recall --seq-len 2048 --variants "
                "window,lsh,performer,linformer\n\n"
                "Default variant options (override with --opt VARIANT.KEY=VALUE):\n" +
@@ -666,8 +669,10 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="continue from the checkpoints in OUT/checkpoints/ (written after "
                         "every evaluation); a finished variant is not retrained")
-    p.add_argument("--n-train", type=int, default=2000, help="listops/recall training examples")
-    p.add_argument("--n-valid", type=int, default=256, help="listops/recall validation examples")
+    p.add_argument("--n-train", type=int, default=None,
+                   help="listops/recall training examples (listops 10000, recall 2000)")
+    p.add_argument("--n-valid", type=int, default=None,
+                   help="held-out examples (listops 500, recall and mqar 256)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--opt", action="append", default=[], metavar="VARIANT.KEY=VALUE",
                    help="a variant option (repeatable), e.g. window.window=32")
@@ -690,10 +695,10 @@ TASKS = {
     "file": lambda cfg, args: LMData(tasks.text_file_corpus(args.text_file), cfg["seq_len"],
                                      cfg["batch"], cfg["eval_batches"], cfg["seed"]),
     "listops": lambda cfg, args: ClassifyData("listops", cfg["seq_len"], cfg["batch"],
-                                              args.n_train, args.n_valid, cfg["seed"]),
+                                              cfg["n_train"], cfg["n_valid"], cfg["seed"]),
     "recall": lambda cfg, args: ClassifyData("recall", cfg["seq_len"], cfg["batch"],
-                                             args.n_train, args.n_valid, cfg["seed"]),
-    "mqar": lambda cfg, args: MQARData(cfg["seq_len"], cfg["batch"], args.n_valid,
+                                             cfg["n_train"], cfg["n_valid"], cfg["seed"]),
+    "mqar": lambda cfg, args: MQARData(cfg["seq_len"], cfg["batch"], args.n_valid or 256,
                                        cfg["seed"], num_kv_pairs=cfg["kv_pairs"],
                                        vocab_size=cfg["vocab"]),
 }
@@ -714,7 +719,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         cfg.update(QUICK_MQAR if base == "mqar" else QUICK)
     for key in ("seq_len", "steps", "batch", "layers", "d_model", "heads", "lr", "eval_every",
-                "eval_batches", "sweep", "kv_pairs", "vocab", "positions"):
+                "eval_batches", "sweep", "kv_pairs", "vocab", "positions", "n_train",
+                "n_valid"):
+        if key in ("n_train", "n_valid") and base not in ("listops", "recall"):
+            continue
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
     if base != "mqar":
@@ -722,7 +730,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg.pop("vocab", None)
     cfg["seed"] = args.seed
     for key in ("seq_len", "steps", "batch", "layers", "d_model", "heads", "eval_every",
-                "eval_batches", "kv_pairs", "vocab"):
+                "eval_batches", "kv_pairs", "vocab", "n_train", "n_valid"):
         if key not in cfg:
             continue
         if cfg[key] < 1:
