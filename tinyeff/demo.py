@@ -37,7 +37,8 @@ Tasks (``--task``), all with data present on any machine:
   skipped.
 * ``listops``: ListOps as in the Long Range Arena (``tinyeff.tasks.listops``), expressions of
   seq_len/4 … seq_len − 1 tokens, classify the value 0–9; bidirectional attention with key
-  padding, mean pooling.
+  padding, mean pooling.  Default: N = 512 (LRA: 2,000), 9,600 training and 512 held-out
+  expressions, sinusoidal positions, batch 32, 400 steps, lr 3e-3.
 * ``recall``: single-query associative recall (``tinyeff.tasks.associative_recall``),
   classify the value paired with the query key from mean-pooled states (kept as the
   classification counterpart; ``mqar`` is the recall benchmark).
@@ -46,8 +47,8 @@ Tasks (``--task``), all with data present on any machine:
   a random later position; a causal model predicts each value at its query position, and
   loss and accuracy count those positions only.  Training batches are drawn fresh from
   ``--seed``, the held-out set (``--n-valid`` sequences) from its own seed.  Default size:
-  N = 256, 16 pairs, vocabulary 256, d_model 64, 2 layers, 4 heads, RoPE positions,
-  batch 16, 1500 steps, lr 3e-3; ``--quick`` is the first look (N = 64, 4 pairs, vocabulary 64).
+  N = 256, 16 pairs, vocabulary 64, d_model 64, 2 layers, 4 heads, RoPE positions,
+  batch 32, 1000 steps, lr 3e-3; ``--quick`` is the first look (N = 64, 4 pairs, vocabulary 64).
 * ``file:PATH`` or ``--text-file PATH``: byte-level language modelling on your own text.
 
 Long-range runs (each variant sees sequences of 256–4096 tokens; the sweep is optional)::
@@ -200,17 +201,18 @@ def _printable(options: dict) -> dict:
 SIZES = {
     "charlm":  dict(seq_len=256, steps=300, batch=8, d_model=64, heads=4, layers=2, lr=3e-3,
                     eval_every=50, eval_batches=8, sweep="256,512,1024,2048"),
-    "listops": dict(seq_len=512, steps=300, batch=8, d_model=64, heads=4, layers=2, lr=1e-3,
-                    eval_every=30, eval_batches=8, sweep="512,1024,2048"),
+    "listops": dict(seq_len=512, steps=400, batch=32, d_model=64, heads=4, layers=2, lr=3e-3,
+                    eval_every=50, eval_batches=8, sweep="", n_train=9600, n_valid=512,
+                    positions="sinusoidal"),
     "recall":  dict(seq_len=512, steps=300, batch=8, d_model=64, heads=4, layers=2, lr=1e-3,
                     eval_every=30, eval_batches=8, sweep="512,1024,2048", n_train=2000,
                     n_valid=256),
-    "mqar":    dict(seq_len=256, steps=1500, batch=16, d_model=64, heads=4, layers=2,
-                    lr=3e-3, eval_every=100, eval_batches=8, sweep="", kv_pairs=16, vocab=256,
+    "mqar":    dict(seq_len=256, steps=1000, batch=32, d_model=64, heads=4, layers=2,
+                    lr=3e-3, eval_every=100, eval_batches=8, sweep="", kv_pairs=16, vocab=64,
                     positions="rope"),
 }
 #: ``--task mqar --quick``: the first look (a few minutes for every causal variant).
-QUICK_MQAR = dict(seq_len=64, steps=300, batch=16, d_model=64, heads=4, layers=2,
+QUICK_MQAR = dict(seq_len=64, steps=600, batch=16, d_model=64, heads=4, layers=2,
                   eval_every=50, kv_pairs=4, vocab=64)
 QUICK = dict(seq_len=64, steps=40, batch=4, d_model=32, heads=2, layers=1, eval_every=10,
              eval_batches=2, sweep="64,128")
@@ -648,24 +650,27 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--variants", default=None,
                    help="comma-separated variant names (default: every registered variant)")
     p.add_argument("--seq-len", type=int, default=None, help="sequence length N (charlm 256, "
-                   "listops/recall 512)")
-    p.add_argument("--steps", type=int, default=None, help="training steps per variant (300)")
-    p.add_argument("--batch", type=int, default=None, help="sequences per step (8)")
+                   "mqar 256, listops/recall 512)")
+    p.add_argument("--steps", type=int, default=None, help="training steps per variant "
+                   "(charlm/recall 300, listops 400, mqar 1000)")
+    p.add_argument("--batch", type=int, default=None, help="sequences per step (charlm/recall 8, "
+                   "listops/mqar 32)")
     p.add_argument("--layers", type=int, default=None, help="Transformer blocks (2)")
     p.add_argument("--d-model", type=int, default=None, help="model width (64)")
     p.add_argument("--heads", type=int, default=None, help="attention heads (4)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate "
-                   "(charlm 3e-3, listops/recall 1e-3)")
+                   "(recall 1e-3, the other tasks 3e-3)")
     p.add_argument("--eval-every", type=int, default=None, help="steps between validations")
     p.add_argument("--eval-batches", type=int, default=None,
                    help="validation batches (charlm; listops/recall use --n-valid)")
     p.add_argument("--positions", default=None, choices=("learned", "sinusoidal", "rope"),
-                   help="position encoding (mqar: rope; the other tasks: learned)")
+                   help="position encoding (mqar: rope, listops: sinusoidal, the other "
+                        "tasks: learned)")
     p.add_argument("--kv-pairs", type=int, default=None,
                    help="mqar: key-value pairs per sequence (16)")
     p.add_argument("--vocab", type=int, default=None,
                    help="mqar: vocabulary, keys from the lower half, values from the upper "
-                        "(256)")
+                        "(64)")
     p.add_argument("--resume", action="store_true",
                    help="continue from the checkpoints in OUT/checkpoints/ (written after "
                         "every evaluation); a finished variant is not retrained")
