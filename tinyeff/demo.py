@@ -48,7 +48,8 @@ Tasks (``--task``), all with data present on any machine:
   loss and accuracy count those positions only.  Training batches are drawn fresh from
   ``--seed``, the held-out set (``--n-valid`` sequences) from its own seed.  Default size:
   N = 256, 16 pairs, vocabulary 64, d_model 64, 2 layers, 4 heads, RoPE positions,
-  batch 32, 1000 steps, lr 3e-3; ``--quick`` is the first look (N = 64, 4 pairs, vocabulary 64).
+  batch 32, 1000 steps, lr 3e-3; ``--quick`` is the first look (N = 64, 4 pairs, vocabulary 64, 600
+  steps).
 * ``file:PATH`` or ``--text-file PATH``: byte-level language modelling on your own text.
 
 Long-range runs (each variant sees sequences of 256–4096 tokens; the sweep is optional)::
@@ -212,7 +213,7 @@ SIZES = {
                     positions="rope"),
 }
 #: ``--task mqar --quick``: the first look (a few minutes for every causal variant).
-QUICK_MQAR = dict(seq_len=64, steps=600, batch=16, d_model=64, heads=4, layers=2,
+QUICK_MQAR = dict(seq_len=64, steps=600, batch=32, d_model=64, heads=4, layers=2,
                   eval_every=50, kv_pairs=4, vocab=64)
 QUICK = dict(seq_len=64, steps=40, batch=4, d_model=32, heads=2, layers=1, eval_every=10,
              eval_batches=2, sweep="64,128")
