@@ -48,8 +48,8 @@ Tasks (``--task``), all with data present on any machine:
   loss and accuracy count those positions only.  Training batches are drawn fresh from
   ``--seed``, the held-out set (``--n-valid`` sequences) from its own seed.  Default size:
   N = 256, 16 pairs, vocabulary 64, d_model 64, 2 layers, 4 heads, RoPE positions,
-  batch 32, 1000 steps, lr 3e-3; ``--quick`` is the first look (N = 64, 4 pairs, vocabulary 64, 600
-  steps).
+  batch 32, 1000 steps, lr 3e-3; ``--quick`` is the first look (N = 64, 4 pairs,
+  vocabulary 64, 600 steps).
 * ``file:PATH`` or ``--text-file PATH``: byte-level language modelling on your own text.
 
 Long-range runs (each variant sees sequences of 256–4096 tokens; the sweep is optional)::
@@ -689,7 +689,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="tinyeff_demo", help="output folder (tinyeff_demo)")
     p.add_argument("--quick", action="store_true",
                    help="about a minute: seq-len 64, 40 steps, batch 4, d-model 32, 2 heads, "
-                        "1 layer, sweep 64,128 (explicit options still win)")
+                        "1 layer, sweep 64,128; with --task mqar: seq-len 64, 4 pairs, "
+                        "vocabulary 64, 600 steps, batch 32 (explicit options still win)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
