@@ -114,7 +114,7 @@ def test_loading_a_text_file_gives_a_tinyeff_message(tmp_path):
     path.write_text("these are notes, not weights\n")
     with pytest.raises(ValueError) as e:
         checkpoint.load(path, tiny())
-    assert str(path) in str(e.value) and "not a tinyeff checkpoint" in str(e.value)
+    assert str(path) in str(e.value) and "not a .npz checkpoint" in str(e.value)
     assert "allow_pickle" not in str(e.value)
 
 

@@ -135,14 +135,16 @@ def _read_arrays(path) -> dict[str, np.ndarray]:
     with open(os.fspath(path), "rb") as f:             # OS errors (missing file) propagate
         head = f.read(4)
         f.seek(0)
-        if head != b"PK\x03\x04" and head[:4] != b"\x93NUM":
-            raise ValueError(f"{path} is not a tinyeff checkpoint: a checkpoint is a .npz "
-                             f"(zip) archive, this file starts with {head!r}")
+        if not head:
+            raise ValueError(f"{path} is empty: truncated or corrupted, not a readable .npz "
+                             "archive")
+        if head != b"PK\x03\x04" and head != b"\x93NUM":
+            raise ValueError(f"{path} is not a .npz checkpoint archive (a tinyeff checkpoint "
+                             f"is a zip file; this file starts with {head!r})")
         try:
             z = np.load(f, allow_pickle=False)
         except ValueError:                             # NumPy's refusal of a pickle
-            raise ValueError(f"{path} is not a tinyeff checkpoint: not a readable .npz "
-                             "archive") from None
+            raise ValueError(f"{path} is not a .npz checkpoint archive") from None
         except (EOFError, OSError, zipfile.BadZipFile, zlib.error) as e:
             raise ValueError(f"{path} is truncated or corrupted: not a readable .npz "
                              f"archive ({type(e).__name__}: {e})") from None
