@@ -41,6 +41,7 @@ def test_demo_charlm_end_to_end(tmp_path, capsys):
     for name in ("full", "window", "linformer"):
         assert f"| {name} |" in text
     assert "skipped: not causal" in text
+    assert "# 1/2 variants done in" in text and "left at this pace" in text   # time left
     result = json.loads((out / "results.json").read_text())
     runs = {r["variant"]: r for r in result["runs"]}
     assert result["config"]["kind"] == "lm" and result["config"]["steps"] == 12
