@@ -212,7 +212,7 @@ SIZES = {
                     lr=3e-3, eval_every=100, eval_batches=8, sweep="", kv_pairs=16, vocab=64,
                     positions="rope"),
 }
-#: ``--task mqar --quick``: the first look (about a minute per variant on a quiet machine).
+#: ``--task mqar --quick``: the first look (`full` alone trains in about a minute).
 QUICK_MQAR = dict(seq_len=64, steps=600, batch=32, d_model=64, heads=4, layers=2,
                   eval_every=50, kv_pairs=4, vocab=64)
 QUICK = dict(seq_len=64, steps=40, batch=4, d_model=32, heads=2, layers=1, eval_every=10,
