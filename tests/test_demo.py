@@ -41,6 +41,7 @@ def test_demo_charlm_end_to_end(tmp_path, capsys):
     for name in ("full", "window", "linformer"):
         assert f"| {name} |" in text
     assert "skipped: not causal" in text
+    assert "# 1/2 variants done in" in text and "left at this pace" in text   # time left
     result = json.loads((out / "results.json").read_text())
     runs = {r["variant"]: r for r in result["runs"]}
     assert result["config"]["kind"] == "lm" and result["config"]["steps"] == 12
@@ -90,6 +91,52 @@ def test_demo_listops_classification(tmp_path, capsys):
     assert [r["status"] for r in runs] == ["ok", "ok"]
     assert runs[1]["model_options"] == {"pad_to_multiple": 8}
     assert all(0 <= r["val_acc"] <= 1 and "bits_per_char" not in r for r in runs)
+
+
+MQAR_TINY = ["--task", "mqar", "--variants", "full,linformer", "--seq-len", "32",
+             "--kv-pairs", "4", "--vocab", "32", "--batch", "4", "--d-model", "16",
+             "--heads", "2", "--layers", "1", "--n-valid", "8", "--sweep", "",
+             "--no-progress"]
+
+
+def test_demo_mqar_scores_the_queries(tmp_path, capsys):
+    rc = demo.main([*MQAR_TINY, "--steps", "4", "--eval-every", "2", "--out", str(tmp_path)])
+    text = capsys.readouterr().out
+    assert rc == 0 and "query positions only" in text
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert result["config"]["kind"] == "recall" and result["config"]["positions"] == "rope"
+    full, linformer = result["runs"]
+    assert full["status"] == "ok" and "bits_per_char" not in full
+    assert [p["step"] for p in full["curve"]] == [0, 2, 4]
+    assert "not causal" in linformer["status"]
+    # the accuracy counts the 8 x 4 query positions only: a multiple of 1/32
+    assert abs(full["val_acc"] * 32 - round(full["val_acc"] * 32)) < 1e-9
+    assert (tmp_path / "checkpoints" / "full.npz").exists()
+
+
+def test_demo_resume_repeats_the_uninterrupted_run(tmp_path, capsys, monkeypatch):
+    args = [*MQAR_TINY, "--variants", "full", "--steps", "6", "--eval-every", "2"]
+    demo.main([*args, "--out", str(tmp_path / "a")])               # uninterrupted
+    batches = demo.MQARData.batches
+
+    def interrupted(self, seed):                                   # stops after 3 batches
+        for i, b in enumerate(batches(self, seed)):
+            if i == 3:
+                raise KeyboardInterrupt
+            yield b
+
+    monkeypatch.setattr(demo.MQARData, "batches", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        demo.main([*args, "--out", str(tmp_path / "b")])
+    monkeypatch.setattr(demo.MQARData, "batches", batches)
+    demo.main([*args, "--out", str(tmp_path / "b"), "--resume"])   # from step 2
+    capsys.readouterr()
+    a, b = (json.loads((tmp_path / d / "results.json").read_text())["runs"][0] for d in "ab")
+    assert [(p["step"], p["val_loss"]) for p in a["curve"]] == \
+        [(p["step"], p["val_loss"]) for p in b["curve"]]
+    assert a["val_acc"] == b["val_acc"] and b["steps"] == 6
+    with pytest.raises(SystemExit, match="another run"):           # other config: refused
+        demo.main([*args, "--out", str(tmp_path / "b"), "--resume", "--lr", "1e-2"])
 
 
 def test_demo_text_file(tmp_path, capsys):

@@ -72,3 +72,39 @@ def test_text_file_corpus(tmp_path):
     p.write_text("short")
     with pytest.raises(ValueError, match="100 bytes"):
         tasks.text_file_corpus(p)
+
+
+def test_mqar_layout_and_targets():
+    """Zoology's MQAR: P pairs first, each key queried once later at an even offset, the
+    target at the query is the key's value, everything else IGNORE."""
+    P, N, V = 4, 32, 40
+    a = tasks.mqar(np.random.default_rng(3), 30, seq_len=N, num_kv_pairs=P, vocab_size=V)
+    b = tasks.mqar(np.random.default_rng(3), 30, seq_len=N, num_kv_pairs=P, vocab_size=V)
+    np.testing.assert_array_equal(a.tokens, b.tokens)                 # seeded
+    np.testing.assert_array_equal(a.targets, b.targets)
+    assert a.tokens.shape == a.targets.shape == (30, N)
+    for row, target in zip(a.tokens, a.targets):
+        keys, values = row[0:2 * P:2], row[1:2 * P:2]
+        assert len(set(keys)) == P and len(set(values)) == P
+        assert np.all((keys >= 1) & (keys < V // 2)) and np.all(values >= V // 2)
+        assert np.all(target[:2 * P] == tasks.IGNORE)
+        q = np.nonzero(target != tasks.IGNORE)[0]
+        assert len(q) == P and np.all((q - 2 * P) % 2 == 0)
+        assert sorted(row[q]) == sorted(keys)                          # every key once
+        for pos in q:
+            assert target[pos] == values[list(keys).index(row[pos])]
+        filler = np.setdiff1d(np.arange(2 * P, N), q)
+        assert not np.isin(row[filler], keys).any()                    # no false key
+    c = tasks.mqar(np.random.default_rng(3), 5, seq_len=N, num_kv_pairs=P, vocab_size=V,
+                   random_non_queries=False)
+    rest = c.tokens[:, 2 * P:][c.targets[:, 2 * P:] == tasks.IGNORE]
+    assert np.all(rest == 0)
+
+
+def test_mqar_gaps_follow_the_power_law():
+    """power_a = 0.01 puts most queries right after the pairs; power_a = 1 is uniform."""
+    P, N = 8, 256
+    near = tasks.mqar(np.random.default_rng(0), 200, seq_len=N, num_kv_pairs=P, power_a=0.01)
+    flat = tasks.mqar(np.random.default_rng(0), 200, seq_len=N, num_kv_pairs=P, power_a=1.0)
+    mean_pos = [np.mean(np.nonzero(d.targets != tasks.IGNORE)[1]) for d in (near, flat)]
+    assert mean_pos[0] < 0.8 * mean_pos[1]

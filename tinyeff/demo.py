@@ -37,14 +37,25 @@ Tasks (``--task``), all with data present on any machine:
   skipped.
 * ``listops``: ListOps as in the Long Range Arena (``tinyeff.tasks.listops``), expressions of
   seq_len/4 … seq_len − 1 tokens, classify the value 0–9; bidirectional attention with key
-  padding, mean pooling.
-* ``recall``: associative recall (``tinyeff.tasks.associative_recall``), classify the value
-  paired with the query key.
+  padding, mean pooling.  Default: N = 512 (LRA: 2,000), 9,600 training and 512 held-out
+  expressions, sinusoidal positions, batch 32, 400 steps, lr 3e-3.
+* ``recall``: single-query associative recall (``tinyeff.tasks.associative_recall``),
+  classify the value paired with the query key from mean-pooled states (kept as the
+  classification counterpart; ``mqar`` is the recall benchmark).
+* ``mqar``: multi-query associative recall, the Zoology study's task (Arora et al. 2023;
+  ``tinyeff.tasks.mqar``): ``--kv-pairs`` key-value pairs, then every key queried once at
+  a random later position; a causal model predicts each value at its query position, and
+  loss and accuracy count those positions only.  Training batches are drawn fresh from
+  ``--seed``, the held-out set (``--n-valid`` sequences) from its own seed.  Default size:
+  N = 256, 16 pairs, vocabulary 64, d_model 64, 2 layers, 4 heads, RoPE positions,
+  batch 32, 1000 steps, lr 3e-3; ``--quick`` is the first look (N = 64, 4 pairs,
+  vocabulary 64, 600 steps).
 * ``file:PATH`` or ``--text-file PATH``: byte-level language modelling on your own text.
 
-Long-range runs (each variant sees sequences of 512–4096 tokens; the sweep is optional)::
+Long-range runs (each variant sees sequences of 256–4096 tokens; the sweep is optional)::
 
-    python -m tinyeff demo --task listops --seq-len 1024 --steps 400
+    python -m tinyeff demo --task mqar
+    python -m tinyeff demo --task listops
     python -m tinyeff demo --task recall --seq-len 2048 --steps 300 \
         --variants window,lsh,performer,linformer
     python -m tinyeff demo --task listops --seq-len 4096 --batch 4 --sweep "" \
@@ -71,6 +82,12 @@ lsh 377 vs 499; full "blocked" (the FlashAttention-style kernel, O(N) memory) 14
 the demo runs full with impl="blocked" and every other variant with its default "auto".
 Reproduce a pair with e.g. ``python -m tinyeff demo --variants window --steps 30 --sweep ""
 --opt window.impl=ref``.
+
+Checkpoints and resuming: every variant's model, optimizer and curve so far are saved to
+``OUT/checkpoints/VARIANT.npz`` after each evaluation.  ``--resume`` continues an
+interrupted comparison from there: the batches are replayed up to the saved step, so the
+losses are those of an uninterrupted run.  Progress bars show each variant's time left,
+and a line after each variant estimates the time left for the whole comparison.
 
 Outputs in ``--out`` (default ``tinyeff_demo/``): ``results.json`` (the command, the
 machine, the config, every variant's options, curves, timings and the sweep),
@@ -185,11 +202,19 @@ def _printable(options: dict) -> dict:
 SIZES = {
     "charlm":  dict(seq_len=256, steps=300, batch=8, d_model=64, heads=4, layers=2, lr=3e-3,
                     eval_every=50, eval_batches=8, sweep="256,512,1024,2048"),
-    "listops": dict(seq_len=512, steps=300, batch=8, d_model=64, heads=4, layers=2, lr=1e-3,
-                    eval_every=30, eval_batches=8, sweep="512,1024,2048"),
+    "listops": dict(seq_len=512, steps=400, batch=32, d_model=64, heads=4, layers=2, lr=3e-3,
+                    eval_every=50, eval_batches=8, sweep="", n_train=9600, n_valid=512,
+                    positions="sinusoidal"),
     "recall":  dict(seq_len=512, steps=300, batch=8, d_model=64, heads=4, layers=2, lr=1e-3,
-                    eval_every=30, eval_batches=8, sweep="512,1024,2048"),
+                    eval_every=30, eval_batches=8, sweep="512,1024,2048", n_train=2000,
+                    n_valid=256),
+    "mqar":    dict(seq_len=256, steps=1000, batch=32, d_model=64, heads=4, layers=2,
+                    lr=3e-3, eval_every=100, eval_batches=8, sweep="", kv_pairs=16, vocab=64,
+                    positions="rope"),
 }
+#: ``--task mqar --quick``: the first look (`full` alone trains in about a minute).
+QUICK_MQAR = dict(seq_len=64, steps=600, batch=32, d_model=64, heads=4, layers=2,
+                  eval_every=50, kv_pairs=4, vocab=64)
 QUICK = dict(seq_len=64, steps=40, batch=4, d_model=32, heads=2, layers=1, eval_every=10,
              eval_batches=2, sweep="64,128")
 
@@ -260,6 +285,33 @@ class ClassifyData:
                 yield tokens[idx], labels[idx], pad[idx]
 
 
+class MQARData:
+    """Multi-query associative recall (:func:`tinyeff.tasks.mqar`): a causal model predicts
+    the value at each query position; every other target is ignored (-100).  Training
+    batches are drawn fresh from the seed (the same for every variant); the held-out set is
+    drawn once from its own seed."""
+
+    kind = "recall"
+
+    def __init__(self, seq_len: int, batch: int, n_valid: int, seed: int, *,
+                 num_kv_pairs: int, vocab_size: int):
+        self.seq_len, self.batch = seq_len, batch
+        self.opts = dict(seq_len=seq_len, num_kv_pairs=num_kv_pairs, vocab_size=vocab_size)
+        self.vocab_size, self.n_classes = vocab_size, None
+        held = tasks.mqar(np.random.default_rng([seed, 6]), n_valid, **self.opts)
+        self.valid = [(held.tokens[i:i + batch], held.targets[i:i + batch], None)
+                      for i in range(0, n_valid, batch)]
+        self.source = (f"MQAR (Zoology generator), {seq_len} tokens, {num_kv_pairs} key-value "
+                       f"pairs, vocabulary {vocab_size}; fresh training batches, "
+                       f"{n_valid} held-out sequences ({n_valid * num_kv_pairs} queries)")
+
+    def batches(self, seed: int):
+        rng = np.random.default_rng([seed, 5])
+        while True:
+            d = tasks.mqar(rng, self.batch, **self.opts)
+            yield d.tokens, d.targets, None
+
+
 # ----------------------------------------------------------------------------- one run
 
 
@@ -272,9 +324,10 @@ def _evaluate(model, data) -> tuple[float, float]:
         for x, y, kp in data.valid:
             logits = model.logits(x, key_padding=kp if _wants_padding(model) else None)
             loss, _ = cross_entropy(logits, y)
-            n = y.size
+            scored = y != tasks.IGNORE                   # MQAR: the query positions only
+            n = int(scored.sum())
             total += loss * n
-            correct += float(np.sum(np.argmax(logits, axis=-1) == y))
+            correct += float(np.sum((np.argmax(logits, axis=-1) == y) & scored))
             count += n
     finally:
         model.train()
@@ -287,18 +340,34 @@ def _wants_padding(model) -> bool:
 
 def build_model(name: str, data, cfg: dict, n: int, overrides: dict):
     from .nn import Transformer
-    opts, model_opts = variant_options(name, n, overrides, causal=data.kind == "lm")
+    causal = data.kind != "classify"
+    opts, model_opts = variant_options(name, n, overrides, causal=causal)
     model = Transformer(data.vocab_size, cfg["d_model"], cfg["heads"], cfg["layers"],
                         max_len=n, attention=name, attention_options=opts,
-                        positions="learned", task=data.kind, n_classes=data.n_classes,
+                        positions=cfg.get("positions", "learned"),
+                        task="lm" if causal else "classify",
+                        n_classes=data.n_classes,
                         seed=cfg["seed"], dtype=np.float32, **model_opts)
     return model, opts, model_opts
 
 
+def _jsonable(value):
+    """``value`` as it reads back from JSON (tuples become lists, ...)."""
+    return json.loads(json.dumps(value, sort_keys=True))
+
+
 def train_one(name: str, data, cfg: dict, overrides: dict, *, progress: bool = True,
-              stream=None) -> dict:
-    """Train one variant; returns its record (options, curve, timings, memory)."""
+              stream=None, checkpoint: str | None = None, resume: bool = False) -> dict:
+    """Train one variant; returns its record (options, curve, timings, memory).
+
+    With ``checkpoint`` (a path), the model, the optimizer and the record so far are saved
+    there after every evaluation; with ``resume`` as well, a run finds its checkpoint,
+    checks that it was written with the same config and options, and continues from its
+    step (the batches are replayed up to that step, so a resumed run sees the same data
+    and, with the same library versions, repeats the uninterrupted run's losses).
+    """
     from .nn import AdamW, clip_grad_norm, warmup_cosine
+    from .nn import checkpoint as ckpt
     n, steps = cfg["seq_len"], cfg["steps"]
     model, opts, model_opts = build_model(name, data, cfg, n, overrides)
     optim = AdamW(model, lr=cfg["lr"], weight_decay=0.01)
@@ -307,16 +376,36 @@ def train_one(name: str, data, cfg: dict, overrides: dict, *, progress: bool = T
     pad = _wants_padding(model)
     record = {"variant": name, "status": "ok", "params": int(model.num_parameters()),
               "options": _printable(opts), "model_options": model_opts, "curve": []}
+    run_id = _jsonable({"variant": name, "config": cfg, "options": record["options"],
+                        "overrides": {k: repr(v) for k, v in overrides.items()}})
+    step_times, train_time, train_losses, start = [], 0.0, [], 0
+    if checkpoint and resume and os.path.exists(checkpoint):
+        meta = ckpt.load(checkpoint, model, optimizer=optim, check_config=False)
+        saved = meta["extra"]
+        if saved.get("run") != run_id:
+            raise SystemExit(f"{checkpoint} was written by another run (config or options "
+                             "differ); delete it or choose another --out")
+        record, step_times = saved["record"], saved["step_times"]
+        train_time, train_losses, start = saved["train_time"], saved["train_losses"], meta["step"]
+        for _ in range(start):                     # replay the data up to the saved step
+            next(batches)
 
     def evaluate(step: int, train_time: float) -> None:
         loss, acc = _evaluate(model, data)
         record["curve"].append({"step": step, "train_time_s": train_time, "val_loss": loss,
                                 "val_acc": acc})
 
-    evaluate(0, 0.0)
-    step_times, train_time, train_losses = [], 0.0, []
+    def save(step: int) -> None:
+        if checkpoint:
+            ckpt.save(checkpoint, model, optimizer=optim, step=step, config=False,
+                      extra={"run": run_id, "record": record, "step_times": step_times,
+                             "train_time": train_time, "train_losses": train_losses})
+
+    if start == 0:
+        evaluate(0, 0.0)
     bar = Progress(steps, name, enabled=progress, file=stream)
-    for step in range(steps):
+    bar.update(start)
+    for step in range(start, steps):
         x, y, kp = next(batches)
         if step == 1:
             tracemalloc.start()
@@ -343,11 +432,13 @@ def train_one(name: str, data, cfg: dict, overrides: dict, *, progress: bool = T
             break
         if (step + 1) % cfg["eval_every"] == 0 or step + 1 == steps:
             evaluate(step + 1, train_time)
+            save(step + 1)
         bar.update(loss=f"{loss:.3f}", val=f"{record['curve'][-1]['val_loss']:.3f}",
+                   acc=f"{100 * record['curve'][-1]['val_acc']:.1f}%",
                    ms=f"{1e3 * (statistics.median(step_times) if step_times else dt):.0f}")
     bar.close()
     if not step_times:                         # runs of 1–2 steps: report what there is
-        step_times = [train_time / len(train_losses)]
+        step_times = [train_time / max(1, len(train_losses))]
     last = record["curve"][-1]
     ms = 1e3 * statistics.median(step_times)
     record.update({
@@ -368,7 +459,7 @@ def sweep_one(name: str, data, cfg: dict, overrides: dict, n: int, repeat: int) 
     model, opts, _ = build_model(name, data, cfg, n, overrides)
     rng = np.random.default_rng([cfg["seed"], 4, n])
     x = rng.integers(0, data.vocab_size, size=(1, n))                     # (1, n)
-    if data.kind == "lm":
+    if data.kind != "classify":
         y = rng.integers(0, data.vocab_size, size=(1, n))                 # (1, n)
     else:
         y = rng.integers(0, data.n_classes, size=(1,))                    # (1,)
@@ -527,6 +618,11 @@ def plot(out: str, result: dict) -> list[str]:
 # ----------------------------------------------------------------------------- command line
 
 
+def _hms(seconds: float) -> str:
+    m, sec = divmod(int(round(seconds)), 60)
+    return f"{m // 60}:{m % 60:02d}:{sec:02d}"
+
+
 def _ints(text: str) -> list[int]:
     return int_list(text, minimum=2)                               # sequence lengths
 
@@ -540,7 +636,8 @@ def make_parser() -> argparse.ArgumentParser:
         prog="python -m tinyeff demo", formatter_class=argparse.RawDescriptionHelpFormatter,
         description=doc.split("\n\n")[0] + "\n\n" + doc.split("\n\n")[1],
         epilog="Long-range runs:\n"
-               "  python -m tinyeff demo --task listops --seq-len 1024 --steps 400\n"
+               "  python -m tinyeff demo --task mqar\n"
+               "  python -m tinyeff demo --task listops\n"
                "  python -m tinyeff demo --task recall --seq-len 2048 --variants "
                "window,lsh,performer,linformer\n\n"
                "Default variant options (override with --opt VARIANT.KEY=VALUE):\n" +
@@ -554,19 +651,34 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--variants", default=None,
                    help="comma-separated variant names (default: every registered variant)")
     p.add_argument("--seq-len", type=int, default=None, help="sequence length N (charlm 256, "
-                   "listops/recall 512)")
-    p.add_argument("--steps", type=int, default=None, help="training steps per variant (300)")
-    p.add_argument("--batch", type=int, default=None, help="sequences per step (8)")
+                   "mqar 256, listops/recall 512)")
+    p.add_argument("--steps", type=int, default=None, help="training steps per variant "
+                   "(charlm/recall 300, listops 400, mqar 1000)")
+    p.add_argument("--batch", type=int, default=None, help="sequences per step (charlm/recall 8, "
+                   "listops/mqar 32)")
     p.add_argument("--layers", type=int, default=None, help="Transformer blocks (2)")
     p.add_argument("--d-model", type=int, default=None, help="model width (64)")
     p.add_argument("--heads", type=int, default=None, help="attention heads (4)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate "
-                   "(charlm 3e-3, listops/recall 1e-3)")
+                   "(recall 1e-3, the other tasks 3e-3)")
     p.add_argument("--eval-every", type=int, default=None, help="steps between validations")
     p.add_argument("--eval-batches", type=int, default=None,
                    help="validation batches (charlm; listops/recall use --n-valid)")
-    p.add_argument("--n-train", type=int, default=2000, help="listops/recall training examples")
-    p.add_argument("--n-valid", type=int, default=256, help="listops/recall validation examples")
+    p.add_argument("--positions", default=None, choices=("learned", "sinusoidal", "rope"),
+                   help="position encoding (mqar: rope, listops: sinusoidal, the other "
+                        "tasks: learned)")
+    p.add_argument("--kv-pairs", type=int, default=None,
+                   help="mqar: key-value pairs per sequence (16)")
+    p.add_argument("--vocab", type=int, default=None,
+                   help="mqar: vocabulary, keys from the lower half, values from the upper "
+                        "(64)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the checkpoints in OUT/checkpoints/ (written after "
+                        "every evaluation); a finished variant is not retrained")
+    p.add_argument("--n-train", type=int, default=None,
+                   help="listops/recall training examples (listops 10000, recall 2000)")
+    p.add_argument("--n-valid", type=int, default=None,
+                   help="held-out examples (listops 500, recall and mqar 256)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--opt", action="append", default=[], metavar="VARIANT.KEY=VALUE",
                    help="a variant option (repeatable), e.g. window.window=32")
@@ -577,20 +689,26 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="tinyeff_demo", help="output folder (tinyeff_demo)")
     p.add_argument("--quick", action="store_true",
                    help="about a minute: seq-len 64, 40 steps, batch 4, d-model 32, 2 heads, "
-                        "1 layer, sweep 64,128 (explicit options still win)")
+                        "1 layer, sweep 64,128; with --task mqar: seq-len 64, 4 pairs, "
+                        "vocabulary 64, 600 steps, batch 32 (explicit options still win)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
 
-def _load_task(task: str, cfg: dict, args):
-    if task == "charlm":
-        return LMData(tasks.stdlib_corpus(), cfg["seq_len"], cfg["batch"],
-                      cfg["eval_batches"], cfg["seed"])
-    if task.startswith("file:"):
-        return LMData(tasks.text_file_corpus(task[5:]), cfg["seq_len"], cfg["batch"],
-                      cfg["eval_batches"], cfg["seed"])
-    return ClassifyData(task, cfg["seq_len"], cfg["batch"], args.n_train, args.n_valid,
-                        cfg["seed"])
+#: How each --task builds its data (``file:PATH`` is charlm on the user's text).
+TASKS = {
+    "charlm": lambda cfg, args: LMData(tasks.stdlib_corpus(), cfg["seq_len"], cfg["batch"],
+                                       cfg["eval_batches"], cfg["seed"]),
+    "file": lambda cfg, args: LMData(tasks.text_file_corpus(args.text_file), cfg["seq_len"],
+                                     cfg["batch"], cfg["eval_batches"], cfg["seed"]),
+    "listops": lambda cfg, args: ClassifyData("listops", cfg["seq_len"], cfg["batch"],
+                                              cfg["n_train"], cfg["n_valid"], cfg["seed"]),
+    "recall": lambda cfg, args: ClassifyData("recall", cfg["seq_len"], cfg["batch"],
+                                             cfg["n_train"], cfg["n_valid"], cfg["seed"]),
+    "mqar": lambda cfg, args: MQARData(cfg["seq_len"], cfg["batch"], args.n_valid or 256,
+                                       cfg["seed"], num_kv_pairs=cfg["kv_pairs"],
+                                       vocab_size=cfg["vocab"]),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -599,19 +717,29 @@ def main(argv: list[str] | None = None) -> int:
     from .attention import VARIANTS
 
     task = f"file:{args.text_file}" if args.text_file else args.task
-    base = "charlm" if task.startswith("file:") else task
-    if base not in SIZES:
-        parser.error(f"--task must be charlm, listops, recall or file:PATH, got {task!r}")
-    cfg = dict(SIZES[base])
+    if task.startswith("file:"):
+        args.text_file = task[5:]
+    base = "file" if task.startswith("file:") else task
+    if base not in TASKS:
+        parser.error(f"--task must be charlm, listops, recall, mqar or file:PATH, got {task!r}")
+    cfg = dict(SIZES["charlm" if base == "file" else base])
     if args.quick:
-        cfg.update(QUICK)
+        cfg.update(QUICK_MQAR if base == "mqar" else QUICK)
     for key in ("seq_len", "steps", "batch", "layers", "d_model", "heads", "lr", "eval_every",
-                "eval_batches", "sweep"):
+                "eval_batches", "sweep", "kv_pairs", "vocab", "positions", "n_train",
+                "n_valid"):
+        if key in ("n_train", "n_valid") and base not in ("listops", "recall"):
+            continue
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
+    if base != "mqar":
+        cfg.pop("kv_pairs", None)
+        cfg.pop("vocab", None)
     cfg["seed"] = args.seed
     for key in ("seq_len", "steps", "batch", "layers", "d_model", "heads", "eval_every",
-                "eval_batches"):
+                "eval_batches", "kv_pairs", "vocab", "n_train", "n_valid"):
+        if key not in cfg:
+            continue
         if cfg[key] < 1:
             parser.error(f"--{key.replace('_', '-')} must be >= 1, got {cfg[key]}")
     if cfg["d_model"] % cfg["heads"]:
@@ -633,7 +761,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--opt names variants that are not run: {stray}")
 
     t_start = time.perf_counter()
-    data = _load_task(task, cfg, args)
+    try:
+        data = TASKS[base](cfg, args)
+    except OSError as e:
+        if base != "file":
+            raise
+        parser.error(f"--text-file: cannot read {args.text_file!r} "
+                     f"({e.strerror or type(e).__name__})")
+    except ValueError as e:
+        parser.error(f"--task {task}: {e}")
     cfg["kind"] = data.kind
     machine = machine_info()
     title = (f"tinyeff demo --task {task}: N={cfg['seq_len']}, batch {cfg['batch']}, "
@@ -650,10 +786,13 @@ def main(argv: list[str] | None = None) -> int:
 
     command = "python -m tinyeff demo" + "".join(f" {a}" for a in (argv if argv is not None
                                                                    else sys.argv[1:]))
+    metric = {"lm": "; bits/char = val loss / ln 2; acc = next-byte accuracy",
+              "recall": "; val loss and acc at the query positions only (acc = fraction of "
+                        "held-out queries answered with the right value)"}.get(
+        data.kind, f"; acc = classification accuracy (majority class "
+                   f"{100 * getattr(data, 'majority', 0.0):.1f}%)")
     notes = ["val loss: mean cross-entropy (nats) on the fixed validation set after the last "
-             "step" + ("; bits/char = val loss / ln 2; acc = next-byte accuracy"
-                       if data.kind == "lm" else "; acc = classification accuracy "
-                       f"(majority class {100 * data.majority:.1f}%)"),
+             "step" + metric,
              "ms/step: median wall time of a training step (forward, backward, AdamW); "
              "tokens/s = batch·N / step time; warm-up s = step 0 (Numba compile or cache "
              "load)",
@@ -663,16 +802,22 @@ def main(argv: list[str] | None = None) -> int:
     result = {"command": command, "title": title, "machine": machine, "task": task,
               "data": data.source, "config": cfg, "complete": False, "total_s": None,
               "runs": runs, "sweep": sweep, "notes": notes}
+    todo = [n for n in names if data.kind == "classify" or VARIANTS[n].SUPPORTS_CAUSAL]
+    done_steps, done_s = 0, 0.0                # for the time-left estimate
     for name in names:
         mod = VARIANTS[name]
-        if data.kind == "lm" and not mod.SUPPORTS_CAUSAL:
+        if data.kind != "classify" and not mod.SUPPORTS_CAUSAL:
             runs.append({"variant": name, "status": "skipped: not causal (cannot be a "
                          "language model; try --task listops)"})
             print(f"{name:<13}skipped: {name} does not support causal attention")
             continue
+        ckpt = os.path.join(args.out, "checkpoints", f"{name}.npz")
+        os.makedirs(os.path.dirname(ckpt), exist_ok=True)
+        t_variant = time.perf_counter()
         try:
             record = train_one(name, data, cfg, overrides.get(name, {}),
-                               progress=not args.no_progress)
+                               progress=not args.no_progress, checkpoint=ckpt,
+                               resume=args.resume)
             print(f"{name:<13}val loss {record['val_loss']:.3f}"
                   + (f" ({record['bits_per_char']:.3f} bits/char)" if data.kind == "lm"
                      else f", accuracy {100 * record['val_acc']:.1f}%")
@@ -681,6 +826,12 @@ def main(argv: list[str] | None = None) -> int:
             record = {"variant": name, "status": f"failed: {type(e).__name__}: {e}"}
             print(f"{name:<13}{record['status']}", file=sys.stderr)
         runs.append(record)
+        done_steps += cfg["steps"]
+        done_s += time.perf_counter() - t_variant
+        left = len(todo) - todo.index(name) - 1
+        if left:
+            print(f"# {len(todo) - left}/{len(todo)} variants done in {_hms(done_s)}; about "
+                  f"{_hms(done_s / done_steps * cfg['steps'] * left)} left at this pace")
         sys.stdout.flush()
         write_outputs(args.out, result)       # partial results survive an interrupted run
 

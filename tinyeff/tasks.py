@@ -7,6 +7,8 @@
 * :func:`listops` — ListOps as in the Long Range Arena (Tay et al. 2021): nested
   ``[MAX``, ``[MIN``, ``[MED``, ``[SM`` expressions over digits 0–9, label = value 0–9.
 * :func:`associative_recall` — key/value pairs followed by a query key; label = its value.
+* :func:`mqar` — multi-query associative recall as in Zoology (Arora et al. 2023): key/value
+  pairs, then every key queried once at a random later position; targets only there.
 
 Every generator takes a ``numpy.random.Generator``; nothing reads global random state.
 """
@@ -19,6 +21,8 @@ import sysconfig
 from pathlib import Path
 
 import numpy as np
+
+from . import _checks
 
 # --------------------------------------------------------------------------- text
 
@@ -245,3 +249,84 @@ def associative_recall(rng: np.random.Generator, n: int, *, seq_len: int = 512,
         labels[r] = int(values[np.nonzero(keys == query)[0][-1]])
     lengths = np.full(n, 2 * pairs + 3, dtype=np.int64)
     return ClassificationData(tokens, lengths, labels, vocab, n_values)
+
+
+# --------------------------------------------------------------------------- MQAR
+
+#: Target of the positions that are not scored (``cross_entropy``'s default ``ignore_index``).
+IGNORE = -100
+
+
+@dataclasses.dataclass(frozen=True)
+class RecallData:
+    """Token ids (n, seq_len) and targets (n, seq_len): ``IGNORE`` (-100) everywhere except
+    at the query positions, where the target is the value paired with the query key."""
+
+    tokens: np.ndarray
+    targets: np.ndarray
+    vocab_size: int
+    num_kv_pairs: int
+
+
+def mqar(rng: np.random.Generator, n: int, *, seq_len: int = 256, num_kv_pairs: int = 16,
+         vocab_size: int = 1024, power_a: float = 0.01, random_non_queries: bool = True
+         ) -> RecallData:
+    """Multi-query associative recall (MQAR), the generator of the Zoology study (Arora et al.
+    2023, "Zoology: Measuring and Improving Recall in Efficient Language Models";
+    HazyResearch/zoology, zoology/data/associative_recall.py, ``multiquery_ar``).
+
+    Each sequence of ``seq_len`` tokens is::
+
+        k₁ v₁ k₂ v₂ … k_P v_P   then, in the remaining seq_len − 2P positions, each key k_i
+                                once (in random order) at an even offset 2·g_i, g_i distinct
+
+    Keys are drawn without replacement from ``[1, vocab_size // 2)``, values without
+    replacement from ``[vocab_size // 2, vocab_size)``.  The target at the position of a
+    queried key is its value (the model predicts it as the next token, so a causal model
+    must recall it from the block of pairs); every other target is ``IGNORE``.  The gaps
+    g_i follow Zoology's power law, P(g) ∝ (g + 1)^(power_a − 1) over g = 0 … (seq_len −
+    2P)/2 − 1 (power_a = 1 is uniform; 0.01 favours queries close to the pairs).  With
+    ``random_non_queries`` every other position after the pairs holds a uniformly random
+    token of the vocabulary except this sequence's keys, otherwise 0.  (Zoology draws the
+    filler from the whole vocabulary; with its 8,192 tokens a filler token rarely equals
+    one of the keys, but with the small vocabularies a CPU run uses it often would, and
+    such a token is a false earlier occurrence of the key: so the keys are excluded.)
+    """
+    n = _checks.integer(n, "n", minimum=1)
+    seq_len = _checks.integer(seq_len, "seq_len", minimum=4)
+    p = _checks.integer(num_kv_pairs, "num_kv_pairs", minimum=1)
+    vocab_size = _checks.integer(vocab_size, "vocab_size", minimum=4)
+    if seq_len % 2:
+        raise ValueError(f"seq_len must be even, got {seq_len}")
+    if 4 * p > seq_len:
+        raise ValueError(f"num_kv_pairs must be <= seq_len / 4 = {seq_len // 4} (the pairs "
+                         f"take 2·num_kv_pairs tokens and the queries need as many even "
+                         f"slots after them), got {p}")
+    half = vocab_size // 2
+    if half - 1 < p:
+        raise ValueError(f"vocab_size {vocab_size} gives {half - 1} keys, fewer than "
+                         f"num_kv_pairs = {p}")
+    if not (isinstance(power_a, (int, float)) and 0 < power_a <= 1):
+        raise ValueError(f"power_a must be in (0, 1], got {power_a!r}")
+    context = 2 * p
+    space = (seq_len - context) // 2                                # query slots
+    prob = np.arange(1, space + 1, dtype=np.float64) ** (power_a - 1)  # (space,)
+    prob /= prob.sum()
+    tokens = np.zeros((n, seq_len), dtype=np.int64)
+    targets = np.full((n, seq_len), IGNORE, dtype=np.int64)
+    for r in range(n):
+        keys = 1 + rng.choice(half - 1, size=p, replace=False)        # (P,)
+        values = half + rng.choice(vocab_size - half, size=p, replace=False)  # (P,)
+        gaps = rng.choice(space, size=p, replace=False, p=prob)       # (P,) slot per key
+        tokens[r, 0:context:2] = keys
+        tokens[r, 1:context:2] = values
+        if random_non_queries:
+            # uniform over the vocabulary without this sequence's keys: a filler token
+            # equal to a key would be a false earlier occurrence of it
+            others = np.setdiff1d(np.arange(vocab_size), keys)      # (V − P,)
+            tokens[r, context:] = others[rng.integers(0, len(others), size=seq_len - context)]
+        pos = context + 2 * gaps                                      # (P,) query positions
+        tokens[r, pos] = keys
+        targets[r, pos] = values
+    return RecallData(tokens, targets, vocab_size, p)
+

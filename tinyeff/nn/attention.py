@@ -69,7 +69,7 @@ import numpy as np
 from .. import _checks
 from ..attention import VARIANTS
 from ..ctx import Ctx
-from .layers import Dropout, Layer, _dtype, _input, _rng, make_linear
+from .layers import Dropout, Layer, _dtype, _input, _key_padding, _rng, make_linear
 from .positions import ALiBi, RelativePositionBias, RoPE
 
 
@@ -117,6 +117,29 @@ def settable_options(mod) -> tuple[set, set, bool]:
         if hasattr(mod, helper):
             valid |= _keywords(getattr(mod, helper))[0] - positional - reserved
     return valid, to_forward, var_kw
+
+
+#: What the required options of the registered variants mean (for the error that names
+#: a missing one).
+OPTION_MEANINGS = {
+    "window": "the one-sided window w, an int (query i sees keys i - w ... i + w, causal: "
+              "i - w ... i; tinyeff.demo uses 64)",
+    "block": "the block length, an int (tinyeff.demo uses 64 for local, 16 for "
+             "hierarchical)",
+    "chunk_len": "the LSH chunk length c, an int; N must be a multiple of c or pass "
+                 "pad_to_multiple=c (tinyeff.demo uses 32)",
+    "mask": "the sparsity pattern, a boolean scipy.sparse (N, N) array such as "
+            "tinyeff.masks.bigbird(...)",
+}
+
+
+def required_options(mod) -> set:
+    """The options a layer of variant ``mod`` cannot run without: keyword parameters of its
+    ``forward`` with no default that the layer does not set itself or draw (random options)
+    or own (layer parameters)."""
+    params = inspect.signature(mod.forward).parameters.values()
+    no_default = {p.name for p in params if p.kind is p.KEYWORD_ONLY and p.default is p.empty}
+    return (no_default & settable_options(mod)[1]) - set(getattr(mod, "RANDOM_OPTIONS", ()))
 
 
 class VariantParams(Layer):
@@ -205,6 +228,13 @@ class MultiHeadAttention(Layer):
         if unknown:
             raise ValueError(f"attention {attention!r} does not accept option(s) {unknown}; "
                              f"valid options: {sorted(valid)}")
+        missing = sorted(required_options(mod) - set(options))
+        if missing:
+            see = f"see tinyeff.attention.{attention}"
+            meaning = "; ".join(f"{k} = {OPTION_MEANINGS.get(k, see)}" for k in missing)
+            raise ValueError(f"attention {attention!r} needs the option(s) {missing}, which "
+                             f"have no default: {meaning}.  Pass {missing[0]}=... (in a "
+                             f"Transformer: attention_options={{{missing[0]!r}: ...}})")
         self.options = dict(options)              # everything the user passed
         self.forward_options = {k: v for k, v in options.items()
                                 if var_kw or k in to_forward}
@@ -350,19 +380,13 @@ class MultiHeadAttention(Layer):
             if mod.KEY_PADDING is None:
                 raise ValueError(f"attention {self.attention!r} does not support key padding "
                                  "(KEY_PADDING is None)")
-            if (not isinstance(key_padding, np.ndarray) or key_padding.dtype != np.bool_
-                    or key_padding.shape != (b, n)):
-                raise ValueError(f"key_padding must be a bool array of shape (B, N) = "
-                                 f"{(b, n)}, got {getattr(key_padding, 'shape', key_padding)}")
+            _key_padding(key_padding, b, n)
         if global_tokens is not None:
             if getattr(mod, "GLOBAL_MASK", None) is None:
                 raise ValueError(f"attention {self.attention!r} does not take per-sequence "
                                  "global tokens (GLOBAL_MASK is None)")
-            if (not isinstance(global_tokens, np.ndarray) or global_tokens.dtype != np.bool_
-                    or global_tokens.shape != (b, n)):
-                raise ValueError(f"global_tokens must be a bool array of shape (B, N) = "
-                                 f"{(b, n)}, got "
-                                 f"{getattr(global_tokens, 'shape', global_tokens)}")
+            _key_padding(global_tokens, b, n, name="global_tokens",
+                         meaning="True = global token")
 
         (q, k, v), (cq, ck, cv, crq, crk) = self._project(x, self.q_proj, self.k_proj,
                                                           self.v_proj)

@@ -59,7 +59,8 @@ from .layers import (
     Linear,
     PreNorm,
     _dtype,
-    _tokens,
+    _key_padding,
+    _token_batch,
 )
 from .losses import cross_entropy, cross_entropy_backward
 from .positions import ALiBi, LearnedPositions, RelativePositionBias, RoPE, SinusoidalPositions
@@ -411,17 +412,8 @@ class Transformer(TokenModel):
 
     def forward(self, tokens, key_padding=None):
         """tokens (B, N) int, key_padding (B, N) bool (True = real) -> (logits, ctx)."""
-        _tokens(tokens, self.vocab_size)
-        if tokens.ndim != 2:
-            raise ValueError(f"tokens must be (B, N), got shape {tokens.shape}")
-        b, n = tokens.shape
-        if n > self.max_len:
-            raise ValueError(f"sequence length {n} exceeds max_len {self.max_len}")
-        if key_padding is not None and (not isinstance(key_padding, np.ndarray)
-                                        or key_padding.dtype != np.bool_
-                                        or key_padding.shape != (b, n)):
-            raise ValueError(f"key_padding must be a bool array of shape (B, N) = {(b, n)}, "
-                             f"got {getattr(key_padding, 'shape', key_padding)}")
+        b, n = _token_batch(tokens, self.vocab_size, self.max_len)
+        _key_padding(key_padding, b, n)
         x, ce = self.embed.forward(tokens)                         # (B, N, d)
         cp = None
         if self.pos is not None:

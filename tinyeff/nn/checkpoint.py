@@ -10,8 +10,11 @@ File layout (every entry a plain array, so it loads with ``allow_pickle=False``)
     optim/m/<name>, optim/v/<name>, optim/t     AdamW state, when an optimizer is given
 
 Writes are atomic: the file is written to a temporary file in the same directory, flushed
-to disk, and renamed over the target (``os.replace``), so a crash never leaves a truncated
-checkpoint under the real name.
+to disk, given the mode a new file gets under the process's umask (0644 under umask 022,
+as ``np.savez`` would create it), and renamed over the target (``os.replace``), so a crash
+never leaves a truncated checkpoint under the real name.  A missing directory, or a path
+that is a directory, raises ``FileNotFoundError`` / ``IsADirectoryError`` naming the path
+given (never the temporary file).
 
 Loading (``allow_pickle=False``, nothing in a file is ever executed) checks the whole file
 against the model and the optimizer before copying anything: a truncated or corrupted
@@ -19,12 +22,14 @@ archive, a missing or malformed header entry (format, version, meta JSON), an en
 not a plain array (a pickle), a parameter/buffer/optimizer array missing from either side,
 a shape or dtype mismatch (nothing is cast), or a config mismatch raises a ``ValueError``
 naming the file, the entry (or config key) and both values; the model and the optimizer are
-left untouched.  A file that cannot be opened at all raises the operating system's error
-(``FileNotFoundError`` ...) unchanged.
+left untouched.  A file that is not a .npz archive at all (a text file, a pickle) raises a
+``ValueError`` saying so; a file that cannot be opened at all raises the operating
+system's error (``FileNotFoundError`` ...) unchanged.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -42,10 +47,17 @@ _SECTIONS = ("param/", "buffer/", "optim/")
 
 
 def save(path, model: Layer, *, optimizer=None, step: int | None = None,
-         extra: dict | None = None) -> None:
-    """Write ``model`` (and ``optimizer``) to ``path`` atomically."""
+         extra: dict | None = None, config: bool = True) -> None:
+    """Write ``model`` (and ``optimizer``) to ``path`` atomically.
+
+    ``step`` (an int or None) and ``extra`` (a JSON-serialisable dict) are stored in the
+    meta entry that :func:`load` returns.  ``config=False`` stores no model config (null):
+    for a model whose options are arrays (a BigBird mask), which JSON cannot hold; such a
+    checkpoint loads into a model built by the caller, and :func:`load_transformer` refuses
+    it.
+    """
     path = os.fspath(path)
-    config = model.config if hasattr(model, "config") else None
+    config = model.config if config and hasattr(model, "config") else None
     if config is not None and hasattr(model, "config_json"):
         model.config_json()                                        # raises if not storable
     meta = {"config": config, "step": step, "extra": extra or {}}
@@ -56,17 +68,35 @@ def save(path, model: Layer, *, optimizer=None, step: int | None = None,
     if optimizer is not None:
         arrays.update({f"optim/{k}": v for k, v in optimizer.state_arrays().items()})
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=directory)
+    if os.path.isdir(path):
+        raise IsADirectoryError(errno.EISDIR, "cannot save a checkpoint: the path is a "
+                                "directory (give a file name such as model.npz)", path)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(errno.ENOENT, f"cannot save a checkpoint: the directory "
+                                f"{directory!r} does not exist", path)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=directory)
+    except OSError as e:                       # e.g. no write permission: name the target
+        raise type(e)(e.errno, f"cannot save a checkpoint in {directory!r}: {e.strerror}",
+                      path) from None
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **arrays)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())       # as open() would create it (mkstemp: 0600)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def _umask() -> int:
+    """The process's file-creation mask (read by setting it and restoring it at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def read(path) -> tuple[dict, dict[str, np.ndarray]]:
@@ -103,10 +133,18 @@ def read(path) -> tuple[dict, dict[str, np.ndarray]]:
 def _read_arrays(path) -> dict[str, np.ndarray]:
     """Every entry of the .npz at ``path`` (``allow_pickle=False``), or a ``ValueError``."""
     with open(os.fspath(path), "rb") as f:             # OS errors (missing file) propagate
+        head = f.read(4)
+        f.seek(0)
+        if not head:
+            raise ValueError(f"{path} is empty: truncated or corrupted, not a readable .npz "
+                             "archive")
+        if head != b"PK\x03\x04" and head != b"\x93NUM":
+            raise ValueError(f"{path} is not a .npz checkpoint archive (a tinyeff checkpoint "
+                             f"is a zip file; this file starts with {head!r})")
         try:
             z = np.load(f, allow_pickle=False)
-        except ValueError as e:                        # NumPy's refusal of a pickle
-            raise ValueError(f"{path} is not a .npz checkpoint archive ({e})") from None
+        except ValueError:                             # NumPy's refusal of a pickle
+            raise ValueError(f"{path} is not a .npz checkpoint archive") from None
         except (EOFError, OSError, zipfile.BadZipFile, zlib.error) as e:
             raise ValueError(f"{path} is truncated or corrupted: not a readable .npz "
                              f"archive ({type(e).__name__}: {e})") from None

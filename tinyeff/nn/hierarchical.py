@@ -89,7 +89,18 @@ from .. import _checks
 from ..ctx import Ctx
 from .attention import variant_module
 from .blocks import TokenModel, TransformerBlock, attention_branch, ffn_branch
-from .layers import Embedding, Layer, LayerNorm, Linear, _dtype, _dy, _input, _rng, _tokens
+from .layers import (
+    Embedding,
+    Layer,
+    LayerNorm,
+    Linear,
+    _dtype,
+    _dy,
+    _input,
+    _key_padding,
+    _rng,
+    _token_batch,
+)
 from .positions import LearnedPositions, SinusoidalPositions
 
 POOLINGS = ("mean", "learned")
@@ -142,12 +153,7 @@ def upsample_backward(du, segment: int):
 
 
 def _check_key_padding(key_padding, b: int, n: int):
-    if key_padding is not None and (not isinstance(key_padding, np.ndarray)
-                                    or key_padding.dtype != np.bool_
-                                    or key_padding.shape != (b, n)):
-        raise ValueError(f"key_padding must be a bool array of shape (B, N) = {(b, n)}, got "
-                         f"{getattr(key_padding, 'dtype', type(key_padding).__name__)} "
-                         f"{getattr(key_padding, 'shape', '')}")
+    _key_padding(key_padding, b, n)
 
 
 # --------------------------------------------------------------------------------------------
@@ -464,13 +470,8 @@ class HierarchicalTransformer(TokenModel):
 
     def forward(self, tokens, key_padding=None):
         """tokens (B, N) int, key_padding (B, N) bool (True = real) -> (logits, ctx)."""
-        _tokens(tokens, self.vocab_size)
-        if tokens.ndim != 2:
-            raise ValueError(f"tokens must be (B, N), got shape {tokens.shape}")
-        b, n = tokens.shape
-        if n > self.max_len:
-            raise ValueError(f"sequence length {n} exceeds max_len {self.max_len}")
-        _check_key_padding(key_padding, b, n)
+        b, n = _token_batch(tokens, self.vocab_size, self.max_len)
+        _key_padding(key_padding, b, n)
         x, ce = self.embed.forward(tokens)                         # (B, N, d)
         cp = None
         if self.pos is not None:

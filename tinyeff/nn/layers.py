@@ -288,6 +288,39 @@ def _tokens(tokens, vocab: int, name: str = "tokens") -> np.ndarray:
     return tokens
 
 
+def _token_batch(tokens, vocab: int, max_len: int) -> tuple[int, int]:
+    """Check model input tokens (B, N): integer ids in [0, vocab), 1 <= N <= max_len, B >= 1;
+    returns (B, N)."""
+    _tokens(tokens, vocab)
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must be (B, N), got shape {tokens.shape}")
+    b, n = tokens.shape
+    if b == 0 or n == 0:
+        raise ValueError(f"tokens must hold at least one sequence of at least one token, got "
+                         f"shape {tokens.shape}")
+    if n > max_len:
+        raise ValueError(f"sequence length {n} exceeds max_len {max_len}")
+    return b, n
+
+
+def _key_padding(key_padding, b: int, n: int, name: str = "key_padding",
+                 meaning: str = "True = real token") -> None:
+    """None, or a bool array (B, N) (True = real token); TypeError for another type or
+    dtype (nothing is cast), ValueError for another shape."""
+    if key_padding is None:
+        return
+    if not isinstance(key_padding, np.ndarray):
+        raise TypeError(f"{name} must be a bool numpy.ndarray of shape (B, N) = {(b, n)}, got "
+                        f"{type(key_padding).__name__}")
+    if key_padding.dtype != np.bool_:
+        raise TypeError(f"{name} must be a bool array ({meaning}), got dtype "
+                        f"{key_padding.dtype} (shape {key_padding.shape}); nothing is cast, "
+                        f"pass e.g. {name} != 0")
+    if key_padding.shape != (b, n):
+        raise ValueError(f"{name} must be a bool array of shape (B, N) = {(b, n)}, got shape "
+                         f"{key_padding.shape}")
+
+
 class Embedding(Layer):
     """y = W[tokens], W (V, d) ~ N(0, std²), std = 1 (PyTorch's default).  Backward scatters
     dy into the rows used."""

@@ -1,6 +1,8 @@
 """AdamW, gradient clipping by global norm, and the warm-up + cosine learning-rate schedule.
 
-AdamW (Loshchilov & Hutter 2019; PyTorch ``torch.optim.AdamW`` with amsgrad=False), step t:
+AdamW (Loshchilov & Hutter 2019; PyTorch ``torch.optim.AdamW`` with amsgrad=False), step t
+(lr, eps, weight decay λ finite and >= 0, β₁, β₂ in [0, 1); anything else is a ValueError
+or TypeError at construction):
 
     θ ← θ − lr·λ·θ                         decoupled weight decay (only where ``decay``)
     m ← β₁ m + (1 − β₁) g,   v ← β₂ v + (1 − β₂) g²
@@ -24,7 +26,22 @@ from collections.abc import Callable
 
 import numpy as np
 
+from .. import _checks
 from .layers import Layer
+
+
+def _betas(betas) -> tuple[float, float]:
+    """(β₁, β₂), each a real number in [0, 1)."""
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise TypeError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+    out = []
+    for i, b in enumerate(betas):
+        name = f"betas[{i}]"
+        b = _checks.positive_float(b, name, allow_zero=True)
+        if b >= 1:
+            raise ValueError(f"{name} must be in [0, 1), got {b}")
+        out.append(b)
+    return out[0], out[1]
 
 
 def default_decay(name: str, param: np.ndarray) -> bool:
@@ -37,17 +54,24 @@ class AdamW:
     def __init__(self, model: Layer, *, lr: float = 1e-3, betas=(0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.01,
                  decay: Callable[[str, np.ndarray], bool] = default_decay):
+        self.lr = _checks.positive_float(lr, "lr", allow_zero=True)
+        self.betas = _betas(betas)
+        self.eps = _checks.positive_float(eps, "eps", allow_zero=True)
+        self.weight_decay = _checks.positive_float(weight_decay, "weight_decay",
+                                                   allow_zero=True)
+        if not callable(decay):
+            raise TypeError(f"decay must be a callable (name, param) -> bool, got "
+                            f"{type(decay).__name__}")
         self.params = model.named_parameters()
         self.grads = model.named_grads()
-        self.lr, self.betas, self.eps = float(lr), tuple(betas), float(eps)
-        self.weight_decay = float(weight_decay)
         self.decay = {name: bool(decay(name, p)) for name, p in self.params.items()}
         self.m = {name: np.zeros_like(p) for name, p in self.params.items()}
         self.v = {name: np.zeros_like(p) for name, p in self.params.items()}
         self.t = 0
 
     def step(self, lr: float | None = None) -> None:
-        lr = self.lr if lr is None else float(lr)
+        """One update with the learning rate ``lr`` (default ``self.lr``; finite, >= 0)."""
+        lr = self.lr if lr is None else _checks.positive_float(lr, "lr", allow_zero=True)
         b1, b2 = self.betas
         self.t += 1
         c1, c2 = 1.0 - b1 ** self.t, 1.0 - b2 ** self.t
