@@ -208,3 +208,22 @@ def _from_groups(x, bh, d, length):
     if d == 1:
         return x
     return x.reshape(bh, d, lc, c).transpose(0, 2, 1, 3).reshape(bh, lc * d, c)[:, :length]
+
+
+def cost_model(scored_pairs):
+    """The bench's ``useful_flops`` and ``extra_bytes`` of a band variant, from its
+    ``scored_pairs(n, options, causal)`` (the attention package's contract)."""
+
+    def useful_flops(n: int, d: int, options: dict, causal: bool) -> int | None:
+        """Forward flops of the matrix products per batch·head: 2·P·D (q kᵀ) + 2·P·D (P v)."""
+        pairs = scored_pairs(n, options, causal)
+        return None if pairs is None else 4 * pairs * d
+
+    def extra_bytes(n: int, d: int, itemsize: int, options: dict, causal: bool) -> int:
+        """Generous bound on the saved context and temporaries per batch·head: the band
+        kernel keeps per-row statistics only; the reference path a few arrays per pair."""
+        if options.get("impl", "auto") != "ref":
+            return 2 * n * 8
+        return 5 * scored_pairs(n, options, causal) * (itemsize + 8)
+
+    return useful_flops, extra_bytes

@@ -508,15 +508,4 @@ def scored_pairs(n: int, options: dict, causal: bool) -> int:
     return int(np.sum(hi - np.maximum(i - w, 0) + 1))
 
 
-def useful_flops(n: int, d: int, options: dict, causal: bool) -> int | None:
-    """Forward flops of the matrix products per batch·head: 2·P·D (q kᵀ) + 2·P·D (P v)."""
-    pairs = scored_pairs(n, options, causal)
-    return None if pairs is None else 4 * pairs * d
-
-
-def extra_bytes(n: int, d: int, itemsize: int, options: dict, causal: bool) -> int:
-    """Generous bound on the saved context and temporaries per batch·head: the band kernel
-    keeps per-row statistics only; the reference path a few arrays per scored pair."""
-    if options.get("impl", "auto") != "ref":
-        return 2 * n * 8
-    return 5 * scored_pairs(n, options, causal) * (itemsize + 8)
+useful_flops, extra_bytes = _band.cost_model(scored_pairs)
