@@ -15,8 +15,9 @@ import pytest
 
 from tinyeff import masks
 from tinyeff.attention import VARIANTS
+from tinyeff.attention._options import option_names
 from tinyeff.nn import Transformer, activation_nbytes, cross_entropy
-from tinyeff.nn.attention import MHACtx, settable_options
+from tinyeff.nn.attention import MHACtx, layer_options
 from tinyeff.testing import GRAD_FD, GradReport
 
 # Model-level options of variants whose first example case cannot be reused as is (an option
@@ -37,7 +38,7 @@ def model_options(name: str, *, ref: bool = True) -> dict:
     options of the variant's first example case; ``impl="ref"`` where the variant has it
     (fast at these tiny sizes, and the reference is the spec)."""
     mod = VARIANTS[name]
-    valid, to_forward, _ = settable_options(mod)
+    valid, to_forward = layer_options(mod), option_names(mod, "forward")[0]
     if name in OVERRIDES:
         opts = dict(OVERRIDES[name])
     else:
@@ -235,7 +236,7 @@ def test_model_gradcheck_catches_a_wrong_backward(rng):
 
 
 @pytest.mark.parametrize("name", [n for n, m in VARIANTS.items()
-                                  if "impl" in settable_options(m)[1]
+                                  if "impl" in option_names(m, "forward")[0]
                                   and len(getattr(m, "IMPLS", ())) > 1])
 def test_default_impl_matches_reference_in_the_model(name, rng):
     """The variant's default implementation (Numba kernels) gives the reference's loss and

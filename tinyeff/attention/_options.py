@@ -1,8 +1,10 @@
 """Which of a variant's options go to ``forward`` and which to its helpers (the contract).
 
 A caller holding one flat dict of options (a layer's keyword arguments, a benchmark's
-``--opt`` values) routes it with :func:`split_options` instead of inspecting signatures
-itself.
+``--opt`` values) routes it with :func:`split_options` (or :func:`options_for`, one
+callable at a time) and validates it with :func:`unknown_options` instead of inspecting
+signatures itself; :func:`required_options` names the options ``forward`` cannot run
+without.  Every ``inspect.signature`` of a variant's callables is in this module.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import inspect
 _POSITIONAL = {"forward": {"q", "k", "v"},
                "draw_random_options": {"rng", "d", "dtype"},
                "init_layer_params": {"rng", "m", "dtype"}}
+#: The helpers, each with the constant that says whether the variant uses it.
+_HELPERS = (("draw_random_options", "RANDOM_OPTIONS"), ("init_layer_params", "LAYER_PARAMS"))
 
 
 def keywords(fn) -> tuple[set, bool]:
@@ -32,16 +36,40 @@ def option_names(mod, helper: str) -> tuple[set, bool]:
     return names - _POSITIONAL[helper], var_kw
 
 
+def required_options(mod) -> set:
+    """The keyword-only options of ``mod.forward`` that have no default."""
+    params = inspect.signature(mod.forward).parameters.values()
+    return {p.name for p in params
+            if p.kind is p.KEYWORD_ONLY and p.default is p.empty} - _POSITIONAL["forward"]
+
+
 def accepted_options(mod, reserved=()) -> tuple[set, bool]:
     """(the options ``forward`` or a helper of ``mod`` names, minus ``reserved``; whether
     ``forward`` also takes ``**kwargs``).  ``reserved``: options the caller sets itself
-    (a layer sets ``causal``, the key-padding option and its ``LAYER_PARAMS``)."""
+    (a layer sets ``causal``, the key-padding option and its ``LAYER_PARAMS``).  A helper
+    counts only if the variant uses it (non-empty ``RANDOM_OPTIONS`` / ``LAYER_PARAMS``)."""
     names, var_kw = option_names(mod, "forward")
-    for helper, attr in (("draw_random_options", "RANDOM_OPTIONS"),
-                         ("init_layer_params", "LAYER_PARAMS")):
+    for helper, attr in _HELPERS:
         if getattr(mod, attr, ()):
             names |= option_names(mod, helper)[0]
     return names - set(reserved), var_kw
+
+
+def unknown_options(mod, options, reserved=()) -> tuple[list, list]:
+    """(the sorted names in ``options`` that no callable of ``mod`` takes, or that are
+    ``reserved``; the sorted valid options).  A ``forward`` with ``**kwargs`` takes every
+    name except the reserved ones."""
+    valid, fwd_var_kw = accepted_options(mod, reserved)
+    unknown = set(options) - valid if not fwd_var_kw else set(options) & set(reserved)
+    return sorted(unknown), sorted(valid)
+
+
+def options_for(mod, helper: str, options: dict) -> dict:
+    """The entries of ``options`` that ``mod.<helper>`` takes: those its signature names,
+    or all of them if it takes ``**kwargs``; ``{}`` when the variant has no such helper.
+    ``helper``: "forward", "draw_random_options" or "init_layer_params"."""
+    names, var_kw = option_names(mod, helper)
+    return {key: val for key, val in options.items() if key in names or var_kw}
 
 
 def split_options(mod, options: dict, *, reserved=()) -> tuple[dict, dict, dict]:
@@ -54,18 +82,11 @@ def split_options(mod, options: dict, *, reserved=()) -> tuple[dict, dict, dict]
     that no callable names (and that no ``**kwargs`` of ``forward`` absorbs), or one in
     ``reserved``, is a TypeError naming it, the variant and the valid options.
     """
-    valid, fwd_var_kw = accepted_options(mod, reserved)
-    unknown = sorted(set(options) - valid if not fwd_var_kw else set(options) & set(reserved))
+    unknown, valid = unknown_options(mod, options, reserved)
     if unknown:
         raise TypeError(f"options {unknown} are taken by neither {mod.NAME}.forward nor its "
-                        f"helpers; valid options: {sorted(valid)}")
-    routed = []
-    for helper, attr in (("forward", None), ("draw_random_options", "RANDOM_OPTIONS"),
-                         ("init_layer_params", "LAYER_PARAMS")):
-        if attr is not None and not getattr(mod, attr, ()):
-            routed.append({})
-            continue
-        names, var_kw = option_names(mod, helper)
-        routed.append({key: val for key, val in options.items() if key in names or var_kw})
-    forward_opts, random_opts, layer_opts = routed
+                        f"helpers; valid options: {valid}")
+    forward_opts = options_for(mod, "forward", options)
+    random_opts, layer_opts = (options_for(mod, helper, options) if getattr(mod, attr, ())
+                               else {} for helper, attr in _HELPERS)
     return forward_opts, random_opts, layer_opts

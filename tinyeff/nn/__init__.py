@@ -5,13 +5,18 @@ A layer keeps parameters and gradients, never activations::
     y, ctx = layer.forward(x)
     dx = layer.backward(dy, ctx)        # accumulates into layer.grads[name]
 
-* :mod:`.layers` — Layer, Linear, LowRankLinear, Embedding, FactorizedEmbedding, LayerNorm,
+* :mod:`.base` — Layer, the base class (the layer contract)
+* :mod:`.layers` — Linear, LowRankLinear, Embedding, FactorizedEmbedding, LayerNorm,
   GELU, Dropout, FeedForward, PreNorm
 * :mod:`.attention` — MultiHeadAttention over any ``tinyeff.attention.VARIANTS`` entry
 * :mod:`.positions` — learned/sinusoidal positions, relative biases (clipped, T5), ALiBi, RoPE
-* :mod:`.blocks` — TransformerBlock (pre-LN), ReversibleBlock, Transformer
-* :mod:`.hierarchical` — HierarchicalEncoder (local attention, segment pooling, global
-  attention over summaries, up-sampling), HierarchicalTransformer, SegmentPool
+* :mod:`.blocks` — TransformerBlock (pre-LN), ReversibleBlock
+* :mod:`.model` — TokenModel: embedding, positions, readout, head and training step shared
+  by the two models below
+* :mod:`.transformer` — Transformer (causal LM or classifier)
+* :mod:`.funnel` — HierarchicalEncoder (Funnel-style: local attention, segment pooling,
+  global attention over summaries, up-sampling), HierarchicalTransformer, SegmentPool
+* :mod:`.checks` — the argument checks shared by these modules
 * :mod:`.losses`, :mod:`.optim`, :mod:`.checkpoint` — cross-entropy, AdamW, clipping,
   warm-up + cosine schedule, .npz checkpoints
 
@@ -20,22 +25,21 @@ See docs/nn.md for the API and a training loop.
 
 from . import checkpoint
 from .attention import MultiHeadAttention, VariantParams
+from .base import Layer
 from .blocks import (
     ReversibleBlock,
-    Transformer,
     TransformerBlock,
     activation_nbytes,
     attention_branch,
     ffn_branch,
 )
-from .hierarchical import HierarchicalEncoder, HierarchicalTransformer, SegmentPool
+from .funnel import HierarchicalEncoder, HierarchicalTransformer, SegmentPool
 from .layers import (
     GELU,
     Dropout,
     Embedding,
     FactorizedEmbedding,
     FeedForward,
-    Layer,
     LayerNorm,
     Linear,
     LowRankLinear,
@@ -52,6 +56,7 @@ from .positions import (
     alibi_slopes,
     t5_bucket,
 )
+from .transformer import Transformer
 
 __all__ = [
     "Layer", "Linear", "LowRankLinear", "Embedding", "FactorizedEmbedding", "LayerNorm",

@@ -37,6 +37,8 @@ Valid options are the keyword parameters of the variant's ``forward`` minus thos
 sets itself (``causal``, the key-padding option, ``rel_bias``, the layer parameters), plus
 the keyword parameters of ``draw_random_options`` / ``init_layer_params`` (LSH's
 ``n_hashes``, Linformer's ``k``); any other option raises a ``ValueError`` listing them.
+Each callable receives the options its signature names (``tinyeff.attention._options``
+routes them; nothing here inspects signatures).
 
 Length constraints (e.g. LSH: N a multiple of the chunk length): the variant's own error is
 raised unchanged, or pass ``pad_to_multiple=c``: the layer then pads the sequence with zero
@@ -62,14 +64,21 @@ Projection compression: ``rank=r`` makes the four projections :class:`LowRankLin
 from __future__ import annotations
 
 import dataclasses
-import inspect
 
 import numpy as np
 
 from .. import _checks
 from ..attention import VARIANTS
+from ..attention._options import (
+    accepted_options,
+    options_for,
+    required_options,
+    unknown_options,
+)
 from ..ctx import Ctx
-from .layers import Dropout, Layer, _dtype, _input, _key_padding, _rng, make_linear
+from . import checks
+from .base import Layer
+from .layers import Dropout, make_linear
 from .positions import ALiBi, RelativePositionBias, RoPE
 
 
@@ -80,43 +89,23 @@ def variant_module(name: str):
     return VARIANTS[name]
 
 
-def _keywords(fn) -> tuple[set, bool]:
-    """(keyword parameter names of fn, whether fn also takes **kwargs)."""
-    params = inspect.signature(fn).parameters.values()
-    names = {p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
-    return names, any(p.kind is p.VAR_KEYWORD for p in params)
-
-
-def _call_with(fn, *args, options: dict):
-    """Call ``fn(*args, **options)`` passing only the options ``fn`` accepts."""
-    names, var_kw = _keywords(fn)
-    return fn(*args, **(options if var_kw else {k: v for k, v in options.items()
-                                                if k in names}))
-
-
-def settable_options(mod) -> tuple[set, set, bool]:
-    """What a user may pass to a layer of variant ``mod``.
-
-    Returns ``(valid, to_forward, forward_takes_kwargs)``: ``valid`` are the keyword
-    parameters of ``forward`` minus those the layer sets itself (``causal``, ``rel_bias``,
-    the key-padding option, the layer parameters), plus the keyword parameters of
-    ``draw_random_options`` / ``init_layer_params`` (such as LSH's ``n_hashes``);
-    ``to_forward`` is the subset that goes to ``forward``.
-    """
-    fwd, var_kw = _keywords(mod.forward)
-    fwd -= {"q", "k", "v"}
+def reserved_options(mod) -> set:
+    """The options a layer of variant ``mod`` sets itself, which a user may not pass:
+    ``causal``, ``rel_bias``, the key-padding and global-mask options, the layer parameters
+    and the global projections."""
     reserved = {"causal", "rel_bias", *getattr(mod, "LAYER_PARAMS", ()),
                 *getattr(mod, "GLOBAL_PROJECTIONS", ())}
     for option in (mod.KEY_PADDING, getattr(mod, "GLOBAL_MASK", None)):
         if option is not None:
             reserved.add(option)
-    to_forward = fwd - reserved
-    valid = set(to_forward)
-    for helper, positional in (("draw_random_options", {"rng", "d", "dtype"}),
-                               ("init_layer_params", {"rng", "m", "dtype"})):
-        if hasattr(mod, helper):
-            valid |= _keywords(getattr(mod, helper))[0] - positional - reserved
-    return valid, to_forward, var_kw
+    return reserved
+
+
+def layer_options(mod) -> set:
+    """What a user may pass to a layer of variant ``mod``: the options of its ``forward``
+    and of the helpers it uses (such as LSH's ``n_hashes``), minus :func:`reserved_options`
+    (routing and validation: ``tinyeff.attention._options``)."""
+    return accepted_options(mod, reserved_options(mod))[0]
 
 
 #: What the required options of the registered variants mean (for the error that names
@@ -133,13 +122,12 @@ OPTION_MEANINGS = {
 }
 
 
-def required_options(mod) -> set:
+def layer_required_options(mod) -> set:
     """The options a layer of variant ``mod`` cannot run without: keyword parameters of its
     ``forward`` with no default that the layer does not set itself or draw (random options)
     or own (layer parameters)."""
-    params = inspect.signature(mod.forward).parameters.values()
-    no_default = {p.name for p in params if p.kind is p.KEYWORD_ONLY and p.default is p.empty}
-    return (no_default & settable_options(mod)[1]) - set(getattr(mod, "RANDOM_OPTIONS", ()))
+    return (required_options(mod) - reserved_options(mod)
+            - set(getattr(mod, "RANDOM_OPTIONS", ())))
 
 
 class VariantParams(Layer):
@@ -154,7 +142,8 @@ class VariantParams(Layer):
         self.names = tuple(getattr(mod, "LAYER_PARAMS", ()))
         if not self.names:
             return
-        draws = [_call_with(mod.init_layer_params, rng, max_len, dtype, options=options)
+        options = options_for(mod, "init_layer_params", options)
+        draws = [mod.init_layer_params(rng, max_len, dtype, **options)
                  for _ in range(n_heads if per_head else 1)]
         for name in self.names:
             value = np.stack([d[name] for d in draws]) if per_head else draws[0][name]
@@ -208,11 +197,8 @@ class MultiHeadAttention(Layer):
                  pad_to_multiple: int | None = None, global_projections: bool = False,
                  dropout: float = 0.0, rng=None, dtype=np.float64, **options):
         super().__init__()
-        rng, self.dtype = _rng(rng), _dtype(dtype)
-        self.d_model = _checks.integer(d_model, "d_model", minimum=1)
-        self.n_heads = _checks.integer(n_heads, "n_heads", minimum=1)
-        if d_model % n_heads:
-            raise ValueError(f"d_model={d_model} must be divisible by n_heads={n_heads}")
+        rng, self.dtype = checks.generator(rng), checks.float_dtype(dtype)
+        self.d_model, self.n_heads = checks.heads(d_model, n_heads)
         self.head_dim = d_model // n_heads
         self.attention = attention
         self.mod = mod = variant_module(attention)
@@ -223,12 +209,11 @@ class MultiHeadAttention(Layer):
             raise ValueError(f"attention {attention!r} does not support causal=True "
                              "(SUPPORTS_CAUSAL is False); use it in an encoder (task='classify')")
 
-        valid, to_forward, var_kw = settable_options(mod)
-        unknown = sorted(set(options) - valid) if not var_kw else []
+        unknown, valid = unknown_options(mod, options, reserved_options(mod))
         if unknown:
             raise ValueError(f"attention {attention!r} does not accept option(s) {unknown}; "
-                             f"valid options: {sorted(valid)}")
-        missing = sorted(required_options(mod) - set(options))
+                             f"valid options: {valid}")
+        missing = sorted(layer_required_options(mod) - set(options))
         if missing:
             see = f"see tinyeff.attention.{attention}"
             meaning = "; ".join(f"{k} = {OPTION_MEANINGS.get(k, see)}" for k in missing)
@@ -236,8 +221,7 @@ class MultiHeadAttention(Layer):
                              f"have no default: {meaning}.  Pass {missing[0]}=... (in a "
                              f"Transformer: attention_options={{{missing[0]!r}: ...}})")
         self.options = dict(options)              # everything the user passed
-        self.forward_options = {k: v for k, v in options.items()
-                                if var_kw or k in to_forward}
+        self.forward_options = options_for(mod, "forward", options)
 
         if positions is not None and not isinstance(positions, (RelativePositionBias, ALiBi,
                                                                 RoPE)):
@@ -309,8 +293,9 @@ class MultiHeadAttention(Layer):
         if not names:
             return
         opts = {k: v for k, v in self.options.items() if k not in names}
-        drawn = _call_with(self.mod.draw_random_options, _rng(rng), self.head_dim, self.dtype,
-                           options=opts)
+        drawn = self.mod.draw_random_options(checks.generator(rng), self.head_dim, self.dtype,
+                                             **options_for(self.mod, "draw_random_options",
+                                                           opts))
         for name in names:
             self.buffers[name] = drawn[name]
 
@@ -371,22 +356,19 @@ class MultiHeadAttention(Layer):
     def forward(self, x, key_padding=None, global_tokens=None):
         """x (B, N, d), key_padding (B, N) bool or None, global_tokens (B, N) bool or None
         (True = global token; variants with ``GLOBAL_MASK``) -> (y (B, N, d), ctx)."""
-        _input(x, "x", self.dtype, self.d_model)
-        if x.ndim != 3:
-            raise ValueError(f"x must be (B, N, d_model), got shape {x.shape}")
-        b, n, _ = x.shape
+        b, n = checks.sequence_input(x, self.dtype, self.d_model)
         mod = self.mod
         if key_padding is not None:
             if mod.KEY_PADDING is None:
                 raise ValueError(f"attention {self.attention!r} does not support key padding "
                                  "(KEY_PADDING is None)")
-            _key_padding(key_padding, b, n)
+            checks.token_mask(key_padding, b, n)
         if global_tokens is not None:
             if getattr(mod, "GLOBAL_MASK", None) is None:
                 raise ValueError(f"attention {self.attention!r} does not take per-sequence "
                                  "global tokens (GLOBAL_MASK is None)")
-            _key_padding(global_tokens, b, n, name="global_tokens",
-                         meaning="True = global token")
+            checks.token_mask(global_tokens, b, n, name="global_tokens",
+                              meaning="True = global token")
 
         (q, k, v), (cq, ck, cv, crq, crk) = self._project(x, self.q_proj, self.k_proj,
                                                           self.v_proj)

@@ -38,7 +38,7 @@ import zlib
 
 import numpy as np
 
-from .layers import Layer
+from .base import Layer
 
 FORMAT = "tinyeff-checkpoint"
 VERSION = 1
@@ -261,7 +261,7 @@ def load(path, model: Layer, *, optimizer=None, check_config: bool = True) -> di
 
 def load_transformer(path):
     """Build the :class:`~tinyeff.nn.Transformer` stored in ``path`` and load its weights."""
-    from .blocks import Transformer
+    from .transformer import Transformer
 
     meta, _ = read(path)
     if meta.get("config") is None:

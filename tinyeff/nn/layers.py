@@ -1,29 +1,5 @@
-"""A small module system with hand-written backward passes: the layer base class and the
-position-wise layers of a Transformer.
-
-The layer contract
-------------------
-A layer keeps its *parameters and their gradients*, never activations::
-
-    y, ctx = layer.forward(x)          # ctx: a frozen dataclass with what the backward needs
-    dx     = layer.backward(dy, ctx)   # accumulates (+=) into layer.grads[name]
-
-* ``layer.params[name]`` and ``layer.grads[name]`` are arrays of the same shape and dtype;
-  an optimizer updates ``params`` in place and :meth:`Layer.zero_grad` zeroes ``grads`` in
-  place, so references held by an optimizer stay valid.
-* Because gradients accumulate, a layer object used L times before one backward pass (ALBERT
-  cross-layer sharing) receives the sum of its L gradients by construction: L forward calls
-  give L separate contexts.
-* ``layer.buffers[name]``: non-trainable state that belongs in a checkpoint (Performer
-  features, LSH rotations drawn at initialisation).
-* Sub-layers are found by attribute: any attribute holding a :class:`Layer`, or a list of
-  them, is a child.  :meth:`Layer.named_parameters` walks the tree in attribute order and
-  lists every *distinct* layer once, under the first name it is reached by, so a shared layer
-  is counted once in :meth:`Layer.num_parameters` and saved once in a checkpoint.
-* ``layer.training`` (set by :meth:`Layer.train` / :meth:`Layer.eval` on the whole tree)
-  switches dropout off in evaluation.
-* :meth:`Layer.vjp` (forward and backward in one call, no context kept by the caller) is what
-  reversible blocks use to recompute; :class:`FeedForward` overrides it to work chunk by chunk.
+"""The position-wise layers of a Transformer, with hand-written backward passes (the layer
+contract and the base class :class:`~tinyeff.nn.base.Layer` are in :mod:`tinyeff.nn.base`).
 
 Layers here (x (..., d_in), y (..., d_out); leading dimensions are batch and sequence)
 -----------------------------------------------------------------------------------------
@@ -56,121 +32,8 @@ from scipy import special
 
 from .. import _checks
 from ..ctx import Ctx
-
-# --------------------------------------------------------------------------------------------
-# The base class
-# --------------------------------------------------------------------------------------------
-
-
-class Layer:
-    """Base class: parameters, gradients, buffers, children, train/eval, zero_grad."""
-
-    def __init__(self):
-        self.params: dict[str, np.ndarray] = {}
-        self.grads: dict[str, np.ndarray] = {}
-        self.buffers: dict[str, np.ndarray] = {}
-        self.training = True
-
-    def add_param(self, name: str, value: np.ndarray) -> np.ndarray:
-        self.params[name] = value
-        self.grads[name] = np.zeros_like(value)
-        return value
-
-    # --- the tree -------------------------------------------------------------------------
-    def children(self) -> dict[str, Layer]:
-        """Direct sub-layers by attribute name (list elements as ``name.i``)."""
-        found = {}
-        for name, value in vars(self).items():
-            if isinstance(value, Layer):
-                found[name] = value
-            elif isinstance(value, (list, tuple)):
-                for i, item in enumerate(value):
-                    if isinstance(item, Layer):
-                        found[f"{name}.{i}"] = item
-        return found
-
-    def named_layers(self, prefix: str = "", _seen: set | None = None):
-        """Yield ``(qualified name, layer)`` for every distinct layer of the tree, pre-order."""
-        seen = set() if _seen is None else _seen
-        if id(self) in seen:
-            return
-        seen.add(id(self))
-        yield prefix, self
-        for name, child in self.children().items():
-            yield from child.named_layers(f"{prefix}.{name}" if prefix else name, seen)
-
-    def named_parameters(self) -> dict[str, np.ndarray]:
-        """``{"blocks.0.attn.fn.q_proj.W": array, ...}``; a shared layer appears once."""
-        return {_join(p, k): v for p, layer in self.named_layers() for k, v in layer.params.items()}
-
-    def named_grads(self) -> dict[str, np.ndarray]:
-        """Gradients under the same names as :meth:`named_parameters`."""
-        return {_join(p, k): v for p, layer in self.named_layers() for k, v in layer.grads.items()}
-
-    def named_buffers(self) -> dict[str, np.ndarray]:
-        return {_join(p, k): v for p, layer in self.named_layers()
-                for k, v in layer.buffers.items()}
-
-    def num_parameters(self) -> int:
-        """Number of trainable scalars, each shared parameter counted once."""
-        return int(sum(v.size for v in self.named_parameters().values()))
-
-    def zero_grad(self) -> None:
-        for _, layer in self.named_layers():
-            for g in layer.grads.values():
-                g.fill(0)
-
-    def train(self, mode: bool = True) -> Layer:
-        for _, layer in self.named_layers():
-            layer.training = bool(mode)
-        return self
-
-    def eval(self) -> Layer:
-        return self.train(False)
-
-    # --- computation ----------------------------------------------------------------------
-    def forward(self, x, **kwargs):                     # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def backward(self, dy, ctx):                        # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def vjp(self, x, dy, **kwargs):
-        """Recompute the forward at ``x`` and backpropagate ``dy``; returns ``(y, dx)``."""
-        y, ctx = self.forward(x, **kwargs)
-        return y, self.backward(dy, ctx)
-
-
-def _join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name
-
-
-def _input(x, name: str, dtype, last: int) -> np.ndarray:
-    """Validate a layer input: float ndarray of the layer's dtype with last dimension ``last``."""
-    _checks.float_array(x, name, min_ndim=1, dtype=dtype)
-    if x.shape[-1] != last:
-        raise ValueError(f"{name} must have last dimension {last}, got shape {x.shape}")
-    return x
-
-
-def _dy(dy, shape, dtype) -> np.ndarray:
-    return _checks.dout(dy, shape, dtype, name="dy")
-
-
-def _rng(rng) -> np.random.Generator:
-    if rng is None:
-        return np.random.default_rng(0)
-    if not isinstance(rng, np.random.Generator):
-        raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
-    return rng
-
-
-def _dtype(dtype) -> np.dtype:
-    dtype = np.dtype(dtype)
-    if dtype not in _checks.FLOAT_DTYPES:
-        raise TypeError(f"dtype must be float32 or float64, got {dtype}")
-    return dtype
-
+from . import checks
+from .base import Layer
 
 # --------------------------------------------------------------------------------------------
 # Linear maps
@@ -188,7 +51,7 @@ class Linear(Layer):
     def __init__(self, d_in: int, d_out: int, *, bias: bool = True, rng=None,
                  dtype=np.float64):
         super().__init__()
-        rng, self.dtype = _rng(rng), _dtype(dtype)
+        rng, self.dtype = checks.generator(rng), checks.float_dtype(dtype)
         self.d_in = _checks.integer(d_in, "d_in", minimum=1)
         self.d_out = _checks.integer(d_out, "d_out", minimum=1)
         self.add_param("W", (rng.standard_normal((d_in, d_out)) / math.sqrt(d_in))
@@ -197,7 +60,7 @@ class Linear(Layer):
             self.add_param("b", np.zeros(d_out, self.dtype))       # (d_out,)
 
     def forward(self, x):
-        _input(x, "x", self.dtype, self.d_in)
+        checks.layer_input(x, "x", self.dtype, self.d_in)
         y = x @ self.params["W"]                                   # (..., d_out)
         if "b" in self.params:
             y = y + self.params["b"]                               # (..., d_out)
@@ -205,7 +68,7 @@ class Linear(Layer):
 
     def backward(self, dy, ctx: LinearCtx):
         x = ctx.x
-        _dy(dy, x.shape[:-1] + (self.d_out,), self.dtype)
+        checks.grad_output(dy, x.shape[:-1] + (self.d_out,), self.dtype)
         # fwd: y = x @ W + b
         self.grads["W"] += x.reshape(-1, self.d_in).T @ dy.reshape(-1, self.d_out)
         if "b" in self.params:
@@ -228,7 +91,7 @@ class LowRankLinear(Layer):
     def __init__(self, d_in: int, d_out: int, rank: int, *, bias: bool = True, rng=None,
                  dtype=np.float64):
         super().__init__()
-        rng, self.dtype = _rng(rng), _dtype(dtype)
+        rng, self.dtype = checks.generator(rng), checks.float_dtype(dtype)
         self.d_in = _checks.integer(d_in, "d_in", minimum=1)
         self.d_out = _checks.integer(d_out, "d_out", minimum=1)
         self.rank = _checks.integer(rank, "rank", minimum=1)
@@ -240,7 +103,7 @@ class LowRankLinear(Layer):
             self.add_param("b", np.zeros(d_out, self.dtype))       # (d_out,)
 
     def forward(self, x):
-        _input(x, "x", self.dtype, self.d_in)
+        checks.layer_input(x, "x", self.dtype, self.d_in)
         h = x @ self.params["W1"]                                  # (..., r)
         y = h @ self.params["W2"]                                  # (..., d_out)
         if "b" in self.params:
@@ -249,7 +112,7 @@ class LowRankLinear(Layer):
 
     def backward(self, dy, ctx: LowRankCtx):
         x, h = ctx.x, ctx.h
-        _dy(dy, x.shape[:-1] + (self.d_out,), self.dtype)
+        checks.grad_output(dy, x.shape[:-1] + (self.d_out,), self.dtype)
         dy2 = dy.reshape(-1, self.d_out)                           # (P, d_out)
         # fwd: y = h @ W2 + b
         self.grads["W2"] += h.reshape(-1, self.rank).T @ dy2
@@ -278,49 +141,6 @@ class EmbeddingCtx(Ctx):
     tokens: np.ndarray            # (...) int
 
 
-def _tokens(tokens, vocab: int, name: str = "tokens") -> np.ndarray:
-    if not isinstance(tokens, np.ndarray) or not np.issubdtype(tokens.dtype, np.integer):
-        raise TypeError(f"{name} must be an integer numpy.ndarray, got "
-                        f"{type(tokens).__name__} {getattr(tokens, 'dtype', '')}")
-    if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab):
-        raise ValueError(f"{name} must lie in [0, {vocab}), got values in "
-                         f"[{tokens.min()}, {tokens.max()}] (shape {tokens.shape})")
-    return tokens
-
-
-def _token_batch(tokens, vocab: int, max_len: int) -> tuple[int, int]:
-    """Check model input tokens (B, N): integer ids in [0, vocab), 1 <= N <= max_len, B >= 1;
-    returns (B, N)."""
-    _tokens(tokens, vocab)
-    if tokens.ndim != 2:
-        raise ValueError(f"tokens must be (B, N), got shape {tokens.shape}")
-    b, n = tokens.shape
-    if b == 0 or n == 0:
-        raise ValueError(f"tokens must hold at least one sequence of at least one token, got "
-                         f"shape {tokens.shape}")
-    if n > max_len:
-        raise ValueError(f"sequence length {n} exceeds max_len {max_len}")
-    return b, n
-
-
-def _key_padding(key_padding, b: int, n: int, name: str = "key_padding",
-                 meaning: str = "True = real token") -> None:
-    """None, or a bool array (B, N) (True = real token); TypeError for another type or
-    dtype (nothing is cast), ValueError for another shape."""
-    if key_padding is None:
-        return
-    if not isinstance(key_padding, np.ndarray):
-        raise TypeError(f"{name} must be a bool numpy.ndarray of shape (B, N) = {(b, n)}, got "
-                        f"{type(key_padding).__name__}")
-    if key_padding.dtype != np.bool_:
-        raise TypeError(f"{name} must be a bool array ({meaning}), got dtype "
-                        f"{key_padding.dtype} (shape {key_padding.shape}); nothing is cast, "
-                        f"pass e.g. {name} != 0")
-    if key_padding.shape != (b, n):
-        raise ValueError(f"{name} must be a bool array of shape (B, N) = {(b, n)}, got shape "
-                         f"{key_padding.shape}")
-
-
 class Embedding(Layer):
     """y = W[tokens], W (V, d) ~ N(0, std²), std = 1 (PyTorch's default).  Backward scatters
     dy into the rows used."""
@@ -328,18 +148,18 @@ class Embedding(Layer):
     def __init__(self, vocab_size: int, dim: int, *, rng=None, dtype=np.float64,
                  std: float = 1.0):
         super().__init__()
-        rng, self.dtype = _rng(rng), _dtype(dtype)
+        rng, self.dtype = checks.generator(rng), checks.float_dtype(dtype)
         self.vocab_size = _checks.integer(vocab_size, "vocab_size", minimum=1)
         self.dim = _checks.integer(dim, "dim", minimum=1)
         self.add_param("W", (std * rng.standard_normal((vocab_size, dim)))
                        .astype(self.dtype))                        # (V, d)
 
     def forward(self, tokens):
-        _tokens(tokens, self.vocab_size)
+        checks.token_ids(tokens, self.vocab_size)
         return self.params["W"][tokens], EmbeddingCtx(tokens=tokens)  # (..., d)
 
     def backward(self, dy, ctx: EmbeddingCtx):
-        _dy(dy, ctx.tokens.shape + (self.dim,), self.dtype)
+        checks.grad_output(dy, ctx.tokens.shape + (self.dim,), self.dtype)
         # fwd: y = W[tokens]  (a token used twice receives both gradients)
         np.add.at(self.grads["W"], ctx.tokens.reshape(-1), dy.reshape(-1, self.dim))
         return None                                                # tokens are not differentiable
@@ -360,8 +180,8 @@ class FactorizedEmbedding(Layer):
     def __init__(self, vocab_size: int, embed_dim: int, dim: int, *, rng=None,
                  dtype=np.float64):
         super().__init__()
-        rng = _rng(rng)
-        self.dtype = _dtype(dtype)
+        rng = checks.generator(rng)
+        self.dtype = checks.float_dtype(dtype)
         self.vocab_size, self.dim = vocab_size, dim
         self.emb = Embedding(vocab_size, embed_dim, rng=rng, dtype=dtype)
         self.proj = Linear(embed_dim, dim, rng=rng, dtype=dtype)
@@ -393,14 +213,14 @@ class LayerNorm(Layer):
 
     def __init__(self, dim: int, *, eps: float = 1e-5, dtype=np.float64):
         super().__init__()
-        self.dtype = _dtype(dtype)
+        self.dtype = checks.float_dtype(dtype)
         self.dim = _checks.integer(dim, "dim", minimum=1)
         self.eps = _checks.positive_float(eps, "eps")
         self.add_param("gamma", np.ones(dim, self.dtype))          # (d,)
         self.add_param("beta", np.zeros(dim, self.dtype))          # (d,)
 
     def forward(self, x):
-        _input(x, "x", self.dtype, self.dim)
+        checks.layer_input(x, "x", self.dtype, self.dim)
         mu = x.mean(axis=-1, keepdims=True)                        # (..., 1)
         xc = x - mu                                                # (..., d)
         var = (xc * xc).mean(axis=-1, keepdims=True)               # (..., 1)
@@ -411,7 +231,7 @@ class LayerNorm(Layer):
 
     def backward(self, dy, ctx: LayerNormCtx):
         xhat, rstd = ctx.xhat, ctx.rstd
-        _dy(dy, xhat.shape, self.dtype)
+        checks.grad_output(dy, xhat.shape, self.dtype)
         # fwd: y = xhat * gamma + beta
         self.grads["gamma"] += (dy * xhat).reshape(-1, self.dim).sum(axis=0)
         self.grads["beta"] += dy.reshape(-1, self.dim).sum(axis=0)
@@ -437,7 +257,7 @@ class GELU(Layer):
 
     def backward(self, dy, ctx: GELUCtx):
         x = ctx.x
-        _dy(dy, x.shape, x.dtype)
+        checks.grad_output(dy, x.shape, x.dtype)
         cdf = 0.5 * (1.0 + special.erf(x / math.sqrt(2.0)))       # (..., d)
         pdf = np.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi)      # (..., d)  φ(x)
         # fwd: y = x · Φ(x)  ->  dy/dx = Φ(x) + x φ(x)
@@ -518,8 +338,8 @@ class FeedForward(Layer):
     def __init__(self, d_model: int, d_ff: int, *, rank: int | None = None,
                  chunk: int | None = None, dropout: float = 0.0, rng=None, dtype=np.float64):
         super().__init__()
-        rng = _rng(rng)
-        self.dtype = _dtype(dtype)
+        rng = checks.generator(rng)
+        self.dtype = checks.float_dtype(dtype)
         self.d_model = d_model
         self.chunk = None if chunk is None else _checks.integer(chunk, "chunk", minimum=1)
         self.fc1 = make_linear(d_model, d_ff, rank, rng=rng, dtype=dtype)
@@ -544,7 +364,7 @@ class FeedForward(Layer):
         return self.fc1.backward(self.act.backward(da, ctx.act), ctx.fc1)  # (..., d)
 
     def forward(self, x):
-        _input(x, "x", self.dtype, self.d_model)
+        checks.layer_input(x, "x", self.dtype, self.d_model)
         if self.chunk is None or x.ndim < 2:
             return self._forward_one(x)
         bounds = self._bounds(x.shape[-2])

@@ -27,7 +27,7 @@ from collections.abc import Callable
 import numpy as np
 
 from .. import _checks
-from .layers import Layer
+from .base import Layer
 
 
 def _betas(betas) -> tuple[float, float]:

@@ -58,7 +58,8 @@ import numpy as np
 
 from .. import _checks
 from ..ctx import Ctx
-from .layers import Layer, _dtype, _dy, _input, _rng
+from . import checks
+from .base import Layer
 
 # --------------------------------------------------------------------------------------------
 # Tables
@@ -144,14 +145,14 @@ class LearnedPositions(Layer):
 
     def __init__(self, max_len: int, dim: int, *, rng=None, dtype=np.float64):
         super().__init__()
-        rng, self.dtype = _rng(rng), _dtype(dtype)
+        rng, self.dtype = checks.generator(rng), checks.float_dtype(dtype)
         self.max_len = _checks.integer(max_len, "max_len", minimum=1)
         self.dim = dim
         self.add_param("P", (0.02 * rng.standard_normal((max_len, dim)))
                        .astype(self.dtype))                        # (max_len, d)
 
     def forward(self, x):
-        _input(x, "x", self.dtype, self.dim)
+        checks.layer_input(x, "x", self.dtype, self.dim)
         n = _seq_len(x, self.max_len)
         return x + self.params["P"][:n], AbsoluteCtx(n=n)          # (..., N, d)
 
@@ -166,13 +167,13 @@ class SinusoidalPositions(Layer):
 
     def __init__(self, max_len: int, dim: int, *, dtype=np.float64):
         super().__init__()
-        self.dtype = _dtype(dtype)
+        self.dtype = checks.float_dtype(dtype)
         self.max_len = _checks.integer(max_len, "max_len", minimum=1)
         self.dim = dim
         self.table = sinusoidal_table(max_len, dim).astype(self.dtype)  # (max_len, d)
 
     def forward(self, x):
-        _input(x, "x", self.dtype, self.dim)
+        checks.layer_input(x, "x", self.dtype, self.dim)
         n = _seq_len(x, self.max_len)
         return x + self.table[:n], AbsoluteCtx(n=n)                # (..., N, d)
 
@@ -204,7 +205,7 @@ class RelativePositionBias(Layer):
                  num_buckets: int = 32, max_distance: int = 128, max_offset: int = 16,
                  rng=None, dtype=np.float64):
         super().__init__()
-        rng, self.dtype = _rng(rng), _dtype(dtype)
+        rng, self.dtype = checks.generator(rng), checks.float_dtype(dtype)
         self.n_heads = _checks.integer(n_heads, "n_heads", minimum=1)
         self.kind = _checks.choice(kind, "kind", self.KINDS)
         self.bidirectional = _checks.flag(bidirectional, "bidirectional")
@@ -226,7 +227,7 @@ class RelativePositionBias(Layer):
         return self.params["table"][:, buckets], RelBiasCtx(buckets=buckets)  # (H, N + M − 1)
 
     def backward(self, drel, ctx: RelBiasCtx):
-        _dy(drel, (self.n_heads, ctx.buckets.size), self.dtype)
+        checks.grad_output(drel, (self.n_heads, ctx.buckets.size), self.dtype)
         # fwd: rel = table[:, buckets]   (several offsets share a bucket: scatter-add)
         np.add.at(self.grads["table"], (slice(None), ctx.buckets), drel)
         return None
@@ -237,7 +238,7 @@ class ALiBi(Layer):
 
     def __init__(self, n_heads: int, *, dtype=np.float64):
         super().__init__()
-        self.dtype = _dtype(dtype)
+        self.dtype = checks.float_dtype(dtype)
         self.n_heads = _checks.integer(n_heads, "n_heads", minimum=1)
         self.slopes = alibi_slopes(n_heads)                        # (H,) float64
 
@@ -265,7 +266,7 @@ class RoPE(Layer):
 
     def __init__(self, head_dim: int, *, base: float = 10000.0, dtype=np.float64):
         super().__init__()
-        self.dtype = _dtype(dtype)
+        self.dtype = checks.float_dtype(dtype)
         self.head_dim = _checks.integer(head_dim, "head_dim", minimum=2)
         if head_dim % 2:
             raise ValueError(f"RoPE needs an even head dimension, got head_dim={head_dim}")
@@ -278,7 +279,7 @@ class RoPE(Layer):
         return np.cos(ang).astype(self.dtype), np.sin(ang).astype(self.dtype)
 
     def forward(self, x):
-        _input(x, "x", self.dtype, self.head_dim)
+        checks.layer_input(x, "x", self.dtype, self.head_dim)
         n = x.shape[-2]
         cos, sin = self.angles(n)                                  # (N, D/2) each
         x0, x1 = x[..., 0::2], x[..., 1::2]                        # (..., N, D/2) each

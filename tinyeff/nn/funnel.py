@@ -1,5 +1,8 @@
-"""A hierarchical encoder: local attention below, global attention over segment summaries
+"""A Funnel-style encoder: local attention below, global attention over segment summaries
 above, broadcast back to the tokens (a two-level hierarchy built across layers).
+
+(Not the ``hierarchical`` attention variant, ``tinyeff/attention/hierarchical.py``, which
+builds a hierarchy inside one attention layer; see "Peers" below.)
 
 Shape letters: B batch, N tokens, d model width, H heads, k segment length,
 C = ⌈N / k⌉ segments, σ(i) = ⌊i / k⌋ the segment of token i, S_c = {i : σ(i) = c}.
@@ -63,9 +66,11 @@ The model (``HierarchicalTransformer``), tokens (B, N) int:
     task "token":     logits = z W + b              (B, N, n_classes); targets (B, N) with
         ``ignore_index`` at padded positions.
 
-Its training API is the :class:`~tinyeff.nn.Transformer`'s: ``loss_and_grads``,
-``named_parameters`` / ``named_grads`` (so :class:`~tinyeff.nn.AdamW`, ``clip_grad_norm``
-and ``checkpoint.save`` / ``load`` work unchanged), ``config`` / ``from_config``.
+The embedding, positions, readout, head and training API are the
+:class:`~tinyeff.nn.Transformer`'s (both are a :class:`~tinyeff.nn.model.TokenModel`):
+``loss_and_grads``, ``named_parameters`` / ``named_grads`` (so :class:`~tinyeff.nn.AdamW`,
+``clip_grad_norm`` and ``checkpoint.save`` / ``load`` work unchanged), ``config`` /
+``from_config``.
 
 Peers: Funnel Transformer (Dai et al. 2020; HF transformers
 ``src/transformers/models/funnel/modeling_funnel.py``) pools by stride-2 mean pooling with
@@ -80,27 +85,17 @@ encoder builds it across layers.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 
 import numpy as np
 
 from .. import _checks
 from ..ctx import Ctx
+from . import checks
 from .attention import variant_module
-from .blocks import TokenModel, TransformerBlock, attention_branch, ffn_branch
-from .layers import (
-    Embedding,
-    Layer,
-    LayerNorm,
-    Linear,
-    _dtype,
-    _dy,
-    _input,
-    _key_padding,
-    _rng,
-    _token_batch,
-)
+from .base import Layer
+from .blocks import TransformerBlock, attention_branch, ffn_branch
+from .model import TokenModel
 from .positions import LearnedPositions, SinusoidalPositions
 
 POOLINGS = ("mean", "learned")
@@ -152,10 +147,6 @@ def upsample_backward(du, segment: int):
     return _by_segment(du, segment).sum(axis=2)                    # (B, C, d)
 
 
-def _check_key_padding(key_padding, b: int, n: int):
-    _key_padding(key_padding, b, n)
-
-
 # --------------------------------------------------------------------------------------------
 # Pooling
 # --------------------------------------------------------------------------------------------
@@ -180,23 +171,17 @@ class SegmentPool(Layer):
     def __init__(self, d_model: int, n_heads: int, segment: int, *, pooling: str = "mean",
                  dtype=np.float64):
         super().__init__()
-        self.dtype = _dtype(dtype)
-        self.d_model = _checks.integer(d_model, "d_model", minimum=1)
-        self.n_heads = _checks.integer(n_heads, "n_heads", minimum=1)
-        if d_model % n_heads:
-            raise ValueError(f"d_model={d_model} must be divisible by n_heads={n_heads}")
+        self.dtype = checks.float_dtype(dtype)
+        self.d_model, self.n_heads = checks.heads(d_model, n_heads)
         self.segment = _checks.integer(segment, "segment", minimum=1)
         self.pooling = _checks.choice(pooling, "pooling", POOLINGS)
         if self.pooling == "learned":
             self.add_param("query", np.zeros((n_heads, d_model), self.dtype))  # (H, d)
 
     def forward(self, x, key_padding=None):
-        _input(x, "x", self.dtype, self.d_model)
-        if x.ndim != 3:
-            raise ValueError(f"x must be (B, N, d_model), got shape {x.shape}")
-        b, n, d = x.shape
-        _check_key_padding(key_padding, b, n)
-        h, k = self.n_heads, self.segment
+        b, n = checks.sequence_input(x, self.dtype, self.d_model)
+        checks.token_mask(key_padding, b, n)
+        d, h, k = self.d_model, self.n_heads, self.segment
         real = np.ones((b, n), dtype=bool) if key_padding is None else key_padding  # (B, N)
         real_s = _by_segment(real, k)                              # (B, C, k) bool, fill False
         xs = _by_segment(x, k)                                     # (B, C, k, d)
@@ -226,7 +211,7 @@ class SegmentPool(Layer):
         xs, w = ctx.xs, ctx.w
         b, c, k, h, dh = xs.shape
         d = h * dh
-        _dy(ds, (b, c, d), self.dtype)
+        checks.grad_output(ds, (b, c, d), self.dtype)
         ds = ds.reshape(b, c, h, dh)                               # (B, C, H, Dh)
         # fwd: s[c, η] = Σ_j w[c, j, η] · x[c, j, η]
         dxs = np.einsum("bcjh,bche->bcjhe", w, ds).reshape(b, c, k, d)  # (B, C, k, d)
@@ -301,7 +286,7 @@ class HierarchicalEncoder(Layer):
                  summary_positions: str | None = None, dropout: float = 0.0, rng=None,
                  dtype=np.float64):
         super().__init__()
-        rng, self.dtype = _rng(rng), _dtype(dtype)
+        rng, self.dtype = checks.generator(rng), checks.float_dtype(dtype)
         self.d_model = _checks.integer(d_model, "d_model", minimum=1)
         self.segment = _checks.integer(segment, "segment", minimum=1)
         for name, value in (("n_lower", n_lower), ("n_upper", n_upper),
@@ -343,11 +328,8 @@ class HierarchicalEncoder(Layer):
 
     def forward(self, x, key_padding=None):
         """x (B, N, d), key_padding (B, N) bool (True = real) or None -> (y (B, N, d), ctx)."""
-        _input(x, "x", self.dtype, self.d_model)
-        if x.ndim != 3:
-            raise ValueError(f"x must be (B, N, d_model), got shape {x.shape}")
-        b, n, _ = x.shape
-        _check_key_padding(key_padding, b, n)
+        b, n = checks.sequence_input(x, self.dtype, self.d_model)
+        checks.token_mask(key_padding, b, n)
         if self.max_len is not None and n > self.max_len:
             raise ValueError(f"sequence length {n} exceeds max_len {self.max_len}")
         seg_kp = segment_padding(key_padding, n, self.segment)     # (B, C) or None
@@ -372,7 +354,7 @@ class HierarchicalEncoder(Layer):
                              upper=tuple(upper), refine=tuple(refine))
 
     def backward(self, dy, ctx: EncoderCtx):
-        _dy(dy, (ctx.pool.xs.shape[0], ctx.n, self.d_model), self.dtype)
+        checks.grad_output(dy, (ctx.pool.xs.shape[0], ctx.n, self.d_model), self.dtype)
         for blk, c in zip(reversed(self.refine), reversed(ctx.refine)):
             dy = blk.backward(dy, c)                               # (B, N, d)
         # fwd: y = h + upsample(g)
@@ -393,16 +375,6 @@ class HierarchicalEncoder(Layer):
 # --------------------------------------------------------------------------------------------
 # The model
 # --------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class HierarchicalModelCtx(Ctx):
-    embed: object
-    pos: object                   # token-position ctx or None
-    encoder: EncoderCtx
-    norm: object
-    readout: np.ndarray | None    # classify: (B, N) readout weights
-    head: object
 
 
 class HierarchicalTransformer(TokenModel):
@@ -444,7 +416,7 @@ class HierarchicalTransformer(TokenModel):
             upper_options=dict(upper_options or {}), positions=positions, task=task,
             n_classes=n_classes, readout=readout, dropout=dropout, seed=seed,
             dtype=np.dtype(dtype).name)
-        self.dtype = dtype = _dtype(dtype)
+        self.dtype = dtype = checks.float_dtype(dtype)
         self.vocab_size = _checks.integer(vocab_size, "vocab_size", minimum=1)
         self.max_len = _checks.integer(max_len, "max_len", minimum=1)
         self.task = _checks.choice(task, "task", self.TASKS)
@@ -452,12 +424,7 @@ class HierarchicalTransformer(TokenModel):
         self.positions = _checks.choice(positions, "positions", self.POSITIONS)
         self.n_classes = _checks.integer(n_classes, "n_classes", minimum=2)
         rng = np.random.default_rng(seed)
-        self.embed = Embedding(vocab_size, d_model, rng=rng, dtype=dtype)
-        self.pos = None
-        if self.positions == "learned":
-            self.pos = LearnedPositions(max_len, d_model, rng=rng, dtype=dtype)
-        elif self.positions == "sinusoidal":
-            self.pos = SinusoidalPositions(max_len, d_model, dtype=dtype)
+        self.build_input(rng, vocab_size, d_model, self.positions)
         self.encoder = HierarchicalEncoder(
             d_model, n_heads, segment=segment, n_lower=n_lower, n_upper=n_upper,
             n_refine=n_refine, d_ff=d_ff, pooling=pooling, lower_attention=lower_attention,
@@ -465,53 +432,12 @@ class HierarchicalTransformer(TokenModel):
             upper_options=upper_options, max_len=max_len,
             summary_positions=None if self.positions == "none" else self.positions,
             dropout=dropout, rng=rng, dtype=dtype)
-        self.norm = LayerNorm(d_model, dtype=dtype)
-        self.head = Linear(d_model, self.n_classes, rng=rng, dtype=dtype)
+        self.build_output(rng, d_model, self.n_classes)
 
-    def forward(self, tokens, key_padding=None):
-        """tokens (B, N) int, key_padding (B, N) bool (True = real) -> (logits, ctx)."""
-        b, n = _token_batch(tokens, self.vocab_size, self.max_len)
-        _key_padding(key_padding, b, n)
-        x, ce = self.embed.forward(tokens)                         # (B, N, d)
-        cp = None
-        if self.pos is not None:
-            x, cp = self.pos.forward(x)                            # (B, N, d)
-        y, cenc = self.encoder.forward(x, key_padding=key_padding)  # (B, N, d)
-        z, cn = self.norm.forward(y)                               # (B, N, d)
-        weights = None
-        if self.task == "classify":
-            if self.readout == "mean":
-                weights = (np.ones((b, n), self.dtype) if key_padding is None
-                           else key_padding.astype(self.dtype))    # (B, N)
-                weights = weights / np.maximum(weights.sum(axis=1, keepdims=True), 1)  # (B, N)
-            else:
-                weights = np.zeros((b, n), self.dtype)             # (B, N)
-                weights[:, 0] = 1
-            z = np.einsum("bn,bnd->bd", weights, z)                # (B, d)
-        logits, chead = self.head.forward(z)                       # (B, C) or (B, N, C)
-        return logits, HierarchicalModelCtx(embed=ce, pos=cp, encoder=cenc, norm=cn,
-                                            readout=weights, head=chead)
+    def body_forward(self, x, key_padding):
+        """x (B, N, d) -> (HierarchicalEncoder(x) (B, N, d), ctx)."""
+        return self.encoder.forward(x, key_padding=key_padding)
 
-    def backward(self, dlogits, ctx: HierarchicalModelCtx):
-        """Accumulate every parameter's gradient from dlogits; returns None (tokens)."""
-        dz = self.head.backward(dlogits, ctx.head)                 # (B, d) or (B, N, d)
-        if ctx.readout is not None:
-            # fwd: z = Σ_n weights[b, n] · z[b, n]
-            dz = ctx.readout[:, :, None] * dz[:, None, :]          # (B, N, d)
-        dy = self.norm.backward(dz, ctx.norm)                      # (B, N, d)
-        dx = self.encoder.backward(dy, ctx.encoder)                # (B, N, d)
-        if self.pos is not None:
-            dx = self.pos.backward(dx, ctx.pos)                    # (B, N, d)
-        self.embed.backward(dx, ctx.embed)
-        return None
-
-    def config_json(self) -> str:
-        """The constructor arguments as JSON (array-valued options cannot be stored)."""
-        try:
-            return json.dumps(self.config, sort_keys=True)
-        except TypeError as e:
-            raise TypeError(f"this model's config is not JSON-serialisable ({e})") from None
-
-    @classmethod
-    def from_config(cls, config: dict) -> HierarchicalTransformer:
-        return cls(**config)
+    def body_backward(self, dy, ctx: EncoderCtx):
+        """dy (B, N, d) -> dx (B, N, d) through the encoder."""
+        return self.encoder.backward(dy, ctx)

@@ -1,4 +1,4 @@
-"""The hierarchical encoder (``tinyeff.nn.hierarchical``): pooling against its formulas,
+"""The Funnel-style encoder (``tinyeff.nn.funnel``): pooling against its formulas,
 up-sampling, the segment/block tie, receptive fields, padding, whole-model float64
 gradchecks (every parameter), training with AdamW, checkpoints and errors.
 """
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from tinyeff.nn import AdamW, checkpoint, clip_grad_norm, warmup_cosine
-from tinyeff.nn.hierarchical import (
+from tinyeff.nn.funnel import (
     HierarchicalEncoder,
     HierarchicalTransformer,
     SegmentPool,
@@ -336,13 +336,13 @@ def test_errors():
 
 
 def test_negative_control_a_wrong_upsampling_backward_fails(monkeypatch, rng):
-    from tinyeff.nn import hierarchical
+    from tinyeff.nn import funnel
 
     def wrong(du, segment):
         return 1.001 * _right(du, segment)
 
-    _right = hierarchical.upsample_backward
-    monkeypatch.setattr(hierarchical, "upsample_backward", wrong)
+    _right = funnel.upsample_backward
+    monkeypatch.setattr(funnel, "upsample_backward", wrong)
     m = model()
     tokens = rng.integers(0, V, (2, 10))
     report = model_gradcheck(m, tokens, rng.integers(0, 3, (2,)), rng)
