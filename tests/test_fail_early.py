@@ -4,6 +4,7 @@ error of a bad path) whose message names the argument.  Tiny models, seconds in 
 from __future__ import annotations
 
 import os
+import re
 import stat
 
 import numpy as np
@@ -22,15 +23,18 @@ def tiny(**kw) -> Transformer:
 # --------------------------------------------------------------------- required options
 
 
-@pytest.mark.parametrize("attention,option", [("window", "window"), ("local", "block"),
-                                              ("hierarchical", "block"), ("lsh", "chunk_len"),
-                                              ("sparse", "mask")])
-def test_missing_required_option_fails_at_construction(attention, option):
-    with pytest.raises(ValueError, match=rf"attention '{attention}' needs the option\(s\) "
-                                         rf"\['{option}'\]") as e:
-        tiny(attention=attention)
-    assert f"{option} = " in str(e.value)                       # says what the option means
-    with pytest.raises(ValueError, match=f"'{option}'"):
+@pytest.mark.parametrize("attention,options", [
+    ("window", ["window"]), ("local", ["block"]), ("hierarchical", ["block"]),
+    ("lsh", ["chunk_len", "n_buckets", "n_hashes"]),          # forward's and the hashing's
+    ("sparse", ["mask"]), ("linformer", ["k"])])               # linformer: init_layer_params
+def test_missing_required_option_fails_at_construction(attention, options):
+    needs = re.escape(f"attention '{attention}' needs the option(s) {options}")
+    with pytest.raises(ValueError, match=needs) as e:
+        tiny(attention=attention, task="classify", n_classes=3)
+    for option in options:
+        assert f"{option} = " in str(e.value)                   # says what each option means
+        assert "see tinyeff.attention" not in str(e.value)
+    with pytest.raises(ValueError, match=f"'{options[0]}'"):
         MultiHeadAttention(8, 2, attention, rng=np.random.default_rng(0))
 
 

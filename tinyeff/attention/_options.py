@@ -3,7 +3,7 @@
 A caller holding one flat dict of options (a layer's keyword arguments, a benchmark's
 ``--opt`` values) routes it with :func:`split_options` (or :func:`options_for`, one
 callable at a time) and validates it with :func:`unknown_options` instead of inspecting
-signatures itself; :func:`required_options` names the options ``forward`` cannot run
+signatures itself; :func:`required_options` names the options a variant cannot run
 without.  Every ``inspect.signature`` of a variant's callables is in this module.
 """
 
@@ -37,10 +37,16 @@ def option_names(mod, helper: str) -> tuple[set, bool]:
 
 
 def required_options(mod) -> set:
-    """The keyword-only options of ``mod.forward`` that have no default."""
-    params = inspect.signature(mod.forward).parameters.values()
-    return {p.name for p in params
-            if p.kind is p.KEYWORD_ONLY and p.default is p.empty} - _POSITIONAL["forward"]
+    """The keyword-only options with no default of ``mod.forward`` and of the helpers the
+    variant uses (such as LSH's ``n_hashes`` or Linformer's rank ``k``)."""
+    fns = [("forward", mod.forward)] + [(h, getattr(mod, h)) for h, attr in _HELPERS
+                                        if getattr(mod, attr, ())]
+    out = set()
+    for helper, fn in fns:
+        params = inspect.signature(fn).parameters.values()
+        out |= {p.name for p in params
+                if p.kind is p.KEYWORD_ONLY and p.default is p.empty} - _POSITIONAL[helper]
+    return out
 
 
 def accepted_options(mod, reserved=()) -> tuple[set, bool]:

@@ -112,13 +112,17 @@ def layer_options(mod) -> set:
 #: a missing one).
 OPTION_MEANINGS = {
     "window": "the one-sided window w, an int (query i sees keys i - w ... i + w, causal: "
-              "i - w ... i; tinyeff.demo uses 64)",
-    "block": "the block length, an int (tinyeff.demo uses 64 for local, 16 for "
+              "i - w ... i; python -m tinyeff demo uses 64)",
+    "block": "the block length, an int (python -m tinyeff demo uses 64 for local, 16 for "
              "hierarchical)",
     "chunk_len": "the LSH chunk length c, an int; N must be a multiple of c or pass "
-                 "pad_to_multiple=c (tinyeff.demo uses 32)",
+                 "pad_to_multiple=c (python -m tinyeff demo uses 32)",
     "mask": "the sparsity pattern, a boolean scipy.sparse (N, N) array such as "
             "tinyeff.masks.bigbird(...)",
+    "n_hashes": "the number of LSH hashing rounds, an int (python -m tinyeff demo uses 2)",
+    "n_buckets": "the number of LSH buckets, an even int; "
+                 "tinyeff.attention.lsh.suggest_n_buckets(N, chunk_len) gives trax's rule",
+    "k": "Linformer's projected length, an int (python -m tinyeff demo uses N/4, at most 64)",
 }
 
 
