@@ -100,3 +100,13 @@ def test_a_missing_peer_is_skipped_with_one_line(monkeypatch, capsys):
     text = capsys.readouterr().out
     assert text.count("peers not installed, skipped: reformer-pytorch") == 1
     assert "LSHAttention" not in text and "torch sdpa" in text
+
+
+def test_a_length_the_peer_rejects_is_a_note(capsys):
+    pytest.importorskip("torch")
+    if not _peers.available("local-attention"):
+        pytest.skip("local-attention is not installed")
+    assert cli(["bench", "--peers", "--variants", "window", "--sizes", "200", "--heads", "1",
+                "--repeat", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "peer failed: AssertionError" in text

@@ -109,7 +109,11 @@ def _run_pair(pair, n: int, args, dtype, mem_limit: float) -> dict:
     row["flops_fwd_bwd"] = flops[1] if flops else None
     for side, step in (("tinyeff", tinyeff_step), ("peer", peer_step)):
         t0 = time.perf_counter()
-        step()                                            # warm-up: compile, caches
+        try:
+            step()                                        # warm-up: compile, caches
+        except Exception as e:                            # e.g. a peer's assert on N
+            row["note"] = f"{side} failed: {type(e).__name__}: {e}"[:160]
+            return row
         row[f"{side}_warmup_s"] = time.perf_counter() - t0
     for side in ("tinyeff", "peer"):
         row[f"{side}_s"], row[f"{side}_cpu_s"] = [], []
