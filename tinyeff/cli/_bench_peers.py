@@ -13,6 +13,12 @@ rate measured in the same run (before and after the pairs, the better).  With
 ``--cpu-time`` also the process CPU milliseconds of each side and ``cpu frac``: the same
 fraction with CPU time in both the case and the matmul rate (see :mod:`tinyeff.cli.bench`).
 
+Options read: ``--variants`` (tinyeff variant names), ``--sizes``, ``--batch``, ``--heads``,
+``--dim``, ``--dtype``, ``--repeat``, ``--mem-limit`` (pairs whose peer would need more are
+skipped with a note), ``--cpu-time``, ``--out``; ``--causal``, ``--opt``, ``--quick`` and
+``--first-touch`` are refused (each pair fixes its options); ``--budget`` and ``--timeout``
+do not apply (everything runs in this process).
+
 Without torch it prints one line and returns 0; pairs whose package is missing are
 skipped with one line naming the packages.
 """
