@@ -151,7 +151,7 @@ def _ms(ts) -> str:
 
 
 def _header(cpu: bool) -> str:
-    text = (f"{'variant':<17}{'peer':<32}{'N':>7}  {'tinyeff ms':<16}{'peer ms':<16}"
+    text = (f"{'variant':<17}{'peer':<35}{'N':>7}  {'tinyeff ms':<16}{'peer ms':<16}"
             f"{'tinyeff/peer':>12}{'frac':>6}")
     if cpu:
         text += f"  {'tinyeff cpu ms':<16}{'peer cpu ms':<16}{'cpu frac':>8}"
@@ -159,7 +159,7 @@ def _header(cpu: bool) -> str:
 
 
 def _line(row: dict, cpu: bool) -> str:
-    head = f"{row['variant']:<17}{row['peer']:<32}{row['n']:>7}  "
+    head = f"{row['variant']:<17}{row['peer']:<35}{row['n']:>7}  "
     if "tinyeff_s" not in row:
         return head + f"{'':<16}{'':<16}{'':>12}{'':>6}" + (
             f"  {'':<16}{'':<16}{'':>8}" if cpu else "") + f"  {row['note']}"
