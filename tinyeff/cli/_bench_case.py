@@ -87,15 +87,25 @@ def estimate_bytes(mod, b: int, h: int, n: int, d: int, itemsize: int, options: 
 
 def matmul_gflops(dtype, size: int = 2048, repeat: int = 5) -> float:
     """NumPy (size × size) @ (size × size) rate, median of ``repeat`` runs."""
+    return matmul_rates(dtype, size, repeat)[0]
+
+
+def matmul_rates(dtype, size: int = 2048, repeat: int = 5) -> tuple[float, float]:
+    """(GFLOP/s of wall time, GFLOP/s per second of process CPU time) of NumPy's
+    (size × size) @ (size × size), medians of ``repeat`` runs.  CPU time sums the threads,
+    so with t busy threads the second number is about the first divided by t."""
     rng = np.random.default_rng(0)
     a = rng.standard_normal((size, size)).astype(dtype)          # (size, size)
     a @ a
-    times = []
+    wall, cpu = [], []
     for _ in range(repeat):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         a @ a
-        times.append(time.perf_counter() - t0)
-    return 2 * size ** 3 / statistics.median(times) / 1e9
+        c1, t1 = time.process_time(), time.perf_counter()
+        wall.append(t1 - t0)
+        cpu.append(c1 - c0)
+    flops = 2 * size ** 3 / 1e9
+    return flops / statistics.median(wall), flops / max(statistics.median(cpu), 1e-9)
 
 
 def first_touch_ms(nbytes: int = 64 << 20, repeat: int = 6, settle: float = 3.0) -> dict:
@@ -155,12 +165,12 @@ def run_case(spec: dict) -> dict:
     options, causal = spec["options"], spec["causal"]
 
     def one(args, fwd_opts, dout):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         out, ctx = mod.forward(**args, **fwd_opts)
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), time.process_time()
         mod.backward(dout if dout is not None else np.ones_like(out), ctx)
-        t2 = time.perf_counter()
-        return t1 - t0, t2 - t0
+        c2, t2 = time.process_time(), time.perf_counter()
+        return t1 - t0, t2 - t0, c1 - c0, c2 - c0
 
     n_warm = min(n, 1024)
     warm_options = case_options(spec["variant"], n_warm, spec.get("overrides"))
@@ -173,15 +183,17 @@ def run_case(spec: dict) -> dict:
     args, fwd_opts = build_call(mod, b, h, n, d, dtype, options, causal)
     dout = np.random.default_rng(1).standard_normal((b, h, n, d)).astype(dtype)
     memory = _memory_run(mod, args, fwd_opts, dout)
-    fwd_t, both_t = [], []
+    fwd_t, both_t, fwd_c, both_c = [], [], [], []
     budget = spec["budget"]
     while not both_t or (len(both_t) < spec["repeat"]
                          and sum(both_t) + statistics.median(both_t) <= budget):
-        f, fb = one(args, fwd_opts, dout)
+        f, fb, fc, fbc = one(args, fwd_opts, dout)
         fwd_t.append(f)
         both_t.append(fb)
+        fwd_c.append(fc)
+        both_c.append(fbc)
     return {"warmup_s": warmup, "warmup_n": n_warm, "fwd_s": fwd_t, "fwd_bwd_s": both_t,
-            **memory}
+            "fwd_cpu_s": fwd_c, "fwd_bwd_cpu_s": both_c, **memory}
 
 
 def _memory_run(mod, args: dict, fwd_opts: dict, dout: np.ndarray) -> dict:

@@ -29,6 +29,17 @@ reports, on random float inputs of shape (B, H, N, D):
   80 % of MemAvailable) are skipped with a note, as are variants that are not registered
   or reject the options.
 
+* with ``--cpu-time``, the median process CPU time of a forward+backward (``cpu ms``,
+  ``time.process_time`` in the case's process) and ``cpu frac``: the case's flops per CPU
+  second over NumPy's matmul flops per CPU second, both in the same run.  CPU time sums the
+  threads, so with 2 threads each rate is per core-second: time the process waits for a
+  core (other load) is not counted, but neither is a thread's idle time, so a case that
+  keeps only one of its 2 threads busy gets a higher cpu frac than wall frac.
+
+``--peers`` instead runs each variant against its PyTorch peer in one process (torch and
+the peer packages where installed, else one line and exit 0): tinyeff/cli/_bench_peers.py
+describes the table, tinyeff/cli/_peers.py the pairs.
+
 The table goes to stdout; ``--out DIR`` writes ``DIR/bench.json`` and, if matplotlib is
 installed, ``DIR/bench.png`` (log-log time and memory against N).
 
@@ -54,6 +65,7 @@ import sys
 import numpy as np
 
 from ..attention import VARIANTS
+from . import _bench_peers
 from ._bench_case import (
     CONFIGS,
     RESULT_TAG,
@@ -62,9 +74,10 @@ from ._bench_case import (
     case_options,
     estimate_bytes,
     first_touch_ms,
-    matmul_gflops,
+    matmul_rates,
     worker,
 )
+from ._bench_peers import PEER_N
 from .report import (
     add_variants_argument,
     int_list,
@@ -100,8 +113,9 @@ def main(argv: list[str] | None = None) -> int:
                                             "each tinyeff/attention/<variant>.py.")
     add_variants_argument(parser, "every registered variant, then "
                           + ", ".join(CONFIGS))
-    parser.add_argument("--n", type=int_list, default=None,
-                        help=f"sequence lengths (default {','.join(map(str, DEFAULT_N))})")
+    parser.add_argument("--n", "--sizes", dest="n", type=int_list, default=None,
+                        help=f"sequence lengths (default {','.join(map(str, DEFAULT_N))}; "
+                             f"with --peers {','.join(map(str, PEER_N))})")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--dim", type=int, default=64, help="head dimension D (= Dv)")
@@ -122,11 +136,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--first-touch", action="store_true",
                         help="also time the first write of a fresh 64 MiB array with and "
                              "without transparent huge pages (~40 s; see tinyeff/memory.py)")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="also report process CPU time and fractions of the matmul rate "
+                             "per CPU second (less sensitive to other load)")
+    parser.add_argument("--peers", action="store_true",
+                        help="compare with the torch peers, where installed, in this process "
+                             "(tinyeff/cli/_peers.py)")
     parser.add_argument("--out", default=None, help="directory for bench.json (and bench.png)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker is not None:
         return worker(args.worker)
+    command = "python -m tinyeff bench " + " ".join(argv or sys.argv[1:])
+    if args.peers:
+        unused = [o for o, on in (("--causal", args.causal), ("--quick", args.quick),
+                                  ("--first-touch", args.first_touch), ("--opt", args.opt)) if on]
+        if unused:
+            parser.error(f"--peers fixes each pair's options; not with {', '.join(unused)}")
+        return _bench_peers.run(args, command)
 
     names = args.variants or list(VARIANTS) + [v for v in CONFIGS if v not in VARIANTS]
     n_list = args.n or (list(QUICK_N) if args.quick else list(DEFAULT_N))
@@ -144,12 +171,13 @@ def main(argv: list[str] | None = None) -> int:
 
     machine = machine_info()
     mm = {"size": 512, "repeat": 3} if args.quick else {}     # quick: a rough rate, fast
-    rates = {"float32": [matmul_gflops(np.float32, **mm)],
-             "float64": [matmul_gflops(np.float64, **mm)]}
+    both = {dt: [matmul_rates(dt, **mm)] for dt in ("float32", "float64")}
     print(f"# {machine['cpu']}, {machine['cores']} cores, Numba threads "
           f"{machine['numba_threads']}, {machine['date']}, load {machine['load_average']}")
-    print(f"# NumPy matmul {mm.get('size', 2048)}²: float32 {rates['float32'][0]:.1f} GFLOP/s, "
-          f"float64 {rates['float64'][0]:.1f} GFLOP/s")
+    print(f"# NumPy matmul {mm.get('size', 2048)}²: "
+          + ", ".join(f"{dt} {r[0][0]:.1f} GFLOP/s" + (f" ({r[0][1]:.1f} per CPU second)"
+                                                      if args.cpu_time else "")
+                      for dt, r in both.items()))
     touch = first_touch_ms() if args.first_touch else {}
     if touch:
         print(f"# first write of a fresh 64 MiB array: {touch['huge']:.1f} ms with "
@@ -192,16 +220,18 @@ def main(argv: list[str] | None = None) -> int:
                                  args.causal)
             case["flops_fwd"], case["flops_fwd_bwd"] = flops if flops else (None, None)
             case.update(_spawn(spec, args.timeout))
-            _print_row(case, rates[args.dtype][0], header=len(cases) == 1)
-    rates["float32"].append(matmul_gflops(np.float32, **mm))
-    rates["float64"].append(matmul_gflops(np.float64, **mm))
-    peak = max(rates[args.dtype])
+            _print_row(case, both[args.dtype][0], args.cpu_time, header=len(cases) == 1)
+    for dt in both:
+        both[dt].append(matmul_rates(dt, **mm))
+    rates = {dt: [r[0] for r in both[dt]] for dt in both}
+    cpu_rates = {dt: [r[1] for r in both[dt]] for dt in both}
+    peak = (max(rates[args.dtype]), max(cpu_rates[args.dtype]))
     for case in cases:
         _rates(case, peak)
     print()
-    _print_table(cases, args.dtype, peak)
-    result = {"command": "python -m tinyeff bench " + " ".join(argv or sys.argv[1:]),
-              "machine": machine, "matmul_gflops": rates, "reference_gflops": peak,
+    _print_table(cases, args.dtype, peak, args.cpu_time)
+    result = {"command": command, "machine": machine, "matmul_gflops": rates,
+              "matmul_gflops_per_cpu_second": cpu_rates, "reference_gflops": peak[0],
               "first_touch_ms": touch,
               "config": {"batch": args.batch, "heads": args.heads, "dim": args.dim,
                          "dtype": args.dtype, "causal": args.causal, "repeat": repeat,
@@ -229,49 +259,59 @@ def _spawn(spec: dict, timeout: float) -> dict:
     return {"note": f"failed (exit {proc.returncode}): {err[:160]}"}
 
 
-def _rates(case: dict, peak: float) -> None:
+def _rates(case: dict, peak: tuple) -> None:
+    """GF/s and fractions of ``peak`` = (wall, per-CPU-second matmul rate) of a case."""
     for key, flops in (("fwd", case.get("flops_fwd")), ("fwd_bwd", case.get("flops_fwd_bwd"))):
-        ts = case.get(f"{key}_s")
+        ts, cpu = case.get(f"{key}_s"), case.get(f"{key}_cpu_s")
         if flops and ts:
             rate = flops / statistics.median(ts) / 1e9
             case[f"gflops_{key}"] = rate
-            case[f"fraction_{key}"] = rate / peak
+            case[f"fraction_{key}"] = rate / peak[0]
+        if flops and cpu:
+            case[f"fraction_cpu_{key}"] = flops / max(statistics.median(cpu), 1e-9) / 1e9 / peak[1]
 
 
-_COLS = (f"{'variant':<13}{'N':>7}  {'warm-up s':>9}  {'fwd ms med [min–max]':<26}"
-         f"{'fwd+bwd ms med [min–max]':<30}{'runs':>4}{'peak MiB':>10}{'work MiB':>10}{'GF/s':>7}"
-         f"{'frac':>6}"
-         "  note")
+def _cols(cpu: bool) -> str:
+    return (f"{'variant':<13}{'N':>7}  {'warm-up s':>9}  {'fwd ms med [min–max]':<26}"
+            f"{'fwd+bwd ms med [min–max]':<30}{'runs':>4}{'peak MiB':>10}{'work MiB':>10}"
+            f"{'GF/s':>7}{'frac':>6}" + (f"{'cpu ms':>9}{'cpu frac':>9}" if cpu else "")
+            + "  note")
 
 
-def _row(case: dict) -> str:
+def _row(case: dict, cpu: bool) -> str:
     if "fwd_bwd_s" not in case:
-        return f"{case['variant']:<13}{case['n']:>7}  {'':>9}  {'':<26}{'':<30}{'':>4}{'':>10}" \
-               f"{'':>10}{'':>7}{'':>6}  {case['note']}"
+        return (f"{case['variant']:<13}{case['n']:>7}  {'':>9}  {'':<26}{'':<30}{'':>4}"
+                f"{'':>10}{'':>10}{'':>7}{'':>6}" + " " * (18 if cpu else 0) + f"  {case['note']}")
     gf = case.get("gflops_fwd_bwd")
     fr = case.get("fraction_fwd_bwd")
     work = case.get("workspace_bytes")
-    return (f"{case['variant']:<13}{case['n']:>7}  {case['warmup_s']:>9.2f}  "
+    text = (f"{case['variant']:<13}{case['n']:>7}  {case['warmup_s']:>9.2f}  "
             f"{_fmt_t(case['fwd_s']):<26}{_fmt_t(case['fwd_bwd_s']):<30}"
             f"{len(case['fwd_bwd_s']):>4}{case['peak_extra_bytes'] / 2**20:>10.1f}"
             f"{'' if work is None else f'{work / 2**20:.1f}':>10}"
-            f"{'' if gf is None else f'{gf:.1f}':>7}{'' if fr is None else f'{fr:.2f}':>6}"
-            f"  {case['note']}")
+            f"{'' if gf is None else f'{gf:.1f}':>7}{'' if fr is None else f'{fr:.2f}':>6}")
+    if cpu:
+        fc = case.get("fraction_cpu_fwd_bwd")
+        text += (f"{_ms(statistics.median(case['fwd_bwd_cpu_s'])):>9}"
+                 f"{'' if fc is None else f'{fc:.2f}':>9}")
+    return text + f"  {case['note']}"
 
 
-def _print_row(case: dict, peak: float, header: bool) -> None:
+def _print_row(case: dict, peak: tuple, cpu: bool, header: bool) -> None:
     if header:
-        print(_COLS)
+        print(_cols(cpu))
     _rates(case, peak)
-    print(_row(case), flush=True)
+    print(_row(case, cpu), flush=True)
 
 
-def _print_table(cases: list, dtype: str, peak: float) -> None:
+def _print_table(cases: list, dtype: str, peak: tuple, cpu: bool) -> None:
     print(f"summary (GF/s: useful forward+backward GFLOP/s; frac: of the {dtype} matmul rate "
-          f"{peak:.1f} GFLOP/s, the better of the two measurements)")
-    print(_COLS)
+          f"{peak[0]:.1f} GFLOP/s, the better of the two measurements"
+          + (f"; cpu ms: median fwd+bwd process CPU time; cpu frac: of {peak[1]:.1f} GFLOP/s "
+             "per CPU second" if cpu else "") + ")")
+    print(_cols(cpu))
     for case in cases:
-        print(_row(case))
+        print(_row(case, cpu))
     print("options:")
     for name in dict.fromkeys(c["variant"] for c in cases):
         opts = next((c["options"] for c in cases if c["variant"] == name and "options" in c),
