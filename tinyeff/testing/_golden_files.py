@@ -1,7 +1,7 @@
 """Golden directories on disk: :func:`write_golden` (atomic files, then the manifest, an old
 suite replaced as a whole) and :func:`load_golden` / :func:`read_case` (every file verified
 against the manifest's SHA-256, its header and the shapes and dtypes it announces; anything
-else raises :class:`~tinyeff.testing._golden_format.GoldenError` naming the file)."""
+else raises :class:`~tinyeff.testing.golden.GoldenError` naming the file)."""
 
 from __future__ import annotations
 
@@ -28,6 +28,9 @@ from ._golden_format import (
     read_npz,
 )
 from ._golden_make import make_cases, resolve_variants
+
+__all__ = ["write_golden", "read_case", "Golden", "load_manifest", "load_golden"]
+
 
 # ----------------------------------------------------------------------------------------
 # Writing

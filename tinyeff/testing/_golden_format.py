@@ -23,6 +23,10 @@ import scipy.sparse as sp
 
 from .._version import __version__
 
+__all__ = ["FORMAT", "VERSION", "MANIFEST", "DTYPES", "SUFFIX", "CTX_MIN_ENTRIES",
+           "GoldenError", "GoldenCase", "dtype_names", "case_name", "decode_option",
+           "case_entries", "case_bytes", "array_spec", "manifest_text", "read_npz"]
+
 FORMAT = "tinyeff-golden"
 VERSION = 2
 MANIFEST = "manifest.json"

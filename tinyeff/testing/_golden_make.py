@@ -10,6 +10,8 @@ import numpy as np
 
 from ._golden_format import CTX_MIN_ENTRIES, GoldenCase, case_name, dtype_names
 
+__all__ = ["make_cases", "compute_case", "resolve_variants"]
+
 
 def _seed(*parts) -> int:
     return zlib.crc32("/".join(str(p) for p in parts).encode())
