@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from tinyeff.attention import _linear_engine as engine
 from tinyeff.attention import linear
 from tinyeff.kernels._jit import num_threads
 from tinyeff.ops import feature_maps as fm
@@ -122,9 +123,9 @@ def test_fully_padded_rows_give_zero_and_zero_gradient(causal, impl, rng):
 def test_numba_matches_reference_and_crosswires(chunk, shape, causal, fused, rng,
                                                 monkeypatch):
     """The chunked kernels (Performer's engine) and, for elu/relu causal, the fused ones."""
-    monkeypatch.setattr(linear, "CHUNK", chunk)
+    monkeypatch.setattr(engine, "CHUNK", chunk)
     if not fused:
-        monkeypatch.setattr(linear, "_FUSED", ())
+        monkeypatch.setattr(engine, "_FUSED", ())
     batch, n, m, d, dv = shape
     x = random_qkv(rng, batch, n=n, m=m, d=d, dv=dv)
     mask = rng.random((*batch, m)) < 0.8
@@ -136,16 +137,17 @@ def test_numba_matches_reference_and_crosswires(chunk, shape, causal, fused, rng
     assert_close(out_n, out_r)
     assert_close(ctx_n.key_scale, ctx_r.key_scale)
     dout = rng.standard_normal(out_r.shape)
-    g_ref = linear.attend_backward(dout, ctx_r, "ref")
-    assert_close(linear.attend_backward(dout, ctx_r, "numba"), g_ref)
-    assert_close(linear.attend_backward(dout, ctx_n, "ref"), g_ref)
-    assert_close(linear.attend_backward(dout, ctx_n), g_ref)
+    ref = linear._backward_ref
+    g_ref = engine.attend_backward(dout, ctx_r, "ref", backward_ref=ref)
+    assert_close(engine.attend_backward(dout, ctx_r, "numba", backward_ref=ref), g_ref)
+    assert_close(engine.attend_backward(dout, ctx_n, "ref", backward_ref=ref), g_ref)
+    assert_close(linear.backward(dout, ctx_n), g_ref)
 
 
 @pytest.mark.numba_threads
 @pytest.mark.parametrize("causal", [False, True])
 def test_one_and_two_threads_bit_identical(causal, rng, monkeypatch):
-    monkeypatch.setattr(linear, "CHUNK", 5)
+    monkeypatch.setattr(engine, "CHUNK", 5)
     x = random_qkv(rng, (2, 3), n=12, d=4, dv=3)
     dout = rng.standard_normal((2, 3, 12, 3))
     res = []
@@ -217,7 +219,7 @@ def test_read_only_inputs_add_no_kernel_signature(fused, rng, monkeypatch):
     the specializations compiled for writeable inputs (tests/test_readonly_inputs.py)."""
     from tinyeff.kernels import linear as kernels
     if not fused:
-        monkeypatch.setattr(linear, "_FUSED", ())
+        monkeypatch.setattr(engine, "_FUSED", ())
     x = random_qkv(rng, (2,), n=5, d=3, dv=2)
     mask = rng.random((2, 5)) < 0.8
     dout = rng.standard_normal((2, 5, 2))

@@ -9,7 +9,7 @@ import numba
 import numpy as np
 import pytest
 
-from tinyeff.attention import full, lsh
+from tinyeff.attention import _lsh_hashing, full, lsh
 from tinyeff.kernels._jit import num_threads
 from tinyeff.ops import permute
 from tinyeff.testing import GRAD_FD, assert_close, check_vjp
@@ -331,7 +331,7 @@ def test_numba_hash_filter_is_exact(dtype, rng):
         if trial % 3 == 0:
             x[1, 0, 0] = [np.inf, -np.inf, np.nan][trial % 9 // 3]
         with np.errstate(all="ignore"):
-            got = lsh._hash_numba(x, rot, r)
+            got = _lsh_hashing.hash_numba(x, rot, r)
         np.testing.assert_array_equal(got, inorder_buckets(x, rot), err_msg=f"trial {trial}")
 
 
@@ -350,7 +350,7 @@ def test_numba_hash_filter_rechecks_near_ties(rng):
         b = a + w + 1e-10 * xi / np.linalg.norm(xi)
         rot = np.stack([a, b], axis=-1)[:, None, :]                # (D, 1, 2)
         assert inorder_buckets(x[:, i:i + 1], rot)[0, 0, 0] == 1
-        got.append(lsh._hash_numba(x[:, i:i + 1], rot, 1)[0, 0, 0])
+        got.append(_lsh_hashing.hash_numba(x[:, i:i + 1], rot, 1)[0, 0, 0])
     assert got == [1] * trials
 
 

@@ -20,8 +20,9 @@ import pytest
 from tinyeff.attention import VARIANTS
 from tinyeff.attention._case import Case
 from tinyeff.cli.check import main as check_main
+from tinyeff.testing._golden_make import compute_case
 from tinyeff.testing.conformance import check_case
-from tinyeff.testing.golden import _compute_case, write_golden
+from tinyeff.testing.golden import write_golden
 from tinyeff.testing.mutation import default_cases, mutation_score, score_variant
 from tinyeff.testing.ports import PORT_VARIANTS, backend, bugs, port_backend
 
@@ -84,7 +85,7 @@ def test_unknown_bug_is_a_value_error():
 
 
 def _case(variant, name, args, options, dtype="float64"):
-    return _compute_case(VARIANTS[variant], variant, Case(name, args, options), dtype, 0)
+    return compute_case(VARIANTS[variant], variant, Case(name, args, options), dtype, 0)
 
 
 def _qkv(rng, batch, n, m, d=6, dv=3):

@@ -8,7 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from tinyeff.attention import full, performer
+from tinyeff.attention import _linear_engine as engine
+from tinyeff.attention import full, linear, performer
 from tinyeff.kernels._jit import num_threads
 from tinyeff.testing import GRAD_FD, assert_close, check_vjp, random_qkv
 
@@ -90,7 +91,7 @@ def test_causal_outputs_never_see_the_future(impl, rng, monkeypatch):
     Not compared bit for bit: BLAS may round ω x̂ differently for a different number of
     rows.  A leak through the stabilizer would show at the eps or underflow level, far
     above 1e-12."""
-    monkeypatch.setattr(performer.linear, "CHUNK", 4)
+    monkeypatch.setattr(engine, "CHUNK", 4)
     x = random_qkv(rng, (2, 2), n=12, d=8, dv=3)
     x["k"][..., 7, :] *= 30                                        # dominates any global max
     omega = _omega(3, 8, 20)
@@ -140,7 +141,7 @@ def test_x10_inputs_still_equal_the_estimator_in_float64(rng):
 @pytest.mark.parametrize("kernel", ["softmax", "relu"])
 @pytest.mark.parametrize("causal", [False, True])
 def test_numba_matches_reference_and_crosswires(chunk, kernel, causal, rng, monkeypatch):
-    monkeypatch.setattr(performer.linear, "CHUNK", chunk)
+    monkeypatch.setattr(engine, "CHUNK", chunk)
     n, m = (1, 1) if chunk == 1 else (9, 7)
     x = random_qkv(rng, (2, 2), n=n, m=m, d=5, dv=3)
     x["k"] *= np.linspace(0.5, 2, m)[:, None]                      # growing norms: rescaling
@@ -150,14 +151,15 @@ def test_numba_matches_reference_and_crosswires(chunk, kernel, causal, rng, monk
     out_n, ctx_n = performer.forward(**x, **opts, impl="numba")
     assert_close(out_n, out_r)
     dout = rng.standard_normal(out_r.shape)
-    g_ref = performer.linear.attend_backward(dout, ctx_r, "ref")
-    assert_close(performer.linear.attend_backward(dout, ctx_r, "numba"), g_ref)
+    ref = performer._backward_ref
+    g_ref = engine.attend_backward(dout, ctx_r, "ref", backward_ref=ref)
+    assert_close(engine.attend_backward(dout, ctx_r, "numba", backward_ref=ref), g_ref)
     assert_close(performer.backward(dout, ctx_n), g_ref)
 
 
 @pytest.mark.numba_threads
 def test_one_and_two_threads_bit_identical(rng, monkeypatch):
-    monkeypatch.setattr(performer.linear, "CHUNK", 6)
+    monkeypatch.setattr(engine, "CHUNK", 6)
     x = random_qkv(rng, (2, 3), n=14, d=4, dv=3)
     x["k"] *= np.linspace(0.5, 3, 14)[:, None]
     dout = rng.standard_normal((2, 3, 14, 3))
@@ -254,14 +256,14 @@ def test_reference_in_this_module_is_the_engine_on_favor_features(case_index, rn
     assert calls == ["_forward_ref", "_backward_ref"]
     a = case.args
     fmap, mask = ctx.fmap, ctx.key_padding_mask
-    want = performer.linear._forward_ref(a["q"], a["k"], a["v"], fmap, ctx.causal, mask,
-                                         ctx.mask_mode)
+    want = linear._forward_ref(a["q"], a["k"], a["v"], fmap, ctx.causal, mask,
+                               ctx.mask_mode)
     got = performer._forward_ref(a["q"], a["k"], a["v"], fmap, ctx.causal, mask, ctx.mask_mode)
     for x, y in zip(got, want):
         if y is None:
             assert x is None
         else:
             np.testing.assert_array_equal(x, y)
-    generic = performer.linear._backward_ref(dout, ctx)
+    generic = linear._backward_ref(dout, ctx)
     for name in ("q", "k", "v"):
         np.testing.assert_array_equal(grads[name], generic[name])

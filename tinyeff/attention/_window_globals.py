@@ -8,7 +8,8 @@ the global key columns next to its band, and row g ∈ G attends every key:
     s_gj = q_r,g·k_r,j · scale + rel_bias[g − j + M − 1]             (rows, j ∈ A(g))
 
 with (q_r, k_r, v_r) = (q, k, v), or the global projections (q_global, k_global, v_global).
-``tinyeff/attention/window.py`` combines these with the band in both implementations.
+``tinyeff/attention/window.py`` (reference) and ``tinyeff/attention/_window_numba.py`` (Numba)
+combine these with the band.
 """
 
 from __future__ import annotations

@@ -15,10 +15,10 @@ Causal (query i sees keys j ≤ i): the same with prefix sums,
 
 Cost O(N·F·Dv) time; memory O(N·(F + Dv) + F·Dv) beyond the inputs: the N×F×Dv stack of
 prefix states is never built (the backward runs the prefix sums again, forward for dq and
-in reverse for dk, dv; see :mod:`tinyeff.kernels.linear`).
+in reverse for dk, dv; see :mod:`tinyeff.attention._linear_engine`).
 
 Shapes: q (..., N, D), k (..., M, D), v (..., M, Dv); F = D features for the maps here
-(m for :mod:`tinyeff.attention.performer`, which reuses this module's engine).
+(m for :mod:`tinyeff.attention.performer`, which runs on the same engine).
 
 Options
 -------
@@ -45,12 +45,10 @@ eps : float ≥ 0, default 1e-6.  Added to the scalar denominator: out_i = num_i
     with den_i = φ(q_i)·z_i, in the input dtype, exactly fast-transformers' placement.
 impl : "auto" | "ref" | "numba".  "ref" is the readable NumPy path below (whole arrays;
     causal as a Python loop over positions).  "numba": causal with this module's maps
-    (elu, relu) runs fused kernels — features, prefix-sum scan, normalization and the
-    maps' chain rule in one pass each (forward; dq scan; reverse dk/dv scan), holding one
-    (F, Dv) state per batch slice and no per-position temporaries; otherwise the sequence
-    is processed in chunks of ``CHUNK`` positions (``CHUNK_NONCAUSAL`` when not causal):
-    causal through the Numba prefix-sum kernels with log-scales (Performer), non-causal
-    through NumPy matrix products (BLAS beats a hand loop there).  "auto" = "numba".
+    (elu, relu) runs fused kernels (one pass each for the forward, dq and dk/dv, one (F, Dv)
+    state per batch slice); otherwise the sequence is processed in chunks of positions,
+    causal through the Numba prefix-sum kernels, non-causal through NumPy matrix products
+    (:mod:`tinyeff.attention._linear_engine`).  "auto" = "numba".
 
 Edge cases
 ----------
@@ -60,22 +58,12 @@ Edge cases
 * NaN in q_i makes row i NaN; NaN in a real k_j or v_j makes every row that sees j NaN.
 * N = 0 gives an empty output.
 
-The engine: features with a log-scale
--------------------------------------
-The engine (:func:`attend`, :func:`attend_backward`) takes a feature map returning features
-in stabilized form, φ(x) = f · exp(ℓ) (:mod:`tinyeff.ops.feature_maps`; ℓ = 0 for elu and
-relu, FAVOR+ uses it).  Writing ℓq_i, ℓk_j for the log-scales and C_i = max over the keys
-row i sees of ℓk_j (one C for all rows when non-causal; the running prefix maximum when
-causal), it evaluates
-
-    num_i = Σ_j exp(ℓk_j − C_i) (fq_i·fk_j) v_j,    den_i = Σ_j exp(ℓk_j − C_i) (fq_i·fk_j)
-    out_i = num_i / (den_i + eps·exp(−ℓq_i − C_i))      normalize=True
-    out_i = num_i · exp(ℓq_i + C_i)                      normalize=False
-
-which equals the unstabilized formula exactly (num_i = exp(−ℓq_i − C_i) φ(q_i)·Σ φ(k_j)v_jᵀ,
-and so on): the stabilizers cancel for *any* values of ℓ and C, hence they are constants in
-the backward.  Every exponent above is ≤ 0, so nothing overflows.  With ℓ ≡ 0 this is the
-plain formula at the top, bit for bit.
+The engine
+----------
+:mod:`tinyeff.attention._linear_engine` (shared with :mod:`tinyeff.attention.performer`)
+runs this formula for features in stabilized form φ(x) = f · exp(ℓ); ℓ = 0 for elu and relu,
+so it is the plain formula above, bit for bit.  The reference below reads it top to bottom:
+:func:`_forward_ref` builds the features and the sums, :func:`_backward_ref` inverts them.
 
 Peers: fast-transformers' ``LinearAttention``/``CausalLinearAttention`` = feature_map="elu",
 eps=1e-6, mask_mode="exact" (its causal path requires N = M).  LRA's linear_transformer is
@@ -84,19 +72,17 @@ the same.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import math
 
 import numpy as np
 
-from .. import _checks, memory
+from .. import _checks
 from .._random import random_qkv
-from ..ctx import Ctx
-from ..kernels import linear as kernels
 from ..ops.feature_maps import FeatureMap
+from . import _linear_engine as engine
 from . import _nonfinite
 from ._case import Case
+from ._linear_engine import LinearCtx
 
 NAME = "linear"
 SUPPORTS_MASK = True
@@ -105,35 +91,8 @@ SUPPORTS_BIAS = False
 SUPPORTS_REL_BIAS = False
 KEY_PADDING = "key_padding_mask"
 DIFFERENTIABLE = ("q", "k", "v")
-IMPLS = ("auto", "ref", "numba")
+IMPLS = engine.IMPLS
 FEATURE_MAPS = ("elu", "relu")
-MASK_MODES = ("exact", "values_only")
-CHUNK = 2048          # positions per chunk of the "numba" path (bounds the feature memory)
-CHUNK_NONCAUSAL = 512  # non-causal chunks: smaller (m-wide Performer features stay in cache;
-#   Performer N = 65,536 fwd+bwd 4.0 -> 3.0 s, same-process medians, 2 threads, quiet)
-
-
-def _chunk(causal: bool) -> int:
-    return CHUNK if causal else min(CHUNK, CHUNK_NONCAUSAL)
-
-
-@dataclasses.dataclass(frozen=True)
-class LinearCtx(Ctx):
-    q: np.ndarray                 # (..., N, D)
-    k: np.ndarray                 # (..., M, D)
-    v: np.ndarray                 # (..., M, Dv)
-    fmap: FeatureMap              # the feature map and its parameters (features recomputed)
-    key_padding_mask: np.ndarray | None  # (..., M) True = real key, broadcast to the batch
-    mask_mode: str
-    causal: bool
-    normalize: bool
-    eps: float
-    out: np.ndarray               # (..., N, Dv) the returned output (a reference)
-    denom: np.ndarray             # (..., N) out = num / denom; +inf for an empty row
-    key_scale: np.ndarray         # (..., N) C_i; −inf when row i sees no key
-    kv: np.ndarray | None         # (..., F, Dv) non-causal Σ_j exp(ℓk_j − C) fk_j v_jᵀ
-    z: np.ndarray | None          # (..., F) non-causal Σ_j exp(ℓk_j − C) fk_j
-    impl: str
 
 
 @_checks.renamed(mask="key_padding_mask")
@@ -144,8 +103,9 @@ def forward(q, k, v, *, feature_map="elu", causal=False, key_padding_mask=None,
     _checks.qkv(q, k, v)
     feature_map = _checks.choice(feature_map, "feature_map", FEATURE_MAPS)
     fmap = FeatureMap(kind=feature_map, omega=None, scale=1.0, kernel_eps=0.0)
-    return attend(q, k, v, fmap, causal=causal, key_padding_mask=key_padding_mask,
-                  mask_mode=mask_mode, normalize=normalize, eps=eps, impl=impl)
+    return engine.attend(q, k, v, fmap, forward_ref=_forward_ref, causal=causal,
+                         key_padding_mask=key_padding_mask, mask_mode=mask_mode,
+                         normalize=normalize, eps=eps, impl=impl)
 
 
 def backward(dout, ctx: LinearCtx) -> dict:
@@ -153,471 +113,35 @@ def backward(dout, ctx: LinearCtx) -> dict:
     if not isinstance(ctx, LinearCtx) or ctx.fmap.kind not in FEATURE_MAPS:
         raise TypeError(f"ctx must be the LinearCtx returned by linear.forward, got "
                         f"{type(ctx).__name__}")
-    return attend_backward(dout, ctx)
-
-
-# --------------------------------------------------------------------------- the engine
-
-def attend(q, k, v, fmap: FeatureMap, *, causal, key_padding_mask, mask_mode, normalize, eps,
-           impl, forward_ref=None):
-    """Kernelized attention with feature map ``fmap`` (shared with Performer).
-
-    ``forward_ref`` is the calling variant's reference (``_forward_ref`` of this module by
-    default, Performer's own for the FAVOR+ maps); it returns (num, den, ℓq, C, kv, z).
-    """
-    batch, n, m, d, dv, dtype = _checks.qkv(q, k, v)
-    causal = _checks.flag(causal, "causal")
-    normalize = _checks.flag(normalize, "normalize")
-    eps = _checks.positive_float(eps, "eps", allow_zero=True)
-    mask = _checks.key_padding_mask(key_padding_mask, batch, m)
-    mask_mode = _checks.choice(mask_mode, "mask_mode", MASK_MODES)
-    impl = _checks.choice(impl, "impl", IMPLS)
-    if mask is not None:
-        mask = np.broadcast_to(mask, (*batch, m))                  # (..., M) read-only view
-    impl = "numba" if impl == "auto" else impl
-    if impl == "numba" and causal and fmap.kind in _FUSED:
-        out, denom, key_scale = _forward_fused(q, k, v, fmap, mask, mask_mode, normalize, eps)
-        kv = z = None
-    elif impl == "ref":
-        forward_ref = _forward_ref if forward_ref is None else forward_ref
-        num, den, lq, key_scale, kv, z = forward_ref(q, k, v, fmap, causal, mask, mask_mode)
-        out, denom = _finish(num, den, lq, key_scale, normalize, eps)
-    else:
-        out, denom, key_scale, kv, z = _forward_chunked(q, k, v, fmap, causal, mask,
-                                                        mask_mode, normalize, eps,
-                                                        _chunk(causal))
-    ctx = LinearCtx(q=q, k=k, v=v, fmap=fmap, key_padding_mask=mask, mask_mode=mask_mode,
-                    causal=causal, normalize=normalize, eps=eps, out=out, denom=denom,
-                    key_scale=key_scale, kv=kv, z=z, impl=impl)
-    return out, ctx
-
-
-def attend_backward(dout, ctx: LinearCtx, impl: str | None = None, backward_ref=None) -> dict:
-    """Gradients of :func:`attend`; ``impl`` defaults to the forward's, ``backward_ref`` to
-    this module's ``_backward_ref``."""
-    dout = _checks.dout(dout, ctx.out.shape, ctx.out.dtype)
-    impl = ctx.impl if impl is None else _checks.choice(impl, "impl", IMPLS)
-    if impl == "ref":
-        return (_backward_ref if backward_ref is None else backward_ref)(dout, ctx)
-    if ctx.causal and ctx.fmap.kind in _FUSED:
-        return _backward_fused(dout, ctx)
-    return _backward_chunked(dout, ctx, _chunk(ctx.causal))
-
-
-def _exp_shift(a, c):
-    """exp(a − c), with 0 wherever a = −inf (a padded key) even if c = −inf too."""
-    with np.errstate(invalid="ignore", over="ignore"):
-        return np.where(a == -np.inf, 0, np.exp(a - c))
-
-
-def _features(fmap, x):
-    """(f, ℓ) with ℓ as an array (zeros for the maps without log-scale)."""
-    f, ell = fmap.forward(x)                                       # (..., L, F), (..., L)
-    if ell is None:
-        ell = np.zeros(x.shape[:-1], dtype=x.dtype)                # (..., L)
-    return f, ell
-
-
-def _key_features(fmap, k, v, mask, mask_mode):
-    """Key features with padding applied (:func:`_pad_keys`).  Returns (fk, ℓk, v)."""
-    fk, lk = _features(fmap, k)                                    # (..., M, F), (..., M)
-    return _pad_keys(fk, lk, v, mask, mask_mode)
-
-
-def _pad_keys(fk, lk, v, mask, mask_mode):
-    """"exact" sets ℓk = −inf and fk = 0 on padded keys, "values_only" zeroes their v
-    instead.  Returns (fk, ℓk, v)."""
-    if mask is not None:
-        if mask_mode == "exact":
-            lk = np.where(mask, lk, -np.inf)                       # (..., M)
-            fk = np.where(mask[..., None], fk, 0)                  # (..., M, F)
-        else:
-            v = np.where(mask[..., None], v, 0)                    # (..., M, Dv)
-    return fk, lk, v
-
-
-def _finish(num, den, lq, key_scale, normalize, eps):
-    """out = num / denom (in place on num); returns (out, denom) — module docstring.
-    Entry by entry, so a chunk of rows gives the same bits as the whole."""
-    seen = key_scale > -np.inf                                     # (..., N) row sees a key
-    with np.errstate(over="ignore"):
-        corr = np.exp(np.where(seen, -(lq + key_scale), 0))       # (..., N) exp(−ℓq − C)
-    if normalize:
-        denom = den + eps * corr if eps > 0 else den               # (..., N)
-        empty = ~seen | (denom == 0)
-    else:
-        denom, empty = corr, ~seen                                 # out = num · exp(ℓq + C)
-    denom = np.where(empty, np.inf, denom)                         # (..., N)
-    num /= denom[..., None]                                        # (..., N, Dv) now out
-    return num, denom
-
-
-def _grad_num_den(dout, out, denom, normalize):
-    """dnum, dden from dout, for out = num / denom and denom = den + (constant)."""
-    # fwd: out = num / denom
-    dnum = dout / denom[..., None]                                 # (..., N, Dv)
-    if normalize:
-        # fwd: denom = den + eps·exp(−ℓq − C)      (ℓq, C constants)
-        dden = -np.sum(dout * out, axis=-1) / denom                # (..., N)
-    else:
-        dden = np.zeros(denom.shape, dtype=denom.dtype)            # (..., N)
-    return dnum, dden
+    return engine.attend_backward(dout, ctx, backward_ref=_backward_ref)
 
 
 # --------------------------------------------------------------------------- reference path
 
 def _forward_ref(q, k, v, fmap, causal, mask, mask_mode):
-    fq, lq = _features(fmap, q)                                    # (..., N, F), (..., N)
-    fk, lk, v = _key_features(fmap, k, v, mask, mask_mode)         # (..., M, F), (..., M)
-    num, den, key_scale, kv, z = _sums_ref(fq, fk, lk, v, causal)
+    """Linear attention read top to bottom.  Returns (num, den, ℓq, C, kv, z); the engine
+    finishes out_i = num_i / (den_i + eps·exp(−ℓq_i − C_i)), here ℓ = 0 (module docstring)."""
+    fq, lq = engine.features(fmap, q)                              # (..., N, F), (..., N)
+    # padded keys: "exact" drops φ(k_j) (fk = 0, ℓk = −inf); "values_only" zeroes v_j
+    fk, lk, v = engine.key_features(fmap, k, v, mask, mask_mode)   # (..., M, F), (..., M)
+    # num_i = fq_i · Σ_j fk_j v_jᵀ ;  den_i = fq_i · Σ_j fk_j     (j ≤ i when causal)
+    num, den, key_scale, kv, z = engine.sums_ref(fq, fk, lk, v, causal)
     return num, den, lq, key_scale, kv, z
 
 
-def _sums_ref(fq, fk, lk, v, causal):
-    """num_i = fq_i·Σ_j exp(ℓk_j − C_i) fk_j v_jᵀ and den_i (v_j → 1), j ≤ i when causal.
-
-    Returns (num (..., N, Dv), den (..., N), C (..., N), kv, z); kv, z are None if causal.
-    """
-    if causal:
-        num, den, key_scale = _causal_scan_ref(fq, fk, lk, v)
-        return num, den, key_scale, None, None
-    big_c = lk.max(axis=-1) if lk.shape[-1] else np.full(lk.shape[:-1], -np.inf, lk.dtype)
-    w = _exp_shift(lk, big_c[..., None])                           # (..., M) exp(ℓk − C)
-    fkw = fk * w[..., None]                                        # (..., M, F)
-    kv = fkw.swapaxes(-1, -2) @ v                                  # (..., F, Dv)
-    z = fkw.sum(axis=-2)                                           # (..., F)
-    num = fq @ kv                                                  # (..., N, Dv)
-    den = fq @ z[..., None]                                        # (..., N, 1)
-    key_scale = np.broadcast_to(big_c[..., None], fq.shape[:-1]).copy()  # (..., N)
-    return num, den[..., 0], key_scale, kv, z
-
-
-def _causal_scan_ref(fq, fk, lk, v):
-    """The prefix sums, one position at a time (vectorized over the batch dimensions)."""
-    *batch, n, nf = fq.shape
-    m, dv = v.shape[-2:]
-    dtype = fq.dtype
-    s = np.zeros((*batch, nf, dv), dtype)                          # (..., F, Dv) S_t
-    z = np.zeros((*batch, nf), dtype)                              # (..., F) z_t
-    c = np.full(batch, -np.inf, dtype)                             # (...) C_t
-    num = np.zeros((*batch, n, dv), dtype)                         # (..., N, Dv)
-    den = np.zeros((*batch, n), dtype)                             # (..., N)
-    key_scale = np.full((*batch, n), -np.inf, dtype)               # (..., N)
-    for t in range(max(n, m)):
-        if t < m:                                                  # key t joins
-            c_new = np.maximum(c, lk[..., t])                      # (...)
-            r = _exp_shift(c, c_new)                               # (...) rescale old state
-            s *= r[..., None, None]
-            z *= r[..., None]
-            c = c_new
-            a = _exp_shift(lk[..., t], c)[..., None] * fk[..., t, :]  # (..., F)
-            s += a[..., :, None] * v[..., t, None, :]              # S_t = S_{t−1} + φ(k_t) v_tᵀ
-            z += a                                                 # z_t = z_{t−1} + φ(k_t)
-        if t < n:                                                  # query t reads
-            num[..., t, :] = np.einsum("...f,...fe->...e", fq[..., t, :], s)
-            den[..., t] = np.einsum("...f,...f->...", fq[..., t, :], z)
-            key_scale[..., t] = c
-    return num, den, key_scale
-
-
 def _backward_ref(dout, ctx: LinearCtx) -> dict:
+    """Gradients of :func:`_forward_ref` and the division by the denominator."""
     q, k, fmap = ctx.q, ctx.k, ctx.fmap
-    fq, lq = _features(fmap, q)                                    # recomputed, not stored
-    fk, lk, v = _key_features(fmap, k, ctx.v, ctx.key_padding_mask, ctx.mask_mode)
-    dnum, dden = _grad_num_den(dout, ctx.out, ctx.denom, ctx.normalize)
-    dfq, dfk, dv = _sums_backward_ref(fq, fk, lk, v, dnum, dden, ctx)
-    dk, dv = _chain_k(fmap, dfk, dv, fk, k, ctx.key_padding_mask, ctx.mask_mode)
-    return {"q": _chain_q(fmap, dfq, fq, q), "k": dk, "v": dv}
-
-
-def _sums_backward_ref(fq, fk, lk, v, dnum, dden, ctx: LinearCtx):
-    """dfq, dfk, dv of :func:`_sums_ref` (C, kv, z read from ``ctx``)."""
-    if ctx.causal:
-        dfq, dfk, dv = _causal_backward_ref(fq, fk, lk, v, dnum, dden, ctx.key_scale)
-    else:
-        big_c = lk.max(axis=-1) if lk.shape[-1] else np.zeros(lk.shape[:-1], lk.dtype)
-        w = _exp_shift(lk, big_c[..., None])                       # (..., M)
-        # fwd: num = fq @ kv ;  den = fq @ z
-        dfq = dnum @ ctx.kv.swapaxes(-1, -2) + dden[..., None] * ctx.z[..., None, :]
-        dkv = fq.swapaxes(-1, -2) @ dnum                           # (..., F, Dv)
-        dz = (fq.swapaxes(-1, -2) @ dden[..., None])[..., 0]       # (..., F)
-        # fwd: kv = (fk·w)ᵀ v ;  z = Σ_j fk_j w_j      (w = exp(ℓk − C) constant)
-        dfk = (v @ dkv.swapaxes(-1, -2) + dz[..., None, :]) * w[..., None]  # (..., M, F)
-        dv = (fk * w[..., None]) @ dkv                             # (..., M, Dv)
-    return dfq, dfk, dv
-
-
-def _causal_backward_ref(fq, fk, lk, v, dnum, dden, key_scale):
-    *batch, n, nf = fq.shape
-    m, dvd = v.shape[-2:]
-    dtype = fq.dtype
-    dfq = np.zeros(fq.shape, dtype)                                # (..., N, F)
-    dfk = np.zeros(fk.shape, dtype)                                # (..., M, F)
-    dv = np.zeros(v.shape, dtype)                                  # (..., M, Dv)
-    # pass 1, forward scan: dfq_t = S_t dnum_t + dden_t z_t
-    #   (fwd: num_t = fq_t S_t ;  den_t = fq_t·z_t)
-    s = np.zeros((*batch, nf, dvd), dtype)                         # (..., F, Dv)
-    z = np.zeros((*batch, nf), dtype)                              # (..., F)
-    c = np.full(batch, -np.inf, dtype)                             # (...)
-    for t in range(max(n, m)):
-        if t < m:
-            c_new = np.maximum(c, lk[..., t])
-            r = _exp_shift(c, c_new)
-            s *= r[..., None, None]
-            z *= r[..., None]
-            c = c_new
-            a = _exp_shift(lk[..., t], c)[..., None] * fk[..., t, :]
-            s += a[..., :, None] * v[..., t, None, :]
-            z += a
-        if t < n:
-            dfq[..., t, :] = (np.einsum("...fe,...e->...f", s, dnum[..., t, :])
-                              + dden[..., t, None] * z)
-    # pass 2, reverse: U_t = Σ_{i≥t} exp(C_t − C_i) fq_i dnum_iᵀ,  r_t = Σ_{i≥t} … dden_i fq_i
-    u = np.zeros((*batch, nf, dvd), dtype)                         # (..., F, Dv)
-    r = np.zeros((*batch, nf), dtype)                              # (..., F)
-    c_next = np.full(batch, -np.inf, dtype)                        # (...) C of the last row added
-    for t in range(max(n, m) - 1, -1, -1):
-        if t < n:
-            c_t = key_scale[..., t]
-            with np.errstate(invalid="ignore"):
-                shrink = np.where(c_t < c_next, np.exp(c_t - c_next), 1)  # (...)
-            u = u * shrink[..., None, None] + fq[..., t, :, None] * dnum[..., t, None, :]
-            r = r * shrink[..., None] + dden[..., t, None] * fq[..., t, :]
-            c_next = c_t
-            # fwd: S_i += exp(ℓk_t − C_i) fk_t v_tᵀ ; z_i += exp(ℓk_t − C_i) fk_t   (all i ≥ t)
-            if t < m:
-                w = _exp_shift(lk[..., t], c_t)[..., None]         # (..., 1)
-                dfk[..., t, :] = w * (np.einsum("...fe,...e->...f", u, v[..., t, :]) + r)
-                dv[..., t, :] = w * np.einsum("...fe,...f->...e", u, fk[..., t, :])
-    return dfq, dfk, dv
-
-
-def _chain_q(fmap, dfq, fq, q):
-    """dq through the feature map."""
+    fq, lq = engine.features(fmap, q)                              # recomputed, not stored
+    fk, lk, v = engine.key_features(fmap, k, ctx.v, ctx.key_padding_mask, ctx.mask_mode)
+    # fwd: out = num / denom ;  denom = den + eps      (ℓq = C = 0 here)
+    dnum, dden = engine.grad_num_den(dout, ctx.out, ctx.denom, ctx.normalize)
+    # fwd: num, den = Σ_j (fq_i·fk_j) (v_j, 1)
+    dfq, dfk, dv = engine.sums_backward_ref(fq, fk, lk, v, dnum, dden, ctx)
+    # fwd: fk = φ(k), then where(mask, fk, 0) or v = where(mask, v, 0)
+    dk, dv = engine.chain_k(fmap, dfk, dv, fk, k, ctx.key_padding_mask, ctx.mask_mode)
     # fwd: fq = φ(q)
-    return fmap.backward(dfq, fq, q)                               # (..., N, D)
-
-
-def _chain_k(fmap, dfk, dv, fk, k, mask, mask_mode):
-    """dk through the feature map, and the padding of dk (exact) or dv (values_only)."""
-    # fwd: fk = φ(k)
-    dk = fmap.backward(dfk, fk, k)                                 # (..., M, D)
-    return _pad_grads(dk, dv, mask, mask_mode)
-
-
-def _pad_grads(dk, dv, mask, mask_mode):
-    """dk (exact) or dv (values_only) set to 0 on padded keys."""
-    if mask is not None:
-        pad = ~mask[..., None]                                     # (..., M, 1)
-        if mask_mode == "exact":
-            dk = np.where(pad, 0, dk)                              # fwd: fk = where(mask, fk, 0)
-        else:
-            dv = np.where(pad, 0, dv)                              # fwd: v = where(mask, v, 0)
-    return dk, dv
-
-
-# --------------------------------------------------------------------------- fused causal path
-
-_FUSED = ("elu", "relu")      # maps without log-scale: one fused kernel per pass (causal)
-
-
-def _fused_args(q, k, v, mask, mask_mode):
-    """(BH, L, X) C-contiguous writeable views/copies and the (BH, M) keep mask."""
-    *batch, n, d = q.shape
-    m = k.shape[-2]
-    bh = math.prod(batch)
-    keep = (np.ones((bh, m), dtype=bool) if mask is None                      # (BH, M)
-            else np.require(mask, requirements="CW").reshape(bh, m))
-    flat = [np.require(x, requirements="CW").reshape(bh, *x.shape[-2:]) for x in (q, k, v)]
-    return (*flat, keep, mask_mode == "exact")
-
-
-def _forward_fused(q, k, v, fmap, mask, mask_mode, normalize, eps):
-    """The causal elu/relu path in one kernel (tinyeff.kernels.linear, fused section)."""
-    *batch, n, _ = q.shape
-    dvd, dtype = v.shape[-1], q.dtype
-    qf, kf, vf, keep, exact = _fused_args(q, k, v, mask, mask_mode)
-    out = memory.empty((*batch, n, dvd), dtype)                    # (..., N, Dv)
-    denom = np.empty((*batch, n), dtype)                           # (..., N)
-    key_scale = np.empty((*batch, n), dtype)                       # (..., N) C ∈ {0, −inf}
-    bh = qf.shape[0]
-    kernels.causal_phi_fwd(out.reshape(bh, n, dvd), denom.reshape(bh, n),
-                           key_scale.reshape(bh, n), qf, kf, vf, keep, fmap.kind == "relu",
-                           exact, normalize, dtype.type(eps), dtype.type(0))
-    return out, denom, key_scale
-
-
-def _backward_fused(dout, ctx: LinearCtx) -> dict:
-    """dq by a forward scan, dk and dv by a reverse scan (fused kernels)."""
-    q, k, v = ctx.q, ctx.k, ctx.v
-    qf, kf, vf, keep, exact = _fused_args(q, k, v, ctx.key_padding_mask, ctx.mask_mode)
-    bh, n, _ = qf.shape
-    dtype, relu, zero = q.dtype, ctx.fmap.kind == "relu", q.dtype.type(0)
-    dof, outf = (np.require(x, requirements="CW").reshape(bh, n, v.shape[-1])
-                 for x in (dout, ctx.out))
-    den = np.require(ctx.denom, requirements="CW").reshape(bh, n)
-    dq = memory.empty(q.shape, dtype)                              # (..., N, D)
-    dk = memory.empty(k.shape, dtype)                              # (..., M, D)
-    dv = memory.empty(v.shape, dtype)                              # (..., M, Dv)
-    kernels.causal_phi_bwd_q(dq.reshape(qf.shape), qf, kf, vf, keep, dof, outf, den, relu,
-                             exact, ctx.normalize, zero)
-    kernels.causal_phi_bwd_kv(dk.reshape(kf.shape), dv.reshape(vf.shape), qf, kf, vf, keep,
-                              dof, outf, den, relu, exact, ctx.normalize, zero)
-    return {"q": dq, "k": dk, "v": dv}
-
-
-# --------------------------------------------------------------------------- chunked path
-
-def _chunk_slices(n, m, chunk):
-    """Aligned chunks of positions: (rows slice, keys slice) per chunk of max(N, M)."""
-    t_end = max(n, m)
-    return [(slice(t0, min(t0 + chunk, n)) if t0 < n else slice(n, n),
-             slice(t0, min(t0 + chunk, m)) if t0 < m else slice(m, m))
-            for t0 in range(0, t_end, chunk)]
-
-
-def _bh(x, bh, nb):
-    """C-contiguous writeable (BH, L[, X]) array of a (..., L[, X]) chunk with nb batch
-    dimensions (a read-only chunk is copied: read-only inputs reuse the same kernels)."""
-    return np.require(x, requirements="CW").reshape((bh,) + x.shape[nb:])
-
-
-def _n_features(fmap, d):
-    return d if fmap.n_features is None else fmap.n_features
-
-
-def _forward_chunked(q, k, v, fmap, causal, mask, mask_mode, normalize, eps, chunk):
-    """(out, denom, key_scale, kv, z); each chunk of rows is finished (out = num / denom)
-    while it is in cache, instead of one more pass over the whole output."""
-    *batch, n, d = q.shape
-    m, dvd = v.shape[-2:]
-    dtype, nb, bh, nf = q.dtype, len(batch), math.prod(batch), _n_features(fmap, d)
-    out = memory.empty((*batch, n, dvd), dtype)                    # (..., N, Dv)
-    denom = np.empty((*batch, n), dtype)                           # (..., N)
-    key_scale = np.empty((*batch, n), dtype)                       # (..., N)
-    chunks = _chunk_slices(n, m, chunk)
-
-    def finish(qs, num_c, den_c, lq_c, c_c):
-        out[..., qs, :], denom[..., qs] = _finish(num_c, den_c, lq_c, c_c, normalize, eps)
-
-    def keys(ks):
-        return _key_features(fmap, k[..., ks, :], v[..., ks, :],
-                             None if mask is None else mask[..., ks], mask_mode)
-
-    if causal:
-        state = (np.zeros((bh, nf, dvd), dtype),                   # S (BH, F, Dv)
-                 np.zeros((bh, nf), dtype),                        # z (BH, F)
-                 np.full(bh, -np.inf, dtype))                      # C (BH,)
-        for qs, ks in chunks:
-            fq, lq = _features(fmap, q[..., qs, :])                # (..., nq, F), (..., nq)
-            fk, lk, vc = keys(ks)                                  # (..., nk, F)
-            nq = fq.shape[-2]
-            num_c = np.empty((bh, nq, dvd), dtype)                 # (BH, nq, Dv)
-            den_c = np.empty((bh, nq), dtype)                      # (BH, nq)
-            cm_c = np.empty((bh, nq), dtype)                       # (BH, nq)
-            kernels.causal_fwd(num_c, den_c, cm_c, *state, _bh(fq, bh, nb), _bh(fk, bh, nb),
-                               _bh(lk, bh, nb), _bh(vc, bh, nb))
-            key_scale[..., qs] = cm_c.reshape(*batch, nq)
-            finish(qs, num_c.reshape(*batch, nq, dvd), den_c.reshape(*batch, nq), lq,
-                   key_scale[..., qs])
-        return out, denom, key_scale, None, None
-    # non-causal: kv and z summed over key chunks at the running maximum C of ℓk (rescaled
-    # when it grows: the online-softmax trick), then read by every query chunk.
-    big_c = np.full(batch, -np.inf, dtype)                         # (...)
-    kv = np.zeros((*batch, nf, dvd), dtype)                        # (..., F, Dv)
-    z = np.zeros((*batch, nf), dtype)                              # (..., F)
-    for _, ks in chunks:
-        if ks.stop > ks.start:
-            fk, lk, vc = keys(ks)                                  # (..., nk, F)
-            c_new = np.maximum(big_c, lk.max(axis=-1))             # (...)
-            r = _exp_shift(big_c, c_new)                           # (...)
-            kv *= r[..., None, None]
-            z *= r[..., None]
-            big_c = c_new
-            fkw = fk * _exp_shift(lk, big_c[..., None])[..., None]  # (..., nk, F)
-            kv += fkw.swapaxes(-1, -2) @ vc
-            z += fkw.sum(axis=-2)
-    key_scale[...] = big_c[..., None]
-    for qs, _ in chunks:
-        fq, lq = _features(fmap, q[..., qs, :])                    # (..., nq, F), (..., nq)
-        finish(qs, fq @ kv, (fq @ z[..., None])[..., 0], lq, key_scale[..., qs])
-    return out, denom, key_scale, kv, z
-
-
-def _backward_chunked(dout, ctx: LinearCtx, chunk) -> dict:
-    q, k, v, fmap, mask = ctx.q, ctx.k, ctx.v, ctx.fmap, ctx.key_padding_mask
-    *batch, n, d = q.shape
-    m, dvd = v.shape[-2:]
-    dtype, nb, bh, nf = q.dtype, len(batch), math.prod(batch), _n_features(fmap, d)
-    dq = memory.empty(q.shape, dtype)                              # (..., N, D)
-    dk = memory.empty(k.shape, dtype)                              # (..., M, D)
-    dv = memory.empty(v.shape, dtype)                              # (..., M, Dv)
-    chunks = _chunk_slices(n, m, chunk)
-
-    def keys(ks):
-        return _key_features(fmap, k[..., ks, :], v[..., ks, :],
-                             None if mask is None else mask[..., ks], ctx.mask_mode)
-
-    def rows(qs):
-        return _grad_num_den(dout[..., qs, :], ctx.out[..., qs, :], ctx.denom[..., qs],
-                             ctx.normalize)
-
-    def set_keys(ks, dfk, fk, dv_c):
-        dk[..., ks, :], dv[..., ks, :] = _chain_k(fmap, dfk, dv_c, fk, k[..., ks, :],
-                                                  None if mask is None else mask[..., ks],
-                                                  ctx.mask_mode)
-
-    if ctx.causal:
-        state = (np.zeros((bh, dvd, nf), dtype),                   # Sᵀ (BH, Dv, F)
-                 np.zeros((bh, nf), dtype),                        # z (BH, F)
-                 np.full(bh, -np.inf, dtype))                      # C (BH,)
-        for qs, ks in chunks:                                      # pass 1: dq, forward scan
-            fk, lk, vc = keys(ks)
-            dnum, dden = rows(qs)                                  # (..., nq, Dv), (..., nq)
-            nq = dnum.shape[-2]
-            dfq = np.empty((bh, nq, nf), dtype)                    # (BH, nq, F)
-            kernels.causal_bwd_q(dfq, *state, _bh(fk, bh, nb), _bh(lk, bh, nb),
-                                 _bh(vc, bh, nb), _bh(dnum, bh, nb), _bh(dden, bh, nb))
-            fq, _ = _features(fmap, q[..., qs, :])
-            dq[..., qs, :] = _chain_q(fmap, dfq.reshape(*batch, nq, nf), fq, q[..., qs, :])
-        state = (np.zeros((bh, nf, dvd), dtype),                   # Ũ (BH, F, Dv)
-                 np.zeros((bh, dvd, nf), dtype),                   # Ũᵀ (BH, Dv, F)
-                 np.zeros((bh, nf), dtype),                        # r̃ (BH, F)
-                 np.full(bh, -np.inf, dtype))                      # C of the last row added
-        for qs, ks in reversed(chunks):                            # pass 2: dk, dv, reverse
-            fq, _ = _features(fmap, q[..., qs, :])
-            fk, lk, vc = keys(ks)
-            dnum, dden = rows(qs)
-            nk = fk.shape[-2]
-            dfk = np.empty((bh, nk, nf), dtype)                    # (BH, nk, F)
-            dv_c = np.empty((bh, nk, dvd), dtype)                  # (BH, nk, Dv)
-            kernels.causal_bwd_kv(dfk, dv_c, *state, _bh(fq, bh, nb), _bh(dnum, bh, nb),
-                                  _bh(dden, bh, nb), _bh(ctx.key_scale[..., qs], bh, nb),
-                                  _bh(fk, bh, nb), _bh(lk, bh, nb), _bh(vc, bh, nb))
-            set_keys(ks, dfk.reshape(*batch, nk, nf), fk, dv_c.reshape(*batch, nk, dvd))
-        return {"q": dq, "k": dk, "v": dv}
-    # non-causal: dkv, dz summed over query chunks, then read by every key chunk
-    kv, z = ctx.kv, ctx.z
-    dkv = np.zeros(kv.shape, dtype)                                # (..., F, Dv)
-    dz = np.zeros(z.shape, dtype)                                  # (..., F)
-    for qs, _ in chunks:
-        if qs.stop > qs.start:
-            fq, _ = _features(fmap, q[..., qs, :])                 # (..., nq, F)
-            dnum, dden = rows(qs)
-            # fwd: num = fq @ kv ;  den = fq @ z
-            dfq = dnum @ kv.swapaxes(-1, -2) + dden[..., None] * z[..., None, :]
-            dq[..., qs, :] = _chain_q(fmap, dfq, fq, q[..., qs, :])
-            dkv += fq.swapaxes(-1, -2) @ dnum
-            dz += (fq.swapaxes(-1, -2) @ dden[..., None])[..., 0]
-    big_c = ctx.key_scale[..., 0] if n else np.zeros(batch, dtype)  # (...) C
-    for _, ks in chunks:
-        if ks.stop > ks.start:
-            fk, lk, vc = keys(ks)                                  # (..., nk, F)
-            w = _exp_shift(lk, big_c[..., None])[..., None]        # (..., nk, 1)
-            # fwd: kv = (fk·w)ᵀ v ;  z = Σ_j fk_j w_j      (w = exp(ℓk − C) constant)
-            dfk = (vc @ dkv.swapaxes(-1, -2) + dz[..., None, :]) * w  # (..., nk, F)
-            set_keys(ks, dfk, fk, (fk * w) @ dkv)
-    return {"q": dq, "k": dk, "v": dv}
+    return {"q": engine.chain_q(fmap, dfq, fq, q), "k": dk, "v": dv}
 
 
 def example_cases(rng: np.random.Generator, dtype=np.float64) -> list[Case]:

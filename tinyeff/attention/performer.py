@@ -6,8 +6,8 @@ matrix of random features (rows ω_f) and x̂ = √scale · x,
     φ(x)_f = m^(−1/2) · exp(ω_f·x̂ − ‖x̂‖²/2)           kernel="softmax" (positive features)
     φ(x)_f = relu(ω_f·x̂) + kernel_eps                   kernel="relu" (generalized attention)
 
-and then linear attention with these features (:mod:`tinyeff.attention.linear`, same engine,
-same kernels):
+and then linear attention with these features (the engine of :mod:`tinyeff.attention.linear`,
+:mod:`tinyeff.attention._linear_engine`, same kernels):
 
     out_i = φ(q_i) Σ_j φ(k_j) v_jᵀ / (φ(q_i)·Σ_j φ(k_j) + eps)       (j ≤ i when causal)
 
@@ -32,7 +32,7 @@ scale : float, default 1/√D.  x̂ = √scale · x, so that q̂·k̂ = q·k·sc
     data normalizer D^(−1/4) for both kernels; google-research's generalized attention uses
     no normalization = scale=1.0).
 kernel_eps : float ≥ 0, default 1e-3, added to the relu features (unused for softmax).
-causal : bool, default False.  Prefix sums through the Numba kernel of ``linear``; top-left
+causal : bool, default False.  Prefix sums through the Numba kernel of the engine; top-left
     alignment for N != M (row i sees keys ≤ i, as ``full``); f(x)[:t] == f(x[:t]) exactly.
 key_padding_mask, mask_mode, normalize, impl : as in :mod:`tinyeff.attention.linear`
     (``key_padding_mask`` = key padding (..., M), True = real key; "exact" removes padded
@@ -97,9 +97,10 @@ from .. import _checks
 from .._random import random_qkv
 from ..ops import feature_maps
 from ..ops.feature_maps import FeatureMap
-from . import _nonfinite, linear
+from . import _linear_engine as engine
+from . import _nonfinite
 from ._case import Case
-from .linear import LinearCtx
+from ._linear_engine import LinearCtx
 
 NAME = "performer"
 SUPPORTS_MASK = True
@@ -110,7 +111,7 @@ KEY_PADDING = "key_padding_mask"
 DIFFERENTIABLE = ("q", "k", "v")
 RANDOM_OPTIONS = ("features",)
 KERNELS = ("softmax", "relu")
-IMPLS = linear.IMPLS
+IMPLS = engine.IMPLS
 _KIND = {"softmax": "favor_softmax", "relu": "favor_relu"}
 
 
@@ -138,9 +139,9 @@ def forward(q, k, v, *, features=None, kernel="softmax", scale=None, kernel_eps=
     if not np.all(np.isfinite(features)):
         raise ValueError("features must be finite")
     fmap = FeatureMap(kind=_KIND[kernel], omega=features, scale=scale, kernel_eps=kernel_eps)
-    return linear.attend(q, k, v, fmap, causal=causal, key_padding_mask=key_padding_mask,
-                         mask_mode=mask_mode, normalize=normalize, eps=eps, impl=impl,
-                         forward_ref=_forward_ref)
+    return engine.attend(q, k, v, fmap, forward_ref=_forward_ref, causal=causal,
+                         key_padding_mask=key_padding_mask, mask_mode=mask_mode,
+                         normalize=normalize, eps=eps, impl=impl)
 
 
 def backward(dout, ctx: LinearCtx) -> dict:
@@ -148,7 +149,7 @@ def backward(dout, ctx: LinearCtx) -> dict:
     if not isinstance(ctx, LinearCtx) or ctx.fmap.kind not in _KIND.values():
         raise TypeError(f"ctx must be the LinearCtx returned by performer.forward, got "
                         f"{type(ctx).__name__}")
-    return linear.attend_backward(dout, ctx, backward_ref=_backward_ref)
+    return engine.attend_backward(dout, ctx, backward_ref=_backward_ref)
 
 
 # --------------------------------------------------------------------------- reference path
@@ -175,16 +176,16 @@ def _phi_backward(fmap, df, f, x):
 
 
 def _forward_ref(q, k, v, fmap, causal, mask, mask_mode):
-    """FAVOR+ read top to bottom.  Returns (num, den, ℓq, C, kv, z); ``linear.attend``
+    """FAVOR+ read top to bottom.  Returns (num, den, ℓq, C, kv, z); ``engine.attend``
     finishes out_i = num_i / (den_i + eps·exp(−ℓq_i − C_i)) (module docstring)."""
     fq, lq = _phi(fmap, q)                                         # (..., N, m), (..., N)
     fk, lk = _phi(fmap, k)                                         # (..., M, m), (..., M)
     # padded keys: "exact" drops φ(k_j) (fk = 0, ℓk = −inf); "values_only" zeroes v_j
-    fk, lk, v = linear._pad_keys(fk, lk, v, mask, mask_mode)       # (..., M, m), (..., M)
+    fk, lk, v = engine.pad_keys(fk, lk, v, mask, mask_mode)        # (..., M, m), (..., M)
     # num_i = fq_i · Σ_j exp(ℓk_j − C_i) fk_j v_jᵀ ;  den_i = fq_i · Σ_j exp(ℓk_j − C_i) fk_j
     #   C_i = max_j ℓk_j (non-causal) or max_{j ≤ i} ℓk_j (causal: a running maximum, so
     #   row i never sees a later key); the row's own exp(ℓq_i) cancels in num / den
-    num, den, key_scale, kv, z = linear._sums_ref(fq, fk, lk, v, causal)
+    num, den, key_scale, kv, z = engine.sums_ref(fq, fk, lk, v, causal)
     return num, den, lq, key_scale, kv, z
 
 
@@ -193,16 +194,16 @@ def _backward_ref(dout, ctx: LinearCtx) -> dict:
     fmap = ctx.fmap
     fq, _ = _phi(fmap, ctx.q)                                      # recomputed, not stored
     fk, lk = _phi(fmap, ctx.k)
-    fk, lk, v = linear._pad_keys(fk, lk, ctx.v, ctx.key_padding_mask, ctx.mask_mode)
+    fk, lk, v = engine.pad_keys(fk, lk, ctx.v, ctx.key_padding_mask, ctx.mask_mode)
     # fwd: out = num / denom ;  denom = den + eps·exp(−ℓq − C)    (ℓq, C constants)
-    dnum, dden = linear._grad_num_den(dout, ctx.out, ctx.denom, ctx.normalize)
+    dnum, dden = engine.grad_num_den(dout, ctx.out, ctx.denom, ctx.normalize)
     # fwd: num, den = Σ_j exp(ℓk_j − C_i) (fq_i·fk_j) (v_j, 1)
-    dfq, dfk, dv = linear._sums_backward_ref(fq, fk, lk, v, dnum, dden, ctx)
+    dfq, dfk, dv = engine.sums_backward_ref(fq, fk, lk, v, dnum, dden, ctx)
     # fwd: fq = φ(q) ;  fk = φ(k)
     dq = _phi_backward(fmap, dfq, fq, ctx.q)                       # (..., N, D)
     dk = _phi_backward(fmap, dfk, fk, ctx.k)                       # (..., M, D)
     # fwd: fk = where(mask, fk, 0)  or  v = where(mask, v, 0)
-    dk, dv = linear._pad_grads(dk, dv, ctx.key_padding_mask, ctx.mask_mode)
+    dk, dv = engine.pad_grads(dk, dv, ctx.key_padding_mask, ctx.mask_mode)
     return {"q": dq, "k": dk, "v": dv}
 
 

@@ -73,12 +73,12 @@ Edge cases
 * Global rows attend with q, k, v unless ``q_global``, ``k_global``, ``v_global`` are given;
   the q of a global row and the q_global of a non-global row then get zero gradient.
 
-Numba path: the band engine shared with ``local`` (``tinyeff/attention/_band.py``, kernels in
-``tinyeff/kernels/band.py``: tiles of 64 queries against their contiguous key range,
-``np.dot`` on contiguous slices, an explicit band mask per tile); dilation d is handled by
-regrouping positions into the d residue classes i mod d, where the dilated band becomes a
-plain band.  The global rows and columns (``tinyeff/attention/_window_globals.py``) are
-dense NumPy products in both paths.
+Numba path (``tinyeff/attention/_window_numba.py``): the band engine shared with ``local``
+(``tinyeff/attention/_band.py``, kernels in ``tinyeff/kernels/band.py``: tiles of 64
+queries against their contiguous key range, ``np.dot`` on contiguous slices, an explicit
+band mask per tile); dilation d is handled by regrouping positions into the d residue
+classes i mod d, where the dilated band becomes a plain band.  The global rows and columns
+(``tinyeff/attention/_window_globals.py``) are dense NumPy products in both paths.
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ from .. import _checks
 from .._random import random_qkv
 from ..ctx import Ctx
 from ..ops import softmax
-from . import _band, _nonfinite
+from . import _band, _nonfinite, _window_numba
 from ._case import Case
 from ._window_globals import (
     PROJECTIONS,
@@ -123,7 +123,6 @@ SUPPORTS_GLOBAL_PROJECTIONS = True   # q_global, k_global, v_global (nn can crea
 GLOBAL_PROJECTIONS = PROJECTIONS
 DIFFERENTIABLE = ("q", "k", "v", "rel_bias", *GLOBAL_PROJECTIONS)
 IMPLS = ("auto", "ref", "numba")
-TILE = 64            # query rows per tile of the Numba kernel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,7 +192,7 @@ def forward(q, k, v, *, window, dilation=1, global_indices=None, global_mask=Non
         out = np.zeros(q.shape[:-1] + v.shape[-1:], dtype=dtype)   # (..., N, Dv)
         lse = np.full(q.shape[:-1], -np.inf, dtype=dtype)          # (..., N)
     elif impl == "numba":
-        out, lse = _forward_numba(q, k, v, **opts)
+        out, lse = _window_numba.forward(q, k, v, **opts)
     else:
         out, lse = _forward_ref(q, k, v, **opts)
     ctx = WindowCtx(q=q, k=k, v=v, out=out, lse=lse, impl=impl, global_indices=gidx,
@@ -220,7 +219,7 @@ def backward(dout, ctx: WindowCtx, *, impl=None) -> dict:
     if impl == "auto":
         impl = "ref" if ctx.q.size == 0 or ctx.k.size == 0 or dout.size == 0 else "numba"
     if impl == "numba":
-        return _backward_numba(dout, ctx)
+        return _window_numba.backward(dout, ctx)
     return _backward_ref(dout, ctx)
 
 
@@ -360,93 +359,6 @@ def _backward_ref(dout, ctx: WindowCtx) -> dict:
             if -(m - 1) <= -o <= n - 1:
                 drel[..., -o + m - 1] += dslot[..., t]
         rel_bias_grad_gparts(drel, ds_g, ds_r, gl, n, m)
-        grads["rel_bias"] = _checks.reduce_to_shape(drel, ctx.rel_bias.shape)
-    return grads
-
-
-# ------------------------------------------------------------------------------------------
-# Numba implementation (same Ctx): the band by the shared band engine (attention/_band.py),
-# the global rows and columns as in the reference
-
-def _band_plan(q, k, *, window, dilation, glob, causal, key_padding_mask, rel_bias):
-    """The band for ``_band``: positions regrouped into the d residue classes i mod d, where
-    the dilated band j = i + t·d becomes the plain band i' − w ≤ j' ≤ i' + w of row i' in its
-    class (j' ≤ i' if causal); global rows and key columns are left out of it."""
-    n, m, d, w = q.shape[-2], k.shape[-2], dilation, window
-    ln, lm = -(-n // d), -(-m // d)                                # rows, keys per class
-    i = np.arange(ln)                                              # (Ln,) class coordinates
-    hi = np.minimum(i + w + 1, lm)                                 # (Ln,)
-    if causal:
-        hi = np.minimum(hi, i + 1)
-    key_ok = _band.key_ok(key_padding_mask, q.shape[:-2], m) & ~glob.cols   # (..., M)
-    return _band.make_plan(q, k, groups=d, lo=np.maximum(i - w, 0), hi=hi,
-                           tile_start=np.append(np.arange(0, ln, TILE), ln),
-                           row_ok=~glob.rows, key_ok=key_ok, rel_bias=rel_bias,
-                           off_min=-w, n_off=2 * w + 1)
-
-
-def _forward_numba(q, k, v, *, window, dilation, glob, causal, key_padding_mask, rel_bias,
-                   q_global, k_global, v_global, scale):
-    m, dt = k.shape[-2], q.dtype
-    batch, gl = q.shape[:-2], glob
-    plan = _band_plan(q, k, window=window, dilation=dilation, glob=gl, causal=causal,
-                      key_padding_mask=key_padding_mask, rel_bias=rel_bias)
-    out_b, lse_b = _band.forward(plan, q, k, v, scale)             # (..., N, Dv), (..., N)
-    if gl.size == 0:
-        return out_b, lse_b
-    key_ok = _band.key_ok(key_padding_mask, batch, m)
-    # merge the band softmax with the global-column softmax (log-sum-exp weights)
-    k_g, v_g = rows_at(k, gl), rows_at(v, gl)                      # (..., G, D), (..., G, Dv)
-    s_g, ok_g = gcol_scores(q, k_g, gl, causal, key_ok, rel_bias, scale)
-    p_g, lse_g = softmax.forward(s_g, ok_g)                        # (..., N, G), (..., N)
-    lse = np.logaddexp(lse_b, lse_g)                               # (..., N)
-    live = lse != -np.inf
-    with np.errstate(invalid="ignore"):
-        w_b = np.where(live, np.exp(np.where(live, lse_b - lse, 0)), 0)[..., None]
-        w_g = np.where(live, np.exp(np.where(live, lse_g - lse, 0)), 0)[..., None]
-    out = w_b * out_b + w_g * (p_g @ v_g)                          # (..., N, Dv)
-    q_r, k_r, v_r = global_qkv(q, k, v, q_global, k_global, v_global)
-    s_r, ok_r = grow_scores(rows_at(q_r, gl), k_r, gl, causal, key_ok, rel_bias, scale)
-    p_r, lse_r = softmax.forward(s_r, ok_r)                        # (..., G, M)
-    put(out, gl, p_r @ v_r)                                        # out[G]
-    put(lse, gl, lse_r, rows=False)                                # lse[G]
-    return out.astype(dt, copy=False), lse.astype(dt, copy=False)
-
-
-def _backward_numba(dout, ctx: WindowCtx) -> dict:
-    q, k, v, lse, scale = ctx.q, ctx.k, ctx.v, ctx.lse, ctx.scale
-    n, m = q.shape[-2], k.shape[-2]
-    batch, gl = q.shape[:-2], ctx.glob
-    plan = _band_plan(q, k, window=ctx.window, dilation=ctx.dilation, glob=gl,
-                      causal=ctx.causal, key_padding_mask=ctx.key_padding_mask,
-                      rel_bias=ctx.rel_bias)
-    dq, dk, dv, drel = _band.backward(plan, dout, ctx.out, lse, q, k, v, scale)
-    key_ok = _band.key_ok(ctx.key_padding_mask, batch, m)
-    grads = {"q": dq, "k": dk, "v": dv}
-    dq_r, dk_r, dv_r = global_grads(grads, ctx)
-    if gl.size:
-        delta = np.sum(dout * ctx.out, axis=-1)                    # (..., N) = Σ_j p dp
-        # global columns — fwd: s_g = q @ k[G]ᵀ · scale, out += p_g @ v[G]
-        k_g, v_g = rows_at(k, gl), rows_at(v, gl)                  # (..., G, D), (..., G, Dv)
-        s_g, ok_g = gcol_scores(q, k_g, gl, ctx.causal, key_ok, ctx.rel_bias, scale)
-        p_g = exp_minus(s_g, lse, ok_g)                            # (..., N, G)
-        put(dv, gl, p_g.swapaxes(-1, -2) @ dout, add=True)         # dv[G]
-        ds_g = p_g * (dout @ v_g.swapaxes(-1, -2) - delta[..., None])
-        dq += (ds_g @ k_g) * scale
-        put(dk, gl, (ds_g.swapaxes(-1, -2) @ q) * scale, add=True)   # dk[G]
-        # global rows — fwd: out[G] = softmax(q_r[G] @ k_rᵀ · scale) @ v_r,
-        # (q_r, k_r, v_r) = (q, k, v), or the global projections
-        q_r, k_r, v_r = global_qkv(q, k, v, ctx.q_global, ctx.k_global, ctx.v_global)
-        q_rg, dout_g = rows_at(q_r, gl), rows_at(dout, gl)         # (..., G, D), (..., G, Dv)
-        s_r, ok_r = grow_scores(q_rg, k_r, gl, ctx.causal, key_ok, ctx.rel_bias, scale)
-        p_r = exp_minus(s_r, entries_at(lse, gl), ok_r)            # (..., G, M)
-        dv_r += p_r.swapaxes(-1, -2) @ dout_g
-        ds_r = softmax.backward(dout_g @ v_r.swapaxes(-1, -2), p_r)  # (..., G, M)
-        put(dq_r, gl, (ds_r @ k_r) * scale, add=True)              # dq_r[G]
-        dk_r += (ds_r.swapaxes(-1, -2) @ q_rg) * scale
-    if ctx.rel_bias is not None:
-        if gl.size:
-            rel_bias_grad_gparts(drel, ds_g, ds_r, gl, n, m)
         grads["rel_bias"] = _checks.reduce_to_shape(drel, ctx.rel_bias.shape)
     return grads
 
