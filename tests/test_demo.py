@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tinyeff.attention import VARIANTS
 from tinyeff.cli import _demo_data, demo
 from tinyeff.cli.report import parse_variant_opts
 from tinyeff.progress import Progress
@@ -168,6 +169,12 @@ def test_variant_options():
     opts, model = demo.variant_options("sparse", 64, {"n_random": 0, "pad_to_multiple": 4})
     assert opts["mask"].shape == (64, 64) and model == {"pad_to_multiple": 4}
     assert demo.variant_options("window", 4096) == ({"window": 64}, {})
+    assert demo.variant_options("local", 256, causal=False)[0]["look_forward"] == 1
+    with pytest.raises(ValueError, match="chunk_len"):
+        demo.variant_options("lsh", 64, {"chunk_len": 0})
+    with pytest.raises(TypeError, match="sparse options"):
+        demo.variant_options("sparse", 64, {"block": 8})
+    assert all(hasattr(mod, "demo_options") for mod in VARIANTS.values())
     assert parse_variant_opts(["a.b=3", "a.c=x", "d.e=(1, 2)"]) == {"a": {"b": 3, "c": "x"},
                                                                     "d": {"e": (1, 2)}}
 

@@ -586,6 +586,8 @@ def demo_build(n: int, options: dict) -> tuple[dict, dict]:
     of ``chunk_len``; when n is not such a multiple the model pads inside attention
     (``pad_to_multiple=chunk_len``)."""
     c = int(options["chunk_len"])
+    if c < 1:
+        raise ValueError(f"chunk_len must be >= 1, got {options['chunk_len']!r}")
     n_pad = -(-n // c) * c
     opts = dict(options)
     opts.setdefault("n_buckets", suggest_n_buckets(n_pad, c))
