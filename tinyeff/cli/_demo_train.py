@@ -20,7 +20,8 @@ model on a task's data (:mod:`tinyeff.cli._demo_data`) and returns its record;
   held before it: every NumPy array the step allocates (activations, contexts, gradients,
   temporaries).  Parameters and optimizer state, allocated before, are not counted; nor is
   scratch memory that a Numba kernel allocates internally (tinyeff's kernels receive their
-  outputs from NumPy, so that is small).  The number is deterministic for a given config.
+  outputs from NumPy, so that is small).  It repeats exactly for a given config for every
+  variant but sparse, whose peak varies slightly from run to run.
 * **Scaling sweep**: for each variant and each sequence length, a fresh model of the same
   size trains one sequence (batch 1) on random tokens: median time of a forward+backward
   step over ``repeat`` runs after one warm-up, and its tracemalloc peak.
