@@ -7,8 +7,8 @@ Run:  python demos/train_char_lm.py --variant window --steps 500 --out lm.npz
       python demos/generate.py lm.npz --prompt "def " --n 300
 
 Options worth knowing: --variant (any name in tinyeff.attention.VARIANTS that supports
-causal attention), --opt KEY=VALUE for the variant's own options (defaults: the table in
-tinyeff/demo.py), --text-file for your own data.
+causal attention), --opt KEY=VALUE for the variant's own options (defaults: demo_options in
+tinyeff/attention/<variant>.py), --text-file for your own data.
 """
 
 import argparse
@@ -19,7 +19,7 @@ import time
 import numpy as np
 
 from tinyeff import tasks
-from tinyeff.demo import variant_options
+from tinyeff.cli.demo import variant_options
 from tinyeff.nn import AdamW, Transformer, checkpoint, clip_grad_norm, cross_entropy, warmup_cosine
 
 
@@ -45,7 +45,7 @@ def main():
               else tasks.stdlib_corpus())
     print(f"data: {corpus.source}")
 
-    # 2. the model: the variant's default options (tinyeff/demo.py) plus --opt overrides
+    # 2. the model: the variant's demo options (its demo_options) plus --opt overrides
     overrides = {k: ast.literal_eval(v) for k, _, v in (o.partition("=") for o in args.opt)}
     options, model_options = variant_options(args.variant, args.seq_len, overrides)
     if args.variant == "lsh":          # generation feeds shorter windows: pad inside LSH

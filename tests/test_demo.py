@@ -13,7 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tinyeff import demo
+from tinyeff.attention import VARIANTS
+from tinyeff.cli import _demo_data, demo
+from tinyeff.cli.report import parse_variant_opts
 from tinyeff.progress import Progress
 
 DEMOS = Path(__file__).resolve().parent.parent / "demos"
@@ -117,7 +119,7 @@ def test_demo_mqar_scores_the_queries(tmp_path, capsys):
 def test_demo_resume_repeats_the_uninterrupted_run(tmp_path, capsys, monkeypatch):
     args = [*MQAR_TINY, "--variants", "full", "--steps", "6", "--eval-every", "2"]
     demo.main([*args, "--out", str(tmp_path / "a")])               # uninterrupted
-    batches = demo.MQARData.batches
+    batches = _demo_data.MQARData.batches
 
     def interrupted(self, seed):                                   # stops after 3 batches
         for i, b in enumerate(batches(self, seed)):
@@ -125,10 +127,10 @@ def test_demo_resume_repeats_the_uninterrupted_run(tmp_path, capsys, monkeypatch
                 raise KeyboardInterrupt
             yield b
 
-    monkeypatch.setattr(demo.MQARData, "batches", interrupted)
+    monkeypatch.setattr(_demo_data.MQARData, "batches", interrupted)
     with pytest.raises(KeyboardInterrupt):
         demo.main([*args, "--out", str(tmp_path / "b")])
-    monkeypatch.setattr(demo.MQARData, "batches", batches)
+    monkeypatch.setattr(_demo_data.MQARData, "batches", batches)
     demo.main([*args, "--out", str(tmp_path / "b"), "--resume"])   # from step 2
     capsys.readouterr()
     a, b = (json.loads((tmp_path / d / "results.json").read_text())["runs"][0] for d in "ab")
@@ -167,8 +169,14 @@ def test_variant_options():
     opts, model = demo.variant_options("sparse", 64, {"n_random": 0, "pad_to_multiple": 4})
     assert opts["mask"].shape == (64, 64) and model == {"pad_to_multiple": 4}
     assert demo.variant_options("window", 4096) == ({"window": 64}, {})
-    assert demo.parse_opts(["a.b=3", "a.c=x", "d.e=(1, 2)"]) == {"a": {"b": 3, "c": "x"},
-                                                                "d": {"e": (1, 2)}}
+    assert demo.variant_options("local", 256, causal=False)[0]["look_forward"] == 1
+    with pytest.raises(ValueError, match="chunk_len"):
+        demo.variant_options("lsh", 64, {"chunk_len": 0})
+    with pytest.raises(TypeError, match="sparse options"):
+        demo.variant_options("sparse", 64, {"block": 8})
+    assert all(hasattr(mod, "demo_options") for mod in VARIANTS.values())
+    assert parse_variant_opts(["a.b=3", "a.c=x", "d.e=(1, 2)"]) == {"a": {"b": 3, "c": "x"},
+                                                                    "d": {"e": (1, 2)}}
 
 
 # ----------------------------------------------------------------------------- progress

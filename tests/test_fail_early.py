@@ -10,7 +10,8 @@ import stat
 import numpy as np
 import pytest
 
-from tinyeff import demo, tasks
+from tinyeff import tasks
+from tinyeff.cli import demo
 from tinyeff.nn import AdamW, MultiHeadAttention, Transformer, checkpoint
 
 

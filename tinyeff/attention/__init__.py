@@ -72,6 +72,14 @@ at N = M = n, so that no tool special-cases a name:
   context and temporaries of one forward+backward beyond the inputs, output and gradients
   (the benchmark skips cases that cannot fit).
 
+What the training demo (``python -m tinyeff demo``) knows about a variant:
+
+* ``demo_options(n, causal) -> dict``: the options it trains with at sequence length n
+  (the keys ``--opt VARIANT.KEY=VALUE`` overrides).
+* ``demo_build(n, options) -> (attention options, model options)`` (optional): turns
+  ``demo_options`` plus the overrides into the options the layer gets and those the model
+  gets (``pad_to_multiple``); without it the options go to the layer unchanged.
+
 Option routing
 --------------
 ``tinyeff.attention._options.split_options(mod, options, reserved=())`` splits one flat

@@ -369,3 +369,9 @@ def extra_bytes(n: int, d: int, itemsize: int, options: dict, causal: bool) -> i
     impl = options.get("impl", "auto")
     blocked = impl == "blocked" or (impl == "auto" and n * n >= AUTO_BLOCKED_MIN_NM)
     return 0 if blocked else 5 * n * n * itemsize
+
+
+def demo_options(n: int, causal: bool) -> dict:
+    """Options ``python -m tinyeff demo`` trains with at length n (``--opt`` overrides them):
+    the blocked kernel (O(N) memory)."""
+    return {"impl": "blocked"}

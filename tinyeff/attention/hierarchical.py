@@ -488,3 +488,9 @@ def extra_bytes(n: int, d: int, itemsize: int, options: dict, causal: bool) -> i
     """Generous bound on the saved context and temporaries per batch·head: sixteen
     (N, block) arrays."""
     return 16 * n * int(options.get("block", 64)) * itemsize
+
+
+def demo_options(n: int, causal: bool) -> dict:
+    """Options ``python -m tinyeff demo`` trains with at length n (``--opt`` overrides them)."""
+    from ._demo import span
+    return {"block": span(n, 16)}

@@ -356,3 +356,11 @@ def scored_pairs(n: int, options: dict, causal: bool) -> int:
 
 
 useful_flops, extra_bytes = _band.cost_model(scored_pairs)
+
+
+def demo_options(n: int, causal: bool) -> dict:
+    """Options ``python -m tinyeff demo`` trains with at length n (``--opt`` overrides them):
+    one block of look-back, and one of look-ahead when bidirectional (symmetric like the
+    window)."""
+    from ._demo import span
+    return {"block": span(n), "look_backward": 1, "look_forward": 0 if causal else 1}

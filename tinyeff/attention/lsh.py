@@ -481,3 +481,24 @@ def extra_bytes(n: int, d: int, itemsize: int, options: dict, causal: bool) -> i
     """Generous bound on the saved context and temporaries per batch·head: a few arrays per
     scored pair."""
     return 5 * scored_pairs(n, options, causal) * (itemsize + 8)
+
+
+def demo_options(n: int, causal: bool) -> dict:
+    """Options ``python -m tinyeff demo`` trains with at length n (``--opt`` overrides them;
+    :func:`demo_build` completes them)."""
+    from ._demo import span
+    return {"chunk_len": span(n, 32), "n_hashes": 2}
+
+
+def demo_build(n: int, options: dict) -> tuple[dict, dict]:
+    """(attention options, model options) from :func:`demo_options` and ``--opt``:
+    ``n_buckets`` (unless given) by :func:`suggest_n_buckets` at n rounded up to a multiple
+    of ``chunk_len``; when n is not such a multiple the model pads inside attention
+    (``pad_to_multiple=chunk_len``)."""
+    c = int(options["chunk_len"])
+    if c < 1:
+        raise ValueError(f"chunk_len must be >= 1, got {options['chunk_len']!r}")
+    n_pad = -(-n // c) * c
+    opts = dict(options)
+    opts.setdefault("n_buckets", suggest_n_buckets(n_pad, c))
+    return opts, ({"pad_to_multiple": c} if n % c else {})

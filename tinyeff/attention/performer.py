@@ -275,3 +275,8 @@ def useful_flops(n: int, d: int, options: dict, causal: bool) -> int:
 def extra_bytes(n: int, d: int, itemsize: int, options: dict, causal: bool) -> int:
     """Generous bound on the saved context and temporaries per batch·head: eight (N, m)."""
     return 8 * n * int(options.get("m", d)) * itemsize
+
+
+def demo_options(n: int, causal: bool) -> dict:
+    """Options ``python -m tinyeff demo`` trains with at length n (``--opt`` overrides them)."""
+    return {"m": 64}

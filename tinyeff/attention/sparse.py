@@ -421,3 +421,23 @@ def extra_bytes(n: int, d: int, itemsize: int, options: dict, causal: bool) -> i
     scored pair (ten (N, D) arrays when the pair count is unknown)."""
     pairs = scored_pairs(n, options, causal)
     return 10 * n * d * itemsize if pairs is None else 5 * pairs * (itemsize + 8)
+
+
+def demo_options(n: int, causal: bool) -> dict:
+    """The BigBird parameters ``python -m tinyeff demo`` trains with at length n (``--opt``
+    overrides them; :func:`demo_build` turns them into the pattern)."""
+    from ._demo import span
+    return {"window": span(n, 24), "n_global": span(n, 32) // 4, "n_random": span(n, 24),
+            "seed": 0}
+
+
+def demo_build(n: int, options: dict) -> tuple[dict, dict]:
+    """(attention options, model options) from :func:`demo_options` and ``--opt``: the
+    pattern ``tinyeff.masks.bigbird`` at length n, window and global count capped at n."""
+    keys = {"window", "n_global", "n_random", "seed"}
+    if set(options) != keys:
+        raise TypeError(f"the demo's sparse options are {sorted(keys)}, got {sorted(options)}")
+    o = options
+    mask = _bigbird(n, min(o["window"], n), min(o["n_global"], n), o["n_random"],
+                    np.random.default_rng(o["seed"]))                    # (n, n) CSR
+    return {"mask": mask}, {}

@@ -421,3 +421,9 @@ def scored_pairs(n: int, options: dict, causal: bool) -> int:
 
 
 useful_flops, extra_bytes = _band.cost_model(scored_pairs)
+
+
+def demo_options(n: int, causal: bool) -> dict:
+    """Options ``python -m tinyeff demo`` trains with at length n (``--opt`` overrides them)."""
+    from ._demo import span
+    return {"window": span(n)}

@@ -6,7 +6,7 @@ share: argument types, machine info, JSON and CSV writing.
 """
 
 COMMANDS = {
-    "demo":   ("tinyeff.demo", "train one small model per variant and compare them on your CPU"),
+    "demo":   ("tinyeff.cli.demo", "train a small model per variant and compare them on your CPU"),
     "bench":  ("tinyeff.cli.bench", "time and memory of every attention variant against N"),
     "golden": ("tinyeff.cli.golden", "write golden test vectors for other backends"),
     "check":  ("tinyeff.cli.check", "test another backend against golden vectors"),
