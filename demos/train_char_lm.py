@@ -48,7 +48,7 @@ def main():
     # 2. the model: the variant's demo options (its demo_options) plus --opt overrides
     overrides = {k: ast.literal_eval(v) for k, _, v in (o.partition("=") for o in args.opt)}
     options, model_options = variant_options(args.variant, args.seq_len, overrides)
-    if args.variant == "lsh":          # generation feeds shorter windows: pad inside LSH
+    if "chunk_len" in options:         # generation feeds shorter windows: pad to whole chunks
         model_options.setdefault("pad_to_multiple", options["chunk_len"])
     model = Transformer(corpus.vocab_size, args.d_model, args.heads, args.layers,
                         max_len=args.seq_len, attention=args.variant,
