@@ -64,7 +64,7 @@ import numba
 import numpy as np
 
 from ._jit import kernel, prange, serial
-from ._math import fast_exp
+from ._math import add_rows, fast_exp
 from .sparse_scattered import DOT_FLAGS, axpy, cols_bwd_scattered, scattered_axpy, scattered_dot
 
 __all__ = ["cols_bwd_scattered", "heavy_bwd", "rel_bias_bwd_csr", "scattered_axpy",
@@ -148,6 +148,14 @@ def _gather_rows(dst, src, cols, shift):
 # ---------------------------------------------------------------------- forward
 
 
+@numba.njit(inline="always")
+def _set_rows(dst, src):
+    """dst = src for 2-D arrays of one shape (a loop: no broadcasting code to compile)."""
+    for r in range(dst.shape[0]):
+        for c in range(dst.shape[1]):
+            dst[r, c] = src[r, c]
+
+
 @serial
 def _tile_geometry(t, bo, tile_start, tile_jlo, tile_jhi, n, m, groups):
     """Tile t of batch item bo·G + g: rows [r0, r1) of the stacked (G·N) rows, nr = r1 − r0,
@@ -171,6 +179,72 @@ def _heavy_keys(kb, vb, heavy_ptr, heavy_cols, g, m):
     return kh, vh
 
 
+@serial
+def _tile_fwd(t, bo, out, lse, p, q, k, v, rel, kpad, indptr, indices, row_ea, row_eb,
+              tile_start, tile_jlo, tile_jhi, heavy_ptr, heavy_cols, hv_ptr, hv_e, hv_r, hv_h,
+              groups, scale):
+    """The forward of tile t for batch items bo·G + g (see :func:`tiles_fwd`)."""
+    _, n, d = q.shape
+    m = v.shape[1]
+    has_rel = rel.shape[0] > 0
+    has_kpad = kpad.shape[0] > 0
+    one = q.dtype.type(1)
+    r0, r1, nr, g, bh, i0, off, jl, nrng = _tile_geometry(t, bo, tile_start, tile_jlo,
+                                                           tile_jhi, n, m, groups)
+    qb, kb, vb, pb = q[bh], k[bh], v[bh], p[bo]
+    qt = qb[i0:i0 + nr]
+    # fwd: s_e = scale · q_i·k_j — the range and the heavy keys by products
+    if nrng > 0:
+        st = np.dot(qt, kb[jl:jl + nrng].T)                             # (T, R)
+    else:
+        st = np.zeros((nr, 0), dtype=q.dtype)                           # (T, 0)
+    kh, vh = _heavy_keys(kb, vb, heavy_ptr, heavy_cols, g, m)           # (Gc, D), (Gc, Dv)
+    nh = kh.shape[0]
+    if nh > 0:
+        sh = np.dot(qt, kh.T)                                           # (T, Gc)
+    else:
+        sh = np.zeros((nr, 0), dtype=q.dtype)                           # (T, 0)
+    for u in range(hv_ptr[t], hv_ptr[t + 1]):
+        pb[hv_e[u]] = sh[hv_r[u], hv_h[u]] * scale
+    for row in range(r0, r1):
+        i = row - g * n
+        r = row - r0
+        e0, ea, eb, e1 = indptr[row], row_ea[row], row_eb[row], indptr[row + 1]
+        _gather_dense(pb, st[r], indices, ea, eb, off, scale)
+        if has_rel:                                    # + rel[i − j + M − 1]
+            for e in range(e0, e1):
+                pb[e] += rel[bh, i - (indices[e] - g * m) + m - 1]
+        if has_kpad:                                   # padded key: −inf
+            for e in range(e0, e1):
+                if not kpad[bh, indices[e] - g * m]:
+                    pb[e] = -np.inf
+        # fwd: p_e = exp(s_e − c_i) / z_i
+        lse[bh, i] = _row_softmax(pb[e0:e1])
+    # fwd: out_i = Σ_e p_e v_j — products where every factor is finite (0 · NaN would
+    # reach rows that do not store the key), else entry by entry
+    if nrng > 0:
+        if _finite(vb[jl:jl + nrng]):
+            for r in range(nr):
+                _scatter_dense(st[r], pb, indices, row_ea[r0 + r], row_eb[r0 + r], off,
+                               one)
+            _set_rows(out[bh, i0:i0 + nr], np.dot(st, vb[jl:jl + nrng]))   # (T, Dv)
+        else:
+            for row in range(r0, r1):
+                for e in range(row_ea[row], row_eb[row]):
+                    axpy(out[bh, row - g * n], pb[e], vb[indices[e] - g * m])
+    if nh > 0:
+        heavy_o = _finite(vh)
+        sh[:, :] = 0
+        for u in range(hv_ptr[t], hv_ptr[t + 1]):
+            e = hv_e[u]
+            if heavy_o:
+                sh[hv_r[u], hv_h[u]] = pb[e]
+            else:
+                axpy(out[bh, i0 + hv_r[u]], pb[e], vb[indices[e] - g * m])
+        if heavy_o:
+            add_rows(out[bh, i0:i0 + nr], np.dot(sh, vh))                   # (T, Dv)
+
+
 @kernel
 def tiles_fwd(out, lse, p, q, k, v, rel, kpad, indptr, indices, row_ea, row_eb, tile_start,
               tile_jlo, tile_jhi, heavy_ptr, heavy_cols, hv_ptr, hv_e, hv_r, hv_h, groups,
@@ -187,69 +261,12 @@ def tiles_fwd(out, lse, p, q, k, v, rel, kpad, indptr, indices, row_ea, row_eb, 
     hv_r[u], key number hv_h[u] of its group's heavy keys.
     """
     bo_n = p.shape[0]
-    _, n, d = q.shape
-    m = v.shape[1]
-    has_rel = rel.shape[0] > 0
-    has_kpad = kpad.shape[0] > 0
-    one = q.dtype.type(1)
     nt = tile_start.shape[0] - 1
-    for task in prange(bo_n * nt):
+    for task in prange(bo_n * nt):          # SPEEDTIP: the body is a serial helper
         bo = task // nt
-        t = task - bo * nt
-        r0, r1, nr, g, bh, i0, off, jl, nrng = _tile_geometry(t, bo, tile_start, tile_jlo,
-                                                               tile_jhi, n, m, groups)
-        qb, kb, vb, pb = q[bh], k[bh], v[bh], p[bo]
-        qt = qb[i0:i0 + nr]
-        # fwd: s_e = scale · q_i·k_j — the range and the heavy keys by products
-        if nrng > 0:
-            st = np.dot(qt, kb[jl:jl + nrng].T)                             # (T, R)
-        else:
-            st = np.zeros((nr, 0), dtype=q.dtype)                           # (T, 0)
-        kh, vh = _heavy_keys(kb, vb, heavy_ptr, heavy_cols, g, m)           # (Gc, D), (Gc, Dv)
-        nh = kh.shape[0]
-        if nh > 0:
-            sh = np.dot(qt, kh.T)                                           # (T, Gc)
-        else:
-            sh = np.zeros((nr, 0), dtype=q.dtype)                           # (T, 0)
-        for u in range(hv_ptr[t], hv_ptr[t + 1]):
-            pb[hv_e[u]] = sh[hv_r[u], hv_h[u]] * scale
-        for row in range(r0, r1):
-            i = row - g * n
-            r = row - r0
-            e0, ea, eb, e1 = indptr[row], row_ea[row], row_eb[row], indptr[row + 1]
-            _gather_dense(pb, st[r], indices, ea, eb, off, scale)
-            if has_rel:                                    # + rel[i − j + M − 1]
-                for e in range(e0, e1):
-                    pb[e] += rel[bh, i - (indices[e] - g * m) + m - 1]
-            if has_kpad:                                   # padded key: −inf
-                for e in range(e0, e1):
-                    if not kpad[bh, indices[e] - g * m]:
-                        pb[e] = -np.inf
-            # fwd: p_e = exp(s_e − c_i) / z_i
-            lse[bh, i] = _row_softmax(pb[e0:e1])
-        # fwd: out_i = Σ_e p_e v_j — products where every factor is finite (0 · NaN would
-        # reach rows that do not store the key), else entry by entry
-        if nrng > 0:
-            if _finite(vb[jl:jl + nrng]):
-                for r in range(nr):
-                    _scatter_dense(st[r], pb, indices, row_ea[r0 + r], row_eb[r0 + r], off,
-                                   one)
-                out[bh, i0:i0 + nr] = np.dot(st, vb[jl:jl + nrng])          # (T, Dv)
-            else:
-                for row in range(r0, r1):
-                    for e in range(row_ea[row], row_eb[row]):
-                        axpy(out[bh, row - g * n], pb[e], vb[indices[e] - g * m])
-        if nh > 0:
-            heavy_o = _finite(vh)
-            sh[:, :] = 0
-            for u in range(hv_ptr[t], hv_ptr[t + 1]):
-                e = hv_e[u]
-                if heavy_o:
-                    sh[hv_r[u], hv_h[u]] = pb[e]
-                else:
-                    axpy(out[bh, i0 + hv_r[u]], pb[e], vb[indices[e] - g * m])
-            if heavy_o:
-                out[bh, i0:i0 + nr] += np.dot(sh, vh)                       # (T, Dv)
+        _tile_fwd(task - bo * nt, bo, out, lse, p, q, k, v, rel, kpad, indptr, indices, row_ea,
+                  row_eb, tile_start, tile_jlo, tile_jhi, heavy_ptr, heavy_cols, hv_ptr, hv_e,
+                  hv_r, hv_h, groups, scale)
 
 
 # ---------------------------------------------------------------------- backward
@@ -318,11 +335,11 @@ def _tile_bwd(t, bo, dq, dk, dv, ds, ph, dsh, dout, p, q, k, v, indptr, indices,
         else:
             axpy(dq[bh, i], dsb[e] * scale, kb[indices[e] - g * m])
     if dense_g:
-        dq[bh, i0:i0 + nr] += np.dot(dpt, kb[jl:jl + nrng])                 # (T, D)
-        dk[bh, jl:jl + nrng] += np.dot(dpt.T, qt)                           # (R, D)
-        dv[bh, jl:jl + nrng] += np.dot(pt.T, dot_)                          # (R, Dv)
+        add_rows(dq[bh, i0:i0 + nr], np.dot(dpt, kb[jl:jl + nrng]))          # (T, D)
+        add_rows(dk[bh, jl:jl + nrng], np.dot(dpt.T, qt))                    # (R, D)
+        add_rows(dv[bh, jl:jl + nrng], np.dot(pt.T, dot_))                   # (R, Dv)
     if heavy_g:
-        dq[bh, i0:i0 + nr] += np.dot(dph, kh)                               # (T, D)
+        add_rows(dq[bh, i0:i0 + nr], np.dot(dph, kh))                        # (T, D)
 
 
 @kernel
@@ -343,27 +360,59 @@ def tiles_bwd(dq, dk, dv, ds, ph, dsh, dout, p, q, k, v, indptr, indices, row_ea
     """
     bo_n = p.shape[0]
     n = q.shape[1]
-    if per_item:
-        for task in prange(bo_n * groups):
-            bo = task // groups
-            g = task - bo * groups
-            for u in range(phase_tiles.shape[0]):
+    n_rounds = 1 if per_item else phase_ptr.shape[0] - 1
+    for f in range(n_rounds):               # per_item: one round; else one per phase
+        a = phase_ptr[f] if not per_item else 0
+        ntp = phase_ptr[f + 1] - a if not per_item else 0
+        ntask = bo_n * groups if per_item else bo_n * ntp   # (prange needs a plain count)
+        for task in prange(ntask):
+            if per_item:                    # (batch item, group): its tiles in phase order
+                bo = task // groups
+                g = task - bo * groups
+                u0, u1 = 0, phase_tiles.shape[0]
+            else:                           # (batch item, tile of phase f)
+                bo = task // ntp
+                g = -1
+                u0 = a + task - bo * ntp
+                u1 = u0 + 1
+            for u in range(u0, u1):
                 t = phase_tiles[u]
-                if tile_start[t] // n == g:
+                if g < 0 or tile_start[t] // n == g:
                     _tile_bwd(t, bo, dq, dk, dv, ds, ph, dsh, dout, p, q, k, v, indptr,
                               indices, row_ea, row_eb, tile_start, tile_jlo, tile_jhi,
-                              heavy_ptr, heavy_cols, hv_ptr, hv_e, hv_r, hv_h, groups,
-                              scale)
+                              heavy_ptr, heavy_cols, hv_ptr, hv_e, hv_r, hv_h, groups, scale)
+
+
+@serial
+def _heavy_item(bh, dk, dv, ph, dsh, q, dout, p, ds, heavy_ptr, heavy_cols, t_indptr,
+                t_indices, t_perm, row_ea, row_eb, groups, scale):
+    """:func:`heavy_bwd` for batch item bh."""
+    n = q.shape[1]
+    m = dk.shape[1]
+    g = bh % groups
+    bo = bh // groups
+    h0 = heavy_ptr[g]
+    nh = heavy_ptr[g + 1] - h0
+    if nh == 0:
         return
-    for f in range(phase_ptr.shape[0] - 1):
-        a = phase_ptr[f]
-        ntp = phase_ptr[f + 1] - a
-        for task in prange(bo_n * ntp):
-            bo = task // ntp
-            t = phase_tiles[a + task - bo * ntp]
-            _tile_bwd(t, bo, dq, dk, dv, ds, ph, dsh, dout, p, q, k, v, indptr, indices,
-                      row_ea, row_eb, tile_start, tile_jlo, tile_jhi, heavy_ptr, heavy_cols,
-                      hv_ptr, hv_e, hv_r, hv_h, groups, scale)
+    if _finite(q[bh]) and _finite(dout[bh]):
+        gk = np.dot(dsh[bh, :nh], q[bh])                                    # (Gc, D)
+        gv = np.dot(ph[bh, :nh], dout[bh])                                  # (Gc, Dv)
+        for h in range(nh):
+            j = heavy_cols[h0 + h] - g * m
+            add_rows(dk[bh, j:j + 1], gk[h:h + 1])
+            add_rows(dv[bh, j:j + 1], gv[h:h + 1])
+        return
+    for h in range(nh):
+        col = heavy_cols[h0 + h]
+        j = col - g * m
+        for t in range(t_indptr[col], t_indptr[col + 1]):
+            row = t_indices[t]
+            e = t_perm[t]
+            if row_ea[row] <= e < row_eb[row]:
+                continue
+            axpy(dk[bh, j], ds[bo, e] * scale, q[bh, row - g * n])
+            axpy(dv[bh, j], p[bo, e], dout[bh, row - g * n])
 
 
 @kernel
@@ -372,33 +421,9 @@ def heavy_bwd(dk, dv, ph, dsh, q, dout, p, ds, heavy_ptr, heavy_cols, t_indptr, 
     """dk_j += Σ (ds_e·scale) q_i, dv_j += Σ p_e dout_i over the heavy entries of each heavy
     key j: two products per batch item (ph, dsh from :func:`tiles_bwd`), or, if q or dout
     of the batch item is not finite, entry by entry down the transposed pattern."""
-    bh_n, n = q.shape[0], q.shape[1]
-    m = dk.shape[1]
-    for bh in prange(bh_n):
-        g = bh % groups
-        bo = bh // groups
-        h0 = heavy_ptr[g]
-        nh = heavy_ptr[g + 1] - h0
-        if nh == 0:
-            continue
-        if _finite(q[bh]) and _finite(dout[bh]):
-            gk = np.dot(dsh[bh, :nh], q[bh])                                # (Gc, D)
-            gv = np.dot(ph[bh, :nh], dout[bh])                              # (Gc, Dv)
-            for h in range(nh):
-                j = heavy_cols[h0 + h] - g * m
-                dk[bh, j] += gk[h]
-                dv[bh, j] += gv[h]
-            continue
-        for h in range(nh):
-            col = heavy_cols[h0 + h]
-            j = col - g * m
-            for t in range(t_indptr[col], t_indptr[col + 1]):
-                row = t_indices[t]
-                e = t_perm[t]
-                if row_ea[row] <= e < row_eb[row]:
-                    continue
-                axpy(dk[bh, j], ds[bo, e] * scale, q[bh, row - g * n])
-                axpy(dv[bh, j], p[bo, e], dout[bh, row - g * n])
+    for bh in prange(q.shape[0]):
+        _heavy_item(np.int64(bh), dk, dv, ph, dsh, q, dout, p, ds, heavy_ptr, heavy_cols, t_indptr,
+                    t_indices, t_perm, row_ea, row_eb, groups, scale)
 
 
 @kernel
