@@ -13,6 +13,8 @@ sequence, W = 2c keys per window (the previous chunk, then the chunk itself).
                        dk̂ folded into dx per round: dx += rn·dk̂ − rn³⟨x, dk̂⟩x
 
 Parallelism: ``prange`` runs over (g, chunk) of ONE round at a time; rounds run serially.
+``hash_argmax`` runs over blocks of 4 positions; ``sort_buckets`` and ``row_dot`` (O(N)
+work) are serial.
 Within one round every position occupies exactly one slot, so a chunk owns the rows it
 writes (its queries' out/dx rows, its keys' dk̂/dv rows): no atomics, and every
 accumulation over rounds happens in the fixed order r = 0, 1, …, R−1, so the results are
@@ -33,6 +35,64 @@ import math
 import numpy as np
 
 from ._jit import kernel, prange, serial
+
+
+@serial
+def _hash_block(gb, buckets, x, rot32, rot_t, tol, tol_abs):
+    """Block gb = (g, 4 positions) of :func:`hash_argmax`, every round."""
+    G, R, N = buckets.shape
+    D = x.shape[2]
+    D4 = rot32.shape[1]
+    H = rot32.shape[2]
+    nblk = (N + 3) // 4
+    g = gb // nblk
+    i0 = (gb % nblk) * 4
+    nr = min(4, N - i0)
+    xb = np.zeros((4, D4), np.float32)                         # (4, D4) rows, rounded
+    xe = np.zeros((4, D))                                      # (4, D) rows, float64
+    xn = np.zeros(4)                                           # (4,) ‖x_i‖
+    for k in range(nr):
+        acc = 0.0
+        for d in range(D):
+            xd = np.float64(x[g, i0 + k, d])
+            xe[k, d] = xd
+            xb[k, d] = xd
+            acc += xd * xd
+        xn[k] = math.sqrt(acc)
+    p = np.empty((4, H), np.float32)                           # (4, H) filter products
+    pb = p.view(np.uint32)                                     # |p| ordered as its bits
+    one = np.empty(1, np.float32)                              # (1,) float32 <-> bits
+    one_b = one.view(np.uint32)
+    ngrp = (H + 31) // 32
+    grp = np.empty(ngrp, np.uint32)                            # (H/32,) group max |p|
+    p0 = p[0]
+    p1 = p[1]
+    p2 = p[2]
+    p3 = p[3]
+    for r in range(R):
+        p[:, :] = 0.0
+        for d in range(0, D4, 4):
+            ra = rot32[r, d]
+            rb = rot32[r, d + 1]
+            rc = rot32[r, d + 2]
+            rd = rot32[r, d + 3]
+            a0, a1, a2, a3 = xb[0, d], xb[0, d + 1], xb[0, d + 2], xb[0, d + 3]
+            b0, b1, b2, b3 = xb[1, d], xb[1, d + 1], xb[1, d + 2], xb[1, d + 3]
+            c0, c1, c2, c3 = xb[2, d], xb[2, d + 1], xb[2, d + 2], xb[2, d + 3]
+            e0, e1, e2, e3 = xb[3, d], xb[3, d + 1], xb[3, d + 2], xb[3, d + 3]
+            for h in range(H):                                 # SPEEDTIP: vectorizes
+                qa = ra[h]
+                qb = rb[h]
+                qc = rc[h]
+                qd = rd[h]
+                p0[h] += (a0 * qa + a1 * qb) + (a2 * qc + a3 * qd)
+                p1[h] += (b0 * qa + b1 * qb) + (b2 * qc + b3 * qd)
+                p2[h] += (c0 * qa + c1 * qb) + (c2 * qc + c3 * qd)
+                p3[h] += (e0 * qa + e1 * qb) + (e2 * qc + e3 * qd)
+        for k in range(nr):
+            b = tol[r] * xn[k] + tol_abs[r]
+            buckets[g, r, i0 + k] = _pick_bucket(p[k], pb[k], xe[k], rot_t[r], b, grp,
+                                                 one, one_b)
 
 
 @kernel
@@ -59,60 +119,10 @@ def hash_argmax(buckets, x, rot32, rot_t, tol, tol_abs):
     (the rotations transposed); tol, tol_abs (R,) float64.  Results do not depend on the
     thread count or on the filter's rounding (only the exact stage decides).
     """
-    G, R, N = buckets.shape
-    D = x.shape[2]
-    D4 = rot32.shape[1]
-    H = rot32.shape[2]
+    G, N = buckets.shape[0], buckets.shape[2]
     nblk = (N + 3) // 4
-    for gb in prange(G * nblk):
-        g = gb // nblk
-        i0 = (gb % nblk) * 4
-        nr = min(4, N - i0)
-        xb = np.zeros((4, D4), np.float32)                         # (4, D4) rows, rounded
-        xe = np.zeros((4, D))                                      # (4, D) rows, float64
-        xn = np.zeros(4)                                           # (4,) ‖x_i‖
-        for k in range(nr):
-            acc = 0.0
-            for d in range(D):
-                xd = np.float64(x[g, i0 + k, d])
-                xe[k, d] = xd
-                xb[k, d] = xd
-                acc += xd * xd
-            xn[k] = math.sqrt(acc)
-        p = np.empty((4, H), np.float32)                           # (4, H) filter products
-        pb = p.view(np.uint32)                                     # |p| ordered as its bits
-        one = np.empty(1, np.float32)                              # (1,) float32 <-> bits
-        one_b = one.view(np.uint32)
-        ngrp = (H + 31) // 32
-        grp = np.empty(ngrp, np.uint32)                            # (H/32,) group max |p|
-        p0 = p[0]
-        p1 = p[1]
-        p2 = p[2]
-        p3 = p[3]
-        for r in range(R):
-            p[:, :] = 0.0
-            for d in range(0, D4, 4):
-                ra = rot32[r, d]
-                rb = rot32[r, d + 1]
-                rc = rot32[r, d + 2]
-                rd = rot32[r, d + 3]
-                a0, a1, a2, a3 = xb[0, d], xb[0, d + 1], xb[0, d + 2], xb[0, d + 3]
-                b0, b1, b2, b3 = xb[1, d], xb[1, d + 1], xb[1, d + 2], xb[1, d + 3]
-                c0, c1, c2, c3 = xb[2, d], xb[2, d + 1], xb[2, d + 2], xb[2, d + 3]
-                e0, e1, e2, e3 = xb[3, d], xb[3, d + 1], xb[3, d + 2], xb[3, d + 3]
-                for h in range(H):                                 # SPEEDTIP: vectorizes
-                    qa = ra[h]
-                    qb = rb[h]
-                    qc = rc[h]
-                    qd = rd[h]
-                    p0[h] += (a0 * qa + a1 * qb) + (a2 * qc + a3 * qd)
-                    p1[h] += (b0 * qa + b1 * qb) + (b2 * qc + b3 * qd)
-                    p2[h] += (c0 * qa + c1 * qb) + (c2 * qc + c3 * qd)
-                    p3[h] += (e0 * qa + e1 * qb) + (e2 * qc + e3 * qd)
-            for k in range(nr):
-                b = tol[r] * xn[k] + tol_abs[r]
-                buckets[g, r, i0 + k] = _pick_bucket(p[k], pb[k], xe[k], rot_t[r], b, grp,
-                                                     one, one_b)
+    for gb in prange(G * nblk):                # SPEEDTIP: bodies in serial helpers (_jit.py)
+        _hash_block(np.int64(gb), buckets, x, rot32, rot_t, tol, tol_abs)
 
 
 @serial
@@ -185,14 +195,14 @@ def _pick_bucket(p, pb, xe, rot_t, b, grp, one, one_b):
     return H + arg_m if best_m > best_p else arg_p
 
 
-@kernel
+@serial
 def sort_buckets(perm, inv_perm, buckets, n_slots):
     """Stable counting sort of each (g, r) row by bucket in [0, n_slots).
 
     perm[g, r, s] = position at sorted slot s; inv_perm[g, r, perm[g, r, s]] = s.
     """
     G, R, N = buckets.shape
-    for gr in prange(G * R):
+    for gr in range(G * R):                    # O(N) per row: serial (SPEEDTIP in _jit.py)
         g = gr // R
         r = gr % R
         start = np.zeros(n_slots + 1, np.int64)                    # (n_slots + 1,)
@@ -260,6 +270,72 @@ def _gather_window(kpos, kT, vb, x, v, rn, perm, g, t, c, nc, T):
             vb[b, e] = v[g, j, e]
 
 
+@serial
+def _attend_chunk(gt, r, out, lse, z, x, v, rn, perm, inv_perm, kp, use_kp, causal, dedup,
+                  scale, c, penalty):
+    """Chunk gt = (g, chunk) of round r in :func:`chunk_attend`."""
+    G, R, N = perm.shape
+    D = x.shape[2]
+    Dv = v.shape[2]
+    nc = N // c
+    T = R * nc
+    W = 2 * c
+    g = gt // nc
+    t = r * nc + gt % nc
+    kpos = np.empty(W, np.int64)                           # (W,)
+    kT = np.empty((D, W))                                  # (D, W)
+    vb = np.empty((W, Dv))                                 # (W, Dv)
+    s = np.empty(W)                                        # (W,)
+    o = np.empty(Dv)                                       # (Dv,)
+    _gather_window(kpos, kT, vb, x, v, rn, perm, g, t, c, nc, T)
+    for a in range(c):
+        i = kpos[c + a]
+        s[:] = 0.0
+        for d in range(D):
+            xd = np.float64(x[g, i, d])
+            for b in range(W):
+                s[b] += xd * kT[d, b]
+        m = -np.inf
+        for b in range(W):
+            s[b] = _logit(s[b], i, kpos[b], g, kp, use_kp, causal, dedup, inv_perm,
+                          scale, penalty, N, c, nc, T)
+            if s[b] > m:
+                m = s[b]
+        o[:] = 0.0
+        if m == -np.inf:
+            zr = -np.inf
+        else:
+            tot = 0.0
+            for b in range(W):
+                if s[b] == -np.inf:
+                    continue
+                eb = math.exp(s[b] - m)
+                tot += eb
+                for e in range(Dv):
+                    o[e] += eb * vb[b, e]
+            for e in range(Dv):
+                o[e] /= tot
+            zr = m + math.log(tot)
+        z[g, r, i] = zr
+        if r == 0:
+            lse[g, i] = zr
+            for e in range(Dv):
+                out[g, i, e] = o[e]
+        else:
+            zo = lse[g, i]
+            mx = max(zo, zr)
+            if mx == -np.inf:
+                continue                                   # still nothing seen
+            wo = math.exp(zo - mx)
+            wn = math.exp(zr - mx)
+            zn = mx + math.log(wo + wn)
+            wo = math.exp(zo - zn)
+            wn = math.exp(zr - zn)
+            for e in range(Dv):
+                out[g, i, e] = np.float64(out[g, i, e]) * wo + o[e] * wn
+            lse[g, i] = zn
+
+
 @kernel
 def chunk_attend(out, lse, z, x, v, rn, perm, inv_perm, kp, use_kp, causal, dedup, scale,
                  c, penalty):
@@ -268,67 +344,61 @@ def chunk_attend(out, lse, z, x, v, rn, perm, inv_perm, kp, use_kp, causal, dedu
     out (G, N, Dv), lse (G, N) float64, z (G, R, N) float64 are outputs (fully written).
     """
     G, R, N = perm.shape
+    nc = N // c
+    for r in range(R):
+        for gt in prange(G * nc):
+            _attend_chunk(np.int64(gt), r, out, lse, z, x, v, rn, perm, inv_perm, kp, use_kp,
+                          causal, dedup, scale, c, penalty)
+
+
+@serial
+def _bwd_q_chunk(gt, r, dx, dout, dd, lse, x, v, rn, perm, inv_perm, kp, use_kp, causal, dedup,
+                 scale, c, penalty):
+    """Chunk gt = (g, chunk) of round r in :func:`chunk_attend_bwd_q`."""
+    G, R, N = perm.shape
     D = x.shape[2]
     Dv = v.shape[2]
     nc = N // c
     T = R * nc
     W = 2 * c
-    for r in range(R):
-        for gt in prange(G * nc):
-            g = gt // nc
-            t = r * nc + gt % nc
-            kpos = np.empty(W, np.int64)                           # (W,)
-            kT = np.empty((D, W))                                  # (D, W)
-            vb = np.empty((W, Dv))                                 # (W, Dv)
-            s = np.empty(W)                                        # (W,)
-            o = np.empty(Dv)                                       # (Dv,)
-            _gather_window(kpos, kT, vb, x, v, rn, perm, g, t, c, nc, T)
-            for a in range(c):
-                i = kpos[c + a]
-                s[:] = 0.0
-                for d in range(D):
-                    xd = np.float64(x[g, i, d])
-                    for b in range(W):
-                        s[b] += xd * kT[d, b]
-                m = -np.inf
-                for b in range(W):
-                    s[b] = _logit(s[b], i, kpos[b], g, kp, use_kp, causal, dedup, inv_perm,
-                                  scale, penalty, N, c, nc, T)
-                    if s[b] > m:
-                        m = s[b]
-                o[:] = 0.0
-                if m == -np.inf:
-                    zr = -np.inf
-                else:
-                    tot = 0.0
-                    for b in range(W):
-                        if s[b] == -np.inf:
-                            continue
-                        eb = math.exp(s[b] - m)
-                        tot += eb
-                        for e in range(Dv):
-                            o[e] += eb * vb[b, e]
-                    for e in range(Dv):
-                        o[e] /= tot
-                    zr = m + math.log(tot)
-                z[g, r, i] = zr
-                if r == 0:
-                    lse[g, i] = zr
-                    for e in range(Dv):
-                        out[g, i, e] = o[e]
-                else:
-                    zo = lse[g, i]
-                    mx = max(zo, zr)
-                    if mx == -np.inf:
-                        continue                                   # still nothing seen
-                    wo = math.exp(zo - mx)
-                    wn = math.exp(zr - mx)
-                    zn = mx + math.log(wo + wn)
-                    wo = math.exp(zo - zn)
-                    wn = math.exp(zr - zn)
-                    for e in range(Dv):
-                        out[g, i, e] = np.float64(out[g, i, e]) * wo + o[e] * wn
-                    lse[g, i] = zn
+    g = gt // nc
+    t = r * nc + gt % nc
+    kpos = np.empty(W, np.int64)                           # (W,)
+    kT = np.empty((D, W))                                  # (D, W)
+    vb = np.empty((W, Dv))                                 # (W, Dv)
+    _gather_window(kpos, kT, vb, x, v, rn, perm, g, t, c, nc, T)
+    kb = np.ascontiguousarray(kT.T)                        # (W, D)
+    vT = np.ascontiguousarray(vb.T)                        # (Dv, W)
+    s = np.empty(W)                                        # (W,)
+    dp = np.empty(W)                                       # (W,)
+    acc = np.empty(D)                                      # (D,)
+    for a in range(c):
+        i = kpos[c + a]
+        zi = lse[g, i]
+        if zi == -np.inf:
+            continue                                       # empty row: no gradient
+        s[:] = 0.0
+        for d in range(D):
+            xd = np.float64(x[g, i, d])
+            for b in range(W):
+                s[b] += xd * kT[d, b]
+        dp[:] = 0.0
+        for e in range(Dv):
+            de = np.float64(dout[g, i, e])
+            for b in range(W):
+                dp[b] += de * vT[e, b]
+        acc[:] = 0.0
+        for b in range(W):
+            j = kpos[b]
+            sb = _logit(s[b], i, j, g, kp, use_kp, causal, dedup, inv_perm, scale,
+                        penalty, N, c, nc, T)
+            if sb == -np.inf or j == i:                    # excluded, or constant logit
+                continue
+            dsb = math.exp(sb - zi) * (dp[b] - dd[g, i])
+            for d in range(D):
+                acc[d] += dsb * kb[b, d]
+        for d in range(D):
+            dx[g, i, d] += scale * acc[d]
 
 
 @kernel
@@ -339,51 +409,85 @@ def chunk_attend_bwd_q(dx, dout, dd, lse, x, v, rn, perm, inv_perm, kp, use_kp, 
     dx (G, N, D) must be zero on entry; dd_i = ⟨dout_i, out_i⟩; P = exp(s − lse_i).
     """
     G, R, N = perm.shape
+    nc = N // c
+    for r in range(R):
+        for gt in prange(G * nc):
+            _bwd_q_chunk(np.int64(gt), r, dx, dout, dd, lse, x, v, rn, perm, inv_perm, kp,
+                         use_kp, causal, dedup, scale, c, penalty)
+
+
+@serial
+def _bwd_kv_chunk(gt, r, dx, dv, dout, dd, lse, x, v, rn, perm, inv_perm, kp, use_kp, causal,
+                  dedup, scale, c, penalty):
+    """Chunk gt = (g, chunk) of round r in :func:`chunk_attend_bwd_kv`."""
+    G, R, N = perm.shape
     D = x.shape[2]
     Dv = v.shape[2]
     nc = N // c
     T = R * nc
-    W = 2 * c
-    for r in range(R):
-        for gt in prange(G * nc):
-            g = gt // nc
-            t = r * nc + gt % nc
-            kpos = np.empty(W, np.int64)                           # (W,)
-            kT = np.empty((D, W))                                  # (D, W)
-            vb = np.empty((W, Dv))                                 # (W, Dv)
-            _gather_window(kpos, kT, vb, x, v, rn, perm, g, t, c, nc, T)
-            kb = np.ascontiguousarray(kT.T)                        # (W, D)
-            vT = np.ascontiguousarray(vb.T)                        # (Dv, W)
-            s = np.empty(W)                                        # (W,)
-            dp = np.empty(W)                                       # (W,)
-            acc = np.empty(D)                                      # (D,)
-            for a in range(c):
-                i = kpos[c + a]
-                zi = lse[g, i]
-                if zi == -np.inf:
-                    continue                                       # empty row: no gradient
-                s[:] = 0.0
-                for d in range(D):
-                    xd = np.float64(x[g, i, d])
-                    for b in range(W):
-                        s[b] += xd * kT[d, b]
-                dp[:] = 0.0
+    g = gt // nc
+    t = r * nc + gt % nc
+    jpos = np.empty(c, np.int64)                           # (c,)
+    kT = np.empty((D, c))                                  # (D, c)
+    vT = np.empty((Dv, c))                                 # (Dv, c)
+    for b in range(c):
+        j = perm[g, r, (t % nc) * c + b]
+        jpos[b] = j
+        rj = np.float64(rn[g, j])
+        for d in range(D):
+            kT[d, b] = np.float64(x[g, j, d]) * rj
+        for e in range(Dv):
+            vT[e, b] = v[g, j, e]
+    dk_acc = np.zeros((c, D))                              # (c, D)
+    dv_acc = np.zeros((c, Dv))                             # (c, Dv)
+    s = np.empty(c)                                        # (c,)
+    dp = np.empty(c)                                       # (c,)
+    xi = np.empty(D)                                       # (D,)
+    doi = np.empty(Dv)                                     # (Dv,)
+    for side in range(2):
+        tq = t if side == 0 else (t + 1) % T               # query chunk
+        for a in range(c):
+            i = perm[g, tq // nc, (tq % nc) * c + a]
+            zi = lse[g, i]
+            if zi == -np.inf:
+                continue
+            for d in range(D):
+                xi[d] = x[g, i, d]
+            for e in range(Dv):
+                doi[e] = dout[g, i, e]
+            s[:] = 0.0
+            for d in range(D):
+                for b in range(c):
+                    s[b] += xi[d] * kT[d, b]
+            dp[:] = 0.0
+            for e in range(Dv):
+                for b in range(c):
+                    dp[b] += doi[e] * vT[e, b]
+            for b in range(c):
+                j = jpos[b]
+                sb = _logit(s[b], i, j, g, kp, use_kp, causal, dedup, inv_perm,
+                            scale, penalty, N, c, nc, T)
+                if sb == -np.inf:
+                    continue
+                p = math.exp(sb - zi)
                 for e in range(Dv):
-                    de = np.float64(dout[g, i, e])
-                    for b in range(W):
-                        dp[b] += de * vT[e, b]
-                acc[:] = 0.0
-                for b in range(W):
-                    j = kpos[b]
-                    sb = _logit(s[b], i, j, g, kp, use_kp, causal, dedup, inv_perm, scale,
-                                penalty, N, c, nc, T)
-                    if sb == -np.inf or j == i:                    # excluded, or constant logit
-                        continue
-                    dsb = math.exp(sb - zi) * (dp[b] - dd[g, i])
-                    for d in range(D):
-                        acc[d] += dsb * kb[b, d]
+                    dv_acc[b, e] += p * doi[e]
+                if j == i:
+                    continue                               # constant logit
+                dsb = scale * p * (dp[b] - dd[g, i])
                 for d in range(D):
-                    dx[g, i, d] += scale * acc[d]
+                    dk_acc[b, d] += dsb * xi[d]
+    for b in range(c):
+        j = jpos[b]
+        # fwd: k̂_j = x_j · rn_j,  rn_j = (‖x_j‖² + D·ε)^(−1/2)
+        rj = np.float64(rn[g, j])
+        dot = 0.0
+        for d in range(D):
+            dot += np.float64(x[g, j, d]) * dk_acc[b, d]
+        for d in range(D):
+            dx[g, j, d] += rj * dk_acc[b, d] - rj * rj * rj * dot * x[g, j, d]
+        for e in range(Dv):
+            dv[g, j, e] += dv_acc[b, e]
 
 
 @kernel
@@ -398,82 +502,18 @@ def chunk_attend_bwd_kv(dx, dv, dout, dd, lse, x, v, rn, perm, inv_perm, kp, use
     the query side on entry (``chunk_attend_bwd_q``); dv (G, N, Dv) must be zero on entry.
     """
     G, R, N = perm.shape
-    D = x.shape[2]
-    Dv = v.shape[2]
     nc = N // c
-    T = R * nc
     for r in range(R):
         for gt in prange(G * nc):
-            g = gt // nc
-            t = r * nc + gt % nc
-            jpos = np.empty(c, np.int64)                           # (c,)
-            kT = np.empty((D, c))                                  # (D, c)
-            vT = np.empty((Dv, c))                                 # (Dv, c)
-            for b in range(c):
-                j = perm[g, r, (t % nc) * c + b]
-                jpos[b] = j
-                rj = np.float64(rn[g, j])
-                for d in range(D):
-                    kT[d, b] = np.float64(x[g, j, d]) * rj
-                for e in range(Dv):
-                    vT[e, b] = v[g, j, e]
-            dk_acc = np.zeros((c, D))                              # (c, D)
-            dv_acc = np.zeros((c, Dv))                             # (c, Dv)
-            s = np.empty(c)                                        # (c,)
-            dp = np.empty(c)                                       # (c,)
-            xi = np.empty(D)                                       # (D,)
-            doi = np.empty(Dv)                                     # (Dv,)
-            for side in range(2):
-                tq = t if side == 0 else (t + 1) % T               # query chunk
-                for a in range(c):
-                    i = perm[g, tq // nc, (tq % nc) * c + a]
-                    zi = lse[g, i]
-                    if zi == -np.inf:
-                        continue
-                    for d in range(D):
-                        xi[d] = x[g, i, d]
-                    for e in range(Dv):
-                        doi[e] = dout[g, i, e]
-                    s[:] = 0.0
-                    for d in range(D):
-                        for b in range(c):
-                            s[b] += xi[d] * kT[d, b]
-                    dp[:] = 0.0
-                    for e in range(Dv):
-                        for b in range(c):
-                            dp[b] += doi[e] * vT[e, b]
-                    for b in range(c):
-                        j = jpos[b]
-                        sb = _logit(s[b], i, j, g, kp, use_kp, causal, dedup, inv_perm,
-                                    scale, penalty, N, c, nc, T)
-                        if sb == -np.inf:
-                            continue
-                        p = math.exp(sb - zi)
-                        for e in range(Dv):
-                            dv_acc[b, e] += p * doi[e]
-                        if j == i:
-                            continue                               # constant logit
-                        dsb = scale * p * (dp[b] - dd[g, i])
-                        for d in range(D):
-                            dk_acc[b, d] += dsb * xi[d]
-            for b in range(c):
-                j = jpos[b]
-                # fwd: k̂_j = x_j · rn_j,  rn_j = (‖x_j‖² + D·ε)^(−1/2)
-                rj = np.float64(rn[g, j])
-                dot = 0.0
-                for d in range(D):
-                    dot += np.float64(x[g, j, d]) * dk_acc[b, d]
-                for d in range(D):
-                    dx[g, j, d] += rj * dk_acc[b, d] - rj * rj * rj * dot * x[g, j, d]
-                for e in range(Dv):
-                    dv[g, j, e] += dv_acc[b, e]
+            _bwd_kv_chunk(np.int64(gt), r, dx, dv, dout, dd, lse, x, v, rn, perm, inv_perm, kp,
+                          use_kp, causal, dedup, scale, c, penalty)
 
 
-@kernel
+@serial
 def row_dot(dd, a, b):
     """dd[g, i] = Σ_e a[g, i, e] b[g, i, e] in float64 (no float64 copies of a and b)."""
     G, N, E = a.shape
-    for gi in prange(G * N):
+    for gi in range(G * N):                    # O(N·E): serial (SPEEDTIP in _jit.py)
         g = gi // N
         i = gi % N
         acc = 0.0
