@@ -10,8 +10,8 @@ keys (scores, dp, out, dq), and by tasks of KEY_CHUNK keys over blocks of ROW_BL
 (dk, dv); at most SCAT_MAX_BLOCKS chunks or blocks. None of these changes a result beyond
 rounding, and every choice is a pure function of the pattern (never of the thread count).
 
-The plan's own kernels (the first section below) find the runs, tiles, dense spans and
-phases; :class:`Plan` assembles them with NumPy.
+The plan's own kernels (the first section below; serial: O(nnz) work once per pattern)
+find the runs, tiles, dense spans and phases; :class:`Plan` assembles them with NumPy.
 """
 
 from __future__ import annotations
@@ -20,16 +20,16 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ._jit import kernel, prange, serial
+from ._jit import serial
 
 # ---------------------------------------------------------------------- kernels
 
 
-@kernel
+@serial
 def longest_runs(run_lo, run_hi, indptr, indices, min_len):
     """[run_lo_i, run_hi_i) = row i's longest run of consecutive keys (the first of that
     length), or [0, 0) if it is shorter than min_len."""
-    for i in prange(run_lo.shape[0]):
+    for i in range(run_lo.shape[0]):
         e, e1 = indptr[i], indptr[i + 1]
         best_lo, best_len = 0, 0
         while e < e1:
@@ -88,11 +88,11 @@ def plan_tiles(tile_start, tile_jlo, tile_jhi, run_lo, run_hi, n, t_max, max_are
     return nt
 
 
-@kernel
+@serial
 def dense_spans(row_ea, row_eb, indptr, indices, tile_start, tile_jlo, tile_jhi):
     """[row_ea_i, row_eb_i) = the entries of row i whose key lies in its tile's range (a
     contiguous span, the indices being sorted); empty (= indptr[i], indptr[i]) if none."""
-    for t in prange(tile_start.shape[0] - 1):
+    for t in range(tile_start.shape[0] - 1):
         for row in range(tile_start[t], tile_start[t + 1]):
             e0, e1 = indptr[row], indptr[row + 1]
             if tile_jhi[t] <= tile_jlo[t]:
