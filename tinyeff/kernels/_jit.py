@@ -9,6 +9,20 @@ helpers called from them.  ``NUMBA_DISABLE_JIT=1`` runs every kernel as plain Py
 Compiling is slow (seconds per kernel module) and happens once per machine: the first time a
 kernel module compiles in a process, one line on stderr says so, so that a first call does
 not wait in silence; loading from the cache prints nothing.
+
+SPEEDTIP (compile time; ``python -m tinyeff.cli._cold`` measures it on an empty cache):
+
+* every ``prange`` body is compiled as a function of its own (a gufunc) whose module links
+  in and re-optimizes every helper it calls, and the kernel's module does it once more:
+  few ``prange`` loops per kernel, each a short loop around one ``serial`` helper that holds
+  the body (the helper is then compiled once and the two re-optimizations see small code);
+* a raw ``prange`` index passed to a helper types as int64 in one pass and as uint64 in the
+  gufunc: two compilations of the helper.  Pass ``np.int64(i)``, or index arithmetic;
+* ``prange(a if c else b)`` is not parallelized at all: compute the count first;
+* array expressions (``x += np.dot(a, b)``, ``x[i0:i1] = y``) compile broadcasting checks
+  whose error messages format strings (seconds per kernel): loops (``_math.add_rows``) do
+  the same sums without them;
+* parallel kernels cost a fixed second or more each: O(n) bookkeeping runs ``serial``.
 """
 
 from __future__ import annotations

@@ -9,6 +9,9 @@
   overflow gives +∞, and results below 4e-38 (float32) / 1e-307 (float64) flush to 0.
 * :func:`colmax` — the NaN-propagating column maximum of a tile (running max of the
   online softmax), two rows per step (blocked, window).
+* :func:`add_rows` — dst += src for two 2-D arrays of one shape, as a loop (the array
+  expression ``dst += src`` compiles broadcasting checks whose error messages format
+  strings: seconds of compile time per kernel, for the same sums).
 * :func:`blas_single_thread` — pins SciPy's OpenBLAS (the BLAS behind ``np.dot`` in Numba)
   to one thread while kernels that call it from ``prange`` threads run.
 
@@ -21,6 +24,7 @@ import contextlib
 import ctypes
 import math
 
+import numba
 import numpy as np
 from llvmlite import ir
 from numba import types
@@ -28,7 +32,7 @@ from numba.extending import intrinsic, overload
 
 from ._jit import serial
 
-__all__ = ["blas_single_thread", "colmax", "fast_exp", "nanmax"]
+__all__ = ["add_rows", "blas_single_thread", "colmax", "fast_exp", "nanmax"]
 
 # ----------------------------------------------------------------------------- fast exp
 
@@ -188,3 +192,11 @@ def colmax(res, tmp, start, st):
             tmp[ii] = nanmax(res[ii], r0[ii])
         for ii in range(bq):
             res[ii] = tmp[ii]
+
+
+@numba.njit(inline="always")
+def add_rows(dst, src):
+    """dst += src for 2-D arrays of one shape, element by element (inlined into the caller)."""
+    for r in range(dst.shape[0]):
+        for c in range(dst.shape[1]):
+            dst[r, c] += src[r, c]

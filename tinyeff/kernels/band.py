@@ -310,11 +310,15 @@ def attend_band_bwd(dq, dk, dv, dbias_part, dout, out, lse, q, k, v, tile_start,
     nblk = (nt + span - 1) // span
     ntask = bh * nblk
     nch = max(1, min(ntask, n_chunks))
-    for r in prange(bh * m):                   # dk, dv accumulate: start from 0
-        dk[r // m, r % m, :] = 0
-        dv[r // m, r % m, :] = 0
-    for part in range(2):                      # 0: block bodies, 1: their first P − 1 tiles
-        for c in prange(nch):
+    nzero = max(1, min(bh * m, n_chunks))
+    for part in range(3):                      # 0: dk, dv = 0 (they accumulate); 1: block
+        runs = nzero if part == 0 else nch     # bodies; 2: their first P − 1 tiles
+        for c in prange(runs):                 # (one prange loop: one gufunc to compile)
+            if part == 0:
+                for r in range(c * (bh * m) // nzero, (c + 1) * (bh * m) // nzero):
+                    dk[r // m, r % m, :] = 0
+                    dv[r // m, r % m, :] = 0
+                continue
             sbuf = np.empty(tq * tk, dtype=dt)                     # (T·R,) scores, then P
             gbuf = np.empty(tq * tk, dtype=dt)                     # (T·R,) dP, then dS·scale
             kbuf = np.empty(tk * d, dtype=dt)                      # (R·D,) dk of a tile
@@ -327,7 +331,7 @@ def attend_band_bwd(dq, dk, dv, dbias_part, dout, out, lse, q, k, v, tile_start,
                 ta = (task - b * nblk) * span
                 tb = min(ta + span, nt)
                 head = min(ta + n_phases - 1, tb)
-                t_first, t_end = (head, tb) if part == 0 else (ta, head)
+                t_first, t_end = (head, tb) if part == 1 else (ta, head)
                 for t in range(t_first, t_end):
                     jl = min(tile_jlo[t], m)   # (a band may run past the last key)
                     jh = min(tile_jhi[t], m)

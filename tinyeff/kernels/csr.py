@@ -2,13 +2,14 @@
 
 Patterns are canonical CSR structures (int64 ``indptr`` (N + 1,), ``indices`` (nnz,), rows
 sorted and duplicate-free; :class:`tinyeff.masks.pattern.Pattern`).  The union or the
-intersection of two patterns is built in two passes, count then fill, each parallel over
-rows: row i of the result is the sorted merge of row i of A and row i of B.
+intersection of two patterns is built in two passes, count then fill: row i of the result
+is the sorted merge of row i of A and row i of B.  O(nnz) work, run serially (a parallel
+kernel costs more to compile than it saves: SPEEDTIP in ``_jit.py``).
 """
 
 from __future__ import annotations
 
-from ._jit import kernel, prange, serial
+from ._jit import serial
 
 
 @serial
@@ -26,10 +27,10 @@ def transpose_csr(t_indices, t_perm, t_next, indptr, indices):
             t_next[indices[e]] = t + 1
 
 
-@kernel
+@serial
 def merge_count_csr(counts, a_ptr, a_idx, b_ptr, b_idx, intersect):
     """counts[i] = |A(i) ∪ B(i)| (or |A(i) ∩ B(i)|) for sorted, duplicate-free rows."""
-    for i in prange(counts.shape[0]):
+    for i in range(counts.shape[0]):
         ea, ea1 = a_ptr[i], a_ptr[i + 1]
         eb, eb1 = b_ptr[i], b_ptr[i + 1]
         c = 0
@@ -50,10 +51,10 @@ def merge_count_csr(counts, a_ptr, a_idx, b_ptr, b_idx, intersect):
         counts[i] = c
 
 
-@kernel
+@serial
 def merge_fill_csr(out_idx, out_ptr, a_ptr, a_idx, b_ptr, b_idx, intersect):
     """Write the merged rows counted by :func:`merge_count_csr` (sorted, duplicate-free)."""
-    for i in prange(out_ptr.shape[0] - 1):
+    for i in range(out_ptr.shape[0] - 1):
         ea, ea1 = a_ptr[i], a_ptr[i + 1]
         eb, eb1 = b_ptr[i], b_ptr[i + 1]
         o = out_ptr[i]

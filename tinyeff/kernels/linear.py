@@ -42,6 +42,45 @@ import numpy as np
 from ._jit import kernel, prange, serial
 
 
+@serial
+def _fwd_slice(b, num, den, cmax, S, z, c, fq, fk, lk, v):
+    """Batch slice b of :func:`causal_fwd`."""
+    bh, nq, n_f = fq.shape
+    nk = fk.shape[1]
+    dv = v.shape[2]
+    Sb = S[b]
+    zb = z[b]
+    cb = c[b]
+    for t in range(max(nq, nk)):
+        if t < nk and lk[b, t] != -np.inf:
+            l = lk[b, t]
+            if l > cb:                                 # new maximum: rescale the state
+                r = np.exp(cb - l)                     # 0 when cb = −inf
+                for f in range(n_f):
+                    zb[f] *= r
+                    for e in range(dv):
+                        Sb[f, e] *= r
+                cb = l
+            w = np.exp(l - cb)
+            for f in range(n_f):
+                a = w * fk[b, t, f]
+                zb[f] += a
+                for e in range(dv):
+                    Sb[f, e] += a * v[b, t, e]
+        if t < nq:
+            acc = 0.0
+            for e in range(dv):
+                num[b, t, e] = 0.0
+            for f in range(n_f):
+                qf = fq[b, t, f]
+                acc += qf * zb[f]
+                for e in range(dv):
+                    num[b, t, e] += qf * Sb[f, e]
+            den[b, t] = acc
+            cmax[b, t] = cb
+    c[b] = cb
+
+
 @kernel
 def causal_fwd(num, den, cmax, S, z, c, fq, fk, lk, v):
     """num_t = fq_t S_t, den_t = fq_t·z_t, cmax_t = C_t for the chunk; updates (S, z, c).
@@ -50,41 +89,49 @@ def causal_fwd(num, den, cmax, S, z, c, fq, fk, lk, v):
     c (BH,): scan state in/out (start: zeros and −inf).  fq (BH, nq, F), fk (BH, nk, F),
     lk (BH, nk), v (BH, nk, Dv).
     """
-    bh, nq, n_f = fq.shape
+    bh = fq.shape[0]
+    for b in prange(bh):
+        _fwd_slice(np.int64(b), num, den, cmax, S, z, c, fq, fk, lk, v)
+
+
+@serial
+def _bwd_q_slice(b, dfq, St, z, c, fk, lk, v, dnum, dden):
+    """Batch slice b of :func:`causal_bwd_q`."""
+    bh, nq, n_f = dfq.shape
     nk = fk.shape[1]
     dv = v.shape[2]
-    for b in prange(bh):
-        Sb = S[b]
-        zb = z[b]
-        cb = c[b]
-        for t in range(max(nq, nk)):
-            if t < nk and lk[b, t] != -np.inf:
-                l = lk[b, t]
-                if l > cb:                                 # new maximum: rescale the state
-                    r = np.exp(cb - l)                     # 0 when cb = −inf
-                    for f in range(n_f):
-                        zb[f] *= r
-                        for e in range(dv):
-                            Sb[f, e] *= r
-                    cb = l
-                w = np.exp(l - cb)
+    Sb = St[b]
+    zb = z[b]
+    cb = c[b]
+    a = np.empty(n_f, dtype=fk.dtype)
+    for t in range(max(nq, nk)):
+        if t < nk and lk[b, t] != -np.inf:
+            l = lk[b, t]
+            if l > cb:
+                r = np.exp(cb - l)
                 for f in range(n_f):
-                    a = w * fk[b, t, f]
-                    zb[f] += a
-                    for e in range(dv):
-                        Sb[f, e] += a * v[b, t, e]
-            if t < nq:
-                acc = 0.0
+                    zb[f] *= r
                 for e in range(dv):
-                    num[b, t, e] = 0.0
+                    for f in range(n_f):
+                        Sb[e, f] *= r
+                cb = l
+            w = np.exp(l - cb)
+            for f in range(n_f):
+                a[f] = w * fk[b, t, f]
+                zb[f] += a[f]
+            for e in range(dv):
+                ve = v[b, t, e]
                 for f in range(n_f):
-                    qf = fq[b, t, f]
-                    acc += qf * zb[f]
-                    for e in range(dv):
-                        num[b, t, e] += qf * Sb[f, e]
-                den[b, t] = acc
-                cmax[b, t] = cb
-        c[b] = cb
+                    Sb[e, f] += a[f] * ve
+        if t < nq:
+            g = dden[b, t]
+            for f in range(n_f):
+                dfq[b, t, f] = g * zb[f]
+            for e in range(dv):
+                ge = dnum[b, t, e]
+                for f in range(n_f):
+                    dfq[b, t, f] += ge * Sb[e, f]
+    c[b] = cb
 
 
 @kernel
@@ -94,42 +141,66 @@ def causal_bwd_q(dfq, St, z, c, fk, lk, v, dnum, dden):
     dfq (BH, nq, F): output.  St (BH, Dv, F), z (BH, F), c (BH,): scan state in/out.
     fk (BH, nk, F), lk (BH, nk), v (BH, nk, Dv), dnum (BH, nq, Dv), dden (BH, nq).
     """
-    bh, nq, n_f = dfq.shape
+    bh = dfq.shape[0]
+    for b in prange(bh):
+        _bwd_q_slice(np.int64(b), dfq, St, z, c, fk, lk, v, dnum, dden)
+
+
+@serial
+def _bwd_kv_slice(b, dfk, dvv, U, Ut, r, cn, fq, dnum, dden, cmax, fk, lk, v):
+    """Batch slice b of :func:`causal_bwd_kv`."""
+    bh, nq, n_f = fq.shape
     nk = fk.shape[1]
     dv = v.shape[2]
-    for b in prange(bh):
-        Sb = St[b]
-        zb = z[b]
-        cb = c[b]
-        a = np.empty(n_f, dtype=fk.dtype)
-        for t in range(max(nq, nk)):
-            if t < nk and lk[b, t] != -np.inf:
-                l = lk[b, t]
-                if l > cb:
-                    r = np.exp(cb - l)
-                    for f in range(n_f):
-                        zb[f] *= r
-                    for e in range(dv):
-                        for f in range(n_f):
-                            Sb[e, f] *= r
-                    cb = l
-                w = np.exp(l - cb)
+    Ub = U[b]
+    Utb = Ut[b]
+    rb = r[b]
+    cb = cn[b]
+    for t in range(max(nq, nk) - 1, -1, -1):
+        if t < nq:
+            ct = cmax[b, t]
+            if ct < cb:                                # earlier rows have smaller C
+                s = np.exp(ct - cb)
                 for f in range(n_f):
-                    a[f] = w * fk[b, t, f]
-                    zb[f] += a[f]
+                    rb[f] *= s
+                    for e in range(dv):
+                        Ub[f, e] *= s
+                for e in range(dv):
+                    for f in range(n_f):
+                        Utb[e, f] *= s
+            cb = ct
+            g = dden[b, t]
+            for f in range(n_f):
+                qf = fq[b, t, f]
+                rb[f] += g * qf
+                for e in range(dv):
+                    Ub[f, e] += qf * dnum[b, t, e]
+            for e in range(dv):
+                ge = dnum[b, t, e]
+                for f in range(n_f):
+                    Utb[e, f] += ge * fq[b, t, f]
+        if t < nk:
+            for f in range(n_f):
+                dfk[b, t, f] = 0.0
+            for e in range(dv):
+                dvv[b, t, e] = 0.0
+            if t < nq and lk[b, t] != -np.inf:
+                w = np.exp(lk[b, t] - cmax[b, t])
+                for f in range(n_f):
+                    dfk[b, t, f] = rb[f]
                 for e in range(dv):
                     ve = v[b, t, e]
                     for f in range(n_f):
-                        Sb[e, f] += a[f] * ve
-            if t < nq:
-                g = dden[b, t]
+                        dfk[b, t, f] += ve * Utb[e, f]
                 for f in range(n_f):
-                    dfq[b, t, f] = g * zb[f]
+                    dfk[b, t, f] *= w
+                for f in range(n_f):
+                    a = fk[b, t, f]
+                    for e in range(dv):
+                        dvv[b, t, e] += a * Ub[f, e]
                 for e in range(dv):
-                    ge = dnum[b, t, e]
-                    for f in range(n_f):
-                        dfq[b, t, f] += ge * Sb[e, f]
-        c[b] = cb
+                    dvv[b, t, e] *= w
+    cn[b] = cb
 
 
 @kernel
@@ -141,59 +212,9 @@ def causal_bwd_kv(dfk, dvv, U, Ut, r, cn, fq, dnum, dden, cmax, fk, lk, v):
     added).  fq (BH, nq, F), dnum (BH, nq, Dv), dden (BH, nq), cmax (BH, nq) (the forward's
     C_t), fk (BH, nk, F), lk (BH, nk), v (BH, nk, Dv).
     """
-    bh, nq, n_f = fq.shape
-    nk = fk.shape[1]
-    dv = v.shape[2]
+    bh = fq.shape[0]
     for b in prange(bh):
-        Ub = U[b]
-        Utb = Ut[b]
-        rb = r[b]
-        cb = cn[b]
-        for t in range(max(nq, nk) - 1, -1, -1):
-            if t < nq:
-                ct = cmax[b, t]
-                if ct < cb:                                # earlier rows have smaller C
-                    s = np.exp(ct - cb)
-                    for f in range(n_f):
-                        rb[f] *= s
-                        for e in range(dv):
-                            Ub[f, e] *= s
-                    for e in range(dv):
-                        for f in range(n_f):
-                            Utb[e, f] *= s
-                cb = ct
-                g = dden[b, t]
-                for f in range(n_f):
-                    qf = fq[b, t, f]
-                    rb[f] += g * qf
-                    for e in range(dv):
-                        Ub[f, e] += qf * dnum[b, t, e]
-                for e in range(dv):
-                    ge = dnum[b, t, e]
-                    for f in range(n_f):
-                        Utb[e, f] += ge * fq[b, t, f]
-            if t < nk:
-                for f in range(n_f):
-                    dfk[b, t, f] = 0.0
-                for e in range(dv):
-                    dvv[b, t, e] = 0.0
-                if t < nq and lk[b, t] != -np.inf:
-                    w = np.exp(lk[b, t] - cmax[b, t])
-                    for f in range(n_f):
-                        dfk[b, t, f] = rb[f]
-                    for e in range(dv):
-                        ve = v[b, t, e]
-                        for f in range(n_f):
-                            dfk[b, t, f] += ve * Utb[e, f]
-                    for f in range(n_f):
-                        dfk[b, t, f] *= w
-                    for f in range(n_f):
-                        a = fk[b, t, f]
-                        for e in range(dv):
-                            dvv[b, t, e] += a * Ub[f, e]
-                    for e in range(dv):
-                        dvv[b, t, e] *= w
-        cn[b] = cb
+        _bwd_kv_slice(np.int64(b), dfk, dvv, U, Ut, r, cn, fq, dnum, dden, cmax, fk, lk, v)
 
 
 # --------------------------------------------------------------------------- fused elu / relu
@@ -238,6 +259,53 @@ def _dphi(g, a, x, relu, zero):
             g[f] = g[f] * min(a[f], one)
 
 
+@serial
+def _phi_fwd_slice(b, out, denom, cmax, q, k, v, keep, relu, exact, normalize, eps, zero):
+    """Batch slice b of :func:`causal_phi_fwd`."""
+    bh, n, d = q.shape
+    m = k.shape[1]
+    dv = v.shape[2]
+    one = zero + np.float32(1)
+    inf = zero + np.float32(np.inf)
+    S = np.zeros((d, dv), dtype=v.dtype)                       # (F, Dv) Σ φ(k_j) v_jᵀ
+    z = np.zeros(d, dtype=v.dtype)                             # (F)     Σ φ(k_j)
+    a = np.empty(d, dtype=v.dtype)                             # (F)     φ(k_t), φ(q_t)
+    seen = False
+    for t in range(n):                                         # keys ≥ N: seen by no row
+        if t < m and (keep[b, t] or not exact):
+            seen = True
+            _phi(a, k[b, t], relu, zero)
+            for f in range(d):
+                z[f] += a[f]
+            if keep[b, t]:                                     # values_only: v_t = 0
+                for f in range(d):
+                    af = a[f]
+                    for e in range(dv):
+                        S[f, e] += af * v[b, t, e]
+        _phi(a, q[b, t], relu, zero)
+        den = zero
+        for e in range(dv):
+            out[b, t, e] = zero
+        for f in range(d):
+            qf = a[f]
+            den += qf * z[f]
+            for e in range(dv):
+                out[b, t, e] += qf * S[f, e]
+        if normalize:
+            if eps > 0:
+                den = den + eps
+            empty = not seen or den == 0
+        else:
+            den = one
+            empty = not seen
+        if empty:
+            den = inf
+        for e in range(dv):
+            out[b, t, e] /= den
+        denom[b, t] = den
+        cmax[b, t] = zero if seen else -inf
+
+
 @kernel
 def causal_phi_fwd(out, denom, cmax, q, k, v, keep, relu, exact, normalize, eps, zero):
     """out_t = φ(q_t) S_t / denom_t (tinyeff.attention.linear's ``_finish``, corr = 1).
@@ -245,49 +313,10 @@ def causal_phi_fwd(out, denom, cmax, q, k, v, keep, relu, exact, normalize, eps,
     out (BH, N, Dv), denom (BH, N) (+inf for a row that sees no key), cmax (BH, N) (C_t:
     0, or −inf for a row that sees no key): outputs.
     """
-    bh, n, d = q.shape
-    m = k.shape[1]
-    dv = v.shape[2]
-    one = zero + np.float32(1)
-    inf = zero + np.float32(np.inf)
+    bh = q.shape[0]
     for b in prange(bh):
-        S = np.zeros((d, dv), dtype=v.dtype)                       # (F, Dv) Σ φ(k_j) v_jᵀ
-        z = np.zeros(d, dtype=v.dtype)                             # (F)     Σ φ(k_j)
-        a = np.empty(d, dtype=v.dtype)                             # (F)     φ(k_t), φ(q_t)
-        seen = False
-        for t in range(n):                                         # keys ≥ N: seen by no row
-            if t < m and (keep[b, t] or not exact):
-                seen = True
-                _phi(a, k[b, t], relu, zero)
-                for f in range(d):
-                    z[f] += a[f]
-                if keep[b, t]:                                     # values_only: v_t = 0
-                    for f in range(d):
-                        af = a[f]
-                        for e in range(dv):
-                            S[f, e] += af * v[b, t, e]
-            _phi(a, q[b, t], relu, zero)
-            den = zero
-            for e in range(dv):
-                out[b, t, e] = zero
-            for f in range(d):
-                qf = a[f]
-                den += qf * z[f]
-                for e in range(dv):
-                    out[b, t, e] += qf * S[f, e]
-            if normalize:
-                if eps > 0:
-                    den = den + eps
-                empty = not seen or den == 0
-            else:
-                den = one
-                empty = not seen
-            if empty:
-                den = inf
-            for e in range(dv):
-                out[b, t, e] /= den
-            denom[b, t] = den
-            cmax[b, t] = zero if seen else -inf
+        _phi_fwd_slice(np.int64(b), out, denom, cmax, q, k, v, keep, relu, exact, normalize,
+                       eps, zero)
 
 
 @serial
@@ -301,41 +330,96 @@ def _grad_rows(g, dout, out, den, normalize, zero):
     return -acc / den if normalize else zero
 
 
+@serial
+def _phi_bwd_q_slice(b, dq, q, k, v, keep, dout, out, denom, relu, exact, normalize, zero):
+    """Batch slice b of :func:`causal_phi_bwd_q`."""
+    bh, n, d = q.shape
+    m = k.shape[1]
+    dv = v.shape[2]
+    St = np.zeros((dv, d), dtype=v.dtype)                      # (Dv, F) Sᵀ
+    z = np.zeros(d, dtype=v.dtype)                             # (F)
+    a = np.empty(d, dtype=v.dtype)                             # (F) φ(k_t), φ(q_t)
+    g = np.empty(dv, dtype=v.dtype)                            # (Dv) dnum_t
+    for t in range(n):
+        if t < m and (keep[b, t] or not exact):
+            _phi(a, k[b, t], relu, zero)
+            for f in range(d):
+                z[f] += a[f]
+            if keep[b, t]:
+                for e in range(dv):
+                    ve = v[b, t, e]
+                    for f in range(d):
+                        St[e, f] += a[f] * ve
+        # fwd: out_t = num_t / denom_t,  num_t = φ(q_t) S_t,  den_t = φ(q_t)·z_t
+        dden = _grad_rows(g, dout[b, t], out[b, t], denom[b, t], normalize, zero)
+        for f in range(d):
+            dq[b, t, f] = dden * z[f]
+        for e in range(dv):
+            ge = g[e]
+            for f in range(d):
+                dq[b, t, f] += ge * St[e, f]
+        # fwd: φ(q_t) from q_t
+        _phi(a, q[b, t], relu, zero)
+        _dphi(dq[b, t], a, q[b, t], relu, zero)
+
+
 @kernel
 def causal_phi_bwd_q(dq, q, k, v, keep, dout, out, denom, relu, exact, normalize, zero):
     """dq_t = φ'(q_t) ∘ (S_t dnum_t + dden_t z_t), rebuilding Sᵀ in a forward scan.
 
     dq (BH, N, D): output.  dout, out (BH, N, Dv), denom (BH, N) from the forward.
     """
+    bh = q.shape[0]
+    for b in prange(bh):
+        _phi_bwd_q_slice(np.int64(b), dq, q, k, v, keep, dout, out, denom, relu, exact,
+                         normalize, zero)
+
+
+@serial
+def _phi_bwd_kv_slice(b, dk, dv_out, q, k, v, keep, dout, out, denom, relu, exact, normalize,
+                      zero):
+    """Batch slice b of :func:`causal_phi_bwd_kv`."""
     bh, n, d = q.shape
     m = k.shape[1]
     dv = v.shape[2]
-    for b in prange(bh):
-        St = np.zeros((dv, d), dtype=v.dtype)                      # (Dv, F) Sᵀ
-        z = np.zeros(d, dtype=v.dtype)                             # (F)
-        a = np.empty(d, dtype=v.dtype)                             # (F) φ(k_t), φ(q_t)
-        g = np.empty(dv, dtype=v.dtype)                            # (Dv) dnum_t
-        for t in range(n):
-            if t < m and (keep[b, t] or not exact):
+    U = np.zeros((d, dv), dtype=v.dtype)                       # (F, Dv) Ũ
+    Ut = np.zeros((dv, d), dtype=v.dtype)                      # (Dv, F) Ũᵀ
+    r = np.zeros(d, dtype=v.dtype)                             # (F) r̃
+    a = np.empty(d, dtype=v.dtype)                             # (F) φ(q_t), φ(k_t)
+    g = np.empty(dv, dtype=v.dtype)                            # (Dv) dnum_t
+    for t in range(max(n, m) - 1, -1, -1):
+        if t < n:
+            dden = _grad_rows(g, dout[b, t], out[b, t], denom[b, t], normalize, zero)
+            _phi(a, q[b, t], relu, zero)
+            for f in range(d):
+                qf = a[f]
+                r[f] += dden * qf
+                for e in range(dv):
+                    U[f, e] += qf * g[e]
+            for e in range(dv):
+                ge = g[e]
+                for f in range(d):
+                    Ut[e, f] += ge * a[f]
+        if t < m:
+            for f in range(d):
+                dk[b, t, f] = zero
+            for e in range(dv):
+                dv_out[b, t, e] = zero
+            if t < n and (keep[b, t] or not exact):
+                # fwd: z += φ(k_t);  S += φ(k_t) v_tᵀ   (v_t = 0 if padded, values_only)
                 _phi(a, k[b, t], relu, zero)
                 for f in range(d):
-                    z[f] += a[f]
+                    dk[b, t, f] = r[f]
                 if keep[b, t]:
                     for e in range(dv):
                         ve = v[b, t, e]
                         for f in range(d):
-                            St[e, f] += a[f] * ve
-            # fwd: out_t = num_t / denom_t,  num_t = φ(q_t) S_t,  den_t = φ(q_t)·z_t
-            dden = _grad_rows(g, dout[b, t], out[b, t], denom[b, t], normalize, zero)
-            for f in range(d):
-                dq[b, t, f] = dden * z[f]
-            for e in range(dv):
-                ge = g[e]
-                for f in range(d):
-                    dq[b, t, f] += ge * St[e, f]
-            # fwd: φ(q_t) from q_t
-            _phi(a, q[b, t], relu, zero)
-            _dphi(dq[b, t], a, q[b, t], relu, zero)
+                            dk[b, t, f] += ve * Ut[e, f]
+                    for f in range(d):
+                        af = a[f]
+                        for e in range(dv):
+                            dv_out[b, t, e] += af * U[f, e]
+                _dphi(dk[b, t], a, k[b, t], relu, zero)
 
 
 @kernel
@@ -346,45 +430,9 @@ def causal_phi_bwd_kv(dk, dv_out, q, k, v, keep, dout, out, denom, relu, exact, 
     dk (BH, M, D), dv_out (BH, M, Dv): outputs (0 for padded keys in "exact" mode, 0 dv
     for padded keys in "values_only" mode, 0 for keys no row sees).
     """
-    bh, n, d = q.shape
-    m = k.shape[1]
-    dv = v.shape[2]
+    bh = q.shape[0]
     for b in prange(bh):
-        U = np.zeros((d, dv), dtype=v.dtype)                       # (F, Dv) Ũ
-        Ut = np.zeros((dv, d), dtype=v.dtype)                      # (Dv, F) Ũᵀ
-        r = np.zeros(d, dtype=v.dtype)                             # (F) r̃
-        a = np.empty(d, dtype=v.dtype)                             # (F) φ(q_t), φ(k_t)
-        g = np.empty(dv, dtype=v.dtype)                            # (Dv) dnum_t
-        for t in range(max(n, m) - 1, -1, -1):
-            if t < n:
-                dden = _grad_rows(g, dout[b, t], out[b, t], denom[b, t], normalize, zero)
-                _phi(a, q[b, t], relu, zero)
-                for f in range(d):
-                    qf = a[f]
-                    r[f] += dden * qf
-                    for e in range(dv):
-                        U[f, e] += qf * g[e]
-                for e in range(dv):
-                    ge = g[e]
-                    for f in range(d):
-                        Ut[e, f] += ge * a[f]
-            if t < m:
-                for f in range(d):
-                    dk[b, t, f] = zero
-                for e in range(dv):
-                    dv_out[b, t, e] = zero
-                if t < n and (keep[b, t] or not exact):
-                    # fwd: z += φ(k_t);  S += φ(k_t) v_tᵀ   (v_t = 0 if padded, values_only)
-                    _phi(a, k[b, t], relu, zero)
-                    for f in range(d):
-                        dk[b, t, f] = r[f]
-                    if keep[b, t]:
-                        for e in range(dv):
-                            ve = v[b, t, e]
-                            for f in range(d):
-                                dk[b, t, f] += ve * Ut[e, f]
-                        for f in range(d):
-                            af = a[f]
-                            for e in range(dv):
-                                dv_out[b, t, e] += af * U[f, e]
-                    _dphi(dk[b, t], a, k[b, t], relu, zero)
+        _phi_bwd_kv_slice(np.int64(b), dk, dv_out, q, k, v, keep, dout, out, denom, relu, exact,
+                          normalize, zero)
+
+

@@ -7,12 +7,15 @@ sequence, W = 2c keys per window (the previous chunk, then the chunk itself).
 * ``hash_argmax``      buckets[g, r, i] = argmax([x_i R_r ; −x_i R_r]), first maximum wins
                        (a float32 filter, then the exact float64 products of the candidates)
 * ``sort_buckets``     stable counting sort of each round by bucket -> perm, inv_perm
+                       (these two live in ``lsh_hash.py`` and are re-exported here)
 * ``chunk_attend``     per round, per chunk: logits, softmax, o and z; rounds combined online
 * ``chunk_attend_bwd_q``   dx (query side) = scale Σ_j dS_ij k̂_j, parallel over query chunks
 * ``chunk_attend_bwd_kv``  dk̂, dv walked from the keys' side (the "transposed" windows),
                        dk̂ folded into dx per round: dx += rn·dk̂ − rn³⟨x, dk̂⟩x
 
 Parallelism: ``prange`` runs over (g, chunk) of ONE round at a time; rounds run serially.
+``hash_argmax`` runs over blocks of 4 positions; ``sort_buckets`` and ``row_dot`` (O(N)
+work) are serial.
 Within one round every position occupies exactly one slot, so a chunk owns the rows it
 writes (its queries' out/dx rows, its keys' dk̂/dv rows): no atomics, and every
 accumulation over rounds happens in the fixed order r = 0, 1, …, R−1, so the results are
@@ -33,179 +36,10 @@ import math
 import numpy as np
 
 from ._jit import kernel, prange, serial
+from .lsh_hash import hash_argmax, sort_buckets
 
-
-@kernel
-def hash_argmax(buckets, x, rot32, rot_t, tol, tol_abs):
-    """buckets[g, r, i] = argmax_k [e ; −e]_k,  e_h = Σ_d x_id R[d, r, h] summed in float64 in
-    the order d = 0, 1, …, D−1; ties -> the first k.
-
-    Two stages per block of 4 positions and round r (the result is exactly that definition):
-
-    1. filter: p_h ≈ x_i·R_h for every h in float32 (4 positions × 4 features per step, a
-       register-blocked product that runs near the machine's float32 rate);
-    2. exact: e_h in float64, in order, only for the candidates |p_h| ≥ M − 2·b_i with
-       M = max_h |p_h| and b_i = tol[r]·‖x_i‖ + tol_abs[r] ≥ max_h |p_h − e_h| (the wrapper
-       derives tol from the float32 and float64 rounding bounds, with a factor 2 to spare).
-       A non-candidate has |e_h| < M − b ≤ |e_h*| (h* = argmax |p|), so every index that
-       attains max_h |e_h| is a candidate, and the first-maximum rule over the candidates
-       in increasing h picks the same k as over the whole list.  A single candidate h*
-       (the usual case) is that argmax, with the sign of p_h* (|p − e| ≤ b < M): no exact
-       product is needed.  If M or b is not finite (inf/NaN inputs, float64 values beyond
-       float32's range) every h is a candidate.
-
-    buckets (G, R, N) int64 out; x (G, N, D) float32/float64; rot32 (R, D4, H) float32 (the
-    rotations rounded, zero-padded to D4 = a multiple of 4 features); rot_t (R, H, D) float64
-    (the rotations transposed); tol, tol_abs (R,) float64.  Results do not depend on the
-    thread count or on the filter's rounding (only the exact stage decides).
-    """
-    G, R, N = buckets.shape
-    D = x.shape[2]
-    D4 = rot32.shape[1]
-    H = rot32.shape[2]
-    nblk = (N + 3) // 4
-    for gb in prange(G * nblk):
-        g = gb // nblk
-        i0 = (gb % nblk) * 4
-        nr = min(4, N - i0)
-        xb = np.zeros((4, D4), np.float32)                         # (4, D4) rows, rounded
-        xe = np.zeros((4, D))                                      # (4, D) rows, float64
-        xn = np.zeros(4)                                           # (4,) ‖x_i‖
-        for k in range(nr):
-            acc = 0.0
-            for d in range(D):
-                xd = np.float64(x[g, i0 + k, d])
-                xe[k, d] = xd
-                xb[k, d] = xd
-                acc += xd * xd
-            xn[k] = math.sqrt(acc)
-        p = np.empty((4, H), np.float32)                           # (4, H) filter products
-        pb = p.view(np.uint32)                                     # |p| ordered as its bits
-        one = np.empty(1, np.float32)                              # (1,) float32 <-> bits
-        one_b = one.view(np.uint32)
-        ngrp = (H + 31) // 32
-        grp = np.empty(ngrp, np.uint32)                            # (H/32,) group max |p|
-        p0 = p[0]
-        p1 = p[1]
-        p2 = p[2]
-        p3 = p[3]
-        for r in range(R):
-            p[:, :] = 0.0
-            for d in range(0, D4, 4):
-                ra = rot32[r, d]
-                rb = rot32[r, d + 1]
-                rc = rot32[r, d + 2]
-                rd = rot32[r, d + 3]
-                a0, a1, a2, a3 = xb[0, d], xb[0, d + 1], xb[0, d + 2], xb[0, d + 3]
-                b0, b1, b2, b3 = xb[1, d], xb[1, d + 1], xb[1, d + 2], xb[1, d + 3]
-                c0, c1, c2, c3 = xb[2, d], xb[2, d + 1], xb[2, d + 2], xb[2, d + 3]
-                e0, e1, e2, e3 = xb[3, d], xb[3, d + 1], xb[3, d + 2], xb[3, d + 3]
-                for h in range(H):                                 # SPEEDTIP: vectorizes
-                    qa = ra[h]
-                    qb = rb[h]
-                    qc = rc[h]
-                    qd = rd[h]
-                    p0[h] += (a0 * qa + a1 * qb) + (a2 * qc + a3 * qd)
-                    p1[h] += (b0 * qa + b1 * qb) + (b2 * qc + b3 * qd)
-                    p2[h] += (c0 * qa + c1 * qb) + (c2 * qc + c3 * qd)
-                    p3[h] += (e0 * qa + e1 * qb) + (e2 * qc + e3 * qd)
-            for k in range(nr):
-                b = tol[r] * xn[k] + tol_abs[r]
-                buckets[g, r, i0 + k] = _pick_bucket(p[k], pb[k], xe[k], rot_t[r], b, grp,
-                                                     one, one_b)
-
-
-@serial
-def _pick_bucket(p, pb, xe, rot_t, b, grp, one, one_b):
-    """Stage 2 of ``hash_argmax`` for one position and round: p (H,) the filter's products,
-    pb their bits, xe (D,) the position in float64, rot_t (H, D) float64, b the bound on
-    |p_h − e_h|; grp (⌈H/32⌉,), one and one_b are scratch.  Returns the bucket."""
-    H = p.shape[0]
-    D = xe.shape[0]
-    ngrp = grp.shape[0]
-    # max |p| on the bits (monotone for non-negative floats; NaN bits above inf), per group
-    # of 32 so that the candidate scans skip whole groups
-    mb = np.uint32(0)
-    for q in range(ngrp):
-        gm = np.uint32(0)
-        for h in range(q * 32, min(q * 32 + 32, H)):
-            gm = max(gm, pb[h] & np.uint32(0x7FFFFFFF))
-        grp[q] = gm
-        mb = max(mb, gm)
-    tb = np.uint32(0)                                              # every h a candidate
-    if mb < np.uint32(0x7F800000) and b < np.inf:
-        one_b[0] = mb
-        thr = np.float64(one[0]) - 2.0 * b
-        if thr > 0.0:
-            one[0] = np.float32(thr)
-            if np.float64(one[0]) > thr:                           # round down
-                one_b[0] -= np.uint32(1)
-            tb = one_b[0]
-    if tb > 0:
-        n_cand = 0
-        h_cand = 0
-        for q in range(ngrp):
-            if grp[q] >= tb:
-                for h in range(q * 32, min(q * 32 + 32, H)):
-                    if (pb[h] & np.uint32(0x7FFFFFFF)) >= tb:
-                        n_cand += 1
-                        h_cand = h
-        if n_cand == 1:
-            # the only candidate h* is the unique argmax of |e|, and |p − e| ≤ b < M = |p_h*|
-            # gives e_h* the sign of p_h*: no exact product needed
-            return h_cand if p[h_cand] > 0 else H + h_cand
-    first = True
-    best_p = 0.0
-    best_m = 0.0
-    arg_p = 0
-    arg_m = 0
-    for q in range(ngrp):                                          # increasing h
-        if grp[q] < tb:
-            continue
-        for h in range(q * 32, min(q * 32 + 32, H)):
-            if (pb[h] & np.uint32(0x7FFFFFFF)) < tb:
-                continue
-            e = 0.0
-            for d in range(D):                                     # in order, float64
-                e += xe[d] * rot_t[h, d]
-            if first:
-                best_p = e
-                arg_p = h
-                best_m = -e
-                arg_m = h
-                first = False
-            else:
-                if e > best_p:
-                    best_p = e
-                    arg_p = h
-                if -e > best_m:
-                    best_m = -e
-                    arg_m = h
-    # the "+" half precedes the "−" half, so a tie goes to the "+" index
-    return H + arg_m if best_m > best_p else arg_p
-
-
-@kernel
-def sort_buckets(perm, inv_perm, buckets, n_slots):
-    """Stable counting sort of each (g, r) row by bucket in [0, n_slots).
-
-    perm[g, r, s] = position at sorted slot s; inv_perm[g, r, perm[g, r, s]] = s.
-    """
-    G, R, N = buckets.shape
-    for gr in prange(G * R):
-        g = gr // R
-        r = gr % R
-        start = np.zeros(n_slots + 1, np.int64)                    # (n_slots + 1,)
-        for i in range(N):
-            start[buckets[g, r, i] + 1] += 1
-        for b in range(n_slots):
-            start[b + 1] += start[b]
-        for i in range(N):                                         # increasing i: stable
-            b = buckets[g, r, i]
-            s = start[b]
-            start[b] = s + 1
-            perm[g, r, s] = i
-            inv_perm[g, r, i] = s
+__all__ = ["chunk_attend", "chunk_attend_bwd_kv", "chunk_attend_bwd_q", "hash_argmax",
+           "row_dot", "sort_buckets"]
 
 
 @serial
@@ -260,6 +94,72 @@ def _gather_window(kpos, kT, vb, x, v, rn, perm, g, t, c, nc, T):
             vb[b, e] = v[g, j, e]
 
 
+@serial
+def _attend_chunk(gt, r, out, lse, z, x, v, rn, perm, inv_perm, kp, use_kp, causal, dedup,
+                  scale, c, penalty):
+    """Chunk gt = (g, chunk) of round r in :func:`chunk_attend`."""
+    G, R, N = perm.shape
+    D = x.shape[2]
+    Dv = v.shape[2]
+    nc = N // c
+    T = R * nc
+    W = 2 * c
+    g = gt // nc
+    t = r * nc + gt % nc
+    kpos = np.empty(W, np.int64)                           # (W,)
+    kT = np.empty((D, W))                                  # (D, W)
+    vb = np.empty((W, Dv))                                 # (W, Dv)
+    s = np.empty(W)                                        # (W,)
+    o = np.empty(Dv)                                       # (Dv,)
+    _gather_window(kpos, kT, vb, x, v, rn, perm, g, t, c, nc, T)
+    for a in range(c):
+        i = kpos[c + a]
+        s[:] = 0.0
+        for d in range(D):
+            xd = np.float64(x[g, i, d])
+            for b in range(W):
+                s[b] += xd * kT[d, b]
+        m = -np.inf
+        for b in range(W):
+            s[b] = _logit(s[b], i, kpos[b], g, kp, use_kp, causal, dedup, inv_perm,
+                          scale, penalty, N, c, nc, T)
+            if s[b] > m:
+                m = s[b]
+        o[:] = 0.0
+        if m == -np.inf:
+            zr = -np.inf
+        else:
+            tot = 0.0
+            for b in range(W):
+                if s[b] == -np.inf:
+                    continue
+                eb = math.exp(s[b] - m)
+                tot += eb
+                for e in range(Dv):
+                    o[e] += eb * vb[b, e]
+            for e in range(Dv):
+                o[e] /= tot
+            zr = m + math.log(tot)
+        z[g, r, i] = zr
+        if r == 0:
+            lse[g, i] = zr
+            for e in range(Dv):
+                out[g, i, e] = o[e]
+        else:
+            zo = lse[g, i]
+            mx = max(zo, zr)
+            if mx == -np.inf:
+                continue                                   # still nothing seen
+            wo = math.exp(zo - mx)
+            wn = math.exp(zr - mx)
+            zn = mx + math.log(wo + wn)
+            wo = math.exp(zo - zn)
+            wn = math.exp(zr - zn)
+            for e in range(Dv):
+                out[g, i, e] = np.float64(out[g, i, e]) * wo + o[e] * wn
+            lse[g, i] = zn
+
+
 @kernel
 def chunk_attend(out, lse, z, x, v, rn, perm, inv_perm, kp, use_kp, causal, dedup, scale,
                  c, penalty):
@@ -268,67 +168,61 @@ def chunk_attend(out, lse, z, x, v, rn, perm, inv_perm, kp, use_kp, causal, dedu
     out (G, N, Dv), lse (G, N) float64, z (G, R, N) float64 are outputs (fully written).
     """
     G, R, N = perm.shape
+    nc = N // c
+    for r in range(R):
+        for gt in prange(G * nc):
+            _attend_chunk(np.int64(gt), r, out, lse, z, x, v, rn, perm, inv_perm, kp, use_kp,
+                          causal, dedup, scale, c, penalty)
+
+
+@serial
+def _bwd_q_chunk(gt, r, dx, dout, dd, lse, x, v, rn, perm, inv_perm, kp, use_kp, causal, dedup,
+                 scale, c, penalty):
+    """Chunk gt = (g, chunk) of round r in :func:`chunk_attend_bwd_q`."""
+    G, R, N = perm.shape
     D = x.shape[2]
     Dv = v.shape[2]
     nc = N // c
     T = R * nc
     W = 2 * c
-    for r in range(R):
-        for gt in prange(G * nc):
-            g = gt // nc
-            t = r * nc + gt % nc
-            kpos = np.empty(W, np.int64)                           # (W,)
-            kT = np.empty((D, W))                                  # (D, W)
-            vb = np.empty((W, Dv))                                 # (W, Dv)
-            s = np.empty(W)                                        # (W,)
-            o = np.empty(Dv)                                       # (Dv,)
-            _gather_window(kpos, kT, vb, x, v, rn, perm, g, t, c, nc, T)
-            for a in range(c):
-                i = kpos[c + a]
-                s[:] = 0.0
-                for d in range(D):
-                    xd = np.float64(x[g, i, d])
-                    for b in range(W):
-                        s[b] += xd * kT[d, b]
-                m = -np.inf
-                for b in range(W):
-                    s[b] = _logit(s[b], i, kpos[b], g, kp, use_kp, causal, dedup, inv_perm,
-                                  scale, penalty, N, c, nc, T)
-                    if s[b] > m:
-                        m = s[b]
-                o[:] = 0.0
-                if m == -np.inf:
-                    zr = -np.inf
-                else:
-                    tot = 0.0
-                    for b in range(W):
-                        if s[b] == -np.inf:
-                            continue
-                        eb = math.exp(s[b] - m)
-                        tot += eb
-                        for e in range(Dv):
-                            o[e] += eb * vb[b, e]
-                    for e in range(Dv):
-                        o[e] /= tot
-                    zr = m + math.log(tot)
-                z[g, r, i] = zr
-                if r == 0:
-                    lse[g, i] = zr
-                    for e in range(Dv):
-                        out[g, i, e] = o[e]
-                else:
-                    zo = lse[g, i]
-                    mx = max(zo, zr)
-                    if mx == -np.inf:
-                        continue                                   # still nothing seen
-                    wo = math.exp(zo - mx)
-                    wn = math.exp(zr - mx)
-                    zn = mx + math.log(wo + wn)
-                    wo = math.exp(zo - zn)
-                    wn = math.exp(zr - zn)
-                    for e in range(Dv):
-                        out[g, i, e] = np.float64(out[g, i, e]) * wo + o[e] * wn
-                    lse[g, i] = zn
+    g = gt // nc
+    t = r * nc + gt % nc
+    kpos = np.empty(W, np.int64)                           # (W,)
+    kT = np.empty((D, W))                                  # (D, W)
+    vb = np.empty((W, Dv))                                 # (W, Dv)
+    _gather_window(kpos, kT, vb, x, v, rn, perm, g, t, c, nc, T)
+    kb = np.ascontiguousarray(kT.T)                        # (W, D)
+    vT = np.ascontiguousarray(vb.T)                        # (Dv, W)
+    s = np.empty(W)                                        # (W,)
+    dp = np.empty(W)                                       # (W,)
+    acc = np.empty(D)                                      # (D,)
+    for a in range(c):
+        i = kpos[c + a]
+        zi = lse[g, i]
+        if zi == -np.inf:
+            continue                                       # empty row: no gradient
+        s[:] = 0.0
+        for d in range(D):
+            xd = np.float64(x[g, i, d])
+            for b in range(W):
+                s[b] += xd * kT[d, b]
+        dp[:] = 0.0
+        for e in range(Dv):
+            de = np.float64(dout[g, i, e])
+            for b in range(W):
+                dp[b] += de * vT[e, b]
+        acc[:] = 0.0
+        for b in range(W):
+            j = kpos[b]
+            sb = _logit(s[b], i, j, g, kp, use_kp, causal, dedup, inv_perm, scale,
+                        penalty, N, c, nc, T)
+            if sb == -np.inf or j == i:                    # excluded, or constant logit
+                continue
+            dsb = math.exp(sb - zi) * (dp[b] - dd[g, i])
+            for d in range(D):
+                acc[d] += dsb * kb[b, d]
+        for d in range(D):
+            dx[g, i, d] += scale * acc[d]
 
 
 @kernel
@@ -339,51 +233,85 @@ def chunk_attend_bwd_q(dx, dout, dd, lse, x, v, rn, perm, inv_perm, kp, use_kp, 
     dx (G, N, D) must be zero on entry; dd_i = ⟨dout_i, out_i⟩; P = exp(s − lse_i).
     """
     G, R, N = perm.shape
+    nc = N // c
+    for r in range(R):
+        for gt in prange(G * nc):
+            _bwd_q_chunk(np.int64(gt), r, dx, dout, dd, lse, x, v, rn, perm, inv_perm, kp,
+                         use_kp, causal, dedup, scale, c, penalty)
+
+
+@serial
+def _bwd_kv_chunk(gt, r, dx, dv, dout, dd, lse, x, v, rn, perm, inv_perm, kp, use_kp, causal,
+                  dedup, scale, c, penalty):
+    """Chunk gt = (g, chunk) of round r in :func:`chunk_attend_bwd_kv`."""
+    G, R, N = perm.shape
     D = x.shape[2]
     Dv = v.shape[2]
     nc = N // c
     T = R * nc
-    W = 2 * c
-    for r in range(R):
-        for gt in prange(G * nc):
-            g = gt // nc
-            t = r * nc + gt % nc
-            kpos = np.empty(W, np.int64)                           # (W,)
-            kT = np.empty((D, W))                                  # (D, W)
-            vb = np.empty((W, Dv))                                 # (W, Dv)
-            _gather_window(kpos, kT, vb, x, v, rn, perm, g, t, c, nc, T)
-            kb = np.ascontiguousarray(kT.T)                        # (W, D)
-            vT = np.ascontiguousarray(vb.T)                        # (Dv, W)
-            s = np.empty(W)                                        # (W,)
-            dp = np.empty(W)                                       # (W,)
-            acc = np.empty(D)                                      # (D,)
-            for a in range(c):
-                i = kpos[c + a]
-                zi = lse[g, i]
-                if zi == -np.inf:
-                    continue                                       # empty row: no gradient
-                s[:] = 0.0
-                for d in range(D):
-                    xd = np.float64(x[g, i, d])
-                    for b in range(W):
-                        s[b] += xd * kT[d, b]
-                dp[:] = 0.0
+    g = gt // nc
+    t = r * nc + gt % nc
+    jpos = np.empty(c, np.int64)                           # (c,)
+    kT = np.empty((D, c))                                  # (D, c)
+    vT = np.empty((Dv, c))                                 # (Dv, c)
+    for b in range(c):
+        j = perm[g, r, (t % nc) * c + b]
+        jpos[b] = j
+        rj = np.float64(rn[g, j])
+        for d in range(D):
+            kT[d, b] = np.float64(x[g, j, d]) * rj
+        for e in range(Dv):
+            vT[e, b] = v[g, j, e]
+    dk_acc = np.zeros((c, D))                              # (c, D)
+    dv_acc = np.zeros((c, Dv))                             # (c, Dv)
+    s = np.empty(c)                                        # (c,)
+    dp = np.empty(c)                                       # (c,)
+    xi = np.empty(D)                                       # (D,)
+    doi = np.empty(Dv)                                     # (Dv,)
+    for side in range(2):
+        tq = t if side == 0 else (t + 1) % T               # query chunk
+        for a in range(c):
+            i = perm[g, tq // nc, (tq % nc) * c + a]
+            zi = lse[g, i]
+            if zi == -np.inf:
+                continue
+            for d in range(D):
+                xi[d] = x[g, i, d]
+            for e in range(Dv):
+                doi[e] = dout[g, i, e]
+            s[:] = 0.0
+            for d in range(D):
+                for b in range(c):
+                    s[b] += xi[d] * kT[d, b]
+            dp[:] = 0.0
+            for e in range(Dv):
+                for b in range(c):
+                    dp[b] += doi[e] * vT[e, b]
+            for b in range(c):
+                j = jpos[b]
+                sb = _logit(s[b], i, j, g, kp, use_kp, causal, dedup, inv_perm,
+                            scale, penalty, N, c, nc, T)
+                if sb == -np.inf:
+                    continue
+                p = math.exp(sb - zi)
                 for e in range(Dv):
-                    de = np.float64(dout[g, i, e])
-                    for b in range(W):
-                        dp[b] += de * vT[e, b]
-                acc[:] = 0.0
-                for b in range(W):
-                    j = kpos[b]
-                    sb = _logit(s[b], i, j, g, kp, use_kp, causal, dedup, inv_perm, scale,
-                                penalty, N, c, nc, T)
-                    if sb == -np.inf or j == i:                    # excluded, or constant logit
-                        continue
-                    dsb = math.exp(sb - zi) * (dp[b] - dd[g, i])
-                    for d in range(D):
-                        acc[d] += dsb * kb[b, d]
+                    dv_acc[b, e] += p * doi[e]
+                if j == i:
+                    continue                               # constant logit
+                dsb = scale * p * (dp[b] - dd[g, i])
                 for d in range(D):
-                    dx[g, i, d] += scale * acc[d]
+                    dk_acc[b, d] += dsb * xi[d]
+    for b in range(c):
+        j = jpos[b]
+        # fwd: k̂_j = x_j · rn_j,  rn_j = (‖x_j‖² + D·ε)^(−1/2)
+        rj = np.float64(rn[g, j])
+        dot = 0.0
+        for d in range(D):
+            dot += np.float64(x[g, j, d]) * dk_acc[b, d]
+        for d in range(D):
+            dx[g, j, d] += rj * dk_acc[b, d] - rj * rj * rj * dot * x[g, j, d]
+        for e in range(Dv):
+            dv[g, j, e] += dv_acc[b, e]
 
 
 @kernel
@@ -398,82 +326,18 @@ def chunk_attend_bwd_kv(dx, dv, dout, dd, lse, x, v, rn, perm, inv_perm, kp, use
     the query side on entry (``chunk_attend_bwd_q``); dv (G, N, Dv) must be zero on entry.
     """
     G, R, N = perm.shape
-    D = x.shape[2]
-    Dv = v.shape[2]
     nc = N // c
-    T = R * nc
     for r in range(R):
         for gt in prange(G * nc):
-            g = gt // nc
-            t = r * nc + gt % nc
-            jpos = np.empty(c, np.int64)                           # (c,)
-            kT = np.empty((D, c))                                  # (D, c)
-            vT = np.empty((Dv, c))                                 # (Dv, c)
-            for b in range(c):
-                j = perm[g, r, (t % nc) * c + b]
-                jpos[b] = j
-                rj = np.float64(rn[g, j])
-                for d in range(D):
-                    kT[d, b] = np.float64(x[g, j, d]) * rj
-                for e in range(Dv):
-                    vT[e, b] = v[g, j, e]
-            dk_acc = np.zeros((c, D))                              # (c, D)
-            dv_acc = np.zeros((c, Dv))                             # (c, Dv)
-            s = np.empty(c)                                        # (c,)
-            dp = np.empty(c)                                       # (c,)
-            xi = np.empty(D)                                       # (D,)
-            doi = np.empty(Dv)                                     # (Dv,)
-            for side in range(2):
-                tq = t if side == 0 else (t + 1) % T               # query chunk
-                for a in range(c):
-                    i = perm[g, tq // nc, (tq % nc) * c + a]
-                    zi = lse[g, i]
-                    if zi == -np.inf:
-                        continue
-                    for d in range(D):
-                        xi[d] = x[g, i, d]
-                    for e in range(Dv):
-                        doi[e] = dout[g, i, e]
-                    s[:] = 0.0
-                    for d in range(D):
-                        for b in range(c):
-                            s[b] += xi[d] * kT[d, b]
-                    dp[:] = 0.0
-                    for e in range(Dv):
-                        for b in range(c):
-                            dp[b] += doi[e] * vT[e, b]
-                    for b in range(c):
-                        j = jpos[b]
-                        sb = _logit(s[b], i, j, g, kp, use_kp, causal, dedup, inv_perm,
-                                    scale, penalty, N, c, nc, T)
-                        if sb == -np.inf:
-                            continue
-                        p = math.exp(sb - zi)
-                        for e in range(Dv):
-                            dv_acc[b, e] += p * doi[e]
-                        if j == i:
-                            continue                               # constant logit
-                        dsb = scale * p * (dp[b] - dd[g, i])
-                        for d in range(D):
-                            dk_acc[b, d] += dsb * xi[d]
-            for b in range(c):
-                j = jpos[b]
-                # fwd: k̂_j = x_j · rn_j,  rn_j = (‖x_j‖² + D·ε)^(−1/2)
-                rj = np.float64(rn[g, j])
-                dot = 0.0
-                for d in range(D):
-                    dot += np.float64(x[g, j, d]) * dk_acc[b, d]
-                for d in range(D):
-                    dx[g, j, d] += rj * dk_acc[b, d] - rj * rj * rj * dot * x[g, j, d]
-                for e in range(Dv):
-                    dv[g, j, e] += dv_acc[b, e]
+            _bwd_kv_chunk(np.int64(gt), r, dx, dv, dout, dd, lse, x, v, rn, perm, inv_perm, kp,
+                          use_kp, causal, dedup, scale, c, penalty)
 
 
-@kernel
+@serial
 def row_dot(dd, a, b):
     """dd[g, i] = Σ_e a[g, i, e] b[g, i, e] in float64 (no float64 copies of a and b)."""
     G, N, E = a.shape
-    for gi in prange(G * N):
+    for gi in range(G * N):                    # O(N·E): serial (SPEEDTIP in _jit.py)
         g = gi // N
         i = gi % N
         acc = 0.0

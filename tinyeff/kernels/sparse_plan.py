@@ -9,6 +9,9 @@ remaining (scattered) entries are walked by tasks of ROW_CHUNK rows over blocks 
 keys (scores, dp, out, dq), and by tasks of KEY_CHUNK keys over blocks of ROW_BLOCK rows
 (dk, dv); at most SCAT_MAX_BLOCKS chunks or blocks. None of these changes a result beyond
 rounding, and every choice is a pure function of the pattern (never of the thread count).
+
+The plan's own kernels (the first section below; serial: O(nnz) work once per pattern)
+find the runs, tiles, dense spans and phases; :class:`Plan` assembles them with NumPy.
 """
 
 from __future__ import annotations
@@ -17,7 +20,124 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import sparse as kernels
+from ._jit import serial
+
+# ---------------------------------------------------------------------- kernels
+
+
+@serial
+def longest_runs(run_lo, run_hi, indptr, indices, min_len):
+    """[run_lo_i, run_hi_i) = row i's longest run of consecutive keys (the first of that
+    length), or [0, 0) if it is shorter than min_len."""
+    for i in range(run_lo.shape[0]):
+        e, e1 = indptr[i], indptr[i + 1]
+        best_lo, best_len = 0, 0
+        while e < e1:
+            s = e
+            while e + 1 < e1 and indices[e + 1] == indices[e] + 1:
+                e += 1
+            if e - s + 1 > best_len:
+                best_len = e - s + 1
+                best_lo = indices[s]
+            e += 1
+        if best_len >= min_len:
+            run_lo[i] = best_lo
+            run_hi[i] = best_lo + best_len
+        else:
+            run_lo[i] = 0
+            run_hi[i] = 0
+
+
+@serial
+def plan_tiles(tile_start, tile_jlo, tile_jhi, run_lo, run_hi, n, t_max, max_area, min_eff):
+    """Greedy tiling of the (G·N) rows; returns the number of tiles nt.
+
+    A tile grows row by row while it has fewer than t_max rows, stays inside one group
+    (n rows), and its range [jlo, jhi) (hull of the rows' runs) satisfies
+    Σ run lengths >= min_eff · rows · (jhi − jlo) and rows · (jhi − jlo) <= max_area.
+    Fills tile_start[: nt + 1], tile_jlo[: nt], tile_jhi[: nt] (empty range: jlo = jhi).
+    """
+    rows = run_lo.shape[0]
+    nt = 0
+    i = 0
+    while i < rows:
+        start = i
+        group_end = (i // n + 1) * n
+        jl, jh = run_lo[i], run_hi[i]
+        covered = jh - jl
+        i += 1
+        while i < group_end and i - start < t_max:
+            length = run_hi[i] - run_lo[i]
+            nl, nh = jl, jh
+            if length > 0:
+                if jh > jl:
+                    nl, nh = min(jl, run_lo[i]), max(jh, run_hi[i])
+                else:
+                    nl, nh = run_lo[i], run_hi[i]
+            area = (i - start + 1) * (nh - nl)
+            if area > 0 and (covered + length < min_eff * area or area > max_area):
+                break
+            jl, jh = nl, nh
+            covered += length
+            i += 1
+        tile_start[nt] = start
+        tile_jlo[nt] = jl
+        tile_jhi[nt] = jh
+        nt += 1
+    tile_start[nt] = rows
+    return nt
+
+
+@serial
+def dense_spans(row_ea, row_eb, indptr, indices, tile_start, tile_jlo, tile_jhi):
+    """[row_ea_i, row_eb_i) = the entries of row i whose key lies in its tile's range (a
+    contiguous span, the indices being sorted); empty (= indptr[i], indptr[i]) if none."""
+    for t in range(tile_start.shape[0] - 1):
+        for row in range(tile_start[t], tile_start[t + 1]):
+            e0, e1 = indptr[row], indptr[row + 1]
+            if tile_jhi[t] <= tile_jlo[t]:
+                row_ea[row] = e0
+                row_eb[row] = e0
+                continue
+            cols = indices[e0:e1]
+            row_ea[row] = e0 + np.searchsorted(cols, tile_jlo[t])
+            row_eb[row] = e0 + np.searchsorted(cols, tile_jhi[t])
+
+
+@serial
+def count_outside(counts, indptr, indices, row_ea, row_eb):
+    """counts[j] = entries of key column j outside their row's dense span."""
+    for row in range(indptr.shape[0] - 1):
+        for e in range(indptr[row], row_ea[row]):
+            counts[indices[e]] += 1
+        for e in range(row_eb[row], indptr[row + 1]):
+            counts[indices[e]] += 1
+
+
+@serial
+def color_tiles(phase, tile_jlo, tile_jhi, order):
+    """First-fit colouring of the tile ranges visited by increasing jlo (``order``): tiles
+    of one phase have disjoint ranges.  Empty ranges go to phase 0.  Returns the count."""
+    nt = order.shape[0]
+    ends = np.empty(max(nt, 1), dtype=np.int64)   # last range end of each phase
+    n_ph = 1
+    ends[0] = -1
+    for u in range(nt):
+        t = order[u]
+        if tile_jhi[t] <= tile_jlo[t]:
+            phase[t] = 0
+            continue
+        ph = 0
+        while ph < n_ph and ends[ph] > tile_jlo[t]:
+            ph += 1
+        if ph == n_ph:
+            n_ph += 1
+        ends[ph] = tile_jhi[t]
+        phase[t] = ph
+    return n_ph
+
+
+# ---------------------------------------------------------------------- the plan
 
 
 class Knobs(NamedTuple):
@@ -66,22 +186,22 @@ class Plan:
         nnz = int(indices.shape[0])
         run_lo = np.empty(rows, dtype=np.int64)                             # (G·N,)
         run_hi = np.empty(rows, dtype=np.int64)                             # (G·N,)
-        kernels.longest_runs(run_lo, run_hi, indptr, indices, knobs.MIN_RUN)
+        longest_runs(run_lo, run_hi, indptr, indices, knobs.MIN_RUN)
         start = np.zeros(rows + 1, dtype=np.int64)                          # (≤ G·N + 1,)
         jlo = np.empty(rows, dtype=np.int64)                                # (≤ G·N,)
         jhi = np.empty(rows, dtype=np.int64)                                # (≤ G·N,)
-        nt = kernels.plan_tiles(start, jlo, jhi, run_lo, run_hi, n, knobs.TILE,
+        nt = plan_tiles(start, jlo, jhi, run_lo, run_hi, n, knobs.TILE,
                                 knobs.MAX_AREA, knobs.MIN_EFF) if rows else 0
         self.tile_start = start[:nt + 1].copy()                             # (nt + 1,)
         self.tile_jlo = jlo[:nt].copy()                                     # (nt,)
         self.tile_jhi = jhi[:nt].copy()                                     # (nt,)
         self.row_ea = np.empty(rows, dtype=np.int64)                        # (G·N,)
         self.row_eb = np.empty(rows, dtype=np.int64)                        # (G·N,)
-        kernels.dense_spans(self.row_ea, self.row_eb, indptr, indices, self.tile_start,
+        dense_spans(self.row_ea, self.row_eb, indptr, indices, self.tile_start,
                          self.tile_jlo, self.tile_jhi)
         # heavy keys: stored outside the dense spans by ≥ HEAVY_FRAC of the group's rows
         outside = np.zeros(cols, dtype=np.int64)                            # (G·M,)
-        kernels.count_outside(outside, indptr, indices, self.row_ea, self.row_eb)
+        count_outside(outside, indptr, indices, self.row_ea, self.row_eb)
         heavy = []
         for g in range(groups):
             cnt = outside[g * m:(g + 1) * m]                                # (M,)
@@ -137,7 +257,7 @@ class Plan:
             nt = self.tile_jlo.shape[0]
             order = np.argsort(self.tile_jlo, kind="stable")                # (nt,)
             phase = np.zeros(nt, dtype=np.int64)                            # (nt,)
-            n_ph = kernels.color_tiles(phase, self.tile_jlo, self.tile_jhi, order)
+            n_ph = color_tiles(phase, self.tile_jlo, self.tile_jhi, order)
             phase_ptr = np.zeros(n_ph + 1, dtype=np.int64)                  # (P + 1,)
             np.cumsum(np.bincount(phase, minlength=n_ph), out=phase_ptr[1:])
             phase_tiles = np.argsort(phase, kind="stable").astype(np.int64)  # (nt,)
