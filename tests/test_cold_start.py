@@ -14,3 +14,9 @@ def test_lists_the_paths(capsys):
 def test_one_path_without_kernels_in_a_fresh_process():
     r = _cold.run_path("linformer-256")                 # NumPy only: nothing to compile
     assert r["wall"] >= 0 and r["cpu"] >= 0 and "load" in r
+
+
+def test_bench_hands_cold_start_to_its_own_options(capsys):
+    from tinyeff.cli import bench
+    assert bench.main(["--cold-start", "--list"]) == 0
+    assert "performer-causal-4096" in capsys.readouterr().out

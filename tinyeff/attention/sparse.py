@@ -58,7 +58,8 @@ multiplies padded query rows by 0 (tinyeff attends from them); its layout, per h
 set pattern cannot express (``full`` with a log-count bias can; docs/semantics/sparse.md).
 openai/sparse_attention masks with −1e9 (a fully masked row becomes uniform, not 0).
 Other block layouts: ``masks.from_block_layout``; tinyeff excludes masked entries exactly.
-The Numba kernels are in ``tinyeff/kernels/sparse.py``.
+The Numba kernels are in ``tinyeff/kernels/sparse.py`` (tiles), ``sparse_scattered.py``
+(scattered entries) and ``sparse_plan.py`` (the schedule).
 """
 
 from __future__ import annotations

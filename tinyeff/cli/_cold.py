@@ -1,6 +1,6 @@
 """Cold start: the first forward+backward of each kernel path on an empty Numba cache.
 
-    python -m tinyeff.cli._cold [--paths NAME,...] [--dtype float32|float64] [--list]
+    python -m tinyeff bench --cold-start [--paths NAME,...] [--dtype float32|float64] [--list]
 
 Each path runs in a fresh Python process whose ``NUMBA_CACHE_DIR`` is a new empty directory,
 so everything it calls is compiled; the table gives the wall and CPU seconds of that first
@@ -75,7 +75,7 @@ def run_path(name: str, dtype: str = "float32") -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tinyeff.cli._cold", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m tinyeff bench --cold-start", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--paths", default=",".join(PATHS),
                    help="comma-separated path names (default: all; --list shows them)")

@@ -65,7 +65,7 @@ import sys
 import numpy as np
 
 from ..attention import VARIANTS
-from . import _bench_peers
+from . import _bench_peers, _cold
 from ._bench_case import (
     CONFIGS,
     RESULT_TAG,
@@ -106,6 +106,9 @@ def _fmt_t(ts) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--cold-start" in argv:                   # its own options (tinyeff/cli/_cold.py)
+        return _cold.main([a for a in argv if a != "--cold-start"])
     parser = argparse.ArgumentParser(prog="python -m tinyeff bench",
                                      description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -139,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpu-time", action="store_true",
                         help="also report process CPU time and fractions of the matmul rate "
                              "per CPU second (less sensitive to other load)")
+    parser.add_argument("--cold-start", action="store_true",
+                        help="instead: the first forward+backward of each kernel path on an "
+                             "empty Numba cache (--cold-start --help lists its options)")
     parser.add_argument("--peers", action="store_true",
                         help="compare with the torch peers, where installed, in this process "
                              "(tinyeff/cli/_peers.py)")
@@ -147,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.worker is not None:
         return worker(args.worker)
-    command = "python -m tinyeff bench " + " ".join(argv or sys.argv[1:])
+    command = "python -m tinyeff bench " + " ".join(argv)
     if args.peers:
         unused = [o for o, on in (("--causal", args.causal), ("--quick", args.quick),
                                   ("--first-touch", args.first_touch), ("--opt", args.opt)) if on]

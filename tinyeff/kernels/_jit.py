@@ -10,7 +10,7 @@ Compiling is slow (seconds per kernel module) and happens once per machine: the 
 kernel module compiles in a process, one line on stderr says so, so that a first call does
 not wait in silence; loading from the cache prints nothing.
 
-SPEEDTIP (compile time; ``python -m tinyeff.cli._cold`` measures it on an empty cache):
+SPEEDTIP (compile time; ``python -m tinyeff bench --cold-start`` measures it on an empty cache):
 
 * every ``prange`` body is compiled as a function of its own (a gufunc) whose module links
   in and re-optimizes every helper it calls, and the kernel's module does it once more:

@@ -21,7 +21,7 @@ dnum (N, Dv) and dden (N):
     r̃_j   = Σ_{i ≥ j} exp(C_j − C_i) dden_i fq_i               (F)
     dfk_j = exp(lk_j − C_j) (Ũ_j v_j + r̃_j),   dv_j = exp(lk_j − C_j) Ũ_jᵀ fk_j
 
-The C's are constants of the backward (they cancel exactly; see tinyeff.attention.linear).
+The C's are constants of the backward (they cancel exactly; see tinyeff.attention._linear_engine).
 The N×F×Dv stack of prefix states is never built: one (F, Dv) state per batch slice.
 
 Every kernel processes one *chunk* of time steps t0 … t0 + T − 1 for all batch slices, rows
@@ -222,7 +222,7 @@ def causal_bwd_kv(dfk, dvv, U, Ut, r, cn, fq, dnum, dden, cmax, fk, lk, v):
 # Linear attention's own maps (φ = elu + 1 or relu + 1) have no log-scale (ℓ ≡ 0, C ∈ {0,
 # −inf}), so the causal scan needs no rescaling and the features of one row can be made in
 # the kernel, from q_t and k_t, when the scan reaches it.  These kernels do the whole causal
-# path of tinyeff.attention.linear for those maps in one pass each — features, scan,
+# path of tinyeff.attention._linear_engine for those maps in one pass each — features, scan,
 # normalization, and the feature maps' chain rule — so no (…, N, F) feature array, no
 # (…, N, Dv) numerator and no per-chunk temporaries exist.  Same sums in the same order as
 # the chunked kernels above.
@@ -308,7 +308,7 @@ def _phi_fwd_slice(b, out, denom, cmax, q, k, v, keep, relu, exact, normalize, e
 
 @kernel
 def causal_phi_fwd(out, denom, cmax, q, k, v, keep, relu, exact, normalize, eps, zero):
-    """out_t = φ(q_t) S_t / denom_t (tinyeff.attention.linear's ``_finish``, corr = 1).
+    """out_t = φ(q_t) S_t / denom_t (tinyeff.attention._linear_engine's ``_finish``, corr = 1).
 
     out (BH, N, Dv), denom (BH, N) (+inf for a row that sees no key), cmax (BH, N) (C_t:
     0, or −inf for a row that sees no key): outputs.
