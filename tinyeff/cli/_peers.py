@@ -69,6 +69,8 @@ class Pair:
     prepare: object = None            # (q, k, v, causal) numpy -> (q, k, v) numpy
     peer_bytes: object = None         # (b, h, n, d, itemsize) -> peer's memory, if large
     chain: object = None              # (grads, args, causal) -> grads as the peer defines them
+    adapt: object = None              # (fwd, n, d, dtype) -> None: fit tinyeff's forward
+    #                                   options to the peer's rules (in place), or ValueError
 
     @property
     def label(self) -> str:
@@ -179,6 +181,20 @@ def _lsh_options(n):
     return {"chunk_len": 64, "n_hashes": 4, "n_buckets": max(2, n // 64)}
 
 
+def _reformer_adapt(fwd, n, d, dtype):
+    """reformer-pytorch's rules: an extra 1/√D, n_buckets = N / chunk_len, N a multiple of
+    2·chunk_len, and the rotations it draws from ``LSH_SEED`` (given to tinyeff)."""
+    import torch
+    fwd["scale"] = d ** -0.5
+    r, half = fwd["rotations"].shape[1:]
+    torch.manual_seed(LSH_SEED)
+    rot = torch.randn((1, d, r, half), dtype=getattr(torch, dtype.name))
+    fwd["rotations"] = rot[0].numpy()
+    if n % (2 * fwd["chunk_len"]) or n // fwd["chunk_len"] != fwd["n_buckets"]:
+        raise ValueError("reformer-pytorch needs N a multiple of 2·chunk_len and "
+                         "n_buckets = N / chunk_len")
+
+
 PAIRS = (
     Pair("full", "torch sdpa", None, False, lambda n: {}, _sdpa),
     Pair("full", "torch sdpa", None, True, lambda n: {}, _sdpa),
@@ -195,7 +211,7 @@ PAIRS = (
     Pair("performer", "performer-pytorch (same features)", "performer-pytorch", False,
          lambda n: {"m": 256}, _performer),
     Pair("lsh", "reformer-pytorch LSHAttention", "reformer-pytorch", False, _lsh_options,
-         _reformer),
+         _reformer, adapt=_reformer_adapt),
     Pair("linear", "linear-attention-transformer", "linear-attention-transformer", False,
          lambda n: {"normalize": False}, _lat, prepare=_lat_inputs, chain=_lat_chain),
     Pair("linear", "linear-attention-transformer", "linear-attention-transformer", True,
@@ -220,22 +236,17 @@ def make_pair(pair: Pair, b: int, h: int, n: int, d: int, dtype, options: dict |
     """
     import torch
     mod = VARIANTS[pair.variant]
+    shared_qk = getattr(mod, "SHARED_QK", False)      # forward takes q only (k = q)
     dtype = np.dtype(dtype)
     opts = dict(pair.options(n) if options is None else options)
-    if pair.variant == "lsh":
-        opts["scale"] = d ** -0.5                     # reformer-pytorch's extra 1/√D
     args, fwd = build_call(mod, b, h, n, d, dtype, opts, pair.causal, seed)
     if pair.prepare is not None:
         args["q"], args["k"], args["v"] = pair.prepare(args["q"], args["k"], args["v"],
                                                        pair.causal)
-    if pair.variant == "lsh":                         # the rotations the peer will draw
-        r, half = fwd["rotations"].shape[1:]
-        torch.manual_seed(LSH_SEED)
-        rot = torch.randn((1, d, r, half), dtype=getattr(torch, dtype.name))
-        fwd["rotations"] = rot[0].numpy()
-        if n % (2 * fwd["chunk_len"]) or n // fwd["chunk_len"] != fwd["n_buckets"]:
-            raise ValueError("reformer-pytorch needs N a multiple of 2·chunk_len and "
-                             "n_buckets = N / chunk_len")
+    if pair.adapt is not None:
+        pair.adapt(fwd, n, d, dtype)
+        opts.update({key: fwd[key] for key in ("scale",) if key in fwd})
+    if shared_qk:
         del args["k"]
     dout = np.random.default_rng(seed + 1).standard_normal(
         (b, h, n, args["v"].shape[-1])).astype(dtype)              # (B, H, N, Dv)
@@ -251,7 +262,7 @@ def make_pair(pair: Pair, b: int, h: int, n: int, d: int, dtype, options: dict |
         for name in wrt:
             src = args[name] if name in args else fwd[name]
             t[name] = torch.from_numpy(src).requires_grad_(True)
-        if pair.variant == "lsh":
+        if shared_qk:
             t["k"] = t["q"]
         out = pair.run(t, fwd, pair.causal)
         out.backward(torch.from_numpy(dout))
