@@ -23,3 +23,17 @@ def test_one_line_per_kernel_module_and_none_for_other_code(capsys):
                    "them from the cache)",
                    "tinyeff: compiling the math kernels (first run only; later runs load "
                    "them from the cache)"]
+
+
+def test_workers_sleep_between_regions_unless_the_user_says_otherwise():
+    import os
+    import subprocess
+    import sys
+    code = "import os, tinyeff.kernels._jit; print(os.environ['OMP_WAIT_POLICY'])"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    for given, want in ((None, "PASSIVE"), ("ACTIVE", "ACTIVE")):
+        if given is not None:
+            env["OMP_WAIT_POLICY"] = given
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                             text=True, check=True).stdout.strip()
+        assert out == want

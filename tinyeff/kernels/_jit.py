@@ -23,15 +23,23 @@ SPEEDTIP (compile time; ``python -m tinyeff bench --cold-start`` measures it on 
   whose error messages format strings (seconds per kernel): loops (``_math.add_rows``) do
   the same sums without them;
 * parallel kernels cost a fixed second or more each: O(n) bookkeeping runs ``serial``.
+
+Between parallel regions the worker threads sleep: ``OMP_WAIT_POLICY`` is set to PASSIVE
+before Numba starts its OpenMP thread pool, unless the environment already sets it.  With
+OpenMP's default the workers spin after each region and take the cores that OpenBLAS then
+needs for the matrix products of the NumPy code between kernel calls (BENCHMARKS.md).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 
-import numba
-from numba.core import event
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")     # read once, when the pool starts
+
+import numba  # noqa: E402
+from numba.core import event  # noqa: E402
 
 kernel = numba.njit(cache=True, parallel=True, fastmath=False, nogil=True)
 serial = numba.njit(cache=True, parallel=False, fastmath=False, nogil=True)
