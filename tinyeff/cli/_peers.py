@@ -245,7 +245,8 @@ def make_pair(pair: Pair, b: int, h: int, n: int, d: int, dtype, options: dict |
                                                        pair.causal)
     if pair.adapt is not None:
         pair.adapt(fwd, n, d, dtype)
-        opts.update({key: fwd[key] for key in ("scale",) if key in fwd})
+        if "scale" in fwd:                            # the table shows the scale it set
+            opts["scale"] = fwd["scale"]
     if shared_qk:
         del args["k"]
     dout = np.random.default_rng(seed + 1).standard_normal(
