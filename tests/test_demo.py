@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 
 from tinyeff.attention import VARIANTS
-from tinyeff.cli import _demo_data, demo
+from tinyeff.cli import _demo_data, _precompile, demo
 from tinyeff.cli.report import parse_variant_opts
 from tinyeff.progress import Progress
 
 DEMOS = Path(__file__).resolve().parent.parent / "demos"
 TINY = ["--seq-len", "32", "--batch", "4", "--d-model", "16", "--heads", "2", "--layers", "1",
-        "--eval-batches", "1", "--sweep-repeat", "1", "--no-progress"]
+        "--eval-batches", "1", "--sweep-repeat", "1", "--no-progress", "--no-precompile"]
 
 
 def _has_matplotlib() -> bool:
@@ -86,7 +86,7 @@ def test_demo_listops_classification(tmp_path, capsys):
     rc = demo.main(["--task", "listops", "--variants", "linformer,lsh", "--steps", "3",
                     "--n-train", "16", "--n-valid", "8", "--sweep", "", "--out", str(tmp_path),
                     "--seq-len", "30", "--batch", "4", "--d-model", "16", "--heads", "2",
-                    "--layers", "1", "--no-progress"])
+                    "--layers", "1", "--no-progress", "--no-precompile"])
     text = capsys.readouterr().out
     assert rc == 0 and "majority class" in text
     runs = json.loads((tmp_path / "results.json").read_text())["runs"]
@@ -98,7 +98,7 @@ def test_demo_listops_classification(tmp_path, capsys):
 MQAR_TINY = ["--task", "mqar", "--variants", "full,linformer", "--seq-len", "32",
              "--kv-pairs", "4", "--vocab", "32", "--batch", "4", "--d-model", "16",
              "--heads", "2", "--layers", "1", "--n-valid", "8", "--sweep", "",
-             "--no-progress"]
+             "--no-progress", "--no-precompile"]
 
 
 def test_demo_mqar_scores_the_queries(tmp_path, capsys):
@@ -250,3 +250,59 @@ def test_demo_script_reversible_memory(monkeypatch, capsys):
     plain_kept = [float(r[1].split()[0]) for r in rows]
     rev_kept = [float(r[2].split()[0]) for r in rows]
     assert plain_kept[1] > plain_kept[0] and rev_kept[1] == rev_kept[0]
+
+
+# ----------------------------------------------------------------------------- precompile
+
+
+def test_precompile_child_command_line():
+    argv = ["--quick", "--variants", "a,b", "--out=x", "--resume", "--opt", "window.window=3",
+            "--sweep", "64", "--steps=9", "--no-progress"]
+    assert _precompile.child_argv(argv, ["c", "b"], "OUT") == [
+        "--quick", "--opt", "window.window=3", "--variants", "c,b", "--steps", "1",
+        "--sweep", "", "--no-progress", "--no-precompile", "--out", "OUT"]
+
+
+def test_precompile_runs_the_later_variants_once_and_cleans_up(tmp_path, monkeypatch):
+    calls = []
+
+    class FakePopen:
+        def __init__(self, cmd, **kw):
+            calls.append((cmd, kw["env"]))
+            self.returncode = None
+
+        def poll(self):
+            return self.returncode
+
+        def terminate(self):
+            self.returncode = -15
+
+        def wait(self):
+            return self.returncode
+
+    monkeypatch.setattr(_precompile.subprocess, "Popen", FakePopen)
+    monkeypatch.delenv("NUMBA_DISABLE_JIT", raising=False)
+    pc = _precompile.Precompiler(["--quick"], ["full", "linear", "window"])
+    (cmd, env), = calls
+    assert cmd[1:4] == ["-m", "tinyeff", "demo"]
+    assert cmd[cmd.index("--variants") + 1] == "window,linear"     # reversed, first one left out
+    assert env["NUMBA_NUM_THREADS"] == "1" and env["OPENBLAS_NUM_THREADS"] == "1"
+    out = pc.out
+    assert Path(out).is_dir()
+    pc.stop()
+    assert pc.proc is None and not Path(out).exists()
+    # nothing to do: one variant, or no JIT
+    assert _precompile.Precompiler(["--quick"], ["window"]).proc is None
+    monkeypatch.setenv("NUMBA_DISABLE_JIT", "1")
+    assert _precompile.Precompiler(["--quick"], ["full", "window"]).proc is None
+    assert len(calls) == 1
+
+
+def test_precompile_child_really_runs(tmp_path, capsys):
+    """The real child: the parent's results are those of a run without it."""
+    args = ["--variants", "full,window", "--steps", "2", "--sweep", "", *TINY[:-1]]
+    assert demo.main([*args, "--out", str(tmp_path / "with")]) == 0
+    assert demo.main([*args, "--no-precompile", "--out", str(tmp_path / "without")]) == 0
+    a = json.loads((tmp_path / "with" / "results.json").read_text())["runs"]
+    b = json.loads((tmp_path / "without" / "results.json").read_text())["runs"]
+    assert [r["val_loss"] for r in a] == [r["val_loss"] for r in b]

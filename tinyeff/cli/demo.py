@@ -43,6 +43,11 @@ keys are the BigBird parameters ``window``, ``n_global``, ``n_random`` and ``see
 pattern is built with ``tinyeff.masks.bigbird`` at the run's sequence length);
 ``pad_to_multiple`` is a model option that any variant accepts.
 
+First run: Numba compiles each variant's kernels the first time they are called and caches
+them on disk.  While the first variants train, a background process (one thread, lower
+priority) runs the same command for one step of each later variant, so that their kernels
+compile on the other core; ``--no-precompile`` turns it off (:mod:`tinyeff.cli._precompile`).
+
 Checkpoints and resuming: every variant's model, optimizer and curve so far are saved to
 ``OUT/checkpoints/VARIANT.npz`` after each evaluation.  ``--resume`` continues an
 interrupted comparison from there: the batches are replayed up to the saved step, so the
@@ -74,6 +79,7 @@ from ..progress import Progress
 from ._demo_data import QUICK, QUICK_MQAR, SIZES, TASKS
 from ._demo_report import notes, plot, print_summary, write_outputs
 from ._demo_train import printable, sweep_one, train_one, variant_options
+from ._precompile import Precompiler
 from .report import add_variants_argument, int_list, machine_info, parse_variant_opts
 
 __all__ = ["main", "make_parser", "variant_options"]
@@ -164,6 +170,9 @@ def make_parser() -> argparse.ArgumentParser:
                         "1 layer, sweep 64,128; with --task mqar: seq-len 64, 4 pairs, "
                         "vocabulary 64, 600 steps, batch 32 (explicit options still win)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-precompile", action="store_true",
+                   help="do not compile the later variants' kernels in a background process "
+                        "while the first ones train (tinyeff/cli/_precompile.py)")
     return p
 
 
@@ -194,6 +203,43 @@ def _config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[
     if cfg["d_model"] % cfg["heads"]:
         parser.error(f"--d-model {cfg['d_model']} must be divisible by --heads {cfg['heads']}")
     return task, base, cfg
+
+
+def _train_all(args, cfg, data, names, todo, overrides, result) -> None:
+    """Train every variant of ``names`` in turn (those in ``todo``; the others are listed as
+    skipped), appending to ``result["runs"]`` and rewriting the outputs after each one."""
+    runs = result["runs"]
+    done_steps, done_s = 0, 0.0                # for the time-left estimate
+    for name in names:
+        mod = VARIANTS[name]
+        if data.kind != "classify" and not mod.SUPPORTS_CAUSAL:
+            runs.append({"variant": name, "status": "skipped: not causal (cannot be a "
+                         "language model; try --task listops)"})
+            print(f"{name:<13}skipped: {name} does not support causal attention")
+            continue
+        ckpt = os.path.join(args.out, "checkpoints", f"{name}.npz")
+        os.makedirs(os.path.dirname(ckpt), exist_ok=True)
+        t_variant = time.perf_counter()
+        try:
+            record = train_one(name, data, cfg, overrides.get(name, {}),
+                               progress=not args.no_progress, checkpoint=ckpt,
+                               resume=args.resume)
+            print(f"{name:<13}val loss {record['val_loss']:.3f}"
+                  + (f" ({record['bits_per_char']:.3f} bits/char)" if data.kind == "lm"
+                     else f", accuracy {100 * record['val_acc']:.1f}%")
+                  + f", {record['ms_per_step']:.0f} ms/step, {record['status']}")
+        except (TypeError, ValueError) as e:
+            record = {"variant": name, "status": f"failed: {type(e).__name__}: {e}"}
+            print(f"{name:<13}{record['status']}", file=sys.stderr)
+        runs.append(record)
+        done_steps += cfg["steps"]
+        done_s += time.perf_counter() - t_variant
+        left = len(todo) - todo.index(name) - 1
+        if left:
+            print(f"# {len(todo) - left}/{len(todo)} variants done in {_hms(done_s)}; about "
+                  f"{_hms(done_s / done_steps * cfg['steps'] * left)} left at this pace")
+        sys.stdout.flush()
+        write_outputs(args.out, result)       # partial results survive an interrupted run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -240,44 +286,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"# validation majority-class accuracy: {100 * data.majority:.1f}%")
     sys.stdout.flush()
 
-    command = "python -m tinyeff demo" + "".join(f" {a}" for a in (argv if argv is not None
-                                                                   else sys.argv[1:]))
+    argv = list(argv if argv is not None else sys.argv[1:])
+    command = "python -m tinyeff demo" + "".join(f" {a}" for a in argv)
     runs, sweep = [], []
     result = {"command": command, "title": title, "machine": machine, "task": task,
               "data": data.source, "config": cfg, "complete": False, "total_s": None,
               "runs": runs, "sweep": sweep, "notes": notes(data)}
     todo = [n for n in names if data.kind == "classify" or VARIANTS[n].SUPPORTS_CAUSAL]
-    done_steps, done_s = 0, 0.0                # for the time-left estimate
-    for name in names:
-        mod = VARIANTS[name]
-        if data.kind != "classify" and not mod.SUPPORTS_CAUSAL:
-            runs.append({"variant": name, "status": "skipped: not causal (cannot be a "
-                         "language model; try --task listops)"})
-            print(f"{name:<13}skipped: {name} does not support causal attention")
-            continue
-        ckpt = os.path.join(args.out, "checkpoints", f"{name}.npz")
-        os.makedirs(os.path.dirname(ckpt), exist_ok=True)
-        t_variant = time.perf_counter()
-        try:
-            record = train_one(name, data, cfg, overrides.get(name, {}),
-                               progress=not args.no_progress, checkpoint=ckpt,
-                               resume=args.resume)
-            print(f"{name:<13}val loss {record['val_loss']:.3f}"
-                  + (f" ({record['bits_per_char']:.3f} bits/char)" if data.kind == "lm"
-                     else f", accuracy {100 * record['val_acc']:.1f}%")
-                  + f", {record['ms_per_step']:.0f} ms/step, {record['status']}")
-        except (TypeError, ValueError) as e:
-            record = {"variant": name, "status": f"failed: {type(e).__name__}: {e}"}
-            print(f"{name:<13}{record['status']}", file=sys.stderr)
-        runs.append(record)
-        done_steps += cfg["steps"]
-        done_s += time.perf_counter() - t_variant
-        left = len(todo) - todo.index(name) - 1
-        if left:
-            print(f"# {len(todo) - left}/{len(todo)} variants done in {_hms(done_s)}; about "
-                  f"{_hms(done_s / done_steps * cfg['steps'] * left)} left at this pace")
-        sys.stdout.flush()
-        write_outputs(args.out, result)       # partial results survive an interrupted run
+    precompiler = Precompiler(argv, [] if args.no_precompile else todo)
+    try:
+        _train_all(args, cfg, data, names, todo, overrides, result)
+    finally:
+        precompiler.stop()
 
     if sweep_ns:
         ok = [r["variant"] for r in runs if "val_loss" in r]
