@@ -36,6 +36,9 @@ reports, on random float inputs of shape (B, H, N, D):
   core (other load) is not counted, but neither is a thread's idle time, so a case that
   keeps only one of its 2 threads busy gets a higher cpu frac than wall frac.
 
+``--against REV`` instead times this tree against commit REV of the git checkout, calls
+alternated in one process: tinyeff/cli/_bench_against.py.
+
 ``--peers`` instead runs each variant against its PyTorch peer in one process (torch and
 the peer packages where installed, else one line and exit 0): tinyeff/cli/_bench_peers.py
 describes the table, tinyeff/cli/_peers.py the pairs.
@@ -65,7 +68,7 @@ import sys
 import numpy as np
 
 from ..attention import VARIANTS
-from . import _bench_peers, _cold
+from . import _bench_against, _bench_peers, _cold
 from ._bench_case import (
     CONFIGS,
     RESULT_TAG,
@@ -148,12 +151,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peers", action="store_true",
                         help="compare with the torch peers, where installed, in this process "
                              "(tinyeff/cli/_peers.py)")
+    parser.add_argument("--against", default=None, metavar="REV",
+                        help="instead: this tree against commit REV of this git checkout, "
+                             "calls alternated in one process (tinyeff/cli/_bench_against.py)")
     parser.add_argument("--out", default=None, help="directory for bench.json (and bench.png)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker is not None:
         return worker(args.worker)
     command = "python -m tinyeff bench " + " ".join(argv)
+    if args.against is not None:
+        unused = [o for o, on in (("--peers", args.peers), ("--quick", args.quick),
+                                  ("--first-touch", args.first_touch),
+                                  ("--cpu-time", args.cpu_time)) if on]
+        if unused:
+            parser.error(f"--against times forward+backward only; not with {', '.join(unused)}")
+        try:
+            return _bench_against.run(args, command)
+        except ValueError as e:
+            parser.error(str(e))
     if args.peers:
         unused = [o for o, on in (("--causal", args.causal), ("--quick", args.quick),
                                   ("--first-touch", args.first_touch), ("--opt", args.opt)) if on]
