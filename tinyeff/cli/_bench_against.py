@@ -36,7 +36,7 @@ import numpy as np
 
 from ..attention import VARIANTS
 from ._bench_case import build_call
-from .report import machine_info, parse_variant_opts, write_json
+from .report import machine_info, parse_variant_opts, refuse, write_json
 
 DEFAULT_N = (4096,)
 _IMPORT = re.compile(r"^(\s*(?:from|import)\s+)tinyeff(?=[.\s])", re.MULTILINE)
@@ -107,9 +107,19 @@ def _difference(a, b) -> float:
                for x, y in pairs)
 
 
-def run(args, command: str) -> int:
-    """Run the comparison for the parsed ``args`` of ``python -m tinyeff bench --against``."""
-    old_pkg, sha = import_tree(args.against)
+def main(parser, args, command: str) -> int:
+    """``python -m tinyeff bench --against``: bad options and revisions are usage errors."""
+    refuse(parser, args, "--against times forward+backward only",
+           ("peers", "quick", "first_touch", "cpu_time"))
+    try:
+        old_pkg, sha = import_tree(args.against)
+    except ValueError as e:
+        parser.error(str(e))
+    return run(args, command, old_pkg, sha)
+
+
+def run(args, command: str, old_pkg, sha: str) -> int:
+    """Time this tree against ``old_pkg`` (commit ``sha``) for the parsed ``args``."""
     names = args.variants or list(VARIANTS)
     overrides = parse_variant_opts(args.opt)
     dtype = np.dtype(args.dtype)

@@ -36,12 +36,10 @@ reports, on random float inputs of shape (B, H, N, D):
   core (other load) is not counted, but neither is a thread's idle time, so a case that
   keeps only one of its 2 threads busy gets a higher cpu frac than wall frac.
 
-``--against REV`` instead times this tree against commit REV of the git checkout, calls
-alternated in one process: tinyeff/cli/_bench_against.py.
-
 ``--peers`` instead runs each variant against its PyTorch peer in one process (torch and
 the peer packages where installed, else one line and exit 0): tinyeff/cli/_bench_peers.py
-describes the table, tinyeff/cli/_peers.py the pairs.
+describes the table, tinyeff/cli/_peers.py the pairs.  ``--against REV`` instead times this
+tree against commit REV, calls alternated in one process (tinyeff/cli/_bench_against.py).
 
 The table goes to stdout; ``--out DIR`` writes ``DIR/bench.json`` and, if matplotlib is
 installed, ``DIR/bench.png`` (log-log time and memory against N).
@@ -68,7 +66,7 @@ import sys
 import numpy as np
 
 from ..attention import VARIANTS
-from . import _bench_against, _bench_peers, _cold
+from . import _bench_against, _bench_peers, _cold, report
 from ._bench_case import (
     CONFIGS,
     RESULT_TAG,
@@ -95,17 +93,6 @@ DEFAULT_N = (1024, 4096, 16384, 65536)
 QUICK_N = (128, 256)
 
 # ----------------------------------------------------------------------------- driver
-
-
-def _ms(seconds: float) -> str:
-    ms = seconds * 1e3
-    return f"{ms:.0f}" if ms >= 100 else f"{ms:.3g}"
-
-
-def _fmt_t(ts) -> str:
-    if not ts:
-        return "-"
-    return f"{_ms(statistics.median(ts))} [{_ms(min(ts))}–{_ms(max(ts))}]"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -151,9 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peers", action="store_true",
                         help="compare with the torch peers, where installed, in this process "
                              "(tinyeff/cli/_peers.py)")
-    parser.add_argument("--against", default=None, metavar="REV",
-                        help="instead: this tree against commit REV of this git checkout, "
-                             "calls alternated in one process (tinyeff/cli/_bench_against.py)")
+    parser.add_argument("--against", metavar="REV", help="instead: this tree against commit "
+                        "REV, calls alternated in one process (tinyeff/cli/_bench_against.py)")
     parser.add_argument("--out", default=None, help="directory for bench.json (and bench.png)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -161,20 +147,10 @@ def main(argv: list[str] | None = None) -> int:
         return worker(args.worker)
     command = "python -m tinyeff bench " + " ".join(argv)
     if args.against is not None:
-        unused = [o for o, on in (("--peers", args.peers), ("--quick", args.quick),
-                                  ("--first-touch", args.first_touch),
-                                  ("--cpu-time", args.cpu_time)) if on]
-        if unused:
-            parser.error(f"--against times forward+backward only; not with {', '.join(unused)}")
-        try:
-            return _bench_against.run(args, command)
-        except ValueError as e:
-            parser.error(str(e))
+        return _bench_against.main(parser, args, command)
     if args.peers:
-        unused = [o for o, on in (("--causal", args.causal), ("--quick", args.quick),
-                                  ("--first-touch", args.first_touch), ("--opt", args.opt)) if on]
-        if unused:
-            parser.error(f"--peers fixes each pair's options; not with {', '.join(unused)}")
+        report.refuse(parser, args, "--peers fixes each pair's options",
+                      ("causal", "quick", "first_touch", "opt"))
         return _bench_peers.run(args, command)
 
     names = args.variants or list(VARIANTS) + [v for v in CONFIGS if v not in VARIANTS]
@@ -308,13 +284,13 @@ def _row(case: dict, cpu: bool) -> str:
     fr = case.get("fraction_fwd_bwd")
     work = case.get("workspace_bytes")
     text = (f"{case['variant']:<13}{case['n']:>7}  {case['warmup_s']:>9.2f}  "
-            f"{_fmt_t(case['fwd_s']):<26}{_fmt_t(case['fwd_bwd_s']):<30}"
+            f"{report.ms_range(case['fwd_s']):<26}{report.ms_range(case['fwd_bwd_s']):<30}"
             f"{len(case['fwd_bwd_s']):>4}{case['peak_extra_bytes'] / 2**20:>10.1f}"
             f"{'' if work is None else f'{work / 2**20:.1f}':>10}"
             f"{'' if gf is None else f'{gf:.1f}':>7}{'' if fr is None else f'{fr:.2f}':>6}")
     if cpu:
         fc = case.get("fraction_cpu_fwd_bwd")
-        text += (f"{_ms(statistics.median(case['fwd_bwd_cpu_s'])):>9}"
+        text += (f"{report.ms(statistics.median(case['fwd_bwd_cpu_s'])):>9}"
                  f"{'' if fc is None else f'{fc:.2f}':>9}")
     return text + f"  {case['note']}"
 

@@ -9,6 +9,7 @@ import datetime
 import json
 import os
 import platform
+import statistics
 
 import numpy as np
 
@@ -148,3 +149,24 @@ def plot_scaling(path: str, series: dict, ylabels: tuple[str, str], title: str, 
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path
+
+
+def refuse(parser, args, why: str, names) -> None:
+    """A usage error naming the options of ``names`` (argparse dests) that ``args`` sets,
+    for a mode that does not take them: "``why``; not with --a, --b"."""
+    given = [f"--{n.replace('_', '-')}" for n in names if getattr(args, n)]
+    if given:
+        parser.error(f"{why}; not with {', '.join(given)}")
+
+
+def ms(seconds: float) -> str:
+    """Milliseconds with 3 significant digits below 100 ms, whole ones above."""
+    value = seconds * 1e3
+    return f"{value:.0f}" if value >= 100 else f"{value:.3g}"
+
+
+def ms_range(ts) -> str:
+    """"median [min–max]" milliseconds of the times ``ts`` (seconds), "-" if none."""
+    if not ts:
+        return "-"
+    return f"{ms(statistics.median(ts))} [{ms(min(ts))}–{ms(max(ts))}]"
