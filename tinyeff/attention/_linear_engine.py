@@ -357,7 +357,7 @@ def _forward_fused(q, k, v, fmap, mask, mask_mode, normalize, eps):
 
 
 def _backward_fused(dout, ctx: LinearCtx) -> dict:
-    """dq by a forward scan, dk and dv by a reverse scan (fused kernels)."""
+    """dq by a forward scan, dk and dv by a reverse scan (one fused kernel)."""
     q, k, v = ctx.q, ctx.k, ctx.v
     qf, kf, vf, keep, exact = _fused_args(q, k, v, ctx.key_padding_mask, ctx.mask_mode)
     bh, n, _ = qf.shape
@@ -368,10 +368,8 @@ def _backward_fused(dout, ctx: LinearCtx) -> dict:
     dq = memory.empty(q.shape, dtype)                              # (..., N, D)
     dk = memory.empty(k.shape, dtype)                              # (..., M, D)
     dv = memory.empty(v.shape, dtype)                              # (..., M, Dv)
-    kernels.causal_phi_bwd_q(dq.reshape(qf.shape), qf, kf, vf, keep, dof, outf, den, relu,
-                             exact, ctx.normalize, zero)
-    kernels.causal_phi_bwd_kv(dk.reshape(kf.shape), dv.reshape(vf.shape), qf, kf, vf, keep,
-                              dof, outf, den, relu, exact, ctx.normalize, zero)
+    kernels.causal_phi_bwd(dq.reshape(qf.shape), dk.reshape(kf.shape), dv.reshape(vf.shape),
+                           qf, kf, vf, keep, dof, outf, den, relu, exact, ctx.normalize, zero)
     return {"q": dq, "k": dk, "v": dv}
 
 

@@ -332,7 +332,7 @@ def _grad_rows(g, dout, out, den, normalize, zero):
 
 @serial
 def _phi_bwd_q_slice(b, dq, q, k, v, keep, dout, out, denom, relu, exact, normalize, zero):
-    """Batch slice b of :func:`causal_phi_bwd_q`."""
+    """Batch slice b of the forward scan of :func:`causal_phi_bwd` (dq)."""
     bh, n, d = q.shape
     m = k.shape[1]
     dv = v.shape[2]
@@ -363,22 +363,10 @@ def _phi_bwd_q_slice(b, dq, q, k, v, keep, dout, out, denom, relu, exact, normal
         _dphi(dq[b, t], a, q[b, t], relu, zero)
 
 
-@kernel
-def causal_phi_bwd_q(dq, q, k, v, keep, dout, out, denom, relu, exact, normalize, zero):
-    """dq_t = φ'(q_t) ∘ (S_t dnum_t + dden_t z_t), rebuilding Sᵀ in a forward scan.
-
-    dq (BH, N, D): output.  dout, out (BH, N, Dv), denom (BH, N) from the forward.
-    """
-    bh = q.shape[0]
-    for b in prange(bh):
-        _phi_bwd_q_slice(np.int64(b), dq, q, k, v, keep, dout, out, denom, relu, exact,
-                         normalize, zero)
-
-
 @serial
 def _phi_bwd_kv_slice(b, dk, dv_out, q, k, v, keep, dout, out, denom, relu, exact, normalize,
                       zero):
-    """Batch slice b of :func:`causal_phi_bwd_kv`."""
+    """Batch slice b of the reverse scan of :func:`causal_phi_bwd` (dk, dv)."""
     bh, n, d = q.shape
     m = k.shape[1]
     dv = v.shape[2]
@@ -423,16 +411,22 @@ def _phi_bwd_kv_slice(b, dk, dv_out, q, k, v, keep, dout, out, denom, relu, exac
 
 
 @kernel
-def causal_phi_bwd_kv(dk, dv_out, q, k, v, keep, dout, out, denom, relu, exact, normalize,
-                      zero):
-    """dk_t = φ'(k_t) ∘ (Ũ_t v_t + r̃_t), dv_t = Ũ_tᵀ φ(k_t) by a reverse scan over rows.
+def causal_phi_bwd(dq, dk, dv_out, q, k, v, keep, dout, out, denom, relu, exact, normalize,
+                   zero):
+    """dq_t = φ'(q_t) ∘ (S_t dnum_t + dden_t z_t), rebuilding Sᵀ in a forward scan, and
+    dk_t = φ'(k_t) ∘ (Ũ_t v_t + r̃_t), dv_t = Ũ_tᵀ φ(k_t) by a reverse scan over rows: the two
+    scans of a batch slice are independent tasks of one parallel loop (tasks 0 … BH − 1 the
+    forward scans, BH … 2·BH − 1 the reverse ones; one gufunc to compile, SPEEDTIP in _jit).
 
-    dk (BH, M, D), dv_out (BH, M, Dv): outputs (0 for padded keys in "exact" mode, 0 dv
-    for padded keys in "values_only" mode, 0 for keys no row sees).
+    dq (BH, N, D), dk (BH, M, D), dv_out (BH, M, Dv): outputs (dk, dv: 0 for padded keys in
+    "exact" mode, 0 dv for padded keys in "values_only" mode, 0 for keys no row sees).
+    dout, out (BH, N, Dv), denom (BH, N) from the forward.
     """
     bh = q.shape[0]
-    for b in prange(bh):
-        _phi_bwd_kv_slice(np.int64(b), dk, dv_out, q, k, v, keep, dout, out, denom, relu, exact,
-                          normalize, zero)
-
-
+    for t in prange(2 * bh):
+        if t < bh:
+            _phi_bwd_q_slice(np.int64(t), dq, q, k, v, keep, dout, out, denom, relu, exact,
+                             normalize, zero)
+        else:
+            _phi_bwd_kv_slice(np.int64(t - bh), dk, dv_out, q, k, v, keep, dout, out, denom,
+                              relu, exact, normalize, zero)
