@@ -18,7 +18,7 @@ from .. import tasks
 SIZES = {
     "charlm":  dict(seq_len=256, steps=300, batch=8, d_model=64, heads=4, layers=2, lr=3e-3,
                     eval_every=50, eval_batches=8, sweep="256,512,1024,2048"),
-    "listops": dict(seq_len=512, steps=400, batch=32, d_model=64, heads=4, layers=2, lr=3e-3,
+    "listops": dict(seq_len=256, steps=400, batch=32, d_model=128, heads=4, layers=2, lr=3e-3,
                     eval_every=50, eval_batches=8, sweep="", n_train=9600, n_valid=512,
                     positions="sinusoidal"),
     "recall":  dict(seq_len=512, steps=300, batch=8, d_model=64, heads=4, layers=2, lr=1e-3,

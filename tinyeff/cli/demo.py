@@ -19,8 +19,8 @@ Tasks (``--task``), all with data present on any machine (:mod:`tinyeff.tasks`; 
   skipped.
 * ``listops``: ListOps as in the Long Range Arena (``tinyeff.tasks.listops``), expressions of
   seq_len/4 … seq_len − 1 tokens, classify the value 0–9; bidirectional attention with key
-  padding, mean pooling.  Default: N = 512 (LRA: 2,000), 9,600 training and 512 held-out
-  expressions, sinusoidal positions, batch 32, 400 steps, lr 3e-3.
+  padding, mean pooling.  Default: N = 256 (LRA: 2,000), width 128, 9,600 training and 512
+  held-out expressions, sinusoidal positions, batch 32, 400 steps, lr 3e-3.
 * ``recall``: single-query associative recall (``tinyeff.tasks.associative_recall``),
   classify the value paired with the query key from mean-pooled states (kept as the
   classification counterpart; ``mqar`` is the recall benchmark).
@@ -126,14 +126,15 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-file", default=None, metavar="PATH",
                    help="same as --task file:PATH")
     add_variants_argument(p, "every registered variant")
-    p.add_argument("--seq-len", type=int, default=None, help="sequence length N (charlm 256, "
-                   "mqar 256, listops/recall 512)")
+    p.add_argument("--seq-len", type=int, default=None, help="sequence length N (charlm, "
+                   "mqar and listops 256, recall 512)")
     p.add_argument("--steps", type=int, default=None, help="training steps per variant "
                    "(charlm/recall 300, listops 400, mqar 1000)")
     p.add_argument("--batch", type=int, default=None, help="sequences per step (charlm/recall 8, "
                    "listops/mqar 32)")
     p.add_argument("--layers", type=int, default=None, help="Transformer blocks (2)")
-    p.add_argument("--d-model", type=int, default=None, help="model width (64)")
+    p.add_argument("--d-model", type=int, default=None, help="model width (listops 128, the other "
+                   "tasks 64)")
     p.add_argument("--heads", type=int, default=None, help="attention heads (4)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate "
                    "(recall 1e-3, the other tasks 3e-3)")
