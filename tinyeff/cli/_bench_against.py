@@ -25,6 +25,7 @@ import importlib
 import io
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -59,6 +60,7 @@ def import_tree(rev: str):
     name = f"tinyeff_{sha[:12]}"
     base = os.path.join(tempfile.gettempdir(), f"tinyeff-against-{sha[:12]}")
     if not os.path.exists(os.path.join(base, name, ".complete")):
+        shutil.rmtree(base, ignore_errors=True)              # an interrupted unpacking
         archive = _git(root, "archive", "--format=tar", sha, "tinyeff")
         with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
             if hasattr(tarfile, "data_filter"):           # Python >= 3.11.4, 3.12
@@ -133,8 +135,8 @@ def run(args, command: str, old_pkg, sha: str) -> int:
     print("|---|---:|---:|---:|---|---|")
     rows = []
     for name in names:
-        if name not in old_pkg.VARIANTS:
-            print(f"| {name} | | | | | not in {sha[:12]} |")
+        if name not in VARIANTS or name not in old_pkg.VARIANTS:
+            print(f"| {name} | | | | | not a variant of both trees |")
             continue
         mod, old_mod = VARIANTS[name], old_pkg.VARIANTS[name]
         for n in args.n or DEFAULT_N:
