@@ -37,7 +37,7 @@ import numpy as np
 
 from ..attention import VARIANTS
 from ._bench_case import build_call
-from .report import machine_info, parse_variant_opts, refuse, write_json
+from .report import PACKAGE_ROOT, machine_info, parse_variant_opts, refuse, write_json
 
 DEFAULT_N = (4096,)
 _IMPORT = re.compile(r"^(\s*(?:from|import)\s+)tinyeff(?=[.\s])", re.MULTILINE)
@@ -53,7 +53,7 @@ def _git(root: str, *args: str) -> bytes:
 def import_tree(rev: str):
     """The ``tinyeff`` package of commit ``rev`` of this checkout, imported as
     ``tinyeff_<sha>`` -> (its module, the full sha)."""
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    root = PACKAGE_ROOT
     if not os.path.isdir(os.path.join(root, ".git")):
         raise ValueError(f"--against needs a git checkout; {root} has no .git")
     sha = _git(root, "rev-parse", "--verify", f"{rev}^{{commit}}").decode().strip()

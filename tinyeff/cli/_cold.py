@@ -22,6 +22,8 @@ import subprocess
 import sys
 import tempfile
 
+from .report import child_env
+
 #: name -> (variant, N, extra options)
 PATHS = {
     **{f"{v}-256": (v, 256, {}) for v in ("full", "hierarchical", "linear", "linformer", "local",
@@ -62,10 +64,8 @@ print(json.dumps({"wall": w1 - w0, "cpu": c1 - c0, "impl": getattr(ctx, "impl", 
 def run_path(name: str, dtype: str = "float32") -> dict:
     """One path in a fresh process on an empty cache -> {"wall", "cpu", "impl", "load"}."""
     variant, n, extra = PATHS[name]
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     with tempfile.TemporaryDirectory(prefix="tinyeff-cold-") as cache:
-        env = {**os.environ, "NUMBA_CACHE_DIR": cache,
-               "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+        env = child_env(NUMBA_CACHE_DIR=cache)
         load = os.getloadavg()[0]
         res = subprocess.run([sys.executable, "-c", _CHILD, variant, str(n), json.dumps(extra),
                               dtype], env=env, capture_output=True, text=True, check=False)

@@ -23,6 +23,8 @@ import subprocess
 import sys
 import tempfile
 
+from .report import child_env
+
 #: demo flags the child does not take over from the parent's command line: flags without a
 #: value, and flags with one value (``--flag VALUE`` or ``--flag=VALUE``)
 _DROP_FLAGS = ("--resume", "--no-progress", "--no-precompile")
@@ -57,10 +59,7 @@ class Precompiler:
         if len(variants) < 2 or os.environ.get("NUMBA_DISABLE_JIT", "0") not in ("", "0"):
             return
         self.out = tempfile.mkdtemp(prefix="tinyeff-precompile-")
-        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        env = {**os.environ, "NUMBA_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
-               "OMP_NUM_THREADS": "1",
-               "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+        env = child_env(NUMBA_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
         later = list(reversed(variants[1:]))      # the parent trains variants[0] first
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tinyeff", "demo", *child_argv(argv, later, self.out)],

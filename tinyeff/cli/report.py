@@ -170,3 +170,14 @@ def ms_range(ts) -> str:
     if not ts:
         return "-"
     return f"{ms(statistics.median(ts))} [{ms(min(ts))}–{ms(max(ts))}]"
+
+
+#: the folder that holds the ``tinyeff`` package (the repository root of a checkout)
+PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def child_env(**extra: str) -> dict:
+    """This process's environment for a child ``python`` that imports this tinyeff
+    (PACKAGE_ROOT first on PYTHONPATH), with ``extra`` set."""
+    return {**os.environ, **extra,
+            "PYTHONPATH": os.pathsep.join([PACKAGE_ROOT, os.environ.get("PYTHONPATH", "")])}
