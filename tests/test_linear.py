@@ -119,11 +119,14 @@ def test_fully_padded_rows_give_zero_and_zero_gradient(causal, impl, rng):
 @pytest.mark.parametrize("chunk", [1, 3, 64])
 @pytest.mark.parametrize("shape", [((3,), 1, 1, 2, 2), ((2, 2), 11, 11, 3, 5),
                                    ((1,), 6, 13, 4, 1), ((2,), 13, 6, 2, 3)])
-@pytest.mark.parametrize("causal,fused", [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize("causal,fused", [(False, False), (True, False), (False, True),
+                                          (True, True)])
 def test_numba_matches_reference_and_crosswires(chunk, shape, causal, fused, rng,
                                                 monkeypatch):
-    """The chunked kernels (Performer's engine) and, for elu/relu causal, the fused ones."""
+    """The chunked kernels (Performer's engine) and, for elu/relu, the fused ones (the
+    non-causal ones with sums split over several ranges of chunks)."""
     monkeypatch.setattr(engine, "CHUNK", chunk)
+    monkeypatch.setattr(engine, "CHUNK_FUSED", chunk)
     if not fused:
         monkeypatch.setattr(engine, "_FUSED", ())
     batch, n, m, d, dv = shape
@@ -148,6 +151,7 @@ def test_numba_matches_reference_and_crosswires(chunk, shape, causal, fused, rng
 @pytest.mark.parametrize("causal", [False, True])
 def test_one_and_two_threads_bit_identical(causal, rng, monkeypatch):
     monkeypatch.setattr(engine, "CHUNK", 5)
+    monkeypatch.setattr(engine, "CHUNK_FUSED", 2)                  # 6 chunks, 6 ranges
     x = random_qkv(rng, (2, 3), n=12, d=4, dv=3)
     dout = rng.standard_normal((2, 3, 12, 3))
     res = []
@@ -213,11 +217,13 @@ def test_invalid_input(rng):
         linear.backward(np.zeros((2, 4, 3)), object())
 
 
-@pytest.mark.parametrize("fused", [True, False])
-def test_read_only_inputs_add_no_kernel_signature(fused, rng, monkeypatch):
+@pytest.mark.parametrize("fused,causal", [(True, True), (True, False), (False, True)])
+def test_read_only_inputs_add_no_kernel_signature(fused, causal, rng, monkeypatch):
     """Read-only q, k, v, mask and dout reach the kernels as writeable copies, so they reuse
     the specializations compiled for writeable inputs (tests/test_readonly_inputs.py)."""
-    from tinyeff.kernels import linear as kernels
+    from tinyeff.kernels import linear as causal_kernels
+    from tinyeff.kernels import linear_noncausal
+    kernels = causal_kernels if causal else linear_noncausal
     if not fused:
         monkeypatch.setattr(engine, "_FUSED", ())
     x = random_qkv(rng, (2,), n=5, d=3, dv=2)
@@ -225,7 +231,8 @@ def test_read_only_inputs_add_no_kernel_signature(fused, rng, monkeypatch):
     dout = rng.standard_normal((2, 5, 2))
 
     def run(args, m, g):
-        out, ctx = linear.forward(**args, causal=True, key_padding_mask=m, feature_map="relu")
+        out, ctx = linear.forward(**args, causal=causal, key_padding_mask=m,
+                                  feature_map="relu")
         return out, linear.backward(g, ctx)
 
     want = run(x, mask, dout)

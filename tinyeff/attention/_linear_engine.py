@@ -5,7 +5,7 @@ readable reference (``forward_ref``, ``backward_ref``); this module validates th
 options, dispatches between the reference and the Numba paths, and holds the pieces both
 references are written with (:func:`features`, :func:`pad_keys`, :func:`sums_ref`,
 :func:`sums_backward_ref`, :func:`grad_num_den`, :func:`pad_grads`, ...).  It is the only
-caller of the kernels of ``tinyeff/kernels/linear.py``.
+caller of the kernels of ``tinyeff/kernels/linear.py`` and ``linear_noncausal.py``.
 
 Features with a log-scale
 -------------------------
@@ -30,9 +30,14 @@ Paths
 * ``impl="numba"``, causal, elu or relu: fused kernels — features, prefix-sum scan,
   normalization and the maps' chain rule in one pass each (forward; dq scan; reverse dk/dv
   scan), holding one (F, Dv) state per batch slice and no per-position temporaries.
-* otherwise the sequence is processed in chunks of ``CHUNK`` positions (``CHUNK_NONCAUSAL``
-  when not causal): causal through the Numba prefix-sum kernels with log-scales, non-causal
-  through NumPy matrix products (BLAS beats a hand loop there).
+* ``impl="numba"``, non-causal, elu or relu: fused kernels (tinyeff.kernels.linear_noncausal)
+  — the features of a chunk of ``CHUNK_FUSED`` rows are formed in scratch next to the chunk's
+  BLAS product, so no feature array and no elementwise pass of NumPy is left: KV, z in one
+  pass over the keys, out in one over the queries; dq with dKV, dz in one pass over the
+  queries, dk and dv in one over the keys.
+* otherwise (the FAVOR maps of ``performer``) the sequence is processed in chunks of
+  ``CHUNK`` positions (``CHUNK_NONCAUSAL`` when not causal): causal through the Numba
+  prefix-sum kernels with log-scales, non-causal through NumPy matrix products.
 
 The N×F×Dv stack of prefix states is never built: the backward runs the prefix sums again,
 forward for dq and in reverse for dk, dv.
@@ -47,7 +52,9 @@ import numpy as np
 
 from .. import _checks, memory
 from ..ctx import Ctx
+from ..kernels import blas_single_thread
 from ..kernels import linear as kernels
+from ..kernels import linear_noncausal as kernels_nc
 from ..ops.feature_maps import FeatureMap
 
 __all__ = ["IMPLS", "MASK_MODES", "CHUNK", "CHUNK_NONCAUSAL", "LinearCtx", "attend",
@@ -100,9 +107,9 @@ def attend(q, k, v, fmap: FeatureMap, *, forward_ref, causal, key_padding_mask, 
     if mask is not None:
         mask = np.broadcast_to(mask, (*batch, m))                  # (..., M) read-only view
     impl = "numba" if impl == "auto" else impl
-    if impl == "numba" and causal and fmap.kind in _FUSED:
-        out, denom, key_scale = _forward_fused(q, k, v, fmap, mask, mask_mode, normalize, eps)
-        kv = z = None
+    if impl == "numba" and fmap.kind in _FUSED:
+        fused = _forward_fused if causal else _forward_fused_noncausal
+        out, denom, key_scale, kv, z = fused(q, k, v, fmap, mask, mask_mode, normalize, eps)
     elif impl == "ref":
         num, den, lq, key_scale, kv, z = forward_ref(q, k, v, fmap, causal, mask, mask_mode)
         out, denom = _finish(num, den, lq, key_scale, normalize, eps)
@@ -123,8 +130,8 @@ def attend_backward(dout, ctx: LinearCtx, impl: str | None = None, *, backward_r
     impl = ctx.impl if impl is None else _checks.choice(impl, "impl", IMPLS)
     if impl == "ref":
         return backward_ref(dout, ctx)
-    if ctx.causal and ctx.fmap.kind in _FUSED:
-        return _backward_fused(dout, ctx)
+    if ctx.fmap.kind in _FUSED:
+        return (_backward_fused if ctx.causal else _backward_fused_noncausal)(dout, ctx)
     return _backward_chunked(dout, ctx, _chunk(ctx.causal))
 
 
@@ -353,7 +360,7 @@ def _forward_fused(q, k, v, fmap, mask, mask_mode, normalize, eps):
     kernels.causal_phi_fwd(out.reshape(bh, n, dvd), denom.reshape(bh, n),
                            key_scale.reshape(bh, n), qf, kf, vf, keep, fmap.kind == "relu",
                            exact, normalize, dtype.type(eps), dtype.type(0))
-    return out, denom, key_scale
+    return out, denom, key_scale, None, None
 
 
 def _backward_fused(dout, ctx: LinearCtx) -> dict:
@@ -370,6 +377,62 @@ def _backward_fused(dout, ctx: LinearCtx) -> dict:
     dv = memory.empty(v.shape, dtype)                              # (..., M, Dv)
     kernels.causal_phi_bwd(dq.reshape(qf.shape), dk.reshape(kf.shape), dv.reshape(vf.shape),
                            qf, kf, vf, keep, dof, outf, den, relu, exact, ctx.normalize, zero)
+    return {"q": dq, "k": dk, "v": dv}
+
+
+# --------------------------------------------------------------------------- fused non-causal path
+
+CHUNK_FUSED = 128     # rows per task of the fused non-causal kernels (features in L2)
+
+
+def _forward_fused_noncausal(q, k, v, fmap, mask, mask_mode, normalize, eps):
+    """The non-causal elu/relu path: KV and z in one pass over the keys, out in one pass
+    over the rows (tinyeff.kernels.linear_noncausal)."""
+    *batch, n, d = q.shape
+    m, dvd = v.shape[-2:]
+    dtype = q.dtype
+    qf, kf, vf, keep, exact = _fused_args(q, k, v, mask, mask_mode)
+    bh = qf.shape[0]
+    parts = kernels_nc.n_parts(m, CHUNK_FUSED)
+    seen = keep.any(axis=1) if exact else np.full(bh, m > 0)      # (BH,) rows see a key
+    out = memory.empty((*batch, n, dvd), dtype)                    # (..., N, Dv)
+    denom = np.empty((*batch, n), dtype)                           # (..., N)
+    kv = np.empty((*batch, d, dvd), dtype)                         # (..., F, Dv)
+    z = np.empty((*batch, d), dtype)                               # (..., F)
+    with blas_single_thread():
+        kernels_nc.noncausal_fwd(out.reshape(bh, n, dvd), denom.reshape(bh, n),
+                                 kv.reshape(bh, d, dvd), z.reshape(bh, d),
+                                 np.empty((bh * parts, d, dvd), dtype),
+                                 np.empty((bh * parts, d), dtype), qf, kf, vf, keep, seen,
+                                 fmap.kind == "relu", exact, normalize, dtype.type(eps),
+                                 CHUNK_FUSED, parts, dtype.type(0))
+    key_scale = np.empty((*batch, n), dtype)                       # (..., N) C ∈ {0, −inf}
+    key_scale.reshape(bh, n)[...] = np.where(seen, 0, -np.inf)[:, None]
+    return out, denom, key_scale, kv, z
+
+
+def _backward_fused_noncausal(dout, ctx: LinearCtx) -> dict:
+    """dq with dKV, dz in one pass over the rows, dk and dv in one pass over the keys."""
+    q, k, v = ctx.q, ctx.k, ctx.v
+    qf, kf, vf, keep, exact = _fused_args(q, k, v, ctx.key_padding_mask, ctx.mask_mode)
+    bh, n, d = qf.shape
+    dvd, dtype = v.shape[-1], q.dtype
+    parts = kernels_nc.n_parts(n, CHUNK_FUSED)
+    dof, outf = (np.require(x, requirements="CW").reshape(bh, n, dvd) for x in (dout, ctx.out))
+    den = np.require(ctx.denom, requirements="CW").reshape(bh, n)
+    kv = np.require(ctx.kv, requirements="CW").reshape(bh, d, dvd)
+    z = np.require(ctx.z, requirements="CW").reshape(bh, d)
+    dq = memory.empty(q.shape, dtype)                              # (..., N, D)
+    dk = memory.empty(k.shape, dtype)                              # (..., M, D)
+    dv = memory.empty(v.shape, dtype)                              # (..., M, Dv)
+    with blas_single_thread():
+        kernels_nc.noncausal_bwd(dq.reshape(qf.shape), dk.reshape(kf.shape),
+                                 dv.reshape(vf.shape), np.empty((bh, d, dvd), dtype),
+                                 np.empty((bh, d), dtype),
+                                 np.empty((bh * parts, d, dvd), dtype),
+                                 np.empty((bh * parts, d), dtype), qf, kf, vf, keep, dof,
+                                 outf, den, kv, z, ctx.fmap.kind == "relu", exact,
+                                 ctx.normalize, CHUNK_FUSED, parts, dtype.type(0))
     return {"q": dq, "k": dk, "v": dv}
 
 

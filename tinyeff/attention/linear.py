@@ -44,10 +44,10 @@ normalize : bool, default True.  False gives the unnormalized φ(Q)(φ(K)ᵀV) o
 eps : float ≥ 0, default 1e-6.  Added to the scalar denominator: out_i = num_i / (den_i + eps)
     with den_i = φ(q_i)·z_i, in the input dtype, exactly fast-transformers' placement.
 impl : "auto" | "ref" | "numba".  "ref" is the readable NumPy path below (whole arrays;
-    causal as a Python loop over positions).  "numba": causal with this module's maps
-    (elu, relu) runs fused kernels (one pass each for the forward, dq and dk/dv, one (F, Dv)
-    state per batch slice); otherwise the sequence is processed in chunks of positions,
-    causal through the Numba prefix-sum kernels, non-causal through NumPy matrix products
+    causal as a Python loop over positions).  "numba" runs fused kernels, which form the
+    features next to the products instead of storing them: causal, one scan each for the
+    forward, dq and dk/dv with one (F, Dv) state per batch slice; non-causal, one pass over
+    the keys and one over the queries each way, the chunks' products in BLAS
     (:mod:`tinyeff.attention._linear_engine`).  "auto" = "numba".
 
 Edge cases

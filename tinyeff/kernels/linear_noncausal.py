@@ -1,0 +1,303 @@
+"""Non-causal kernels of linear attention with φ = elu + 1 or relu + 1 (features fused in).
+
+For one batch slice b, with φ applied entry by entry and keep_j = [key j is real]:
+
+    KV    = Σ_j keep_j φ(k_j) v_jᵀ                          (D, Dv)
+    z     = Σ_j φ(k_j)   over j with keep_j ("exact"), over every j ("values_only")   (D)
+    out_i = φ(q_i) KV / denom_i,      denom_i = φ(q_i)·z (+ eps when eps > 0)
+
+("values_only" keeps a padded key in the normalizer and zeroes its value; "exact" drops it:
+tinyeff.attention.linear.)  An empty row (no key seen, or denom = 0) gets denom = +inf and
+out = 0; with normalize=False, denom = 1.  Backward, with g_i = dout_i / denom_i (= dnum_i)
+and δ_i = −(dout_i·out_i) / denom_i (= dden_i; 0 with normalize=False):
+
+    dφ(q_i) = KV g_i + δ_i z,                  dq_i = φ'(q_i) ∘ dφ(q_i)
+    dKV     = Σ_i φ(q_i) g_iᵀ,                 dz   = Σ_i δ_i φ(q_i)
+    dφ(k_j) = keep_j dKV v_j + dz,             dk_j = φ'(k_j) ∘ dφ(k_j)   (0 if padded, "exact")
+    dv_j    = keep_j dKVᵀ φ(k_j)
+
+φ'(x) = [x > 0] for relu + 1 and min(φ(x), 1) for elu + 1 (1 for x > 0, eˣ = φ(x) below).
+
+Tasks.  A sum over rows (KV and z over the keys; dKV and dz over the queries) is split into
+``parts`` consecutive ranges of chunks per batch slice; a task walks its range one chunk of
+``chunk`` rows at a time — φ of the chunk into scratch, then one ``np.dot`` (BLAS) for the
+chunk's product — into a partial of its own, and the partials are added in range order.
+The row-wise products (out; dq; dk, dv) are one task per (batch slice, chunk), each writing
+its own rows.  ``parts`` and ``chunk`` depend on the shapes only, and every sum runs in a
+fixed order, so results are bit-identical whatever the number of threads.
+
+SPEEDTIP: the features are formed in scratch with the vectorizable ``fast_exp`` (≤ 1 ulp
+float32, ≤ 2 ulp float64; kernels/_math.py) and never stored: the backward recomputes them.
+``np.dot`` calls SciPy's OpenBLAS, which the caller pins to one thread
+(``blas_single_thread``) so that it does not fight the Numba threads.
+
+Arrays are (BH, L, X), C-contiguous, outputs first; tinyeff.attention._linear_engine builds
+the arguments and is the only caller.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ._jit import kernel, prange, serial
+from ._math import add_rows, fast_exp
+
+__all__ = ["noncausal_fwd", "noncausal_bwd", "n_parts"]
+
+MAX_PARTS = 8       # ranges per batch slice of a sum over rows (bounds the partials' memory)
+
+
+def n_parts(length: int, chunk: int) -> int:
+    """The number of ranges a sum over ``length`` rows is split into (a function of the
+    shapes only, so that the order of every sum is)."""
+    return max(1, min(MAX_PARTS, -(-length // chunk)))
+
+
+# ----------------------------------------------------------------------------- row helpers
+
+
+@serial
+def _phi(a, x, relu, zero):
+    """a = φ(x) for a 2-D block of rows: relu(x) + 1, or elu(x) + 1 = exp(min(x, 0)) + max(x, 0)."""
+    one = zero + np.float32(1)
+    for t in range(x.shape[0]):
+        at = a[t]
+        xt = x[t]
+        if relu:
+            for f in range(xt.shape[0]):
+                at[f] = max(xt[f], zero) + one
+        else:
+            for f in range(xt.shape[0]):
+                at[f] = fast_exp(min(xt[f], zero)) + max(xt[f], zero)
+
+
+@serial
+def _dphi(g, a, x, relu, zero):
+    """g *= φ'(x) for one row, from a = φ(x): [x > 0] (relu + 1), min(φ, 1) (elu + 1)."""
+    one = zero + np.float32(1)
+    if relu:
+        for f in range(g.shape[0]):
+            g[f] = g[f] if x[f] > zero else g[f] * zero
+    else:
+        for f in range(g.shape[0]):
+            g[f] = g[f] * min(a[f], one)
+
+
+@serial
+def _span(task, parts, length, chunk):
+    """(b, first row, end row) of range ``task`` of a sum split into ``parts`` ranges."""
+    b = task // parts
+    p = task - b * parts
+    n_chunks = -(-length // chunk)
+    per = -(-n_chunks // parts)                                    # chunks per range
+    lo = min(p * per * chunk, length)
+    return b, lo, min(lo + per * chunk, length)
+
+
+@serial
+def _add_parts(kv, z, kv_part, z_part, parts):
+    """kv[b] = Σ_p kv_part[b·parts + p] and z[b] = Σ_p z_part[b·parts + p], in order p."""
+    bh, d, dv = kv.shape
+    for b in range(bh):
+        for f in range(d):
+            z[b, f] = z_part[b * parts, f]
+            for e in range(dv):
+                kv[b, f, e] = kv_part[b * parts, f, e]
+        for p in range(1, parts):
+            for f in range(d):
+                z[b, f] += z_part[b * parts + p, f]
+                for e in range(dv):
+                    kv[b, f, e] += kv_part[b * parts + p, f, e]
+
+
+@serial
+def _zero(kvp, zp, zero):
+    """kvp (D, Dv) and zp (D) set to 0."""
+    for f in range(kvp.shape[0]):
+        zp[f] = zero
+        for e in range(kvp.shape[1]):
+            kvp[f, e] = zero
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+@serial
+def _sum_keys(task, kv_part, z_part, k, v, keep, relu, exact, parts, chunk, zero):
+    """Range ``task`` of KV and z (module docstring) into kv_part[task], z_part[task]."""
+    m, d = k.shape[1:]
+    dv = v.shape[2]
+    b, j_lo, j_hi = _span(task, parts, m, chunk)
+    a = np.empty((chunk, d), dtype=k.dtype)                        # (T, D) φ(k) of a chunk
+    tmp = np.empty((d, dv), dtype=k.dtype)                         # (D, Dv)
+    kvp = kv_part[task]                                            # (D, Dv)
+    zp = z_part[task]                                              # (D)
+    _zero(kvp, zp, zero)
+    for j0 in range(j_lo, j_hi, chunk):
+        nt = min(chunk, j_hi - j0)
+        at = a[:nt]
+        _phi(at, k[b, j0:j0 + nt], relu, zero)
+        for t in range(nt):
+            row = at[t]
+            if keep[b, j0 + t] or not exact:                       # z = Σ φ(k_j)
+                for f in range(d):
+                    zp[f] += row[f]
+            if not keep[b, j0 + t]:                                # KV: keep_j φ(k_j)
+                for f in range(d):
+                    row[f] = zero
+        np.dot(at.T, v[b, j0:j0 + nt], tmp)                        # Σ_chunk φ(k_j) v_jᵀ
+        add_rows(kvp, tmp)
+
+
+@serial
+def _rows_fwd(task, out, denom, kv, z, q, seen, normalize, eps, chunk, relu, zero):
+    """The rows of chunk ``task`` of :func:`noncausal_fwd`: out = φ(q) KV / denom."""
+    n, d = q.shape[1:]
+    n_chunks = -(-n // chunk)
+    b = task // n_chunks
+    i0 = (task - b * n_chunks) * chunk
+    nt = min(chunk, n - i0)
+    one = zero + np.float32(1)
+    inf = zero + np.float32(np.inf)
+    a = np.empty((nt, d), dtype=q.dtype)                           # (T, D) φ(q)
+    _phi(a, q[b, i0:i0 + nt], relu, zero)
+    o = out[b, i0:i0 + nt]                                         # (T, Dv)
+    np.dot(a, kv[b], o)                                            # num = φ(q) KV
+    zb = z[b]
+    for t in range(nt):
+        den = zero
+        for f in range(d):
+            den += a[t, f] * zb[f]                                 # φ(q_i)·z
+        if normalize:
+            if eps > 0:
+                den = den + eps
+            empty = not seen[b] or den == 0
+        else:
+            den = one
+            empty = not seen[b]
+        if empty:
+            den = inf
+        ot = o[t]
+        for e in range(ot.shape[0]):
+            ot[e] = ot[e] / den
+        denom[b, i0 + t] = den
+
+
+@kernel
+def noncausal_fwd(out, denom, kv, z, kv_part, z_part, q, k, v, keep, seen, relu, exact,
+                  normalize, eps, chunk, parts, zero):
+    """out = φ(q) KV / denom (module docstring), one pass over the keys, one over the rows.
+
+    out (BH, N, Dv), denom (BH, N) (+inf for an empty row), kv (BH, D, Dv), z (BH, D):
+    outputs; kv_part (BH·parts, D, Dv), z_part (BH·parts, D): scratch.  keep (BH, M): real
+    keys; seen (BH,): the slice has a key its rows see; ``parts`` = n_parts(M, chunk).
+    """
+    bh, n = q.shape[:2]
+    for task in prange(bh * parts):
+        _sum_keys(np.int64(task), kv_part, z_part, k, v, keep, relu, exact, parts, chunk,
+                  zero)
+    _add_parts(kv, z, kv_part, z_part, parts)
+    n_tasks = bh * (-(-n // chunk))
+    for task in prange(n_tasks):
+        _rows_fwd(np.int64(task), out, denom, kv, z, q, seen, normalize, eps, chunk, relu,
+                  zero)
+
+
+# ----------------------------------------------------------------------------- backward
+
+
+@serial
+def _grad_queries(task, dq, dkv_part, dz_part, q, dout, out, denom, kv, z, normalize,
+                  parts, chunk, relu, zero):
+    """Range ``task`` of the rows: dq, and the partial dKV, dz."""
+    n, d = q.shape[1:]
+    dv = dout.shape[2]
+    b, i_lo, i_hi = _span(task, parts, n, chunk)
+    a = np.empty((chunk, d), dtype=q.dtype)                        # (T, D) φ(q)
+    g = np.empty((chunk, dv), dtype=q.dtype)                       # (T, Dv) dnum
+    dl = np.empty(chunk, dtype=q.dtype)                            # (T) dden
+    tmp = np.empty((d, dv), dtype=q.dtype)                         # (D, Dv)
+    dkvp = dkv_part[task]                                          # (D, Dv)
+    dzp = dz_part[task]                                            # (D)
+    _zero(dkvp, dzp, zero)
+    zb = z[b]
+    for i0 in range(i_lo, i_hi, chunk):
+        nt = min(chunk, i_hi - i0)
+        at = a[:nt]
+        gt = g[:nt]
+        for t in range(nt):
+            # fwd: out_i = num_i / denom_i,   denom_i = den_i + (constant)
+            row = gt[t]
+            den = denom[b, i0 + t]
+            acc = zero
+            for e in range(dv):
+                row[e] = dout[b, i0 + t, e] / den
+                acc += dout[b, i0 + t, e] * out[b, i0 + t, e]
+            dl[t] = -acc / den if normalize else zero
+        _phi(at, q[b, i0:i0 + nt], relu, zero)
+        # fwd: num_i = φ(q_i) KV,  den_i = φ(q_i)·z
+        dqt = dq[b, i0:i0 + nt]                                    # (T, D)
+        np.dot(gt, kv[b].T, dqt)                                   # KV g_i
+        for t in range(nt):
+            row = dqt[t]
+            for f in range(d):
+                row[f] += dl[t] * zb[f]                            # + δ_i z
+            _dphi(row, at[t], q[b, i0 + t], relu, zero)            # fwd: φ(q_i) from q_i
+        np.dot(at.T, gt, tmp)                                      # Σ_chunk φ(q_i) g_iᵀ
+        add_rows(dkvp, tmp)
+        for t in range(nt):
+            for f in range(d):
+                dzp[f] += dl[t] * at[t, f]                         # Σ δ_i φ(q_i)
+
+
+@serial
+def _grad_keys(task, dk, dv_out, k, v, keep, dkv, dz, exact, chunk, relu, zero):
+    """The keys of chunk ``task``: dk, dv."""
+    m, d = k.shape[1:]
+    n_chunks = -(-m // chunk)
+    b = task // n_chunks
+    j0 = (task - b * n_chunks) * chunk
+    nt = min(chunk, m - j0)
+    a = np.empty((nt, d), dtype=k.dtype)                           # (T, D) φ(k)
+    _phi(a, k[b, j0:j0 + nt], relu, zero)
+    # fwd: KV = Σ_j keep_j φ(k_j) v_jᵀ,   z = Σ_j φ(k_j)
+    dkt = dk[b, j0:j0 + nt]                                        # (T, D)
+    np.dot(v[b, j0:j0 + nt], dkv[b].T, dkt)                        # dKV v_j
+    dzb = dz[b]
+    for t in range(nt):
+        row = dkt[t]
+        if keep[b, j0 + t]:
+            for f in range(d):
+                row[f] += dzb[f]
+        elif exact:                                                # dropped key
+            for f in range(d):
+                row[f] = zero
+        else:                                                      # values_only: v_j = 0
+            for f in range(d):
+                row[f] = dzb[f]
+        _dphi(row, a[t], k[b, j0 + t], relu, zero)                 # fwd: φ(k_j) from k_j
+        if not keep[b, j0 + t]:
+            for f in range(d):
+                a[t, f] = zero
+    np.dot(a, dkv[b], dv_out[b, j0:j0 + nt])                       # dv_j = keep_j dKVᵀ φ(k_j)
+
+
+@kernel
+def noncausal_bwd(dq, dk, dv_out, dkv, dz, dkv_part, dz_part, q, k, v, keep, dout, out,
+                  denom, kv, z, relu, exact, normalize, chunk, parts, zero):
+    """dq, dk, dv of :func:`noncausal_fwd` (module docstring): one pass over the rows (dq,
+    and dKV, dz summed by ranges), one over the keys.
+
+    dq (BH, N, D), dk (BH, M, D), dv_out (BH, M, Dv), dkv (BH, D, Dv), dz (BH, D): outputs;
+    dkv_part (BH·parts, D, Dv), dz_part (BH·parts, D): scratch.  dout, out (BH, N, Dv),
+    denom (BH, N), kv (BH, D, Dv), z (BH, D) from the forward; ``parts`` = n_parts(N, chunk).
+    """
+    bh = q.shape[0]
+    m = k.shape[1]
+    for task in prange(bh * parts):
+        _grad_queries(np.int64(task), dq, dkv_part, dz_part, q, dout, out, denom, kv, z,
+                      normalize, parts, chunk, relu, zero)
+    _add_parts(dkv, dz, dkv_part, dz_part, parts)
+    n_tasks = bh * (-(-m // chunk))
+    for task in prange(n_tasks):
+        _grad_keys(np.int64(task), dk, dv_out, k, v, keep, dkv, dz, exact, chunk, relu, zero)
