@@ -149,3 +149,31 @@ def test_fresh_numba_cache_gives_the_same_bits(tmp_path):
     fresh = json.loads(proc.stdout.strip().splitlines()[-1])
     assert any((tmp_path / "numba-cache").rglob("*.nbi")), "the subprocess used no fresh cache"
     assert fresh == _hashes(CACHE_IDS)
+
+
+@pytest.mark.numba_threads
+def test_run_tasks_splits_into_one_block_per_thread_and_reraises():
+    """kernels._jit.run_tasks: consecutive blocks covering every task once, the first block
+    on the calling thread; an exception in any block reaches the caller."""
+    import threading
+
+    from tinyeff.kernels._jit import run_tasks
+    seen = []
+
+    def record(lo, hi, tag):
+        seen.append((lo, hi, tag, threading.current_thread() is threading.main_thread()))
+
+    for threads, n_tasks, want in [(1, 5, [(0, 5)]), (2, 5, [(0, 2), (2, 5)]),
+                                   (2, 1, [(0, 1)]), (2, 0, [(0, 0)])]:
+        seen.clear()
+        with num_threads(threads):
+            run_tasks(record, n_tasks, "x")
+        assert sorted((lo, hi) for lo, hi, _, _ in seen) == want
+        assert all(main == (lo == 0) for lo, _, _, main in seen)
+
+    def fail(lo, hi):
+        if lo > 0:
+            raise ValueError("block 2")
+
+    with num_threads(2), pytest.raises(ValueError, match="block 2"):
+        run_tasks(fail, 4)
