@@ -31,10 +31,13 @@ threads (no atomics; bit-identical results with 1 or 2 threads), and consecutive
 block reuse the key rows (k, v, dk, dv) just touched, from cache.  The bias gradient is
 written per tile, ``dbias_part[b, t]``, and summed over tiles by the caller in a fixed order.
 
-Schedule: ``prange`` over ``n_chunks`` contiguous runs of tasks ((batch·head, tile) in the
-forward, (batch·head, block) in the backward; the callers pass the Numba thread count); each
-run allocates its scratch tiles once and reuses them for all its tasks.  Every task computes
-its tiles the same way whichever run holds it, so ``n_chunks`` never changes a result.
+Schedule: ``n_chunks`` contiguous runs of tasks ((batch·head, tile) in the forward,
+(batch·head, block) in the backward; the callers pass the Numba thread count), handed to
+``run_tasks`` (kernels/_jit.py), which runs them on that many threads; the kernels
+themselves are ``serial`` (no ``prange``: no gufunc to compile, about half the compile
+time).  Each run allocates its scratch tiles once and reuses them for all its tasks.  Every
+task computes its tiles the same way whichever run holds it, so ``n_chunks`` never changes
+a result.
 
 SPEEDTIP: tiles are held transposed, Sᵀ = k q_tileᵀ (R, T), as in the forward of
 ``kernels/blocked.py``: each query's max and sum run down a column, serially in key order
@@ -65,7 +68,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from ._jit import kernel, prange, serial
+from ._jit import run_tasks, serial
 from ._math import colmax, fast_exp
 
 __all__ = ["attend_band", "attend_band_bwd", "plan_phases", "n_chunks"]
@@ -160,24 +163,17 @@ def _fwd_tile(out, lse, q, k, v, b, i0, i1, jl, jh, lo, hi, row_ok, key_ok, bias
                 oi[c] = oi[c] / zi
 
 
-@kernel
-def attend_band(out, lse, q, k, v, tile_start, tile_jlo, tile_jhi, lo, hi, row_ok, key_ok,
-                bias, has_bias, off_min, scale, n_chunks):
-    """out_i = Σ_{j∈[lo_i,hi_i), key_ok} softmax_j(q_i·k_j·scale + bias[i−j−off_min]) v_j.
-
-    out (BH, N, Dv), lse (BH, N); q (BH, N, D), k (BH, M, D), v (BH, M, Dv);
-    tile_start (nt+1,), tile_jlo/tile_jhi (nt,), lo/hi (N,) int64; row_ok (BH, N) and
-    key_ok (BH, M) bool; bias (BH, n_off); scale of q's dtype; n_chunks >= 1 runs of tasks
-    (the thread count; no effect on the result).
-    """
+@serial
+def _fwd_runs(c_lo, c_hi, nch, out, lse, q, k, v, tile_start, tile_jlo, tile_jhi, lo, hi,
+              row_ok, key_ok, bias, has_bias, off_min, scale):
+    """Runs c_lo … c_hi − 1 of the ``nch`` runs of :func:`attend_band`."""
     bh = q.shape[0]
     m = k.shape[1]
     nt = tile_start.shape[0] - 1
     dt = out.dtype
     tq, tk = _tile_extent(tile_start, tile_jlo, tile_jhi)
     ntask = bh * nt
-    nch = max(1, min(ntask, n_chunks))
-    for c in prange(nch):
+    for c in range(c_lo, c_hi):
         buf = np.empty(tq * tk, dtype=dt)                          # (R·T,) Sᵀ, then P̃ᵀ
         mx = np.empty(tq, dtype=dt)                                # (T,) row max
         tmp = np.empty(tq, dtype=dt)                               # (T,) scratch of colmax
@@ -197,6 +193,20 @@ def attend_band(out, lse, q, k, v, tile_start, tile_jlo, tile_jhi, lo, hi, row_o
                 continue
             _fwd_tile(out, lse, q, k, v, b, i0, i1, jl, jh, lo, hi, row_ok, key_ok, bias,
                       has_bias, off_min, scale, buf, mx, tmp, msub, z)
+
+
+def attend_band(out, lse, q, k, v, tile_start, tile_jlo, tile_jhi, lo, hi, row_ok, key_ok,
+                bias, has_bias, off_min, scale, n_chunks):
+    """out_i = Σ_{j∈[lo_i,hi_i), key_ok} softmax_j(q_i·k_j·scale + bias[i−j−off_min]) v_j.
+
+    out (BH, N, Dv), lse (BH, N); q (BH, N, D), k (BH, M, D), v (BH, M, Dv);
+    tile_start (nt+1,), tile_jlo/tile_jhi (nt,), lo/hi (N,) int64; row_ok (BH, N) and
+    key_ok (BH, M) bool; bias (BH, n_off); scale of q's dtype; n_chunks >= 1 runs of tasks
+    (the thread count; no effect on the result).
+    """
+    nch = max(1, min(q.shape[0] * (tile_start.shape[0] - 1), n_chunks))
+    run_tasks(_fwd_runs, nch, nch, out, lse, q, k, v, tile_start, tile_jlo, tile_jhi, lo, hi,
+              row_ok, key_ok, bias, has_bias, off_min, scale)
 
 
 @serial
@@ -286,19 +296,22 @@ def _bwd_tile(dq, dk, dv, dbias_part, dout, out, lse, q, k, v, b, t, i0, i1, jl,
             acc_v[c] += add_v[c]
 
 
-@kernel
-def attend_band_bwd(dq, dk, dv, dbias_part, dout, out, lse, q, k, v, tile_start, tile_jlo,
-                    tile_jhi, lo, hi, row_ok, key_ok, bias, has_bias, off_min, n_phases, scale,
-                    n_chunks):
-    """Backward of :func:`attend_band`.
+@serial
+def _zero_runs(c_lo, c_hi, nzero, dk, dv):
+    """Runs c_lo … c_hi − 1 of the ``nzero`` runs that set dk, dv to 0 (they accumulate)."""
+    bh, m = dk.shape[:2]
+    for c in range(c_lo, c_hi):
+        for r in range(c * (bh * m) // nzero, (c + 1) * (bh * m) // nzero):
+            dk[r // m, r % m, :] = 0
+            dv[r // m, r % m, :] = 0
 
-    dq (BH, N, D), dk (BH, M, D), dv (BH, M, Dv) may arrive uninitialised (``np.empty``: the
-    kernel zeroes dk, dv and the dq rows of key-less tiles, in parallel, instead of a serial
-    ``np.zeros`` in the caller); dbias_part (BH, nt, n_off) zeroed;
-    dout (BH, N, Dv); out (BH, N, Dv) and lse (BH, N) from the forward (δ_i = dout_i · out_i
-    is formed here, in float64, once per row); the band arguments as in :func:`attend_band`;
-    n_phases from :func:`plan_phases` of the tile key ranges.
-    """
+
+@serial
+def _bwd_runs(c_lo, c_hi, nch, part, dq, dk, dv, dbias_part, dout, out, lse, q, k, v,
+              tile_start, tile_jlo, tile_jhi, lo, hi, row_ok, key_ok, bias, has_bias, off_min,
+              n_phases, scale):
+    """Runs c_lo … c_hi − 1 of the ``nch`` runs of part 1 (block bodies) or 2 (their first
+    P − 1 tiles) of :func:`attend_band_bwd`."""
     bh = q.shape[0]
     m = k.shape[1]
     d = q.shape[2]
@@ -309,39 +322,55 @@ def attend_band_bwd(dq, dk, dv, dbias_part, dout, out, lse, q, k, v, tile_start,
     span = max(BLOCK_TILES, 2 * n_phases)      # tiles per block
     nblk = (nt + span - 1) // span
     ntask = bh * nblk
-    nch = max(1, min(ntask, n_chunks))
+    for c in range(c_lo, c_hi):
+        sbuf = np.empty(tq * tk, dtype=dt)                         # (T·R,) scores, then P
+        gbuf = np.empty(tq * tk, dtype=dt)                         # (T·R,) dP, then dS·scale
+        kbuf = np.empty(tk * d, dtype=dt)                          # (R·D,) dk of a tile
+        vbuf = np.empty(tk * ddv, dtype=dt)                        # (R·Dv,) dv of a tile
+        lt = np.empty(tq, dtype=dt)                                # (T,) lse of the tile rows
+        dl = np.empty(tq, dtype=dt)                                # (T,) δ of the tile rows
+        live = np.empty(tq, dtype=np.bool_)                        # (T,) rows with a key
+        for task in range(c * ntask // nch, (c + 1) * ntask // nch):
+            b = task // nblk
+            ta = (task - b * nblk) * span
+            tb = min(ta + span, nt)
+            head = min(ta + n_phases - 1, tb)
+            t_first, t_end = (head, tb) if part == 1 else (ta, head)
+            for t in range(t_first, t_end):
+                jl = min(tile_jlo[t], m)       # (a band may run past the last key)
+                jh = min(tile_jhi[t], m)
+                if jh <= jl:                   # no key: dq = 0 (no product writes it)
+                    dq[b, tile_start[t]:tile_start[t + 1], :] = 0
+                    continue
+                _bwd_tile(dq, dk, dv, dbias_part, dout, out, lse, q, k, v, b, t,
+                          tile_start[t], tile_start[t + 1], jl, jh, lo, hi, row_ok,
+                          key_ok, bias, has_bias, off_min, scale, sbuf, gbuf, kbuf, vbuf,
+                          lt, dl, live)
+
+
+def attend_band_bwd(dq, dk, dv, dbias_part, dout, out, lse, q, k, v, tile_start, tile_jlo,
+                    tile_jhi, lo, hi, row_ok, key_ok, bias, has_bias, off_min, n_phases, scale,
+                    n_chunks):
+    """Backward of :func:`attend_band`.
+
+    dq (BH, N, D), dk (BH, M, D), dv (BH, M, Dv) may arrive uninitialised (``np.empty``: the
+    kernel zeroes dk, dv and the dq rows of key-less tiles, in parallel, instead of a serial
+    ``np.zeros`` in the caller); dbias_part (BH, nt, n_off) zeroed;
+    dout (BH, N, Dv); out (BH, N, Dv) and lse (BH, N) from the forward (δ_i = dout_i · out_i
+    is formed here, in float64, once per row); the band arguments as in :func:`attend_band`;
+    n_phases from :func:`plan_phases` of the tile key ranges.  Three passes, each over
+    ``n_chunks`` runs: dk, dv = 0; the block bodies; their first P − 1 tiles.
+    """
+    bh, m = k.shape[:2]
+    nt = tile_start.shape[0] - 1
+    nblk = (nt + max(BLOCK_TILES, 2 * n_phases) - 1) // max(BLOCK_TILES, 2 * n_phases)
     nzero = max(1, min(bh * m, n_chunks))
-    for part in range(3):                      # 0: dk, dv = 0 (they accumulate); 1: block
-        runs = nzero if part == 0 else nch     # bodies; 2: their first P − 1 tiles
-        for c in prange(runs):                 # (one prange loop: one gufunc to compile)
-            if part == 0:
-                for r in range(c * (bh * m) // nzero, (c + 1) * (bh * m) // nzero):
-                    dk[r // m, r % m, :] = 0
-                    dv[r // m, r % m, :] = 0
-                continue
-            sbuf = np.empty(tq * tk, dtype=dt)                     # (T·R,) scores, then P
-            gbuf = np.empty(tq * tk, dtype=dt)                     # (T·R,) dP, then dS·scale
-            kbuf = np.empty(tk * d, dtype=dt)                      # (R·D,) dk of a tile
-            vbuf = np.empty(tk * ddv, dtype=dt)                    # (R·Dv,) dv of a tile
-            lt = np.empty(tq, dtype=dt)                            # (T,) lse of the tile rows
-            dl = np.empty(tq, dtype=dt)                            # (T,) δ of the tile rows
-            live = np.empty(tq, dtype=np.bool_)                    # (T,) rows with a key
-            for task in range(c * ntask // nch, (c + 1) * ntask // nch):
-                b = task // nblk
-                ta = (task - b * nblk) * span
-                tb = min(ta + span, nt)
-                head = min(ta + n_phases - 1, tb)
-                t_first, t_end = (head, tb) if part == 1 else (ta, head)
-                for t in range(t_first, t_end):
-                    jl = min(tile_jlo[t], m)   # (a band may run past the last key)
-                    jh = min(tile_jhi[t], m)
-                    if jh <= jl:               # no key: dq = 0 (no product writes it)
-                        dq[b, tile_start[t]:tile_start[t + 1], :] = 0
-                        continue
-                    _bwd_tile(dq, dk, dv, dbias_part, dout, out, lse, q, k, v, b, t,
-                              tile_start[t], tile_start[t + 1], jl, jh, lo, hi, row_ok,
-                              key_ok, bias, has_bias, off_min, scale, sbuf, gbuf, kbuf, vbuf,
-                              lt, dl, live)
+    run_tasks(_zero_runs, nzero, nzero, dk, dv)
+    nch = max(1, min(bh * nblk, n_chunks))
+    for part in (1, 2):
+        run_tasks(_bwd_runs, nch, nch, part, dq, dk, dv, dbias_part, dout, out, lse, q, k, v,
+                  tile_start, tile_jlo, tile_jhi, lo, hi, row_ok, key_ok, bias, has_bias,
+                  off_min, n_phases, scale)
 
 
 def plan_phases(tile_jlo: np.ndarray, tile_jhi: np.ndarray) -> int:
