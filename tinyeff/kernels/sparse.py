@@ -50,7 +50,7 @@ factors of a product are not all finite (v[jlo:jhi] in the forward; q, dout of i
 k[jlo:jhi] in the backward; likewise the heavy keys) computes those parts entry by entry.
 
 NOTE: ``np.dot`` inside the kernels calls SciPy's OpenBLAS: the callers run them under
-``blas_single_thread`` (kernels/_math.py; BLAS threads inside prange threads oversubscribe
+``blas_single_thread`` (kernels/_math.py; BLAS threads inside the task threads oversubscribe
 the cores).  The exps use the vectorizable ``fast_exp`` (≤ 1 ulp float32, ≤ 2 ulp float64).
 NOTE: fastmath stays off (−inf marks padded keys), except in the scattered kernels and
 :func:`_finite`, which opt in to reassociation only (SPEEDTIP in ``sparse_scattered.py``).
@@ -63,7 +63,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from ._jit import kernel, prange, serial
+from ._jit import run_tasks, serial
 from ._math import add_rows, fast_exp
 from .sparse_scattered import DOT_FLAGS, axpy, cols_bwd_scattered, scattered_axpy, scattered_dot
 
@@ -141,9 +141,13 @@ def _scatter_dense(dst_row, src, indices, ea, eb, off, a):
 
 @numba.njit(inline="always")
 def _gather_rows(dst, src, cols, shift):
-    """dst[h] = src[cols[h] − shift] (the heavy keys of a group, contiguous)."""
+    """dst[h] = src[cols[h] − shift] (the heavy keys of a group, contiguous).  A loop: the
+    row assignment ``dst[h] = src[…]`` compiles broadcasting checks (seconds, SPEEDTIP in
+    kernels/_jit.py)."""
     for h in range(dst.shape[0]):
-        dst[h] = src[cols[h] - shift]
+        s = src[cols[h] - shift]
+        for c in range(dst.shape[1]):
+            dst[h, c] = s[c]
 
 # ---------------------------------------------------------------------- forward
 
@@ -245,7 +249,19 @@ def _tile_fwd(t, bo, out, lse, p, q, k, v, rel, kpad, indptr, indices, row_ea, r
             add_rows(out[bh, i0:i0 + nr], np.dot(sh, vh))                   # (T, Dv)
 
 
-@kernel
+@serial
+def _tiles_fwd_tasks(lo, hi, out, lse, p, q, k, v, rel, kpad, indptr, indices, row_ea, row_eb,
+                     tile_start, tile_jlo, tile_jhi, heavy_ptr, heavy_cols, hv_ptr, hv_e, hv_r,
+                     hv_h, groups, scale):
+    """Tasks lo … hi − 1 (batch item, tile) of :func:`tiles_fwd`."""
+    nt = tile_start.shape[0] - 1
+    for task in range(lo, hi):
+        bo = task // nt
+        _tile_fwd(task - bo * nt, bo, out, lse, p, q, k, v, rel, kpad, indptr, indices, row_ea,
+                  row_eb, tile_start, tile_jlo, tile_jhi, heavy_ptr, heavy_cols, hv_ptr, hv_e,
+                  hv_r, hv_h, groups, scale)
+
+
 def tiles_fwd(out, lse, p, q, k, v, rel, kpad, indptr, indices, row_ea, row_eb, tile_start,
               tile_jlo, tile_jhi, heavy_ptr, heavy_cols, hv_ptr, hv_e, hv_r, hv_h, groups,
               scale):
@@ -260,13 +276,9 @@ def tiles_fwd(out, lse, p, q, k, v, rel, kpad, indptr, indices, row_ea, row_eb, 
     heavy entries u ∈ [hv_ptr[t], hv_ptr[t + 1]): CSR entry hv_e[u] of the tile's row
     hv_r[u], key number hv_h[u] of its group's heavy keys.
     """
-    bo_n = p.shape[0]
-    nt = tile_start.shape[0] - 1
-    for task in prange(bo_n * nt):          # SPEEDTIP: the body is a serial helper
-        bo = task // nt
-        _tile_fwd(task - bo * nt, bo, out, lse, p, q, k, v, rel, kpad, indptr, indices, row_ea,
-                  row_eb, tile_start, tile_jlo, tile_jhi, heavy_ptr, heavy_cols, hv_ptr, hv_e,
-                  hv_r, hv_h, groups, scale)
+    run_tasks(_tiles_fwd_tasks, p.shape[0] * (tile_start.shape[0] - 1), out, lse, p, q, k, v,
+              rel, kpad, indptr, indices, row_ea, row_eb, tile_start, tile_jlo, tile_jhi,
+              heavy_ptr, heavy_cols, hv_ptr, hv_e, hv_r, hv_h, groups, scale)
 
 
 # ---------------------------------------------------------------------- backward
@@ -342,7 +354,31 @@ def _tile_bwd(t, bo, dq, dk, dv, ds, ph, dsh, dout, p, q, k, v, indptr, indices,
         add_rows(dq[bh, i0:i0 + nr], np.dot(dph, kh))                        # (T, D)
 
 
-@kernel
+@serial
+def _tiles_bwd_tasks(lo, hi, a, ntp, dq, dk, dv, ds, ph, dsh, dout, p, q, k, v, indptr,
+                     indices, row_ea, row_eb, tile_start, tile_jlo, tile_jhi, phase_tiles,
+                     heavy_ptr, heavy_cols, hv_ptr, hv_e, hv_r, hv_h, groups, scale, per_item):
+    """Tasks lo … hi − 1 of one round of :func:`tiles_bwd`: (batch item, group) with
+    ``per_item``, else (batch item, tile phase_tiles[a + …] of the ntp tiles of a phase)."""
+    n = q.shape[1]
+    for task in range(lo, hi):
+        if per_item:                        # (batch item, group): its tiles in phase order
+            bo = task // groups
+            g = task - bo * groups
+            u0, u1 = 0, phase_tiles.shape[0]
+        else:                               # (batch item, tile of the phase)
+            bo = task // ntp
+            g = -1
+            u0 = a + task - bo * ntp
+            u1 = u0 + 1
+        for u in range(u0, u1):
+            t = phase_tiles[u]
+            if g < 0 or tile_start[t] // n == g:
+                _tile_bwd(t, bo, dq, dk, dv, ds, ph, dsh, dout, p, q, k, v, indptr, indices,
+                          row_ea, row_eb, tile_start, tile_jlo, tile_jhi, heavy_ptr,
+                          heavy_cols, hv_ptr, hv_e, hv_r, hv_h, groups, scale)
+
+
 def tiles_bwd(dq, dk, dv, ds, ph, dsh, dout, p, q, k, v, indptr, indices, row_ea, row_eb,
               tile_start, tile_jlo, tile_jhi, phase_ptr, phase_tiles, heavy_ptr, heavy_cols,
               hv_ptr, hv_e, hv_r, hv_h, groups, scale, per_item):
@@ -359,28 +395,14 @@ def tiles_bwd(dq, dk, dv, ds, ph, dsh, dout, p, q, k, v, indptr, indices, row_ea
     receives the tiles' contributions in phase order.
     """
     bo_n = p.shape[0]
-    n = q.shape[1]
-    n_rounds = 1 if per_item else phase_ptr.shape[0] - 1
-    for f in range(n_rounds):               # per_item: one round; else one per phase
-        a = phase_ptr[f] if not per_item else 0
-        ntp = phase_ptr[f + 1] - a if not per_item else 0
-        ntask = bo_n * groups if per_item else bo_n * ntp   # (prange needs a plain count)
-        for task in prange(ntask):
-            if per_item:                    # (batch item, group): its tiles in phase order
-                bo = task // groups
-                g = task - bo * groups
-                u0, u1 = 0, phase_tiles.shape[0]
-            else:                           # (batch item, tile of phase f)
-                bo = task // ntp
-                g = -1
-                u0 = a + task - bo * ntp
-                u1 = u0 + 1
-            for u in range(u0, u1):
-                t = phase_tiles[u]
-                if g < 0 or tile_start[t] // n == g:
-                    _tile_bwd(t, bo, dq, dk, dv, ds, ph, dsh, dout, p, q, k, v, indptr,
-                              indices, row_ea, row_eb, tile_start, tile_jlo, tile_jhi,
-                              heavy_ptr, heavy_cols, hv_ptr, hv_e, hv_r, hv_h, groups, scale)
+    rounds = [(0, 0, bo_n * groups)] if per_item else [    # (a, ntp, tasks) per round
+        (int(phase_ptr[f]), int(phase_ptr[f + 1] - phase_ptr[f]),
+         bo_n * int(phase_ptr[f + 1] - phase_ptr[f])) for f in range(phase_ptr.shape[0] - 1)]
+    for a, ntp, ntask in rounds:            # per_item: one round; else one per phase
+        run_tasks(_tiles_bwd_tasks, ntask, a, ntp, dq, dk, dv, ds, ph, dsh, dout, p, q, k, v,
+                  indptr, indices, row_ea, row_eb, tile_start, tile_jlo, tile_jhi,
+                  phase_tiles, heavy_ptr, heavy_cols, hv_ptr, hv_e, hv_r, hv_h, groups, scale,
+                  per_item)
 
 
 @serial
@@ -415,27 +437,39 @@ def _heavy_item(bh, dk, dv, ph, dsh, q, dout, p, ds, heavy_ptr, heavy_cols, t_in
             axpy(dv[bh, j], p[bo, e], dout[bh, row - g * n])
 
 
-@kernel
+@serial
+def _heavy_tasks(lo, hi, dk, dv, ph, dsh, q, dout, p, ds, heavy_ptr, heavy_cols, t_indptr,
+                 t_indices, t_perm, row_ea, row_eb, groups, scale):
+    """Batch items lo … hi − 1 of :func:`heavy_bwd`."""
+    for bh in range(lo, hi):
+        _heavy_item(bh, dk, dv, ph, dsh, q, dout, p, ds, heavy_ptr, heavy_cols, t_indptr,
+                    t_indices, t_perm, row_ea, row_eb, groups, scale)
+
+
 def heavy_bwd(dk, dv, ph, dsh, q, dout, p, ds, heavy_ptr, heavy_cols, t_indptr, t_indices,
               t_perm, row_ea, row_eb, groups, scale):
     """dk_j += Σ (ds_e·scale) q_i, dv_j += Σ p_e dout_i over the heavy entries of each heavy
     key j: two products per batch item (ph, dsh from :func:`tiles_bwd`), or, if q or dout
     of the batch item is not finite, entry by entry down the transposed pattern."""
-    for bh in prange(q.shape[0]):
-        _heavy_item(np.int64(bh), dk, dv, ph, dsh, q, dout, p, ds, heavy_ptr, heavy_cols, t_indptr,
-                    t_indices, t_perm, row_ea, row_eb, groups, scale)
+    run_tasks(_heavy_tasks, q.shape[0], dk, dv, ph, dsh, q, dout, p, ds, heavy_ptr, heavy_cols,
+              t_indptr, t_indices, t_perm, row_ea, row_eb, groups, scale)
 
 
-@kernel
-def rel_bias_bwd_csr(drel, ds, indptr, indices, groups, n, m):
-    """drel[bh, i − j + M − 1] += ds_e, one batch item per thread, entries in CSR order.
-
-    drel (BH, N + M − 1) zero-filled on entry.
-    """
-    for bh in prange(drel.shape[0]):
+@serial
+def _rel_bias_tasks(lo, hi, drel, ds, indptr, indices, groups, n, m):
+    """Batch items lo … hi − 1 of :func:`rel_bias_bwd_csr`."""
+    for bh in range(lo, hi):
         g = bh % groups
         bo = bh // groups
         for i in range(n):
             row = g * n + i
             for e in range(indptr[row], indptr[row + 1]):
                 drel[bh, i - (indices[e] - g * m) + m - 1] += ds[bo, e]
+
+
+def rel_bias_bwd_csr(drel, ds, indptr, indices, groups, n, m):
+    """drel[bh, i − j + M − 1] += ds_e, one batch item per task, entries in CSR order.
+
+    drel (BH, N + M − 1) zero-filled on entry.
+    """
+    run_tasks(_rel_bias_tasks, drel.shape[0], drel, ds, indptr, indices, groups, n, m)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numba
 
-from ._jit import prange
+from ._jit import run_tasks
 
 __all__ = ["DOT_FLAGS", "axpy", "axpy2", "cols_bwd_scattered", "scattered_axpy", "scattered_dot"]
 
@@ -28,9 +28,11 @@ __all__ = ["DOT_FLAGS", "axpy", "axpy2", "cols_bwd_scattered", "scattered_axpy",
 # BigBird fwd+bwd), so they take the flags of the kernel they are inlined into.  The
 # summation order of a dot is then the one the compiled code fixes (SIMD lanes, then a fixed
 # horizontal sum): the same on every call and thread, so results stay bit-identical across
-# thread counts.  No prange reduction exists in these kernels (each output has one owner).
+# thread counts.  No reduction across tasks exists in these kernels (each output has one
+# owner).  The kernels are serial over a range of tasks; ``run_tasks`` (kernels/_jit.py)
+# spreads the tasks over the threads (no gufunc to compile).
 DOT_FLAGS = {"reassoc", "contract"}
-_vec_kernel = numba.njit(cache=True, parallel=True, fastmath=DOT_FLAGS, nogil=True)
+_vec_kernel = numba.njit(cache=True, parallel=False, fastmath=DOT_FLAGS, nogil=True)
 
 
 @numba.njit(inline="always")
@@ -72,17 +74,10 @@ def _dot2(x1, y1, x2, y2):
 
 
 @_vec_kernel
-def scattered_dot(vals, x, y, r_ptr, r_row, r_col, r_e, groups, n_chunks, n_blocks, scale):
-    """vals[bh // G, e] = scale · x[bh, i]·y[bh, j] for every scattered entry e = (i, j).
-
-    Scores (x = q, y = k) and dp (x = dout, y = v, scale 1).  The entries come in *row-side
-    blocked order*: bucket (g, row chunk c, key block b) holds r_ptr[u] … r_ptr[u + 1] − 1,
-    u = (g·n_chunks + c)·n_blocks + b, sorted by (row, key) inside; r_row, r_col are local
-    to the group.  A task owns one (batch item, row chunk) and walks its key blocks in
-    order, so each block's rows of y stay in cache while the chunk's rows stream past.
-    """
-    bo_n = vals.shape[0]
-    for task in prange(bo_n * groups * n_chunks):
+def _scattered_dot_tasks(lo, hi, vals, x, y, r_ptr, r_row, r_col, r_e, groups, n_chunks,
+                         n_blocks, scale):
+    """Tasks lo … hi − 1 of :func:`scattered_dot`."""
+    for task in range(lo, hi):
         bo = task // (groups * n_chunks)
         gc = task - bo * groups * n_chunks                  # g · n_chunks + c
         g = gc // n_chunks
@@ -98,18 +93,24 @@ def scattered_dot(vals, x, y, r_ptr, r_row, r_col, r_e, groups, n_chunks, n_bloc
             vb[r_e[u]] = _dot(xb[r_row[u]], yb[r_col[u]]) * scale
 
 
-@_vec_kernel
-def scattered_axpy(acc, vals, y, pc, dsc, p, r_ptr, r_row, r_col, r_e, r_pos, groups,
-                   n_chunks, n_blocks, scale, save):
-    """acc[bh, i] += (scale · vals[bh // G, e]) y[bh, j] over the scattered entries, each
-    row's in key order (row-side blocked order, see :func:`scattered_dot`).
+def scattered_dot(vals, x, y, r_ptr, r_row, r_col, r_e, groups, n_chunks, n_blocks, scale):
+    """vals[bh // G, e] = scale · x[bh, i]·y[bh, j] for every scattered entry e = (i, j).
 
-    out (vals = p, y = v, scale 1) and dq (vals = ds, y = k); with ``save`` also
-    pc[bh // G, t] = p_e and dsc[bh // G, t] = scale · ds_e at the entry's position t in
-    the column-side order (r_pos; for :func:`cols_bwd_scattered`).
+    Scores (x = q, y = k) and dp (x = dout, y = v, scale 1).  The entries come in *row-side
+    blocked order*: bucket (g, row chunk c, key block b) holds r_ptr[u] … r_ptr[u + 1] − 1,
+    u = (g·n_chunks + c)·n_blocks + b, sorted by (row, key) inside; r_row, r_col are local
+    to the group.  A task owns one (batch item, row chunk) and walks its key blocks in
+    order, so each block's rows of y stay in cache while the chunk's rows stream past.
     """
-    bo_n = vals.shape[0]
-    for task in prange(bo_n * groups * n_chunks):
+    run_tasks(_scattered_dot_tasks, vals.shape[0] * groups * n_chunks, vals, x, y, r_ptr,
+              r_row, r_col, r_e, groups, n_chunks, n_blocks, scale)
+
+
+@_vec_kernel
+def _scattered_axpy_tasks(lo, hi, acc, vals, y, pc, dsc, p, r_ptr, r_row, r_col, r_e, r_pos,
+                          groups, n_chunks, n_blocks, scale, save):
+    """Tasks lo … hi − 1 of :func:`scattered_axpy`."""
+    for task in range(lo, hi):
         bo = task // (groups * n_chunks)
         gc = task - bo * groups * n_chunks
         g = gc // n_chunks
@@ -134,18 +135,24 @@ def scattered_axpy(acc, vals, y, pc, dsc, p, r_ptr, r_row, r_col, r_e, r_pos, gr
                 u += 1
 
 
-@_vec_kernel
-def cols_bwd_scattered(dk, dv, pc, dsc, q, dout, c_ptr, c_row, c_col, groups, n_chunks,
-                       n_blocks):
-    """dv_j += Σ p_e dout_i, dk_j += Σ (scale·ds_e) q_i over key j's scattered entries, rows
-    ascending.  The entries come in *column-side blocked order*: bucket (g, key chunk c, row
-    block b) holds c_ptr[u] … c_ptr[u + 1] − 1, u = (g·n_chunks + c)·n_blocks + b, sorted
-    by (key, row) inside; pc, dsc are in this order (from :func:`scattered_axpy`).  A task
-    owns one (batch item, key chunk) and walks its row blocks in order, so each block's
-    rows of q and dout stay in cache while the chunk's keys stream past.
+def scattered_axpy(acc, vals, y, pc, dsc, p, r_ptr, r_row, r_col, r_e, r_pos, groups, n_chunks,
+                   n_blocks, scale, save):
+    """acc[bh, i] += (scale · vals[bh // G, e]) y[bh, j] over the scattered entries, each
+    row's in key order (row-side blocked order, see :func:`scattered_dot`).
+
+    out (vals = p, y = v, scale 1) and dq (vals = ds, y = k); with ``save`` also
+    pc[bh // G, t] = p_e and dsc[bh // G, t] = scale · ds_e at the entry's position t in
+    the column-side order (r_pos; for :func:`cols_bwd_scattered`).
     """
-    bh_n = dk.shape[0]
-    for task in prange(bh_n * n_chunks):
+    run_tasks(_scattered_axpy_tasks, vals.shape[0] * groups * n_chunks, acc, vals, y, pc, dsc,
+              p, r_ptr, r_row, r_col, r_e, r_pos, groups, n_chunks, n_blocks, scale, save)
+
+
+@_vec_kernel
+def _cols_bwd_scattered_tasks(lo, hi, dk, dv, pc, dsc, q, dout, c_ptr, c_row, c_col, groups,
+                              n_chunks, n_blocks):
+    """Tasks lo … hi − 1 of :func:`cols_bwd_scattered`."""
+    for task in range(lo, hi):
         bh = task // n_chunks
         c = task - bh * n_chunks
         g = bh % groups
@@ -167,3 +174,16 @@ def cols_bwd_scattered(dk, dv, pc, dsc, q, dout, c_ptr, c_row, c_col, groups, n_
                 axpy(dvb[j], pcb[t], dob[i])
                 axpy(dkb[j], dsb[t], qb[i])
                 t += 1
+
+
+def cols_bwd_scattered(dk, dv, pc, dsc, q, dout, c_ptr, c_row, c_col, groups, n_chunks,
+                       n_blocks):
+    """dv_j += Σ p_e dout_i, dk_j += Σ (scale·ds_e) q_i over key j's scattered entries, rows
+    ascending.  The entries come in *column-side blocked order*: bucket (g, key chunk c, row
+    block b) holds c_ptr[u] … c_ptr[u + 1] − 1, u = (g·n_chunks + c)·n_blocks + b, sorted
+    by (key, row) inside; pc, dsc are in this order (from :func:`scattered_axpy`).  A task
+    owns one (batch item, key chunk) and walks its row blocks in order, so each block's
+    rows of q and dout stay in cache while the chunk's keys stream past.
+    """
+    run_tasks(_cols_bwd_scattered_tasks, dk.shape[0] * n_chunks, dk, dv, pc, dsc, q, dout,
+              c_ptr, c_row, c_col, groups, n_chunks, n_blocks)
