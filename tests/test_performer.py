@@ -140,13 +140,19 @@ def test_x10_inputs_still_equal_the_estimator_in_float64(rng):
 @pytest.mark.parametrize("chunk", [1, 4, 64])
 @pytest.mark.parametrize("kernel", ["softmax", "relu"])
 @pytest.mark.parametrize("causal", [False, True])
-def test_numba_matches_reference_and_crosswires(chunk, kernel, causal, rng, monkeypatch):
+@pytest.mark.parametrize("mask_mode", ["exact", "values_only"])
+def test_numba_matches_reference_and_crosswires(chunk, kernel, causal, mask_mode, rng,
+                                                monkeypatch):
+    """Every path: the chunked kernels and, non-causal softmax, the fused ones (chunk 4:
+    keys in two ranges whose maxima differ, combined by rescaling)."""
     monkeypatch.setattr(engine, "CHUNK", chunk)
+    monkeypatch.setattr(engine, "CHUNK_FUSED", chunk)
     n, m = (1, 1) if chunk == 1 else (9, 7)
     x = random_qkv(rng, (2, 2), n=n, m=m, d=5, dv=3)
     x["k"] *= np.linspace(0.5, 2, m)[:, None]                      # growing norms: rescaling
     opts = {"features": _omega(0, 5, 11), "kernel": kernel, "causal": causal,
-            "key_padding_mask": rng.random((2, 2, m)) < 0.8}
+            "key_padding_mask": rng.random((2, 2, m)) < 0.8, "mask_mode": mask_mode,
+            "normalize": chunk != 64}
     out_r, ctx_r = performer.forward(**x, **opts, impl="ref")
     out_n, ctx_n = performer.forward(**x, **opts, impl="numba")
     assert_close(out_n, out_r)
@@ -158,27 +164,32 @@ def test_numba_matches_reference_and_crosswires(chunk, kernel, causal, rng, monk
 
 
 @pytest.mark.numba_threads
-def test_one_and_two_threads_bit_identical(rng, monkeypatch):
+@pytest.mark.parametrize("causal", [False, True])
+def test_one_and_two_threads_bit_identical(causal, rng, monkeypatch):
     monkeypatch.setattr(engine, "CHUNK", 6)
+    monkeypatch.setattr(engine, "CHUNK_FUSED", 2)                  # 7 chunks, 7 ranges
     x = random_qkv(rng, (2, 3), n=14, d=4, dv=3)
     x["k"] *= np.linspace(0.5, 3, 14)[:, None]
     dout = rng.standard_normal((2, 3, 14, 3))
     res = []
     for threads in (1, 2):
         with num_threads(threads):
-            out, ctx = performer.forward(**x, features=_omega(0, 4, 9), causal=True)
+            out, ctx = performer.forward(**x, features=_omega(0, 4, 9), causal=causal)
             res.append((out, performer.backward(dout, ctx)))
     np.testing.assert_array_equal(res[0][0], res[1][0])
     for name in "qkv":
         np.testing.assert_array_equal(res[0][1][name], res[1][1][name])
 
 
-def test_gradcheck_large_norm_causal(rng):
-    """Gradients stay exact when the stabilizers are far from 0 (keys of norm ~10)."""
+@pytest.mark.parametrize("causal", [False, True])
+def test_gradcheck_large_norm(causal, rng, monkeypatch):
+    """Gradients stay exact when the stabilizers are far from 0 (keys of norm ~10; the
+    fused non-causal path with its keys in three ranges)."""
+    monkeypatch.setattr(engine, "CHUNK_FUSED", 2)
     x = random_qkv(rng, (1, 2), n=6, d=4, dv=2)
     x["k"] *= 4
     check_vjp(performer.forward, performer.backward, x,
-              {"features": _omega(5, 4, 6), "causal": True}, rng=rng).assert_ok(GRAD_FD)
+              {"features": _omega(5, 4, 6), "causal": causal}, rng=rng).assert_ok(GRAD_FD)
 
 
 def test_values_only_keeps_padded_keys_in_the_denominator(rng):

@@ -5,7 +5,8 @@ readable reference (``forward_ref``, ``backward_ref``); this module validates th
 options, dispatches between the reference and the Numba paths, and holds the pieces both
 references are written with (:func:`features`, :func:`pad_keys`, :func:`sums_ref`,
 :func:`sums_backward_ref`, :func:`grad_num_den`, :func:`pad_grads`, ...).  It is the only
-caller of the kernels of ``tinyeff/kernels/linear.py`` and ``linear_noncausal.py``.
+caller of the kernels of ``tinyeff/kernels/linear.py``, ``linear_noncausal.py`` and
+``favor_noncausal.py``.
 
 Features with a log-scale
 -------------------------
@@ -35,7 +36,11 @@ Paths
   BLAS product, so no feature array and no elementwise pass of NumPy is left: KV, z in one
   pass over the keys, out in one over the queries; dq with dKV, dz in one pass over the
   queries, dk and dv in one over the keys.
-* otherwise (the FAVOR maps of ``performer``) the sequence is processed in chunks of
+* ``impl="numba"``, non-causal, ``favor_softmax`` (Performer's default): the same passes
+  (tinyeff.kernels.favor_noncausal), the features x̂ωᵀ, their row maxima and exps formed
+  per chunk in scratch; each range of keys keeps its own running maximum C and the ranges
+  are combined by rescaling (the online-softmax trick).
+* otherwise (causal FAVOR maps, ``favor_relu``) the sequence is processed in chunks of
   ``CHUNK`` positions (``CHUNK_NONCAUSAL`` when not causal): causal through the Numba
   prefix-sum kernels with log-scales, non-causal through NumPy matrix products.
 
@@ -53,6 +58,7 @@ import numpy as np
 from .. import _checks, memory
 from ..ctx import Ctx
 from ..kernels import blas_single_thread
+from ..kernels import favor_noncausal as kernels_favor
 from ..kernels import linear as kernels
 from ..kernels import linear_noncausal as kernels_nc
 from ..ops.feature_maps import FeatureMap
@@ -110,6 +116,9 @@ def attend(q, k, v, fmap: FeatureMap, *, forward_ref, causal, key_padding_mask, 
     if impl == "numba" and fmap.kind in _FUSED:
         fused = _forward_fused if causal else _forward_fused_noncausal
         out, denom, key_scale, kv, z = fused(q, k, v, fmap, mask, mask_mode, normalize, eps)
+    elif impl == "numba" and not causal and _favor_fused(fmap):
+        out, denom, key_scale, kv, z = _forward_favor(q, k, v, fmap, mask, mask_mode,
+                                                      normalize, eps)
     elif impl == "ref":
         num, den, lq, key_scale, kv, z = forward_ref(q, k, v, fmap, causal, mask, mask_mode)
         out, denom = _finish(num, den, lq, key_scale, normalize, eps)
@@ -132,6 +141,8 @@ def attend_backward(dout, ctx: LinearCtx, impl: str | None = None, *, backward_r
         return backward_ref(dout, ctx)
     if ctx.fmap.kind in _FUSED:
         return (_backward_fused if ctx.causal else _backward_fused_noncausal)(dout, ctx)
+    if not ctx.causal and _favor_fused(ctx.fmap):
+        return _backward_favor(dout, ctx)
     return _backward_chunked(dout, ctx, _chunk(ctx.causal))
 
 
@@ -433,6 +444,78 @@ def _backward_fused_noncausal(dout, ctx: LinearCtx) -> dict:
                                  np.empty((bh * parts, d), dtype), qf, kf, vf, keep, dof,
                                  outf, den, kv, z, ctx.fmap.kind == "relu", exact,
                                  ctx.normalize, CHUNK_FUSED, parts, dtype.type(0))
+    return {"q": dq, "k": dk, "v": dv}
+
+
+# --------------------------------------------------------------------------- fused FAVOR+ path
+
+def _favor_fused(fmap) -> bool:
+    """Non-causal positive softmax features (at least one): tinyeff.kernels.favor_noncausal."""
+    return fmap.kind == "favor_softmax" and fmap.n_features > 0
+
+
+def _favor_args(fmap, dtype):
+    """(ω (m, D), ωᵀ (D, m), √scale, ½ ln m): the feature map's constants for the kernels."""
+    omega = np.require(fmap.omega, requirements="CW")              # (m, D)
+    return (omega, np.ascontiguousarray(omega.T), dtype.type(math.sqrt(fmap.scale)),
+            dtype.type(0.5 * math.log(omega.shape[0])))
+
+
+def _forward_favor(q, k, v, fmap, mask, mask_mode, normalize, eps):
+    """The non-causal FAVOR+ path: KV, z and C in one pass over the keys (each range at its
+    running maximum), out in one pass over the rows."""
+    *batch, n, _ = q.shape
+    m, dvd = v.shape[-2:]
+    dtype, nf = q.dtype, fmap.n_features
+    qf, kf, vf, keep, exact = _fused_args(q, k, v, mask, mask_mode)
+    bh = qf.shape[0]
+    parts = kernels_nc.n_parts(m, CHUNK_FUSED)
+    _, omega_t, root, half_log_m = _favor_args(fmap, dtype)
+    out = memory.empty((*batch, n, dvd), dtype)                    # (..., N, Dv)
+    denom = np.empty((*batch, n), dtype)                           # (..., N)
+    kv = np.empty((*batch, nf, dvd), dtype)                        # (..., m, Dv)
+    z = np.empty((*batch, nf), dtype)                              # (..., m)
+    big_c = np.empty(bh, dtype)                                    # (BH,) C
+    with blas_single_thread():
+        kernels_favor.favor_fwd(out.reshape(bh, n, dvd), denom.reshape(bh, n),
+                                kv.reshape(bh, nf, dvd), z.reshape(bh, nf), big_c,
+                                np.empty((bh * parts, nf, dvd), dtype),
+                                np.empty((bh * parts, nf), dtype), np.empty(bh * parts, dtype),
+                                qf, kf, vf, keep, omega_t, root, half_log_m, exact, normalize,
+                                dtype.type(eps), CHUNK_FUSED, parts, dtype.type(0))
+    key_scale = np.empty((*batch, n), dtype)                       # (..., N) C
+    key_scale.reshape(bh, n)[...] = big_c[:, None]
+    return out, denom, key_scale, kv, z
+
+
+def _backward_favor(dout, ctx: LinearCtx) -> dict:
+    """dq with dKV, dz in one pass over the rows, dk and dv in one pass over the keys."""
+    q, k, v = ctx.q, ctx.k, ctx.v
+    dtype, nf = q.dtype, ctx.fmap.n_features
+    dq = memory.empty(q.shape, dtype)                              # (..., N, D)
+    dk = memory.empty(k.shape, dtype)                              # (..., M, D)
+    dv = memory.empty(v.shape, dtype)                              # (..., M, Dv)
+    if q.shape[-2] == 0:                                           # no row: no gradient
+        dk[...] = 0
+        dv[...] = 0
+        return {"q": dq, "k": dk, "v": dv}
+    qf, kf, vf, keep, exact = _fused_args(q, k, v, ctx.key_padding_mask, ctx.mask_mode)
+    bh, n, _ = qf.shape
+    dvd = v.shape[-1]
+    parts = kernels_nc.n_parts(n, CHUNK_FUSED)
+    omega, omega_t, root, half_log_m = _favor_args(ctx.fmap, dtype)
+    dof, outf = (np.require(x, requirements="CW").reshape(bh, n, dvd) for x in (dout, ctx.out))
+    den = np.require(ctx.denom, requirements="CW").reshape(bh, n)
+    kv = np.require(ctx.kv, requirements="CW").reshape(bh, nf, dvd)
+    z = np.require(ctx.z, requirements="CW").reshape(bh, nf)
+    big_c = np.ascontiguousarray(ctx.key_scale.reshape(bh, n)[:, 0])  # (BH,) C
+    with blas_single_thread():
+        kernels_favor.favor_bwd(dq.reshape(qf.shape), dk.reshape(kf.shape), dv.reshape(vf.shape),
+                                np.empty((bh, nf, dvd), dtype), np.empty((bh, nf), dtype),
+                                np.empty((bh * parts, nf, dvd), dtype),
+                                np.empty((bh * parts, nf), dtype), qf, kf, vf, keep, dof, outf,
+                                den, kv, z, big_c, omega, omega_t, root, half_log_m, exact,
+                                ctx.normalize, CHUNK_FUSED, parts, dtype.type(0))
     return {"q": dq, "k": dk, "v": dv}
 
 
