@@ -13,9 +13,10 @@
   expression ``dst += src`` compiles broadcasting checks whose error messages format
   strings: seconds of compile time per kernel, for the same sums).
 * :func:`blas_single_thread` — pins SciPy's OpenBLAS (the BLAS behind ``np.dot`` in Numba)
-  to one thread while kernels that call it from ``prange`` threads run.
+  to one thread while kernels that call it from their threads run.
 
-Used by ``kernels/blocked.py``, ``kernels/band.py`` and ``kernels/sparse.py``.
+Used by ``kernels/blocked.py``, ``kernels/band.py``, ``kernels/sparse.py`` and the
+non-causal linear and FAVOR+ kernels.
 """
 
 from __future__ import annotations
@@ -145,7 +146,7 @@ _BLAS_SET, _BLAS_GET = _find_blas_set_threads()
 def blas_single_thread():
     """Run the enclosed code with SciPy's OpenBLAS limited to one thread (no-op if unknown).
 
-    The kernels call BLAS from inside ``prange`` threads; BLAS spawning its own threads
+    The kernels call BLAS from their own threads; BLAS spawning its own threads
     on top oversubscribes the cores.  One BLAS thread does not change any result (OpenBLAS
     splits a product over output blocks, never over the summed dimension).
     """

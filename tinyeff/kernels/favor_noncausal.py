@@ -39,7 +39,7 @@ import numpy as np
 
 from ._jit import run_tasks, serial
 from ._math import add_rows, fast_exp, nanmax
-from .linear_noncausal import _span, _zero, add_parts
+from .linear_noncausal import add_parts, task_span, zero_sums
 
 __all__ = ["favor_fwd", "favor_bwd"]
 
@@ -107,14 +107,14 @@ def _sum_keys(task, kv_part, z_part, c_part, k, v, keep, omega_t, root, half_log
     m, d = k.shape[1:]
     nf = omega_t.shape[1]
     dv = v.shape[2]
-    b, j_lo, j_hi = _span(task, parts, m, chunk)
+    b, j_lo, j_hi = task_span(task, parts, m, chunk)
     xh = np.empty((chunk, d), dtype=k.dtype)                       # (T, D) k̂
     fk = np.empty((chunk, nf), dtype=k.dtype)                      # (T, m) features
     ell = np.empty(chunk, dtype=k.dtype)                           # (T) ℓk
     tmp = np.empty((nf, dv), dtype=k.dtype)                        # (m, Dv)
     kvp = kv_part[task]                                            # (m, Dv)
     zp = z_part[task]                                              # (m)
-    _zero(kvp, zp, zero)
+    zero_sums(kvp, zp, zero)
     inf = zero - np.float32(np.inf)
     cp = inf                                                       # C_p = −inf: no key yet
     for j0 in range(j_lo, j_hi, chunk):
@@ -247,7 +247,7 @@ def _grad_queries(task, dq, dkv_part, dz_part, q, dout, out, denom, kv, z, omega
     n, d = q.shape[1:]
     nf = omega.shape[0]
     dv = dout.shape[2]
-    b, i_lo, i_hi = _span(task, parts, n, chunk)
+    b, i_lo, i_hi = task_span(task, parts, n, chunk)
     xh = np.empty((chunk, d), dtype=q.dtype)                       # (T, D) q̂
     fq = np.empty((chunk, nf), dtype=q.dtype)                      # (T, m)
     df = np.empty((chunk, nf), dtype=q.dtype)                      # (T, m) dfq, then da
@@ -257,7 +257,7 @@ def _grad_queries(task, dq, dkv_part, dz_part, q, dout, out, denom, kv, z, omega
     tmp = np.empty((nf, dv), dtype=q.dtype)                        # (m, Dv)
     dkvp = dkv_part[task]                                          # (m, Dv)
     dzp = dz_part[task]                                            # (m)
-    _zero(dkvp, dzp, zero)
+    zero_sums(dkvp, dzp, zero)
     for i0 in range(i_lo, i_hi, chunk):
         nt = min(chunk, i_hi - i0)
         ft = fq[:nt]

@@ -47,7 +47,7 @@ import numpy as np
 from ._jit import run_tasks, serial
 from ._math import add_rows, fast_exp
 
-__all__ = ["noncausal_fwd", "noncausal_bwd", "n_parts"]
+__all__ = ["add_parts", "n_parts", "noncausal_bwd", "noncausal_fwd", "task_span", "zero_sums"]
 
 MAX_PARTS = 8       # ranges per batch slice of a sum over rows (bounds the partials' memory)
 
@@ -89,7 +89,7 @@ def _dphi(g, a, x, relu, zero):
 
 
 @serial
-def _span(task, parts, length, chunk):
+def task_span(task, parts, length, chunk):
     """(b, first row, end row) of range ``task`` of a sum split into ``parts`` ranges."""
     b = task // parts
     p = task - b * parts
@@ -116,7 +116,7 @@ def add_parts(kv, z, kv_part, z_part, parts):
 
 
 @serial
-def _zero(kvp, zp, zero):
+def zero_sums(kvp, zp, zero):
     """kvp (D, Dv) and zp (D) set to 0."""
     for f in range(kvp.shape[0]):
         zp[f] = zero
@@ -132,12 +132,12 @@ def _sum_keys(task, kv_part, z_part, k, v, keep, relu, exact, parts, chunk, zero
     """Range ``task`` of KV and z (module docstring) into kv_part[task], z_part[task]."""
     m, d = k.shape[1:]
     dv = v.shape[2]
-    b, j_lo, j_hi = _span(task, parts, m, chunk)
+    b, j_lo, j_hi = task_span(task, parts, m, chunk)
     a = np.empty((chunk, d), dtype=k.dtype)                        # (T, D) φ(k) of a chunk
     tmp = np.empty((d, dv), dtype=k.dtype)                         # (D, Dv)
     kvp = kv_part[task]                                            # (D, Dv)
     zp = z_part[task]                                              # (D)
-    _zero(kvp, zp, zero)
+    zero_sums(kvp, zp, zero)
     for j0 in range(j_lo, j_hi, chunk):
         nt = min(chunk, j_hi - j0)
         at = a[:nt]
@@ -227,14 +227,14 @@ def _grad_queries(task, dq, dkv_part, dz_part, q, dout, out, denom, kv, z, norma
     """Range ``task`` of the rows: dq, and the partial dKV, dz."""
     n, d = q.shape[1:]
     dv = dout.shape[2]
-    b, i_lo, i_hi = _span(task, parts, n, chunk)
+    b, i_lo, i_hi = task_span(task, parts, n, chunk)
     a = np.empty((chunk, d), dtype=q.dtype)                        # (T, D) φ(q)
     g = np.empty((chunk, dv), dtype=q.dtype)                       # (T, Dv) dnum
     dl = np.empty(chunk, dtype=q.dtype)                            # (T) dden
     tmp = np.empty((d, dv), dtype=q.dtype)                         # (D, Dv)
     dkvp = dkv_part[task]                                          # (D, Dv)
     dzp = dz_part[task]                                            # (D)
-    _zero(dkvp, dzp, zero)
+    zero_sums(dkvp, dzp, zero)
     zb = z[b]
     for i0 in range(i_lo, i_hi, chunk):
         nt = min(chunk, i_hi - i0)
