@@ -21,21 +21,27 @@ Backward (FlashAttention-2, Alg. 2, without atomics).  With δ_i = Σ_d dout_id 
     dv_J += Pᵀ dout_I            dk_J += dSᵀ q_I · scale     dq_I += dS k_J · scale
     drel[i − j + M − 1] += dS_ij
 
-Parallel schedule (``prange`` over independent outputs only; no atomics):
+Parallel schedule (tasks over independent outputs only; no atomics).  Each pass is a list
+of tasks; the pass's function hands them to ``run_tasks`` (kernels/_jit.py), which runs one
+block of consecutive tasks per Numba thread through a ``serial`` kernel (``_fwd_tasks``, …)
+that loops over its block.  The passes' tasks:
 
-* forward: over (batch·head, query tile);
+* forward: (batch·head, query tile);
 * backward, two passes: dq over (batch·head, query tile), then dk/dv over (batch·head, key
   tile), each recomputing P and dS (7 tile products in all);
-* backward, fused: over batch·head, one thread owning a whole head, so P and dS are
+* backward, fused: one task per batch·head, one thread owning a whole head, so P and dS are
   computed once per tile (5 tile products).  Used when the heads alone keep every thread
   busy; both schedules visit the tiles in the same order and call the same tile products,
   so their results are bit-identical (tested), and so is the result for any thread count;
-* rel_bias gradient: over (batch·head, tile diagonal qt − kt); each diagonal sums its tiles
+* rel_bias gradient: (batch·head, tile diagonal qt − kt); each diagonal sums its tiles
   into its own buffer (2T − 1 offsets), and the buffers are added in a fixed order.
 
+SPEEDTIP: ``serial`` kernels over blocks of tasks compile without the gufunc that every
+``prange`` loop adds (kernels/_jit.py), so this module compiles in well under the time of
+the same loops under ``prange``; the price is one Python call per pass and thread.
 SPEEDTIP: the tile products are ``np.dot`` on 2-D tiles, which Numba hands to BLAS (the
 ``gemm`` of SciPy's OpenBLAS); hand-written loops are an order of magnitude slower.  BLAS's
-own threads inside ``prange`` threads oversubscribe the cores, so the wrappers run the
+own threads inside the task threads oversubscribe the cores, so the wrappers run the
 kernels under :func:`tinyeff.kernels.blas_single_thread`.
 SPEEDTIP: ``math.exp`` is a scalar libm call; :func:`fast_exp` (``kernels/_math.py``) is a
 branch-free Cephes-style exp that LLVM vectorizes (≤ 1 ulp in float32, ≤ 2 ulp in float64;
@@ -54,7 +60,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._jit import kernel, prange, serial
+from ._jit import run_tasks, serial
 from ._math import add_rows, colmax, fast_exp
 
 # ----------------------------------------------------------------------------- tile helpers
@@ -207,20 +213,26 @@ def _fwd_task(t, out, lse, q, k, v, kpad, rel, scale, causal, has_kpad, has_rel,
                 out[bh, i0 + ii, c] = acc[ii, c] / l_run[ii]
 
 
-@kernel
+@serial
+def _fwd_tasks(lo, hi, out, lse, q, k, v, kpad, rel, scale, causal, has_kpad, has_rel, tile):
+    """Tasks lo … hi − 1 of :func:`flash_fwd`."""
+    for t in range(lo, hi):
+        _fwd_task(t, out, lse, q, k, v, kpad, rel, scale, causal, has_kpad, has_rel, tile)
+
+
 def flash_fwd(out, lse, q, k, v, kpad, rel, scale, causal, has_kpad, has_rel, tile):
     """out = softmax(q kᵀ·scale + bias, allowed) v and its log-sum-exp, tile by tile.
 
     out (BH, N, Dv), lse (BH, N); q (BH, N, D), k (BH, M, D), v (BH, M, Dv);
     kpad (BH, M) bool, rel (BH, N + M − 1) (ignored unless has_kpad / has_rel).
-    Tiles are held transposed, Sᵀ (T_k, T_q), so each query's max and sum run down a
-    column: a serial reduction per query in key order that vectorizes across queries.
+    One task per (batch·head, query tile), ``run_tasks`` over them.  Tiles are held
+    transposed, Sᵀ (T_k, T_q), so each query's max and sum run down a column: a serial
+    reduction per query in key order that vectorizes across queries.
     """
     bhs, n, _ = q.shape
     nqt = (n + tile - 1) // tile
-    for t in prange(bhs * nqt):               # SPEEDTIP: bodies in serial helpers (_jit.py)
-        _fwd_task(np.int64(t), out, lse, q, k, v, kpad, rel, scale, causal, has_kpad, has_rel,
-                  tile)
+    run_tasks(_fwd_tasks, bhs * nqt, out, lse, q, k, v, kpad, rel, scale, causal, has_kpad,
+              has_rel, tile)
 
 
 @serial
@@ -247,18 +259,25 @@ def _dq_task(t, dq, q, k, v, dout, lse, delta, kpad, rel, scale, causal, has_kpa
             dq[bh, i0 + ii, c] = acc[ii, c] * scale
 
 
-@kernel
+@serial
+def _dq_tasks(lo, hi, dq, q, k, v, dout, lse, delta, kpad, rel, scale, causal, has_kpad,
+              has_rel, tile):
+    """Tasks lo … hi − 1 of :func:`flash_bwd_dq`."""
+    for t in range(lo, hi):
+        _dq_task(t, dq, q, k, v, dout, lse, delta, kpad, rel, scale, causal, has_kpad,
+                 has_rel, tile)
+
+
 def flash_bwd_dq(dq, q, k, v, dout, lse, delta, kpad, rel, scale, causal, has_kpad, has_rel,
                  tile):
-    """dq = (P ∘ (dP − δ)) k · scale, one (batch·head, query tile) per iteration.
+    """dq = (P ∘ (dP − δ)) k · scale, one task per (batch·head, query tile).
 
     dq (BH, N, D); delta (BH, N) = rowsum(dout ∘ out); the rest as in :func:`flash_fwd`.
     """
     bhs, n, _ = q.shape
     nqt = (n + tile - 1) // tile
-    for t in prange(bhs * nqt):
-        _dq_task(np.int64(t), dq, q, k, v, dout, lse, delta, kpad, rel, scale, causal,
-                 has_kpad, has_rel, tile)
+    run_tasks(_dq_tasks, bhs * nqt, dq, q, k, v, dout, lse, delta, kpad, rel, scale, causal,
+              has_kpad, has_rel, tile)
 
 
 @serial
@@ -291,19 +310,26 @@ def _dkdv_task(t, dk, dv, q, k, v, dout, lse, delta, kpad, rel, scale, causal, h
             dv[bh, j0 + jj, c] = acc_v[jj, c]
 
 
-@kernel
+@serial
+def _dkdv_tasks(lo, hi, dk, dv, q, k, v, dout, lse, delta, kpad, rel, scale, causal,
+                has_kpad, has_rel, tile):
+    """Tasks lo … hi − 1 of :func:`flash_bwd_dkdv`."""
+    for t in range(lo, hi):
+        _dkdv_task(t, dk, dv, q, k, v, dout, lse, delta, kpad, rel, scale, causal, has_kpad,
+                   has_rel, tile)
+
+
 def flash_bwd_dkdv(dk, dv, q, k, v, dout, lse, delta, kpad, rel, scale, causal, has_kpad,
                    has_rel, tile):
-    """dk = dSᵀ q · scale and dv = Pᵀ dout, one (batch·head, key tile) per iteration.
+    """dk = dSᵀ q · scale and dv = Pᵀ dout, one task per (batch·head, key tile).
 
     dk (BH, M, D), dv (BH, M, Dv); the rest as in :func:`flash_bwd_dq`.
     """
-    bhs, n, d = q.shape
+    bhs = q.shape[0]
     m = k.shape[1]
     nkt = (m + tile - 1) // tile
-    for t in prange(bhs * nkt):
-        _dkdv_task(np.int64(t), dk, dv, q, k, v, dout, lse, delta, kpad, rel, scale, causal,
-                   has_kpad, has_rel, tile)
+    run_tasks(_dkdv_tasks, bhs * nkt, dk, dv, q, k, v, dout, lse, delta, kpad, rel, scale,
+              causal, has_kpad, has_rel, tile)
 
 
 @serial
@@ -337,18 +363,25 @@ def _fused_head(bh, dq, dk, dv, q, k, v, dout, lse, delta, kpad, rel, scale, cau
             dq[bh, i, c] = dq[bh, i, c] * scale
 
 
-@kernel
+@serial
+def _fused_heads(lo, hi, dq, dk, dv, q, k, v, dout, lse, delta, kpad, rel, scale, causal,
+                 has_kpad, has_rel, tile):
+    """Batch·heads lo … hi − 1 of :func:`flash_bwd_fused`."""
+    for bh in range(lo, hi):
+        _fused_head(bh, dq, dk, dv, q, k, v, dout, lse, delta, kpad, rel, scale, causal,
+                    has_kpad, has_rel, tile)
+
+
 def flash_bwd_fused(dq, dk, dv, q, k, v, dout, lse, delta, kpad, rel, scale, causal,
                     has_kpad, has_rel, tile):
     """dq, dk, dv in one pass per batch·head (P and dS computed once per tile).
 
-    Same tiles, same products and same accumulation orders as :func:`flash_bwd_dq` then
-    :func:`flash_bwd_dkdv`, hence the same bits.  dq must arrive zero-filled.
+    One task per batch·head.  Same tiles, same products and same accumulation orders as
+    :func:`flash_bwd_dq` then :func:`flash_bwd_dkdv`, hence the same bits.  dq must arrive
+    zero-filled.
     """
-    bhs = q.shape[0]
-    for bh in prange(bhs):
-        _fused_head(np.int64(bh), dq, dk, dv, q, k, v, dout, lse, delta, kpad, rel, scale,
-                    causal, has_kpad, has_rel, tile)
+    run_tasks(_fused_heads, q.shape[0], dq, dk, dv, q, k, v, dout, lse, delta, kpad, rel,
+              scale, causal, has_kpad, has_rel, tile)
 
 
 @serial
@@ -377,22 +410,29 @@ def _rel_task(t, parts, q, k, v, dout, lse, delta, kpad, rel, scale, causal, has
                 parts[bh, t % ndiag, ii - jj + tile - 1] += ds[ii, jj]
 
 
-@kernel
+@serial
+def _rel_tasks(lo, hi, parts, q, k, v, dout, lse, delta, kpad, rel, scale, causal, has_kpad,
+               tile):
+    """Tasks lo … hi − 1 of :func:`flash_bwd_rel_parts`."""
+    for t in range(lo, hi):
+        _rel_task(t, parts, q, k, v, dout, lse, delta, kpad, rel, scale, causal, has_kpad,
+                  tile)
+
+
 def flash_bwd_rel_parts(parts, q, k, v, dout, lse, delta, kpad, rel, scale, causal,
                         has_kpad, tile):
     """Diagonal sums of dS per (batch·head, tile diagonal): the rel_bias gradient, in parts.
 
     parts (BH, nqt + nkt − 1, 2·tile − 1), zero-filled; diagonal t holds the tiles with
     qt − kt = t − (nkt − 1), and entry o the offsets (i − i0) − (j − j0) = o − (tile − 1).
+    One task per (batch·head, tile diagonal), each writing its own row of parts.
     """
     bhs, n, _ = q.shape
     m = k.shape[1]
     nkt = (m + tile - 1) // tile
     nqt = (n + tile - 1) // tile
-    ndiag = nqt + nkt - 1
-    for t in prange(bhs * ndiag):
-        _rel_task(np.int64(t), parts, q, k, v, dout, lse, delta, kpad, rel, scale, causal,
-                  has_kpad, tile)
+    run_tasks(_rel_tasks, bhs * (nqt + nkt - 1), parts, q, k, v, dout, lse, delta, kpad, rel,
+              scale, causal, has_kpad, tile)
 
 
 @serial
