@@ -101,6 +101,47 @@ def test_bit_identical_across_threads_and_schedules(opt, rng):
             np.testing.assert_array_equal(g[name], g0[name], err_msg=name)
 
 
+@pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="needs 2 Numba threads")
+@pytest.mark.parametrize("n,m,batch", [(3, 2, (1,)), (6, 5, (1,)), (9, 11, (5,))])
+def test_bit_identical_across_threads_for_any_task_count(n, m, batch, rng):
+    """Fewer tasks than threads (one tile, one head), a few, and an odd number per pass:
+    every split of the tasks into per-thread blocks gives the same bits, rel_bias too."""
+    x, kpad, rel = _inputs(rng, n, m, batch=batch)
+    opts = _options(kpad[:, 0], rel[:1])["all"]
+    results = []
+    for threads in (1, 2):
+        with num_threads(threads):
+            out, ctx = full.forward(**x, impl="blocked", **opts)
+            dout = np.linspace(-1, 1, out.size).reshape(out.shape)
+            for schedule in ("fused", "split"):
+                results.append((out, ctx.lse, full._backward_blocked(dout, ctx, schedule)))
+    out0, lse0, g0 = results[0]
+    assert set(g0) == {"q", "k", "v", "rel_bias"}
+    for out, lse, g in results[1:]:
+        np.testing.assert_array_equal(out, out0)
+        np.testing.assert_array_equal(lse, lse0)
+        for name in g0:
+            np.testing.assert_array_equal(g[name], g0[name], err_msg=name)
+
+
+@pytest.mark.skipif(numba.config.DISABLE_JIT, reason="NUMBA_DISABLE_JIT: nothing is compiled")
+def test_kernels_are_serial_over_task_ranges():
+    """No ``prange`` kernel (each compiles a gufunc of its own, kernels/_jit.py): every
+    compiled function of the module is ``serial`` and the passes are plain Python."""
+    from numba.core.registry import CPUDispatcher
+
+    from tinyeff.kernels import blocked
+    compiled = {name: f for name, f in vars(blocked).items()
+                if isinstance(f, CPUDispatcher) and f.py_func.__module__ == blocked.__name__}
+    assert "_fwd_tasks" in compiled and "_rel_tasks" in compiled
+    for name, f in compiled.items():
+        assert not f.targetoptions.get("parallel"), name
+        assert f.targetoptions.get("nogil"), name
+    for name in ("flash_fwd", "flash_bwd_dq", "flash_bwd_dkdv", "flash_bwd_fused",
+                 "flash_bwd_rel_parts"):
+        assert name not in compiled, name
+
+
 def test_fully_masked_rows_give_zero_output_and_gradient(rng):
     x, kpad, _ = _inputs(rng)
     out, ctx = full.forward(**x, key_padding_mask=kpad, impl="blocked")

@@ -21,21 +21,30 @@ Backward (FlashAttention-2, Alg. 2, without atomics).  With δ_i = Σ_d dout_id 
     dv_J += Pᵀ dout_I            dk_J += dSᵀ q_I · scale     dq_I += dS k_J · scale
     drel[i − j + M − 1] += dS_ij
 
-Parallel schedule (``prange`` over independent outputs only; no atomics):
+Parallel schedule (tasks over independent outputs only; no atomics).  Each pass is a list
+of tasks; the pass's function hands them to ``run_tasks`` (kernels/_jit.py), which runs one
+block of consecutive tasks per Numba thread through a ``serial`` kernel (``_fwd_tasks``, …)
+that loops over its block.  The passes' tasks:
 
-* forward: over (batch·head, query tile);
+* forward: (batch·head, query tile);
 * backward, two passes: dq over (batch·head, query tile), then dk/dv over (batch·head, key
   tile), each recomputing P and dS (7 tile products in all);
-* backward, fused: over batch·head, one thread owning a whole head, so P and dS are
+* backward, fused: one task per batch·head, one thread owning a whole head, so P and dS are
   computed once per tile (5 tile products).  Used when the heads alone keep every thread
   busy; both schedules visit the tiles in the same order and call the same tile products,
   so their results are bit-identical (tested), and so is the result for any thread count;
-* rel_bias gradient: over (batch·head, tile diagonal qt − kt); each diagonal sums its tiles
+* rel_bias gradient: (batch·head, tile diagonal qt − kt); each diagonal sums its tiles
   into its own buffer (2T − 1 offsets), and the buffers are added in a fixed order.
 
+SPEEDTIP: ``serial`` kernels over blocks of tasks compile without the gufunc that every
+``prange`` loop adds (kernels/_jit.py), so this module compiles in well under the time of
+the same loops under ``prange``; the price is one Python call per pass and thread.  The
+loop over a block sits in the task kernel itself: a kernel that calls another links in and
+re-optimizes the callee's code, so a thin loop kernel around a per-task helper would
+compile each task body once more.
 SPEEDTIP: the tile products are ``np.dot`` on 2-D tiles, which Numba hands to BLAS (the
 ``gemm`` of SciPy's OpenBLAS); hand-written loops are an order of magnitude slower.  BLAS's
-own threads inside ``prange`` threads oversubscribe the cores, so the wrappers run the
+own threads inside the task threads oversubscribe the cores, so the wrappers run the
 kernels under :func:`tinyeff.kernels.blas_single_thread`.
 SPEEDTIP: ``math.exp`` is a scalar libm call; :func:`fast_exp` (``kernels/_math.py``) is a
 branch-free Cephes-style exp that LLVM vectorizes (≤ 1 ulp in float32, ≤ 2 ulp in float64;
@@ -54,7 +63,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._jit import kernel, prange, serial
+from ._jit import run_tasks, serial
 from ._math import add_rows, colmax, fast_exp
 
 # ----------------------------------------------------------------------------- tile helpers
@@ -134,265 +143,262 @@ def _q_tiles_of_key_tile(kt, tile, n, causal):
 
 
 @serial
-def _fwd_task(t, out, lse, q, k, v, kpad, rel, scale, causal, has_kpad, has_rel, tile):
-    """Task t = (batch·head, query tile) of :func:`flash_fwd`."""
-    n = q.shape[1]
-    m = k.shape[1]
-    dv = v.shape[2]
-    dt = out.dtype
-    nqt = (n + tile - 1) // tile
-    bh = t // nqt
-    qt = _zigzag(t % nqt, nqt)
-    i0 = qt * tile
-    i1 = min(i0 + tile, n)
-    bq = i1 - i0
-    buf = np.empty(tile * tile, dtype=dt)                      # (T_k·T_q,) Sᵀ, then P̃ᵀ
-    pv = np.empty((bq, dv), dtype=dt)                          # (T_q, Dv) P̃ v_J
-    acc = np.zeros((bq, dv), dtype=dt)                         # (T_q, Dv)
-    m_run = np.full(bq, -np.inf, dtype=dt)                     # (T_q,) running max
-    l_run = np.zeros(bq, dtype=dt)                             # (T_q,) running sum
-    m_new = np.empty(bq, dtype=dt)                             # (T_q,) max with tile J
-    m_tmp = np.empty(bq, dtype=dt)                             # (T_q,) scratch of colmax
-    m_sub = np.empty(bq, dtype=dt)                             # (T_q,) m_new, −∞ -> 0
-    r_sum = np.empty(bq, dtype=dt)                             # (T_q,) rowsum P̃
-    kend = min(m, i1) if causal else m                         # causal: keys j < i1
-    for j0 in range(0, kend, tile):
-        j1 = min(j0 + tile, m)
-        bk = j1 - j0
-        st = _tile_view(buf, bk, bq)                           # (T_k, T_q)
-        np.dot(k[bh, j0:j1], q[bh, i0:i1].T, st)               # raw Sᵀ
-        for jj in range(bk):               # logits in place
-            j = j0 + jj
-            c0 = _first_query(bh, j, i0, bq, kpad, causal, has_kpad)
-            row = st[jj]
-            for ii in range(c0):
-                row[ii] = -np.inf
-            off = i0 - j + m - 1                               # rel_bias index of (i0, j)
-            if has_rel:
-                for ii in range(c0, bq):
-                    row[ii] = row[ii] * scale + rel[bh, off + ii]
-            else:
-                for ii in range(c0, bq):
-                    row[ii] = row[ii] * scale
-        colmax(m_new, m_tmp, m_run, st)   # running max per query, key order
-        for ii in range(bq):               # nothing allowed so far: subtract 0, P̃ = 0
-            r_sum[ii] = 0
-            if m_new[ii] == -np.inf:
-                m_sub[ii] = 0
-            else:
-                m_sub[ii] = m_new[ii]
-        for jj in range(bk):
-            row = st[jj]
+def _fwd_tasks(lo, hi, out, lse, q, k, v, kpad, rel, scale, causal, has_kpad, has_rel, tile):
+    """Tasks lo … hi − 1, each (batch·head, query tile), of :func:`flash_fwd`."""
+    for t in range(lo, hi):
+        n = q.shape[1]
+        m = k.shape[1]
+        dv = v.shape[2]
+        dt = out.dtype
+        nqt = (n + tile - 1) // tile
+        bh = t // nqt
+        qt = _zigzag(t % nqt, nqt)
+        i0 = qt * tile
+        i1 = min(i0 + tile, n)
+        bq = i1 - i0
+        buf = np.empty(tile * tile, dtype=dt)                      # (T_k·T_q,) Sᵀ, then P̃ᵀ
+        pv = np.empty((bq, dv), dtype=dt)                          # (T_q, Dv) P̃ v_J
+        acc = np.zeros((bq, dv), dtype=dt)                         # (T_q, Dv)
+        m_run = np.full(bq, -np.inf, dtype=dt)                     # (T_q,) running max
+        l_run = np.zeros(bq, dtype=dt)                             # (T_q,) running sum
+        m_new = np.empty(bq, dtype=dt)                             # (T_q,) max with tile J
+        m_tmp = np.empty(bq, dtype=dt)                             # (T_q,) scratch of colmax
+        m_sub = np.empty(bq, dtype=dt)                             # (T_q,) m_new, −∞ -> 0
+        r_sum = np.empty(bq, dtype=dt)                             # (T_q,) rowsum P̃
+        kend = min(m, i1) if causal else m                         # causal: keys j < i1
+        for j0 in range(0, kend, tile):
+            j1 = min(j0 + tile, m)
+            bk = j1 - j0
+            st = _tile_view(buf, bk, bq)                           # (T_k, T_q)
+            np.dot(k[bh, j0:j1], q[bh, i0:i1].T, st)               # raw Sᵀ
+            for jj in range(bk):               # logits in place
+                j = j0 + jj
+                c0 = _first_query(bh, j, i0, bq, kpad, causal, has_kpad)
+                row = st[jj]
+                for ii in range(c0):
+                    row[ii] = -np.inf
+                off = i0 - j + m - 1                               # rel_bias index of (i0, j)
+                if has_rel:
+                    for ii in range(c0, bq):
+                        row[ii] = row[ii] * scale + rel[bh, off + ii]
+                else:
+                    for ii in range(c0, bq):
+                        row[ii] = row[ii] * scale
+            colmax(m_new, m_tmp, m_run, st)   # running max per query, key order
+            for ii in range(bq):               # nothing allowed so far: subtract 0, P̃ = 0
+                r_sum[ii] = 0
+                if m_new[ii] == -np.inf:
+                    m_sub[ii] = 0
+                else:
+                    m_sub[ii] = m_new[ii]
+            for jj in range(bk):
+                row = st[jj]
+                for ii in range(bq):
+                    e = fast_exp(row[ii] - m_sub[ii])
+                    row[ii] = e
+                    r_sum[ii] += e
             for ii in range(bq):
-                e = fast_exp(row[ii] - m_sub[ii])
-                row[ii] = e
-                r_sum[ii] += e
+                alpha = fast_exp(m_run[ii] - m_sub[ii])
+                l_run[ii] = l_run[ii] * alpha + r_sum[ii]
+                if alpha != 1:
+                    for c in range(dv):
+                        acc[ii, c] *= alpha
+                m_run[ii] = m_new[ii]
+            np.dot(st.T, v[bh, j0:j1], pv)                         # (T_q, Dv)
+            add_rows(acc, pv)
         for ii in range(bq):
-            alpha = fast_exp(m_run[ii] - m_sub[ii])
-            l_run[ii] = l_run[ii] * alpha + r_sum[ii]
-            if alpha != 1:
+            if l_run[ii] == 0:                 # fully masked row
+                lse[bh, i0 + ii] = -np.inf
                 for c in range(dv):
-                    acc[ii, c] *= alpha
-            m_run[ii] = m_new[ii]
-        np.dot(st.T, v[bh, j0:j1], pv)                         # (T_q, Dv)
-        add_rows(acc, pv)
-    for ii in range(bq):
-        if l_run[ii] == 0:                 # fully masked row
-            lse[bh, i0 + ii] = -np.inf
-            for c in range(dv):
-                out[bh, i0 + ii, c] = 0
-        else:
-            lse[bh, i0 + ii] = m_run[ii] + np.log(l_run[ii])
-            for c in range(dv):
-                out[bh, i0 + ii, c] = acc[ii, c] / l_run[ii]
+                    out[bh, i0 + ii, c] = 0
+            else:
+                lse[bh, i0 + ii] = m_run[ii] + np.log(l_run[ii])
+                for c in range(dv):
+                    out[bh, i0 + ii, c] = acc[ii, c] / l_run[ii]
 
 
-@kernel
 def flash_fwd(out, lse, q, k, v, kpad, rel, scale, causal, has_kpad, has_rel, tile):
     """out = softmax(q kᵀ·scale + bias, allowed) v and its log-sum-exp, tile by tile.
 
     out (BH, N, Dv), lse (BH, N); q (BH, N, D), k (BH, M, D), v (BH, M, Dv);
     kpad (BH, M) bool, rel (BH, N + M − 1) (ignored unless has_kpad / has_rel).
-    Tiles are held transposed, Sᵀ (T_k, T_q), so each query's max and sum run down a
-    column: a serial reduction per query in key order that vectorizes across queries.
+    One task per (batch·head, query tile), ``run_tasks`` over them.  Tiles are held
+    transposed, Sᵀ (T_k, T_q), so each query's max and sum run down a column: a serial
+    reduction per query in key order that vectorizes across queries.
     """
     bhs, n, _ = q.shape
     nqt = (n + tile - 1) // tile
-    for t in prange(bhs * nqt):               # SPEEDTIP: bodies in serial helpers (_jit.py)
-        _fwd_task(np.int64(t), out, lse, q, k, v, kpad, rel, scale, causal, has_kpad, has_rel,
-                  tile)
+    run_tasks(_fwd_tasks, bhs * nqt, out, lse, q, k, v, kpad, rel, scale, causal, has_kpad,
+              has_rel, tile)
 
 
 @serial
-def _dq_task(t, dq, q, k, v, dout, lse, delta, kpad, rel, scale, causal, has_kpad, has_rel,
-             tile):
-    """Task t = (batch·head, query tile) of :func:`flash_bwd_dq`."""
-    n, d = q.shape[1], q.shape[2]
-    m = k.shape[1]
-    nqt = (n + tile - 1) // tile
-    bh = t // nqt
-    qt = _zigzag(t % nqt, nqt)
-    i0 = qt * tile
-    i1 = min(i0 + tile, n)
-    acc = np.zeros((i1 - i0, d), dtype=dq.dtype)               # (T_q, D)
-    kend = min(m, i1) if causal else m
-    for j0 in range(0, kend, tile):
-        j1 = min(j0 + tile, m)
-        p, ds = _bwd_tile(q, k, v, dout, lse, delta, kpad, rel, bh, i0, i1, j0, j1,
-                          scale, causal, has_kpad, has_rel)
-        # fwd: S = q kᵀ · scale  ->  dq = dS k · scale
-        add_rows(acc, np.dot(ds, k[bh, j0:j1]))                # (T_q, D)
-    for ii in range(i1 - i0):
-        for c in range(d):
-            dq[bh, i0 + ii, c] = acc[ii, c] * scale
+def _dq_tasks(lo, hi, dq, q, k, v, dout, lse, delta, kpad, rel, scale, causal, has_kpad,
+              has_rel, tile):
+    """Tasks lo … hi − 1, each (batch·head, query tile), of :func:`flash_bwd_dq`."""
+    for t in range(lo, hi):
+        n, d = q.shape[1], q.shape[2]
+        m = k.shape[1]
+        nqt = (n + tile - 1) // tile
+        bh = t // nqt
+        qt = _zigzag(t % nqt, nqt)
+        i0 = qt * tile
+        i1 = min(i0 + tile, n)
+        acc = np.zeros((i1 - i0, d), dtype=dq.dtype)               # (T_q, D)
+        kend = min(m, i1) if causal else m
+        for j0 in range(0, kend, tile):
+            j1 = min(j0 + tile, m)
+            p, ds = _bwd_tile(q, k, v, dout, lse, delta, kpad, rel, bh, i0, i1, j0, j1,
+                              scale, causal, has_kpad, has_rel)
+            # fwd: S = q kᵀ · scale  ->  dq = dS k · scale
+            add_rows(acc, np.dot(ds, k[bh, j0:j1]))                # (T_q, D)
+        for ii in range(i1 - i0):
+            for c in range(d):
+                dq[bh, i0 + ii, c] = acc[ii, c] * scale
 
 
-@kernel
 def flash_bwd_dq(dq, q, k, v, dout, lse, delta, kpad, rel, scale, causal, has_kpad, has_rel,
                  tile):
-    """dq = (P ∘ (dP − δ)) k · scale, one (batch·head, query tile) per iteration.
+    """dq = (P ∘ (dP − δ)) k · scale, one task per (batch·head, query tile).
 
     dq (BH, N, D); delta (BH, N) = rowsum(dout ∘ out); the rest as in :func:`flash_fwd`.
     """
     bhs, n, _ = q.shape
     nqt = (n + tile - 1) // tile
-    for t in prange(bhs * nqt):
-        _dq_task(np.int64(t), dq, q, k, v, dout, lse, delta, kpad, rel, scale, causal,
-                 has_kpad, has_rel, tile)
+    run_tasks(_dq_tasks, bhs * nqt, dq, q, k, v, dout, lse, delta, kpad, rel, scale, causal,
+              has_kpad, has_rel, tile)
 
 
 @serial
-def _dkdv_task(t, dk, dv, q, k, v, dout, lse, delta, kpad, rel, scale, causal, has_kpad,
-               has_rel, tile):
-    """Task t = (batch·head, key tile) of :func:`flash_bwd_dkdv`."""
-    n, d = q.shape[1], q.shape[2]
-    m = k.shape[1]
-    nkt = (m + tile - 1) // tile
-    nqt = (n + tile - 1) // tile
-    bh = t // nkt
-    kt = _zigzag(t % nkt, nkt)
-    j0 = kt * tile
-    j1 = min(j0 + tile, m)
-    acc_k = np.zeros((j1 - j0, d), dtype=dk.dtype)             # (T_k, D)
-    acc_v = np.zeros((j1 - j0, dv.shape[2]), dtype=dv.dtype)   # (T_k, Dv)
-    for qt in range(_q_tiles_of_key_tile(kt, tile, n, causal), nqt):
-        i0 = qt * tile
-        i1 = min(i0 + tile, n)
-        p, ds = _bwd_tile(q, k, v, dout, lse, delta, kpad, rel, bh, i0, i1, j0, j1,
-                          scale, causal, has_kpad, has_rel)
-        # fwd: out = P v  ->  dv = Pᵀ dout
-        add_rows(acc_v, np.dot(p.T, dout[bh, i0:i1]))          # (T_k, Dv)
-        # fwd: S = q kᵀ · scale  ->  dk = dSᵀ q · scale
-        add_rows(acc_k, np.dot(ds.T, q[bh, i0:i1]))            # (T_k, D)
-    for jj in range(j1 - j0):
-        for c in range(d):
-            dk[bh, j0 + jj, c] = acc_k[jj, c] * scale
-        for c in range(dv.shape[2]):
-            dv[bh, j0 + jj, c] = acc_v[jj, c]
-
-
-@kernel
-def flash_bwd_dkdv(dk, dv, q, k, v, dout, lse, delta, kpad, rel, scale, causal, has_kpad,
-                   has_rel, tile):
-    """dk = dSᵀ q · scale and dv = Pᵀ dout, one (batch·head, key tile) per iteration.
-
-    dk (BH, M, D), dv (BH, M, Dv); the rest as in :func:`flash_bwd_dq`.
-    """
-    bhs, n, d = q.shape
-    m = k.shape[1]
-    nkt = (m + tile - 1) // tile
-    for t in prange(bhs * nkt):
-        _dkdv_task(np.int64(t), dk, dv, q, k, v, dout, lse, delta, kpad, rel, scale, causal,
-                   has_kpad, has_rel, tile)
-
-
-@serial
-def _fused_head(bh, dq, dk, dv, q, k, v, dout, lse, delta, kpad, rel, scale, causal, has_kpad,
-                has_rel, tile):
-    """Batch·head bh of :func:`flash_bwd_fused`."""
-    n, d = q.shape[1], q.shape[2]
-    m = k.shape[1]
-    nkt = (m + tile - 1) // tile
-    nqt = (n + tile - 1) // tile
-    for kt in range(nkt):
+def _dkdv_tasks(lo, hi, dk, dv, q, k, v, dout, lse, delta, kpad, rel, scale, causal,
+                has_kpad, has_rel, tile):
+    """Tasks lo … hi − 1, each (batch·head, key tile), of :func:`flash_bwd_dkdv`."""
+    for t in range(lo, hi):
+        n, d = q.shape[1], q.shape[2]
+        m = k.shape[1]
+        nkt = (m + tile - 1) // tile
+        nqt = (n + tile - 1) // tile
+        bh = t // nkt
+        kt = _zigzag(t % nkt, nkt)
         j0 = kt * tile
         j1 = min(j0 + tile, m)
-        acc_k = np.zeros((j1 - j0, d), dtype=dk.dtype)         # (T_k, D)
-        acc_v = np.zeros((j1 - j0, dv.shape[2]), dtype=dv.dtype)  # (T_k, Dv)
+        acc_k = np.zeros((j1 - j0, d), dtype=dk.dtype)             # (T_k, D)
+        acc_v = np.zeros((j1 - j0, dv.shape[2]), dtype=dv.dtype)   # (T_k, Dv)
         for qt in range(_q_tiles_of_key_tile(kt, tile, n, causal), nqt):
             i0 = qt * tile
             i1 = min(i0 + tile, n)
             p, ds = _bwd_tile(q, k, v, dout, lse, delta, kpad, rel, bh, i0, i1, j0, j1,
                               scale, causal, has_kpad, has_rel)
-            add_rows(acc_v, np.dot(p.T, dout[bh, i0:i1]))      # (T_k, Dv)
-            add_rows(acc_k, np.dot(ds.T, q[bh, i0:i1]))        # (T_k, D)
-            add_rows(dq[bh, i0:i1], np.dot(ds, k[bh, j0:j1]))  # (T_q, D)
+            # fwd: out = P v  ->  dv = Pᵀ dout
+            add_rows(acc_v, np.dot(p.T, dout[bh, i0:i1]))          # (T_k, Dv)
+            # fwd: S = q kᵀ · scale  ->  dk = dSᵀ q · scale
+            add_rows(acc_k, np.dot(ds.T, q[bh, i0:i1]))            # (T_k, D)
         for jj in range(j1 - j0):
             for c in range(d):
                 dk[bh, j0 + jj, c] = acc_k[jj, c] * scale
             for c in range(dv.shape[2]):
                 dv[bh, j0 + jj, c] = acc_v[jj, c]
-    for i in range(n):
-        for c in range(d):
-            dq[bh, i, c] = dq[bh, i, c] * scale
 
 
-@kernel
+def flash_bwd_dkdv(dk, dv, q, k, v, dout, lse, delta, kpad, rel, scale, causal, has_kpad,
+                   has_rel, tile):
+    """dk = dSᵀ q · scale and dv = Pᵀ dout, one task per (batch·head, key tile).
+
+    dk (BH, M, D), dv (BH, M, Dv); the rest as in :func:`flash_bwd_dq`.
+    """
+    bhs = q.shape[0]
+    m = k.shape[1]
+    nkt = (m + tile - 1) // tile
+    run_tasks(_dkdv_tasks, bhs * nkt, dk, dv, q, k, v, dout, lse, delta, kpad, rel, scale,
+              causal, has_kpad, has_rel, tile)
+
+
+@serial
+def _fused_heads(lo, hi, dq, dk, dv, q, k, v, dout, lse, delta, kpad, rel, scale, causal,
+                 has_kpad, has_rel, tile):
+    """Batch·heads lo … hi − 1 of :func:`flash_bwd_fused`."""
+    for bh in range(lo, hi):
+        n, d = q.shape[1], q.shape[2]
+        m = k.shape[1]
+        nkt = (m + tile - 1) // tile
+        nqt = (n + tile - 1) // tile
+        for kt in range(nkt):
+            j0 = kt * tile
+            j1 = min(j0 + tile, m)
+            acc_k = np.zeros((j1 - j0, d), dtype=dk.dtype)         # (T_k, D)
+            acc_v = np.zeros((j1 - j0, dv.shape[2]), dtype=dv.dtype)  # (T_k, Dv)
+            for qt in range(_q_tiles_of_key_tile(kt, tile, n, causal), nqt):
+                i0 = qt * tile
+                i1 = min(i0 + tile, n)
+                p, ds = _bwd_tile(q, k, v, dout, lse, delta, kpad, rel, bh, i0, i1, j0, j1,
+                                  scale, causal, has_kpad, has_rel)
+                add_rows(acc_v, np.dot(p.T, dout[bh, i0:i1]))      # (T_k, Dv)
+                add_rows(acc_k, np.dot(ds.T, q[bh, i0:i1]))        # (T_k, D)
+                add_rows(dq[bh, i0:i1], np.dot(ds, k[bh, j0:j1]))  # (T_q, D)
+            for jj in range(j1 - j0):
+                for c in range(d):
+                    dk[bh, j0 + jj, c] = acc_k[jj, c] * scale
+                for c in range(dv.shape[2]):
+                    dv[bh, j0 + jj, c] = acc_v[jj, c]
+        for i in range(n):
+            for c in range(d):
+                dq[bh, i, c] = dq[bh, i, c] * scale
+
+
 def flash_bwd_fused(dq, dk, dv, q, k, v, dout, lse, delta, kpad, rel, scale, causal,
                     has_kpad, has_rel, tile):
     """dq, dk, dv in one pass per batch·head (P and dS computed once per tile).
 
-    Same tiles, same products and same accumulation orders as :func:`flash_bwd_dq` then
-    :func:`flash_bwd_dkdv`, hence the same bits.  dq must arrive zero-filled.
+    One task per batch·head.  Same tiles, same products and same accumulation orders as
+    :func:`flash_bwd_dq` then :func:`flash_bwd_dkdv`, hence the same bits.  dq must arrive
+    zero-filled.
     """
-    bhs = q.shape[0]
-    for bh in prange(bhs):
-        _fused_head(np.int64(bh), dq, dk, dv, q, k, v, dout, lse, delta, kpad, rel, scale,
-                    causal, has_kpad, has_rel, tile)
+    run_tasks(_fused_heads, q.shape[0], dq, dk, dv, q, k, v, dout, lse, delta, kpad, rel,
+              scale, causal, has_kpad, has_rel, tile)
 
 
 @serial
-def _rel_task(t, parts, q, k, v, dout, lse, delta, kpad, rel, scale, causal, has_kpad, tile):
-    """Task t = (batch·head, tile diagonal) of :func:`flash_bwd_rel_parts`."""
-    n = q.shape[1]
-    m = k.shape[1]
-    nkt = (m + tile - 1) // tile
-    nqt = (n + tile - 1) // tile
-    ndiag = nqt + nkt - 1
-    bh = t // ndiag
-    diag = t % ndiag - (nkt - 1)
-    for qt in range(max(0, diag), min(nqt, nkt + diag)):
-        kt = qt - diag
-        i0 = qt * tile
-        i1 = min(i0 + tile, n)
-        j0 = kt * tile
-        j1 = min(j0 + tile, m)
-        if causal and j0 > i1 - 1:
-            continue
-        p, ds = _bwd_tile(q, k, v, dout, lse, delta, kpad, rel, bh, i0, i1, j0, j1,
-                          scale, causal, has_kpad, True)
-        for ii in range(i1 - i0):
-            for jj in range(j1 - j0):
-                # fwd: S_ij += rel_bias[i − j + M − 1]  ->  drel[i − j + M − 1] += dS_ij
-                parts[bh, t % ndiag, ii - jj + tile - 1] += ds[ii, jj]
+def _rel_tasks(lo, hi, parts, q, k, v, dout, lse, delta, kpad, rel, scale, causal, has_kpad,
+               tile):
+    """Tasks lo … hi − 1, each (batch·head, tile diagonal), of :func:`flash_bwd_rel_parts`."""
+    for t in range(lo, hi):
+        n = q.shape[1]
+        m = k.shape[1]
+        nkt = (m + tile - 1) // tile
+        nqt = (n + tile - 1) // tile
+        ndiag = nqt + nkt - 1
+        bh = t // ndiag
+        diag = t % ndiag - (nkt - 1)
+        for qt in range(max(0, diag), min(nqt, nkt + diag)):
+            kt = qt - diag
+            i0 = qt * tile
+            i1 = min(i0 + tile, n)
+            j0 = kt * tile
+            j1 = min(j0 + tile, m)
+            if causal and j0 > i1 - 1:
+                continue
+            p, ds = _bwd_tile(q, k, v, dout, lse, delta, kpad, rel, bh, i0, i1, j0, j1,
+                              scale, causal, has_kpad, True)
+            for ii in range(i1 - i0):
+                for jj in range(j1 - j0):
+                    # fwd: S_ij += rel_bias[i − j + M − 1]  ->  drel[i − j + M − 1] += dS_ij
+                    parts[bh, t % ndiag, ii - jj + tile - 1] += ds[ii, jj]
 
 
-@kernel
 def flash_bwd_rel_parts(parts, q, k, v, dout, lse, delta, kpad, rel, scale, causal,
                         has_kpad, tile):
     """Diagonal sums of dS per (batch·head, tile diagonal): the rel_bias gradient, in parts.
 
     parts (BH, nqt + nkt − 1, 2·tile − 1), zero-filled; diagonal t holds the tiles with
     qt − kt = t − (nkt − 1), and entry o the offsets (i − i0) − (j − j0) = o − (tile − 1).
+    One task per (batch·head, tile diagonal), each writing its own row of parts.
     """
     bhs, n, _ = q.shape
     m = k.shape[1]
     nkt = (m + tile - 1) // tile
     nqt = (n + tile - 1) // tile
-    ndiag = nqt + nkt - 1
-    for t in prange(bhs * ndiag):
-        _rel_task(np.int64(t), parts, q, k, v, dout, lse, delta, kpad, rel, scale, causal,
-                  has_kpad, tile)
+    run_tasks(_rel_tasks, bhs * (nqt + nkt - 1), parts, q, k, v, dout, lse, delta, kpad, rel,
+              scale, causal, has_kpad, tile)
 
 
 @serial
