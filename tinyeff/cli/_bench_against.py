@@ -54,7 +54,7 @@ def import_tree(rev: str):
     """The ``tinyeff`` package of commit ``rev`` of this checkout, imported as
     ``tinyeff_<sha>`` -> (its module, the full sha)."""
     root = PACKAGE_ROOT
-    if not os.path.isdir(os.path.join(root, ".git")):
+    if not os.path.exists(os.path.join(root, ".git")):          # a folder, or a worktree's file
         raise ValueError(f"--against needs a git checkout; {root} has no .git")
     sha = _git(root, "rev-parse", "--verify", f"{rev}^{{commit}}").decode().strip()
     name = f"tinyeff_{sha[:12]}"
