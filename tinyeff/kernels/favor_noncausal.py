@@ -101,58 +101,50 @@ def _scale_part(kvp, zp, r):
 
 
 @serial
-def _sum_keys(task, kv_part, z_part, c_part, k, v, keep, omega_t, root, half_log_m, exact,
-              parts, chunk, zero):
-    """Range ``task`` of KV and z at its own maximum C_p (c_part[task])."""
-    m, d = k.shape[1:]
-    nf = omega_t.shape[1]
-    dv = v.shape[2]
-    b, j_lo, j_hi = task_span(task, parts, m, chunk)
-    xh = np.empty((chunk, d), dtype=k.dtype)                       # (T, D) k̂
-    fk = np.empty((chunk, nf), dtype=k.dtype)                      # (T, m) features
-    ell = np.empty(chunk, dtype=k.dtype)                           # (T) ℓk
-    tmp = np.empty((nf, dv), dtype=k.dtype)                        # (m, Dv)
-    kvp = kv_part[task]                                            # (m, Dv)
-    zp = z_part[task]                                              # (m)
-    zero_sums(kvp, zp, zero)
-    inf = zero - np.float32(np.inf)
-    cp = inf                                                       # C_p = −inf: no key yet
-    for j0 in range(j_lo, j_hi, chunk):
-        nt = min(chunk, j_hi - j0)
-        ft = fk[:nt]
-        _features(ft, ell, xh[:nt], k[b, j0:j0 + nt], omega_t, root, half_log_m)
-        cm = inf
-        for t in range(nt):
-            if keep[b, j0 + t] or not exact:
-                cm = nanmax(cm, ell[t])
-        if cm > cp or cm != cm:                                    # online max: rescale
-            if cp > inf:                                           # (a NaN max propagates)
-                _scale_part(kvp, zp, np.exp(cp - cm))
-            cp = cm
-        for t in range(nt):
-            row = ft[t]
-            counted = keep[b, j0 + t] or not exact
-            w = np.exp(ell[t] - cp) if counted else zero           # w_j = exp(ℓk_j − C_p)
-            for u in range(nf):
-                row[u] = row[u] * w
-            if counted:
-                for u in range(nf):
-                    zp[u] += row[u]                                # z = Σ w_j fk_j
-            if not keep[b, j0 + t]:                                # KV: keep_j w_j fk_j
-                for u in range(nf):
-                    row[u] = zero
-        np.dot(ft.T, v[b, j0:j0 + nt], tmp)                        # Σ_chunk w_j fk_j v_jᵀ
-        add_rows(kvp, tmp)
-    c_part[task] = cp
-
-
-@serial
 def _sum_keys_tasks(lo, hi, kv_part, z_part, c_part, k, v, keep, omega_t, root, half_log_m,
                     exact, parts, chunk, zero):
     """Tasks lo … hi − 1 of the sums over the keys."""
     for task in range(lo, hi):
-        _sum_keys(task, kv_part, z_part, c_part, k, v, keep, omega_t, root, half_log_m,
-                  exact, parts, chunk, zero)
+        m, d = k.shape[1:]
+        nf = omega_t.shape[1]
+        dv = v.shape[2]
+        b, j_lo, j_hi = task_span(task, parts, m, chunk)
+        xh = np.empty((chunk, d), dtype=k.dtype)                       # (T, D) k̂
+        fk = np.empty((chunk, nf), dtype=k.dtype)                      # (T, m) features
+        ell = np.empty(chunk, dtype=k.dtype)                           # (T) ℓk
+        tmp = np.empty((nf, dv), dtype=k.dtype)                        # (m, Dv)
+        kvp = kv_part[task]                                            # (m, Dv)
+        zp = z_part[task]                                              # (m)
+        zero_sums(kvp, zp, zero)
+        inf = zero - np.float32(np.inf)
+        cp = inf                                                       # C_p = −inf: no key yet
+        for j0 in range(j_lo, j_hi, chunk):
+            nt = min(chunk, j_hi - j0)
+            ft = fk[:nt]
+            _features(ft, ell, xh[:nt], k[b, j0:j0 + nt], omega_t, root, half_log_m)
+            cm = inf
+            for t in range(nt):
+                if keep[b, j0 + t] or not exact:
+                    cm = nanmax(cm, ell[t])
+            if cm > cp or cm != cm:                                    # online max: rescale
+                if cp > inf:                                           # (a NaN max propagates)
+                    _scale_part(kvp, zp, np.exp(cp - cm))
+                cp = cm
+            for t in range(nt):
+                row = ft[t]
+                counted = keep[b, j0 + t] or not exact
+                w = np.exp(ell[t] - cp) if counted else zero           # w_j = exp(ℓk_j − C_p)
+                for u in range(nf):
+                    row[u] = row[u] * w
+                if counted:
+                    for u in range(nf):
+                        zp[u] += row[u]                                # z = Σ w_j fk_j
+                if not keep[b, j0 + t]:                                # KV: keep_j w_j fk_j
+                    for u in range(nf):
+                        row[u] = zero
+            np.dot(ft.T, v[b, j0:j0 + nt], tmp)                        # Σ_chunk w_j fk_j v_jᵀ
+            add_rows(kvp, tmp)
+        c_part[task] = cp
 
 
 @serial
@@ -241,57 +233,49 @@ def favor_fwd(out, denom, kv, z, c, kv_part, z_part, c_part, q, k, v, keep, omeg
 
 
 @serial
-def _grad_queries(task, dq, dkv_part, dz_part, q, dout, out, denom, kv, z, omega, omega_t,
-                  root, half_log_m, normalize, parts, chunk, zero):
-    """Range ``task`` of the rows: dq, and the partial dKV, dz."""
-    n, d = q.shape[1:]
-    nf = omega.shape[0]
-    dv = dout.shape[2]
-    b, i_lo, i_hi = task_span(task, parts, n, chunk)
-    xh = np.empty((chunk, d), dtype=q.dtype)                       # (T, D) q̂
-    fq = np.empty((chunk, nf), dtype=q.dtype)                      # (T, m)
-    df = np.empty((chunk, nf), dtype=q.dtype)                      # (T, m) dfq, then da
-    ell = np.empty(chunk, dtype=q.dtype)                           # (T)
-    g = np.empty((chunk, dv), dtype=q.dtype)                       # (T, Dv) dnum
-    dl = np.empty(chunk, dtype=q.dtype)                            # (T) dden
-    tmp = np.empty((nf, dv), dtype=q.dtype)                        # (m, Dv)
-    dkvp = dkv_part[task]                                          # (m, Dv)
-    dzp = dz_part[task]                                            # (m)
-    zero_sums(dkvp, dzp, zero)
-    for i0 in range(i_lo, i_hi, chunk):
-        nt = min(chunk, i_hi - i0)
-        ft = fq[:nt]
-        gt = g[:nt]
-        dft = df[:nt]
-        for t in range(nt):
-            # fwd: out_i = num_i / denom_i,   denom_i = den_i + (constant)
-            den = denom[b, i0 + t]
-            acc = zero
-            for e in range(dv):
-                gt[t, e] = dout[b, i0 + t, e] / den
-                acc += dout[b, i0 + t, e] * out[b, i0 + t, e]
-            dl[t] = -acc / den if normalize else zero
-        _features(ft, ell, xh[:nt], q[b, i0:i0 + nt], omega_t, root, half_log_m)
-        # fwd: num_i = fq_i KV,  den_i = fq_i·z
-        np.dot(gt, kv[b].T, dft)                                   # KV g_i
-        for t in range(nt):
-            for u in range(nf):
-                dft[t, u] += dl[t] * z[b, u]                       # + δ_i z
-        np.dot(ft.T, gt, tmp)                                      # Σ_chunk fq_i g_iᵀ
-        add_rows(dkvp, tmp)
-        for t in range(nt):
-            for u in range(nf):
-                dzp[u] += dl[t] * ft[t, u]                         # Σ δ_i fq_i
-        _dx(dq[b, i0:i0 + nt], dft, ft, xh[:nt], omega, root)     # fwd: fq from q
-
-
-@serial
 def _grad_queries_tasks(lo, hi, dq, dkv_part, dz_part, q, dout, out, denom, kv, z, omega,
                         omega_t, root, half_log_m, normalize, parts, chunk, zero):
     """Tasks lo … hi − 1 of the backward's pass over the rows."""
     for task in range(lo, hi):
-        _grad_queries(task, dq, dkv_part, dz_part, q, dout, out, denom, kv, z, omega, omega_t,
-                      root, half_log_m, normalize, parts, chunk, zero)
+        n, d = q.shape[1:]
+        nf = omega.shape[0]
+        dv = dout.shape[2]
+        b, i_lo, i_hi = task_span(task, parts, n, chunk)
+        xh = np.empty((chunk, d), dtype=q.dtype)                       # (T, D) q̂
+        fq = np.empty((chunk, nf), dtype=q.dtype)                      # (T, m)
+        df = np.empty((chunk, nf), dtype=q.dtype)                      # (T, m) dfq, then da
+        ell = np.empty(chunk, dtype=q.dtype)                           # (T)
+        g = np.empty((chunk, dv), dtype=q.dtype)                       # (T, Dv) dnum
+        dl = np.empty(chunk, dtype=q.dtype)                            # (T) dden
+        tmp = np.empty((nf, dv), dtype=q.dtype)                        # (m, Dv)
+        dkvp = dkv_part[task]                                          # (m, Dv)
+        dzp = dz_part[task]                                            # (m)
+        zero_sums(dkvp, dzp, zero)
+        for i0 in range(i_lo, i_hi, chunk):
+            nt = min(chunk, i_hi - i0)
+            ft = fq[:nt]
+            gt = g[:nt]
+            dft = df[:nt]
+            for t in range(nt):
+                # fwd: out_i = num_i / denom_i,   denom_i = den_i + (constant)
+                den = denom[b, i0 + t]
+                acc = zero
+                for e in range(dv):
+                    gt[t, e] = dout[b, i0 + t, e] / den
+                    acc += dout[b, i0 + t, e] * out[b, i0 + t, e]
+                dl[t] = -acc / den if normalize else zero
+            _features(ft, ell, xh[:nt], q[b, i0:i0 + nt], omega_t, root, half_log_m)
+            # fwd: num_i = fq_i KV,  den_i = fq_i·z
+            np.dot(gt, kv[b].T, dft)                                   # KV g_i
+            for t in range(nt):
+                for u in range(nf):
+                    dft[t, u] += dl[t] * z[b, u]                       # + δ_i z
+            np.dot(ft.T, gt, tmp)                                      # Σ_chunk fq_i g_iᵀ
+            add_rows(dkvp, tmp)
+            for t in range(nt):
+                for u in range(nf):
+                    dzp[u] += dl[t] * ft[t, u]                         # Σ δ_i fq_i
+            _dx(dq[b, i0:i0 + nt], dft, ft, xh[:nt], omega, root)     # fwd: fq from q
 
 
 @serial

@@ -128,78 +128,66 @@ def zero_sums(kvp, zp, zero):
 
 
 @serial
-def _sum_keys(task, kv_part, z_part, k, v, keep, relu, exact, parts, chunk, zero):
-    """Range ``task`` of KV and z (module docstring) into kv_part[task], z_part[task]."""
-    m, d = k.shape[1:]
-    dv = v.shape[2]
-    b, j_lo, j_hi = task_span(task, parts, m, chunk)
-    a = np.empty((chunk, d), dtype=k.dtype)                        # (T, D) φ(k) of a chunk
-    tmp = np.empty((d, dv), dtype=k.dtype)                         # (D, Dv)
-    kvp = kv_part[task]                                            # (D, Dv)
-    zp = z_part[task]                                              # (D)
-    zero_sums(kvp, zp, zero)
-    for j0 in range(j_lo, j_hi, chunk):
-        nt = min(chunk, j_hi - j0)
-        at = a[:nt]
-        _phi(at, k[b, j0:j0 + nt], relu, zero)
-        for t in range(nt):
-            row = at[t]
-            if keep[b, j0 + t] or not exact:                       # z = Σ φ(k_j)
-                for f in range(d):
-                    zp[f] += row[f]
-            if not keep[b, j0 + t]:                                # KV: keep_j φ(k_j)
-                for f in range(d):
-                    row[f] = zero
-        np.dot(at.T, v[b, j0:j0 + nt], tmp)                        # Σ_chunk φ(k_j) v_jᵀ
-        add_rows(kvp, tmp)
-
-
-@serial
-def _rows_fwd(task, out, denom, kv, z, q, seen, normalize, eps, chunk, relu, zero):
-    """The rows of chunk ``task`` of :func:`noncausal_fwd`: out = φ(q) KV / denom."""
-    n, d = q.shape[1:]
-    n_chunks = -(-n // chunk)
-    b = task // n_chunks
-    i0 = (task - b * n_chunks) * chunk
-    nt = min(chunk, n - i0)
-    one = zero + np.float32(1)
-    inf = zero + np.float32(np.inf)
-    a = np.empty((nt, d), dtype=q.dtype)                           # (T, D) φ(q)
-    _phi(a, q[b, i0:i0 + nt], relu, zero)
-    o = out[b, i0:i0 + nt]                                         # (T, Dv)
-    np.dot(a, kv[b], o)                                            # num = φ(q) KV
-    zb = z[b]
-    for t in range(nt):
-        den = zero
-        for f in range(d):
-            den += a[t, f] * zb[f]                                 # φ(q_i)·z
-        if normalize:
-            if eps > 0:
-                den = den + eps
-            empty = not seen[b] or den == 0
-        else:
-            den = one
-            empty = not seen[b]
-        if empty:
-            den = inf
-        ot = o[t]
-        for e in range(ot.shape[0]):
-            ot[e] = ot[e] / den
-        denom[b, i0 + t] = den
-
-
-@serial
 def sum_keys(lo, hi, kv_part, z_part, k, v, keep, relu, exact, parts, chunk, zero):
     """Tasks [lo, hi) of the sums over the keys (ranges: kv_part, z_part rows lo … hi − 1)."""
     for task in range(lo, hi):
-        _sum_keys(task, kv_part, z_part, k, v, keep, relu, exact, parts, chunk, zero)
+        m, d = k.shape[1:]
+        dv = v.shape[2]
+        b, j_lo, j_hi = task_span(task, parts, m, chunk)
+        a = np.empty((chunk, d), dtype=k.dtype)                        # (T, D) φ(k) of a chunk
+        tmp = np.empty((d, dv), dtype=k.dtype)                         # (D, Dv)
+        kvp = kv_part[task]                                            # (D, Dv)
+        zp = z_part[task]                                              # (D)
+        zero_sums(kvp, zp, zero)
+        for j0 in range(j_lo, j_hi, chunk):
+            nt = min(chunk, j_hi - j0)
+            at = a[:nt]
+            _phi(at, k[b, j0:j0 + nt], relu, zero)
+            for t in range(nt):
+                row = at[t]
+                if keep[b, j0 + t] or not exact:                       # z = Σ φ(k_j)
+                    for f in range(d):
+                        zp[f] += row[f]
+                if not keep[b, j0 + t]:                                # KV: keep_j φ(k_j)
+                    for f in range(d):
+                        row[f] = zero
+            np.dot(at.T, v[b, j0:j0 + nt], tmp)                        # Σ_chunk φ(k_j) v_jᵀ
+            add_rows(kvp, tmp)
 
 
 @serial
 def rows_fwd(lo, hi, out, denom, kv, z, q, seen, normalize, eps, chunk, relu, zero):
     """Tasks [lo, hi) of the rows of the forward (chunks of rows)."""
     for task in range(lo, hi):
-        _rows_fwd(task, out, denom, kv, z, q, seen, normalize, eps, chunk, relu, zero)
+        n, d = q.shape[1:]
+        n_chunks = -(-n // chunk)
+        b = task // n_chunks
+        i0 = (task - b * n_chunks) * chunk
+        nt = min(chunk, n - i0)
+        one = zero + np.float32(1)
+        inf = zero + np.float32(np.inf)
+        a = np.empty((nt, d), dtype=q.dtype)                           # (T, D) φ(q)
+        _phi(a, q[b, i0:i0 + nt], relu, zero)
+        o = out[b, i0:i0 + nt]                                         # (T, Dv)
+        np.dot(a, kv[b], o)                                            # num = φ(q) KV
+        zb = z[b]
+        for t in range(nt):
+            den = zero
+            for f in range(d):
+                den += a[t, f] * zb[f]                                 # φ(q_i)·z
+            if normalize:
+                if eps > 0:
+                    den = den + eps
+                empty = not seen[b] or den == 0
+            else:
+                den = one
+                empty = not seen[b]
+            if empty:
+                den = inf
+            ot = o[t]
+            for e in range(ot.shape[0]):
+                ot[e] = ot[e] / den
+            denom[b, i0 + t] = den
 
 
 def noncausal_fwd(out, denom, kv, z, kv_part, z_part, q, k, v, keep, seen, relu, exact,
@@ -222,95 +210,81 @@ def noncausal_fwd(out, denom, kv, z, kv_part, z_part, q, k, v, keep, seen, relu,
 
 
 @serial
-def _grad_queries(task, dq, dkv_part, dz_part, q, dout, out, denom, kv, z, normalize,
-                  parts, chunk, relu, zero):
-    """Range ``task`` of the rows: dq, and the partial dKV, dz."""
-    n, d = q.shape[1:]
-    dv = dout.shape[2]
-    b, i_lo, i_hi = task_span(task, parts, n, chunk)
-    a = np.empty((chunk, d), dtype=q.dtype)                        # (T, D) φ(q)
-    g = np.empty((chunk, dv), dtype=q.dtype)                       # (T, Dv) dnum
-    dl = np.empty(chunk, dtype=q.dtype)                            # (T) dden
-    tmp = np.empty((d, dv), dtype=q.dtype)                         # (D, Dv)
-    dkvp = dkv_part[task]                                          # (D, Dv)
-    dzp = dz_part[task]                                            # (D)
-    zero_sums(dkvp, dzp, zero)
-    zb = z[b]
-    for i0 in range(i_lo, i_hi, chunk):
-        nt = min(chunk, i_hi - i0)
-        at = a[:nt]
-        gt = g[:nt]
-        for t in range(nt):
-            # fwd: out_i = num_i / denom_i,   denom_i = den_i + (constant)
-            row = gt[t]
-            den = denom[b, i0 + t]
-            acc = zero
-            for e in range(dv):
-                row[e] = dout[b, i0 + t, e] / den
-                acc += dout[b, i0 + t, e] * out[b, i0 + t, e]
-            dl[t] = -acc / den if normalize else zero
-        _phi(at, q[b, i0:i0 + nt], relu, zero)
-        # fwd: num_i = φ(q_i) KV,  den_i = φ(q_i)·z
-        dqt = dq[b, i0:i0 + nt]                                    # (T, D)
-        np.dot(gt, kv[b].T, dqt)                                   # KV g_i
-        for t in range(nt):
-            row = dqt[t]
-            for f in range(d):
-                row[f] += dl[t] * zb[f]                            # + δ_i z
-            _dphi(row, at[t], q[b, i0 + t], relu, zero)            # fwd: φ(q_i) from q_i
-        np.dot(at.T, gt, tmp)                                      # Σ_chunk φ(q_i) g_iᵀ
-        add_rows(dkvp, tmp)
-        for t in range(nt):
-            for f in range(d):
-                dzp[f] += dl[t] * at[t, f]                         # Σ δ_i φ(q_i)
-
-
-@serial
-def _grad_keys(task, dk, dv_out, k, v, keep, dkv, dz, exact, chunk, relu, zero):
-    """The keys of chunk ``task``: dk, dv."""
-    m, d = k.shape[1:]
-    n_chunks = -(-m // chunk)
-    b = task // n_chunks
-    j0 = (task - b * n_chunks) * chunk
-    nt = min(chunk, m - j0)
-    a = np.empty((nt, d), dtype=k.dtype)                           # (T, D) φ(k)
-    _phi(a, k[b, j0:j0 + nt], relu, zero)
-    # fwd: KV = Σ_j keep_j φ(k_j) v_jᵀ,   z = Σ_j φ(k_j)
-    dkt = dk[b, j0:j0 + nt]                                        # (T, D)
-    np.dot(v[b, j0:j0 + nt], dkv[b].T, dkt)                        # dKV v_j
-    dzb = dz[b]
-    for t in range(nt):
-        row = dkt[t]
-        if keep[b, j0 + t]:
-            for f in range(d):
-                row[f] += dzb[f]
-        elif exact:                                                # dropped key
-            for f in range(d):
-                row[f] = zero
-        else:                                                      # values_only: v_j = 0
-            for f in range(d):
-                row[f] = dzb[f]
-        _dphi(row, a[t], k[b, j0 + t], relu, zero)                 # fwd: φ(k_j) from k_j
-        if not keep[b, j0 + t]:
-            for f in range(d):
-                a[t, f] = zero
-    np.dot(a, dkv[b], dv_out[b, j0:j0 + nt])                       # dv_j = keep_j dKVᵀ φ(k_j)
-
-
-@serial
 def grad_queries(lo, hi, dq, dkv_part, dz_part, q, dout, out, denom, kv, z, normalize, parts,
                  chunk, relu, zero):
     """Tasks [lo, hi) of the backward's pass over the rows (ranges of rows)."""
     for task in range(lo, hi):
-        _grad_queries(task, dq, dkv_part, dz_part, q, dout, out, denom, kv, z, normalize,
-                      parts, chunk, relu, zero)
+        n, d = q.shape[1:]
+        dv = dout.shape[2]
+        b, i_lo, i_hi = task_span(task, parts, n, chunk)
+        a = np.empty((chunk, d), dtype=q.dtype)                        # (T, D) φ(q)
+        g = np.empty((chunk, dv), dtype=q.dtype)                       # (T, Dv) dnum
+        dl = np.empty(chunk, dtype=q.dtype)                            # (T) dden
+        tmp = np.empty((d, dv), dtype=q.dtype)                         # (D, Dv)
+        dkvp = dkv_part[task]                                          # (D, Dv)
+        dzp = dz_part[task]                                            # (D)
+        zero_sums(dkvp, dzp, zero)
+        zb = z[b]
+        for i0 in range(i_lo, i_hi, chunk):
+            nt = min(chunk, i_hi - i0)
+            at = a[:nt]
+            gt = g[:nt]
+            for t in range(nt):
+                # fwd: out_i = num_i / denom_i,   denom_i = den_i + (constant)
+                row = gt[t]
+                den = denom[b, i0 + t]
+                acc = zero
+                for e in range(dv):
+                    row[e] = dout[b, i0 + t, e] / den
+                    acc += dout[b, i0 + t, e] * out[b, i0 + t, e]
+                dl[t] = -acc / den if normalize else zero
+            _phi(at, q[b, i0:i0 + nt], relu, zero)
+            # fwd: num_i = φ(q_i) KV,  den_i = φ(q_i)·z
+            dqt = dq[b, i0:i0 + nt]                                    # (T, D)
+            np.dot(gt, kv[b].T, dqt)                                   # KV g_i
+            for t in range(nt):
+                row = dqt[t]
+                for f in range(d):
+                    row[f] += dl[t] * zb[f]                            # + δ_i z
+                _dphi(row, at[t], q[b, i0 + t], relu, zero)            # fwd: φ(q_i) from q_i
+            np.dot(at.T, gt, tmp)                                      # Σ_chunk φ(q_i) g_iᵀ
+            add_rows(dkvp, tmp)
+            for t in range(nt):
+                for f in range(d):
+                    dzp[f] += dl[t] * at[t, f]                         # Σ δ_i φ(q_i)
 
 
 @serial
 def grad_keys(lo, hi, dk, dv_out, k, v, keep, dkv, dz, exact, chunk, relu, zero):
     """Tasks [lo, hi) of the backward's pass over the keys (chunks of keys)."""
     for task in range(lo, hi):
-        _grad_keys(task, dk, dv_out, k, v, keep, dkv, dz, exact, chunk, relu, zero)
+        m, d = k.shape[1:]
+        n_chunks = -(-m // chunk)
+        b = task // n_chunks
+        j0 = (task - b * n_chunks) * chunk
+        nt = min(chunk, m - j0)
+        a = np.empty((nt, d), dtype=k.dtype)                           # (T, D) φ(k)
+        _phi(a, k[b, j0:j0 + nt], relu, zero)
+        # fwd: KV = Σ_j keep_j φ(k_j) v_jᵀ,   z = Σ_j φ(k_j)
+        dkt = dk[b, j0:j0 + nt]                                        # (T, D)
+        np.dot(v[b, j0:j0 + nt], dkv[b].T, dkt)                        # dKV v_j
+        dzb = dz[b]
+        for t in range(nt):
+            row = dkt[t]
+            if keep[b, j0 + t]:
+                for f in range(d):
+                    row[f] += dzb[f]
+            elif exact:                                                # dropped key
+                for f in range(d):
+                    row[f] = zero
+            else:                                                      # values_only: v_j = 0
+                for f in range(d):
+                    row[f] = dzb[f]
+            _dphi(row, a[t], k[b, j0 + t], relu, zero)                 # fwd: φ(k_j) from k_j
+            if not keep[b, j0 + t]:
+                for f in range(d):
+                    a[t, f] = zero
+        np.dot(a, dkv[b], dv_out[b, j0:j0 + nt])                       # dv_j = keep_j dKVᵀ φ(k_j)
 
 
 def noncausal_bwd(dq, dk, dv_out, dkv, dz, dkv_part, dz_part, q, k, v, keep, dout, out,
