@@ -184,72 +184,6 @@ def _heavy_keys(kb, vb, heavy_ptr, heavy_cols, g, m):
 
 
 @serial
-def _tile_fwd(t, bo, out, lse, p, q, k, v, rel, kpad, indptr, indices, row_ea, row_eb,
-              tile_start, tile_jlo, tile_jhi, heavy_ptr, heavy_cols, hv_ptr, hv_e, hv_r, hv_h,
-              groups, scale):
-    """The forward of tile t for batch items bo·G + g (see :func:`tiles_fwd`)."""
-    _, n, d = q.shape
-    m = v.shape[1]
-    has_rel = rel.shape[0] > 0
-    has_kpad = kpad.shape[0] > 0
-    one = q.dtype.type(1)
-    r0, r1, nr, g, bh, i0, off, jl, nrng = _tile_geometry(t, bo, tile_start, tile_jlo,
-                                                           tile_jhi, n, m, groups)
-    qb, kb, vb, pb = q[bh], k[bh], v[bh], p[bo]
-    qt = qb[i0:i0 + nr]
-    # fwd: s_e = scale · q_i·k_j — the range and the heavy keys by products
-    if nrng > 0:
-        st = np.dot(qt, kb[jl:jl + nrng].T)                             # (T, R)
-    else:
-        st = np.zeros((nr, 0), dtype=q.dtype)                           # (T, 0)
-    kh, vh = _heavy_keys(kb, vb, heavy_ptr, heavy_cols, g, m)           # (Gc, D), (Gc, Dv)
-    nh = kh.shape[0]
-    if nh > 0:
-        sh = np.dot(qt, kh.T)                                           # (T, Gc)
-    else:
-        sh = np.zeros((nr, 0), dtype=q.dtype)                           # (T, 0)
-    for u in range(hv_ptr[t], hv_ptr[t + 1]):
-        pb[hv_e[u]] = sh[hv_r[u], hv_h[u]] * scale
-    for row in range(r0, r1):
-        i = row - g * n
-        r = row - r0
-        e0, ea, eb, e1 = indptr[row], row_ea[row], row_eb[row], indptr[row + 1]
-        _gather_dense(pb, st[r], indices, ea, eb, off, scale)
-        if has_rel:                                    # + rel[i − j + M − 1]
-            for e in range(e0, e1):
-                pb[e] += rel[bh, i - (indices[e] - g * m) + m - 1]
-        if has_kpad:                                   # padded key: −inf
-            for e in range(e0, e1):
-                if not kpad[bh, indices[e] - g * m]:
-                    pb[e] = -np.inf
-        # fwd: p_e = exp(s_e − c_i) / z_i
-        lse[bh, i] = _row_softmax(pb[e0:e1])
-    # fwd: out_i = Σ_e p_e v_j — products where every factor is finite (0 · NaN would
-    # reach rows that do not store the key), else entry by entry
-    if nrng > 0:
-        if _finite(vb[jl:jl + nrng]):
-            for r in range(nr):
-                _scatter_dense(st[r], pb, indices, row_ea[r0 + r], row_eb[r0 + r], off,
-                               one)
-            _set_rows(out[bh, i0:i0 + nr], np.dot(st, vb[jl:jl + nrng]))   # (T, Dv)
-        else:
-            for row in range(r0, r1):
-                for e in range(row_ea[row], row_eb[row]):
-                    axpy(out[bh, row - g * n], pb[e], vb[indices[e] - g * m])
-    if nh > 0:
-        heavy_o = _finite(vh)
-        sh[:, :] = 0
-        for u in range(hv_ptr[t], hv_ptr[t + 1]):
-            e = hv_e[u]
-            if heavy_o:
-                sh[hv_r[u], hv_h[u]] = pb[e]
-            else:
-                axpy(out[bh, i0 + hv_r[u]], pb[e], vb[indices[e] - g * m])
-        if heavy_o:
-            add_rows(out[bh, i0:i0 + nr], np.dot(sh, vh))                   # (T, Dv)
-
-
-@serial
 def _tiles_fwd_tasks(lo, hi, out, lse, p, q, k, v, rel, kpad, indptr, indices, row_ea, row_eb,
                      tile_start, tile_jlo, tile_jhi, heavy_ptr, heavy_cols, hv_ptr, hv_e, hv_r,
                      hv_h, groups, scale):
@@ -257,9 +191,66 @@ def _tiles_fwd_tasks(lo, hi, out, lse, p, q, k, v, rel, kpad, indptr, indices, r
     nt = tile_start.shape[0] - 1
     for task in range(lo, hi):
         bo = task // nt
-        _tile_fwd(task - bo * nt, bo, out, lse, p, q, k, v, rel, kpad, indptr, indices, row_ea,
-                  row_eb, tile_start, tile_jlo, tile_jhi, heavy_ptr, heavy_cols, hv_ptr, hv_e,
-                  hv_r, hv_h, groups, scale)
+        t = task - bo * nt
+        _, n, d = q.shape
+        m = v.shape[1]
+        has_rel = rel.shape[0] > 0
+        has_kpad = kpad.shape[0] > 0
+        one = q.dtype.type(1)
+        r0, r1, nr, g, bh, i0, off, jl, nrng = _tile_geometry(t, bo, tile_start, tile_jlo,
+                                                               tile_jhi, n, m, groups)
+        qb, kb, vb, pb = q[bh], k[bh], v[bh], p[bo]
+        qt = qb[i0:i0 + nr]
+        # fwd: s_e = scale · q_i·k_j — the range and the heavy keys by products
+        if nrng > 0:
+            st = np.dot(qt, kb[jl:jl + nrng].T)                             # (T, R)
+        else:
+            st = np.zeros((nr, 0), dtype=q.dtype)                           # (T, 0)
+        kh, vh = _heavy_keys(kb, vb, heavy_ptr, heavy_cols, g, m)           # (Gc, D), (Gc, Dv)
+        nh = kh.shape[0]
+        if nh > 0:
+            sh = np.dot(qt, kh.T)                                           # (T, Gc)
+        else:
+            sh = np.zeros((nr, 0), dtype=q.dtype)                           # (T, 0)
+        for u in range(hv_ptr[t], hv_ptr[t + 1]):
+            pb[hv_e[u]] = sh[hv_r[u], hv_h[u]] * scale
+        for row in range(r0, r1):
+            i = row - g * n
+            r = row - r0
+            e0, ea, eb, e1 = indptr[row], row_ea[row], row_eb[row], indptr[row + 1]
+            _gather_dense(pb, st[r], indices, ea, eb, off, scale)
+            if has_rel:                                    # + rel[i − j + M − 1]
+                for e in range(e0, e1):
+                    pb[e] += rel[bh, i - (indices[e] - g * m) + m - 1]
+            if has_kpad:                                   # padded key: −inf
+                for e in range(e0, e1):
+                    if not kpad[bh, indices[e] - g * m]:
+                        pb[e] = -np.inf
+            # fwd: p_e = exp(s_e − c_i) / z_i
+            lse[bh, i] = _row_softmax(pb[e0:e1])
+        # fwd: out_i = Σ_e p_e v_j — products where every factor is finite (0 · NaN would
+        # reach rows that do not store the key), else entry by entry
+        if nrng > 0:
+            if _finite(vb[jl:jl + nrng]):
+                for r in range(nr):
+                    _scatter_dense(st[r], pb, indices, row_ea[r0 + r], row_eb[r0 + r], off,
+                                   one)
+                _set_rows(out[bh, i0:i0 + nr], np.dot(st, vb[jl:jl + nrng]))   # (T, Dv)
+            else:
+                for row in range(r0, r1):
+                    for e in range(row_ea[row], row_eb[row]):
+                        axpy(out[bh, row - g * n], pb[e], vb[indices[e] - g * m])
+        if nh > 0:
+            heavy_o = _finite(vh)
+            sh[:, :] = 0
+            for u in range(hv_ptr[t], hv_ptr[t + 1]):
+                e = hv_e[u]
+                if heavy_o:
+                    sh[hv_r[u], hv_h[u]] = pb[e]
+                else:
+                    axpy(out[bh, i0 + hv_r[u]], pb[e], vb[indices[e] - g * m])
+            if heavy_o:
+                add_rows(out[bh, i0:i0 + nr], np.dot(sh, vh))                   # (T, Dv)
 
 
 def tiles_fwd(out, lse, p, q, k, v, rel, kpad, indptr, indices, row_ea, row_eb, tile_start,
@@ -285,98 +276,88 @@ def tiles_fwd(out, lse, p, q, k, v, rel, kpad, indptr, indices, row_ea, row_eb, 
 
 
 @serial
-def _tile_bwd(t, bo, dq, dk, dv, ds, ph, dsh, dout, p, q, k, v, indptr, indices, row_ea,
-              row_eb, tile_start, tile_jlo, tile_jhi, heavy_ptr, heavy_cols, hv_ptr, hv_e, hv_r,
-              hv_h, groups, scale):
-    """The backward of tile t for batch items bo·G + g (see :func:`tiles_bwd`)."""
-    _, n, d = q.shape
-    m = v.shape[1]
-    one = q.dtype.type(1)
-    r0, r1, nr, g, bh, i0, off, jl, nrng = _tile_geometry(t, bo, tile_start, tile_jlo,
-                                                           tile_jhi, n, m, groups)
-    qb, kb, vb, dob, pb, dsb = q[bh], k[bh], v[bh], dout[bh], p[bo], ds[bo]
-    qt, dot_ = qb[i0:i0 + nr], dob[i0:i0 + nr]
-    # fwd: out_i = Σ_e p_e v_j   -> dp_e = dout_i · v_j (range and heavy keys: products)
-    if nrng > 0:
-        dpt = np.dot(dot_, vb[jl:jl + nrng].T)                              # (T, R)
-    else:
-        dpt = np.zeros((nr, 0), dtype=q.dtype)                              # (T, 0)
-    kh, vh = _heavy_keys(kb, vb, heavy_ptr, heavy_cols, g, m)               # (Gc, D), (Gc, Dv)
-    nh = kh.shape[0]
-    if nh > 0:
-        dph = np.dot(dot_, vh.T)                                            # (T, Gc)
-    else:
-        dph = np.zeros((nr, 0), dtype=q.dtype)                              # (T, 0)
-    # accumulating products need finite factors (else 0 · NaN leaks)
-    dense_g = (nrng > 0 and _finite(qt) and _finite(dot_)
-               and _finite(kb[jl:jl + nrng]))
-    heavy_g = nh > 0 and _finite(kh)
-    pt = np.zeros((nr if dense_g else 0, nrng), dtype=q.dtype)              # (T, R) P̂
-    for u in range(hv_ptr[t], hv_ptr[t + 1]):
-        dsb[hv_e[u]] = dph[hv_r[u], hv_h[u]]
-    for row in range(r0, r1):
-        i = row - g * n
-        r = row - r0
-        e0, ea, eb, e1 = indptr[row], row_ea[row], row_eb[row], indptr[row + 1]
-        _gather_dense(dsb, dpt[r], indices, ea, eb, off, one)
-        # fwd: p_e = exp(s_e − c_i) / z_i  -> ds_e = p_e (dp_e − Σ_row p dp)
-        delta = q.dtype.type(0)
-        for e in range(e0, e1):
-            delta += pb[e] * dsb[e]
-        for e in range(e0, e1):
-            dsb[e] = pb[e] * (dsb[e] - delta)
-        # fwd: s_e = scale · q_i·k_j + …  -> dq_i = scale Σ_e ds_e k_j,
-        #                                    dk_j = scale Σ_e ds_e q_i
-        # fwd: out_i = Σ_e p_e v_j        -> dv_j = Σ_e p_e dout_i
-        if dense_g:
-            _scatter_dense(dpt[r], dsb, indices, ea, eb, off, scale)
-            _scatter_dense(pt[r], pb, indices, ea, eb, off, one)
-        else:                               # this phase owns the keys of the range
-            for e in range(ea, eb):
-                j = indices[e] - g * m
-                axpy(dq[bh, i], dsb[e] * scale, kb[j])
-                axpy(dk[bh, j], dsb[e] * scale, qb[i])
-                axpy(dv[bh, j], pb[e], dob[i])
-    dph[:, :] = 0
-    for u in range(hv_ptr[t], hv_ptr[t + 1]):
-        e, h, i = hv_e[u], hv_h[u], i0 + hv_r[u]
-        ph[bh, h, i] = pb[e]                # dk, dv: heavy_bwd
-        dsh[bh, h, i] = dsb[e] * scale
-        if heavy_g:
-            dph[hv_r[u], h] = dsb[e] * scale
-        else:
-            axpy(dq[bh, i], dsb[e] * scale, kb[indices[e] - g * m])
-    if dense_g:
-        add_rows(dq[bh, i0:i0 + nr], np.dot(dpt, kb[jl:jl + nrng]))          # (T, D)
-        add_rows(dk[bh, jl:jl + nrng], np.dot(dpt.T, qt))                    # (R, D)
-        add_rows(dv[bh, jl:jl + nrng], np.dot(pt.T, dot_))                   # (R, Dv)
-    if heavy_g:
-        add_rows(dq[bh, i0:i0 + nr], np.dot(dph, kh))                        # (T, D)
-
-
-@serial
 def _tiles_bwd_tasks(lo, hi, a, ntp, dq, dk, dv, ds, ph, dsh, dout, p, q, k, v, indptr,
                      indices, row_ea, row_eb, tile_start, tile_jlo, tile_jhi, phase_tiles,
                      heavy_ptr, heavy_cols, hv_ptr, hv_e, hv_r, hv_h, groups, scale, per_item):
     """Tasks lo … hi − 1 of one round of :func:`tiles_bwd`: (batch item, group) with
     ``per_item``, else (batch item, tile phase_tiles[a + …] of the ntp tiles of a phase)."""
-    n = q.shape[1]
+    n_rows = q.shape[1]
     for task in range(lo, hi):
         if per_item:                        # (batch item, group): its tiles in phase order
             bo = task // groups
-            g = task - bo * groups
+            grp = task - bo * groups
             u0, u1 = 0, phase_tiles.shape[0]
         else:                               # (batch item, tile of the phase)
             bo = task // ntp
-            g = -1
+            grp = -1
             u0 = a + task - bo * ntp
             u1 = u0 + 1
-        for u in range(u0, u1):
-            t = phase_tiles[u]
-            if g < 0 or tile_start[t] // n == g:
-                _tile_bwd(t, bo, dq, dk, dv, ds, ph, dsh, dout, p, q, k, v, indptr, indices,
-                          row_ea, row_eb, tile_start, tile_jlo, tile_jhi, heavy_ptr,
-                          heavy_cols, hv_ptr, hv_e, hv_r, hv_h, groups, scale)
+        for slot in range(u0, u1):
+            t = phase_tiles[slot]
+            if grp < 0 or tile_start[t] // n_rows == grp:
+                _, n, d = q.shape
+                m = v.shape[1]
+                one = q.dtype.type(1)
+                r0, r1, nr, g, bh, i0, off, jl, nrng = _tile_geometry(t, bo, tile_start, tile_jlo,
+                                                                       tile_jhi, n, m, groups)
+                qb, kb, vb, dob, pb, dsb = q[bh], k[bh], v[bh], dout[bh], p[bo], ds[bo]
+                qt, dot_ = qb[i0:i0 + nr], dob[i0:i0 + nr]
+                # fwd: out_i = Σ_e p_e v_j   -> dp_e = dout_i · v_j (range and heavy keys: products)
+                if nrng > 0:
+                    dpt = np.dot(dot_, vb[jl:jl + nrng].T)                              # (T, R)
+                else:
+                    dpt = np.zeros((nr, 0), dtype=q.dtype)                              # (T, 0)
+                kh, vh = _heavy_keys(kb, vb, heavy_ptr, heavy_cols, g, m)  # (Gc, D), (Gc, Dv)
+                nh = kh.shape[0]
+                if nh > 0:
+                    dph = np.dot(dot_, vh.T)                                            # (T, Gc)
+                else:
+                    dph = np.zeros((nr, 0), dtype=q.dtype)                              # (T, 0)
+                # accumulating products need finite factors (else 0 · NaN leaks)
+                dense_g = (nrng > 0 and _finite(qt) and _finite(dot_)
+                           and _finite(kb[jl:jl + nrng]))
+                heavy_g = nh > 0 and _finite(kh)
+                pt = np.zeros((nr if dense_g else 0, nrng), dtype=q.dtype)              # (T, R) P̂
+                for u in range(hv_ptr[t], hv_ptr[t + 1]):
+                    dsb[hv_e[u]] = dph[hv_r[u], hv_h[u]]
+                for row in range(r0, r1):
+                    i = row - g * n
+                    r = row - r0
+                    e0, ea, eb, e1 = indptr[row], row_ea[row], row_eb[row], indptr[row + 1]
+                    _gather_dense(dsb, dpt[r], indices, ea, eb, off, one)
+                    # fwd: p_e = exp(s_e − c_i) / z_i  -> ds_e = p_e (dp_e − Σ_row p dp)
+                    delta = q.dtype.type(0)
+                    for e in range(e0, e1):
+                        delta += pb[e] * dsb[e]
+                    for e in range(e0, e1):
+                        dsb[e] = pb[e] * (dsb[e] - delta)
+                    # fwd: s_e = scale · q_i·k_j + …  -> dq_i = scale Σ_e ds_e k_j,
+                    #                                    dk_j = scale Σ_e ds_e q_i
+                    # fwd: out_i = Σ_e p_e v_j        -> dv_j = Σ_e p_e dout_i
+                    if dense_g:
+                        _scatter_dense(dpt[r], dsb, indices, ea, eb, off, scale)
+                        _scatter_dense(pt[r], pb, indices, ea, eb, off, one)
+                    else:                               # this phase owns the keys of the range
+                        for e in range(ea, eb):
+                            j = indices[e] - g * m
+                            axpy(dq[bh, i], dsb[e] * scale, kb[j])
+                            axpy(dk[bh, j], dsb[e] * scale, qb[i])
+                            axpy(dv[bh, j], pb[e], dob[i])
+                dph[:, :] = 0
+                for u in range(hv_ptr[t], hv_ptr[t + 1]):
+                    e, h, i = hv_e[u], hv_h[u], i0 + hv_r[u]
+                    ph[bh, h, i] = pb[e]                # dk, dv: heavy_bwd
+                    dsh[bh, h, i] = dsb[e] * scale
+                    if heavy_g:
+                        dph[hv_r[u], h] = dsb[e] * scale
+                    else:
+                        axpy(dq[bh, i], dsb[e] * scale, kb[indices[e] - g * m])
+                if dense_g:
+                    add_rows(dq[bh, i0:i0 + nr], np.dot(dpt, kb[jl:jl + nrng]))          # (T, D)
+                    add_rows(dk[bh, jl:jl + nrng], np.dot(dpt.T, qt))                    # (R, D)
+                    add_rows(dv[bh, jl:jl + nrng], np.dot(pt.T, dot_))                   # (R, Dv)
+                if heavy_g:
+                    add_rows(dq[bh, i0:i0 + nr], np.dot(dph, kh))                        # (T, D)
 
 
 def tiles_bwd(dq, dk, dv, ds, ph, dsh, dout, p, q, k, v, indptr, indices, row_ea, row_eb,
