@@ -387,44 +387,36 @@ def tiles_bwd(dq, dk, dv, ds, ph, dsh, dout, p, q, k, v, indptr, indices, row_ea
 
 
 @serial
-def _heavy_item(bh, dk, dv, ph, dsh, q, dout, p, ds, heavy_ptr, heavy_cols, t_indptr,
-                t_indices, t_perm, row_ea, row_eb, groups, scale):
-    """:func:`heavy_bwd` for batch item bh."""
-    n = q.shape[1]
-    m = dk.shape[1]
-    g = bh % groups
-    bo = bh // groups
-    h0 = heavy_ptr[g]
-    nh = heavy_ptr[g + 1] - h0
-    if nh == 0:
-        return
-    if _finite(q[bh]) and _finite(dout[bh]):
-        gk = np.dot(dsh[bh, :nh], q[bh])                                    # (Gc, D)
-        gv = np.dot(ph[bh, :nh], dout[bh])                                  # (Gc, Dv)
-        for h in range(nh):
-            j = heavy_cols[h0 + h] - g * m
-            add_rows(dk[bh, j:j + 1], gk[h:h + 1])
-            add_rows(dv[bh, j:j + 1], gv[h:h + 1])
-        return
-    for h in range(nh):
-        col = heavy_cols[h0 + h]
-        j = col - g * m
-        for t in range(t_indptr[col], t_indptr[col + 1]):
-            row = t_indices[t]
-            e = t_perm[t]
-            if row_ea[row] <= e < row_eb[row]:
-                continue
-            axpy(dk[bh, j], ds[bo, e] * scale, q[bh, row - g * n])
-            axpy(dv[bh, j], p[bo, e], dout[bh, row - g * n])
-
-
-@serial
 def _heavy_tasks(lo, hi, dk, dv, ph, dsh, q, dout, p, ds, heavy_ptr, heavy_cols, t_indptr,
                  t_indices, t_perm, row_ea, row_eb, groups, scale):
     """Batch items lo … hi − 1 of :func:`heavy_bwd`."""
     for bh in range(lo, hi):
-        _heavy_item(bh, dk, dv, ph, dsh, q, dout, p, ds, heavy_ptr, heavy_cols, t_indptr,
-                    t_indices, t_perm, row_ea, row_eb, groups, scale)
+        n = q.shape[1]
+        m = dk.shape[1]
+        g = bh % groups
+        bo = bh // groups
+        h0 = heavy_ptr[g]
+        nh = heavy_ptr[g + 1] - h0
+        if nh == 0:
+            continue
+        if _finite(q[bh]) and _finite(dout[bh]):
+            gk = np.dot(dsh[bh, :nh], q[bh])                                    # (Gc, D)
+            gv = np.dot(ph[bh, :nh], dout[bh])                                  # (Gc, Dv)
+            for h in range(nh):
+                j = heavy_cols[h0 + h] - g * m
+                add_rows(dk[bh, j:j + 1], gk[h:h + 1])
+                add_rows(dv[bh, j:j + 1], gv[h:h + 1])
+            continue
+        for h in range(nh):
+            col = heavy_cols[h0 + h]
+            j = col - g * m
+            for t in range(t_indptr[col], t_indptr[col + 1]):
+                row = t_indices[t]
+                e = t_perm[t]
+                if row_ea[row] <= e < row_eb[row]:
+                    continue
+                axpy(dk[bh, j], ds[bo, e] * scale, q[bh, row - g * n])
+                axpy(dv[bh, j], p[bo, e], dout[bh, row - g * n])
 
 
 def heavy_bwd(dk, dv, ph, dsh, q, dout, p, ds, heavy_ptr, heavy_cols, t_indptr, t_indices,
