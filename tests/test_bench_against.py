@@ -38,3 +38,25 @@ def test_against_refuses_other_modes(capsys):
     with pytest.raises(SystemExit) as e:
         bench.main(["--against", "HEAD", "--peers"])
     assert e.value.code == 2 and "--peers" in capsys.readouterr().err
+
+
+def test_a_pattern_is_rebuilt_as_the_old_trees_own_pattern():
+    """The old tree gets its own Pattern of the same mask (so that both trees reuse the
+    plan a Pattern caches), or the SciPy array if it has no Pattern class."""
+    import types
+
+    import numpy as np
+    import scipy.sparse as sp
+
+    from tinyeff import masks
+    from tinyeff.cli._bench_against import as_pattern_of
+
+    dense = np.tri(6, dtype=bool)
+    pattern = masks.Pattern.from_scipy(sp.csr_array(dense))
+    got = as_pattern_of(masks, pattern)
+    assert isinstance(got, masks.Pattern) and got is not pattern
+    np.testing.assert_array_equal(got.to_scipy().toarray(), dense)
+    old = as_pattern_of(types.SimpleNamespace(), pattern)          # a tree without Pattern
+    assert sp.issparse(old)
+    np.testing.assert_array_equal(old.toarray(), dense)
+    assert as_pattern_of(masks, 3) == 3

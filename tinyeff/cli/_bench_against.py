@@ -11,7 +11,9 @@ package, and alternates their calls one by one, so that both see the same load:
 2. for every variant (``--variants``) and length (``--n``, default 4,096), one set of
    inputs is built by this tree's ``build_call`` (B, H, D, dtype, ``--causal``, the
    variant's ``bench_options(n)`` and ``--opt``) and given to both trees; a ``Pattern`` the
-   old tree does not take is passed as the SciPy array it holds;
+   old tree does not take (another package's class) is rebuilt once as the old tree's own
+   Pattern, so that both trees reuse the tile plan a Pattern caches (or passed as the SciPy
+   array it holds, if the old tree has no Pattern);
 3. two untimed forward+backward calls per tree, then ``--repeat`` rounds of old then new.
 
 Columns: median milliseconds of one forward+backward of each tree; ``new/old``, the median
@@ -88,14 +90,26 @@ def _step(mod, args, fwd, dout):
 
 
 def _old_options(old_mod, args, fwd, dout):
-    """``fwd`` as the old tree takes it: a Pattern it rejects becomes its SciPy array."""
+    """``fwd`` as the old tree takes it: a Pattern it rejects becomes the old tree's own
+    Pattern of the same SciPy array (built once, so that both trees reuse the plan their
+    Pattern caches), or the SciPy array itself if the old tree has no Pattern."""
     try:
         _step(old_mod, args, fwd, dout)
         return fwd
     except (TypeError, ValueError):
-        conv = {k: (v.to_scipy() if hasattr(v, "to_scipy") else v) for k, v in fwd.items()}
+        masks = importlib.import_module(old_mod.__name__.split(".")[0] + ".masks")
+        conv = {k: as_pattern_of(masks, v) for k, v in fwd.items()}
         _step(old_mod, args, conv, dout)
         return conv
+
+
+def as_pattern_of(masks, value):
+    """``value`` unchanged unless it is a Pattern: then the same pattern as ``masks``'s own
+    Pattern class (another tree's package), or as a SciPy array if it has none."""
+    if not hasattr(value, "to_scipy"):
+        return value
+    own = getattr(masks, "Pattern", None)
+    return value.to_scipy() if own is None else own.from_scipy(value.to_scipy())
 
 
 def _difference(a, b) -> float:
