@@ -29,8 +29,9 @@ and keys aligned on the same t (row t of the chunk is query t0 + t, key t is key
 nq ≤ T rows and nk ≤ T keys exist in the chunk), carrying the scan state across calls in
 in/out arrays, so the caller never holds more than one chunk of features.
 
-Parallel over the batch slices (``prange``); every sum runs serially in a fixed order, so
-results are bit-identical whatever the thread count.  SPEEDTIP: every inner loop runs over
+Parallel over the batch slices (``run_tasks``, kernels/_jit.py: serial kernels over blocks
+of slices on threads); every sum runs serially in a fixed order, so results are
+bit-identical whatever the thread count.  SPEEDTIP: every inner loop runs over
 the last (contiguous) axis with no reduction, so it vectorizes without fastmath: the forward
 keeps S as (F, Dv), the dq scan keeps Sᵀ (Dv, F), the reverse scan keeps both Ũ and Ũᵀ.
 """
@@ -39,49 +40,49 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._jit import kernel, prange, serial
+from ._jit import run_tasks, serial
 
 
 @serial
-def _fwd_slice(b, num, den, cmax, S, z, c, fq, fk, lk, v):
-    """Batch slice b of :func:`causal_fwd`."""
-    bh, nq, n_f = fq.shape
-    nk = fk.shape[1]
-    dv = v.shape[2]
-    Sb = S[b]
-    zb = z[b]
-    cb = c[b]
-    for t in range(max(nq, nk)):
-        if t < nk and lk[b, t] != -np.inf:
-            l = lk[b, t]
-            if l > cb:                                 # new maximum: rescale the state
-                r = np.exp(cb - l)                     # 0 when cb = −inf
+def _fwd_slices(lo, hi, num, den, cmax, S, z, c, fq, fk, lk, v):
+    """Batch slices lo … hi − 1 of :func:`causal_fwd`."""
+    for b in range(lo, hi):
+        bh, nq, n_f = fq.shape
+        nk = fk.shape[1]
+        dv = v.shape[2]
+        Sb = S[b]
+        zb = z[b]
+        cb = c[b]
+        for t in range(max(nq, nk)):
+            if t < nk and lk[b, t] != -np.inf:
+                l = lk[b, t]
+                if l > cb:                                 # new maximum: rescale the state
+                    r = np.exp(cb - l)                     # 0 when cb = −inf
+                    for f in range(n_f):
+                        zb[f] *= r
+                        for e in range(dv):
+                            Sb[f, e] *= r
+                    cb = l
+                w = np.exp(l - cb)
                 for f in range(n_f):
-                    zb[f] *= r
+                    a = w * fk[b, t, f]
+                    zb[f] += a
                     for e in range(dv):
-                        Sb[f, e] *= r
-                cb = l
-            w = np.exp(l - cb)
-            for f in range(n_f):
-                a = w * fk[b, t, f]
-                zb[f] += a
+                        Sb[f, e] += a * v[b, t, e]
+            if t < nq:
+                acc = 0.0
                 for e in range(dv):
-                    Sb[f, e] += a * v[b, t, e]
-        if t < nq:
-            acc = 0.0
-            for e in range(dv):
-                num[b, t, e] = 0.0
-            for f in range(n_f):
-                qf = fq[b, t, f]
-                acc += qf * zb[f]
-                for e in range(dv):
-                    num[b, t, e] += qf * Sb[f, e]
-            den[b, t] = acc
-            cmax[b, t] = cb
-    c[b] = cb
+                    num[b, t, e] = 0.0
+                for f in range(n_f):
+                    qf = fq[b, t, f]
+                    acc += qf * zb[f]
+                    for e in range(dv):
+                        num[b, t, e] += qf * Sb[f, e]
+                den[b, t] = acc
+                cmax[b, t] = cb
+        c[b] = cb
 
 
-@kernel
 def causal_fwd(num, den, cmax, S, z, c, fq, fk, lk, v):
     """num_t = fq_t S_t, den_t = fq_t·z_t, cmax_t = C_t for the chunk; updates (S, z, c).
 
@@ -89,121 +90,117 @@ def causal_fwd(num, den, cmax, S, z, c, fq, fk, lk, v):
     c (BH,): scan state in/out (start: zeros and −inf).  fq (BH, nq, F), fk (BH, nk, F),
     lk (BH, nk), v (BH, nk, Dv).
     """
-    bh = fq.shape[0]
-    for b in prange(bh):
-        _fwd_slice(np.int64(b), num, den, cmax, S, z, c, fq, fk, lk, v)
+    run_tasks(_fwd_slices, fq.shape[0], num, den, cmax, S, z, c, fq, fk, lk, v)
 
 
 @serial
-def _bwd_q_slice(b, dfq, St, z, c, fk, lk, v, dnum, dden):
-    """Batch slice b of :func:`causal_bwd_q`."""
-    bh, nq, n_f = dfq.shape
-    nk = fk.shape[1]
-    dv = v.shape[2]
-    Sb = St[b]
-    zb = z[b]
-    cb = c[b]
-    a = np.empty(n_f, dtype=fk.dtype)
-    for t in range(max(nq, nk)):
-        if t < nk and lk[b, t] != -np.inf:
-            l = lk[b, t]
-            if l > cb:
-                r = np.exp(cb - l)
-                for f in range(n_f):
-                    zb[f] *= r
-                for e in range(dv):
+def _bwd_q_slices(lo, hi, dfq, St, z, c, fk, lk, v, dnum, dden):
+    """Batch slices lo … hi − 1 of :func:`causal_bwd_q`."""
+    for b in range(lo, hi):
+        bh, nq, n_f = dfq.shape
+        nk = fk.shape[1]
+        dv = v.shape[2]
+        Sb = St[b]
+        zb = z[b]
+        cb = c[b]
+        a = np.empty(n_f, dtype=fk.dtype)
+        for t in range(max(nq, nk)):
+            if t < nk and lk[b, t] != -np.inf:
+                l = lk[b, t]
+                if l > cb:
+                    r = np.exp(cb - l)
                     for f in range(n_f):
-                        Sb[e, f] *= r
-                cb = l
-            w = np.exp(l - cb)
-            for f in range(n_f):
-                a[f] = w * fk[b, t, f]
-                zb[f] += a[f]
-            for e in range(dv):
-                ve = v[b, t, e]
+                        zb[f] *= r
+                    for e in range(dv):
+                        for f in range(n_f):
+                            Sb[e, f] *= r
+                    cb = l
+                w = np.exp(l - cb)
                 for f in range(n_f):
-                    Sb[e, f] += a[f] * ve
-        if t < nq:
-            g = dden[b, t]
-            for f in range(n_f):
-                dfq[b, t, f] = g * zb[f]
-            for e in range(dv):
-                ge = dnum[b, t, e]
+                    a[f] = w * fk[b, t, f]
+                    zb[f] += a[f]
+                for e in range(dv):
+                    ve = v[b, t, e]
+                    for f in range(n_f):
+                        Sb[e, f] += a[f] * ve
+            if t < nq:
+                g = dden[b, t]
                 for f in range(n_f):
-                    dfq[b, t, f] += ge * Sb[e, f]
-    c[b] = cb
+                    dfq[b, t, f] = g * zb[f]
+                for e in range(dv):
+                    ge = dnum[b, t, e]
+                    for f in range(n_f):
+                        dfq[b, t, f] += ge * Sb[e, f]
+        c[b] = cb
 
 
-@kernel
 def causal_bwd_q(dfq, St, z, c, fk, lk, v, dnum, dden):
     """dfq_t = S_t dnum_t + dden_t z_t, rebuilding Sᵀ in a forward scan.
 
     dfq (BH, nq, F): output.  St (BH, Dv, F), z (BH, F), c (BH,): scan state in/out.
     fk (BH, nk, F), lk (BH, nk), v (BH, nk, Dv), dnum (BH, nq, Dv), dden (BH, nq).
     """
-    bh = dfq.shape[0]
-    for b in prange(bh):
-        _bwd_q_slice(np.int64(b), dfq, St, z, c, fk, lk, v, dnum, dden)
+    run_tasks(_bwd_q_slices, dfq.shape[0], dfq, St, z, c, fk, lk, v, dnum, dden)
 
 
 @serial
-def _bwd_kv_slice(b, dfk, dvv, U, Ut, r, cn, fq, dnum, dden, cmax, fk, lk, v):
-    """Batch slice b of :func:`causal_bwd_kv`."""
-    bh, nq, n_f = fq.shape
-    nk = fk.shape[1]
-    dv = v.shape[2]
-    Ub = U[b]
-    Utb = Ut[b]
-    rb = r[b]
-    cb = cn[b]
-    for t in range(max(nq, nk) - 1, -1, -1):
-        if t < nq:
-            ct = cmax[b, t]
-            if ct < cb:                                # earlier rows have smaller C
-                s = np.exp(ct - cb)
-                for f in range(n_f):
-                    rb[f] *= s
-                    for e in range(dv):
-                        Ub[f, e] *= s
-                for e in range(dv):
+def _bwd_kv_slices(lo, hi, dfk, dvv, U, Ut, r, cn, fq, dnum, dden, cmax, fk, lk, v):
+    """Batch slices lo … hi − 1 of :func:`causal_bwd_kv`."""
+    for b in range(lo, hi):
+        bh, nq, n_f = fq.shape
+        nk = fk.shape[1]
+        dv = v.shape[2]
+        Ub = U[b]
+        Utb = Ut[b]
+        rb = r[b]
+        cb = cn[b]
+        for t in range(max(nq, nk) - 1, -1, -1):
+            if t < nq:
+                ct = cmax[b, t]
+                if ct < cb:                                # earlier rows have smaller C
+                    s = np.exp(ct - cb)
                     for f in range(n_f):
-                        Utb[e, f] *= s
-            cb = ct
-            g = dden[b, t]
-            for f in range(n_f):
-                qf = fq[b, t, f]
-                rb[f] += g * qf
-                for e in range(dv):
-                    Ub[f, e] += qf * dnum[b, t, e]
-            for e in range(dv):
-                ge = dnum[b, t, e]
-                for f in range(n_f):
-                    Utb[e, f] += ge * fq[b, t, f]
-        if t < nk:
-            for f in range(n_f):
-                dfk[b, t, f] = 0.0
-            for e in range(dv):
-                dvv[b, t, e] = 0.0
-            if t < nq and lk[b, t] != -np.inf:
-                w = np.exp(lk[b, t] - cmax[b, t])
-                for f in range(n_f):
-                    dfk[b, t, f] = rb[f]
-                for e in range(dv):
-                    ve = v[b, t, e]
-                    for f in range(n_f):
-                        dfk[b, t, f] += ve * Utb[e, f]
-                for f in range(n_f):
-                    dfk[b, t, f] *= w
-                for f in range(n_f):
-                    a = fk[b, t, f]
+                        rb[f] *= s
+                        for e in range(dv):
+                            Ub[f, e] *= s
                     for e in range(dv):
-                        dvv[b, t, e] += a * Ub[f, e]
+                        for f in range(n_f):
+                            Utb[e, f] *= s
+                cb = ct
+                g = dden[b, t]
+                for f in range(n_f):
+                    qf = fq[b, t, f]
+                    rb[f] += g * qf
+                    for e in range(dv):
+                        Ub[f, e] += qf * dnum[b, t, e]
                 for e in range(dv):
-                    dvv[b, t, e] *= w
-    cn[b] = cb
+                    ge = dnum[b, t, e]
+                    for f in range(n_f):
+                        Utb[e, f] += ge * fq[b, t, f]
+            if t < nk:
+                for f in range(n_f):
+                    dfk[b, t, f] = 0.0
+                for e in range(dv):
+                    dvv[b, t, e] = 0.0
+                if t < nq and lk[b, t] != -np.inf:
+                    w = np.exp(lk[b, t] - cmax[b, t])
+                    for f in range(n_f):
+                        dfk[b, t, f] = rb[f]
+                    for e in range(dv):
+                        ve = v[b, t, e]
+                        for f in range(n_f):
+                            dfk[b, t, f] += ve * Utb[e, f]
+                    for f in range(n_f):
+                        dfk[b, t, f] *= w
+                    for f in range(n_f):
+                        a = fk[b, t, f]
+                        for e in range(dv):
+                            dvv[b, t, e] += a * Ub[f, e]
+                    for e in range(dv):
+                        dvv[b, t, e] *= w
+        cn[b] = cb
 
 
-@kernel
 def causal_bwd_kv(dfk, dvv, U, Ut, r, cn, fq, dnum, dden, cmax, fk, lk, v):
     """dfk and dv of the chunk by a reverse scan over t = T − 1 … 0.
 
@@ -212,9 +209,8 @@ def causal_bwd_kv(dfk, dvv, U, Ut, r, cn, fq, dnum, dden, cmax, fk, lk, v):
     added).  fq (BH, nq, F), dnum (BH, nq, Dv), dden (BH, nq), cmax (BH, nq) (the forward's
     C_t), fk (BH, nk, F), lk (BH, nk), v (BH, nk, Dv).
     """
-    bh = fq.shape[0]
-    for b in prange(bh):
-        _bwd_kv_slice(np.int64(b), dfk, dvv, U, Ut, r, cn, fq, dnum, dden, cmax, fk, lk, v)
+    run_tasks(_bwd_kv_slices, fq.shape[0], dfk, dvv, U, Ut, r, cn, fq, dnum, dden, cmax, fk,
+              lk, v)
 
 
 # --------------------------------------------------------------------------- fused elu / relu
@@ -232,7 +228,7 @@ def causal_bwd_kv(dfk, dvv, U, Ut, r, cn, fq, dnum, dden, cmax, fk, lk, v):
 # removed; False, "values_only": its φ(k) still counts in z and its v is taken as 0);
 # zero: 0 in the input dtype (with ``one = zero + float32(1)`` it keeps every scalar of the
 # kernels in the input dtype, as the NumPy reference computes).  Every row of a batch
-# slice is processed by the thread that owns the slice (prange over BH).
+# slice is processed by the thread that owns the slice.
 
 
 @serial
@@ -260,63 +256,62 @@ def _dphi(g, a, x, relu, zero):
 
 
 @serial
-def _phi_fwd_slice(b, out, denom, cmax, q, k, v, keep, relu, exact, normalize, eps, zero):
-    """Batch slice b of :func:`causal_phi_fwd`."""
-    bh, n, d = q.shape
-    m = k.shape[1]
-    dv = v.shape[2]
-    one = zero + np.float32(1)
-    inf = zero + np.float32(np.inf)
-    S = np.zeros((d, dv), dtype=v.dtype)                       # (F, Dv) Σ φ(k_j) v_jᵀ
-    z = np.zeros(d, dtype=v.dtype)                             # (F)     Σ φ(k_j)
-    a = np.empty(d, dtype=v.dtype)                             # (F)     φ(k_t), φ(q_t)
-    seen = False
-    for t in range(n):                                         # keys ≥ N: seen by no row
-        if t < m and (keep[b, t] or not exact):
-            seen = True
-            _phi(a, k[b, t], relu, zero)
-            for f in range(d):
-                z[f] += a[f]
-            if keep[b, t]:                                     # values_only: v_t = 0
+def _phi_fwd_slices(lo, hi, out, denom, cmax, q, k, v, keep, relu, exact, normalize, eps,
+                    zero):
+    """Batch slices lo … hi − 1 of :func:`causal_phi_fwd`."""
+    for b in range(lo, hi):
+        bh, n, d = q.shape
+        m = k.shape[1]
+        dv = v.shape[2]
+        one = zero + np.float32(1)
+        inf = zero + np.float32(np.inf)
+        S = np.zeros((d, dv), dtype=v.dtype)                       # (F, Dv) Σ φ(k_j) v_jᵀ
+        z = np.zeros(d, dtype=v.dtype)                             # (F)     Σ φ(k_j)
+        a = np.empty(d, dtype=v.dtype)                             # (F)     φ(k_t), φ(q_t)
+        seen = False
+        for t in range(n):                                         # keys ≥ N: seen by no row
+            if t < m and (keep[b, t] or not exact):
+                seen = True
+                _phi(a, k[b, t], relu, zero)
                 for f in range(d):
-                    af = a[f]
-                    for e in range(dv):
-                        S[f, e] += af * v[b, t, e]
-        _phi(a, q[b, t], relu, zero)
-        den = zero
-        for e in range(dv):
-            out[b, t, e] = zero
-        for f in range(d):
-            qf = a[f]
-            den += qf * z[f]
+                    z[f] += a[f]
+                if keep[b, t]:                                     # values_only: v_t = 0
+                    for f in range(d):
+                        af = a[f]
+                        for e in range(dv):
+                            S[f, e] += af * v[b, t, e]
+            _phi(a, q[b, t], relu, zero)
+            den = zero
             for e in range(dv):
-                out[b, t, e] += qf * S[f, e]
-        if normalize:
-            if eps > 0:
-                den = den + eps
-            empty = not seen or den == 0
-        else:
-            den = one
-            empty = not seen
-        if empty:
-            den = inf
-        for e in range(dv):
-            out[b, t, e] /= den
-        denom[b, t] = den
-        cmax[b, t] = zero if seen else -inf
+                out[b, t, e] = zero
+            for f in range(d):
+                qf = a[f]
+                den += qf * z[f]
+                for e in range(dv):
+                    out[b, t, e] += qf * S[f, e]
+            if normalize:
+                if eps > 0:
+                    den = den + eps
+                empty = not seen or den == 0
+            else:
+                den = one
+                empty = not seen
+            if empty:
+                den = inf
+            for e in range(dv):
+                out[b, t, e] /= den
+            denom[b, t] = den
+            cmax[b, t] = zero if seen else -inf
 
 
-@kernel
 def causal_phi_fwd(out, denom, cmax, q, k, v, keep, relu, exact, normalize, eps, zero):
     """out_t = φ(q_t) S_t / denom_t (tinyeff.attention._linear_engine's ``_finish``, corr = 1).
 
     out (BH, N, Dv), denom (BH, N) (+inf for a row that sees no key), cmax (BH, N) (C_t:
     0, or −inf for a row that sees no key): outputs.
     """
-    bh = q.shape[0]
-    for b in prange(bh):
-        _phi_fwd_slice(np.int64(b), out, denom, cmax, q, k, v, keep, relu, exact, normalize,
-                       eps, zero)
+    run_tasks(_phi_fwd_slices, q.shape[0], out, denom, cmax, q, k, v, keep, relu, exact,
+              normalize, eps, zero)
 
 
 @serial
@@ -410,23 +405,31 @@ def _phi_bwd_kv_slice(b, dk, dv_out, q, k, v, keep, dout, out, denom, relu, exac
                 _dphi(dk[b, t], a, k[b, t], relu, zero)
 
 
-@kernel
+@serial
+def _phi_bwd_tasks(lo, hi, dq, dk, dv_out, q, k, v, keep, dout, out, denom, relu, exact,
+                   normalize, zero):
+    """Tasks lo … hi − 1 of :func:`causal_phi_bwd`: t < BH the forward scan of slice t,
+    t ≥ BH the reverse scan of slice t − BH."""
+    bh = q.shape[0]
+    for t in range(lo, hi):
+        if t < bh:
+            _phi_bwd_q_slice(t, dq, q, k, v, keep, dout, out, denom, relu, exact, normalize,
+                             zero)
+        else:
+            _phi_bwd_kv_slice(t - bh, dk, dv_out, q, k, v, keep, dout, out, denom, relu,
+                              exact, normalize, zero)
+
+
 def causal_phi_bwd(dq, dk, dv_out, q, k, v, keep, dout, out, denom, relu, exact, normalize,
                    zero):
     """dq_t = φ'(q_t) ∘ (S_t dnum_t + dden_t z_t), rebuilding Sᵀ in a forward scan, and
     dk_t = φ'(k_t) ∘ (Ũ_t v_t + r̃_t), dv_t = Ũ_tᵀ φ(k_t) by a reverse scan over rows: the two
-    scans of a batch slice are independent tasks of one parallel loop (tasks 0 … BH − 1 the
-    forward scans, BH … 2·BH − 1 the reverse ones; one gufunc to compile, SPEEDTIP in _jit).
+    scans of a batch slice are independent tasks for ``run_tasks`` (0 … BH − 1 the forward
+    scans, BH … 2·BH − 1 the reverse ones).
 
     dq (BH, N, D), dk (BH, M, D), dv_out (BH, M, Dv): outputs (dk, dv: 0 for padded keys in
     "exact" mode, 0 dv for padded keys in "values_only" mode, 0 for keys no row sees).
     dout, out (BH, N, Dv), denom (BH, N) from the forward.
     """
-    bh = q.shape[0]
-    for t in prange(2 * bh):
-        if t < bh:
-            _phi_bwd_q_slice(np.int64(t), dq, q, k, v, keep, dout, out, denom, relu, exact,
-                             normalize, zero)
-        else:
-            _phi_bwd_kv_slice(np.int64(t - bh), dk, dv_out, q, k, v, keep, dout, out, denom,
-                              relu, exact, normalize, zero)
+    run_tasks(_phi_bwd_tasks, 2 * q.shape[0], dq, dk, dv_out, q, k, v, keep, dout, out, denom,
+              relu, exact, normalize, zero)
