@@ -389,6 +389,7 @@ def _kp_args(kp, g, n):
 
 
 def _forward_numba(x, v, rn, perm, inv_perm, kp, causal, dedup, scale, c):
+    from ..kernels import blas_single_thread
     from ..kernels import lsh as K
     g, r, n = perm.shape
     out = np.zeros((g, n, v.shape[-1]), dtype=x.dtype)             # (G, N, Dv)
@@ -396,12 +397,14 @@ def _forward_numba(x, v, rn, perm, inv_perm, kp, causal, dedup, scale, c):
     z = np.empty((g, r, n))                                        # (G, R, N)
     kp_arr, use_kp = _kp_args(kp, g, n)
     x, v, rn = (np.require(a, requirements="CW") for a in (x, v, rn))
-    K.chunk_attend(out, lse, z, x, v, rn, perm, inv_perm, kp_arr, use_kp, causal, dedup,
-                   float(scale), c, SELF_PENALTY)
+    with blas_single_thread():
+        K.chunk_attend(out, lse, z, x, v, rn, perm, inv_perm, kp_arr, use_kp, causal, dedup,
+                       x.dtype.type(scale), c, SELF_PENALTY)
     return out, z, lse
 
 
 def _backward_numba(f, ctx: LSHCtx):
+    from ..kernels import blas_single_thread
     from ..kernels import lsh as K
     x = np.require(f["x"], requirements="CW")
     v = np.require(f["v"], requirements="CW")
@@ -414,12 +417,12 @@ def _backward_numba(f, ctx: LSHCtx):
     dd = np.empty((g, n))                                          # (G, N) ⟨dout_i, out_i⟩
     K.row_dot(dd, dout, np.require(f["out"], requirements="CW"))
     kp_arr, use_kp = _kp_args(f["kp"], g, n)
-    args = (x, v, rn, perm, inv_perm, kp_arr, use_kp, ctx.causal, ctx.dedup, float(ctx.scale),
-            ctx.chunk_len, SELF_PENALTY)
     dx = np.zeros_like(x)                                          # (G, N, D)
-    K.chunk_attend_bwd_q(dx, dout, dd, lse, *args)
     dv = np.zeros_like(v)                                          # (G, N, Dv)
-    K.chunk_attend_bwd_kv(dx, dv, dout, dd, lse, *args)            # adds the key path to dx
+    with blas_single_thread():
+        K.chunk_attend_bwd(dx, dv, dout, dd, lse, x, v, rn, perm, inv_perm, kp_arr, use_kp,
+                           ctx.causal, ctx.dedup, x.dtype.type(ctx.scale), ctx.chunk_len,
+                           SELF_PENALTY)
     return dx, dv
 
 
