@@ -55,11 +55,12 @@ import math
 
 import numpy as np
 
-from ._jit import kernel, prange, serial
+from ._jit import run_tasks, serial
 from ._math import colmax, fast_exp
 from .lsh_hash import hash_argmax, sort_buckets
 
-__all__ = ["chunk_attend", "chunk_attend_bwd", "hash_argmax", "row_dot", "sort_buckets"]
+__all__ = ["add_lookback", "attend_chunks", "bwd_chunks", "chunk_attend", "chunk_attend_bwd",
+           "hash_argmax", "row_dot", "sort_buckets"]
 
 
 @serial
@@ -166,9 +167,9 @@ def _logits(st, kpos, lbself, g, kp, use_kp, causal, dedup, inv_perm, scale, pen
 
 
 @serial
-def _attend_chunk(gt, r, out, lse, z, x, v, rn, perm, inv_perm, kp, use_kp, causal, dedup,
+def attend_chunks(lo, hi, r, out, lse, z, x, v, rn, perm, inv_perm, kp, use_kp, causal, dedup,
                   scale, c, penalty):
-    """Chunk gt = (g, chunk) of round r in :func:`chunk_attend`."""
+    """Tasks lo … hi − 1 of round r in :func:`chunk_attend` (task gt = (g, chunk))."""
     G, R, N = perm.shape
     D = x.shape[2]
     Dv = v.shape[2]
@@ -176,8 +177,6 @@ def _attend_chunk(gt, r, out, lse, z, x, v, rn, perm, inv_perm, kp, use_kp, caus
     T = R * nc
     W = 2 * c
     dt = x.dtype
-    g = gt // nc
-    t = r * nc + gt % nc
     kpos = np.empty(W, np.int64)                           # (W,) window positions
     lbself = np.empty(c, np.int64)                         # (c,)
     qa = np.empty((c, D), dt)                              # (c, D) queries
@@ -189,66 +188,68 @@ def _attend_chunk(gt, r, out, lse, z, x, v, rn, perm, inv_perm, kp, use_kp, caus
     tmp = np.empty(c, dt)                                  # (c,) scratch of colmax
     start = np.full(c, -np.inf, dt)                        # (c,)
     msub = np.empty(c, dt)                                 # (c,) m, −∞ -> 0
-    rsum = np.zeros(c, dt)                                 # (c,) Σ_j P̃
+    rsum = np.empty(c, dt)                                 # (c,) Σ_j P̃
     mz = np.empty(c)                                       # (c,) m in float64
-    _window(kpos, lbself, perm, inv_perm, g, t, c, nc, T)
-    _gather(qa, kb, vb, kpos, x, v, rn, g, c)
-    np.dot(kb, qa.T, st)                                   # Sᵀ = K̂ Qᵀ, raw
-    _logits(st, kpos, lbself, g, kp, use_kp, causal, dedup, inv_perm, scale, penalty, c, nc,
-            T)
-    colmax(m, tmp, start, st)
-    for a in range(c):
-        msub[a] = 0 if m[a] == -np.inf else m[a]
-        mz[a] = m[a]
-        if dedup and m[a] == st[c + a, a]:             # the max is the self logit: exact
-            mz[a] = _self_logit(kpos[c + a], g, dedup, inv_perm, penalty, N, c, nc, T)
-    for b in range(W):
-        row = st[b]
+    for gt in range(lo, hi):
+        g = gt // nc
+        t = r * nc + gt % nc
+        _window(kpos, lbself, perm, inv_perm, g, t, c, nc, T)
+        _gather(qa, kb, vb, kpos, x, v, rn, g, c)
+        np.dot(kb, qa.T, st)                               # Sᵀ = K̂ Qᵀ, raw
+        _logits(st, kpos, lbself, g, kp, use_kp, causal, dedup, inv_perm, scale, penalty, c,
+                nc, T)
+        colmax(m, tmp, start, st)
         for a in range(c):
-            e = fast_exp(row[a] - msub[a])
-            row[a] = e
-            rsum[a] += e
-    np.dot(st.T, vb, o)                                    # (c, Dv)
-    for a in range(c):
-        i = kpos[c + a]
-        if m[a] == -np.inf:
-            zr = -np.inf                                   # nothing seen in this round
-        else:
-            zr = mz[a] + math.log(rsum[a])
-        z[g, r, i] = zr
-        if r == 0:
-            lse[g, i] = zr
+            msub[a] = 0 if m[a] == -np.inf else m[a]
+            rsum[a] = 0
+            mz[a] = m[a]
+            if dedup and m[a] == st[c + a, a]:         # the max is the self logit: exact
+                mz[a] = _self_logit(kpos[c + a], g, dedup, inv_perm, penalty, N, c, nc, T)
+        for b in range(W):
+            row = st[b]
+            for a in range(c):
+                e = fast_exp(row[a] - msub[a])
+                row[a] = e
+                rsum[a] += e
+        np.dot(st.T, vb, o)                                # (c, Dv)
+        for a in range(c):
+            i = kpos[c + a]
+            if m[a] == -np.inf:
+                zr = -np.inf                               # nothing seen in this round
+            else:
+                zr = mz[a] + math.log(rsum[a])
+            z[g, r, i] = zr
+            if r == 0:
+                lse[g, i] = zr
+                for e in range(Dv):
+                    out[g, i, e] = 0 if zr == -np.inf else o[a, e] / rsum[a]
+                continue
+            zo = lse[g, i]
+            mx = max(zo, zr)
+            if mx == -np.inf or zr == -np.inf:
+                continue                                   # this round adds nothing
+            wo = math.exp(zo - mx)
+            wn = math.exp(zr - mx)
+            zn = mx + math.log(wo + wn)
+            wo = math.exp(zo - zn)
+            wn = math.exp(zr - zn)
             for e in range(Dv):
-                out[g, i, e] = 0 if zr == -np.inf else o[a, e] / rsum[a]
-            continue
-        zo = lse[g, i]
-        mx = max(zo, zr)
-        if mx == -np.inf or zr == -np.inf:
-            continue                                       # this round adds nothing
-        wo = math.exp(zo - mx)
-        wn = math.exp(zr - mx)
-        zn = mx + math.log(wo + wn)
-        wo = math.exp(zo - zn)
-        wn = math.exp(zr - zn)
-        for e in range(Dv):
-            out[g, i, e] = np.float64(out[g, i, e]) * wo + (o[a, e] / rsum[a]) * wn
-        lse[g, i] = zn
+                out[g, i, e] = np.float64(out[g, i, e]) * wo + (o[a, e] / rsum[a]) * wn
+            lse[g, i] = zn
 
 
-@kernel
 def chunk_attend(out, lse, z, x, v, rn, perm, inv_perm, kp, use_kp, causal, dedup, scale,
                  c, penalty):
     """out_i = Σ_r exp(z_i^(r) − Z_i) o_i^(r), combined online over r; lse = Z, z per round.
 
     out (G, N, Dv) of x's dtype, lse (G, N) float64, z (G, R, N) float64 are outputs (fully
-    written); scale is of x's dtype, penalty a float64.
+    written); scale is of x's dtype, penalty a float64.  Rounds in order, the (g, chunk)
+    tasks of a round on the threads of :func:`run_tasks`.
     """
     G, R, N = perm.shape
-    nc = N // c
     for r in range(R):
-        for gt in prange(G * nc):
-            _attend_chunk(np.int64(gt), r, out, lse, z, x, v, rn, perm, inv_perm, kp, use_kp,
-                          causal, dedup, scale, c, penalty)
+        run_tasks(attend_chunks, G * (N // c), r, out, lse, z, x, v, rn, perm, inv_perm, kp,
+                  use_kp, causal, dedup, scale, c, penalty)
 
 
 @serial
@@ -275,10 +276,10 @@ def _add_key_grad(dx, dv, g, j, dk, dvr, x, rn):
 
 
 @serial
-def _bwd_chunk(it, phase, r, dx, dv, lbk, lbv, dout, dd, lse, x, v, rn, perm, inv_perm, kp,
+def bwd_chunks(lo, hi, phase, r, dx, dv, lbk, lbv, dout, dd, lse, x, v, rn, perm, inv_perm, kp,
                use_kp, causal, dedup, scale, c, penalty):
-    """Item it of phase (0: even chunks, 1: odd chunks) of round r in
-    :func:`chunk_attend_bwd`."""
+    """Tasks lo … hi − 1 of a phase (0: even chunks, 1: odd chunks) of round r in
+    :func:`chunk_attend_bwd` (task it = (g, chunk u = 2·(it mod n_phase) + phase))."""
     G, R, N = perm.shape
     D = x.shape[2]
     Dv = v.shape[2]
@@ -286,10 +287,7 @@ def _bwd_chunk(it, phase, r, dx, dv, lbk, lbv, dout, dd, lse, x, v, rn, perm, in
     T = R * nc
     W = 2 * c
     dt = x.dtype
-    npp = (nc + 1 - phase) // 2
-    g = it // npp
-    u = 2 * (it % npp) + phase                             # chunk within round r
-    t = r * nc + u
+    npp = (nc + 1 - phase) // 2                            # chunks of the phase per g
     kpos = np.empty(W, np.int64)                           # (W,) window positions
     lbself = np.empty(c, np.int64)                         # (c,)
     qa = np.empty((c, D), dt)                              # (c, D) queries
@@ -304,65 +302,81 @@ def _bwd_chunk(it, phase, r, dx, dv, lbk, lbv, dout, dd, lse, x, v, rn, perm, in
     zhi = np.empty(c, dt)                                  # (c,) Z = zhi + zlo
     zlo = np.empty(c, dt)                                  # (c,)
     ddt = np.empty(c, dt)                                  # (c,) δ_i = ⟨dout_i, out_i⟩
-    _window(kpos, lbself, perm, inv_perm, g, t, c, nc, T)
-    _gather(qa, kb, vb, kpos, x, v, rn, g, c)
-    for a in range(c):
-        i = kpos[c + a]
-        for e in range(Dv):
-            doa[a, e] = dout[g, i, e]
-        zi = lse[g, i]
-        if zi == -np.inf:                                  # empty row: P = 0, no gradient
-            zhi[a] = np.inf
-            zlo[a] = 0
-        else:
-            zhi[a] = zi
-            zlo[a] = zi - np.float64(zhi[a])
-        ddt[a] = dd[g, i]
-    np.dot(kb, qa.T, st)                                   # Sᵀ = K̂ Qᵀ, raw
-    _logits(st, kpos, lbself, g, kp, use_kp, causal, dedup, inv_perm, scale, penalty, c, nc,
-            T)
-    np.dot(vb, doa.T, dst)                                 # dPᵀ = V doutᵀ
-    for b in range(W):
-        prow = st[b]
-        drow = dst[b]
+    for it in range(lo, hi):
+        g = it // npp
+        u = 2 * (it % npp) + phase                         # chunk within round r
+        t = r * nc + u
+        _window(kpos, lbself, perm, inv_perm, g, t, c, nc, T)
+        _gather(qa, kb, vb, kpos, x, v, rn, g, c)
         for a in range(c):
-            # fwd: P = exp(S − Z)   (Z − zhi exact: the difference is rounded once)
-            p = fast_exp((prow[a] - zhi[a]) - zlo[a])
-            prow[a] = p
-            # fwd: out = P v, P = softmax over all rounds  ->  dS = P ∘ (dP − δ)
-            drow[a] = (scale * p) * (drow[a] - ddt[a])
-    # fwd: s = SELF_PENALTY (− log N_ii) on self entries, a constant: dS = 0 there
-    for a in range(c):
-        i = kpos[c + a]
-        dst[c + a, a] = 0
-        if dedup and zhi[a] < np.inf and not (use_kp and not kp[g, i]):
-            st[c + a, a] = math.exp(_self_logit(i, g, dedup, inv_perm, penalty, N, c, nc, T)
-                                    - lse[g, i])
-    for b in range(c):
-        a = lbself[b]
-        if a >= 0:
-            dst[b, a] = 0
-            st[b, a] = st[c + a, a]
-    # fwd: S = Q K̂ᵀ · scale  ->  dq = dS K̂ · scale,  dk̂ = dSᵀ Q · scale
-    np.dot(dst.T, kb, dq)                                  # (c, D)
-    np.dot(dst, qa, dkw)                                   # (W, D)
-    # fwd: o = P V  ->  dv = Pᵀ dout
-    np.dot(st, doa, dvw)                                   # (W, Dv)
-    for a in range(c):
-        i = kpos[c + a]
-        for d in range(D):
-            dx[g, i, d] += dq[a, d]
-    for b in range(W):
-        if b < c and u == 0:                               # another round's chunk: later
-            for d in range(D):
-                lbk[g, b, d] = dkw[b, d]
+            i = kpos[c + a]
             for e in range(Dv):
-                lbv[g, b, e] = dvw[b, e]
-        else:
-            _add_key_grad(dx, dv, g, kpos[b], dkw[b], dvw[b], x, rn)
+                doa[a, e] = dout[g, i, e]
+            zi = lse[g, i]
+            if zi == -np.inf:                              # empty row: P = 0, no gradient
+                zhi[a] = np.inf
+                zlo[a] = 0
+            else:
+                zhi[a] = zi
+                zlo[a] = zi - np.float64(zhi[a])
+            ddt[a] = dd[g, i]
+        np.dot(kb, qa.T, st)                               # Sᵀ = K̂ Qᵀ, raw
+        _logits(st, kpos, lbself, g, kp, use_kp, causal, dedup, inv_perm, scale, penalty, c,
+                nc, T)
+        np.dot(vb, doa.T, dst)                             # dPᵀ = V doutᵀ
+        for b in range(W):
+            prow = st[b]
+            drow = dst[b]
+            for a in range(c):
+                # fwd: P = exp(S − Z)   (S − zhi is exact near S = Z; one rounding after)
+                p = fast_exp((prow[a] - zhi[a]) - zlo[a])
+                prow[a] = p
+                # fwd: out = P v, P a softmax over all rounds  ->  dS = P ∘ (dP − δ)
+                drow[a] = (scale * p) * (drow[a] - ddt[a])
+        # fwd: s = SELF_PENALTY (− log N_ii) on self entries, a constant: dS = 0 there
+        for a in range(c):
+            i = kpos[c + a]
+            dst[c + a, a] = 0
+            if dedup and zhi[a] < np.inf and not (use_kp and not kp[g, i]):
+                st[c + a, a] = math.exp(_self_logit(i, g, dedup, inv_perm, penalty, N, c, nc,
+                                                    T) - lse[g, i])
+        for b in range(c):
+            a = lbself[b]
+            if a >= 0:
+                dst[b, a] = 0
+                st[b, a] = st[c + a, a]
+        # fwd: S = Q K̂ᵀ · scale  ->  dq = dS K̂ · scale,  dk̂ = dSᵀ Q · scale
+        np.dot(dst.T, kb, dq)                              # (c, D)
+        np.dot(dst, qa, dkw)                               # (W, D)
+        # fwd: o = P V  ->  dv = Pᵀ dout
+        np.dot(st, doa, dvw)                               # (W, Dv)
+        for a in range(c):
+            i = kpos[c + a]
+            for d in range(D):
+                dx[g, i, d] += dq[a, d]
+        for b in range(W):
+            if b < c and u == 0:                           # another round's chunk: later
+                for d in range(D):
+                    lbk[g, b, d] = dkw[b, d]
+                for e in range(Dv):
+                    lbv[g, b, e] = dvw[b, e]
+            else:
+                _add_key_grad(dx, dv, g, kpos[b], dkw[b], dvw[b], x, rn)
 
 
-@kernel
+@serial
+def add_lookback(r, dx, dv, lbk, lbv, x, rn, perm, c):
+    """The look-back half of chunk 0 of round r (left in lbk, lbv) into its keys' rows."""
+    G, R, N = perm.shape
+    nc = N // c
+    T = R * nc
+    tp = (r * nc + T - 1) % T                              # chunk 0's look-back chunk
+    for g in range(G):
+        for b in range(c):
+            j = perm[g, tp // nc, (tp % nc) * c + b]
+            _add_key_grad(dx, dv, g, j, lbk[g, b], lbv[g, b], x, rn)
+
+
 def chunk_attend_bwd(dx, dv, dout, dd, lse, x, v, rn, perm, inv_perm, kp, use_kp, causal,
                      dedup, scale, c, penalty):
     """dx_i += scale Σ_r Σ_{j ∈ window} dS_ij k̂_j  (query side), and for every key j of a
@@ -371,27 +385,19 @@ def chunk_attend_bwd(dx, dv, dout, dd, lse, x, v, rn, perm, inv_perm, kp, use_kp
 
     dS = P (⟨dout_i, v_j⟩ − dd_i), P = exp(s − lse_i), dd_i = ⟨dout_i, out_i⟩.  dx (G, N, D)
     and dv (G, N, Dv) must be zero on entry.  Per round: the even chunks, then the odd ones
-    (a chunk writes its own rows and the look-back chunk's), then the look-back half of
-    chunk 0 (another round's chunk), serially.
+    (a chunk writes its own rows and the look-back chunk's), each on the threads of
+    :func:`run_tasks`; then the look-back half of chunk 0 (another round's chunk).
     """
     G, R, N = perm.shape
-    D = x.shape[2]
-    Dv = v.shape[2]
     nc = N // c
-    T = R * nc
-    lbk = np.empty((G, c, D), x.dtype)                     # (G, c, D) chunk 0's look-back
-    lbv = np.empty((G, c, Dv), x.dtype)                    # (G, c, Dv)
+    lbk = np.empty((G, c, x.shape[2]), x.dtype)            # (G, c, D) chunk 0's look-back
+    lbv = np.empty((G, c, v.shape[2]), x.dtype)            # (G, c, Dv)
     for r in range(R):
         for phase in range(2):
-            n_items = G * ((nc + 1 - phase) // 2)
-            for it in prange(n_items):
-                _bwd_chunk(np.int64(it), phase, r, dx, dv, lbk, lbv, dout, dd, lse, x, v, rn,
-                           perm, inv_perm, kp, use_kp, causal, dedup, scale, c, penalty)
-        tp = (r * nc + T - 1) % T                          # chunk 0's look-back chunk
-        for g in range(G):
-            for b in range(c):
-                j = perm[g, tp // nc, (tp % nc) * c + b]
-                _add_key_grad(dx, dv, g, j, lbk[g, b], lbv[g, b], x, rn)
+            run_tasks(bwd_chunks, G * ((nc + 1 - phase) // 2), phase, r, dx, dv, lbk, lbv,
+                      dout, dd, lse, x, v, rn, perm, inv_perm, kp, use_kp, causal, dedup,
+                      scale, c, penalty)
+        add_lookback(r, dx, dv, lbk, lbv, x, rn, perm, c)
 
 
 @serial
