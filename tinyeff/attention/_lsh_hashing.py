@@ -8,7 +8,7 @@ its backward stay there).  With rotations R (D, r, nb/2) shared by all batch dim
     π_r    = stable sort of positions by h_r               (i.e. by (bucket, position))
 
 :func:`hash_buckets` is the definition in NumPy; :func:`hash_numba` computes the same ids
-through the kernel's float32 filter with an error bound (``tinyeff/kernels/lsh.py``), and
+through the kernel's float32 filter with an error bound (``tinyeff/kernels/lsh_hash.py``), and
 :func:`sort_numba` the same permutation as a stable ``np.argsort``.  :func:`check_hashing`
 validates the ``rotations`` / ``buckets`` / ``n_buckets`` options of ``lsh.forward``.
 Bucket ids carry no gradient.

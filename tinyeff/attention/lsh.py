@@ -35,8 +35,10 @@ of j counts); with ``dedup=True`` each distinct key counts once, i.e. exact atte
 the union of the windows (the paper's "subtract log N_ij").
 
 Cost O(r·N·c·(D + Dv)) time for attention plus O(r·N·D·nb/2) for hashing (quadratic in N
-when nb grows with N, as under trax's rule nb = 2N/c; the kernel runs it at the float32 rate,
-see ``tinyeff/kernels/lsh.py``), O(r·N) memory for the context (nothing of size N·c is kept).
+when nb grows with N, as under trax's rule nb = 2N/c; the kernel filters it with float32 BLAS
+products, see ``tinyeff/kernels/lsh_hash.py``), O(r·N) memory for the context (nothing of size
+N·c is kept).  The reference computes in float64 whatever the input dtype; the kernels
+compute in the input dtype (``tinyeff/kernels/lsh.py``).
 
 Options
 -------
@@ -327,7 +329,7 @@ def _rounds_ref(x, v, rn, perm, inv_perm, kp, causal, dedup, scale, c):
 
 
 def _forward_ref(x, v, rn, perm, inv_perm, kp, causal, dedup, scale, c):
-    # computed in float64 whatever the input dtype, rounded once at the end (as the kernels):
+    # computed in float64 whatever the input dtype, rounded once at the end:
     # a float32 logit cannot hold SELF_PENALTY − log N_ij to better than ±0.004
     x64, v64, rn64 = (a.astype(np.float64) for a in (x, v, rn))
     o, z, _, _ = _rounds_ref(x64, v64, rn64, perm, inv_perm, kp, causal, dedup, scale, c)

@@ -5,7 +5,8 @@ c = chunk_len, nc = N / c chunks per round, T = R·nc chunks in the concatenated
 sequence, W = 2c keys per window (the previous chunk, then the chunk itself).
 
 * ``hash_argmax``      buckets[g, r, i] = argmax([x_i R_r ; −x_i R_r]), first maximum wins
-                       (a float32 filter, then the exact float64 products of the candidates)
+                       (a float32 BLAS filter, then the exact float64 products of the
+                       candidates)
 * ``sort_buckets``     stable counting sort of each round by bucket -> perm, inv_perm
                        (these two live in ``lsh_hash.py`` and are re-exported here)
 * ``chunk_attend``     per round, per chunk: logits, softmax, o and z; rounds combined online
@@ -23,22 +24,24 @@ in key order per query, vectorized across queries (as ``kernels/blocked.py``)::
     backward  Pᵀ = exp(Sᵀ − Z),  dPᵀ = V doutᵀ,  dSᵀ = scale·Pᵀ ∘ (dPᵀ − δ)
               dq = dS K̂,  dk̂ = dSᵀ Q,  dv = Pᵀ dout                 (5 tile products)
 
-The logit of a self entry (−1e5, or −1e5 − log N_ii with dedup) is not exact in float32:
-with dedup its probability in the backward and the forward's z of a row whose maximum is
-its self entry use the float64 value, so ``lse`` and the gradients agree with the float64
+With dedup the self entries' logit −1e5 − log N_ii is not exact in float32 (−1e5 alone
+is): their probability in the backward, and the forward's z of a row whose maximum is its
+self entry, use the float64 value, so ``lse`` and the gradients agree with the float64
 reference (and across the reference's and the kernel's contexts) in every row.
 
-Parallelism and order: ``prange`` runs over (g, chunk) of ONE round at a time; rounds run
-serially, in order.  Within one round every position occupies exactly one slot, so a
-forward chunk owns its queries' rows of out, lse and z.  A backward chunk writes the rows
-of its own positions (its queries' dqk, its keys' dk̂ and dv) and of the previous chunk's
-positions (the look-back half of its window): the backward runs the even chunks of a
-round, then the odd ones, so no two chunks in flight write the same row.  The look-back of
-chunk 0 of a round is the last chunk of another round, whose positions may be anywhere in
-this one: chunk 0 leaves that half in a buffer that is added serially after the round.
-No atomics, and every row receives its terms in an order fixed by (round, phase, chunk),
-so the results are bit-identical for any number of threads.  ``hash_argmax`` runs over
-blocks of 4 positions; ``sort_buckets`` and ``row_dot`` (O(N) work) are serial.
+Parallelism and order: the (g, chunk) tasks of ONE round at a time run on the threads of
+:func:`run_tasks` (``kernels/_jit.py``: serial ``nogil`` kernels over blocks of tasks, one
+block per thread); rounds run serially, in order.  Within one round every position
+occupies exactly one slot, so a forward chunk owns its queries' rows of out, lse and z.  A
+backward chunk writes the rows of its own positions (its queries' dqk, its keys' dk̂ and
+dv) and of the previous chunk's positions (the look-back half of its window): the backward
+runs the even chunks of a round, then the odd ones, so no two chunks in flight write the
+same row.  The look-back of chunk 0 of a round is the last chunk of another round, whose
+positions may be anywhere in this one: chunk 0 leaves that half in a buffer that
+``add_lookback`` adds after the round.  No atomics, and every row receives its terms in an
+order fixed by (round, phase, chunk), so the results are bit-identical for any number of
+threads.  ``hash_argmax`` runs over blocks of positions the same way; ``sort_buckets`` and
+``row_dot`` (O(N) work) are serial.
 
 The backward uses the identity of the multi-round softmax (flash-attention style): with
 Z_i = logsumexp_r z_i^(r), each window entry has total weight P = exp(s − Z_i), and
