@@ -217,27 +217,30 @@ def attend_chunks(lo, hi, r, out, lse, z, x, v, rn, perm, inv_perm, kp, use_kp, 
         np.dot(st.T, vb, o)                                # (c, Dv)
         for a in range(c):
             i = kpos[c + a]
-            if m[a] == -np.inf:
-                zr = -np.inf                               # nothing seen in this round
-            else:
-                zr = mz[a] + math.log(rsum[a])
+            if m[a] == -np.inf:                            # nothing seen in this round
+                z[g, r, i] = -np.inf
+                if r == 0:
+                    lse[g, i] = -np.inf
+                    for e in range(Dv):
+                        out[g, i, e] = 0
+                continue
+            zr = mz[a] + math.log(rsum[a])
             z[g, r, i] = zr
+            outi = out[g, i]
             if r == 0:
                 lse[g, i] = zr
+                cn = 1.0 / rsum[a]
                 for e in range(Dv):
-                    out[g, i, e] = 0 if zr == -np.inf else o[a, e] / rsum[a]
+                    outi[e] = o[a, e] * cn
                 continue
+            # out <- out·exp(Z_old − Z_new) + o^(r)·exp(z^(r) − Z_new)
             zo = lse[g, i]
             mx = max(zo, zr)
-            if mx == -np.inf or zr == -np.inf:
-                continue                                   # this round adds nothing
-            wo = math.exp(zo - mx)
-            wn = math.exp(zr - mx)
-            zn = mx + math.log(wo + wn)
+            zn = mx + math.log(math.exp(zo - mx) + math.exp(zr - mx))
             wo = math.exp(zo - zn)
-            wn = math.exp(zr - zn)
+            cn = math.exp(zr - zn) / rsum[a]
             for e in range(Dv):
-                out[g, i, e] = np.float64(out[g, i, e]) * wo + (o[a, e] / rsum[a]) * wn
+                outi[e] = outi[e] * wo + o[a, e] * cn
             lse[g, i] = zn
 
 
@@ -272,10 +275,12 @@ def _add_key_grad(dx, dv, g, j, dk, dvr, x, rn):
         s0 += np.float64(xj[d]) * np.float64(dk[d])
     rj = np.float64(rn[g, j])
     coef = rj * rj * rj * ((s0 + s1) + (s2 + s3))
+    dxj = dx[g, j]
     for d in range(D):
-        dx[g, j, d] += rj * dk[d] - coef * xj[d]
+        dxj[d] += rj * dk[d] - coef * xj[d]
+    dvj = dv[g, j]
     for e in range(dv.shape[2]):
-        dv[g, j, e] += dvr[e]
+        dvj[e] += dvr[e]
 
 
 @serial
