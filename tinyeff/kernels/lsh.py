@@ -151,22 +151,33 @@ def _logits(st, kpos, lbself, g, kp, use_kp, causal, dedup, inv_perm, scale, pen
     become the window logits s_ij (−inf where excluded)."""
     W = st.shape[0]
     N = inv_perm.shape[2]
-    if causal or use_kp or dedup:
+    if dedup:                                      # every entry its own correction
         for b in range(W):
             j = kpos[b]
             for a in range(c):
                 st[b, a] = _logit(st[b, a], kpos[c + a], j, g, kp, use_kp, causal, dedup,
                                   inv_perm, scale, penalty, N, c, nc, T)
         return
-    for b in range(W):
+    for b in range(W):                             # one key per row of Sᵀ
+        j = kpos[b]
         row = st[b]
-        for a in range(c):
-            row[a] = row[a] * scale
+        if use_kp and not kp[g, j]:
+            for a in range(c):
+                row[a] = -np.inf
+        elif causal:
+            for a in range(c):
+                row[a] = -np.inf if j > kpos[c + a] else row[a] * scale
+        else:
+            for a in range(c):
+                row[a] = row[a] * scale
+    # the query itself (a key at the same position is never causally excluded), in its own
+    # chunk and in the look-back chunk
     for a in range(c):
-        st[c + a, a] = penalty                     # the query itself, in its own chunk
+        if not (use_kp and not kp[g, kpos[c + a]]):
+            st[c + a, a] = penalty
     for b in range(c):
-        if lbself[b] >= 0:
-            st[b, lbself[b]] = penalty             # ... and in the look-back chunk
+        if lbself[b] >= 0 and not (use_kp and not kp[g, kpos[b]]):
+            st[b, lbself[b]] = penalty
 
 
 @serial
