@@ -88,19 +88,6 @@ def dedup_count(inv_perm, g, i, j, N, c, nc, T):
 
 
 @serial
-def _logit(sdot, i, j, g, kp, use_kp, causal, dedup, inv_perm, scale, penalty, N, c, nc, T):
-    """The window logit of (query i, key j) from sdot = ⟨x_i, k̂_j⟩; −inf if excluded."""
-    if causal and j > i:
-        return -np.inf
-    if use_kp and not kp[g, j]:
-        return -np.inf
-    val = penalty if j == i else scale * sdot
-    if dedup:
-        val -= math.log(dedup_count(inv_perm, g, i, j, N, c, nc, T))
-    return val
-
-
-@serial
 def _self_logit(i, g, dedup, inv_perm, penalty, N, c, nc, T):
     """The logit of query i's self entry in float64: penalty (− log N_ii with dedup)."""
     if dedup:
@@ -145,18 +132,56 @@ def _gather(qa, kb, vb, kpos, x, v, rn, g, c):
 
 
 @serial
+def _dedup_logits(st, kpos, g, kp, use_kp, causal, inv_perm, scale, penalty, c, T):
+    """:func:`_logits` with dedup: s_ij − log N_ij, N_ij = Σ_r2 [j in chunk tp_i(r2)] +
+    [j in chunk tq_i(r2)] (i's own chunk tq and look-back tp in round r2, as
+    :func:`dedup_count`), counted from the window's chunk ids in every round."""
+    W = st.shape[0]
+    R, N = inv_perm.shape[1], inv_perm.shape[2]
+    qtq = np.empty((R, c), np.int64)               # (R, c) chunk of query a in round r2
+    qtp = np.empty((R, c), np.int64)               # (R, c) its look-back chunk
+    kc = np.empty((W, R), np.int64)                # (W, R) chunk of key b in round r2
+    cnt = np.empty(c, np.int64)                    # (c,) N_ij of one key row
+    logs = np.empty(2 * R + 1)                     # (2R + 1,) log k
+    for k in range(1, 2 * R + 1):
+        logs[k] = math.log(k)
+    for r2 in range(R):
+        for a in range(c):
+            tq = _chunk_of(inv_perm, g, r2, kpos[c + a], N, c)
+            qtq[r2, a] = tq
+            qtp[r2, a] = (tq + T - 1) % T          # in round r2, or r2 − 1 (mod R)
+    for b in range(W):
+        for r2 in range(R):
+            kc[b, r2] = _chunk_of(inv_perm, g, r2, kpos[b], N, c)
+    for b in range(W):
+        j = kpos[b]
+        for a in range(c):
+            cnt[a] = 0
+        for r2 in range(R):
+            k_same = kc[b, r2]                     # chunk ids are global: at most one of
+            k_prev = kc[b, (r2 + R - 1) % R] if R > 1 else -1     # these can match tp
+            for a in range(c):
+                tp = qtp[r2, a]
+                cnt[a] += ((1 if k_same == tp else 0) + (1 if k_prev == tp else 0)
+                           + (1 if k_same == qtq[r2, a] else 0))
+        row = st[b]
+        for a in range(c):
+            i = kpos[c + a]
+            if (causal and j > i) or (use_kp and not kp[g, j]):
+                row[a] = -np.inf
+            else:
+                val = penalty if j == i else scale * row[a]
+                row[a] = val - logs[cnt[a]]
+
+
+@serial
 def _logits(st, kpos, lbself, g, kp, use_kp, causal, dedup, inv_perm, scale, penalty, c, nc,
             T):
     """In place: the raw products st[b, a] = ⟨x_i, k̂_j⟩ (i = kpos[c + a], j = kpos[b])
     become the window logits s_ij (−inf where excluded)."""
     W = st.shape[0]
-    N = inv_perm.shape[2]
-    if dedup:                                      # every entry its own correction
-        for b in range(W):
-            j = kpos[b]
-            for a in range(c):
-                st[b, a] = _logit(st[b, a], kpos[c + a], j, g, kp, use_kp, causal, dedup,
-                                  inv_perm, scale, penalty, N, c, nc, T)
+    if dedup:
+        _dedup_logits(st, kpos, g, kp, use_kp, causal, inv_perm, scale, penalty, c, T)
         return
     for b in range(W):                             # one key per row of Sᵀ
         j = kpos[b]
