@@ -24,6 +24,10 @@ in key order per query, vectorized across queries (as ``kernels/blocked.py``)::
     backward  Pᵀ = exp(Sᵀ − Z),  dPᵀ = V doutᵀ,  dSᵀ = scale·Pᵀ ∘ (dPᵀ − δ)
               dq = dS K̂,  dk̂ = dSᵀ Q,  dv = Pᵀ dout                 (5 tile products)
 
+The logits are formed per key row of Sᵀ: a padded key excludes its whole row, causality is
+a select across the queries, and with dedup N_ij is counted from small tables of the
+chunk of every query and key of the window in every round (``_dedup_logits``).
+
 With dedup the self entries' logit −1e5 − log N_ii is not exact in float32 (−1e5 alone
 is): their probability in the backward, and the forward's z of a row whose maximum is its
 self entry, use the float64 value, so ``lse`` and the gradients agree with the float64
