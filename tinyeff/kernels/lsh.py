@@ -77,29 +77,6 @@ def _chunk_of(inv_perm, g, r, i, N, c):
 
 
 @serial
-def dedup_count(inv_perm, g, i, j, N, c, nc, T):
-    """N_ij: occurrences of key j in the windows of query i over all rounds."""
-    R = inv_perm.shape[1]
-    count = 0
-    for r2 in range(R):
-        tq = _chunk_of(inv_perm, g, r2, i, N, c)
-        tp = (tq + T - 1) % T
-        if _chunk_of(inv_perm, g, tp // nc, j, N, c) == tp:
-            count += 1
-        if _chunk_of(inv_perm, g, tq // nc, j, N, c) == tq:
-            count += 1
-    return count
-
-
-@serial
-def _self_logit(i, g, dedup, inv_perm, penalty, N, c, nc, T):
-    """The logit of query i's self entry in float64: penalty (− log N_ii with dedup)."""
-    if dedup:
-        return penalty - math.log(dedup_count(inv_perm, g, i, i, N, c, nc, T))
-    return penalty
-
-
-@serial
 def _window(kpos, lbself, perm, inv_perm, g, t, c, nc, T):
     """Positions of chunk t's window: kpos (W,) = look-back chunk, then chunk t.
 
@@ -136,10 +113,10 @@ def _gather(qa, kb, vb, kpos, x, v, rn, g, c):
 
 
 @serial
-def _dedup_logits(st, kpos, g, kp, use_kp, causal, inv_perm, scale, penalty, c, T):
+def _dedup_logits(st, nself, kpos, g, kp, use_kp, causal, inv_perm, scale, penalty, c, T):
     """:func:`_logits` with dedup: s_ij − log N_ij, N_ij = Σ_r2 [j in chunk tp_i(r2)] +
-    [j in chunk tq_i(r2)] (i's own chunk tq and look-back tp in round r2, as
-    :func:`dedup_count`), counted from the window's chunk ids in every round."""
+    [j in chunk tq_i(r2)] (i's own chunk tq and look-back tp in round r2), counted from the
+    window's chunk ids in every round; nself[a] = N_ii of query a."""
     W = st.shape[0]
     R, N = inv_perm.shape[1], inv_perm.shape[2]
     qtq = np.empty((R, c), np.int64)               # (R, c) chunk of query a in round r2
@@ -168,6 +145,8 @@ def _dedup_logits(st, kpos, g, kp, use_kp, causal, inv_perm, scale, penalty, c, 
                 tp = qtp[r2, a]
                 cnt[a] += ((1 if k_same == tp else 0) + (1 if k_prev == tp else 0)
                            + (1 if k_same == qtq[r2, a] else 0))
+        if b >= c:
+            nself[b - c] = cnt[b - c]              # key b is query b − c
         row = st[b]
         for a in range(c):
             i = kpos[c + a]
@@ -179,13 +158,13 @@ def _dedup_logits(st, kpos, g, kp, use_kp, causal, inv_perm, scale, penalty, c, 
 
 
 @serial
-def _logits(st, kpos, lbself, g, kp, use_kp, causal, dedup, inv_perm, scale, penalty, c, nc,
-            T):
+def _logits(st, nself, kpos, lbself, g, kp, use_kp, causal, dedup, inv_perm, scale, penalty,
+            c, nc, T):
     """In place: the raw products st[b, a] = ⟨x_i, k̂_j⟩ (i = kpos[c + a], j = kpos[b])
-    become the window logits s_ij (−inf where excluded)."""
+    become the window logits s_ij (−inf where excluded); with dedup nself[a] = N_ii."""
     W = st.shape[0]
     if dedup:
-        _dedup_logits(st, kpos, g, kp, use_kp, causal, inv_perm, scale, penalty, c, T)
+        _dedup_logits(st, nself, kpos, g, kp, use_kp, causal, inv_perm, scale, penalty, c, T)
         return
     for b in range(W):                             # one key per row of Sᵀ
         j = kpos[b]
@@ -222,6 +201,7 @@ def attend_chunks(lo, hi, r, out, lse, z, x, v, rn, perm, inv_perm, kp, use_kp, 
     dt = x.dtype
     kpos = np.empty(W, np.int64)                           # (W,) window positions
     lbself = np.empty(c, np.int64)                         # (c,)
+    nself = np.empty(c, np.int64)                          # (c,) N_ii (dedup)
     qa = np.empty((c, D), dt)                              # (c, D) queries
     kb = np.empty((W, D), dt)                              # (W, D) normalized keys
     vb = np.empty((W, Dv), dt)                             # (W, Dv) values
@@ -239,15 +219,15 @@ def attend_chunks(lo, hi, r, out, lse, z, x, v, rn, perm, inv_perm, kp, use_kp, 
         _window(kpos, lbself, perm, inv_perm, g, t, c, nc, T)
         _gather(qa, kb, vb, kpos, x, v, rn, g, c)
         np.dot(kb, qa.T, st)                               # Sᵀ = K̂ Qᵀ, raw
-        _logits(st, kpos, lbself, g, kp, use_kp, causal, dedup, inv_perm, scale, penalty, c,
-                nc, T)
+        _logits(st, nself, kpos, lbself, g, kp, use_kp, causal, dedup, inv_perm, scale,
+                penalty, c, nc, T)
         colmax(m, tmp, start, st)
         for a in range(c):
             msub[a] = 0 if m[a] == -np.inf else m[a]
             rsum[a] = 0
             mz[a] = m[a]
             if dedup and m[a] == st[c + a, a]:         # the max is the self logit: exact
-                mz[a] = _self_logit(kpos[c + a], g, dedup, inv_perm, penalty, N, c, nc, T)
+                mz[a] = penalty - math.log(nself[a])
         for b in range(W):
             row = st[b]
             for a in range(c):
@@ -338,6 +318,7 @@ def bwd_chunks(lo, hi, phase, r, dx, dv, lbk, lbv, dout, dd, lse, x, v, rn, perm
     npp = (nc + 1 - phase) // 2                            # chunks of the phase per g
     kpos = np.empty(W, np.int64)                           # (W,) window positions
     lbself = np.empty(c, np.int64)                         # (c,)
+    nself = np.empty(c, np.int64)                          # (c,) N_ii (dedup)
     qa = np.empty((c, D), dt)                              # (c, D) queries
     kb = np.empty((W, D), dt)                              # (W, D) normalized keys
     vb = np.empty((W, Dv), dt)                             # (W, Dv) values
@@ -369,8 +350,8 @@ def bwd_chunks(lo, hi, phase, r, dx, dv, lbk, lbv, dout, dd, lse, x, v, rn, perm
                 zlo[a] = zi - np.float64(zhi[a])
             ddt[a] = dd[g, i]
         np.dot(kb, qa.T, st)                               # Sᵀ = K̂ Qᵀ, raw
-        _logits(st, kpos, lbself, g, kp, use_kp, causal, dedup, inv_perm, scale, penalty, c,
-                nc, T)
+        _logits(st, nself, kpos, lbself, g, kp, use_kp, causal, dedup, inv_perm, scale,
+                penalty, c, nc, T)
         np.dot(vb, doa.T, dst)                             # dPᵀ = V doutᵀ
         for b in range(W):
             prow = st[b]
@@ -386,8 +367,7 @@ def bwd_chunks(lo, hi, phase, r, dx, dv, lbk, lbv, dout, dd, lse, x, v, rn, perm
             i = kpos[c + a]
             dst[c + a, a] = 0
             if dedup and zhi[a] < np.inf and not (use_kp and not kp[g, i]):
-                st[c + a, a] = math.exp(_self_logit(i, g, dedup, inv_perm, penalty, N, c, nc,
-                                                    T) - lse[g, i])
+                st[c + a, a] = math.exp((penalty - math.log(nself[a])) - lse[g, i])
         for b in range(c):
             a = lbself[b]
             if a >= 0:
