@@ -335,6 +335,23 @@ def test_numba_hash_filter_is_exact(dtype, rng):
         np.testing.assert_array_equal(got, inorder_buckets(x, rot), err_msg=f"trial {trial}")
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_numba_hash_filter_is_exact_across_blocks(dtype, rng):
+    """Several filter blocks (HASH_BLOCK positions each, the last one partial) and rows of
+    hundreds of products (trax's rule at N = 8192, c = 64: nb/2 = 128 and more), with exact
+    ties, against the in-order definition; the same with 1 and 2 threads."""
+    from tinyeff.kernels.lsh_hash import HASH_BLOCK
+    g, n, d, h, r = 2, 3 * HASH_BLOCK + 5, 7, 300, 2
+    x = rng.standard_normal((g, n, d))
+    rot = rng.standard_normal((d, r, h))
+    rot[:, :, 150:] = rot[:, :, :150][:, :, ::-1]                  # exact ties
+    x, rot = x.astype(dtype), rot.astype(dtype)
+    want = inorder_buckets(x, rot)
+    for threads in (1, 2):
+        with num_threads(min(threads, numba.config.NUMBA_NUM_THREADS)):
+            np.testing.assert_array_equal(_lsh_hashing.hash_numba(x, rot, r), want)
+
+
 def test_numba_hash_filter_rechecks_near_ties(rng):
     """Columns a and b = a + w + ε·x̂ with w ⊥ x: x·b exceeds x·a by ~1e-10 while their float32
     products differ by ~1e-7 either way, so a filter without its error bound picks a or b
@@ -412,6 +429,67 @@ def test_bit_identical_with_1_and_2_threads(cfg, rng):
     np.testing.assert_array_equal(b1, b2)
     for name in g1:
         np.testing.assert_array_equal(g1[name], g2[name])
+
+
+#: chunk layouts of the kernels' schedule: an even and an odd number of chunks per round
+#: (the backward's even/odd phases), one chunk per round (every look-back is another
+#: round's chunk), one chunk in all (the window is the chunk twice), a single batch·head
+LAYOUTS = {
+    "even_chunks": dict(batch=(2,), n=40, chunk_len=4, n_hashes=3, n_buckets=6),
+    "odd_chunks": dict(batch=(1, 2), n=36, chunk_len=4, n_hashes=2, n_buckets=8),
+    "one_chunk_per_round": dict(batch=(2,), n=8, chunk_len=8, n_hashes=3, n_buckets=4),
+    "one_chunk": dict(batch=(2,), n=8, chunk_len=8, n_hashes=1, n_buckets=4),
+    "one_head": dict(batch=(1,), n=96, chunk_len=16, n_hashes=2, n_buckets=8),
+}
+
+
+def layout_case(rng, layout, dtype, options):
+    cfg = LAYOUTS[layout]
+    qk, v, rot = draw(rng, batch=cfg["batch"], n=cfg["n"], d=6, dv=5,
+                      n_hashes=cfg["n_hashes"], n_buckets=cfg["n_buckets"], dtype=dtype)
+    opts = {"rotations": rot, "chunk_len": cfg["chunk_len"]}
+    if options == "all":
+        kpad = np.ones(cfg["batch"] + (cfg["n"],), dtype=bool)
+        kpad[..., 1] = False
+        kpad[..., -3:] = False
+        opts.update(causal=True, dedup=True, scale=0.7, key_padding_mask=kpad)
+    return {"q": qk, "v": v}, opts
+
+
+@pytest.mark.parametrize("options", ["plain", "all"])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_numba_matches_reference_on_every_chunk_layout(layout, dtype, options, rng):
+    """The kernels' schedule (rounds in order, even then odd chunks in the backward, chunk
+    0's look-back half added after its round) against the reference, both contexts."""
+    args, opts = layout_case(rng, layout, dtype, options)
+    out_r, ctx_r = lsh.forward(**args, **opts, impl="ref")
+    out_n, ctx_n = lsh.forward(**args, **opts, impl="numba")
+    assert_close(out_n, out_r)
+    tol = {"rtol": 1e-10, "atol": 1e-9} if dtype == np.float64 else {"rtol": 1e-4, "atol": 1e-5}
+    assert_close(ctx_n.lse, ctx_r.lse, **tol)
+    assert_close(ctx_n.z, ctx_r.z, **tol)
+    dout = rng.standard_normal(out_r.shape).astype(dtype)
+    g_r = lsh.backward(dout, ctx_r)
+    assert_close(lsh.backward(dout, ctx_n), g_r)
+    assert_close(lsh.backward(dout, ctx_r, impl="numba"), g_r)
+
+
+@pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="needs 2 Numba threads")
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("layout", ["even_chunks", "odd_chunks", "one_chunk_per_round"])
+def test_bit_identical_with_1_and_2_threads_on_chunk_layouts(layout, dtype, rng):
+    args, opts = layout_case(rng, layout, dtype, "all" if layout == "odd_chunks" else "plain")
+    dout = rng.standard_normal(args["v"].shape).astype(dtype)
+    results = []
+    for threads in (1, 2):
+        with num_threads(threads):
+            out, ctx = lsh.forward(**args, **opts, impl="numba")
+            results.append((out, ctx.lse, ctx.z, ctx.buckets, lsh.backward(dout, ctx)))
+    for a, b in zip(results[0][:4], results[1][:4]):
+        np.testing.assert_array_equal(a, b)
+    for name in results[0][4]:
+        np.testing.assert_array_equal(results[0][4][name], results[1][4][name])
 
 
 # ----------------------------------------------------------------------------- edge cases

@@ -8,7 +8,7 @@ its backward stay there).  With rotations R (D, r, nb/2) shared by all batch dim
     π_r    = stable sort of positions by h_r               (i.e. by (bucket, position))
 
 :func:`hash_buckets` is the definition in NumPy; :func:`hash_numba` computes the same ids
-through the kernel's float32 filter with an error bound (``tinyeff/kernels/lsh.py``), and
+through the kernel's float32 filter with an error bound (``tinyeff/kernels/lsh_hash.py``), and
 :func:`sort_numba` the same permutation as a stable ``np.argsort``.  :func:`check_hashing`
 validates the ``rotations`` / ``buckets`` / ``n_buckets`` options of ``lsh.forward``.
 Bucket ids carry no gradient.
@@ -53,22 +53,28 @@ def hash_margin(qk: np.ndarray, rotations: np.ndarray) -> float:
 def hash_numba(x, rotations, n_hashes):
     """Buckets through ``K.hash_argmax``: a float32 filter whose error bound decides which
     products are recomputed exactly (in order, in float64), so the result is the definition's."""
+    from ..kernels import blas_single_thread
     from ..kernels import lsh as K
     g, n, d = x.shape
     bk = np.empty((g, n_hashes, n), dtype=np.int64)                # (G, r, N)
     rot = rotations.astype(np.float64).transpose(1, 0, 2)          # (r, D, nb/2) a view
-    d4 = -(-d // 4) * 4
-    rot32 = np.zeros((n_hashes, d4, rot.shape[2]), dtype=np.float32)  # (r, D4, nb/2)
-    rot32[:, :d] = rot
+    rot32 = np.ascontiguousarray(rot, dtype=np.float32)            # (r, D, nb/2) rounded
     rot_t = np.ascontiguousarray(rot.transpose(0, 2, 1))           # (r, nb/2, D) a copy
     with np.errstate(over="ignore", invalid="ignore"):
         col = np.sqrt(np.sum(rot * rot, axis=1)).max(axis=1)       # (r,) max_h ‖R_h‖
         big = np.abs(rot).max(axis=(1, 2))                         # (r,) max |R|
-    # |p_h − e_h| ≤ |fl32 − exact| + |fl64 − exact| ≤ ((D4 + 3)·2⁻²⁴ + D·2⁻⁵³)·Σ_d |x_d R_dh|
-    # (+ D4·2⁻¹⁵⁰ per magnitude for float32 underflow); Σ_d |x_d R_dh| ≤ ‖x‖·‖R_h‖; ×2 spare
+    # |p_h − e_h| ≤ |fl32 − exact| + |fl64 − exact|.  The float32 product sums D products of
+    # the rounded x and R in any order (BLAS): ≤ γ_D + 2 roundings ≤ (D + 3)·2⁻²⁴ relative to
+    # Σ_d |x_d R_dh| ≤ ‖x‖·‖R_h‖; the float64 one in order: ≤ D·2⁻⁵³; float32 underflow adds
+    # ≤ 2⁻¹⁵⁰ per rounding (D4 = D rounded up to a multiple of 4, to spare); ×2 to spare
+    d4 = -(-d // 4) * 4
     tol = 2.0 * (((d4 + 3) * 2.0**-24 + d * 2.0**-53) * col + d4 * 2.0**-149)  # (r,)
     tol_abs = 2.0 * d4 * 2.0**-149 * (1.0 + big)                   # (r,)
-    K.hash_argmax(bk, np.require(x, requirements="CW"), rot32, rot_t, tol, tol_abs)
+    x = np.require(x, requirements="CW")
+    with np.errstate(over="ignore"):                               # beyond float32: inf
+        x32 = x if x.dtype == np.float32 else x.astype(np.float32)  # (G, N, D) rounded
+    with blas_single_thread():
+        K.hash_argmax(bk, x, x32, rot32, rot_t, tol, tol_abs)
     return bk
 
 

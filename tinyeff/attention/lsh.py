@@ -35,8 +35,10 @@ of j counts); with ``dedup=True`` each distinct key counts once, i.e. exact atte
 the union of the windows (the paper's "subtract log N_ij").
 
 Cost O(r·N·c·(D + Dv)) time for attention plus O(r·N·D·nb/2) for hashing (quadratic in N
-when nb grows with N, as under trax's rule nb = 2N/c; the kernel runs it at the float32 rate,
-see ``tinyeff/kernels/lsh.py``), O(r·N) memory for the context (nothing of size N·c is kept).
+when nb grows with N, as under trax's rule nb = 2N/c; the kernel filters it with float32 BLAS
+products, see ``tinyeff/kernels/lsh_hash.py``), O(r·N) memory for the context (nothing of size
+N·c is kept).  The reference computes in float64 whatever the input dtype; the kernels
+compute in the input dtype (``tinyeff/kernels/lsh.py``).
 
 Options
 -------
@@ -327,7 +329,7 @@ def _rounds_ref(x, v, rn, perm, inv_perm, kp, causal, dedup, scale, c):
 
 
 def _forward_ref(x, v, rn, perm, inv_perm, kp, causal, dedup, scale, c):
-    # computed in float64 whatever the input dtype, rounded once at the end (as the kernels):
+    # computed in float64 whatever the input dtype, rounded once at the end:
     # a float32 logit cannot hold SELF_PENALTY − log N_ij to better than ±0.004
     x64, v64, rn64 = (a.astype(np.float64) for a in (x, v, rn))
     o, z, _, _ = _rounds_ref(x64, v64, rn64, perm, inv_perm, kp, causal, dedup, scale, c)
@@ -389,6 +391,7 @@ def _kp_args(kp, g, n):
 
 
 def _forward_numba(x, v, rn, perm, inv_perm, kp, causal, dedup, scale, c):
+    from ..kernels import blas_single_thread
     from ..kernels import lsh as K
     g, r, n = perm.shape
     out = np.zeros((g, n, v.shape[-1]), dtype=x.dtype)             # (G, N, Dv)
@@ -396,12 +399,14 @@ def _forward_numba(x, v, rn, perm, inv_perm, kp, causal, dedup, scale, c):
     z = np.empty((g, r, n))                                        # (G, R, N)
     kp_arr, use_kp = _kp_args(kp, g, n)
     x, v, rn = (np.require(a, requirements="CW") for a in (x, v, rn))
-    K.chunk_attend(out, lse, z, x, v, rn, perm, inv_perm, kp_arr, use_kp, causal, dedup,
-                   float(scale), c, SELF_PENALTY)
+    with blas_single_thread():
+        K.chunk_attend(out, lse, z, x, v, rn, perm, inv_perm, kp_arr, use_kp, causal, dedup,
+                       x.dtype.type(scale), c, SELF_PENALTY)
     return out, z, lse
 
 
 def _backward_numba(f, ctx: LSHCtx):
+    from ..kernels import blas_single_thread
     from ..kernels import lsh as K
     x = np.require(f["x"], requirements="CW")
     v = np.require(f["v"], requirements="CW")
@@ -414,12 +419,12 @@ def _backward_numba(f, ctx: LSHCtx):
     dd = np.empty((g, n))                                          # (G, N) ⟨dout_i, out_i⟩
     K.row_dot(dd, dout, np.require(f["out"], requirements="CW"))
     kp_arr, use_kp = _kp_args(f["kp"], g, n)
-    args = (x, v, rn, perm, inv_perm, kp_arr, use_kp, ctx.causal, ctx.dedup, float(ctx.scale),
-            ctx.chunk_len, SELF_PENALTY)
     dx = np.zeros_like(x)                                          # (G, N, D)
-    K.chunk_attend_bwd_q(dx, dout, dd, lse, *args)
     dv = np.zeros_like(v)                                          # (G, N, Dv)
-    K.chunk_attend_bwd_kv(dx, dv, dout, dd, lse, *args)            # adds the key path to dx
+    with blas_single_thread():
+        K.chunk_attend_bwd(dx, dv, dout, dd, lse, x, v, rn, perm, inv_perm, kp_arr, use_kp,
+                           ctx.causal, ctx.dedup, x.dtype.type(ctx.scale), ctx.chunk_len,
+                           SELF_PENALTY)
     return dx, dv
 
 

@@ -2,8 +2,9 @@
 attention kernels and re-exports these two).
 
 * ``hash_argmax``   buckets[g, r, i] = argmax([x_i R_r ; −x_i R_r]), first maximum wins
-                    (a float32 filter, then the exact float64 products of the candidates),
-                    parallel over blocks of 4 positions
+                    (a float32 filter by BLAS products, then the exact float64 products of
+                    the candidates), over blocks of positions, in parallel on the threads of
+                    ``run_tasks`` (the wrapper pins BLAS to one thread)
 * ``sort_buckets``  stable counting sort of each round by bucket -> perm, inv_perm (serial:
                     O(N) work per round)
 
@@ -16,78 +17,57 @@ import math
 
 import numpy as np
 
-from ._jit import kernel, prange, serial
+from ._jit import run_tasks, serial
 
-__all__ = ["hash_argmax", "sort_buckets"]
+__all__ = ["HASH_BLOCK", "hash_argmax", "hash_blocks", "sort_buckets"]
+
+HASH_BLOCK = 32      # positions per task of hash_argmax (one sgemm of (32, D) by (D, nb/2))
 
 
 @serial
-def _hash_block(gb, buckets, x, rot32, rot_t, tol, tol_abs):
-    """Block gb = (g, 4 positions) of :func:`hash_argmax`, every round."""
+def hash_blocks(lo, hi, buckets, x, x32, rot32, rot_t, tol, tol_abs, blk):
+    """Blocks lo … hi − 1 of :func:`hash_argmax` (block gb = (g, blk positions)), every
+    round."""
     G, R, N = buckets.shape
     D = x.shape[2]
-    D4 = rot32.shape[1]
     H = rot32.shape[2]
-    nblk = (N + 3) // 4
-    g = gb // nblk
-    i0 = (gb % nblk) * 4
-    nr = min(4, N - i0)
-    xb = np.zeros((4, D4), np.float32)                         # (4, D4) rows, rounded
-    xe = np.zeros((4, D))                                      # (4, D) rows, float64
-    xn = np.zeros(4)                                           # (4,) ‖x_i‖
-    for k in range(nr):
-        acc = 0.0
-        for d in range(D):
-            xd = np.float64(x[g, i0 + k, d])
-            xe[k, d] = xd
-            xb[k, d] = xd
-            acc += xd * xd
-        xn[k] = math.sqrt(acc)
-    p = np.empty((4, H), np.float32)                           # (4, H) filter products
-    pb = p.view(np.uint32)                                     # |p| ordered as its bits
+    nblk = (N + blk - 1) // blk
+    buf = np.empty(blk * H, np.float32)                        # (blk·H,) filter products
+    xe = np.empty((blk, D))                                    # (blk, D) rows in float64
+    xn = np.empty(blk)                                         # (blk,) ‖x_i‖
     one = np.empty(1, np.float32)                              # (1,) float32 <-> bits
     one_b = one.view(np.uint32)
-    ngrp = (H + 31) // 32
-    grp = np.empty(ngrp, np.uint32)                            # (H/32,) group max |p|
-    p0 = p[0]
-    p1 = p[1]
-    p2 = p[2]
-    p3 = p[3]
-    for r in range(R):
-        p[:, :] = 0.0
-        for d in range(0, D4, 4):
-            ra = rot32[r, d]
-            rb = rot32[r, d + 1]
-            rc = rot32[r, d + 2]
-            rd = rot32[r, d + 3]
-            a0, a1, a2, a3 = xb[0, d], xb[0, d + 1], xb[0, d + 2], xb[0, d + 3]
-            b0, b1, b2, b3 = xb[1, d], xb[1, d + 1], xb[1, d + 2], xb[1, d + 3]
-            c0, c1, c2, c3 = xb[2, d], xb[2, d + 1], xb[2, d + 2], xb[2, d + 3]
-            e0, e1, e2, e3 = xb[3, d], xb[3, d + 1], xb[3, d + 2], xb[3, d + 3]
-            for h in range(H):                                 # SPEEDTIP: vectorizes
-                qa = ra[h]
-                qb = rb[h]
-                qc = rc[h]
-                qd = rd[h]
-                p0[h] += (a0 * qa + a1 * qb) + (a2 * qc + a3 * qd)
-                p1[h] += (b0 * qa + b1 * qb) + (b2 * qc + b3 * qd)
-                p2[h] += (c0 * qa + c1 * qb) + (c2 * qc + c3 * qd)
-                p3[h] += (e0 * qa + e1 * qb) + (e2 * qc + e3 * qd)
+    for gb in range(lo, hi):
+        g = gb // nblk
+        i0 = (gb % nblk) * blk
+        nr = min(blk, N - i0)
+        p = buf[:nr * H].reshape((nr, H))                      # (nr, H)
+        pb = p.view(np.uint32)                                 # |p| ordered as its bits
         for k in range(nr):
-            b = tol[r] * xn[k] + tol_abs[r]
-            buckets[g, r, i0 + k] = _pick_bucket(p[k], pb[k], xe[k], rot_t[r], b, grp,
-                                                 one, one_b)
+            acc = 0.0
+            for d in range(D):
+                xd = np.float64(x[g, i0 + k, d])
+                xe[k, d] = xd
+                acc += xd * xd
+            xn[k] = math.sqrt(acc)
+        for r in range(R):
+            np.dot(x32[g, i0:i0 + nr], rot32[r], p)            # stage 1: float32 products
+            for k in range(nr):
+                b = tol[r] * xn[k] + tol_abs[r]
+                buckets[g, r, i0 + k] = _pick_bucket(p[k], pb[k], xe[k], rot_t[r], b, one,
+                                                     one_b)
 
 
-@kernel
-def hash_argmax(buckets, x, rot32, rot_t, tol, tol_abs):
+def hash_argmax(buckets, x, x32, rot32, rot_t, tol, tol_abs):
     """buckets[g, r, i] = argmax_k [e ; −e]_k,  e_h = Σ_d x_id R[d, r, h] summed in float64 in
     the order d = 0, 1, …, D−1; ties -> the first k.
 
-    Two stages per block of 4 positions and round r (the result is exactly that definition):
+    Two stages per block of positions and round r (the result is exactly that definition):
 
-    1. filter: p_h ≈ x_i·R_h for every h in float32 (4 positions × 4 features per step, a
-       register-blocked product that runs near the machine's float32 rate);
+    1. filter: p_h ≈ x_i·R_h for every h in float32, one BLAS product (``np.dot``, sgemm)
+       of the block's rows by R_r.  Whatever the order in which it sums the D products (and
+       with or without fused multiply-adds), |p_h − x_i·R_h| ≤ γ_D Σ_d |x_id R_dh| plus the
+       roundings of x and R to float32;
     2. exact: e_h in float64, in order, only for the candidates |p_h| ≥ M − 2·b_i with
        M = max_h |p_h| and b_i = tol[r]·‖x_i‖ + tol_abs[r] ≥ max_h |p_h − e_h| (the wrapper
        derives tol from the float32 and float64 rounding bounds, with a factor 2 to spare).
@@ -98,34 +78,30 @@ def hash_argmax(buckets, x, rot32, rot_t, tol, tol_abs):
        product is needed.  If M or b is not finite (inf/NaN inputs, float64 values beyond
        float32's range) every h is a candidate.
 
-    buckets (G, R, N) int64 out; x (G, N, D) float32/float64; rot32 (R, D4, H) float32 (the
-    rotations rounded, zero-padded to D4 = a multiple of 4 features); rot_t (R, H, D) float64
-    (the rotations transposed); tol, tol_abs (R,) float64.  Results do not depend on the
-    thread count or on the filter's rounding (only the exact stage decides).
+    buckets (G, R, N) int64 out; x (G, N, D) float32/float64; x32 (G, N, D) float32 (x
+    rounded, or x itself); rot32 (R, D, H) float32 (the rotations rounded); rot_t (R, H, D)
+    float64 (the rotations transposed); tol, tol_abs (R,) float64.  Results do not depend
+    on the thread count or on the filter's rounding (only the exact stage decides).  The
+    blocks of HASH_BLOCK positions run on the threads of :func:`run_tasks`.
     """
     G, N = buckets.shape[0], buckets.shape[2]
-    nblk = (N + 3) // 4
-    for gb in prange(G * nblk):                # SPEEDTIP: bodies in serial helpers (_jit.py)
-        _hash_block(np.int64(gb), buckets, x, rot32, rot_t, tol, tol_abs)
+    run_tasks(hash_blocks, G * -(-N // HASH_BLOCK), buckets, x, x32, rot32, rot_t, tol,
+              tol_abs, HASH_BLOCK)
 
 
 @serial
-def _pick_bucket(p, pb, xe, rot_t, b, grp, one, one_b):
+def _pick_bucket(p, pb, xe, rot_t, b, one, one_b):
     """Stage 2 of ``hash_argmax`` for one position and round: p (H,) the filter's products,
     pb their bits, xe (D,) the position in float64, rot_t (H, D) float64, b the bound on
-    |p_h − e_h|; grp (⌈H/32⌉,), one and one_b are scratch.  Returns the bucket."""
+    |p_h − e_h|; one and one_b are scratch.  Returns the bucket."""
     H = p.shape[0]
     D = xe.shape[0]
-    ngrp = grp.shape[0]
-    # max |p| on the bits (monotone for non-negative floats; NaN bits above inf), per group
-    # of 32 so that the candidate scans skip whole groups
+    absmask = np.uint32(0x7FFFFFFF)
+    # max |p| on the bits (monotone for non-negative floats; NaN bits above inf); an
+    # integer max, so the loop vectorizes
     mb = np.uint32(0)
-    for q in range(ngrp):
-        gm = np.uint32(0)
-        for h in range(q * 32, min(q * 32 + 32, H)):
-            gm = max(gm, pb[h] & np.uint32(0x7FFFFFFF))
-        grp[q] = gm
-        mb = max(mb, gm)
+    for h in range(H):
+        mb = max(mb, pb[h] & absmask)
     tb = np.uint32(0)                                              # every h a candidate
     if mb < np.uint32(0x7F800000) and b < np.inf:
         one_b[0] = mb
@@ -136,45 +112,40 @@ def _pick_bucket(p, pb, xe, rot_t, b, grp, one, one_b):
                 one_b[0] -= np.uint32(1)
             tb = one_b[0]
     if tb > 0:
-        n_cand = 0
-        h_cand = 0
-        for q in range(ngrp):
-            if grp[q] >= tb:
-                for h in range(q * 32, min(q * 32 + 32, H)):
-                    if (pb[h] & np.uint32(0x7FFFFFFF)) >= tb:
-                        n_cand += 1
-                        h_cand = h
+        n_cand = 0                                 # the candidates' count and index sum
+        h_sum = 0                                  # (integer sums: the loop vectorizes)
+        for h in range(H):
+            is_cand = (pb[h] & absmask) >= tb
+            n_cand += 1 if is_cand else 0
+            h_sum += h if is_cand else 0
         if n_cand == 1:
-            # the only candidate h* is the unique argmax of |e|, and |p − e| ≤ b < M = |p_h*|
-            # gives e_h* the sign of p_h*: no exact product needed
-            return h_cand if p[h_cand] > 0 else H + h_cand
+            # the only candidate h* = h_sum is the unique argmax of |e|, and
+            # |p − e| ≤ b < M = |p_h*| gives e_h* the sign of p_h*: no exact product needed
+            return h_sum if p[h_sum] > 0 else H + h_sum
     first = True
     best_p = 0.0
     best_m = 0.0
     arg_p = 0
     arg_m = 0
-    for q in range(ngrp):                                          # increasing h
-        if grp[q] < tb:
+    for h in range(H):                                             # increasing h
+        if (pb[h] & absmask) < tb:
             continue
-        for h in range(q * 32, min(q * 32 + 32, H)):
-            if (pb[h] & np.uint32(0x7FFFFFFF)) < tb:
-                continue
-            e = 0.0
-            for d in range(D):                                     # in order, float64
-                e += xe[d] * rot_t[h, d]
-            if first:
+        e = 0.0
+        for d in range(D):                                         # in order, float64
+            e += xe[d] * rot_t[h, d]
+        if first:
+            best_p = e
+            arg_p = h
+            best_m = -e
+            arg_m = h
+            first = False
+        else:
+            if e > best_p:
                 best_p = e
                 arg_p = h
+            if -e > best_m:
                 best_m = -e
                 arg_m = h
-                first = False
-            else:
-                if e > best_p:
-                    best_p = e
-                    arg_p = h
-                if -e > best_m:
-                    best_m = -e
-                    arg_m = h
     # the "+" half precedes the "−" half, so a tie goes to the "+" index
     return H + arg_m if best_m > best_p else arg_p
 
