@@ -2,8 +2,8 @@
 
 Conventions: outputs first, then inputs, then sizes and scalars, all contiguous arrays; no
 validation and no defaults (the variant's wrapper does that); parallel only over
-independent outputs (``prange``, or blocks of tasks on threads by ``run_tasks``), every
-reduction serial in a fixed order, so results are bit-identical whatever the thread count.
+independent outputs (blocks of tasks on threads, ``run_tasks``), every reduction serial in
+a fixed order, so results are bit-identical whatever the thread count.
 The jit policy and ``run_tasks`` live in :mod:`tinyeff.kernels._jit`.
 
 :func:`blas_single_thread` is the one helper the variants' wrappers use around kernels that

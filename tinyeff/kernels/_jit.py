@@ -1,10 +1,19 @@
-"""The one jit policy of tinyeff.
+"""The one jit policy of tinyeff, and the way its kernels use the cores.
 
-``cache=True`` (compiled code is cached next to the source, so the test suite and the CLI
-do not recompile), ``fastmath=False`` (masked logits rely on −inf, which fastmath's
-no-inf/no-NaN assumptions may remove; and reassociation would change bits), ``nogil=True``.
-``kernel`` is for parallel kernels (``prange`` over independent outputs), ``serial`` for
-helpers called from them.  ``NUMBA_DISABLE_JIT=1`` runs every kernel as plain Python.
+``serial``: ``cache=True`` (compiled code is cached next to the source, so the test suite
+and the CLI do not recompile), ``fastmath=False`` (masked logits rely on −inf, which
+fastmath's no-inf/no-NaN assumptions may remove; and reassociation would change bits),
+``nogil=True``.  ``NUMBA_DISABLE_JIT=1`` runs every kernel as plain Python.
+
+Parallelism: :func:`run_tasks` runs a ``serial`` kernel over blocks of independent tasks,
+one block per thread (``numba.get_num_threads()``, so :func:`num_threads` and
+``NUMBA_NUM_THREADS`` apply); the kernels release the GIL, so the blocks run at once.  The
+tasks of a pass write disjoint outputs and every sum runs in a fixed order inside a task,
+so results are bit-identical whatever the number of threads.  No kernel uses ``prange``:
+every ``prange`` loop is compiled as a function of its own (a gufunc) whose module links in
+and re-optimizes every helper the loop calls, and the kernel's module does it once more, so
+the same loops compiled in about twice the time (BENCHMARKS.md, "Cold start"); the price of
+threads is a few Python calls per pass.
 
 Compiling is slow (seconds per kernel module) and happens once per machine: the first time a
 kernel module compiles in a process, one line on stderr says so, so that a first call does
@@ -12,26 +21,17 @@ not wait in silence; loading from the cache prints nothing.
 
 SPEEDTIP (compile time; ``python -m tinyeff bench --cold-start`` measures it on an empty cache):
 
-* every ``prange`` body is compiled as a function of its own (a gufunc) whose module links
-  in and re-optimizes every helper it calls, and the kernel's module does it once more:
-  few ``prange`` loops per kernel, each a short loop around one ``serial`` helper that holds
-  the body (the helper is then compiled once and the two re-optimizations see small code);
-* a raw ``prange`` index passed to a helper types as int64 in one pass and as uint64 in the
-  gufunc: two compilations of the helper.  Pass ``np.int64(i)``, or index arithmetic;
-* ``prange(a if c else b)`` is not parallelized at all: compute the count first;
+* the loop over a block of tasks belongs inside the task kernel: a kernel that calls
+  another links in and re-optimizes the callee's code, so a thin loop kernel around a
+  per-task helper compiles every task body once more (measured: 1–2 s per kernel);
 * array expressions (``x += np.dot(a, b)``, ``x[i0:i1] = y``) compile broadcasting checks
   whose error messages format strings (seconds per kernel): loops (``_math.add_rows``) do
-  the same sums without them;
-* parallel kernels cost a fixed second or more each: O(n) bookkeeping runs ``serial``.
+  the same sums without them.
 
-``run_tasks`` is the other way to use the cores: serial kernels (``nogil``) over blocks of
-independent tasks, one block per Python thread.  It compiles no gufunc, so a kernel module
-built on it compiles in about half the time of the same loops under ``prange``.
-
-Between parallel regions the worker threads sleep: ``OMP_WAIT_POLICY`` is set to PASSIVE
-before Numba starts its OpenMP thread pool, unless the environment already sets it.  With
-OpenMP's default the workers spin after each region and take the cores that OpenBLAS then
-needs for the matrix products of the NumPy code between kernel calls (BENCHMARKS.md).
+``OMP_WAIT_POLICY`` is set to PASSIVE before Numba can start an OpenMP thread pool, unless
+the environment already sets it: should a parallel region ever run (a user's own ``prange``
+code in the same process), its workers then sleep afterwards instead of spinning on the
+cores that OpenBLAS needs for the matrix products of the NumPy code (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -46,9 +46,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")     # read once, when the po
 import numba  # noqa: E402
 from numba.core import event  # noqa: E402
 
-kernel = numba.njit(cache=True, parallel=True, fastmath=False, nogil=True)
 serial = numba.njit(cache=True, parallel=False, fastmath=False, nogil=True)
-prange = numba.prange
 
 
 class _CompileNotice(event.Listener):
