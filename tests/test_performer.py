@@ -147,6 +147,7 @@ def test_numba_matches_reference_and_crosswires(chunk, kernel, causal, mask_mode
     keys in two ranges whose maxima differ, combined by rescaling)."""
     monkeypatch.setattr(engine, "CHUNK", chunk)
     monkeypatch.setattr(engine, "CHUNK_FUSED", chunk)
+    monkeypatch.setattr(engine, "CHUNK_FAVOR", chunk)
     n, m = (1, 1) if chunk == 1 else (9, 7)
     x = random_qkv(rng, (2, 2), n=n, m=m, d=5, dv=3)
     x["k"] *= np.linspace(0.5, 2, m)[:, None]                      # growing norms: rescaling
@@ -167,7 +168,7 @@ def test_numba_matches_reference_and_crosswires(chunk, kernel, causal, mask_mode
 @pytest.mark.parametrize("causal", [False, True])
 def test_one_and_two_threads_bit_identical(causal, rng, monkeypatch):
     monkeypatch.setattr(engine, "CHUNK", 6)
-    monkeypatch.setattr(engine, "CHUNK_FUSED", 2)                  # 7 chunks, 7 ranges
+    monkeypatch.setattr(engine, "CHUNK_FAVOR", 2)                  # 7 chunks, 7 ranges
     x = random_qkv(rng, (2, 3), n=14, d=4, dv=3)
     x["k"] *= np.linspace(0.5, 3, 14)[:, None]
     dout = rng.standard_normal((2, 3, 14, 3))
@@ -185,7 +186,7 @@ def test_one_and_two_threads_bit_identical(causal, rng, monkeypatch):
 def test_gradcheck_large_norm(causal, rng, monkeypatch):
     """Gradients stay exact when the stabilizers are far from 0 (keys of norm ~10; the
     fused non-causal path with its keys in three ranges)."""
-    monkeypatch.setattr(engine, "CHUNK_FUSED", 2)
+    monkeypatch.setattr(engine, "CHUNK_FAVOR", 2)
     x = random_qkv(rng, (1, 2), n=6, d=4, dv=2)
     x["k"] *= 4
     check_vjp(performer.forward, performer.backward, x,

@@ -449,6 +449,9 @@ def _backward_fused_noncausal(dout, ctx: LinearCtx) -> dict:
 
 # --------------------------------------------------------------------------- fused FAVOR+ path
 
+CHUNK_FAVOR = 512     # rows per task of the fused FAVOR+ kernels (BENCHMARKS.md)
+
+
 def _favor_fused(fmap) -> bool:
     """Non-causal positive softmax features (at least one): tinyeff.kernels.favor_noncausal."""
     return fmap.kind == "favor_softmax" and fmap.n_features > 0
@@ -469,7 +472,7 @@ def _forward_favor(q, k, v, fmap, mask, mask_mode, normalize, eps):
     dtype, nf = q.dtype, fmap.n_features
     qf, kf, vf, keep, exact = _fused_args(q, k, v, mask, mask_mode)
     bh = qf.shape[0]
-    parts = kernels_nc.n_parts(m, CHUNK_FUSED)
+    parts = kernels_nc.n_parts(m, CHUNK_FAVOR)
     _, omega_t, root, half_log_m = _favor_args(fmap, dtype)
     out = memory.empty((*batch, n, dvd), dtype)                    # (..., N, Dv)
     denom = np.empty((*batch, n), dtype)                           # (..., N)
@@ -482,7 +485,7 @@ def _forward_favor(q, k, v, fmap, mask, mask_mode, normalize, eps):
                                 np.empty((bh * parts, nf, dvd), dtype),
                                 np.empty((bh * parts, nf), dtype), np.empty(bh * parts, dtype),
                                 qf, kf, vf, keep, omega_t, root, half_log_m, exact, normalize,
-                                dtype.type(eps), CHUNK_FUSED, parts, dtype.type(0))
+                                dtype.type(eps), CHUNK_FAVOR, parts, dtype.type(0))
     key_scale = np.empty((*batch, n), dtype)                       # (..., N) C
     key_scale.reshape(bh, n)[...] = big_c[:, None]
     return out, denom, key_scale, kv, z
@@ -502,7 +505,7 @@ def _backward_favor(dout, ctx: LinearCtx) -> dict:
     qf, kf, vf, keep, exact = _fused_args(q, k, v, ctx.key_padding_mask, ctx.mask_mode)
     bh, n, _ = qf.shape
     dvd = v.shape[-1]
-    parts = kernels_nc.n_parts(n, CHUNK_FUSED)
+    parts = kernels_nc.n_parts(n, CHUNK_FAVOR)
     omega, omega_t, root, half_log_m = _favor_args(ctx.fmap, dtype)
     dof, outf = (np.require(x, requirements="CW").reshape(bh, n, dvd) for x in (dout, ctx.out))
     den = np.require(ctx.denom, requirements="CW").reshape(bh, n)
@@ -515,7 +518,7 @@ def _backward_favor(dout, ctx: LinearCtx) -> dict:
                                 np.empty((bh * parts, nf, dvd), dtype),
                                 np.empty((bh * parts, nf), dtype), qf, kf, vf, keep, dof, outf,
                                 den, kv, z, big_c, omega, omega_t, root, half_log_m, exact,
-                                ctx.normalize, CHUNK_FUSED, parts, dtype.type(0))
+                                ctx.normalize, CHUNK_FAVOR, parts, dtype.type(0))
     return {"q": dq, "k": dk, "v": dv}
 
 

@@ -48,6 +48,25 @@ __all__ = ["favor_fwd", "favor_bwd"]
 
 
 @serial
+def _rowmax(row):
+    """max_u row[u], NaN-propagating, in four interleaved lanes (one running maximum would
+    wait on each comparison in turn); m ≥ 1."""
+    n = row.shape[0]
+    c0 = row[0]
+    c1 = row[0]
+    c2 = row[0]
+    c3 = row[0]
+    for u in range(0, n - 3, 4):
+        c0 = nanmax(c0, row[u])
+        c1 = nanmax(c1, row[u + 1])
+        c2 = nanmax(c2, row[u + 2])
+        c3 = nanmax(c3, row[u + 3])
+    for u in range(n - n % 4, n):
+        c0 = nanmax(c0, row[u])
+    return nanmax(nanmax(c0, c1), nanmax(c2, c3))
+
+
+@serial
 def _features(f, ell, xh, x, omega_t, root, half_log_m):
     """f (T, m) = exp(a − c), ell (T) = c − ½ ln m and xh (T, D) = x̂ for the rows of x."""
     nt, d = x.shape
@@ -61,10 +80,9 @@ def _features(f, ell, xh, x, omega_t, root, half_log_m):
             sq += xh[t, e] * xh[t, e]
         h = sq * 0.5
         row = f[t]
-        c = row[0] - h if row.shape[0] else h * 0
         for u in range(row.shape[0]):
             row[u] = row[u] - h                                    # a = x̂ωᵀ − ‖x̂‖²/2
-            c = nanmax(c, row[u])
+        c = _rowmax(row)
         for u in range(row.shape[0]):
             row[u] = fast_exp(row[u] - c)                          # f = exp(a − c)
         ell[t] = c - half_log_m
@@ -79,11 +97,9 @@ def _dx(dx, da, f, xh, omega, root):
         for u in range(row.shape[0]):
             row[u] = row[u] * f[t, u]                              # fwd: f = exp(a − c)
     np.dot(da, omega, dx)                                          # fwd: a = x̂ ωᵀ − ‖x̂‖²/2
+    sums = np.dot(da, np.ones(da.shape[1], dtype=da.dtype))       # (T) Σ_f da_f
     for t in range(nt):
-        s = root * 0
-        row = da[t]
-        for u in range(row.shape[0]):
-            s += row[u]
+        s = sums[t]
         for e in range(dx.shape[1]):
             dx[t, e] = (dx[t, e] - s * xh[t, e]) * root            # fwd: x̂ = √scale · x
 
@@ -192,10 +208,9 @@ def _rows_fwd_tasks(lo, hi, out, denom, kv, z, c, q, omega_t, root, half_log_m, 
         o = out[b, i0:i0 + nt]                                     # (T, Dv)
         np.dot(ft, kv[b], o)                                       # num = fq KV
         seen = c[b] > -inf
+        dens = np.dot(ft, z[b])                                    # (T) fq·z
         for t in range(nt):
-            den = zero
-            for u in range(nf):
-                den += ft[t, u] * z[b, u]                          # fq·z
+            den = dens[t]
             corr = np.exp(-(ell[t] + c[b])) if seen else one       # exp(−ℓq − C)
             if normalize:
                 if eps > 0:

@@ -170,11 +170,9 @@ def rows_fwd(lo, hi, out, denom, kv, z, q, seen, normalize, eps, chunk, relu, ze
         _phi(a, q[b, i0:i0 + nt], relu, zero)
         o = out[b, i0:i0 + nt]                                         # (T, Dv)
         np.dot(a, kv[b], o)                                            # num = φ(q) KV
-        zb = z[b]
+        dens = np.dot(a, z[b])                                         # (T) φ(q_i)·z
         for t in range(nt):
-            den = zero
-            for f in range(d):
-                den += a[t, f] * zb[f]                                 # φ(q_i)·z
+            den = dens[t]
             if normalize:
                 if eps > 0:
                     den = den + eps
