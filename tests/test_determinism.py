@@ -177,3 +177,37 @@ def test_run_tasks_splits_into_one_block_per_thread_and_reraises():
 
     with num_threads(2), pytest.raises(ValueError, match="block 2"):
         run_tasks(fail, 4)
+
+
+@pytest.mark.numba_threads
+def test_run_tasks_runs_small_passes_on_one_thread(monkeypatch):
+    """A pass that finished quickly on several threads runs in one block the next time,
+    and goes back to several when a one-block call of it is slow."""
+    import time
+
+    from tinyeff.kernels import _jit
+    monkeypatch.setattr(_jit, "_SMALL", set())
+    x = np.zeros(3)
+    seen = []
+
+    def fast(lo, hi, arr):
+        seen.append((lo, hi))
+
+    def slow(lo, hi, arr):
+        seen.append((lo, hi))
+        time.sleep(2 * _jit.LARGE_S)
+
+    with num_threads(2):
+        _jit.run_tasks(fast, 4, x)
+        assert sorted(seen) == [(0, 2), (2, 4)]
+        seen.clear()
+        _jit.run_tasks(fast, 4, x)                     # small: one block now
+        assert seen == [(0, 4)]
+        seen.clear()
+        _jit.run_tasks(fast, 4, np.zeros(5))           # another shape: several again
+        assert sorted(seen) == [(0, 2), (2, 4)]
+        monkeypatch.setattr(_jit, "_SMALL", {(slow, 4, (3,))})
+        seen.clear()
+        _jit.run_tasks(slow, 4, x)                     # one block, but slow: unmarked
+        _jit.run_tasks(slow, 4, x)
+        assert seen[0] == (0, 4) and sorted(seen[1:]) == [(0, 2), (2, 4)]

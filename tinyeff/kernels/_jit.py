@@ -40,10 +40,12 @@ import concurrent.futures
 import contextlib
 import os
 import sys
+import time
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")     # read once, when the pool starts
 
 import numba  # noqa: E402
+import numpy as np  # noqa: E402
 from numba.core import event  # noqa: E402
 
 serial = numba.njit(cache=True, parallel=False, fastmath=False, nogil=True)
@@ -72,16 +74,22 @@ event.register("numba:compile", _CompileNotice())
 
 @contextlib.contextmanager
 def num_threads(n: int):
-    """Run the enclosed code with ``n`` Numba threads (at most NUMBA_NUM_THREADS)."""
+    """Run the enclosed code with ``n`` Numba threads (at most NUMBA_NUM_THREADS); the
+    passes :func:`run_tasks` had found too small for several threads are tried anew."""
     old = numba.get_num_threads()
     numba.set_num_threads(n)
+    _SMALL.clear()
     try:
         yield
     finally:
         numba.set_num_threads(old)
+        _SMALL.clear()
 
 
 _POOL: list = []          # the worker threads of run_tasks, started on first use
+_SMALL: set = set()       # (fn, n_tasks, shape) of passes too small for more than one thread
+SMALL_S = 250e-6          # a pass on several threads faster than this is run on one next time
+LARGE_S = 500e-6          # a pass on one thread (so marked) slower than this goes back to several
 
 
 def run_tasks(fn, n_tasks: int, *args) -> None:
@@ -89,8 +97,30 @@ def run_tasks(fn, n_tasks: int, *args) -> None:
     tasks per Numba thread (``numba.get_num_threads()``, so ``num_threads`` applies); the
     calling thread runs the first block, worker threads the others, in parallel when ``fn``
     is a ``serial`` kernel (it releases the GIL).  The blocks must write disjoint outputs;
-    which thread runs a task then changes no result."""
-    blocks = max(1, min(numba.get_num_threads(), n_tasks))
+    which thread runs a task then changes no result.
+
+    Threads per call from its size: handing blocks to other threads costs tens of
+    microseconds, more than a small pass gains.  A pass of ``fn`` over ``n_tasks`` tasks
+    with a first array argument of a given shape that took less than ``SMALL_S`` on several
+    threads runs in one block from then on (and on several again if such a one-block call
+    ever takes more than ``LARGE_S``).  Results are the same bits either way.
+    """
+    threads = max(1, min(numba.get_num_threads(), n_tasks))
+    first = next((x for x in args if isinstance(x, np.ndarray)), None)
+    key = (fn, n_tasks, None if first is None else first.shape)
+    small = key in _SMALL
+    blocks = 1 if small else threads
+    start = time.perf_counter()
+    _run_blocks(fn, n_tasks, blocks, args)
+    took = time.perf_counter() - start
+    if blocks > 1 and took < SMALL_S:
+        _SMALL.add(key)
+    elif small and took > LARGE_S:
+        _SMALL.discard(key)
+
+
+def _run_blocks(fn, n_tasks, blocks, args):
+    """fn over ``blocks`` consecutive blocks of the tasks, the first on this thread."""
     bounds = [n_tasks * i // blocks for i in range(blocks + 1)]
     if blocks == 1:
         fn(0, n_tasks, *args)
