@@ -39,6 +39,7 @@ import numpy as np
 
 from ._jit import run_tasks, serial
 from ._math import add_rows, fast_exp, nanmax
+from .linear import grad_rows
 from .linear_noncausal import add_parts, task_span, zero_sums
 
 __all__ = ["favor_fwd", "favor_bwd"]
@@ -120,19 +121,19 @@ def _scale_part(kvp, zp, r):
 def _sum_keys_tasks(lo, hi, kv_part, z_part, c_part, k, v, keep, omega_t, root, half_log_m,
                     exact, parts, chunk, zero):
     """Tasks lo … hi − 1 of the sums over the keys."""
+    m, d = k.shape[1:]
+    nf = omega_t.shape[1]
+    dv = v.shape[2]
+    xh = np.empty((chunk, d), dtype=k.dtype)                           # (T, D) k̂
+    fk = np.empty((chunk, nf), dtype=k.dtype)                          # (T, m) features
+    ell = np.empty(chunk, dtype=k.dtype)                               # (T) ℓk
+    tmp = np.empty((nf, dv), dtype=k.dtype)                            # (m, Dv)
+    inf = zero - np.float32(np.inf)
     for task in range(lo, hi):
-        m, d = k.shape[1:]
-        nf = omega_t.shape[1]
-        dv = v.shape[2]
         b, j_lo, j_hi = task_span(task, parts, m, chunk)
-        xh = np.empty((chunk, d), dtype=k.dtype)                       # (T, D) k̂
-        fk = np.empty((chunk, nf), dtype=k.dtype)                      # (T, m) features
-        ell = np.empty(chunk, dtype=k.dtype)                           # (T) ℓk
-        tmp = np.empty((nf, dv), dtype=k.dtype)                        # (m, Dv)
         kvp = kv_part[task]                                            # (m, Dv)
         zp = z_part[task]                                              # (m)
         zero_sums(kvp, zp, zero)
-        inf = zero - np.float32(np.inf)
         cp = inf                                                       # C_p = −inf: no key yet
         for j0 in range(j_lo, j_hi, chunk):
             nt = min(chunk, j_hi - j0)
@@ -251,18 +252,18 @@ def favor_fwd(out, denom, kv, z, c, kv_part, z_part, c_part, q, k, v, keep, omeg
 def _grad_queries_tasks(lo, hi, dq, dkv_part, dz_part, q, dout, out, denom, kv, z, omega,
                         omega_t, root, half_log_m, normalize, parts, chunk, zero):
     """Tasks lo … hi − 1 of the backward's pass over the rows."""
+    n, d = q.shape[1:]
+    nf = omega.shape[0]
+    dv = dout.shape[2]
+    xh = np.empty((chunk, d), dtype=q.dtype)                           # (T, D) q̂
+    fq = np.empty((chunk, nf), dtype=q.dtype)                          # (T, m)
+    df = np.empty((chunk, nf), dtype=q.dtype)                          # (T, m) dfq, then da
+    ell = np.empty(chunk, dtype=q.dtype)                               # (T)
+    g = np.empty((chunk, dv), dtype=q.dtype)                           # (T, Dv) dnum
+    dl = np.empty(chunk, dtype=q.dtype)                                # (T) dden
+    tmp = np.empty((nf, dv), dtype=q.dtype)                            # (m, Dv)
     for task in range(lo, hi):
-        n, d = q.shape[1:]
-        nf = omega.shape[0]
-        dv = dout.shape[2]
         b, i_lo, i_hi = task_span(task, parts, n, chunk)
-        xh = np.empty((chunk, d), dtype=q.dtype)                       # (T, D) q̂
-        fq = np.empty((chunk, nf), dtype=q.dtype)                      # (T, m)
-        df = np.empty((chunk, nf), dtype=q.dtype)                      # (T, m) dfq, then da
-        ell = np.empty(chunk, dtype=q.dtype)                           # (T)
-        g = np.empty((chunk, dv), dtype=q.dtype)                       # (T, Dv) dnum
-        dl = np.empty(chunk, dtype=q.dtype)                            # (T) dden
-        tmp = np.empty((nf, dv), dtype=q.dtype)                        # (m, Dv)
         dkvp = dkv_part[task]                                          # (m, Dv)
         dzp = dz_part[task]                                            # (m)
         zero_sums(dkvp, dzp, zero)
@@ -271,14 +272,9 @@ def _grad_queries_tasks(lo, hi, dq, dkv_part, dz_part, q, dout, out, denom, kv, 
             ft = fq[:nt]
             gt = g[:nt]
             dft = df[:nt]
-            for t in range(nt):
-                # fwd: out_i = num_i / denom_i,   denom_i = den_i + (constant)
-                den = denom[b, i0 + t]
-                acc = zero
-                for e in range(dv):
-                    gt[t, e] = dout[b, i0 + t, e] / den
-                    acc += dout[b, i0 + t, e] * out[b, i0 + t, e]
-                dl[t] = -acc / den if normalize else zero
+            for t in range(nt):                                        # fwd: out = num / denom
+                dl[t] = grad_rows(gt[t], dout[b, i0 + t], out[b, i0 + t], denom[b, i0 + t],
+                                  normalize, zero)
             _features(ft, ell, xh[:nt], q[b, i0:i0 + nt], omega_t, root, half_log_m)
             # fwd: num_i = fq_i KV,  den_i = fq_i·z
             np.dot(gt, kv[b].T, dft)                                   # KV g_i

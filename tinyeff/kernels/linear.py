@@ -243,7 +243,7 @@ def _phi(a, x, relu, zero):
 
 
 @serial
-def _dphi(g, a, x, relu, zero):
+def dphi(g, a, x, relu, zero):
     """g *= φ'(x), from a = φ(x): [x > 0] for relu + 1; min(φ, 1) for elu + 1 (1 for x > 0,
     eˣ = φ(x) for x ≤ 0) — the chunked path's ``df · min(f, 1)``."""
     one = zero + np.float32(1)
@@ -315,7 +315,7 @@ def causal_phi_fwd(out, denom, cmax, q, k, v, keep, relu, exact, normalize, eps,
 
 
 @serial
-def _grad_rows(g, dout, out, den, normalize, zero):
+def grad_rows(g, dout, out, den, normalize, zero):
     """g[:Dv] = dnum = dout / denom; returns dden = −(dout·out) / denom (0 if unnormalized)."""
     dv = dout.shape[0]
     acc = zero
@@ -346,7 +346,7 @@ def _phi_bwd_q_slice(b, dq, q, k, v, keep, dout, out, denom, relu, exact, normal
                     for f in range(d):
                         St[e, f] += a[f] * ve
         # fwd: out_t = num_t / denom_t,  num_t = φ(q_t) S_t,  den_t = φ(q_t)·z_t
-        dden = _grad_rows(g, dout[b, t], out[b, t], denom[b, t], normalize, zero)
+        dden = grad_rows(g, dout[b, t], out[b, t], denom[b, t], normalize, zero)
         for f in range(d):
             dq[b, t, f] = dden * z[f]
         for e in range(dv):
@@ -355,7 +355,7 @@ def _phi_bwd_q_slice(b, dq, q, k, v, keep, dout, out, denom, relu, exact, normal
                 dq[b, t, f] += ge * St[e, f]
         # fwd: φ(q_t) from q_t
         _phi(a, q[b, t], relu, zero)
-        _dphi(dq[b, t], a, q[b, t], relu, zero)
+        dphi(dq[b, t], a, q[b, t], relu, zero)
 
 
 @serial
@@ -372,7 +372,7 @@ def _phi_bwd_kv_slice(b, dk, dv_out, q, k, v, keep, dout, out, denom, relu, exac
     g = np.empty(dv, dtype=v.dtype)                            # (Dv) dnum_t
     for t in range(max(n, m) - 1, -1, -1):
         if t < n:
-            dden = _grad_rows(g, dout[b, t], out[b, t], denom[b, t], normalize, zero)
+            dden = grad_rows(g, dout[b, t], out[b, t], denom[b, t], normalize, zero)
             _phi(a, q[b, t], relu, zero)
             for f in range(d):
                 qf = a[f]
@@ -402,7 +402,7 @@ def _phi_bwd_kv_slice(b, dk, dv_out, q, k, v, keep, dout, out, denom, relu, exac
                         af = a[f]
                         for e in range(dv):
                             dv_out[b, t, e] += af * U[f, e]
-                _dphi(dk[b, t], a, k[b, t], relu, zero)
+                dphi(dk[b, t], a, k[b, t], relu, zero)
 
 
 @serial

@@ -46,6 +46,7 @@ import numpy as np
 
 from ._jit import run_tasks, serial
 from ._math import add_rows, fast_exp
+from .linear import dphi, grad_rows
 
 __all__ = ["add_parts", "n_parts", "noncausal_bwd", "noncausal_fwd", "task_span", "zero_sums"]
 
@@ -74,18 +75,6 @@ def _phi(a, x, relu, zero):
         else:
             for f in range(xt.shape[0]):
                 at[f] = fast_exp(min(xt[f], zero)) + max(xt[f], zero)
-
-
-@serial
-def _dphi(g, a, x, relu, zero):
-    """g *= φ'(x) for one row, from a = φ(x): [x > 0] (relu + 1), min(φ, 1) (elu + 1)."""
-    one = zero + np.float32(1)
-    if relu:
-        for f in range(g.shape[0]):
-            g[f] = g[f] if x[f] > zero else g[f] * zero
-    else:
-        for f in range(g.shape[0]):
-            g[f] = g[f] * min(a[f], one)
 
 
 @serial
@@ -130,12 +119,12 @@ def zero_sums(kvp, zp, zero):
 @serial
 def sum_keys(lo, hi, kv_part, z_part, k, v, keep, relu, exact, parts, chunk, zero):
     """Tasks [lo, hi) of the sums over the keys (ranges: kv_part, z_part rows lo … hi − 1)."""
+    m, d = k.shape[1:]
+    dv = v.shape[2]
+    a = np.empty((chunk, d), dtype=k.dtype)                            # (T, D) φ(k) of a chunk
+    tmp = np.empty((d, dv), dtype=k.dtype)                             # (D, Dv)
     for task in range(lo, hi):
-        m, d = k.shape[1:]
-        dv = v.shape[2]
         b, j_lo, j_hi = task_span(task, parts, m, chunk)
-        a = np.empty((chunk, d), dtype=k.dtype)                        # (T, D) φ(k) of a chunk
-        tmp = np.empty((d, dv), dtype=k.dtype)                         # (D, Dv)
         kvp = kv_part[task]                                            # (D, Dv)
         zp = z_part[task]                                              # (D)
         zero_sums(kvp, zp, zero)
@@ -158,15 +147,16 @@ def sum_keys(lo, hi, kv_part, z_part, k, v, keep, relu, exact, parts, chunk, zer
 @serial
 def rows_fwd(lo, hi, out, denom, kv, z, q, seen, normalize, eps, chunk, relu, zero):
     """Tasks [lo, hi) of the rows of the forward (chunks of rows)."""
+    n, d = q.shape[1:]
+    n_chunks = -(-n // chunk)
+    one = zero + np.float32(1)
+    inf = zero + np.float32(np.inf)
+    scratch = np.empty((chunk, d), dtype=q.dtype)                      # (T, D) φ(q)
     for task in range(lo, hi):
-        n, d = q.shape[1:]
-        n_chunks = -(-n // chunk)
         b = task // n_chunks
         i0 = (task - b * n_chunks) * chunk
         nt = min(chunk, n - i0)
-        one = zero + np.float32(1)
-        inf = zero + np.float32(np.inf)
-        a = np.empty((nt, d), dtype=q.dtype)                           # (T, D) φ(q)
+        a = scratch[:nt]
         _phi(a, q[b, i0:i0 + nt], relu, zero)
         o = out[b, i0:i0 + nt]                                         # (T, Dv)
         np.dot(a, kv[b], o)                                            # num = φ(q) KV
@@ -211,14 +201,14 @@ def noncausal_fwd(out, denom, kv, z, kv_part, z_part, q, k, v, keep, seen, relu,
 def grad_queries(lo, hi, dq, dkv_part, dz_part, q, dout, out, denom, kv, z, normalize, parts,
                  chunk, relu, zero):
     """Tasks [lo, hi) of the backward's pass over the rows (ranges of rows)."""
+    n, d = q.shape[1:]
+    dv = dout.shape[2]
+    a = np.empty((chunk, d), dtype=q.dtype)                            # (T, D) φ(q)
+    g = np.empty((chunk, dv), dtype=q.dtype)                           # (T, Dv) dnum
+    dl = np.empty(chunk, dtype=q.dtype)                                # (T) dden
+    tmp = np.empty((d, dv), dtype=q.dtype)                             # (D, Dv)
     for task in range(lo, hi):
-        n, d = q.shape[1:]
-        dv = dout.shape[2]
         b, i_lo, i_hi = task_span(task, parts, n, chunk)
-        a = np.empty((chunk, d), dtype=q.dtype)                        # (T, D) φ(q)
-        g = np.empty((chunk, dv), dtype=q.dtype)                       # (T, Dv) dnum
-        dl = np.empty(chunk, dtype=q.dtype)                            # (T) dden
-        tmp = np.empty((d, dv), dtype=q.dtype)                         # (D, Dv)
         dkvp = dkv_part[task]                                          # (D, Dv)
         dzp = dz_part[task]                                            # (D)
         zero_sums(dkvp, dzp, zero)
@@ -227,15 +217,9 @@ def grad_queries(lo, hi, dq, dkv_part, dz_part, q, dout, out, denom, kv, z, norm
             nt = min(chunk, i_hi - i0)
             at = a[:nt]
             gt = g[:nt]
-            for t in range(nt):
-                # fwd: out_i = num_i / denom_i,   denom_i = den_i + (constant)
-                row = gt[t]
-                den = denom[b, i0 + t]
-                acc = zero
-                for e in range(dv):
-                    row[e] = dout[b, i0 + t, e] / den
-                    acc += dout[b, i0 + t, e] * out[b, i0 + t, e]
-                dl[t] = -acc / den if normalize else zero
+            for t in range(nt):                                        # fwd: out = num / denom
+                dl[t] = grad_rows(gt[t], dout[b, i0 + t], out[b, i0 + t], denom[b, i0 + t],
+                                  normalize, zero)
             _phi(at, q[b, i0:i0 + nt], relu, zero)
             # fwd: num_i = φ(q_i) KV,  den_i = φ(q_i)·z
             dqt = dq[b, i0:i0 + nt]                                    # (T, D)
@@ -244,7 +228,7 @@ def grad_queries(lo, hi, dq, dkv_part, dz_part, q, dout, out, denom, kv, z, norm
                 row = dqt[t]
                 for f in range(d):
                     row[f] += dl[t] * zb[f]                            # + δ_i z
-                _dphi(row, at[t], q[b, i0 + t], relu, zero)            # fwd: φ(q_i) from q_i
+                dphi(row, at[t], q[b, i0 + t], relu, zero)            # fwd: φ(q_i) from q_i
             np.dot(at.T, gt, tmp)                                      # Σ_chunk φ(q_i) g_iᵀ
             add_rows(dkvp, tmp)
             for t in range(nt):
@@ -255,13 +239,14 @@ def grad_queries(lo, hi, dq, dkv_part, dz_part, q, dout, out, denom, kv, z, norm
 @serial
 def grad_keys(lo, hi, dk, dv_out, k, v, keep, dkv, dz, exact, chunk, relu, zero):
     """Tasks [lo, hi) of the backward's pass over the keys (chunks of keys)."""
+    m, d = k.shape[1:]
+    n_chunks = -(-m // chunk)
+    scratch = np.empty((chunk, d), dtype=k.dtype)                      # (T, D) φ(k)
     for task in range(lo, hi):
-        m, d = k.shape[1:]
-        n_chunks = -(-m // chunk)
         b = task // n_chunks
         j0 = (task - b * n_chunks) * chunk
         nt = min(chunk, m - j0)
-        a = np.empty((nt, d), dtype=k.dtype)                           # (T, D) φ(k)
+        a = scratch[:nt]
         _phi(a, k[b, j0:j0 + nt], relu, zero)
         # fwd: KV = Σ_j keep_j φ(k_j) v_jᵀ,   z = Σ_j φ(k_j)
         dkt = dk[b, j0:j0 + nt]                                        # (T, D)
@@ -278,7 +263,7 @@ def grad_keys(lo, hi, dk, dv_out, k, v, keep, dkv, dz, exact, chunk, relu, zero)
             else:                                                      # values_only: v_j = 0
                 for f in range(d):
                     row[f] = dzb[f]
-            _dphi(row, a[t], k[b, j0 + t], relu, zero)                 # fwd: φ(k_j) from k_j
+            dphi(row, a[t], k[b, j0 + t], relu, zero)                 # fwd: φ(k_j) from k_j
             if not keep[b, j0 + t]:
                 for f in range(d):
                     a[t, f] = zero
