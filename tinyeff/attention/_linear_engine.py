@@ -359,6 +359,22 @@ def _fused_args(q, k, v, mask, mask_mode):
     return (*flat, keep, mask_mode == "exact")
 
 
+def _fused_grad_args(dout, ctx: LinearCtx, nf=None):
+    """:func:`_fused_args` of the forward's inputs, then dout, out (BH, N, Dv) and denom
+    (BH, N), and with ``nf`` (the feature count) the non-causal kv (BH, F, Dv), z (BH, F)."""
+    qf, kf, vf, keep, exact = _fused_args(ctx.q, ctx.k, ctx.v, ctx.key_padding_mask,
+                                          ctx.mask_mode)
+    bh, n, _ = qf.shape
+    dvd = ctx.v.shape[-1]
+    dof, outf = (np.require(x, requirements="CW").reshape(bh, n, dvd) for x in (dout, ctx.out))
+    den = np.require(ctx.denom, requirements="CW").reshape(bh, n)
+    args = (qf, kf, vf, keep, exact, dof, outf, den)
+    if nf is None:
+        return args
+    return args + (np.require(ctx.kv, requirements="CW").reshape(bh, nf, dvd),
+                   np.require(ctx.z, requirements="CW").reshape(bh, nf))
+
+
 def _forward_fused(q, k, v, fmap, mask, mask_mode, normalize, eps):
     """The causal elu/relu path in one kernel (tinyeff.kernels.linear, fused section)."""
     *batch, n, _ = q.shape
@@ -377,12 +393,8 @@ def _forward_fused(q, k, v, fmap, mask, mask_mode, normalize, eps):
 def _backward_fused(dout, ctx: LinearCtx) -> dict:
     """dq by a forward scan, dk and dv by a reverse scan (one fused kernel)."""
     q, k, v = ctx.q, ctx.k, ctx.v
-    qf, kf, vf, keep, exact = _fused_args(q, k, v, ctx.key_padding_mask, ctx.mask_mode)
-    bh, n, _ = qf.shape
+    qf, kf, vf, keep, exact, dof, outf, den = _fused_grad_args(dout, ctx)
     dtype, relu, zero = q.dtype, ctx.fmap.kind == "relu", q.dtype.type(0)
-    dof, outf = (np.require(x, requirements="CW").reshape(bh, n, v.shape[-1])
-                 for x in (dout, ctx.out))
-    den = np.require(ctx.denom, requirements="CW").reshape(bh, n)
     dq = memory.empty(q.shape, dtype)                              # (..., N, D)
     dk = memory.empty(k.shape, dtype)                              # (..., M, D)
     dv = memory.empty(v.shape, dtype)                              # (..., M, Dv)
@@ -425,14 +437,10 @@ def _forward_fused_noncausal(q, k, v, fmap, mask, mask_mode, normalize, eps):
 def _backward_fused_noncausal(dout, ctx: LinearCtx) -> dict:
     """dq with dKV, dz in one pass over the rows, dk and dv in one pass over the keys."""
     q, k, v = ctx.q, ctx.k, ctx.v
-    qf, kf, vf, keep, exact = _fused_args(q, k, v, ctx.key_padding_mask, ctx.mask_mode)
+    qf, kf, vf, keep, exact, dof, outf, den, kv, z = _fused_grad_args(dout, ctx, q.shape[-1])
     bh, n, d = qf.shape
     dvd, dtype = v.shape[-1], q.dtype
     parts = kernels_nc.n_parts(n, CHUNK_FUSED)
-    dof, outf = (np.require(x, requirements="CW").reshape(bh, n, dvd) for x in (dout, ctx.out))
-    den = np.require(ctx.denom, requirements="CW").reshape(bh, n)
-    kv = np.require(ctx.kv, requirements="CW").reshape(bh, d, dvd)
-    z = np.require(ctx.z, requirements="CW").reshape(bh, d)
     dq = memory.empty(q.shape, dtype)                              # (..., N, D)
     dk = memory.empty(k.shape, dtype)                              # (..., M, D)
     dv = memory.empty(v.shape, dtype)                              # (..., M, Dv)
@@ -502,15 +510,11 @@ def _backward_favor(dout, ctx: LinearCtx) -> dict:
         dk[...] = 0
         dv[...] = 0
         return {"q": dq, "k": dk, "v": dv}
-    qf, kf, vf, keep, exact = _fused_args(q, k, v, ctx.key_padding_mask, ctx.mask_mode)
+    qf, kf, vf, keep, exact, dof, outf, den, kv, z = _fused_grad_args(dout, ctx, nf)
     bh, n, _ = qf.shape
     dvd = v.shape[-1]
     parts = kernels_nc.n_parts(n, CHUNK_FAVOR)
     omega, omega_t, root, half_log_m = _favor_args(ctx.fmap, dtype)
-    dof, outf = (np.require(x, requirements="CW").reshape(bh, n, dvd) for x in (dout, ctx.out))
-    den = np.require(ctx.denom, requirements="CW").reshape(bh, n)
-    kv = np.require(ctx.kv, requirements="CW").reshape(bh, nf, dvd)
-    z = np.require(ctx.z, requirements="CW").reshape(bh, nf)
     big_c = np.ascontiguousarray(ctx.key_scale.reshape(bh, n)[:, 0])  # (BH,) C
     with blas_single_thread():
         kernels_favor.favor_bwd(dq.reshape(qf.shape), dk.reshape(kf.shape), dv.reshape(vf.shape),
