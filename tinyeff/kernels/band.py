@@ -309,9 +309,9 @@ def _zero_runs(c_lo, c_hi, nzero, dk, dv):
 @serial
 def _bwd_runs(c_lo, c_hi, nch, part, dq, dk, dv, dbias_part, dout, out, lse, q, k, v,
               tile_start, tile_jlo, tile_jhi, lo, hi, row_ok, key_ok, bias, has_bias, off_min,
-              n_phases, scale):
+              n_phases, span, scale):
     """Runs c_lo … c_hi − 1 of the ``nch`` runs of part 1 (block bodies) or 2 (their first
-    P − 1 tiles) of :func:`attend_band_bwd`."""
+    P − 1 tiles) of :func:`attend_band_bwd`; blocks of ``span`` tiles."""
     bh = q.shape[0]
     m = k.shape[1]
     d = q.shape[2]
@@ -319,7 +319,6 @@ def _bwd_runs(c_lo, c_hi, nch, part, dq, dk, dv, dbias_part, dout, out, lse, q, 
     nt = tile_start.shape[0] - 1
     dt = dq.dtype
     tq, tk = _tile_extent(tile_start, tile_jlo, tile_jhi)
-    span = max(BLOCK_TILES, 2 * n_phases)      # tiles per block
     nblk = (nt + span - 1) // span
     ntask = bh * nblk
     for c in range(c_lo, c_hi):
@@ -363,14 +362,15 @@ def attend_band_bwd(dq, dk, dv, dbias_part, dout, out, lse, q, k, v, tile_start,
     """
     bh, m = k.shape[:2]
     nt = tile_start.shape[0] - 1
-    nblk = (nt + max(BLOCK_TILES, 2 * n_phases) - 1) // max(BLOCK_TILES, 2 * n_phases)
+    span = max(BLOCK_TILES, 2 * n_phases)      # tiles per block
+    nblk = (nt + span - 1) // span
     nzero = max(1, min(bh * m, n_chunks))
     run_tasks(_zero_runs, nzero, nzero, dk, dv)
     nch = max(1, min(bh * nblk, n_chunks))
     for part in (1, 2):
         run_tasks(_bwd_runs, nch, nch, part, dq, dk, dv, dbias_part, dout, out, lse, q, k, v,
                   tile_start, tile_jlo, tile_jhi, lo, hi, row_ok, key_ok, bias, has_bias,
-                  off_min, n_phases, scale)
+                  off_min, n_phases, span, scale)
 
 
 def plan_phases(tile_jlo: np.ndarray, tile_jhi: np.ndarray) -> int:
