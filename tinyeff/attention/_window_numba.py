@@ -27,7 +27,7 @@ from ._window_globals import (
 
 __all__ = ["TILE", "band_plan", "forward", "backward"]
 
-TILE = 64            # query rows per tile of the Numba kernel
+TILE = 48            # query rows per tile of the Numba kernel
 
 
 def band_plan(q, k, *, window, dilation, glob, causal, key_padding_mask, rel_bias):

@@ -74,7 +74,7 @@ Edge cases
   the q of a global row and the q_global of a non-global row then get zero gradient.
 
 Numba path (``tinyeff/attention/_window_numba.py``): the band engine shared with ``local``
-(``tinyeff/attention/_band.py``, kernels in ``tinyeff/kernels/band.py``: tiles of 64
+(``tinyeff/attention/_band.py``, kernels in ``tinyeff/kernels/band.py``: tiles of 48
 queries against their contiguous key range, ``np.dot`` on contiguous slices, an explicit
 band mask per tile); dilation d is handled by regrouping positions into the d residue
 classes i mod d, where the dilated band becomes a plain band.  The global rows and columns
