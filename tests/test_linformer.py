@@ -1,11 +1,14 @@
-"""Linformer: reduction to full attention, exact key padding, sharing, validation."""
+"""Linformer: reduction to full attention, exact key padding, sharing, validation, and
+impl="blocked" (the FlashAttention kernels over the k projected keys) against the reference."""
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 import pytest
 
 from tinyeff.attention import full, linformer
+from tinyeff.kernels._jit import num_threads
 from tinyeff.testing import GRAD_FD, assert_close, check_vjp, random_qkv
 
 
@@ -208,3 +211,126 @@ def test_empty_batch_gives_zero_projection_gradients(eshape, rng):
     g = linformer.backward(out.copy(), ctx)
     assert g["E"].shape == E.shape and np.all(g["E"] == 0) and np.all(g["F"] == 0)
     assert g["q"].shape == x["q"].shape and g["k"].shape == x["k"].shape
+
+
+# ------------------------------------------------------------------------ impl="blocked"
+
+def _blocked_case(rng, n, m, kk, dtype=np.float64, batch=(2, 3), masked=True):
+    """Per-head E, head-shared F, and (optionally) a key padding mask with one fully padded
+    batch element."""
+    x = random_qkv(rng, batch, n=n, m=m, d=5, dv=3, dtype=dtype)
+    E = _proj(rng, batch[-1], kk, m).astype(dtype)
+    F = _proj(rng, kk, m).astype(dtype)
+    kpm = None
+    if masked:
+        kpm = rng.random((batch[0], 1, m)) < 0.7
+        kpm[0] = False                                             # batch 0: every key padded
+    return x, {"E": E, "F": F, "key_padding_mask": kpm}
+
+
+# (N, M, k) with a tile of 4: several query tiles, one or several key tiles, ragged edges
+BLOCKED_SHAPES = [(9, 11, 4), (13, 6, 7), (1, 5, 3), (6, 1, 9), (8, 8, 8)]
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("n,m,kk", BLOCKED_SHAPES)
+@pytest.mark.parametrize("masked", [False, True])
+def test_blocked_matches_reference(n, m, kk, masked, dtype, rng, monkeypatch):
+    """impl="blocked" == impl="ref" within PARITY: output, lse, every gradient, and crossed
+    (blocked forward + reference backward and the reverse)."""
+    monkeypatch.setattr(linformer, "BLOCKED_TILE", 4)
+    x, opts = _blocked_case(rng, n, m, kk, dtype, masked=masked)
+    out_r, ctx_r = linformer.forward(**x, **opts, impl="ref")
+    out_b, ctx_b = linformer.forward(**x, **opts, impl="blocked")
+    assert (ctx_r.impl, ctx_b.impl, ctx_b.tile) == ("ref", "blocked", 4)
+    assert out_b.dtype == dtype and ctx_b.lse.dtype == dtype
+    assert_close(out_b, out_r)
+    assert_close(ctx_b.lse, ctx_r.lse)
+    np.testing.assert_array_equal(ctx_b.kp, ctx_r.kp)              # the same projections
+    dout = rng.standard_normal(out_r.shape).astype(dtype)
+    g_r = linformer.backward(dout, ctx_r)
+    g_b = linformer.backward(dout, ctx_b)
+    assert all(g_b[name].dtype == dtype for name in g_b)
+    assert_close(g_b, g_r)
+    assert_close(linformer.backward(dout, ctx_b, impl="ref"), g_r)
+    assert_close(linformer.backward(dout, ctx_r, impl="blocked"), g_r)
+
+
+@pytest.mark.parametrize("schedule_batch", [(1,), (2, 3)])
+def test_blocked_both_backward_schedules(schedule_batch, rng, monkeypatch):
+    """One head (the split dq / dk-dv passes) and six (one thread per head) agree with the
+    reference."""
+    monkeypatch.setattr(linformer, "BLOCKED_TILE", 4)
+    x, opts = _blocked_case(rng, 11, 7, 6, batch=schedule_batch, masked=False)
+    opts["E"] = _proj(rng, 6, 7)
+    out_r, ctx_r = linformer.forward(**x, **opts, impl="ref")
+    out_b, ctx_b = linformer.forward(**x, **opts, impl="blocked")
+    dout = rng.standard_normal(out_r.shape)
+    for threads in (1, 2):
+        with num_threads(threads):
+            assert_close(linformer.backward(dout, ctx_b), linformer.backward(dout, ctx_r))
+
+
+@pytest.mark.parametrize("eshape,fshape", [((4, 7), (4, 7)), ((2, 4, 7), (1, 4, 7))])
+def test_blocked_gradcheck_float64(eshape, fshape, rng, monkeypatch):
+    monkeypatch.setattr(linformer, "BLOCKED_TILE", 4)
+    x = random_qkv(rng, (3, 2), n=9, m=7, d=3, dv=2)
+    kpm = rng.random((3, 1, 7)) < 0.7
+    args = {**x, "E": _proj(rng, *eshape), "F": _proj(rng, *fshape)}
+    report = check_vjp(linformer.forward, linformer.backward, args,
+                       {"key_padding_mask": kpm, "scale": 0.9, "impl": "blocked"}, rng=rng)
+    report.assert_ok(GRAD_FD)
+
+
+@pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="needs 2 Numba threads")
+@pytest.mark.parametrize("batch", [(1,), (3,), (2, 2)])
+def test_blocked_bit_identical_with_one_and_two_threads(batch, rng, monkeypatch):
+    """Forward and every gradient: the same bits with 1 and 2 Numba threads, for fewer heads
+    than threads, an odd number and an even number (both backward schedules)."""
+    monkeypatch.setattr(linformer, "BLOCKED_TILE", 4)
+    x, opts = _blocked_case(rng, 13, 10, 6, batch=batch, masked=False)
+    opts["E"] = _proj(rng, batch[-1], 6, 10)
+    results = []
+    for threads in (1, 2):
+        with num_threads(threads):
+            out, ctx = linformer.forward(**x, **opts, impl="blocked")
+            dout = np.linspace(-1, 1, out.size).reshape(out.shape)
+            results.append((out, ctx.lse, linformer.backward(dout, ctx)))
+    (out0, lse0, g0), (out1, lse1, g1) = results
+    np.testing.assert_array_equal(out1, out0)
+    np.testing.assert_array_equal(lse1, lse0)
+    for name in g0:
+        np.testing.assert_array_equal(g1[name], g0[name], err_msg=name)
+
+
+def test_auto_picks_blocked_from_the_threshold(rng, monkeypatch):
+    x, opts = _blocked_case(rng, 6, 5, 3, masked=False)
+    _, ctx = linformer.forward(**x, **opts)
+    assert ctx.impl == "ref"                                       # N·k = 18 < 2²⁰
+    monkeypatch.setattr(linformer, "AUTO_BLOCKED_MIN_NK", 18)
+    _, ctx = linformer.forward(**x, **opts)
+    assert ctx.impl == "blocked"
+
+
+def test_bad_impl_is_a_value_error(rng):
+    x, opts = _blocked_case(rng, 4, 5, 2, masked=False)
+    with pytest.raises(ValueError, match="impl must be one of"):
+        linformer.forward(**x, **opts, impl="numba")
+    out, ctx = linformer.forward(**x, **opts)
+    with pytest.raises(ValueError, match="impl must be one of"):
+        linformer.backward(out, ctx, impl="auto")
+
+
+@pytest.mark.parametrize("batch,n,m", [((2,), 0, 4), ((2,), 3, 0), ((0, 3), 4, 5)])
+def test_blocked_empty_sizes(batch, n, m, rng):
+    """N = 0, M = 0 (output 0) and an empty batch: same as the reference, zero gradients."""
+    x = random_qkv(rng, batch, n=n, m=m)
+    E = _proj(rng, 2, m) if m else np.zeros((2, 0))
+    out_r, ctx_r = linformer.forward(**x, E=E, F=E, impl="ref")
+    out_b, ctx_b = linformer.forward(**x, E=E, F=E, impl="blocked")
+    np.testing.assert_array_equal(out_b, out_r)
+    dout = np.ones_like(out_r)
+    g_r, g_b = linformer.backward(dout, ctx_r), linformer.backward(dout, ctx_b)
+    for name in g_r:
+        assert g_b[name].shape == g_r[name].shape
+        assert_close(g_b[name], g_r[name], err_msg=name)
