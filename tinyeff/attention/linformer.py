@@ -227,6 +227,11 @@ def _key_blocks(m: int, width: int):
     return [slice(c0, min(m, c0 + step)) for c0 in range(0, m, step)]
 
 
+def _first(blocks: list) -> int:
+    """Keys in the first (largest) of ``_key_blocks``; 0 if there are none (M = 0)."""
+    return blocks[0].stop if blocks else 0
+
+
 def _project(k, v, E, F, kpm):
     """K̃ = E (m ⊙ K) (..., k, D) and Ṽ = F (m ⊙ V) (..., k, Dv), one batch element at a time:
     no (…, k, M) copy of E broadcast over the heads, no (…, M, D) masked copy of k or v."""
@@ -288,11 +293,15 @@ def _project_back(W, dproj, mb, dx) -> None:
         if not members:
             continue
         a = np.concatenate([dproj[i] for i in members], axis=1)    # (k, S·C)
-        for c in _key_blocks(m, a.shape[1]):
-            if len(members) == 1:
+        blocks = _key_blocks(m, a.shape[1])
+        if len(members) == 1:
+            for c in blocks:
                 np.matmul(W[e_index][:, c].T, a, out=dx[members[0]][c])   # (keys, C)
-                continue
-            t = W[e_index][:, c].T @ a                             # (keys, S·C)
+            continue
+        t_buf = np.empty((_first(blocks), a.shape[1]), dtype=dx.dtype)  # (keys, S·C) reused
+        for c in blocks:
+            t = t_buf[:c.stop - c.start]                           # (keys, S·C)
+            np.matmul(W[e_index][:, c].T, a, out=t)
             for j, i in enumerate(members):
                 dx[i][c] = t[:, j * c_dim:(j + 1) * c_dim]         # (keys, C)
     if mb is not None:
@@ -307,7 +316,8 @@ def _weight_grad(dproj, x, mb, shape: tuple, dtype) -> np.ndarray:
     batch elements sharing one W slice (S of them) are folded into the contraction: one
     (k, S·C) @ (S·C, keys) product per block of keys, written straight into dW, so neither
     a (batch, k, M) temporary nor a transposed copy of x is formed — only a (keys, S·C)
-    gather of m ⊙ x, ~_KEY_BLOCK entries.
+    gather of m ⊙ x, ~_KEY_BLOCK entries, into one buffer reused by every block (none for
+    a single unmasked element).
     """
     batch, m = dproj.shape[:-2], x.shape[-2]
     dw = np.empty(shape, dtype=dtype)                              # W's shape
@@ -316,10 +326,19 @@ def _weight_grad(dproj, x, mb, shape: tuple, dtype) -> np.ndarray:
             dw[e_index] = 0
             continue
         a = np.concatenate([dproj[i] for i in members], axis=1)    # (k, S·C)
-        for c in _key_blocks(m, a.shape[1]):
-            xs = np.stack([_masked(x[i][c], None if mb is None else mb[i][c])
-                           for i in members], axis=1)              # (keys, S, C)
-            np.matmul(a, xs.reshape(xs.shape[0], -1).T, out=dw[e_index][:, c])   # (k, keys)
+        blocks = _key_blocks(m, a.shape[1])
+        if len(members) == 1 and mb is None:                       # x's own rows, no gather
+            for c in blocks:
+                np.matmul(a, x[members[0]][c].T, out=dw[e_index][:, c])   # (k, keys)
+            continue
+        g_buf = np.empty((_first(blocks), len(members), x.shape[-1]), dtype=dtype)  # reused
+        for c in blocks:
+            g = g_buf[:c.stop - c.start]                           # (keys, S, C) m ⊙ x
+            for j, i in enumerate(members):
+                g[:, j] = x[i][c]
+                if mb is not None:
+                    g[~mb[i][c], j] = 0                            # padded keys: exactly 0
+            np.matmul(a, g.reshape(len(g), -1).T, out=dw[e_index][:, c])   # (k, keys)
     return dw
 
 
