@@ -55,9 +55,11 @@ def test_gradients_equal_the_dense_chain_rule(rng):
     assert_close(g["F"], (dvp @ np.swapaxes(x["v"], -1, -2)).sum(axis=(0, 1)))   # (4, 8)
 
 
+@pytest.mark.parametrize("impl", ["ref", "blocked"])
 @pytest.mark.parametrize("shared", [False, True])
-def test_padding_removes_keys_exactly(shared, rng):
+def test_padding_removes_keys_exactly(shared, impl, rng, monkeypatch):
     """Padded keys (even NaN ones) contribute nothing: equal to deleting them and E's columns."""
+    monkeypatch.setattr(linformer, "BLOCKED_TILE", 4)
     x = random_qkv(rng, (2, 2), n=5, m=9, d=3)
     E = _proj(rng, 4, 9)
     F = E if shared else _proj(rng, 2, 4, 9)
@@ -67,14 +69,14 @@ def test_padding_removes_keys_exactly(shared, rng):
     k, v = x["k"].copy(), x["v"].copy()
     k[np.broadcast_to(~kpm, (2, 2, 9))] = np.nan          # padded keys may hold garbage
     v[np.broadcast_to(~kpm, (2, 2, 9))] = np.inf
-    out, ctx = linformer.forward(x["q"], k, v, E=E, F=F, key_padding_mask=kpm)
+    out, ctx = linformer.forward(x["q"], k, v, E=E, F=F, key_padding_mask=kpm, impl=impl)
     dout = rng.standard_normal(out.shape)
     g = linformer.backward(dout, ctx)
     assert all(np.all(np.isfinite(a)) for a in g.values())
     for b in range(2):
         keep = kpm[b, 0]
         ob, cb = linformer.forward(x["q"][b], x["k"][b][:, keep], x["v"][b][:, keep],
-                                   E=E[:, keep], F=F[..., keep])
+                                   E=E[:, keep], F=F[..., keep], impl=impl)
         assert_close(out[b], ob)
         gb = linformer.backward(dout[b], cb)
         assert_close(g["q"][b], gb["q"])
@@ -334,3 +336,22 @@ def test_blocked_empty_sizes(batch, n, m, rng):
     for name in g_r:
         assert g_b[name].shape == g_r[name].shape
         assert_close(g_b[name], g_r[name], err_msg=name)
+
+
+@pytest.mark.parametrize("impl", ["ref", "blocked"])
+def test_nan_rows(impl, rng, monkeypatch):
+    """NaN in q_i: row i NaN, the others untouched; NaN in a real v_j: every row NaN."""
+    monkeypatch.setattr(linformer, "BLOCKED_TILE", 4)
+    x = random_qkv(rng, (2,), n=9, m=6)
+    E = _proj(rng, 5, 6)
+    q = x["q"].copy()
+    q[1, 3, 0] = np.nan
+    out, _ = linformer.forward(q, x["k"], x["v"], E=E, F=E, impl=impl)
+    bad = np.isnan(out).any(axis=-1)                               # (2, N)
+    expect = np.zeros_like(bad)
+    expect[1, 3] = True
+    np.testing.assert_array_equal(bad, expect)
+    v = x["v"].copy()
+    v[0, 2, 1] = np.nan
+    out, _ = linformer.forward(x["q"], x["k"], v, E=E, F=E, impl=impl)
+    assert np.isnan(out[0, :, 1]).all() and np.isfinite(out[1]).all()
