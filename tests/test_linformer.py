@@ -308,7 +308,7 @@ def test_blocked_bit_identical_with_one_and_two_threads(batch, rng, monkeypatch)
 def test_auto_picks_blocked_from_the_threshold(rng, monkeypatch):
     x, opts = _blocked_case(rng, 6, 5, 3, masked=False)
     _, ctx = linformer.forward(**x, **opts)
-    assert ctx.impl == "ref"                                       # N·k = 18 < 2²⁰
+    assert ctx.impl == "ref"                                       # N·k = 18 < 2¹⁸
     monkeypatch.setattr(linformer, "AUTO_BLOCKED_MIN_NK", 18)
     _, ctx = linformer.forward(**x, **opts)
     assert ctx.impl == "blocked"

@@ -23,9 +23,9 @@ Everything runs one batch element at a time (the elements sharing a projection t
 and in blocks of ~2²⁰–2²¹ entries, so the only large arrays are the output and the
 gradients (no (…, N, k), no (…, k, M) from E broadcast over the heads, no (…, M, D) masked
 or transposed copy of k or v — with a key-padding mask the forward makes one (M, D) masked
-copy per batch element): at N = M = 65,536, k = 256, B·H = 4, D = 64 in float32 the work
-space beyond the 384 MiB of returned arrays is
-~18 MiB (docs/semantics/linformer.md, "Implementation notes").
+copy per batch element): the work space beyond the returned arrays is the saved K̃, Ṽ, lse,
+a few buffers of ~2²⁰–2²¹ entries and the kernels' per-tile scratch
+(docs/semantics/linformer.md, "Implementation notes", has the measured figure).
 
 Options
 -------
@@ -95,7 +95,7 @@ LAYER_PARAMS = ("E", "F")
 
 IMPLS = ("auto", "ref", "blocked")
 BLOCKED_TILE = 256                 # query and key tile of impl="blocked"
-AUTO_BLOCKED_MIN_NK = 1 << 20      # impl="auto" uses "blocked" from N·k = 1024² on
+AUTO_BLOCKED_MIN_NK = 1 << 18      # impl="auto" uses "blocked" from N·k = 512² on
 _ROW_BLOCK = 1 << 21        # entries of one (rows, k) score block (8 MiB in float32)
 _KEY_BLOCK = 1 << 20        # entries of one (keys, S·D) block of the projection backward
 
