@@ -355,3 +355,64 @@ def test_nan_rows(impl, rng, monkeypatch):
     v[0, 2, 1] = np.nan
     out, _ = linformer.forward(x["q"], x["k"], v, E=E, F=E, impl=impl)
     assert np.isnan(out[0, :, 1]).all() and np.isfinite(out[1]).all()
+
+
+def test_blocked_read_only_inputs_add_no_kernel_signature(rng, monkeypatch):
+    """Read-only q, k, v, E, F, mask and dout reach the blocked kernels through the
+    specializations compiled for writeable ones, give the same bits and stay unwritten."""
+    from tinyeff.kernels import blocked
+
+    def signatures():
+        return {name: list(f.signatures) for name in dir(blocked)
+                if hasattr(f := getattr(blocked, name), "signatures")}
+
+    def run(x, opts, dout):
+        out, ctx = linformer.forward(**x, **opts, impl="blocked")
+        return out, linformer.backward(dout, ctx)
+
+    monkeypatch.setattr(linformer, "BLOCKED_TILE", 4)
+    x, opts = _blocked_case(rng, 9, 7, 5)
+    dout = rng.standard_normal((2, 3, 9, 3))
+    want_out, want = run(x, opts, dout)
+    before = signatures()
+    assert any(before.values())
+
+    def readonly(a):
+        a = a.copy()
+        a.setflags(write=False)
+        return a
+
+    ro = {n: readonly(a) for n, a in x.items()}
+    ro_opts = {n: readonly(a) for n, a in opts.items()}
+    out, grads = run(ro, ro_opts, readonly(dout))
+    assert signatures() == before
+    np.testing.assert_array_equal(out, want_out)
+    for name in want:
+        np.testing.assert_array_equal(grads[name], want[name], err_msg=name)
+    for name, a in ro.items():
+        np.testing.assert_array_equal(a, x[name])
+
+
+def test_blocked_results_identical_with_and_without_memory_reuse(rng, monkeypatch):
+    """The blocked path allocates out and dq through tinyeff.memory: same bits with block
+    reuse on and off, and a held result is never written by a later call."""
+    from tinyeff import memory
+    monkeypatch.setattr(memory, "CACHE_MIN_BYTES", 1)
+    memory.clear_cache()
+    previous = memory.set_cache_limit(1 << 20)
+    try:
+        x, opts = _blocked_case(rng, 9, 7, 5)
+        dout = rng.standard_normal((2, 3, 9, 3))
+        first, ctx = linformer.forward(**x, **opts, impl="blocked")
+        grads = linformer.backward(dout, ctx)
+        kept = [first.copy()] + [g.copy() for g in grads.values()]
+        for reuse in (True, True, False):
+            memory.set_cache_limit(1 << 20 if reuse else 0)
+            out, ctx2 = linformer.forward(**x, **opts, impl="blocked")
+            for a, b in zip([out, *linformer.backward(dout, ctx2).values()], kept):
+                np.testing.assert_array_equal(a, b)
+        for a, b in zip([first, *grads.values()], kept):
+            np.testing.assert_array_equal(a, b)
+    finally:
+        memory.set_cache_limit(previous)
+        memory.clear_cache()
