@@ -257,7 +257,7 @@ def _forward_ref(q, k, v, E, F, kpm, scale):
     out = memory.empty((*batch, n, v.shape[-1]), q.dtype)          # (..., N, Dv)
     lse = np.empty((*batch, n), dtype=q.dtype)                     # (..., N)
     step = max(1, _ROW_BLOCK // max(1, kk))
-    s_buf = np.empty((min(n, step), kk), dtype=q.dtype)            # (R, k) reused per block
+    s_buf = memory.empty((min(n, step), kk), q.dtype)              # (R, k) reused per block
     for i in np.ndindex(*batch):
         for r0 in range(0, n, step):                               # rows are independent
             rows = slice(r0, min(n, r0 + step))
@@ -298,7 +298,7 @@ def _project_back(W, dproj, mb, dx) -> None:
             for c in blocks:
                 np.matmul(W[e_index][:, c].T, a, out=dx[members[0]][c])   # (keys, C)
             continue
-        t_buf = np.empty((_first(blocks), a.shape[1]), dtype=dx.dtype)  # (keys, S·C) reused
+        t_buf = memory.empty((_first(blocks), a.shape[1]), dx.dtype)  # (keys, S·C) reused
         for c in blocks:
             t = t_buf[:c.stop - c.start]                           # (keys, S·C)
             np.matmul(W[e_index][:, c].T, a, out=t)
@@ -320,7 +320,7 @@ def _weight_grad(dproj, x, mb, shape: tuple, dtype) -> np.ndarray:
     a single unmasked element).
     """
     batch, m = dproj.shape[:-2], x.shape[-2]
-    dw = np.empty(shape, dtype=dtype)                              # W's shape
+    dw = memory.empty(shape, dtype)                                # W's shape
     for e_index, members in _groups(shape[:-2], batch):
         if not members:                                            # a sum over no elements
             dw[e_index] = 0
@@ -331,7 +331,7 @@ def _weight_grad(dproj, x, mb, shape: tuple, dtype) -> np.ndarray:
             for c in blocks:
                 np.matmul(a, x[members[0]][c].T, out=dw[e_index][:, c])   # (k, keys)
             continue
-        g_buf = np.empty((_first(blocks), len(members), x.shape[-1]), dtype=dtype)  # reused
+        g_buf = memory.empty((_first(blocks), len(members), x.shape[-1]), dtype)  # reused
         for c in blocks:
             g = g_buf[:c.stop - c.start]                           # (keys, S, C) m ⊙ x
             for j, i in enumerate(members):
@@ -353,8 +353,8 @@ def _backward_attention(dout, q, kp, vp, lse, scale):
     dkp = np.zeros(kp.shape, dtype=q.dtype)                        # (..., k, D)
     dvp = np.zeros(vp.shape, dtype=q.dtype)                        # (..., k, Dv)
     step = max(1, _ROW_BLOCK // max(1, kk))
-    p_buf = np.empty((min(n, step), kk), dtype=q.dtype)            # (R, k) reused per block
-    dp_buf = np.empty_like(p_buf)                                  # (R, k)
+    p_buf = memory.empty((min(n, step), kk), q.dtype)              # (R, k) reused per block
+    dp_buf = memory.empty(p_buf.shape, q.dtype)                    # (R, k)
     for i in np.ndindex(*batch):
         for r0 in range(0, n, step):
             rows = slice(r0, min(n, r0 + step))
