@@ -1,11 +1,14 @@
-"""Linformer: reduction to full attention, exact key padding, sharing, validation."""
+"""Linformer: reduction to full attention, exact key padding, sharing, validation, and
+impl="blocked" (the FlashAttention kernels over the k projected keys) against the reference."""
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 import pytest
 
 from tinyeff.attention import full, linformer
+from tinyeff.kernels._jit import num_threads
 from tinyeff.testing import GRAD_FD, assert_close, check_vjp, random_qkv
 
 
@@ -52,9 +55,11 @@ def test_gradients_equal_the_dense_chain_rule(rng):
     assert_close(g["F"], (dvp @ np.swapaxes(x["v"], -1, -2)).sum(axis=(0, 1)))   # (4, 8)
 
 
+@pytest.mark.parametrize("impl", ["ref", "blocked"])
 @pytest.mark.parametrize("shared", [False, True])
-def test_padding_removes_keys_exactly(shared, rng):
+def test_padding_removes_keys_exactly(shared, impl, rng, monkeypatch):
     """Padded keys (even NaN ones) contribute nothing: equal to deleting them and E's columns."""
+    monkeypatch.setattr(linformer, "BLOCKED_TILE", 4)
     x = random_qkv(rng, (2, 2), n=5, m=9, d=3)
     E = _proj(rng, 4, 9)
     F = E if shared else _proj(rng, 2, 4, 9)
@@ -64,14 +69,14 @@ def test_padding_removes_keys_exactly(shared, rng):
     k, v = x["k"].copy(), x["v"].copy()
     k[np.broadcast_to(~kpm, (2, 2, 9))] = np.nan          # padded keys may hold garbage
     v[np.broadcast_to(~kpm, (2, 2, 9))] = np.inf
-    out, ctx = linformer.forward(x["q"], k, v, E=E, F=F, key_padding_mask=kpm)
+    out, ctx = linformer.forward(x["q"], k, v, E=E, F=F, key_padding_mask=kpm, impl=impl)
     dout = rng.standard_normal(out.shape)
     g = linformer.backward(dout, ctx)
     assert all(np.all(np.isfinite(a)) for a in g.values())
     for b in range(2):
         keep = kpm[b, 0]
         ob, cb = linformer.forward(x["q"][b], x["k"][b][:, keep], x["v"][b][:, keep],
-                                   E=E[:, keep], F=F[..., keep])
+                                   E=E[:, keep], F=F[..., keep], impl=impl)
         assert_close(out[b], ob)
         gb = linformer.backward(dout[b], cb)
         assert_close(g["q"][b], gb["q"])
@@ -208,3 +213,206 @@ def test_empty_batch_gives_zero_projection_gradients(eshape, rng):
     g = linformer.backward(out.copy(), ctx)
     assert g["E"].shape == E.shape and np.all(g["E"] == 0) and np.all(g["F"] == 0)
     assert g["q"].shape == x["q"].shape and g["k"].shape == x["k"].shape
+
+
+# ------------------------------------------------------------------------ impl="blocked"
+
+def _blocked_case(rng, n, m, kk, dtype=np.float64, batch=(2, 3), masked=True):
+    """Per-head E, head-shared F, and (optionally) a key padding mask with one fully padded
+    batch element."""
+    x = random_qkv(rng, batch, n=n, m=m, d=5, dv=3, dtype=dtype)
+    E = _proj(rng, batch[-1], kk, m).astype(dtype)
+    F = _proj(rng, kk, m).astype(dtype)
+    kpm = None
+    if masked:
+        kpm = rng.random((batch[0], 1, m)) < 0.7
+        kpm[0] = False                                             # batch 0: every key padded
+    return x, {"E": E, "F": F, "key_padding_mask": kpm}
+
+
+# (N, M, k) with a tile of 4: several query tiles, one or several key tiles, ragged edges
+BLOCKED_SHAPES = [(9, 11, 4), (13, 6, 7), (1, 5, 3), (6, 1, 9), (8, 8, 8)]
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("n,m,kk", BLOCKED_SHAPES)
+@pytest.mark.parametrize("masked", [False, True])
+def test_blocked_matches_reference(n, m, kk, masked, dtype, rng, monkeypatch):
+    """impl="blocked" == impl="ref" within PARITY: output, lse, every gradient, and crossed
+    (blocked forward + reference backward and the reverse)."""
+    monkeypatch.setattr(linformer, "BLOCKED_TILE", 4)
+    x, opts = _blocked_case(rng, n, m, kk, dtype, masked=masked)
+    out_r, ctx_r = linformer.forward(**x, **opts, impl="ref")
+    out_b, ctx_b = linformer.forward(**x, **opts, impl="blocked")
+    assert (ctx_r.impl, ctx_b.impl, ctx_b.tile) == ("ref", "blocked", 4)
+    assert out_b.dtype == dtype and ctx_b.lse.dtype == dtype
+    assert_close(out_b, out_r)
+    assert_close(ctx_b.lse, ctx_r.lse)
+    np.testing.assert_array_equal(ctx_b.kp, ctx_r.kp)              # the same projections
+    dout = rng.standard_normal(out_r.shape).astype(dtype)
+    g_r = linformer.backward(dout, ctx_r)
+    g_b = linformer.backward(dout, ctx_b)
+    assert all(g_b[name].dtype == dtype for name in g_b)
+    assert_close(g_b, g_r)
+    assert_close(linformer.backward(dout, ctx_b, impl="ref"), g_r)
+    assert_close(linformer.backward(dout, ctx_r, impl="blocked"), g_r)
+
+
+@pytest.mark.parametrize("schedule_batch", [(1,), (2, 3)])
+def test_blocked_both_backward_schedules(schedule_batch, rng, monkeypatch):
+    """One head (the split dq / dk-dv passes) and six (one thread per head) agree with the
+    reference."""
+    monkeypatch.setattr(linformer, "BLOCKED_TILE", 4)
+    x, opts = _blocked_case(rng, 11, 7, 6, batch=schedule_batch, masked=False)
+    opts["E"] = _proj(rng, 6, 7)
+    out_r, ctx_r = linformer.forward(**x, **opts, impl="ref")
+    out_b, ctx_b = linformer.forward(**x, **opts, impl="blocked")
+    dout = rng.standard_normal(out_r.shape)
+    for threads in (1, 2):
+        with num_threads(threads):
+            assert_close(linformer.backward(dout, ctx_b), linformer.backward(dout, ctx_r))
+
+
+@pytest.mark.parametrize("eshape,fshape", [((4, 7), (4, 7)), ((2, 4, 7), (1, 4, 7))])
+def test_blocked_gradcheck_float64(eshape, fshape, rng, monkeypatch):
+    monkeypatch.setattr(linformer, "BLOCKED_TILE", 4)
+    x = random_qkv(rng, (3, 2), n=9, m=7, d=3, dv=2)
+    kpm = rng.random((3, 1, 7)) < 0.7
+    args = {**x, "E": _proj(rng, *eshape), "F": _proj(rng, *fshape)}
+    report = check_vjp(linformer.forward, linformer.backward, args,
+                       {"key_padding_mask": kpm, "scale": 0.9, "impl": "blocked"}, rng=rng)
+    report.assert_ok(GRAD_FD)
+
+
+@pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="needs 2 Numba threads")
+@pytest.mark.parametrize("batch", [(1,), (3,), (2, 2)])
+def test_blocked_bit_identical_with_one_and_two_threads(batch, rng, monkeypatch):
+    """Forward and every gradient: the same bits with 1 and 2 Numba threads, for fewer heads
+    than threads, an odd number and an even number (both backward schedules)."""
+    monkeypatch.setattr(linformer, "BLOCKED_TILE", 4)
+    x, opts = _blocked_case(rng, 13, 10, 6, batch=batch, masked=False)
+    opts["E"] = _proj(rng, batch[-1], 6, 10)
+    results = []
+    for threads in (1, 2):
+        with num_threads(threads):
+            out, ctx = linformer.forward(**x, **opts, impl="blocked")
+            dout = np.linspace(-1, 1, out.size).reshape(out.shape)
+            results.append((out, ctx.lse, linformer.backward(dout, ctx)))
+    (out0, lse0, g0), (out1, lse1, g1) = results
+    np.testing.assert_array_equal(out1, out0)
+    np.testing.assert_array_equal(lse1, lse0)
+    for name in g0:
+        np.testing.assert_array_equal(g1[name], g0[name], err_msg=name)
+
+
+def test_auto_picks_blocked_from_the_threshold(rng, monkeypatch):
+    x, opts = _blocked_case(rng, 6, 5, 3, masked=False)
+    _, ctx = linformer.forward(**x, **opts)
+    assert ctx.impl == "ref"                                       # N·k = 18 < 2¹⁸
+    monkeypatch.setattr(linformer, "AUTO_BLOCKED_MIN_NK", 18)
+    _, ctx = linformer.forward(**x, **opts)
+    assert ctx.impl == "blocked"
+
+
+def test_bad_impl_is_a_value_error(rng):
+    x, opts = _blocked_case(rng, 4, 5, 2, masked=False)
+    with pytest.raises(ValueError, match="impl must be one of"):
+        linformer.forward(**x, **opts, impl="numba")
+    out, ctx = linformer.forward(**x, **opts)
+    with pytest.raises(ValueError, match="impl must be one of"):
+        linformer.backward(out, ctx, impl="auto")
+
+
+@pytest.mark.parametrize("batch,n,m", [((2,), 0, 4), ((2,), 3, 0), ((0, 3), 4, 5)])
+def test_blocked_empty_sizes(batch, n, m, rng):
+    """N = 0, M = 0 (output 0) and an empty batch: same as the reference, zero gradients."""
+    x = random_qkv(rng, batch, n=n, m=m)
+    E = _proj(rng, 2, m) if m else np.zeros((2, 0))
+    out_r, ctx_r = linformer.forward(**x, E=E, F=E, impl="ref")
+    out_b, ctx_b = linformer.forward(**x, E=E, F=E, impl="blocked")
+    np.testing.assert_array_equal(out_b, out_r)
+    dout = np.ones_like(out_r)
+    g_r, g_b = linformer.backward(dout, ctx_r), linformer.backward(dout, ctx_b)
+    for name in g_r:
+        assert g_b[name].shape == g_r[name].shape
+        assert_close(g_b[name], g_r[name], err_msg=name)
+
+
+@pytest.mark.parametrize("impl", ["ref", "blocked"])
+def test_nan_rows(impl, rng, monkeypatch):
+    """NaN in q_i: row i NaN, the others untouched; NaN in a real v_j: every row NaN."""
+    monkeypatch.setattr(linformer, "BLOCKED_TILE", 4)
+    x = random_qkv(rng, (2,), n=9, m=6)
+    E = _proj(rng, 5, 6)
+    q = x["q"].copy()
+    q[1, 3, 0] = np.nan
+    out, _ = linformer.forward(q, x["k"], x["v"], E=E, F=E, impl=impl)
+    bad = np.isnan(out).any(axis=-1)                               # (2, N)
+    expect = np.zeros_like(bad)
+    expect[1, 3] = True
+    np.testing.assert_array_equal(bad, expect)
+    v = x["v"].copy()
+    v[0, 2, 1] = np.nan
+    out, _ = linformer.forward(x["q"], x["k"], v, E=E, F=E, impl=impl)
+    assert np.isnan(out[0, :, 1]).all() and np.isfinite(out[1]).all()
+
+
+def test_blocked_read_only_inputs_add_no_kernel_signature(rng, monkeypatch):
+    """Read-only q, k, v, E, F, mask and dout reach the blocked kernels through the
+    specializations compiled for writeable ones, give the same bits and stay unwritten."""
+    from tinyeff.kernels import blocked
+
+    def signatures():
+        return {name: list(f.signatures) for name in dir(blocked)
+                if hasattr(f := getattr(blocked, name), "signatures")}
+
+    def run(x, opts, dout):
+        out, ctx = linformer.forward(**x, **opts, impl="blocked")
+        return out, linformer.backward(dout, ctx)
+
+    monkeypatch.setattr(linformer, "BLOCKED_TILE", 4)
+    x, opts = _blocked_case(rng, 9, 7, 5)
+    dout = rng.standard_normal((2, 3, 9, 3))
+    want_out, want = run(x, opts, dout)
+    before = signatures()
+    assert any(before.values())
+
+    def readonly(a):
+        a = a.copy()
+        a.setflags(write=False)
+        return a
+
+    ro = {n: readonly(a) for n, a in x.items()}
+    ro_opts = {n: readonly(a) for n, a in opts.items()}
+    out, grads = run(ro, ro_opts, readonly(dout))
+    assert signatures() == before
+    np.testing.assert_array_equal(out, want_out)
+    for name in want:
+        np.testing.assert_array_equal(grads[name], want[name], err_msg=name)
+    for name, a in ro.items():
+        np.testing.assert_array_equal(a, x[name])
+
+
+def test_blocked_results_identical_with_and_without_memory_reuse(rng, monkeypatch):
+    """The blocked path allocates out and dq through tinyeff.memory: same bits with block
+    reuse on and off, and a held result is never written by a later call."""
+    from tinyeff import memory
+    monkeypatch.setattr(memory, "CACHE_MIN_BYTES", 1)
+    memory.clear_cache()
+    previous = memory.set_cache_limit(1 << 20)
+    try:
+        x, opts = _blocked_case(rng, 9, 7, 5)
+        dout = rng.standard_normal((2, 3, 9, 3))
+        first, ctx = linformer.forward(**x, **opts, impl="blocked")
+        grads = linformer.backward(dout, ctx)
+        kept = [first.copy()] + [g.copy() for g in grads.values()]
+        for reuse in (True, True, False):
+            memory.set_cache_limit(1 << 20 if reuse else 0)
+            out, ctx2 = linformer.forward(**x, **opts, impl="blocked")
+            for a, b in zip([out, *linformer.backward(dout, ctx2).values()], kept):
+                np.testing.assert_array_equal(a, b)
+        for a, b in zip([first, *grads.values()], kept):
+            np.testing.assert_array_equal(a, b)
+    finally:
+        memory.set_cache_limit(previous)
+        memory.clear_cache()

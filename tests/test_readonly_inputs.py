@@ -16,8 +16,8 @@ call with read-only inputs (and with option arrays of another, broadcastable sha
 signature to any kernel of the module, and gives the same bits.  Arrays that are read-only
 by design and on every call (a ``Pattern``'s index arrays) keep their one signature.
 
-The same check for local, linear/performer and lsh is in their own test files
-(test_local.py, test_linear.py, test_lsh.py); hierarchical and linformer run no Numba kernel.
+The same check for local, linear/performer, lsh and linformer is in their own test files
+(test_local.py, test_linear.py, test_lsh.py, test_linformer.py); hierarchical runs no Numba kernel.
 """
 
 from __future__ import annotations

@@ -18,13 +18,14 @@ Shapes: q (..., N, D), k (..., M, D), v (..., M, Dv), E and F (k, M) or (..., k,
 leading dimensions broadcast to the batch dimensions without enlarging them (e.g. (H, k, M)
 for (B, H) batches: one projection per head).  k is the Linformer rank.  Cost O(N·k·D +
 k·M·D) time and O(N + k·M) memory: the forward saves K̃, Ṽ and the row log-sum-exp, not
-P, and the backward recomputes P in row blocks.  Everything runs one batch element at a
-time (the elements sharing a projection together) and in blocks of ~2²⁰–2²¹ entries, so the
-only large arrays are the output and the gradients (no (…, N, k), no (…, k, M) from E
-broadcast over the heads, no (…, M, D) masked or transposed copy of k or v — with a
-key-padding mask the forward makes one (M, D) masked copy per batch element): at N = M = 65,536,
-k = 256, B·H = 4, D = 64 in float32 the work space beyond the 384 MiB of returned arrays is
-~18 MiB (docs/semantics/linformer.md, "Implementation notes").
+P, and the backward recomputes P in row blocks (in tiles with impl="blocked").
+Everything runs one batch element at a time (the elements sharing a projection together)
+and in blocks of ~2²⁰–2²¹ entries, so the only large arrays are the output and the
+gradients (no (…, N, k), no (…, k, M) from E broadcast over the heads, no (…, M, D) masked
+or transposed copy of k or v — with a key-padding mask the forward makes one (M, D) masked
+copy per batch element): the work space beyond the returned arrays is the saved K̃, Ṽ, lse,
+a few buffers of ~2²⁰–2²¹ entries and the kernels' per-tile scratch
+(docs/semantics/linformer.md, "Implementation notes", has the measured figure).
 
 Options
 -------
@@ -43,6 +44,15 @@ key_padding_mask : boolean (..., M), True = real key, one dimension per batch di
 causal : must be False.  Linformer has no causal form: every projected key mixes all
     positions, so a query would see the future.  ``causal=True`` raises ValueError.
 scale : float, default 1/sqrt(D).
+impl : "auto" | "ref" | "blocked".  Both compute the projections with the same NumPy
+    products (so K̃ and Ṽ are the same bits) and differ only in the attention over the k
+    projected keys.  "ref" is the NumPy path below (the spec): row blocks, softmax in
+    place.  "blocked" runs that exact, unmasked attention of q against K̃, Ṽ through the
+    FlashAttention kernels of ``full(impl="blocked")`` (:mod:`tinyeff.kernels.blocked`,
+    tiles of ``BLOCKED_TILE`` queries and projected keys; the backward recomputes P from
+    the saved log-sum-exp, as the reference's does).  "auto" picks "blocked" when
+    N·k >= ``AUTO_BLOCKED_MIN_NK``, else "ref".  The two agree to float rounding
+    (``tinyeff.testing.PARITY``); ``backward(dout, ctx, impl=...)`` may cross them.
 
 Sharing modes (the paper's head-wise, key-value and layer-wise sharing) are shapes and
 identities of the arguments: head-wise is one (k, M) E for all heads; key-value sharing
@@ -83,6 +93,9 @@ KEY_PADDING = "key_padding_mask"
 DIFFERENTIABLE = ("q", "k", "v", "E", "F")
 LAYER_PARAMS = ("E", "F")
 
+IMPLS = ("auto", "ref", "blocked")
+BLOCKED_TILE = 256                 # query and key tile of impl="blocked"
+AUTO_BLOCKED_MIN_NK = 1 << 18      # impl="auto" uses "blocked" from N·k = 512² on
 _ROW_BLOCK = 1 << 21        # entries of one (rows, k) score block (8 MiB in float32)
 _KEY_BLOCK = 1 << 20        # entries of one (keys, S·D) block of the projection backward
 
@@ -97,8 +110,11 @@ class LinformerCtx(Ctx):
     key_padding_mask: np.ndarray | None   # (..., M) as given, or None
     kp: np.ndarray                  # (..., k, D)  K̃ = E (m ⊙ K)
     vp: np.ndarray                  # (..., k, Dv) Ṽ = F (m ⊙ V)
+    out: np.ndarray                 # (..., N, Dv) the output (δ = rowsum(dout ⊙ out))
     lse: np.ndarray                 # (..., N) log-sum-exp of each row of S
     scale: float
+    impl: str                       # "ref" or "blocked": the implementation that made this ctx
+    tile: int                       # query/key tile of the blocked forward (0 for "ref")
 
 
 def init_layer_params(rng: np.random.Generator, m: int, dtype=np.float64, *, k: int,
@@ -135,7 +151,7 @@ def _projection(value, name: str, batch: tuple, m: int, dtype) -> np.ndarray:
     return value
 
 
-def forward(q, k, v, *, E, F, key_padding_mask=None, causal=False, scale=None):
+def forward(q, k, v, *, E, F, key_padding_mask=None, causal=False, scale=None, impl="auto"):
     """Linformer attention.  Returns ``(out (..., N, Dv), ctx)``; see the module docstring."""
     batch, n, m, d, dv, dtype = _checks.qkv(q, k, v)
     if _checks.flag(causal, "causal"):
@@ -149,15 +165,27 @@ def forward(q, k, v, *, E, F, key_padding_mask=None, causal=False, scale=None):
     key_padding_mask = _checks.key_padding_mask(key_padding_mask, batch, m,
                                                 name="key_padding_mask")
     scale = _checks.scale(scale, d)
+    impl = _checks.choice(impl, "impl", IMPLS)
+    if impl == "auto":
+        impl = "blocked" if n * E.shape[-2] >= AUTO_BLOCKED_MIN_NK else "ref"
+    if impl == "blocked":
+        return _forward_blocked(q, k, v, E, F, key_padding_mask, scale)
     return _forward_ref(q, k, v, E, F, key_padding_mask, scale)
 
 
-def backward(dout, ctx: LinformerCtx) -> dict:
-    """Gradients ``{"q", "k", "v", "E", "F"}`` (E's and F's reduced to their own shapes)."""
+def backward(dout, ctx: LinformerCtx, *, impl=None) -> dict:
+    """Gradients ``{"q", "k", "v", "E", "F"}`` (E's and F's reduced to their own shapes).
+
+    ``impl`` (default: the one that made ``ctx``) may cross the implementations: both save
+    the same K̃, Ṽ, output and log-sum-exp.
+    """
     if not isinstance(ctx, LinformerCtx):
         raise TypeError(f"ctx must be the LinformerCtx returned by linformer.forward, got "
                         f"{type(ctx).__name__}")
+    impl = ctx.impl if impl is None else _checks.choice(impl, "impl", ("ref", "blocked"))
     dout = _checks.dout(dout, ctx.q.shape[:-1] + ctx.v.shape[-1:], ctx.q.dtype)
+    if impl == "blocked":
+        return _backward_blocked(dout, ctx)
     return _backward_ref(dout, ctx)
 
 
@@ -199,24 +227,38 @@ def _key_blocks(m: int, width: int):
     return [slice(c0, min(m, c0 + step)) for c0 in range(0, m, step)]
 
 
-def _forward_ref(q, k, v, E, F, kpm, scale):
-    # One batch element (b, h, …) at a time, rows in blocks: no (…, k, M) copy of E broadcast
-    # over the heads, no (…, M, D) masked copy of k or v, no (…, N, k) array.
-    batch, n, m = q.shape[:-2], q.shape[-2], k.shape[-2]
+def _first(blocks: list) -> int:
+    """Keys in the first (largest) of ``_key_blocks``; 0 if there are none (M = 0)."""
+    return blocks[0].stop if blocks else 0
+
+
+def _project(k, v, E, F, kpm):
+    """K̃ = E (m ⊙ K) (..., k, D) and Ṽ = F (m ⊙ V) (..., k, Dv), one batch element at a time:
+    no (…, k, M) copy of E broadcast over the heads, no (…, M, D) masked copy of k or v."""
+    batch, m = k.shape[:-2], k.shape[-2]
     kk = E.shape[-2]
     Eb = np.broadcast_to(E, (*batch, kk, m))                       # (..., k, M) view
     Fb = np.broadcast_to(F, (*batch, kk, m))                       # (..., k, M) view
     mb = None if kpm is None else np.broadcast_to(kpm, (*batch, m))   # (..., M) view
-    kp = np.empty((*batch, kk, k.shape[-1]), dtype=q.dtype)        # (..., k, D)
-    vp = np.empty((*batch, kk, v.shape[-1]), dtype=q.dtype)        # (..., k, Dv)
-    out = memory.empty((*batch, n, v.shape[-1]), q.dtype)          # (..., N, Dv)
-    lse = np.empty((*batch, n), dtype=q.dtype)                     # (..., N)
-    step = max(1, _ROW_BLOCK // max(1, kk))
-    s_buf = np.empty((min(n, step), kk), dtype=q.dtype)            # (R, k) reused per block
+    kp = np.empty((*batch, kk, k.shape[-1]), dtype=k.dtype)        # (..., k, D)
+    vp = np.empty((*batch, kk, v.shape[-1]), dtype=k.dtype)        # (..., k, Dv)
     for i in np.ndindex(*batch):
         keep = None if mb is None else mb[i]                       # (M,)
         np.matmul(Eb[i], _masked(k[i], keep), out=kp[i])           # (k, D)  K̃ = E (m ⊙ K)
         np.matmul(Fb[i], _masked(v[i], keep), out=vp[i])           # (k, Dv) Ṽ = F (m ⊙ V)
+    return kp, vp
+
+
+def _forward_ref(q, k, v, E, F, kpm, scale):
+    # The projections, then one batch element at a time, rows in blocks: no (…, N, k) array.
+    batch, n = q.shape[:-2], q.shape[-2]
+    kk = E.shape[-2]
+    kp, vp = _project(k, v, E, F, kpm)                             # (..., k, D), (..., k, Dv)
+    out = memory.empty((*batch, n, v.shape[-1]), q.dtype)          # (..., N, Dv)
+    lse = np.empty((*batch, n), dtype=q.dtype)                     # (..., N)
+    step = max(1, _ROW_BLOCK // max(1, kk))
+    s_buf = memory.empty((min(n, step), kk), q.dtype)              # (R, k) reused per block
+    for i in np.ndindex(*batch):
         for r0 in range(0, n, step):                               # rows are independent
             rows = slice(r0, min(n, r0 + step))
             s = s_buf[:rows.stop - r0]                             # (R, k)
@@ -233,8 +275,8 @@ def _forward_ref(q, k, v, E, F, kpm, scale):
             with np.errstate(divide="ignore"):
                 lse[i][rows] = (c + np.log(z))[:, 0]               # (R,)
             np.matmul(s, vp[i], out=out[i][rows])                  # (R, Dv) out = P Ṽ
-    ctx = LinformerCtx(q=q, k=k, v=v, E=E, F=F, key_padding_mask=kpm, kp=kp, vp=vp, lse=lse,
-                       scale=scale)
+    ctx = LinformerCtx(q=q, k=k, v=v, E=E, F=F, key_padding_mask=kpm, kp=kp, vp=vp, out=out,
+                       lse=lse, scale=scale, impl="ref", tile=0)
     return out, ctx
 
 
@@ -251,11 +293,15 @@ def _project_back(W, dproj, mb, dx) -> None:
         if not members:
             continue
         a = np.concatenate([dproj[i] for i in members], axis=1)    # (k, S·C)
-        for c in _key_blocks(m, a.shape[1]):
-            if len(members) == 1:
+        blocks = _key_blocks(m, a.shape[1])
+        if len(members) == 1:
+            for c in blocks:
                 np.matmul(W[e_index][:, c].T, a, out=dx[members[0]][c])   # (keys, C)
-                continue
-            t = W[e_index][:, c].T @ a                             # (keys, S·C)
+            continue
+        t_buf = memory.empty((_first(blocks), a.shape[1]), dx.dtype)  # (keys, S·C) reused
+        for c in blocks:
+            t = t_buf[:c.stop - c.start]                           # (keys, S·C)
+            np.matmul(W[e_index][:, c].T, a, out=t)
             for j, i in enumerate(members):
                 dx[i][c] = t[:, j * c_dim:(j + 1) * c_dim]         # (keys, C)
     if mb is not None:
@@ -270,19 +316,29 @@ def _weight_grad(dproj, x, mb, shape: tuple, dtype) -> np.ndarray:
     batch elements sharing one W slice (S of them) are folded into the contraction: one
     (k, S·C) @ (S·C, keys) product per block of keys, written straight into dW, so neither
     a (batch, k, M) temporary nor a transposed copy of x is formed — only a (keys, S·C)
-    gather of m ⊙ x, ~_KEY_BLOCK entries.
+    gather of m ⊙ x, ~_KEY_BLOCK entries, into one buffer reused by every block (none for
+    a single unmasked element).
     """
     batch, m = dproj.shape[:-2], x.shape[-2]
-    dw = np.empty(shape, dtype=dtype)                              # W's shape
+    dw = memory.empty(shape, dtype)                                # W's shape
     for e_index, members in _groups(shape[:-2], batch):
         if not members:                                            # a sum over no elements
             dw[e_index] = 0
             continue
         a = np.concatenate([dproj[i] for i in members], axis=1)    # (k, S·C)
-        for c in _key_blocks(m, a.shape[1]):
-            xs = np.stack([_masked(x[i][c], None if mb is None else mb[i][c])
-                           for i in members], axis=1)              # (keys, S, C)
-            np.matmul(a, xs.reshape(xs.shape[0], -1).T, out=dw[e_index][:, c])   # (k, keys)
+        blocks = _key_blocks(m, a.shape[1])
+        if len(members) == 1 and mb is None:                       # x's own rows, no gather
+            for c in blocks:
+                np.matmul(a, x[members[0]][c].T, out=dw[e_index][:, c])   # (k, keys)
+            continue
+        g_buf = memory.empty((_first(blocks), len(members), x.shape[-1]), dtype)  # reused
+        for c in blocks:
+            g = g_buf[:c.stop - c.start]                           # (keys, S, C) m ⊙ x
+            for j, i in enumerate(members):
+                g[:, j] = x[i][c]
+                if mb is not None:
+                    g[~mb[i][c], j] = 0                            # padded keys: exactly 0
+            np.matmul(a, g.reshape(len(g), -1).T, out=dw[e_index][:, c])   # (k, keys)
     return dw
 
 
@@ -297,8 +353,8 @@ def _backward_attention(dout, q, kp, vp, lse, scale):
     dkp = np.zeros(kp.shape, dtype=q.dtype)                        # (..., k, D)
     dvp = np.zeros(vp.shape, dtype=q.dtype)                        # (..., k, Dv)
     step = max(1, _ROW_BLOCK // max(1, kk))
-    p_buf = np.empty((min(n, step), kk), dtype=q.dtype)            # (R, k) reused per block
-    dp_buf = np.empty_like(p_buf)                                  # (R, k)
+    p_buf = memory.empty((min(n, step), kk), q.dtype)              # (R, k) reused per block
+    dp_buf = memory.empty(p_buf.shape, q.dtype)                    # (R, k)
     for i in np.ndindex(*batch):
         for r0 in range(0, n, step):
             rows = slice(r0, min(n, r0 + step))
@@ -325,10 +381,15 @@ def _backward_attention(dout, q, kp, vp, lse, scale):
 
 
 def _backward_ref(dout, ctx: LinformerCtx) -> dict:
+    dq, dkp, dvp = _backward_attention(dout, ctx.q, ctx.kp, ctx.vp, ctx.lse, ctx.scale)
+    return _backward_projections(ctx, dq, dkp, dvp)
+
+
+def _backward_projections(ctx: LinformerCtx, dq, dkp, dvp) -> dict:
+    """The gradients of q, k, v, E, F from dQ, dK̃ (..., k, D) and dṼ (..., k, Dv)."""
     q, k, v = ctx.q, ctx.k, ctx.v
     kpm = ctx.key_padding_mask
     mb = None if kpm is None else np.broadcast_to(kpm, (*q.shape[:-2], k.shape[-2]))  # (..., M)
-    dq, dkp, dvp = _backward_attention(dout, q, ctx.kp, ctx.vp, ctx.lse, ctx.scale)
     # fwd: K̃ = E (m ⊙ K)
     dk = memory.empty(k.shape, k.dtype)                            # (..., M, D)
     _project_back(ctx.E, dkp, mb, dk)
@@ -338,6 +399,75 @@ def _backward_ref(dout, ctx: LinformerCtx) -> dict:
     _project_back(ctx.F, dvp, mb, dv)
     dF = _weight_grad(dvp, v, mb, ctx.F.shape, q.dtype)            # F's shape
     return {"q": dq, "k": dk, "v": dv, "E": dE, "F": dF}
+
+
+# ----------------------------------------------------------------- impl="blocked" (Numba)
+
+def _heads(x: np.ndarray, bh: int) -> np.ndarray:
+    """(..., L, C) -> (BH, L, C) C-contiguous and writeable (a view when x already is; a copy
+    of a read-only x, so that read-only inputs reuse the kernels compiled for writeable ones)."""
+    return np.require(x.reshape(bh, *x.shape[-2:]), requirements="CW")  # (BH, L, C)
+
+
+def _forward_blocked(q, k, v, E, F, kpm, scale):
+    # the projections as in the reference, then the attention over the k projected keys by
+    # the FlashAttention kernel (no mask: the key padding acted inside the projections)
+    from ..kernels import blas_single_thread, blocked
+    batch, n, dv = q.shape[:-2], q.shape[-2], v.shape[-1]
+    bh = math.prod(batch)
+    dtype = q.dtype
+    tile = BLOCKED_TILE
+    kp, vp = _project(k, v, E, F, kpm)                             # (..., k, D), (..., k, Dv)
+    out = memory.empty((*batch, n, dv), dtype)                     # (..., N, Dv)
+    lse = np.empty((*batch, n), dtype=dtype)                       # (..., N)
+    if bh and n:
+        no_kpad = np.zeros((1, 1), dtype=bool)                     # unused by the kernel
+        no_rel = np.zeros((1, 1), dtype=dtype)                     # unused by the kernel
+        with blas_single_thread():
+            blocked.flash_fwd(out.reshape(bh, n, dv), lse.reshape(bh, n), _heads(q, bh),
+                              kp.reshape(bh, *kp.shape[-2:]), vp.reshape(bh, *vp.shape[-2:]),
+                              no_kpad, no_rel, dtype.type(scale), False, False, False, tile)
+    ctx = LinformerCtx(q=q, k=k, v=v, E=E, F=F, key_padding_mask=kpm, kp=kp, vp=vp, out=out,
+                       lse=lse, scale=scale, impl="blocked", tile=tile)
+    return out, ctx
+
+
+def _backward_attention_blocked(dout, ctx: LinformerCtx):
+    """(dQ, dK̃, dṼ) by the FlashAttention backward kernels (P recomputed from the lse)."""
+    import numba
+
+    from ..kernels import blas_single_thread, blocked
+    q, kp, vp = ctx.q, ctx.kp, ctx.vp
+    batch, n, kk, d, dv = q.shape[:-2], q.shape[-2], kp.shape[-2], q.shape[-1], vp.shape[-1]
+    bh = math.prod(batch)
+    dtype = q.dtype
+    dq = memory.empty((bh, n, d), dtype)                           # (BH, N, D)
+    dq.fill(0)                                                     # the fused kernel adds to it
+    dkp = np.zeros((bh, kk, d), dtype=dtype)                       # (BH, k, D)
+    dvp = np.zeros((bh, kk, dv), dtype=dtype)                      # (BH, k, Dv)
+    if bh and n:
+        dout3 = _heads(dout, bh)                                   # (BH, N, Dv)
+        # δ_i = Σ_c dout_ic · out_ic  (= Σ_j P_ij dP_ij, the softmax backward's row term)
+        delta = np.einsum("bnc,bnc->bn", dout3, ctx.out.reshape(bh, n, dv))   # (BH, N)
+        lse = np.ascontiguousarray(ctx.lse.reshape(bh, n))         # (BH, N)
+        no_kpad = np.zeros((1, 1), dtype=bool)                     # unused by the kernel
+        no_rel = np.zeros((1, 1), dtype=dtype)                     # unused by the kernel
+        args = (_heads(q, bh), kp.reshape(bh, kk, d), vp.reshape(bh, kk, dv), dout3, lse,
+                delta, no_kpad, no_rel, dtype.type(ctx.scale), False, False, False,
+                ctx.tile or BLOCKED_TILE)
+        threads = numba.get_num_threads()
+        with blas_single_thread():
+            if bh >= 4 * threads or (bh >= threads and bh % threads == 0):
+                blocked.flash_bwd_fused(dq, dkp, dvp, *args)      # one thread per head
+            else:
+                blocked.flash_bwd_dq(dq, *args)
+                blocked.flash_bwd_dkdv(dkp, dvp, *args)
+    return (dq.reshape(q.shape), dkp.reshape(kp.shape), dvp.reshape(vp.shape))
+
+
+def _backward_blocked(dout, ctx: LinformerCtx) -> dict:
+    dq, dkp, dvp = _backward_attention_blocked(dout, ctx)
+    return _backward_projections(ctx, dq, dkp, dvp)
 
 
 def example_cases(rng: np.random.Generator, dtype=np.float64) -> list[Case]:
