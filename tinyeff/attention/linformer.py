@@ -83,6 +83,7 @@ from .. import _checks, memory
 from .._random import random_qkv
 from ..ctx import Ctx
 from ._case import Case
+from .full import _heads  # (..., L, C) -> (BH, L, C) contiguous, writeable
 
 NAME = "linformer"
 SUPPORTS_MASK = False
@@ -402,12 +403,6 @@ def _backward_projections(ctx: LinformerCtx, dq, dkp, dvp) -> dict:
 
 
 # ----------------------------------------------------------------- impl="blocked" (Numba)
-
-def _heads(x: np.ndarray, bh: int) -> np.ndarray:
-    """(..., L, C) -> (BH, L, C) C-contiguous and writeable (a view when x already is; a copy
-    of a read-only x, so that read-only inputs reuse the kernels compiled for writeable ones)."""
-    return np.require(x.reshape(bh, *x.shape[-2:]), requirements="CW")  # (BH, L, C)
-
 
 def _forward_blocked(q, k, v, E, F, kpm, scale):
     # the projections as in the reference, then the attention over the k projected keys by
