@@ -71,6 +71,7 @@ IMPLS = ("auto", "ref", "numba")
 MASK_MODES = ("exact", "values_only")
 CHUNK = 2048          # positions per chunk of the "numba" path (bounds the feature memory)
 CHUNK_NONCAUSAL = 512  # non-causal chunks: smaller, so m-wide Performer features stay in cache
+SUBCHUNK = 64         # positions per sub-chunk of the causal kernels' matrix products
 
 
 def _chunk(causal: bool) -> int:
@@ -575,8 +576,9 @@ def _forward_chunked(q, k, v, fmap, causal, mask, mask_mode, normalize, eps, chu
             num_c = np.empty((bh, nq, dvd), dtype)                 # (BH, nq, Dv)
             den_c = np.empty((bh, nq), dtype)                      # (BH, nq)
             cm_c = np.empty((bh, nq), dtype)                       # (BH, nq)
-            kernels.causal_fwd(num_c, den_c, cm_c, *state, _bh(fq, bh, nb), _bh(fk, bh, nb),
-                               _bh(lk, bh, nb), _bh(vc, bh, nb))
+            with blas_single_thread():
+                kernels.causal_fwd(num_c, den_c, cm_c, *state, _bh(fq, bh, nb),
+                                   _bh(fk, bh, nb), _bh(lk, bh, nb), _bh(vc, bh, nb), SUBCHUNK)
             key_scale[..., qs] = cm_c.reshape(*batch, nq)
             finish(qs, num_c.reshape(*batch, nq, dvd), den_c.reshape(*batch, nq), lq,
                    key_scale[..., qs])
@@ -636,8 +638,10 @@ def _backward_chunked(dout, ctx: LinearCtx, chunk) -> dict:
             dnum, dden = rows(qs)                                  # (..., nq, Dv), (..., nq)
             nq = dnum.shape[-2]
             dfq = np.empty((bh, nq, nf), dtype)                    # (BH, nq, F)
-            kernels.causal_bwd_q(dfq, *state, _bh(fk, bh, nb), _bh(lk, bh, nb),
-                                 _bh(vc, bh, nb), _bh(dnum, bh, nb), _bh(dden, bh, nb))
+            with blas_single_thread():
+                kernels.causal_bwd_q(dfq, *state, _bh(fk, bh, nb), _bh(lk, bh, nb),
+                                     _bh(vc, bh, nb), _bh(dnum, bh, nb), _bh(dden, bh, nb),
+                                     SUBCHUNK)
             fq, _ = features(fmap, q[..., qs, :])
             dq[..., qs, :] = chain_q(fmap, dfq.reshape(*batch, nq, nf), fq, q[..., qs, :])
         state = (np.zeros((bh, nf, dvd), dtype),                   # Ũ (BH, F, Dv)
@@ -651,9 +655,11 @@ def _backward_chunked(dout, ctx: LinearCtx, chunk) -> dict:
             nk = fk.shape[-2]
             dfk = np.empty((bh, nk, nf), dtype)                    # (BH, nk, F)
             dv_c = np.empty((bh, nk, dvd), dtype)                  # (BH, nk, Dv)
-            kernels.causal_bwd_kv(dfk, dv_c, *state, _bh(fq, bh, nb), _bh(dnum, bh, nb),
-                                  _bh(dden, bh, nb), _bh(ctx.key_scale[..., qs], bh, nb),
-                                  _bh(fk, bh, nb), _bh(lk, bh, nb), _bh(vc, bh, nb))
+            with blas_single_thread():
+                kernels.causal_bwd_kv(dfk, dv_c, *state, _bh(fq, bh, nb), _bh(dnum, bh, nb),
+                                      _bh(dden, bh, nb), _bh(ctx.key_scale[..., qs], bh, nb),
+                                      _bh(fk, bh, nb), _bh(lk, bh, nb), _bh(vc, bh, nb),
+                                      SUBCHUNK)
             set_keys(ks, dfk.reshape(*batch, nk, nf), fk, dv_c.reshape(*batch, nk, dvd))
         return {"q": dq, "k": dk, "v": dv}
     # non-causal: dkv, dz summed over query chunks, then read by every key chunk
