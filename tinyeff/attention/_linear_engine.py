@@ -72,6 +72,7 @@ MASK_MODES = ("exact", "values_only")
 CHUNK = 2048          # positions per chunk of the "numba" path (bounds the feature memory)
 CHUNK_NONCAUSAL = 512  # non-causal chunks: smaller, so m-wide Performer features stay in cache
 SUBCHUNK = 64         # positions per sub-chunk of the causal kernels' matrix products
+SUBCHUNK_GUARD = 20.0  # sub-chunks with max C − min C above it run the scalar scan step
 
 
 def _chunk(causal: bool) -> int:
@@ -674,7 +675,7 @@ def _forward_causal(q, k, v, fmap, mask, mask_mode, chunks, out, denom, key_scal
         with blas_single_thread():
             kernels.causal_fwd(num_c, den_c, cm_c, *state, _flat(fq).reshape(bh, nq, nf),
                                fk.reshape(bh, nk, nf), lk.reshape(bh, nk),
-                               vc.reshape(bh, nk, dvd), SUBCHUNK)
+                               vc.reshape(bh, nk, dvd), SUBCHUNK, SUBCHUNK_GUARD)
         key_scale[..., qs] = cm_c.reshape(*batch, nq)
         finish(qs, num_c.reshape(*batch, nq, dvd), den_c.reshape(*batch, nq),
                lq.reshape(*batch, nq), key_scale[..., qs])
@@ -705,7 +706,8 @@ def _backward_causal(dout, ctx: LinearCtx, chunks, dq, dk, dv) -> dict:
         dfq = np.empty((bh, nq, nf), dtype)                        # (BH, nq, F)
         with blas_single_thread():
             kernels.causal_bwd_q(dfq, *state, fk.reshape(bh, nk, nf), lk.reshape(bh, nk),
-                                 vc.reshape(bh, nk, dvd), dnum, dden, SUBCHUNK)
+                                 vc.reshape(bh, nk, dvd), dnum, dden, SUBCHUNK,
+                                 SUBCHUNK_GUARD)
         qc = _flat(q[..., qs, :])                                  # (BH·nq, D)
         fq, _ = features(fmap, qc)                                 # (BH·nq, F)
         dq[..., qs, :] = chain_q(fmap, dfq.reshape(-1, nf), fq, qc).reshape(*batch, nq, d)
@@ -724,7 +726,7 @@ def _backward_causal(dout, ctx: LinearCtx, chunks, dq, dk, dv) -> dict:
             kernels.causal_bwd_kv(dfk, dv_c, *state, _flat(fq).reshape(bh, nq, nf), dnum,
                                   dden, _flat(ctx.key_scale[..., qs], True).reshape(bh, nq),
                                   fk.reshape(bh, nk, nf), lk.reshape(bh, nk),
-                                  vc.reshape(bh, nk, dvd), SUBCHUNK)
+                                  vc.reshape(bh, nk, dvd), SUBCHUNK, SUBCHUNK_GUARD)
         dk_c, dv_c = chain_k(fmap, dfk.reshape(-1, nf), dv_c.reshape(-1, dvd), fk, kc, mc,
                              ctx.mask_mode)
         dk[..., ks, :] = dk_c.reshape(*batch, nk, d)

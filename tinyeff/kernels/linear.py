@@ -51,9 +51,9 @@ and the reverse scan, with the state (Ũ, r̃) of the later rows brought to the 
 
 (tril keeps j ≤ i of a (row i, key j) matrix, triu keeps i ≥ j of a (key j, row i) one).
 Every product is one ``np.dot`` of C-contiguous 2-D arrays (BLAS; one signature per dtype).
-Guard: h_i ≤ exp(GUARD) and g_j ≥ exp(lk_j − C_i − GUARD), so h and g can overflow or
-underflow only where the scan's own exponents would come within GUARD of doing so; a
-sub-chunk whose M − min_i C_i exceeds GUARD, that holds a row seeing no key (C_i = −inf),
+Guard: h_i ≤ exp(guard) and g_j ≥ exp(lk_j − C_i − guard), so h and g can overflow or
+underflow only where the scan's own exponents would come within ``guard`` of doing so; a
+sub-chunk whose M − min_i C_i exceeds ``guard``, that holds a row seeing no key (C_i = −inf),
 or that is not covered by both rows and keys (the ends of sequences, N ≠ M) runs the scalar
 scan step instead, row by row, as above.  Linear attention (lk ≡ 0) has g = h = a = 1.
 
@@ -77,11 +77,9 @@ import numpy as np
 
 from ._jit import run_tasks, serial
 
-GUARD = 20.0          # largest M − min_i C_i of a sub-chunk run with matrix products
-
 
 @serial
-def _fwd_slices(lo, hi, num, den, cmax, S, z, c, fq, fk, lk, v, sub):
+def _fwd_slices(lo, hi, num, den, cmax, S, z, c, fq, fk, lk, v, sub, guard):
     """Batch slices lo … hi − 1 of :func:`causal_fwd`."""
     bh, nq, n_f = fq.shape
     nk = fk.shape[1]
@@ -112,7 +110,7 @@ def _fwd_slices(lo, hi, num, den, cmax, S, z, c, fq, fk, lk, v, sub):
                     if l > big_m:
                         big_m = l
                     ct[t] = big_m
-                ok = ct[0] > -np.inf and big_m - ct[0] <= GUARD
+                ok = ct[0] > -np.inf and big_m - ct[0] <= guard
             if ok:
                 for j in range(nt):
                     l = lk[b, t0 + j]
@@ -185,18 +183,19 @@ def _fwd_slices(lo, hi, num, den, cmax, S, z, c, fq, fk, lk, v, sub):
         c[b] = cb
 
 
-def causal_fwd(num, den, cmax, S, z, c, fq, fk, lk, v, sub):
+def causal_fwd(num, den, cmax, S, z, c, fq, fk, lk, v, sub, guard):
     """num_t = fq_t S_t, den_t = fq_t·z_t, cmax_t = C_t for the chunk; updates (S, z, c).
 
     num (BH, nq, Dv), den (BH, nq), cmax (BH, nq): outputs.  S (BH, F, Dv), z (BH, F),
     c (BH,): scan state in/out (start: zeros and −inf).  fq (BH, nq, F), fk (BH, nk, F),
-    lk (BH, nk), v (BH, nk, Dv); sub: positions per sub-chunk.
+    lk (BH, nk), v (BH, nk, Dv); sub: positions per sub-chunk;
+    guard: the largest M − min_i C_i of a sub-chunk run with matrix products.
     """
-    run_tasks(_fwd_slices, fq.shape[0], num, den, cmax, S, z, c, fq, fk, lk, v, sub)
+    run_tasks(_fwd_slices, fq.shape[0], num, den, cmax, S, z, c, fq, fk, lk, v, sub, guard)
 
 
 @serial
-def _bwd_q_slices(lo, hi, dfq, St, z, c, fk, lk, v, dnum, dden, sub):
+def _bwd_q_slices(lo, hi, dfq, St, z, c, fk, lk, v, dnum, dden, sub, guard):
     """Batch slices lo … hi − 1 of :func:`causal_bwd_q`."""
     bh, nq, n_f = dfq.shape
     nk = fk.shape[1]
@@ -226,7 +225,7 @@ def _bwd_q_slices(lo, hi, dfq, St, z, c, fk, lk, v, dnum, dden, sub):
                     if l > big_m:
                         big_m = l
                     ct[t] = big_m
-                ok = ct[0] > -np.inf and big_m - ct[0] <= GUARD
+                ok = ct[0] > -np.inf and big_m - ct[0] <= guard
             if ok:
                 for j in range(nt):
                     l = lk[b, t0 + j]
@@ -298,18 +297,19 @@ def _bwd_q_slices(lo, hi, dfq, St, z, c, fk, lk, v, dnum, dden, sub):
         c[b] = cb
 
 
-def causal_bwd_q(dfq, St, z, c, fk, lk, v, dnum, dden, sub):
+def causal_bwd_q(dfq, St, z, c, fk, lk, v, dnum, dden, sub, guard):
     """dfq_t = S_t dnum_t + dden_t z_t, rebuilding Sᵀ in a forward scan.
 
     dfq (BH, nq, F): output.  St (BH, Dv, F), z (BH, F), c (BH,): scan state in/out.
     fk (BH, nk, F), lk (BH, nk), v (BH, nk, Dv), dnum (BH, nq, Dv), dden (BH, nq);
-    sub: positions per sub-chunk.
+    sub, guard as in :func:`causal_fwd`.
     """
-    run_tasks(_bwd_q_slices, dfq.shape[0], dfq, St, z, c, fk, lk, v, dnum, dden, sub)
+    run_tasks(_bwd_q_slices, dfq.shape[0], dfq, St, z, c, fk, lk, v, dnum, dden, sub, guard)
 
 
 @serial
-def _bwd_kv_slices(lo, hi, dfk, dvv, U, Ut, r, cn, fq, dnum, dden, cmax, fk, lk, v, sub):
+def _bwd_kv_slices(lo, hi, dfk, dvv, U, Ut, r, cn, fq, dnum, dden, cmax, fk, lk, v, sub,
+                   guard):
     """Batch slices lo … hi − 1 of :func:`causal_bwd_kv`."""
     bh, nq, n_f = fq.shape
     nk = fk.shape[1]
@@ -335,7 +335,7 @@ def _bwd_kv_slices(lo, hi, dfk, dvv, U, Ut, r, cn, fq, dnum, dden, cmax, fk, lk,
             ok = t1 <= nq and t1 <= nk
             if ok:
                 big_m = cmax[b, t1 - 1]
-                ok = cmax[b, t0] > -np.inf and big_m - cmax[b, t0] <= GUARD
+                ok = cmax[b, t0] > -np.inf and big_m - cmax[b, t0] <= guard
             if ok:
                 if cb > big_m:                                     # later rows: C_i ≥ M
                     s = np.exp(big_m - cb)
@@ -364,7 +364,7 @@ def _bwd_kv_slices(lo, hi, dfk, dvv, U, Ut, r, cn, fq, dnum, dden, cmax, fk, lk,
                 gs = dnum[b, t0:t1]                                # (T, Dv)
                 dks = dfk[b, t0:t1]                                # (T, F)
                 dvs = dvv[b, t0:t1]                                # (T, Dv)
-                # fwd: S_i += exp(ℓk_j − C_i) fk_j v_jᵀ ; z_i += exp(ℓk_j − C_i) fk_j  (i ≥ j)
+                # fwd: S_i += exp(ℓk_j − C_i) fk_j v_jᵀ ;  z_i likewise   (rows i ≥ j)
                 np.dot(vs, Utb, dks)                               # Ũ v_j
                 np.dot(vs, gt, att)                                # v_j·dnum_i
                 for j in range(nt):
@@ -445,17 +445,17 @@ def _bwd_kv_slices(lo, hi, dfk, dvv, U, Ut, r, cn, fq, dnum, dden, cmax, fk, lk,
         cn[b] = cb
 
 
-def causal_bwd_kv(dfk, dvv, U, Ut, r, cn, fq, dnum, dden, cmax, fk, lk, v, sub):
+def causal_bwd_kv(dfk, dvv, U, Ut, r, cn, fq, dnum, dden, cmax, fk, lk, v, sub, guard):
     """dfk and dv of the chunk by a reverse scan over t = L − 1 … 0.
 
     dfk (BH, nk, F), dvv (BH, nk, Dv): outputs.  U (BH, F, Dv), Ut (BH, Dv, F), r (BH, F),
     cn (BH,): reverse-scan state in/out (start: zeros and −inf; cn is the scale of the
     state, a C of the rows added, ≥ the C of every row not yet added).  fq (BH, nq, F),
     dnum (BH, nq, Dv), dden (BH, nq), cmax (BH, nq) (the forward's C_t), fk (BH, nk, F),
-    lk (BH, nk), v (BH, nk, Dv); sub: positions per sub-chunk.
+    lk (BH, nk), v (BH, nk, Dv); sub, guard as in :func:`causal_fwd`.
     """
     run_tasks(_bwd_kv_slices, fq.shape[0], dfk, dvv, U, Ut, r, cn, fq, dnum, dden, cmax, fk,
-              lk, v, sub)
+              lk, v, sub, guard)
 
 
 # --------------------------------------------------------------------------- fused elu / relu
