@@ -28,8 +28,8 @@ def _scan(fq, fk, lk, v, dnum, dden, chunk, sub, guard):
     dfk = np.empty(fk.shape, dt)                                   # (BH, M, F)
     dv = np.empty(v.shape, dt)                                     # (BH, M, Dv)
     chunks = engine._chunk_slices(n, m, chunk)
-    fwd = (np.zeros((bh, nf, dvd), dt), np.zeros((bh, nf), dt), np.full(bh, -np.inf, dt))
-    bwd_q = (np.zeros((bh, dvd, nf), dt), np.zeros((bh, nf), dt), np.full(bh, -np.inf, dt))
+    fwd = (np.zeros((bh, nf, dvd + 1), dt), np.full(bh, -np.inf, dt))    # [S | z], C
+    bwd_q = (np.zeros((bh, nf, dvd + 1), dt), np.full(bh, -np.inf, dt))
     for qs, ks in chunks:
         nq, nk = qs.stop - qs.start, ks.stop - ks.start
         out = (np.empty((bh, nq, dvd), dt), np.empty((bh, nq), dt), np.empty((bh, nq), dt))
@@ -41,8 +41,7 @@ def _scan(fq, fk, lk, v, dnum, dden, chunk, sub, guard):
         kernels.causal_bwd_q(g, *bwd_q, *keys, np.ascontiguousarray(dnum[:, qs]),
                              np.ascontiguousarray(dden[:, qs]), sub, guard)
         dfq[:, qs] = g
-    bwd_kv = (np.zeros((bh, nf, dvd), dt), np.zeros((bh, dvd, nf), dt), np.zeros((bh, nf), dt),
-              np.full(bh, -np.inf, dt))
+    bwd_kv = (np.zeros((bh, nf, dvd + 1), dt), np.full(bh, -np.inf, dt))  # [Ũ | r̃], scale
     for qs, ks in reversed(chunks):
         nk = ks.stop - ks.start
         gk, gv = np.empty((bh, nk, nf), dt), np.empty((bh, nk, dvd), dt)

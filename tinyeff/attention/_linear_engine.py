@@ -662,8 +662,7 @@ def _forward_causal(q, k, v, fmap, mask, mask_mode, chunks, out, denom, key_scal
     *batch, n, d = q.shape
     dvd, dtype, bh = v.shape[-1], q.dtype, math.prod(batch)
     nf = _n_features(fmap, d)
-    state = (np.zeros((bh, nf, dvd), dtype),                       # S (BH, F, Dv)
-             np.zeros((bh, nf), dtype),                            # z (BH, F)
+    state = (np.zeros((bh, nf, dvd + 1), dtype),                   # [S | z] (BH, F, Dv + 1)
              np.full(bh, -np.inf, dtype))                          # C (BH,)
     for qs, ks in chunks:
         nq, nk = qs.stop - qs.start, ks.stop - ks.start
@@ -696,8 +695,7 @@ def _backward_causal(dout, ctx: LinearCtx, chunks, dq, dk, dv) -> dict:
         nq = qs.stop - qs.start
         return _flat(dnum).reshape(bh, nq, dvd), _flat(dden, True).reshape(bh, nq)
 
-    state = (np.zeros((bh, dvd, nf), dtype),                       # Sᵀ (BH, Dv, F)
-             np.zeros((bh, nf), dtype),                            # z (BH, F)
+    state = (np.zeros((bh, nf, dvd + 1), dtype),                   # [S | z] (BH, F, Dv + 1)
              np.full(bh, -np.inf, dtype))                          # C (BH,)
     for qs, ks in chunks:                                          # pass 1: dq, forward scan
         nq, nk = qs.stop - qs.start, ks.stop - ks.start
@@ -711,9 +709,7 @@ def _backward_causal(dout, ctx: LinearCtx, chunks, dq, dk, dv) -> dict:
         qc = _flat(q[..., qs, :])                                  # (BH·nq, D)
         fq, _ = features(fmap, qc)                                 # (BH·nq, F)
         dq[..., qs, :] = chain_q(fmap, dfq.reshape(-1, nf), fq, qc).reshape(*batch, nq, d)
-    state = (np.zeros((bh, nf, dvd), dtype),                       # Ũ (BH, F, Dv)
-             np.zeros((bh, dvd, nf), dtype),                       # Ũᵀ (BH, Dv, F)
-             np.zeros((bh, nf), dtype),                            # r̃ (BH, F)
+    state = (np.zeros((bh, nf, dvd + 1), dtype),                   # [Ũ | r̃] (BH, F, Dv + 1)
              np.full(bh, -np.inf, dtype))                          # the state's scale
     for qs, ks in reversed(chunks):                                # pass 2: dk, dv, reverse
         nq, nk = qs.stop - qs.start, ks.stop - ks.start

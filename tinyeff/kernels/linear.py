@@ -22,40 +22,43 @@ dnum (N, Dv) and dden (N):
     dfk_j = exp(lk_j − C_j) (Ũ_j v_j + r̃_j),   dv_j = exp(lk_j − C_j) Ũ_jᵀ fk_j
 
 The C's are constants of the backward (they cancel exactly; see tinyeff.attention._linear_engine).
-The N×F×Dv stack of prefix states is never built: one (F, Dv) state per batch slice.
+The N×F×Dv stack of prefix states is never built: one state per batch slice, kept with the
+normalizer as its last column — S' = [S | z] and Ũ' = [Ũ | r̃], (F, Dv + 1) — so that with
+v'_j = [v_j, 1] and dnum'_i = [dnum_i, dden_i] every formula above is one product:
+[num_i, den_i] = fq_i S'_i, dfq_i = S'_i dnum'_i, dfk_j ∝ Ũ'_j v'_j.
 
 Chunkwise form.  The scan advances by *sub-chunks* of T positions with matrix products
 (the form of the chunkwise linear-attention literature, e.g. Hua et al. 2022, "Transformer
 Quality in Linear Time", and Yang et al. 2024, "Gated Linear Attention Transformers").
-For a sub-chunk with state (S, z) at scale C_prev, row maxima C_i, M = the last C_i of the
+For a sub-chunk with state S' at scale C_prev, row maxima C_i, M = the last C_i of the
 sub-chunk (≥ every C_i in it), and
 
     g_j = exp(lk_j − M) ≤ 1,   h_i = exp(M − C_i) ≥ 1,   a_i = exp(C_prev − C_i) ≤ 1
 
-(so h_i g_j = exp(lk_j − C_i) for j ≤ i), the rows Fq (T, F), keys Fk (T, F), V (T, Dv):
+(so h_i g_j = exp(lk_j − C_i) for j ≤ i), the rows Fq (T, F), keys Fk (T, F), V' (T, Dv + 1):
 
-    num = diag(a) Fq S + diag(h) tril(Fq Fkᵀ diag(g)) V        (T, Dv)
-    den = diag(a) Fq z + diag(h) tril(Fq Fkᵀ diag(g)) 1        (T)
-    S ← exp(C_prev − M) S + Fkᵀ diag(g) V,   z ← exp(C_prev − M) z + Fkᵀ g,   C ← M
+    [num | den] = diag(a) Fq S' + tril(diag(h) Fq Fkᵀ diag(g)) V'
+    S' ← exp(C_prev − M) S' + Fkᵀ diag(g) V',   C ← M
 
-and the backward likewise: the dq scan
+and the backward likewise: the dq scan, dnum' (T, Dv + 1),
 
-    dfq = diag(a) (dnum Sᵀ + dden zᵀ) + diag(h) tril((dnum Vᵀ + dden 1ᵀ) diag(g)) Fk
+    dfq = diag(a) dnum' S'ᵀ + tril(diag(h) dnum' V'ᵀ diag(g)) Fk
 
-and the reverse scan, with the state (Ũ, r̃) of the later rows brought to the scale M
+and the reverse scan, with the state Ũ' of the later rows brought to the scale M
 (exp(M − C_i) ≤ 1 for every later row i, C_i ≥ M):
 
-    dfk = diag(g) (V Ũᵀ + 1 r̃ᵀ + triu((V dnumᵀ + 1 ddenᵀ) diag(h)) Fq)
-    dv  = diag(g) (Fk Ũ + triu(Fk Fqᵀ diag(h)) dnum)
-    Ũ ← Ũ + Fqᵀ diag(h) dnum,   r̃ ← r̃ + Fqᵀ diag(h) dden
+    dfk = diag(g) (V' Ũ'ᵀ + triu(V' dnum'ᵀ diag(h)) Fq)
+    dv  = diag(g) (Fk Ũ + triu(Fk Fqᵀ) diag(h) dnum)
+    Ũ' ← Ũ' + Fqᵀ diag(h) dnum'
 
 (tril keeps j ≤ i of a (row i, key j) matrix, triu keeps i ≥ j of a (key j, row i) one).
-Every product is one ``np.dot`` of C-contiguous 2-D arrays (BLAS; one signature per dtype).
-Guard: h_i ≤ exp(guard) and g_j ≥ exp(lk_j − C_i − guard), so h and g can overflow or
-underflow only where the scan's own exponents would come within ``guard`` of doing so; a
-sub-chunk whose M − min_i C_i exceeds ``guard``, that holds a row seeing no key (C_i = −inf),
-or that is not covered by both rows and keys (the ends of sequences, N ≠ M) runs the scalar
-scan step instead, row by row, as above.  Linear attention (lk ≡ 0) has g = h = a = 1.
+Every product is one ``np.dot`` of 2-D arrays (BLAS; a transposed operand is passed as a
+transposed view, not copied: three signatures per dtype).  Guard: h_i ≤ exp(guard) and
+g_j ≥ exp(lk_j − C_i − guard), so h and g can overflow or underflow only where the scan's
+own exponents would come within ``guard`` of doing so; a sub-chunk whose M − min_i C_i
+exceeds ``guard``, that holds a row seeing no key (C_i = −inf), or that is not covered by
+both rows and keys (the ends of sequences, N ≠ M) runs the scalar scan step instead, row by
+row, as above.  Linear attention (lk ≡ 0) has g = h = a = 1.
 
 Every kernel processes one *chunk* of time steps t0 … t0 + L − 1 for all batch slices, rows
 and keys aligned on the same t (row t of the chunk is query t0 + t, key t is key t0 + t;
@@ -65,10 +68,10 @@ start at multiples of ``sub`` within the chunk.
 
 Parallel over the batch slices (``run_tasks``, kernels/_jit.py: serial kernels over blocks
 of slices on threads); every sum runs serially in a fixed order (the caller pins BLAS to
-one thread), so results are bit-identical whatever the thread count.  SPEEDTIP: the scalar
-step's inner loops run over the last (contiguous) axis with no reduction, so they vectorize
-without fastmath: the forward keeps S as (F, Dv), the dq scan keeps Sᵀ (Dv, F), the reverse
-scan keeps both Ũ and Ũᵀ.
+one thread), so results are bit-identical whatever the thread count.  SPEEDTIP: no loop
+outside the products reduces over an axis (a reduction without fastmath runs one add at a
+time): the normalizer columns fold den, z and r̃ into the products, and the scalar step
+sums over its Dv + 1 columns with the column loop outside.
 """
 
 from __future__ import annotations
@@ -79,255 +82,246 @@ from ._jit import run_tasks, serial
 
 
 @serial
-def _fwd_slices(lo, hi, num, den, cmax, S, z, c, fq, fk, lk, v, sub, guard):
+def _key_step(Sb, cb, fk_t, v_t, l):
+    """The scalar step's key: S' += exp(l − C) fk_t [v_t, 1]ᵀ, rescaled first when l raises
+    C; returns the new C (l = −inf, a padded key: skipped)."""
+    n_f, dv1 = Sb.shape
+    dv = dv1 - 1
+    if l == -np.inf:
+        return cb
+    if l > cb:                                                     # new maximum: rescale
+        r = np.exp(cb - l)                                         # 0 when cb = −inf
+        for f in range(n_f):
+            for e in range(dv1):
+                Sb[f, e] *= r
+        cb = l
+    w = np.exp(l - cb)
+    for f in range(n_f):
+        a = w * fk_t[f]
+        for e in range(dv):
+            Sb[f, e] += a * v_t[e]
+        Sb[f, dv] += a
+    return cb
+
+
+@serial
+def _ones_col(dst, src, last, scale):
+    """dst[j] = scale_j [src_j, last_j] for the rows of src (T, Dv) into dst (T, Dv + 1)."""
+    dv = src.shape[1]
+    for j in range(src.shape[0]):
+        s = scale[j]
+        for e in range(dv):
+            dst[j, e] = s * src[j, e]
+        dst[j, dv] = s * last[j]
+
+
+@serial
+def _running_max(ct, lk_s, cb):
+    """ct[t] = max(cb, lk_s[0 … t]) (the scan's C_t, NaN never raising it); returns the last."""
+    for t in range(lk_s.shape[0]):
+        l = lk_s[t]
+        if l > cb:
+            cb = l
+        ct[t] = cb
+    return cb
+
+
+@serial
+def _fwd_slices(lo, hi, num, den, cmax, S, c, fq, fk, lk, v, sub, guard):
     """Batch slices lo … hi − 1 of :func:`causal_fwd`."""
     bh, nq, n_f = fq.shape
     nk = fk.shape[1]
     dv = v.shape[2]
     dt = fq.dtype
-    ktg_buf = np.empty(n_f * sub, dtype=dt)                        # (F, T) Fkᵀ diag(g)
     att_buf = np.empty(sub * sub, dtype=dt)                        # (T, T)
-    p1 = np.empty((sub, dv), dtype=dt)                             # (T, Dv) Fq S
-    p2 = np.empty((sub, dv), dtype=dt)                             # (T, Dv)
-    ds = np.empty((n_f, dv), dtype=dt)                             # (F, Dv) Fkᵀ diag(g) V
+    vp = np.empty((sub, dv + 1), dtype=dt)                         # (T, Dv + 1) V'
+    vg = np.empty((sub, dv + 1), dtype=dt)                         # (T, Dv + 1) diag(g) V'
+    p1 = np.empty((sub, dv + 1), dtype=dt)                         # (T, Dv + 1) Fq S'
+    p2 = np.empty((sub, dv + 1), dtype=dt)                         # (T, Dv + 1)
+    ds = np.empty((n_f, dv + 1), dtype=dt)                         # (F, Dv + 1)
     ct = np.empty(sub, dtype=dt)                                   # (T) C_i
     g = np.empty(sub, dtype=dt)                                    # (T) g_j
+    h = np.empty(sub, dtype=dt)                                    # (T) h_i
     ar = np.empty(sub, dtype=dt)                                   # (T) a_i
+    one = np.ones(sub, dtype=dt)
     zero = np.zeros(1, dtype=dt)[0]
+    t_end = max(nq, nk)
     for b in range(lo, hi):
         Sb = S[b]
-        zb = z[b]
         cb = c[b]
-        t_end = max(nq, nk)
         for t0 in range(0, t_end, sub):
             t1 = min(t0 + sub, t_end)
             nt = t1 - t0
             ok = t1 <= nq and t1 <= nk
-            big_m = cb
             if ok:
-                for t in range(nt):                                # C_i, running maximum
-                    l = lk[b, t0 + t]
-                    if l > big_m:
-                        big_m = l
-                    ct[t] = big_m
+                big_m = _running_max(ct[:nt], lk[b, t0:t1], cb)
                 ok = ct[0] > -np.inf and big_m - ct[0] <= guard
-            if ok:
-                for j in range(nt):
-                    l = lk[b, t0 + j]
-                    g[j] = zero if l == -np.inf else np.exp(l - big_m)
-                    ar[j] = np.exp(cb - ct[j])                     # 0 when cb = −inf
-                ktg = ktg_buf[:n_f * nt].reshape((n_f, nt))
-                for f in range(n_f):
-                    for j in range(nt):
-                        ktg[f, j] = fk[b, t0 + j, f] * g[j]
-                att = att_buf[:nt * nt].reshape((nt, nt))
-                qs = fq[b, t0:t1]                                  # (T, F)
-                vs = v[b, t0:t1]                                   # (T, Dv)
-                np.dot(qs, ktg, att)                               # g_j fq_i·fk_j
-                np.dot(qs, Sb, p1[:nt])                            # fq_i S
-                for i in range(nt):
-                    h = np.exp(big_m - ct[i])
-                    acc = zero
-                    for j in range(i + 1):
-                        att[i, j] = att[i, j] * h
-                        acc += att[i, j]
-                    for j in range(i + 1, nt):
-                        att[i, j] = zero
-                    qz = zero
-                    for f in range(n_f):
-                        qz += qs[i, f] * zb[f]
-                    den[b, t0 + i] = ar[i] * qz + acc
-                    cmax[b, t0 + i] = ct[i]
-                np.dot(att, vs, p2[:nt])
-                for i in range(nt):
-                    for e in range(dv):
-                        num[b, t0 + i, e] = ar[i] * p1[i, e] + p2[i, e]
-                r = np.exp(cb - big_m)                             # 0 when cb = −inf
-                np.dot(ktg, vs, ds)
-                for f in range(n_f):
-                    acc = zero
-                    for j in range(nt):
-                        acc += ktg[f, j]
-                    zb[f] = zb[f] * r + acc
-                    for e in range(dv):
-                        Sb[f, e] = Sb[f, e] * r + ds[f, e]
-                cb = big_m
-                continue
-            for t in range(t0, t1):                                # the scalar scan step
-                if t < nk and lk[b, t] != -np.inf:
-                    l = lk[b, t]
-                    if l > cb:                             # new maximum: rescale the state
-                        r = np.exp(cb - l)                 # 0 when cb = −inf
+            if not ok:                                             # the scalar scan step
+                for t in range(t0, t1):
+                    if t < nk:
+                        cb = _key_step(Sb, cb, fk[b, t], v[b, t], lk[b, t])
+                    if t < nq:
+                        acc = zero
+                        for e in range(dv):
+                            num[b, t, e] = zero
                         for f in range(n_f):
-                            zb[f] *= r
+                            qf = fq[b, t, f]
                             for e in range(dv):
-                                Sb[f, e] *= r
-                        cb = l
-                    w = np.exp(l - cb)
-                    for f in range(n_f):
-                        a = w * fk[b, t, f]
-                        zb[f] += a
-                        for e in range(dv):
-                            Sb[f, e] += a * v[b, t, e]
-                if t < nq:
-                    acc = zero
-                    for e in range(dv):
-                        num[b, t, e] = zero
-                    for f in range(n_f):
-                        qf = fq[b, t, f]
-                        acc += qf * zb[f]
-                        for e in range(dv):
-                            num[b, t, e] += qf * Sb[f, e]
-                    den[b, t] = acc
-                    cmax[b, t] = cb
+                                num[b, t, e] += qf * Sb[f, e]
+                            acc += qf * Sb[f, dv]
+                        den[b, t] = acc
+                        cmax[b, t] = cb
+                continue
+            for j in range(nt):
+                l = lk[b, t0 + j]
+                g[j] = zero if l == -np.inf else np.exp(l - big_m)
+                h[j] = np.exp(big_m - ct[j])
+                ar[j] = np.exp(cb - ct[j])                         # 0 when cb = −inf
+            qs = fq[b, t0:t1]                                      # (T, F)
+            ks = fk[b, t0:t1]                                      # (T, F)
+            _ones_col(vp, v[b, t0:t1], one, one)                   # V'
+            _ones_col(vg, v[b, t0:t1], one, g)                     # diag(g) V'
+            att = att_buf[:nt * nt].reshape((nt, nt))
+            np.dot(qs, ks.T, att)                                  # fq_i·fk_j
+            for i in range(nt):
+                hi_ = h[i]
+                for j in range(i + 1):
+                    att[i, j] = att[i, j] * g[j] * hi_
+                for j in range(i + 1, nt):
+                    att[i, j] = zero
+            np.dot(qs, Sb, p1[:nt])                                # [fq_i S, fq_i·z]
+            np.dot(att, vp[:nt], p2[:nt])
+            for i in range(nt):
+                for e in range(dv):
+                    num[b, t0 + i, e] = ar[i] * p1[i, e] + p2[i, e]
+                den[b, t0 + i] = ar[i] * p1[i, dv] + p2[i, dv]
+                cmax[b, t0 + i] = ct[i]
+            r = np.exp(cb - big_m)                                 # 0 when cb = −inf
+            np.dot(ks.T, vg[:nt], ds)                              # Fkᵀ diag(g) V'
+            for f in range(n_f):
+                for e in range(dv + 1):
+                    Sb[f, e] = Sb[f, e] * r + ds[f, e]
+            cb = big_m
         c[b] = cb
 
 
-def causal_fwd(num, den, cmax, S, z, c, fq, fk, lk, v, sub, guard):
-    """num_t = fq_t S_t, den_t = fq_t·z_t, cmax_t = C_t for the chunk; updates (S, z, c).
+def causal_fwd(num, den, cmax, S, c, fq, fk, lk, v, sub, guard):
+    """num_t = fq_t S_t, den_t = fq_t·z_t, cmax_t = C_t for the chunk; updates (S', c).
 
-    num (BH, nq, Dv), den (BH, nq), cmax (BH, nq): outputs.  S (BH, F, Dv), z (BH, F),
+    num (BH, nq, Dv), den (BH, nq), cmax (BH, nq): outputs.  S (BH, F, Dv + 1) = [S | z],
     c (BH,): scan state in/out (start: zeros and −inf).  fq (BH, nq, F), fk (BH, nk, F),
-    lk (BH, nk), v (BH, nk, Dv); sub: positions per sub-chunk;
-    guard: the largest M − min_i C_i of a sub-chunk run with matrix products.
+    lk (BH, nk), v (BH, nk, Dv); sub: positions per sub-chunk; guard: the largest
+    M − min_i C_i of a sub-chunk run with matrix products.
     """
-    run_tasks(_fwd_slices, fq.shape[0], num, den, cmax, S, z, c, fq, fk, lk, v, sub, guard)
+    run_tasks(_fwd_slices, fq.shape[0], num, den, cmax, S, c, fq, fk, lk, v, sub, guard)
 
 
 @serial
-def _bwd_q_slices(lo, hi, dfq, St, z, c, fk, lk, v, dnum, dden, sub, guard):
+def _bwd_q_slices(lo, hi, dfq, S, c, fk, lk, v, dnum, dden, sub, guard):
     """Batch slices lo … hi − 1 of :func:`causal_bwd_q`."""
     bh, nq, n_f = dfq.shape
     nk = fk.shape[1]
     dv = v.shape[2]
     dt = fk.dtype
-    vtg_buf = np.empty(dv * sub, dtype=dt)                         # (Dv, T) Vᵀ diag(g)
     att_buf = np.empty(sub * sub, dtype=dt)                        # (T, T)
+    vp = np.empty((sub, dv + 1), dtype=dt)                         # (T, Dv + 1) V'
+    vg = np.empty((sub, dv + 1), dtype=dt)                         # (T, Dv + 1) diag(g) V'
+    gp = np.empty((sub, dv + 1), dtype=dt)                         # (T, Dv + 1) dnum'
     pf = np.empty((sub, n_f), dtype=dt)                            # (T, F)
-    ds = np.empty((dv, n_f), dtype=dt)                             # (Dv, F) Vᵀ diag(g) Fk
+    ds = np.empty((n_f, dv + 1), dtype=dt)                         # (F, Dv + 1)
     ct = np.empty(sub, dtype=dt)                                   # (T) C_i
     g = np.empty(sub, dtype=dt)                                    # (T) g_j
-    a = np.empty(n_f, dtype=dt)
+    one = np.ones(sub, dtype=dt)
     zero = np.zeros(1, dtype=dt)[0]
+    t_end = max(nq, nk)
     for b in range(lo, hi):
-        Sb = St[b]
-        zb = z[b]
+        Sb = S[b]
         cb = c[b]
-        t_end = max(nq, nk)
         for t0 in range(0, t_end, sub):
             t1 = min(t0 + sub, t_end)
             nt = t1 - t0
             ok = t1 <= nq and t1 <= nk
-            big_m = cb
             if ok:
-                for t in range(nt):                                # C_i, as the forward
-                    l = lk[b, t0 + t]
-                    if l > big_m:
-                        big_m = l
-                    ct[t] = big_m
+                big_m = _running_max(ct[:nt], lk[b, t0:t1], cb)    # C_i, as the forward
                 ok = ct[0] > -np.inf and big_m - ct[0] <= guard
-            if ok:
-                for j in range(nt):
-                    l = lk[b, t0 + j]
-                    g[j] = zero if l == -np.inf else np.exp(l - big_m)
-                vtg = vtg_buf[:dv * nt].reshape((dv, nt))
-                for e in range(dv):
-                    for j in range(nt):
-                        vtg[e, j] = v[b, t0 + j, e] * g[j]
-                att = att_buf[:nt * nt].reshape((nt, nt))
-                ks = fk[b, t0:t1]                                  # (T, F)
-                gs = dnum[b, t0:t1]                                # (T, Dv)
-                out = dfq[b, t0:t1]                                # (T, F)
-                # fwd: num = diag(a) Fq S + diag(h) tril(Fq Fkᵀ diag(g)) V ;  den likewise
-                np.dot(gs, Sb, out)                                # dnum_i S
-                np.dot(gs, vtg, att)                               # g_j dnum_i·v_j
-                for i in range(nt):
-                    ai = np.exp(cb - ct[i])                        # 0 when cb = −inf
-                    h = np.exp(big_m - ct[i])
-                    dd = dden[b, t0 + i]
-                    for f in range(n_f):
-                        out[i, f] = ai * (out[i, f] + dd * zb[f])
-                    for j in range(i + 1):
-                        att[i, j] = h * (att[i, j] + dd * g[j])
-                    for j in range(i + 1, nt):
-                        att[i, j] = zero
-                np.dot(att, ks, pf[:nt])
-                for i in range(nt):
-                    for f in range(n_f):
-                        out[i, f] += pf[i, f]
-                r = np.exp(cb - big_m)                             # 0 when cb = −inf
-                np.dot(vtg, ks, ds)
-                for f in range(n_f):
-                    acc = zero
-                    for j in range(nt):
-                        acc += g[j] * ks[j, f]
-                    zb[f] = zb[f] * r + acc
-                for e in range(dv):
-                    for f in range(n_f):
-                        Sb[e, f] = Sb[e, f] * r + ds[e, f]
-                cb = big_m
-                continue
-            for t in range(t0, t1):                                # the scalar scan step
-                if t < nk and lk[b, t] != -np.inf:
-                    l = lk[b, t]
-                    if l > cb:
-                        r = np.exp(cb - l)
+            if not ok:                                             # the scalar scan step
+                for t in range(t0, t1):
+                    if t < nk:
+                        cb = _key_step(Sb, cb, fk[b, t], v[b, t], lk[b, t])
+                    if t < nq:
+                        gd = dden[b, t]
                         for f in range(n_f):
-                            zb[f] *= r
+                            dfq[b, t, f] = gd * Sb[f, dv]
                         for e in range(dv):
+                            ge = dnum[b, t, e]
                             for f in range(n_f):
-                                Sb[e, f] *= r
-                        cb = l
-                    w = np.exp(l - cb)
-                    for f in range(n_f):
-                        a[f] = w * fk[b, t, f]
-                        zb[f] += a[f]
-                    for e in range(dv):
-                        ve = v[b, t, e]
-                        for f in range(n_f):
-                            Sb[e, f] += a[f] * ve
-                if t < nq:
-                    gt = dden[b, t]
-                    for f in range(n_f):
-                        dfq[b, t, f] = gt * zb[f]
-                    for e in range(dv):
-                        ge = dnum[b, t, e]
-                        for f in range(n_f):
-                            dfq[b, t, f] += ge * Sb[e, f]
+                                dfq[b, t, f] += ge * Sb[f, e]
+                continue
+            for j in range(nt):
+                l = lk[b, t0 + j]
+                g[j] = zero if l == -np.inf else np.exp(l - big_m)
+            ks = fk[b, t0:t1]                                      # (T, F)
+            out = dfq[b, t0:t1]                                    # (T, F)
+            _ones_col(vp, v[b, t0:t1], one, one)                   # V'
+            _ones_col(vg, v[b, t0:t1], one, g)                     # diag(g) V'
+            _ones_col(gp, dnum[b, t0:t1], dden[b, t0:t1], one)     # dnum'
+            att = att_buf[:nt * nt].reshape((nt, nt))
+            # fwd: [num | den] = diag(a) Fq S' + tril(diag(h) Fq Fkᵀ diag(g)) V'
+            np.dot(gp[:nt], Sb.T, out)                             # S'_prev dnum'_i
+            np.dot(gp[:nt], vp[:nt].T, att)                        # v'_j·dnum'_i
+            for i in range(nt):
+                ai = np.exp(cb - ct[i])                            # 0 when cb = −inf
+                hi_ = np.exp(big_m - ct[i])
+                for f in range(n_f):
+                    out[i, f] = ai * out[i, f]
+                for j in range(i + 1):
+                    att[i, j] = att[i, j] * g[j] * hi_
+                for j in range(i + 1, nt):
+                    att[i, j] = zero
+            np.dot(att, ks, pf[:nt])
+            for i in range(nt):
+                for f in range(n_f):
+                    out[i, f] += pf[i, f]
+            r = np.exp(cb - big_m)                                 # 0 when cb = −inf
+            np.dot(ks.T, vg[:nt], ds)                              # Fkᵀ diag(g) V'
+            for f in range(n_f):
+                for e in range(dv + 1):
+                    Sb[f, e] = Sb[f, e] * r + ds[f, e]
+            cb = big_m
         c[b] = cb
 
 
-def causal_bwd_q(dfq, St, z, c, fk, lk, v, dnum, dden, sub, guard):
-    """dfq_t = S_t dnum_t + dden_t z_t, rebuilding Sᵀ in a forward scan.
+def causal_bwd_q(dfq, S, c, fk, lk, v, dnum, dden, sub, guard):
+    """dfq_t = S_t dnum_t + dden_t z_t, rebuilding S' = [S | z] in a forward scan.
 
-    dfq (BH, nq, F): output.  St (BH, Dv, F), z (BH, F), c (BH,): scan state in/out.
-    fk (BH, nk, F), lk (BH, nk), v (BH, nk, Dv), dnum (BH, nq, Dv), dden (BH, nq);
-    sub, guard as in :func:`causal_fwd`.
+    dfq (BH, nq, F): output.  S (BH, F, Dv + 1), c (BH,): scan state in/out (start: zeros
+    and −inf).  fk (BH, nk, F), lk (BH, nk), v (BH, nk, Dv), dnum (BH, nq, Dv),
+    dden (BH, nq); sub, guard as in :func:`causal_fwd`.
     """
-    run_tasks(_bwd_q_slices, dfq.shape[0], dfq, St, z, c, fk, lk, v, dnum, dden, sub, guard)
+    run_tasks(_bwd_q_slices, dfq.shape[0], dfq, S, c, fk, lk, v, dnum, dden, sub, guard)
 
 
 @serial
-def _bwd_kv_slices(lo, hi, dfk, dvv, U, Ut, r, cn, fq, dnum, dden, cmax, fk, lk, v, sub,
-                   guard):
+def _bwd_kv_slices(lo, hi, dfk, dvv, U, cn, fq, dnum, dden, cmax, fk, lk, v, sub, guard):
     """Batch slices lo … hi − 1 of :func:`causal_bwd_kv`."""
     bh, nq, n_f = fq.shape
     nk = fk.shape[1]
     dv = v.shape[2]
     dt = fq.dtype
-    qht_buf = np.empty(n_f * sub, dtype=dt)                        # (F, T) Fqᵀ diag(h)
-    gt_buf = np.empty(dv * sub, dtype=dt)                          # (Dv, T) dnumᵀ
     att_buf = np.empty(sub * sub, dtype=dt)                        # (T, T) (key j, row i)
+    vp = np.empty((sub, dv + 1), dtype=dt)                         # (T, Dv + 1) V'
+    gp = np.empty((sub, dv + 1), dtype=dt)                         # (T, Dv + 1) dnum'
+    hg = np.empty((sub, dv + 1), dtype=dt)                         # (T, Dv + 1) diag(h) dnum'
     pf = np.empty((sub, n_f), dtype=dt)                            # (T, F)
-    pv = np.empty((sub, dv), dtype=dt)                             # (T, Dv)
-    du = np.empty((n_f, dv), dtype=dt)                             # (F, Dv)
+    p1 = np.empty((sub, dv + 1), dtype=dt)                         # (T, Dv + 1)
+    p2 = np.empty((sub, dv + 1), dtype=dt)                         # (T, Dv + 1)
+    du = np.empty((n_f, dv + 1), dtype=dt)                         # (F, Dv + 1)
     h = np.empty(sub, dtype=dt)                                    # (T) h_i
+    one = np.ones(sub, dtype=dt)
     zero = np.zeros(1, dtype=dt)[0]
     t_end = max(nq, nk)
     for b in range(lo, hi):
         Ub = U[b]
-        Utb = Ut[b]
-        rb = r[b]
         cb = cn[b]
         for t0 in range(((t_end - 1) // sub) * sub, -1, -sub):
             t1 = min(t0 + sub, t_end)
@@ -336,126 +330,97 @@ def _bwd_kv_slices(lo, hi, dfk, dvv, U, Ut, r, cn, fq, dnum, dden, cmax, fk, lk,
             if ok:
                 big_m = cmax[b, t1 - 1]
                 ok = cmax[b, t0] > -np.inf and big_m - cmax[b, t0] <= guard
-            if ok:
-                if cb > big_m:                                     # later rows: C_i ≥ M
-                    s = np.exp(big_m - cb)
-                    for f in range(n_f):
-                        rb[f] *= s
-                        for e in range(dv):
-                            Ub[f, e] *= s
-                    for e in range(dv):
+            if not ok:                                             # the scalar scan step
+                for t in range(t1 - 1, t0 - 1, -1):
+                    if t < nq:
+                        ct = cmax[b, t]
+                        if ct < cb:                        # earlier rows have smaller C
+                            s = np.exp(ct - cb)
+                            for f in range(n_f):
+                                for e in range(dv + 1):
+                                    Ub[f, e] *= s
+                        cb = ct
+                        gd = dden[b, t]
                         for f in range(n_f):
-                            Utb[e, f] *= s
-                cb = big_m
-                for i in range(nt):
-                    h[i] = np.exp(big_m - cmax[b, t0 + i])
-                qht = qht_buf[:n_f * nt].reshape((n_f, nt))
-                for f in range(n_f):
-                    for i in range(nt):
-                        qht[f, i] = fq[b, t0 + i, f] * h[i]
-                gt = gt_buf[:dv * nt].reshape((dv, nt))
-                for e in range(dv):
-                    for i in range(nt):
-                        gt[e, i] = dnum[b, t0 + i, e]
-                att = att_buf[:nt * nt].reshape((nt, nt))
-                qs = fq[b, t0:t1]                                  # (T, F)
-                ks = fk[b, t0:t1]                                  # (T, F)
-                vs = v[b, t0:t1]                                   # (T, Dv)
-                gs = dnum[b, t0:t1]                                # (T, Dv)
-                dks = dfk[b, t0:t1]                                # (T, F)
-                dvs = dvv[b, t0:t1]                                # (T, Dv)
-                # fwd: S_i += exp(ℓk_j − C_i) fk_j v_jᵀ ;  z_i likewise   (rows i ≥ j)
-                np.dot(vs, Utb, dks)                               # Ũ v_j
-                np.dot(vs, gt, att)                                # v_j·dnum_i
-                for j in range(nt):
-                    for i in range(j):
-                        att[j, i] = zero
-                    for i in range(j, nt):
-                        att[j, i] = h[i] * (att[j, i] + dden[b, t0 + i])
-                np.dot(att, qs, pf[:nt])
-                np.dot(ks, Ub, dvs)                                # Ũᵀ fk_j
-                np.dot(ks, qht, att)                               # h_i fk_j·fq_i
-                for j in range(nt):
-                    for i in range(j):
-                        att[j, i] = zero
-                np.dot(att, gs, pv[:nt])
-                for j in range(nt):
-                    l = lk[b, t0 + j]
-                    gj = zero if l == -np.inf else np.exp(l - big_m)
-                    for f in range(n_f):
-                        dks[j, f] = gj * (dks[j, f] + rb[f] + pf[j, f])
-                    for e in range(dv):
-                        dvs[j, e] = gj * (dvs[j, e] + pv[j, e])
-                np.dot(qht, gs, du)                                # Ũ += Fqᵀ diag(h) dnum
-                for f in range(n_f):
-                    acc = zero
-                    for i in range(nt):
-                        acc += qht[f, i] * dden[b, t0 + i]
-                    rb[f] += acc
-                    for e in range(dv):
-                        Ub[f, e] += du[f, e]
-                for e in range(dv):
-                    for f in range(n_f):
-                        Utb[e, f] += du[f, e]
+                            qf = fq[b, t, f]
+                            for e in range(dv):
+                                Ub[f, e] += qf * dnum[b, t, e]
+                            Ub[f, dv] += qf * gd
+                    if t < nk:
+                        for f in range(n_f):
+                            dfk[b, t, f] = zero
+                        for e in range(dv):
+                            dvv[b, t, e] = zero
+                        if t < nq and lk[b, t] != -np.inf:
+                            w = np.exp(lk[b, t] - cmax[b, t])
+                            for f in range(n_f):
+                                dfk[b, t, f] = Ub[f, dv]
+                            for e in range(dv):
+                                ve = v[b, t, e]
+                                for f in range(n_f):
+                                    dfk[b, t, f] += ve * Ub[f, e]
+                            for f in range(n_f):
+                                dfk[b, t, f] *= w
+                                a = fk[b, t, f]
+                                for e in range(dv):
+                                    dvv[b, t, e] += a * Ub[f, e]
+                            for e in range(dv):
+                                dvv[b, t, e] *= w
                 continue
-            for t in range(t1 - 1, t0 - 1, -1):                    # the scalar scan step
-                if t < nq:
-                    ct = cmax[b, t]
-                    if ct < cb:                            # earlier rows have smaller C
-                        s = np.exp(ct - cb)
-                        for f in range(n_f):
-                            rb[f] *= s
-                            for e in range(dv):
-                                Ub[f, e] *= s
-                        for e in range(dv):
-                            for f in range(n_f):
-                                Utb[e, f] *= s
-                    cb = ct
-                    gd = dden[b, t]
-                    for f in range(n_f):
-                        qf = fq[b, t, f]
-                        rb[f] += gd * qf
-                        for e in range(dv):
-                            Ub[f, e] += qf * dnum[b, t, e]
-                    for e in range(dv):
-                        ge = dnum[b, t, e]
-                        for f in range(n_f):
-                            Utb[e, f] += ge * fq[b, t, f]
-                if t < nk:
-                    for f in range(n_f):
-                        dfk[b, t, f] = zero
-                    for e in range(dv):
-                        dvv[b, t, e] = zero
-                    if t < nq and lk[b, t] != -np.inf:
-                        w = np.exp(lk[b, t] - cmax[b, t])
-                        for f in range(n_f):
-                            dfk[b, t, f] = rb[f]
-                        for e in range(dv):
-                            ve = v[b, t, e]
-                            for f in range(n_f):
-                                dfk[b, t, f] += ve * Utb[e, f]
-                        for f in range(n_f):
-                            dfk[b, t, f] *= w
-                        for f in range(n_f):
-                            a = fk[b, t, f]
-                            for e in range(dv):
-                                dvv[b, t, e] += a * Ub[f, e]
-                        for e in range(dv):
-                            dvv[b, t, e] *= w
+            if cb > big_m:                                         # later rows: C_i ≥ M
+                s = np.exp(big_m - cb)
+                for f in range(n_f):
+                    for e in range(dv + 1):
+                        Ub[f, e] *= s
+            cb = big_m
+            for i in range(nt):
+                h[i] = np.exp(big_m - cmax[b, t0 + i])
+            qs = fq[b, t0:t1]                                      # (T, F)
+            ks = fk[b, t0:t1]                                      # (T, F)
+            dks = dfk[b, t0:t1]                                    # (T, F)
+            dvs = dvv[b, t0:t1]                                    # (T, Dv)
+            _ones_col(vp, v[b, t0:t1], one, one)                   # V'
+            _ones_col(gp, dnum[b, t0:t1], dden[b, t0:t1], one)     # dnum'
+            _ones_col(hg, dnum[b, t0:t1], dden[b, t0:t1], h)       # diag(h) dnum'
+            att = att_buf[:nt * nt].reshape((nt, nt))
+            # fwd: S'_i += exp(ℓk_j − C_i) fk_j v'_jᵀ   (rows i ≥ j)
+            np.dot(vp[:nt], Ub.T, dks)                             # Ũ v_j + r̃
+            np.dot(vp[:nt], hg[:nt].T, att)                        # h_i v'_j·dnum'_i
+            for j in range(nt):
+                for i in range(j):
+                    att[j, i] = zero
+            np.dot(att, qs, pf[:nt])
+            np.dot(ks, Ub, p1[:nt])                                # Ũᵀ fk_j
+            np.dot(ks, qs.T, att)                                  # fk_j·fq_i
+            for j in range(nt):
+                for i in range(j):
+                    att[j, i] = zero
+            np.dot(att, hg[:nt], p2[:nt])
+            for j in range(nt):
+                l = lk[b, t0 + j]
+                gj = zero if l == -np.inf else np.exp(l - big_m)
+                for f in range(n_f):
+                    dks[j, f] = gj * (dks[j, f] + pf[j, f])
+                for e in range(dv):
+                    dvs[j, e] = gj * (p1[j, e] + p2[j, e])
+            np.dot(qs.T, hg[:nt], du)                              # Fqᵀ diag(h) dnum'
+            for f in range(n_f):
+                for e in range(dv + 1):
+                    Ub[f, e] += du[f, e]
         cn[b] = cb
 
 
-def causal_bwd_kv(dfk, dvv, U, Ut, r, cn, fq, dnum, dden, cmax, fk, lk, v, sub, guard):
+def causal_bwd_kv(dfk, dvv, U, cn, fq, dnum, dden, cmax, fk, lk, v, sub, guard):
     """dfk and dv of the chunk by a reverse scan over t = L − 1 … 0.
 
-    dfk (BH, nk, F), dvv (BH, nk, Dv): outputs.  U (BH, F, Dv), Ut (BH, Dv, F), r (BH, F),
-    cn (BH,): reverse-scan state in/out (start: zeros and −inf; cn is the scale of the
-    state, a C of the rows added, ≥ the C of every row not yet added).  fq (BH, nq, F),
-    dnum (BH, nq, Dv), dden (BH, nq), cmax (BH, nq) (the forward's C_t), fk (BH, nk, F),
-    lk (BH, nk), v (BH, nk, Dv); sub, guard as in :func:`causal_fwd`.
+    dfk (BH, nk, F), dvv (BH, nk, Dv): outputs.  U (BH, F, Dv + 1) = [Ũ | r̃], cn (BH,):
+    reverse-scan state in/out (start: zeros and −inf; cn is the scale of the state, a C of
+    the rows added, ≥ the C of every row not yet added).  fq (BH, nq, F), dnum (BH, nq, Dv),
+    dden (BH, nq), cmax (BH, nq) (the forward's C_t), fk (BH, nk, F), lk (BH, nk),
+    v (BH, nk, Dv); sub, guard as in :func:`causal_fwd`.
     """
-    run_tasks(_bwd_kv_slices, fq.shape[0], dfk, dvv, U, Ut, r, cn, fq, dnum, dden, cmax, fk,
-              lk, v, sub, guard)
+    run_tasks(_bwd_kv_slices, fq.shape[0], dfk, dvv, U, cn, fq, dnum, dden, cmax, fk, lk, v,
+              sub, guard)
 
 
 # --------------------------------------------------------------------------- fused elu / relu
