@@ -59,6 +59,7 @@ from .. import _checks, memory
 from ..ctx import Ctx
 from ..kernels import blas_single_thread
 from ..kernels import favor_noncausal as kernels_favor
+from ..kernels import favor_rows as kernels_rows
 from ..kernels import linear as kernels
 from ..kernels import linear_noncausal as kernels_nc
 from ..ops.feature_maps import FeatureMap
@@ -73,6 +74,7 @@ CHUNK = 2048          # positions per chunk of the "numba" path (bounds the feat
 CHUNK_NONCAUSAL = 512  # non-causal chunks: smaller, so m-wide Performer features stay in cache
 SUBCHUNK = 64         # positions per sub-chunk of the causal kernels' matrix products
 SUBCHUNK_GUARD = 20.0  # sub-chunks with max C − min C above it run the scalar scan step
+FEATURE_ROWS = 256    # rows per task of the causal path's FAVOR+ feature kernels
 
 
 def _chunk(causal: bool) -> int:
@@ -646,12 +648,37 @@ def _flat(x, per_row=False):
     return x.reshape(-1) if per_row else x.reshape(-1, x.shape[-1])
 
 
+def _row_features(fmap, x):
+    """:func:`features` of flat rows x (R, D); FAVOR+ softmax features by the Numba kernels
+    of tinyeff.kernels.favor_rows."""
+    if not _favor_fused(fmap):
+        return features(fmap, x)
+    _, omega_t, root, half_log_m = _favor_args(fmap, x.dtype)
+    f = np.empty((x.shape[0], fmap.n_features), x.dtype)           # (R, m)
+    ell = np.empty(x.shape[0], x.dtype)                            # (R)
+    with blas_single_thread():
+        kernels_rows.favor_features(f, ell, x, omega_t, root, half_log_m, FEATURE_ROWS)
+    return f, ell
+
+
+def _row_chain(fmap, df, f, x):
+    """dx of flat rows x (R, D) through the feature map (:func:`chain_q`); df, a temporary of
+    the caller, may be overwritten."""
+    if not _favor_fused(fmap):
+        return chain_q(fmap, df, f, x)
+    omega, _, root, _ = _favor_args(fmap, x.dtype)
+    dx = np.empty(x.shape, x.dtype)                                # (R, D)
+    with blas_single_thread():
+        kernels_rows.favor_dx(dx, df, f, x, omega, root, FEATURE_ROWS)
+    return dx
+
+
 def _causal_keys(fmap, k, v, mask, mask_mode, ks):
     """Flat key features of chunk ``ks`` with padding applied: (fk (BH·nk, F), ℓk (BH·nk),
     v (BH·nk, Dv), k (BH·nk, D), mask (BH·nk) or None)."""
     kc = _flat(k[..., ks, :])                                      # (BH·nk, D)
     mc = None if mask is None else np.ascontiguousarray(mask[..., ks]).reshape(-1)
-    fk, lk = features(fmap, kc)                                    # (BH·nk, F), (BH·nk)
+    fk, lk = _row_features(fmap, kc)                               # (BH·nk, F), (BH·nk)
     fk, lk, vc = pad_keys(fk, lk, _flat(v[..., ks, :]), mc, mask_mode)
     return _flat(fk), _flat(lk, True), _flat(vc), kc, mc
 
@@ -666,7 +693,7 @@ def _forward_causal(q, k, v, fmap, mask, mask_mode, chunks, out, denom, key_scal
              np.full(bh, -np.inf, dtype))                          # C (BH,)
     for qs, ks in chunks:
         nq, nk = qs.stop - qs.start, ks.stop - ks.start
-        fq, lq = features(fmap, _flat(q[..., qs, :]))              # (BH·nq, F), (BH·nq)
+        fq, lq = _row_features(fmap, _flat(q[..., qs, :]))         # (BH·nq, F), (BH·nq)
         fk, lk, vc, _, _ = _causal_keys(fmap, k, v, mask, mask_mode, ks)
         num_c = np.empty((bh, nq, dvd), dtype)                     # (BH, nq, Dv)
         den_c = np.empty((bh, nq), dtype)                          # (BH, nq)
@@ -707,13 +734,14 @@ def _backward_causal(dout, ctx: LinearCtx, chunks, dq, dk, dv) -> dict:
                                  vc.reshape(bh, nk, dvd), dnum, dden, SUBCHUNK,
                                  SUBCHUNK_GUARD)
         qc = _flat(q[..., qs, :])                                  # (BH·nq, D)
-        fq, _ = features(fmap, qc)                                 # (BH·nq, F)
-        dq[..., qs, :] = chain_q(fmap, dfq.reshape(-1, nf), fq, qc).reshape(*batch, nq, d)
+        fq, _ = _row_features(fmap, qc)                            # (BH·nq, F)
+        # fwd: fq = φ(q)
+        dq[..., qs, :] = _row_chain(fmap, dfq.reshape(-1, nf), fq, qc).reshape(*batch, nq, d)
     state = (np.zeros((bh, nf, dvd + 1), dtype),                   # [Ũ | r̃] (BH, F, Dv + 1)
              np.full(bh, -np.inf, dtype))                          # the state's scale
     for qs, ks in reversed(chunks):                                # pass 2: dk, dv, reverse
         nq, nk = qs.stop - qs.start, ks.stop - ks.start
-        fq, _ = features(fmap, _flat(q[..., qs, :]))               # (BH·nq, F)
+        fq, _ = _row_features(fmap, _flat(q[..., qs, :]))          # (BH·nq, F)
         fk, lk, vc, kc, mc = _causal_keys(fmap, k, v, mask, ctx.mask_mode, ks)
         dnum, dden = rows(qs)
         dfk = np.empty((bh, nk, nf), dtype)                        # (BH, nk, F)
@@ -723,8 +751,9 @@ def _backward_causal(dout, ctx: LinearCtx, chunks, dq, dk, dv) -> dict:
                                   dden, _flat(ctx.key_scale[..., qs], True).reshape(bh, nq),
                                   fk.reshape(bh, nk, nf), lk.reshape(bh, nk),
                                   vc.reshape(bh, nk, dvd), SUBCHUNK, SUBCHUNK_GUARD)
-        dk_c, dv_c = chain_k(fmap, dfk.reshape(-1, nf), dv_c.reshape(-1, dvd), fk, kc, mc,
-                             ctx.mask_mode)
+        # fwd: fk = φ(k), then the padding (pad_keys)
+        dk_c = _row_chain(fmap, dfk.reshape(-1, nf), fk, kc)       # (BH·nk, D)
+        dk_c, dv_c = pad_grads(dk_c, dv_c.reshape(-1, dvd), mc, ctx.mask_mode)
         dk[..., ks, :] = dk_c.reshape(*batch, nk, d)
         dv[..., ks, :] = dv_c.reshape(*batch, nk, dvd)
     return {"q": dq, "k": dk, "v": dv}
