@@ -72,7 +72,7 @@ IMPLS = ("auto", "ref", "numba")
 MASK_MODES = ("exact", "values_only")
 CHUNK = 2048          # positions per chunk of the "numba" path (bounds the feature memory)
 CHUNK_NONCAUSAL = 512  # non-causal chunks: smaller, so m-wide Performer features stay in cache
-SUBCHUNK = 64         # positions per sub-chunk of the causal kernels' matrix products
+SUBCHUNK = 32         # positions per sub-chunk of the causal kernels' matrix products
 SUBCHUNK_GUARD = 20.0  # sub-chunks with max C − min C above it run the scalar scan step
 FEATURE_ROWS = 256    # rows per task of the causal path's FAVOR+ feature kernels
 
