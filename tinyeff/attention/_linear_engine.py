@@ -653,11 +653,10 @@ def _row_features(fmap, x):
     of tinyeff.kernels.favor_rows."""
     if not _favor_fused(fmap):
         return features(fmap, x)
-    _, omega_t, root, half_log_m = _favor_args(fmap, x.dtype)
     f = np.empty((x.shape[0], fmap.n_features), x.dtype)           # (R, m)
     ell = np.empty(x.shape[0], x.dtype)                            # (R)
     with blas_single_thread():
-        kernels_rows.favor_features(f, ell, x, omega_t, root, half_log_m, FEATURE_ROWS)
+        kernels_rows.favor_features(f, ell, x, *_favor_args(fmap, x.dtype), FEATURE_ROWS)
     return f, ell
 
 
@@ -666,10 +665,9 @@ def _row_chain(fmap, df, f, x):
     the caller, may be overwritten."""
     if not _favor_fused(fmap):
         return chain_q(fmap, df, f, x)
-    omega, _, root, _ = _favor_args(fmap, x.dtype)
     dx = np.empty(x.shape, x.dtype)                                # (R, D)
     with blas_single_thread():
-        kernels_rows.favor_dx(dx, df, f, x, omega, root, FEATURE_ROWS)
+        kernels_rows.favor_dx(dx, df, f, x, *_favor_args(fmap, x.dtype), FEATURE_ROWS)
     return dx
 
 

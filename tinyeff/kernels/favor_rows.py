@@ -11,6 +11,7 @@ pass over the task's (rows, m) block for the shift and the vectorizable ``fast_e
 per-row work is :func:`tinyeff.kernels.favor_noncausal._features` and ``_dx``, the
 non-causal FAVOR+ kernels' own.  Used by the causal chunked path of
 tinyeff.attention._linear_engine (features of a chunk of rows, recomputed in the backward).
+Both run through one task kernel (``grad`` selects the branch), which compiles once.
 Tasks write disjoint rows and the blocks depend on ``rows`` only, so results are
 bit-identical whatever the number of threads (the caller pins BLAS to one thread).
 """
@@ -26,40 +27,39 @@ __all__ = ["favor_features", "favor_dx"]
 
 
 @serial
-def _features_tasks(lo, hi, f, ell, x, omega_t, root, half_log_m, rows):
-    """Tasks lo … hi − 1 of :func:`favor_features`: rows task·rows … (task + 1)·rows − 1."""
+def _rows_tasks(lo, hi, grad, dx, f, ell, df, x, omega, omega_t, root, half_log_m, rows):
+    """Tasks lo … hi − 1 (rows task·rows … (task + 1)·rows − 1) of :func:`favor_features`
+    (grad False: f, ell) or of :func:`favor_dx` (grad True: dx from df, f).  One kernel for
+    both, so that the path compiles one."""
     n, d = x.shape
     xh = np.empty((rows, d), dtype=x.dtype)                        # (T, D) x̂
     for task in range(lo, hi):
         r0 = task * rows
         r1 = min(r0 + rows, n)
-        _features(f[r0:r1], ell[r0:r1], xh[:r1 - r0], x[r0:r1], omega_t, root, half_log_m)
-
-
-def favor_features(f, ell, x, omega_t, root, half_log_m, rows):
-    """f (R, m), ell (R): outputs, the features and log-scales of the rows of x (R, D).
-
-    omega_t (D, m) = ωᵀ, root = √scale, half_log_m = ½ ln m (scalars of x's dtype).
-    """
-    run_tasks(_features_tasks, -(-x.shape[0] // rows), f, ell, x, omega_t, root, half_log_m,
-              rows)
-
-
-@serial
-def _dx_tasks(lo, hi, dx, df, f, x, omega, root, rows):
-    """Tasks lo … hi − 1 of :func:`favor_dx`."""
-    n, d = x.shape
-    xh = np.empty((rows, d), dtype=x.dtype)                        # (T, D) x̂
-    for task in range(lo, hi):
-        r0 = task * rows
-        r1 = min(r0 + rows, n)
+        if not grad:
+            _features(f[r0:r1], ell[r0:r1], xh[:r1 - r0], x[r0:r1], omega_t, root,
+                      half_log_m)
+            continue
         for t in range(r1 - r0):
             for e in range(d):
                 xh[t, e] = x[r0 + t, e] * root                     # fwd: x̂ = √scale · x
         _dx(dx[r0:r1], df[r0:r1], f[r0:r1], xh[:r1 - r0], omega, root)
 
 
-def favor_dx(dx, df, f, x, omega, root, rows):
+def favor_features(f, ell, x, omega, omega_t, root, half_log_m, rows):
+    """f (R, m), ell (R): outputs, the features and log-scales of the rows of x (R, D).
+
+    omega (m, D) = ω, omega_t (D, m) = ωᵀ, root = √scale, half_log_m = ½ ln m (scalars of
+    x's dtype); rows: rows per task.
+    """
+    run_tasks(_rows_tasks, -(-x.shape[0] // rows), False, x[:0], f, ell, f[:0], x, omega,
+              omega_t, root, half_log_m, rows)
+
+
+def favor_dx(dx, df, f, x, omega, omega_t, root, half_log_m, rows):
     """dx (R, D): output, the gradient of the rows of x from df (R, m), the gradient of their
-    features f (R, m); df is overwritten (with da = df ∘ f).  omega (m, D), root = √scale."""
-    run_tasks(_dx_tasks, -(-x.shape[0] // rows), dx, df, f, x, omega, root, rows)
+    features f (R, m); df is overwritten (with da = df ∘ f).  Other arguments as in
+    :func:`favor_features`."""
+    run_tasks(_rows_tasks, -(-x.shape[0] // rows), True, dx, f, np.empty(0, f.dtype), df, x, omega,
+              omega_t, root, half_log_m, rows)
+

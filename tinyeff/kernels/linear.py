@@ -127,32 +127,35 @@ def _running_max(ct, lk_s, cb):
 
 
 @serial
-def _fwd_slices(lo, hi, num, den, cmax, S, c, fq, fk, lk, v, sub, guard):
-    """Batch slices lo … hi − 1 of :func:`causal_fwd`."""
-    bh, nq, n_f = fq.shape
+def _scan_slices(lo, hi, grad, num, den, cmax, dfq, S, c, fq, fk, lk, v, dnum, dden, sub,
+                 guard):
+    """Batch slices lo … hi − 1 of the forward-direction scan: the rows of :func:`causal_fwd`
+    (grad False: num, den, cmax from fq) or of :func:`causal_bwd_q` (grad True: dfq from
+    dnum, dden).  One kernel for both, since they share the keys' side (it compiles once)."""
+    bh, n_rows, n_f = (dfq if grad else fq).shape
     nk = fk.shape[1]
     dv = v.shape[2]
-    dt = fq.dtype
-    att_buf = np.empty(sub * sub, dtype=dt)                        # (T, T)
+    dt = fk.dtype
     vp = np.empty((sub, dv + 1), dtype=dt)                         # (T, Dv + 1) V'
     vg = np.empty((sub, dv + 1), dtype=dt)                         # (T, Dv + 1) diag(g) V'
+    gp = np.empty((sub, dv + 1), dtype=dt)                         # (T, Dv + 1) dnum'
     p1 = np.empty((sub, dv + 1), dtype=dt)                         # (T, Dv + 1) Fq S'
     p2 = np.empty((sub, dv + 1), dtype=dt)                         # (T, Dv + 1)
+    pf = np.empty((sub, n_f), dtype=dt)                            # (T, F)
     ds = np.empty((n_f, dv + 1), dtype=dt)                         # (F, Dv + 1)
     ct = np.empty(sub, dtype=dt)                                   # (T) C_i
     g = np.empty(sub, dtype=dt)                                    # (T) g_j
-    h = np.empty(sub, dtype=dt)                                    # (T) h_i
-    ar = np.empty(sub, dtype=dt)                                   # (T) a_i
     one = np.ones(sub, dtype=dt)
     zero = np.zeros(1, dtype=dt)[0]
-    t_end = max(nq, nk)
+    t_end = max(n_rows, nk)
     for b in range(lo, hi):
         Sb = S[b]
         cb = c[b]
         for t0 in range(0, t_end, sub):
             t1 = min(t0 + sub, t_end)
             nt = t1 - t0
-            ok = t1 <= nq and t1 <= nk
+            ok = t1 <= n_rows and t1 <= nk
+            big_m = cb
             if ok:
                 big_m = _running_max(ct[:nt], lk[b, t0:t1], cb)
                 ok = ct[0] > -np.inf and big_m - ct[0] <= guard
@@ -160,7 +163,15 @@ def _fwd_slices(lo, hi, num, den, cmax, S, c, fq, fk, lk, v, sub, guard):
                 for t in range(t0, t1):
                     if t < nk:
                         cb = _key_step(Sb, cb, fk[b, t], v[b, t], lk[b, t])
-                    if t < nq:
+                    if t < n_rows and grad:                        # dfq_t = S'_t dnum'_t
+                        gd = dden[b, t]
+                        for f in range(n_f):
+                            dfq[b, t, f] = gd * Sb[f, dv]
+                        for e in range(dv):
+                            ge = dnum[b, t, e]
+                            for f in range(n_f):
+                                dfq[b, t, f] += ge * Sb[f, e]
+                    elif t < n_rows:                               # [num_t, den_t] = fq_t S'_t
                         acc = zero
                         for e in range(dv):
                             num[b, t, e] = zero
@@ -175,27 +186,40 @@ def _fwd_slices(lo, hi, num, den, cmax, S, c, fq, fk, lk, v, sub, guard):
             for j in range(nt):
                 l = lk[b, t0 + j]
                 g[j] = zero if l == -np.inf else np.exp(l - big_m)
-                h[j] = np.exp(big_m - ct[j])
-                ar[j] = np.exp(cb - ct[j])                         # 0 when cb = −inf
-            qs = fq[b, t0:t1]                                      # (T, F)
             ks = fk[b, t0:t1]                                      # (T, F)
             _ones_col(vp, v[b, t0:t1], one, one)                   # V'
             _ones_col(vg, v[b, t0:t1], one, g)                     # diag(g) V'
-            att = att_buf[:nt * nt].reshape((nt, nt))
-            np.dot(qs, ks.T, att)                                  # fq_i·fk_j
+            att = np.empty((nt, nt), dtype=dt)                     # (T, T) (row i, key j)
+            if grad:
+                out = dfq[b, t0:t1]                                # (T, F)
+                _ones_col(gp, dnum[b, t0:t1], dden[b, t0:t1], one)  # dnum'
+                # fwd: [num | den] = diag(a) Fq S' + tril(diag(h) Fq Fkᵀ diag(g)) V'
+                np.dot(gp[:nt], Sb.T, out)                         # S'_prev dnum'_i
+                np.dot(gp[:nt], vp[:nt].T, att)                    # v'_j·dnum'_i
+            else:
+                qs = fq[b, t0:t1]                                  # (T, F)
+                np.dot(qs, ks.T, att)                              # fq_i·fk_j
+                np.dot(qs, Sb, p1[:nt])                            # [fq_i S, fq_i·z]
             for i in range(nt):
-                hi_ = h[i]
+                hi_ = np.exp(big_m - ct[i])                        # h_i
                 for j in range(i + 1):
                     att[i, j] = att[i, j] * g[j] * hi_
                 for j in range(i + 1, nt):
                     att[i, j] = zero
-            np.dot(qs, Sb, p1[:nt])                                # [fq_i S, fq_i·z]
-            np.dot(att, vp[:nt], p2[:nt])
-            for i in range(nt):
-                for e in range(dv):
-                    num[b, t0 + i, e] = ar[i] * p1[i, e] + p2[i, e]
-                den[b, t0 + i] = ar[i] * p1[i, dv] + p2[i, dv]
-                cmax[b, t0 + i] = ct[i]
+            if grad:
+                np.dot(att, ks, pf[:nt])
+                for i in range(nt):
+                    ai = np.exp(cb - ct[i])                        # a_i; 0 when cb = −inf
+                    for f in range(n_f):
+                        out[i, f] = ai * out[i, f] + pf[i, f]
+            else:
+                np.dot(att, vp[:nt], p2[:nt])
+                for i in range(nt):
+                    ai = np.exp(cb - ct[i])                        # a_i; 0 when cb = −inf
+                    for e in range(dv):
+                        num[b, t0 + i, e] = ai * p1[i, e] + p2[i, e]
+                    den[b, t0 + i] = ai * p1[i, dv] + p2[i, dv]
+                    cmax[b, t0 + i] = ct[i]
             r = np.exp(cb - big_m)                                 # 0 when cb = −inf
             np.dot(ks.T, vg[:nt], ds)                              # Fkᵀ diag(g) V'
             for f in range(n_f):
@@ -213,82 +237,9 @@ def causal_fwd(num, den, cmax, S, c, fq, fk, lk, v, sub, guard):
     lk (BH, nk), v (BH, nk, Dv); sub: positions per sub-chunk; guard: the largest
     M − min_i C_i of a sub-chunk run with matrix products.
     """
-    run_tasks(_fwd_slices, fq.shape[0], num, den, cmax, S, c, fq, fk, lk, v, sub, guard)
-
-
-@serial
-def _bwd_q_slices(lo, hi, dfq, S, c, fk, lk, v, dnum, dden, sub, guard):
-    """Batch slices lo … hi − 1 of :func:`causal_bwd_q`."""
-    bh, nq, n_f = dfq.shape
-    nk = fk.shape[1]
-    dv = v.shape[2]
-    dt = fk.dtype
-    att_buf = np.empty(sub * sub, dtype=dt)                        # (T, T)
-    vp = np.empty((sub, dv + 1), dtype=dt)                         # (T, Dv + 1) V'
-    vg = np.empty((sub, dv + 1), dtype=dt)                         # (T, Dv + 1) diag(g) V'
-    gp = np.empty((sub, dv + 1), dtype=dt)                         # (T, Dv + 1) dnum'
-    pf = np.empty((sub, n_f), dtype=dt)                            # (T, F)
-    ds = np.empty((n_f, dv + 1), dtype=dt)                         # (F, Dv + 1)
-    ct = np.empty(sub, dtype=dt)                                   # (T) C_i
-    g = np.empty(sub, dtype=dt)                                    # (T) g_j
-    one = np.ones(sub, dtype=dt)
-    zero = np.zeros(1, dtype=dt)[0]
-    t_end = max(nq, nk)
-    for b in range(lo, hi):
-        Sb = S[b]
-        cb = c[b]
-        for t0 in range(0, t_end, sub):
-            t1 = min(t0 + sub, t_end)
-            nt = t1 - t0
-            ok = t1 <= nq and t1 <= nk
-            if ok:
-                big_m = _running_max(ct[:nt], lk[b, t0:t1], cb)    # C_i, as the forward
-                ok = ct[0] > -np.inf and big_m - ct[0] <= guard
-            if not ok:                                             # the scalar scan step
-                for t in range(t0, t1):
-                    if t < nk:
-                        cb = _key_step(Sb, cb, fk[b, t], v[b, t], lk[b, t])
-                    if t < nq:
-                        gd = dden[b, t]
-                        for f in range(n_f):
-                            dfq[b, t, f] = gd * Sb[f, dv]
-                        for e in range(dv):
-                            ge = dnum[b, t, e]
-                            for f in range(n_f):
-                                dfq[b, t, f] += ge * Sb[f, e]
-                continue
-            for j in range(nt):
-                l = lk[b, t0 + j]
-                g[j] = zero if l == -np.inf else np.exp(l - big_m)
-            ks = fk[b, t0:t1]                                      # (T, F)
-            out = dfq[b, t0:t1]                                    # (T, F)
-            _ones_col(vp, v[b, t0:t1], one, one)                   # V'
-            _ones_col(vg, v[b, t0:t1], one, g)                     # diag(g) V'
-            _ones_col(gp, dnum[b, t0:t1], dden[b, t0:t1], one)     # dnum'
-            att = att_buf[:nt * nt].reshape((nt, nt))
-            # fwd: [num | den] = diag(a) Fq S' + tril(diag(h) Fq Fkᵀ diag(g)) V'
-            np.dot(gp[:nt], Sb.T, out)                             # S'_prev dnum'_i
-            np.dot(gp[:nt], vp[:nt].T, att)                        # v'_j·dnum'_i
-            for i in range(nt):
-                ai = np.exp(cb - ct[i])                            # 0 when cb = −inf
-                hi_ = np.exp(big_m - ct[i])
-                for f in range(n_f):
-                    out[i, f] = ai * out[i, f]
-                for j in range(i + 1):
-                    att[i, j] = att[i, j] * g[j] * hi_
-                for j in range(i + 1, nt):
-                    att[i, j] = zero
-            np.dot(att, ks, pf[:nt])
-            for i in range(nt):
-                for f in range(n_f):
-                    out[i, f] += pf[i, f]
-            r = np.exp(cb - big_m)                                 # 0 when cb = −inf
-            np.dot(ks.T, vg[:nt], ds)                              # Fkᵀ diag(g) V'
-            for f in range(n_f):
-                for e in range(dv + 1):
-                    Sb[f, e] = Sb[f, e] * r + ds[f, e]
-            cb = big_m
-        c[b] = cb
+    bh, nq, n_f = fq.shape
+    run_tasks(_scan_slices, bh, False, num, den, cmax, np.empty((bh, 0, n_f), fq.dtype), S, c,
+              fq, fk, lk, v, np.empty((bh, 0, v.shape[2]), fq.dtype), den[:, :0], sub, guard)
 
 
 def causal_bwd_q(dfq, S, c, fk, lk, v, dnum, dden, sub, guard):
@@ -298,7 +249,9 @@ def causal_bwd_q(dfq, S, c, fk, lk, v, dnum, dden, sub, guard):
     and −inf).  fk (BH, nk, F), lk (BH, nk), v (BH, nk, Dv), dnum (BH, nq, Dv),
     dden (BH, nq); sub, guard as in :func:`causal_fwd`.
     """
-    run_tasks(_bwd_q_slices, dfq.shape[0], dfq, S, c, fk, lk, v, dnum, dden, sub, guard)
+    bh = dfq.shape[0]
+    run_tasks(_scan_slices, bh, True, dnum[:, :0], dden[:, :0], dden[:, :0], dfq, S, c,
+              np.empty((bh, 0, dfq.shape[2]), dfq.dtype), fk, lk, v, dnum, dden, sub, guard)
 
 
 @serial
@@ -308,7 +261,6 @@ def _bwd_kv_slices(lo, hi, dfk, dvv, U, cn, fq, dnum, dden, cmax, fk, lk, v, sub
     nk = fk.shape[1]
     dv = v.shape[2]
     dt = fq.dtype
-    att_buf = np.empty(sub * sub, dtype=dt)                        # (T, T) (key j, row i)
     vp = np.empty((sub, dv + 1), dtype=dt)                         # (T, Dv + 1) V'
     gp = np.empty((sub, dv + 1), dtype=dt)                         # (T, Dv + 1) dnum'
     hg = np.empty((sub, dv + 1), dtype=dt)                         # (T, Dv + 1) diag(h) dnum'
@@ -382,7 +334,7 @@ def _bwd_kv_slices(lo, hi, dfk, dvv, U, cn, fq, dnum, dden, cmax, fk, lk, v, sub
             _ones_col(vp, v[b, t0:t1], one, one)                   # V'
             _ones_col(gp, dnum[b, t0:t1], dden[b, t0:t1], one)     # dnum'
             _ones_col(hg, dnum[b, t0:t1], dden[b, t0:t1], h)       # diag(h) dnum'
-            att = att_buf[:nt * nt].reshape((nt, nt))
+            att = np.empty((nt, nt), dtype=dt)                     # (T, T) (key j, row i)
             # fwd: S'_i += exp(ℓk_j − C_i) fk_j v'_jᵀ   (rows i ≥ j)
             np.dot(vp[:nt], Ub.T, dks)                             # Ũ v_j + r̃
             np.dot(vp[:nt], hg[:nt].T, att)                        # h_i v'_j·dnum'_i
