@@ -73,7 +73,6 @@ MASK_MODES = ("exact", "values_only")
 CHUNK = 2048          # positions per chunk of the "numba" path (bounds the feature memory)
 CHUNK_NONCAUSAL = 512  # non-causal chunks: smaller, so m-wide Performer features stay in cache
 SUBCHUNK = 32         # positions per sub-chunk of the causal kernels' matrix products
-SUBCHUNK_GUARD = 20.0  # sub-chunks with max C − min C above it run the scalar scan step
 FEATURE_ROWS = 256    # rows per task of the causal path's FAVOR+ feature kernels
 
 
@@ -699,7 +698,7 @@ def _forward_causal(q, k, v, fmap, mask, mask_mode, chunks, out, denom, key_scal
         with blas_single_thread():
             kernels.causal_fwd(num_c, den_c, cm_c, *state, _flat(fq).reshape(bh, nq, nf),
                                fk.reshape(bh, nk, nf), lk.reshape(bh, nk),
-                               vc.reshape(bh, nk, dvd), SUBCHUNK, SUBCHUNK_GUARD)
+                               vc.reshape(bh, nk, dvd), SUBCHUNK)
         key_scale[..., qs] = cm_c.reshape(*batch, nq)
         finish(qs, num_c.reshape(*batch, nq, dvd), den_c.reshape(*batch, nq),
                lq.reshape(*batch, nq), key_scale[..., qs])
@@ -729,8 +728,7 @@ def _backward_causal(dout, ctx: LinearCtx, chunks, dq, dk, dv) -> dict:
         dfq = np.empty((bh, nq, nf), dtype)                        # (BH, nq, F)
         with blas_single_thread():
             kernels.causal_bwd_q(dfq, *state, fk.reshape(bh, nk, nf), lk.reshape(bh, nk),
-                                 vc.reshape(bh, nk, dvd), dnum, dden, SUBCHUNK,
-                                 SUBCHUNK_GUARD)
+                                 vc.reshape(bh, nk, dvd), dnum, dden, SUBCHUNK)
         qc = _flat(q[..., qs, :])                                  # (BH·nq, D)
         fq, _ = _row_features(fmap, qc)                            # (BH·nq, F)
         # fwd: fq = φ(q)
@@ -748,7 +746,7 @@ def _backward_causal(dout, ctx: LinearCtx, chunks, dq, dk, dv) -> dict:
             kernels.causal_bwd_kv(dfk, dv_c, *state, _flat(fq).reshape(bh, nq, nf), dnum,
                                   dden, _flat(ctx.key_scale[..., qs], True).reshape(bh, nq),
                                   fk.reshape(bh, nk, nf), lk.reshape(bh, nk),
-                                  vc.reshape(bh, nk, dvd), SUBCHUNK, SUBCHUNK_GUARD)
+                                  vc.reshape(bh, nk, dvd), SUBCHUNK)
         # fwd: fk = φ(k), then the padding (pad_keys)
         dk_c = _row_chain(fmap, dfk.reshape(-1, nf), fk, kc)       # (BH·nk, D)
         dk_c, dv_c = pad_grads(dk_c, dv_c.reshape(-1, dvd), mc, ctx.mask_mode)

@@ -127,8 +127,37 @@ def _running_max(ct, lk_s, cb):
 
 
 @serial
-def _scan_slices(lo, hi, grad, num, den, cmax, dfq, S, c, fq, fk, lk, v, dnum, dden, sub,
-                 guard):
+def _all_finite(x):
+    """Every entry of the 2-D x finite (a sub-chunk whose rows hold a NaN or inf runs the
+    scalar step: the products would carry 0 · NaN into rows that must not see it)."""
+    ok = True
+    for i in range(x.shape[0]):
+        for j in range(x.shape[1]):
+            ok &= np.abs(x[i, j]) < np.inf
+    return ok
+
+
+@serial
+def _pair_weights(att, lk_s, ct, zero, upper):
+    """att[i, j] *= exp(lk_j − C_i) for key j ≤ row i, = 0 elsewhere and for lk_j = −inf;
+    ``upper``: att is (key j, row i), the same entries transposed."""
+    nt = att.shape[0]
+    for i in range(nt):
+        c = ct[i]
+        for j in range(nt):
+            l = lk_s[j]
+            if j > i or l == -np.inf:                              # assigned: 0 · NaN = NaN
+                a = zero
+            else:
+                a = (att[j, i] if upper else att[i, j]) * np.exp(l - c)
+            if upper:
+                att[j, i] = a
+            else:
+                att[i, j] = a
+
+
+@serial
+def _scan_slices(lo, hi, grad, num, den, cmax, dfq, S, c, fq, fk, lk, v, dnum, dden, sub):
     """Batch slices lo … hi − 1 of the forward-direction scan: the rows of :func:`causal_fwd`
     (grad False: num, den, cmax from fq) or of :func:`causal_bwd_q` (grad True: dfq from
     dnum, dden).  One kernel for both, since they share the keys' side (it compiles once)."""
@@ -155,10 +184,8 @@ def _scan_slices(lo, hi, grad, num, den, cmax, dfq, S, c, fq, fk, lk, v, dnum, d
             t1 = min(t0 + sub, t_end)
             nt = t1 - t0
             ok = t1 <= n_rows and t1 <= nk
-            big_m = cb
             if ok:
-                big_m = _running_max(ct[:nt], lk[b, t0:t1], cb)
-                ok = ct[0] > -np.inf and big_m - ct[0] <= guard
+                ok = _all_finite(v[b, t0:t1]) and (not grad or _all_finite(fk[b, t0:t1]))
             if not ok:                                             # the scalar scan step
                 for t in range(t0, t1):
                     if t < nk:
@@ -183,6 +210,7 @@ def _scan_slices(lo, hi, grad, num, den, cmax, dfq, S, c, fq, fk, lk, v, dnum, d
                         den[b, t] = acc
                         cmax[b, t] = cb
                 continue
+            big_m = _running_max(ct[:nt], lk[b, t0:t1], cb)        # C_i; M = C_{T−1}
             for j in range(nt):
                 l = lk[b, t0 + j]
                 g[j] = zero if l == -np.inf else np.exp(l - big_m)
@@ -200,27 +228,22 @@ def _scan_slices(lo, hi, grad, num, den, cmax, dfq, S, c, fq, fk, lk, v, dnum, d
                 qs = fq[b, t0:t1]                                  # (T, F)
                 np.dot(qs, ks.T, att)                              # fq_i·fk_j
                 np.dot(qs, Sb, p1[:nt])                            # [fq_i S, fq_i·z]
-            for i in range(nt):
-                hi_ = np.exp(big_m - ct[i])                        # h_i
-                for j in range(i + 1):
-                    att[i, j] = att[i, j] * g[j] * hi_
-                for j in range(i + 1, nt):
-                    att[i, j] = zero
+            _pair_weights(att, lk[b, t0:t1], ct[:nt], zero, False)
             if grad:
                 np.dot(att, ks, pf[:nt])
                 for i in range(nt):
-                    ai = np.exp(cb - ct[i])                        # a_i; 0 when cb = −inf
+                    ai = zero if cb == -np.inf else np.exp(cb - ct[i])   # a_i
                     for f in range(n_f):
                         out[i, f] = ai * out[i, f] + pf[i, f]
             else:
                 np.dot(att, vp[:nt], p2[:nt])
                 for i in range(nt):
-                    ai = np.exp(cb - ct[i])                        # a_i; 0 when cb = −inf
+                    ai = zero if cb == -np.inf else np.exp(cb - ct[i])   # a_i
                     for e in range(dv):
                         num[b, t0 + i, e] = ai * p1[i, e] + p2[i, e]
                     den[b, t0 + i] = ai * p1[i, dv] + p2[i, dv]
                     cmax[b, t0 + i] = ct[i]
-            r = np.exp(cb - big_m)                                 # 0 when cb = −inf
+            r = zero if cb == -np.inf else np.exp(cb - big_m)     # the scan's rescaling
             np.dot(ks.T, vg[:nt], ds)                              # Fkᵀ diag(g) V'
             for f in range(n_f):
                 for e in range(dv + 1):
@@ -229,33 +252,32 @@ def _scan_slices(lo, hi, grad, num, den, cmax, dfq, S, c, fq, fk, lk, v, dnum, d
         c[b] = cb
 
 
-def causal_fwd(num, den, cmax, S, c, fq, fk, lk, v, sub, guard):
+def causal_fwd(num, den, cmax, S, c, fq, fk, lk, v, sub):
     """num_t = fq_t S_t, den_t = fq_t·z_t, cmax_t = C_t for the chunk; updates (S', c).
 
     num (BH, nq, Dv), den (BH, nq), cmax (BH, nq): outputs.  S (BH, F, Dv + 1) = [S | z],
     c (BH,): scan state in/out (start: zeros and −inf).  fq (BH, nq, F), fk (BH, nk, F),
-    lk (BH, nk), v (BH, nk, Dv); sub: positions per sub-chunk; guard: the largest
-    M − min_i C_i of a sub-chunk run with matrix products.
+    lk (BH, nk), v (BH, nk, Dv); sub: positions per sub-chunk.
     """
     bh, nq, n_f = fq.shape
     run_tasks(_scan_slices, bh, False, num, den, cmax, np.empty((bh, 0, n_f), fq.dtype), S, c,
-              fq, fk, lk, v, np.empty((bh, 0, v.shape[2]), fq.dtype), den[:, :0], sub, guard)
+              fq, fk, lk, v, np.empty((bh, 0, v.shape[2]), fq.dtype), den[:, :0], sub)
 
 
-def causal_bwd_q(dfq, S, c, fk, lk, v, dnum, dden, sub, guard):
+def causal_bwd_q(dfq, S, c, fk, lk, v, dnum, dden, sub):
     """dfq_t = S_t dnum_t + dden_t z_t, rebuilding S' = [S | z] in a forward scan.
 
     dfq (BH, nq, F): output.  S (BH, F, Dv + 1), c (BH,): scan state in/out (start: zeros
     and −inf).  fk (BH, nk, F), lk (BH, nk), v (BH, nk, Dv), dnum (BH, nq, Dv),
-    dden (BH, nq); sub, guard as in :func:`causal_fwd`.
+    dden (BH, nq); sub as in :func:`causal_fwd`.
     """
     bh = dfq.shape[0]
     run_tasks(_scan_slices, bh, True, dnum[:, :0], dden[:, :0], dden[:, :0], dfq, S, c,
-              np.empty((bh, 0, dfq.shape[2]), dfq.dtype), fk, lk, v, dnum, dden, sub, guard)
+              np.empty((bh, 0, dfq.shape[2]), dfq.dtype), fk, lk, v, dnum, dden, sub)
 
 
 @serial
-def _bwd_kv_slices(lo, hi, dfk, dvv, U, cn, fq, dnum, dden, cmax, fk, lk, v, sub, guard):
+def _bwd_kv_slices(lo, hi, dfk, dvv, U, cn, fq, dnum, dden, cmax, fk, lk, v, sub):
     """Batch slices lo … hi − 1 of :func:`causal_bwd_kv`."""
     bh, nq, n_f = fq.shape
     nk = fk.shape[1]
@@ -280,8 +302,9 @@ def _bwd_kv_slices(lo, hi, dfk, dvv, U, cn, fq, dnum, dden, cmax, fk, lk, v, sub
             nt = t1 - t0
             ok = t1 <= nq and t1 <= nk
             if ok:
-                big_m = cmax[b, t1 - 1]
-                ok = cmax[b, t0] > -np.inf and big_m - cmax[b, t0] <= guard
+                ok = _all_finite(fq[b, t0:t1]) and _all_finite(dnum[b, t0:t1])
+                for i in range(t0, t1):
+                    ok = ok and np.abs(dden[b, i]) < np.inf
             if not ok:                                             # the scalar scan step
                 for t in range(t1 - 1, t0 - 1, -1):
                     if t < nq:
@@ -319,60 +342,59 @@ def _bwd_kv_slices(lo, hi, dfk, dvv, U, cn, fq, dnum, dden, cmax, fk, lk, v, sub
                             for e in range(dv):
                                 dvv[b, t, e] *= w
                 continue
-            if cb > big_m:                                         # later rows: C_i ≥ M
-                s = np.exp(big_m - cb)
-                for f in range(n_f):
-                    for e in range(dv + 1):
-                        Ub[f, e] *= s
-            cb = big_m
-            for i in range(nt):
-                h[i] = np.exp(big_m - cmax[b, t0 + i])
+            cs = cmax[b, t0:t1]                                    # (T) C_i
             qs = fq[b, t0:t1]                                      # (T, F)
             ks = fk[b, t0:t1]                                      # (T, F)
             dks = dfk[b, t0:t1]                                    # (T, F)
             dvs = dvv[b, t0:t1]                                    # (T, Dv)
             _ones_col(vp, v[b, t0:t1], one, one)                   # V'
             _ones_col(gp, dnum[b, t0:t1], dden[b, t0:t1], one)     # dnum'
-            _ones_col(hg, dnum[b, t0:t1], dden[b, t0:t1], h)       # diag(h) dnum'
             att = np.empty((nt, nt), dtype=dt)                     # (T, T) (key j, row i)
             # fwd: S'_i += exp(ℓk_j − C_i) fk_j v'_jᵀ   (rows i ≥ j)
-            np.dot(vp[:nt], Ub.T, dks)                             # Ũ v_j + r̃
-            np.dot(vp[:nt], hg[:nt].T, att)                        # h_i v'_j·dnum'_i
-            for j in range(nt):
-                for i in range(j):
-                    att[j, i] = zero
+            np.dot(vp[:nt], Ub.T, dks)                             # later rows: Ũ v_j + r̃
+            np.dot(ks, Ub, p1[:nt])                                # later rows: Ũᵀ fk_j
+            np.dot(vp[:nt], gp[:nt].T, att)                        # v'_j·dnum'_i
+            _pair_weights(att, lk[b, t0:t1], cs, zero, True)
             np.dot(att, qs, pf[:nt])
-            np.dot(ks, Ub, p1[:nt])                                # Ũᵀ fk_j
             np.dot(ks, qs.T, att)                                  # fk_j·fq_i
-            for j in range(nt):
-                for i in range(j):
-                    att[j, i] = zero
-            np.dot(att, hg[:nt], p2[:nt])
+            _pair_weights(att, lk[b, t0:t1], cs, zero, True)
+            np.dot(att, gp[:nt], p2[:nt])
             for j in range(nt):
                 l = lk[b, t0 + j]
-                gj = zero if l == -np.inf else np.exp(l - big_m)
+                sj = zero if (l == -np.inf or cb == -np.inf) else np.exp(l - cb)
                 for f in range(n_f):
-                    dks[j, f] = gj * (dks[j, f] + pf[j, f])
+                    dks[j, f] = sj * dks[j, f] + pf[j, f]
                 for e in range(dv):
-                    dvs[j, e] = gj * (p1[j, e] + p2[j, e])
+                    dvs[j, e] = sj * p1[j, e] + p2[j, e]
+            # the sub-chunk's rows join the state, at the scale C_t0 (≤ every C_i joined)
+            c0 = cs[0]
+            if cb > -np.inf:
+                s = np.exp(c0 - cb)                                # 0 when c0 = −inf
+                for f in range(n_f):
+                    for e in range(dv + 1):
+                        Ub[f, e] *= s
+            for i in range(nt):
+                h[i] = one[0] if cs[i] == c0 else np.exp(c0 - cs[i])
+            _ones_col(hg, dnum[b, t0:t1], dden[b, t0:t1], h)       # diag(h) dnum'
             np.dot(qs.T, hg[:nt], du)                              # Fqᵀ diag(h) dnum'
             for f in range(n_f):
                 for e in range(dv + 1):
                     Ub[f, e] += du[f, e]
+            cb = c0
         cn[b] = cb
 
 
-def causal_bwd_kv(dfk, dvv, U, cn, fq, dnum, dden, cmax, fk, lk, v, sub, guard):
+def causal_bwd_kv(dfk, dvv, U, cn, fq, dnum, dden, cmax, fk, lk, v, sub):
     """dfk and dv of the chunk by a reverse scan over t = L − 1 … 0.
 
     dfk (BH, nk, F), dvv (BH, nk, Dv): outputs.  U (BH, F, Dv + 1) = [Ũ | r̃], cn (BH,):
     reverse-scan state in/out (start: zeros and −inf; cn is the scale of the state, a C of
     the rows added, ≥ the C of every row not yet added).  fq (BH, nq, F), dnum (BH, nq, Dv),
     dden (BH, nq), cmax (BH, nq) (the forward's C_t), fk (BH, nk, F), lk (BH, nk),
-    v (BH, nk, Dv); sub, guard as in :func:`causal_fwd`.
+    v (BH, nk, Dv); sub as in :func:`causal_fwd`.
     """
     run_tasks(_bwd_kv_slices, fq.shape[0], dfk, dvv, U, cn, fq, dnum, dden, cmax, fk, lk, v,
-              sub, guard)
+              sub)
 
 
 # --------------------------------------------------------------------------- fused elu / relu
