@@ -41,8 +41,12 @@ Paths
   per chunk in scratch; each range of keys keeps its own running maximum C and the ranges
   are combined by rescaling (the online-softmax trick).
 * otherwise (causal FAVOR maps, ``favor_relu``) the sequence is processed in chunks of
-  ``CHUNK`` positions (``CHUNK_NONCAUSAL`` when not causal): causal through the Numba
-  prefix-sum kernels with log-scales, non-causal through NumPy matrix products.
+  ``CHUNK`` positions (``CHUNK_NONCAUSAL`` when not causal).  Causal: the features of a
+  chunk's rows and keys are formed on flat (BH·L, D) rows (``favor_softmax`` by the Numba
+  kernels of tinyeff.kernels.favor_rows, in tasks of ``FEATURE_ROWS`` rows; the other maps
+  by NumPy), then the prefix sums with log-scales run chunkwise (tinyeff.kernels.linear:
+  sub-chunks of ``SUBCHUNK`` positions as matrix products, the state carried from one to
+  the next and from chunk to chunk).  Non-causal: NumPy matrix products.
 
 The N×F×Dv stack of prefix states is never built: the backward runs the prefix sums again,
 forward for dq and in reverse for dk, dv.

@@ -30,35 +30,33 @@ v'_j = [v_j, 1] and dnum'_i = [dnum_i, dden_i] every formula above is one produc
 Chunkwise form.  The scan advances by *sub-chunks* of T positions with matrix products
 (the form of the chunkwise linear-attention literature, e.g. Hua et al. 2022, "Transformer
 Quality in Linear Time", and Yang et al. 2024, "Gated Linear Attention Transformers").
-For a sub-chunk with state S' at scale C_prev, row maxima C_i, M = the last C_i of the
-sub-chunk (≥ every C_i in it), and
+For a sub-chunk with state S' at scale C_prev, row maxima C_i and M = the last C_i, with
 
-    g_j = exp(lk_j − M) ≤ 1,   h_i = exp(M − C_i) ≥ 1,   a_i = exp(C_prev − C_i) ≤ 1
+    W_ij = exp(lk_j − C_i) for key j ≤ row i, 0 otherwise (≤ 1),   a_i = exp(C_prev − C_i) ≤ 1,
+    g_j = exp(lk_j − M) ≤ 1
 
-(so h_i g_j = exp(lk_j − C_i) for j ≤ i), the rows Fq (T, F), keys Fk (T, F), V' (T, Dv + 1):
+the rows Fq (T, F), keys Fk (T, F), V' (T, Dv + 1) and dnum' (T, Dv + 1):
 
-    [num | den] = diag(a) Fq S' + tril(diag(h) Fq Fkᵀ diag(g)) V'
-    S' ← exp(C_prev − M) S' + Fkᵀ diag(g) V',   C ← M
+    [num | den] = diag(a) Fq S' + ((Fq Fkᵀ) ∘ W) V'
+    S' ← exp(C_prev − M) S' + Fkᵀ diag(g) V',   C ← M             (the scan's own shifts)
+    dfq = diag(a) dnum' S'ᵀ + ((dnum' V'ᵀ) ∘ W) Fk
 
-and the backward likewise: the dq scan, dnum' (T, Dv + 1),
+and the reverse scan, with the state Ũ' of the later rows at its scale C' (≥ every C_i of
+the sub-chunk; s_j = exp(lk_j − C') ≤ 1):
 
-    dfq = diag(a) dnum' S'ᵀ + tril(diag(h) dnum' V'ᵀ diag(g)) Fk
+    dfk = diag(s) V' Ũ'ᵀ + ((V' dnum'ᵀ) ∘ Wᵀ) Fq
+    dv  = diag(s) Fk Ũ + ((Fk Fqᵀ) ∘ Wᵀ) dnum
+    Ũ' ← exp(C_0 − C') Ũ' + Fqᵀ diag(exp(C_0 − C_i)) dnum',   C' ← C_0
 
-and the reverse scan, with the state Ũ' of the later rows brought to the scale M
-(exp(M − C_i) ≤ 1 for every later row i, C_i ≥ M):
-
-    dfk = diag(g) (V' Ũ'ᵀ + triu(V' dnum'ᵀ diag(h)) Fq)
-    dv  = diag(g) (Fk Ũ + triu(Fk Fqᵀ) diag(h) dnum)
-    Ũ' ← Ũ' + Fqᵀ diag(h) dnum'
-
-(tril keeps j ≤ i of a (row i, key j) matrix, triu keeps i ≥ j of a (key j, row i) one).
-Every product is one ``np.dot`` of 2-D arrays (BLAS; a transposed operand is passed as a
-transposed view, not copied: three signatures per dtype).  Guard: h_i ≤ exp(guard) and
-g_j ≥ exp(lk_j − C_i − guard), so h and g can overflow or underflow only where the scan's
-own exponents would come within ``guard`` of doing so; a sub-chunk whose M − min_i C_i
-exceeds ``guard``, that holds a row seeing no key (C_i = −inf), or that is not covered by
-both rows and keys (the ends of sequences, N ≠ M) runs the scalar scan step instead, row by
-row, as above.  Linear attention (lk ≡ 0) has g = h = a = 1.
+(C_0 the sub-chunk's first row's, its smallest).  Every exponent is ≤ 0 and is the scan's
+own or a product of two of the scan's weights, so nothing overflows, and a row's weights
+involve only the keys it sees: its result does not depend, not even in its rounding, on
+later keys (the masked products add exact zeros).  Every product is one ``np.dot`` of 2-D
+arrays (BLAS; a transposed operand is passed as a transposed view, not copied: three
+signatures per dtype).  The scalar step runs a sub-chunk instead when it is not covered by
+both rows and keys (the ends of sequences, N ≠ M) or holds a NaN or inf that the products
+would carry into other rows as 0 · NaN (v and, for dfq, fk; fq, dnum and dden for the
+reverse scan).  Linear attention (lk ≡ 0) has W = tril(1), a = g = s = 1.
 
 Every kernel processes one *chunk* of time steps t0 … t0 + L − 1 for all batch slices, rows
 and keys aligned on the same t (row t of the chunk is query t0 + t, key t is key t0 + t;
