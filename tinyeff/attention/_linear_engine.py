@@ -651,6 +651,14 @@ def _flat(x, per_row=False):
     return x.reshape(-1) if per_row else x.reshape(-1, x.shape[-1])
 
 
+def _row_favor_args(fmap, dtype):
+    """(ω' = [ω | 1] (m, D + 1), ωᵀ (D, m), √scale, ½ ln m) for tinyeff.kernels.favor_rows."""
+    omega, omega_t, root, half_log_m = _favor_args(fmap, dtype)
+    omega1 = np.ones((omega.shape[0], omega.shape[1] + 1), dtype)  # (m, D + 1)
+    omega1[:, :-1] = omega
+    return omega1, omega_t, root, half_log_m
+
+
 def _row_features(fmap, x):
     """:func:`features` of flat rows x (R, D); FAVOR+ softmax features by the Numba kernels
     of tinyeff.kernels.favor_rows."""
@@ -659,7 +667,7 @@ def _row_features(fmap, x):
     f = np.empty((x.shape[0], fmap.n_features), x.dtype)           # (R, m)
     ell = np.empty(x.shape[0], x.dtype)                            # (R)
     with blas_single_thread():
-        kernels_rows.favor_features(f, ell, x, *_favor_args(fmap, x.dtype), FEATURE_ROWS)
+        kernels_rows.favor_features(f, ell, x, *_row_favor_args(fmap, x.dtype), FEATURE_ROWS)
     return f, ell
 
 
@@ -670,7 +678,7 @@ def _row_chain(fmap, df, f, x):
         return chain_q(fmap, df, f, x)
     dx = np.empty(x.shape, x.dtype)                                # (R, D)
     with blas_single_thread():
-        kernels_rows.favor_dx(dx, df, f, x, *_favor_args(fmap, x.dtype), FEATURE_ROWS)
+        kernels_rows.favor_dx(dx, df, f, x, *_row_favor_args(fmap, x.dtype), FEATURE_ROWS)
     return dx
 
 

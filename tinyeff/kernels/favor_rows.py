@@ -5,11 +5,13 @@ For rows x (R, D) and the (m, D) random features ω (tinyeff.ops.feature_maps.fa
     x̂ = √scale · x,   a = x̂ ωᵀ − ‖x̂‖²/2  (m),   c = max_f a_f,   f = exp(a − c),   ℓ = c − ½ ln m
     dx = √scale (da ω − (Σ_f da_f) x̂),   da = df ∘ f      (the shift c held constant)
 
+(da ω and Σ_f da_f as one product, da [ω | 1])
+
 row by row in tasks of ``rows`` rows: one ``np.dot`` per task for x̂ ωᵀ (or da ω) and one
 pass over the task's (rows, m) block for the shift and the vectorizable ``fast_exp``
 (kernels/_math.py), where NumPy makes five passes over the whole array on one thread.  The
-per-row work is :func:`tinyeff.kernels.favor_noncausal._features` and ``_dx``, the
-non-causal FAVOR+ kernels' own.  Used by the causal chunked path of
+features are :func:`tinyeff.kernels.favor_noncausal._features`, the non-causal FAVOR+
+kernels' own.  Used by the causal chunked path of
 tinyeff.attention._linear_engine (features of a chunk of rows, recomputed in the backward).
 Both run through one task kernel (``grad`` selects the branch), which compiles once.
 Tasks write disjoint rows and the blocks depend on ``rows`` only, so results are
@@ -21,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 from ._jit import run_tasks, serial
-from .favor_noncausal import _dx, _features
+from .favor_noncausal import _features
 
 __all__ = ["favor_features", "favor_dx"]
 
@@ -33,6 +35,7 @@ def _rows_tasks(lo, hi, grad, dx, f, ell, df, x, omega, omega_t, root, half_log_
     both, so that the path compiles one."""
     n, d = x.shape
     xh = np.empty((rows, d), dtype=x.dtype)                        # (T, D) x̂
+    dxa = np.empty((rows, omega.shape[1]), dtype=x.dtype)          # (T, D + 1)
     for task in range(lo, hi):
         r0 = task * rows
         r1 = min(r0 + rows, n)
@@ -40,16 +43,22 @@ def _rows_tasks(lo, hi, grad, dx, f, ell, df, x, omega, omega_t, root, half_log_
             _features(f[r0:r1], ell[r0:r1], xh[:r1 - r0], x[r0:r1], omega_t, root,
                       half_log_m)
             continue
+        da = df[r0:r1]
         for t in range(r1 - r0):
-            for e in range(d):
-                xh[t, e] = x[r0 + t, e] * root                     # fwd: x̂ = √scale · x
-        _dx(dx[r0:r1], df[r0:r1], f[r0:r1], xh[:r1 - r0], omega, root)
+            for u in range(da.shape[1]):
+                da[t, u] = da[t, u] * f[r0 + t, u]                 # fwd: f = exp(a − c)
+        # fwd: a = x̂ ωᵀ − ‖x̂‖²/2:  [da ω, Σ_f da_f] in one product with ω' = [ω | 1]
+        np.dot(da, omega, dxa[:r1 - r0])
+        for t in range(r1 - r0):
+            s = dxa[t, d]
+            for e in range(d):                                     # fwd: x̂ = √scale · x
+                dx[r0 + t, e] = (dxa[t, e] - s * (x[r0 + t, e] * root)) * root
 
 
 def favor_features(f, ell, x, omega, omega_t, root, half_log_m, rows):
     """f (R, m), ell (R): outputs, the features and log-scales of the rows of x (R, D).
 
-    omega (m, D) = ω, omega_t (D, m) = ωᵀ, root = √scale, half_log_m = ½ ln m (scalars of
+    omega (m, D + 1) = [ω | 1], omega_t (D, m) = ωᵀ, root = √scale, half_log_m = ½ ln m (scalars of
     x's dtype); rows: rows per task.
     """
     run_tasks(_rows_tasks, -(-x.shape[0] // rows), False, x[:0], f, ell, f[:0], x, omega,
