@@ -1,5 +1,5 @@
 """The causal prefix-sum kernels (tinyeff/kernels/linear.py) in their chunkwise form: sub-chunks
-as matrix products (sub = 1 and sequence ends: the scalar scan step too), against the
+as matrix products (rows or keys past the other's end, NaN one position at a time), against the
 one-position-at-a-time NumPy reference (tinyeff.attention._linear_engine)."""
 
 from __future__ import annotations

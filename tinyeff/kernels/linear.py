@@ -53,10 +53,12 @@ own or a product of two of the scan's weights, so nothing overflows, and a row's
 involve only the keys it sees: its result does not depend, not even in its rounding, on
 later keys (the masked products add exact zeros).  Every product is one ``np.dot`` of 2-D
 arrays (BLAS; a transposed operand is passed as a transposed view, not copied: three
-signatures per dtype).  The scalar step runs a sub-chunk instead when it is not covered by
-both rows and keys (the ends of sequences, N ≠ M) or holds a NaN or inf that the products
-would carry into other rows as 0 · NaN (v and, for dfq, fk; fq, dnum and dden for the
-reverse scan).  Linear attention (lk ≡ 0) has W = tril(1), a = g = s = 1.
+signatures per dtype).  Where the rows or the keys have ended (N ≠ M), the positions left
+are rows that see every key (fq S' alone; in reverse they join the state) or keys no row
+sees (gradient 0).  A sub-chunk holding a NaN or inf that the products would carry into
+other rows as 0 · NaN (v and, for dfq, fk; fq, dnum and dden for the reverse scan) is run
+one position at a time (T = 1: no product mixes two positions).  Linear attention
+(lk ≡ 0) has W = tril(1), a = g = s = 1.
 
 Every kernel processes one *chunk* of time steps t0 … t0 + L − 1 for all batch slices, rows
 and keys aligned on the same t (row t of the chunk is query t0 + t, key t is key t0 + t;
@@ -68,8 +70,7 @@ Parallel over the batch slices (``run_tasks``, kernels/_jit.py: serial kernels o
 of slices on threads); every sum runs serially in a fixed order (the caller pins BLAS to
 one thread), so results are bit-identical whatever the thread count.  SPEEDTIP: no loop
 outside the products reduces over an axis (a reduction without fastmath runs one add at a
-time): the normalizer columns fold den, z and r̃ into the products, and the scalar step
-sums over its Dv + 1 columns with the column loop outside.
+time): the normalizer columns fold den, z and r̃ into the products.
 """
 
 from __future__ import annotations
@@ -77,29 +78,6 @@ from __future__ import annotations
 import numpy as np
 
 from ._jit import run_tasks, serial
-
-
-@serial
-def _key_step(Sb, cb, fk_t, v_t, l):
-    """The scalar step's key: S' += exp(l − C) fk_t [v_t, 1]ᵀ, rescaled first when l raises
-    C; returns the new C (l = −inf, a padded key: skipped)."""
-    n_f, dv1 = Sb.shape
-    dv = dv1 - 1
-    if l == -np.inf:
-        return cb
-    if l > cb:                                                     # new maximum: rescale
-        r = np.exp(cb - l)                                         # 0 when cb = −inf
-        for f in range(n_f):
-            for e in range(dv1):
-                Sb[f, e] *= r
-        cb = l
-    w = np.exp(l - cb)
-    for f in range(n_f):
-        a = w * fk_t[f]
-        for e in range(dv):
-            Sb[f, e] += a * v_t[e]
-        Sb[f, dv] += a
-    return cb
 
 
 @serial
@@ -126,8 +104,8 @@ def _running_max(ct, lk_s, cb):
 
 @serial
 def _all_finite(x):
-    """Every entry of the 2-D x finite (a sub-chunk whose rows hold a NaN or inf runs the
-    scalar step: the products would carry 0 · NaN into rows that must not see it)."""
+    """Every entry of the 2-D x finite (a sub-chunk whose rows hold a NaN or inf runs one
+    position at a time: the products would carry 0 · NaN into rows that must not see it)."""
     ok = True
     for i in range(x.shape[0]):
         for j in range(x.shape[1]):
@@ -178,75 +156,68 @@ def _scan_slices(lo, hi, grad, num, den, cmax, dfq, S, c, fq, fk, lk, v, dnum, d
     for b in range(lo, hi):
         Sb = S[b]
         cb = c[b]
-        for t0 in range(0, t_end, sub):
-            t1 = min(t0 + sub, t_end)
-            nt = t1 - t0
-            ok = t1 <= n_rows and t1 <= nk
-            if ok:
-                ok = _all_finite(v[b, t0:t1]) and (not grad or _all_finite(fk[b, t0:t1]))
-            if not ok:                                             # the scalar scan step
-                for t in range(t0, t1):
-                    if t < nk:
-                        cb = _key_step(Sb, cb, fk[b, t], v[b, t], lk[b, t])
-                    if t < n_rows and grad:                        # dfq_t = S'_t dnum'_t
-                        gd = dden[b, t]
+        for u0 in range(0, t_end, sub):
+            u1 = min(u0 + sub, t_end)
+            um = max(u0, min(u1, n_rows, nk))                      # rows and keys: u0 … um − 1
+            # keys past the last row: no row reads the state any more
+            step = um - u0
+            if step > 0 and not (_all_finite(v[b, u0:um])
+                                 and (not grad or _all_finite(fk[b, u0:um]))):
+                step = 1                                           # one position at a time
+            for t0 in range(u0, um, max(step, 1)):
+                t1 = min(t0 + step, um)
+                nt = t1 - t0
+                big_m = _running_max(ct[:nt], lk[b, t0:t1], cb)        # C_i; M = C_{T−1}
+                for j in range(nt):
+                    l = lk[b, t0 + j]
+                    g[j] = zero if l == -np.inf else np.exp(l - big_m)
+                ks = fk[b, t0:t1]                                      # (T, F)
+                _ones_col(vp, v[b, t0:t1], one, one)                   # V'
+                _ones_col(vg, v[b, t0:t1], one, g)                     # diag(g) V'
+                att = np.empty((nt, nt), dtype=dt)                     # (T, T) (row i, key j)
+                if grad:
+                    out = dfq[b, t0:t1]                                # (T, F)
+                    _ones_col(gp, dnum[b, t0:t1], dden[b, t0:t1], one)  # dnum'
+                    # fwd: [num | den] = diag(a) Fq S' + tril(diag(h) Fq Fkᵀ diag(g)) V'
+                    np.dot(gp[:nt], Sb.T, out)                         # S'_prev dnum'_i
+                    np.dot(gp[:nt], vp[:nt].T, att)                    # v'_j·dnum'_i
+                else:
+                    qs = fq[b, t0:t1]                                  # (T, F)
+                    np.dot(qs, ks.T, att)                              # fq_i·fk_j
+                    np.dot(qs, Sb, p1[:nt])                            # [fq_i S, fq_i·z]
+                _pair_weights(att, lk[b, t0:t1], ct[:nt], zero, False)
+                if grad:
+                    np.dot(att, ks, pf[:nt])
+                    for i in range(nt):
+                        ai = zero if cb == -np.inf else np.exp(cb - ct[i])   # a_i
                         for f in range(n_f):
-                            dfq[b, t, f] = gd * Sb[f, dv]
+                            out[i, f] = ai * out[i, f] + pf[i, f]
+                else:
+                    np.dot(att, vp[:nt], p2[:nt])
+                    for i in range(nt):
+                        ai = zero if cb == -np.inf else np.exp(cb - ct[i])   # a_i
                         for e in range(dv):
-                            ge = dnum[b, t, e]
-                            for f in range(n_f):
-                                dfq[b, t, f] += ge * Sb[f, e]
-                    elif t < n_rows:                               # [num_t, den_t] = fq_t S'_t
-                        acc = zero
+                            num[b, t0 + i, e] = ai * p1[i, e] + p2[i, e]
+                        den[b, t0 + i] = ai * p1[i, dv] + p2[i, dv]
+                        cmax[b, t0 + i] = ct[i]
+                r = zero if cb == -np.inf else np.exp(cb - big_m)     # the scan's rescaling
+                np.dot(ks.T, vg[:nt], ds)                              # Fkᵀ diag(g) V'
+                for f in range(n_f):
+                    for e in range(dv + 1):
+                        Sb[f, e] = Sb[f, e] * r + ds[f, e]
+                cb = big_m
+            if n_rows > nk and um < u1:                            # rows past the last key:
+                r1 = min(u1, n_rows)                               # C = cb, a = 1, no key
+                if grad:
+                    _ones_col(gp, dnum[b, um:r1], dden[b, um:r1], one)
+                    np.dot(gp[:r1 - um], Sb.T, dfq[b, um:r1])      # dfq_i = S' dnum'_i
+                else:
+                    np.dot(fq[b, um:r1], Sb, p1[:r1 - um])         # [num_i, den_i] = fq_i S'
+                    for i in range(r1 - um):
                         for e in range(dv):
-                            num[b, t, e] = zero
-                        for f in range(n_f):
-                            qf = fq[b, t, f]
-                            for e in range(dv):
-                                num[b, t, e] += qf * Sb[f, e]
-                            acc += qf * Sb[f, dv]
-                        den[b, t] = acc
-                        cmax[b, t] = cb
-                continue
-            big_m = _running_max(ct[:nt], lk[b, t0:t1], cb)        # C_i; M = C_{T−1}
-            for j in range(nt):
-                l = lk[b, t0 + j]
-                g[j] = zero if l == -np.inf else np.exp(l - big_m)
-            ks = fk[b, t0:t1]                                      # (T, F)
-            _ones_col(vp, v[b, t0:t1], one, one)                   # V'
-            _ones_col(vg, v[b, t0:t1], one, g)                     # diag(g) V'
-            att = np.empty((nt, nt), dtype=dt)                     # (T, T) (row i, key j)
-            if grad:
-                out = dfq[b, t0:t1]                                # (T, F)
-                _ones_col(gp, dnum[b, t0:t1], dden[b, t0:t1], one)  # dnum'
-                # fwd: [num | den] = diag(a) Fq S' + tril(diag(h) Fq Fkᵀ diag(g)) V'
-                np.dot(gp[:nt], Sb.T, out)                         # S'_prev dnum'_i
-                np.dot(gp[:nt], vp[:nt].T, att)                    # v'_j·dnum'_i
-            else:
-                qs = fq[b, t0:t1]                                  # (T, F)
-                np.dot(qs, ks.T, att)                              # fq_i·fk_j
-                np.dot(qs, Sb, p1[:nt])                            # [fq_i S, fq_i·z]
-            _pair_weights(att, lk[b, t0:t1], ct[:nt], zero, False)
-            if grad:
-                np.dot(att, ks, pf[:nt])
-                for i in range(nt):
-                    ai = zero if cb == -np.inf else np.exp(cb - ct[i])   # a_i
-                    for f in range(n_f):
-                        out[i, f] = ai * out[i, f] + pf[i, f]
-            else:
-                np.dot(att, vp[:nt], p2[:nt])
-                for i in range(nt):
-                    ai = zero if cb == -np.inf else np.exp(cb - ct[i])   # a_i
-                    for e in range(dv):
-                        num[b, t0 + i, e] = ai * p1[i, e] + p2[i, e]
-                    den[b, t0 + i] = ai * p1[i, dv] + p2[i, dv]
-                    cmax[b, t0 + i] = ct[i]
-            r = zero if cb == -np.inf else np.exp(cb - big_m)     # the scan's rescaling
-            np.dot(ks.T, vg[:nt], ds)                              # Fkᵀ diag(g) V'
-            for f in range(n_f):
-                for e in range(dv + 1):
-                    Sb[f, e] = Sb[f, e] * r + ds[f, e]
-            cb = big_m
+                            num[b, um + i, e] = p1[i, e]
+                        den[b, um + i] = p1[i, dv]
+                        cmax[b, um + i] = cb
         c[b] = cb
 
 
@@ -295,90 +266,75 @@ def _bwd_kv_slices(lo, hi, dfk, dvv, U, cn, fq, dnum, dden, cmax, fk, lk, v, sub
     for b in range(lo, hi):
         Ub = U[b]
         cb = cn[b]
-        for t0 in range(((t_end - 1) // sub) * sub, -1, -sub):
-            t1 = min(t0 + sub, t_end)
-            nt = t1 - t0
-            ok = t1 <= nq and t1 <= nk
-            if ok:
-                ok = _all_finite(fq[b, t0:t1]) and _all_finite(dnum[b, t0:t1])
-                for i in range(t0, t1):
-                    ok = ok and np.abs(dden[b, i]) < np.inf
-            if not ok:                                             # the scalar scan step
-                for t in range(t1 - 1, t0 - 1, -1):
-                    if t < nq:
-                        ct = cmax[b, t]
-                        if ct < cb:                        # earlier rows have smaller C
-                            s = np.exp(ct - cb)
-                            for f in range(n_f):
-                                for e in range(dv + 1):
-                                    Ub[f, e] *= s
-                        cb = ct
-                        gd = dden[b, t]
-                        for f in range(n_f):
-                            qf = fq[b, t, f]
-                            for e in range(dv):
-                                Ub[f, e] += qf * dnum[b, t, e]
-                            Ub[f, dv] += qf * gd
-                    if t < nk:
-                        for f in range(n_f):
-                            dfk[b, t, f] = zero
-                        for e in range(dv):
-                            dvv[b, t, e] = zero
-                        if t < nq and lk[b, t] != -np.inf:
-                            w = np.exp(lk[b, t] - cmax[b, t])
-                            for f in range(n_f):
-                                dfk[b, t, f] = Ub[f, dv]
-                            for e in range(dv):
-                                ve = v[b, t, e]
-                                for f in range(n_f):
-                                    dfk[b, t, f] += ve * Ub[f, e]
-                            for f in range(n_f):
-                                dfk[b, t, f] *= w
-                                a = fk[b, t, f]
-                                for e in range(dv):
-                                    dvv[b, t, e] += a * Ub[f, e]
-                            for e in range(dv):
-                                dvv[b, t, e] *= w
-                continue
-            cs = cmax[b, t0:t1]                                    # (T) C_i
-            qs = fq[b, t0:t1]                                      # (T, F)
-            ks = fk[b, t0:t1]                                      # (T, F)
-            dks = dfk[b, t0:t1]                                    # (T, F)
-            dvs = dvv[b, t0:t1]                                    # (T, Dv)
-            _ones_col(vp, v[b, t0:t1], one, one)                   # V'
-            _ones_col(gp, dnum[b, t0:t1], dden[b, t0:t1], one)     # dnum'
-            att = np.empty((nt, nt), dtype=dt)                     # (T, T) (key j, row i)
-            # fwd: S'_i += exp(ℓk_j − C_i) fk_j v'_jᵀ   (rows i ≥ j)
-            np.dot(vp[:nt], Ub.T, dks)                             # later rows: Ũ v_j + r̃
-            np.dot(ks, Ub, p1[:nt])                                # later rows: Ũᵀ fk_j
-            np.dot(vp[:nt], gp[:nt].T, att)                        # v'_j·dnum'_i
-            _pair_weights(att, lk[b, t0:t1], cs, zero, True)
-            np.dot(att, qs, pf[:nt])
-            np.dot(ks, qs.T, att)                                  # fk_j·fq_i
-            _pair_weights(att, lk[b, t0:t1], cs, zero, True)
-            np.dot(att, gp[:nt], p2[:nt])
-            for j in range(nt):
-                l = lk[b, t0 + j]
-                sj = zero if (l == -np.inf or cb == -np.inf) else np.exp(l - cb)
+        for u0 in range(((t_end - 1) // sub) * sub, -1, -sub):
+            u1 = min(u0 + sub, t_end)
+            um = max(u0, min(u1, nq, nk))                          # rows and keys: u0 … um − 1
+            for t in range(um, min(u1, nk)):                       # keys past the last row
                 for f in range(n_f):
-                    dks[j, f] = sj * dks[j, f] + pf[j, f]
+                    dfk[b, t, f] = zero
                 for e in range(dv):
-                    dvs[j, e] = sj * p1[j, e] + p2[j, e]
-            # the sub-chunk's rows join the state, at the scale C_t0 (≤ every C_i joined)
-            c0 = cs[0]
-            if cb > -np.inf:
-                s = np.exp(c0 - cb)                                # 0 when c0 = −inf
+                    dvv[b, t, e] = zero
+            if nk < nq and um < u1:                                # rows past the last key:
+                r1 = min(u1, nq)                                   # one C, the last; they join
+                c0 = cmax[b, um]                                   # the state at scale c0
+                if cb > -np.inf:
+                    s = np.exp(c0 - cb)                            # 0 when c0 = −inf
+                    for f in range(n_f):
+                        for e in range(dv + 1):
+                            Ub[f, e] *= s
+                _ones_col(hg, dnum[b, um:r1], dden[b, um:r1], one)  # dnum'
+                np.dot(fq[b, um:r1].T, hg[:r1 - um], du)           # Fqᵀ dnum'
                 for f in range(n_f):
                     for e in range(dv + 1):
-                        Ub[f, e] *= s
-            for i in range(nt):
-                h[i] = one[0] if cs[i] == c0 else np.exp(c0 - cs[i])
-            _ones_col(hg, dnum[b, t0:t1], dden[b, t0:t1], h)       # diag(h) dnum'
-            np.dot(qs.T, hg[:nt], du)                              # Fqᵀ diag(h) dnum'
-            for f in range(n_f):
-                for e in range(dv + 1):
-                    Ub[f, e] += du[f, e]
-            cb = c0
+                        Ub[f, e] += du[f, e]
+                cb = c0
+            step = um - u0
+            if step > 0 and not (_all_finite(fq[b, u0:um]) and _all_finite(dnum[b, u0:um])
+                                 and _all_finite(dden[b:b + 1, u0:um])):
+                step = 1                                           # one position at a time
+            step = max(step, 1)
+            for t0 in range(u0 + ((um - u0 - 1) // step) * step, u0 - 1, -step):
+                t1 = min(t0 + step, um)
+                nt = t1 - t0
+                cs = cmax[b, t0:t1]                                    # (T) C_i
+                qs = fq[b, t0:t1]                                      # (T, F)
+                ks = fk[b, t0:t1]                                      # (T, F)
+                dks = dfk[b, t0:t1]                                    # (T, F)
+                dvs = dvv[b, t0:t1]                                    # (T, Dv)
+                _ones_col(vp, v[b, t0:t1], one, one)                   # V'
+                _ones_col(gp, dnum[b, t0:t1], dden[b, t0:t1], one)     # dnum'
+                att = np.empty((nt, nt), dtype=dt)                     # (T, T) (key j, row i)
+                # fwd: S'_i += exp(ℓk_j − C_i) fk_j v'_jᵀ   (rows i ≥ j)
+                np.dot(vp[:nt], Ub.T, dks)                             # later rows: Ũ v_j + r̃
+                np.dot(ks, Ub, p1[:nt])                                # later rows: Ũᵀ fk_j
+                np.dot(vp[:nt], gp[:nt].T, att)                        # v'_j·dnum'_i
+                _pair_weights(att, lk[b, t0:t1], cs, zero, True)
+                np.dot(att, qs, pf[:nt])
+                np.dot(ks, qs.T, att)                                  # fk_j·fq_i
+                _pair_weights(att, lk[b, t0:t1], cs, zero, True)
+                np.dot(att, gp[:nt], p2[:nt])
+                for j in range(nt):
+                    l = lk[b, t0 + j]
+                    sj = zero if (l == -np.inf or cb == -np.inf) else np.exp(l - cb)
+                    for f in range(n_f):
+                        dks[j, f] = sj * dks[j, f] + pf[j, f]
+                    for e in range(dv):
+                        dvs[j, e] = sj * p1[j, e] + p2[j, e]
+                # the sub-chunk's rows join the state, at the scale C_t0 (≤ every C_i joined)
+                c0 = cs[0]
+                if cb > -np.inf:
+                    s = np.exp(c0 - cb)                                # 0 when c0 = −inf
+                    for f in range(n_f):
+                        for e in range(dv + 1):
+                            Ub[f, e] *= s
+                for i in range(nt):
+                    h[i] = one[0] if cs[i] == c0 else np.exp(c0 - cs[i])
+                _ones_col(hg, dnum[b, t0:t1], dden[b, t0:t1], h)       # diag(h) dnum'
+                np.dot(qs.T, hg[:nt], du)                              # Fqᵀ diag(h) dnum'
+                for f in range(n_f):
+                    for e in range(dv + 1):
+                        Ub[f, e] += du[f, e]
+                cb = c0
         cn[b] = cb
 
 
