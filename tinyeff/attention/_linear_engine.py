@@ -74,7 +74,7 @@ __all__ = ["IMPLS", "MASK_MODES", "CHUNK", "CHUNK_NONCAUSAL", "LinearCtx", "atte
 
 IMPLS = ("auto", "ref", "numba")
 MASK_MODES = ("exact", "values_only")
-CHUNK = 2048          # positions per chunk of the "numba" path (bounds the feature memory)
+CHUNK = 1024          # positions per chunk of the "numba" path (bounds the feature memory)
 CHUNK_NONCAUSAL = 512  # non-causal chunks: smaller, so m-wide Performer features stay in cache
 SUBCHUNK = 32         # positions per sub-chunk of the causal kernels' matrix products
 FEATURE_ROWS = 256    # rows per task of the causal path's FAVOR+ feature kernels
