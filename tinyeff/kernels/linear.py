@@ -289,8 +289,10 @@ def _bwd_kv_slices(lo, hi, dfk, dvv, U, cn, fq, dnum, dden, cmax, fk, lk, v, sub
                         Ub[f, e] += du[f, e]
                 cb = c0
             step = um - u0
-            if step > 0 and not (_all_finite(fq[b, u0:um]) and _all_finite(dnum[b, u0:um])
-                                 and _all_finite(dden[b:b + 1, u0:um])):
+            ok = _all_finite(fq[b, u0:um]) and _all_finite(dnum[b, u0:um])
+            for i in range(u0, um):
+                ok = ok and np.abs(dden[b, i]) < np.inf
+            if not ok:
                 step = 1                                           # one position at a time
             step = max(step, 1)
             for t0 in range(u0 + ((um - u0 - 1) // step) * step, u0 - 1, -step):
