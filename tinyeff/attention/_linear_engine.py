@@ -5,8 +5,8 @@ readable reference (``forward_ref``, ``backward_ref``); this module validates th
 options, dispatches between the reference and the Numba paths, and holds the pieces both
 references are written with (:func:`features`, :func:`pad_keys`, :func:`sums_ref`,
 :func:`sums_backward_ref`, :func:`grad_num_den`, :func:`pad_grads`, ...).  It is the only
-caller of the kernels of ``tinyeff/kernels/linear.py``, ``linear_noncausal.py`` and
-``favor_noncausal.py``.
+caller of the kernels of ``tinyeff/kernels/linear.py``, ``linear_noncausal.py``,
+``favor_noncausal.py`` and ``favor_rows.py``.
 
 Features with a log-scale
 -------------------------
