@@ -5,8 +5,8 @@ readable reference (``forward_ref``, ``backward_ref``); this module validates th
 options, dispatches between the reference and the Numba paths, and holds the pieces both
 references are written with (:func:`features`, :func:`pad_keys`, :func:`sums_ref`,
 :func:`sums_backward_ref`, :func:`grad_num_den`, :func:`pad_grads`, ...).  It is the only
-caller of the kernels of ``tinyeff/kernels/linear.py``, ``linear_noncausal.py`` and
-``favor_noncausal.py``.
+caller of the kernels of ``tinyeff/kernels/linear.py``, ``linear_noncausal.py``,
+``favor_noncausal.py`` and ``favor_rows.py``.
 
 Features with a log-scale
 -------------------------
@@ -41,8 +41,12 @@ Paths
   per chunk in scratch; each range of keys keeps its own running maximum C and the ranges
   are combined by rescaling (the online-softmax trick).
 * otherwise (causal FAVOR maps, ``favor_relu``) the sequence is processed in chunks of
-  ``CHUNK`` positions (``CHUNK_NONCAUSAL`` when not causal): causal through the Numba
-  prefix-sum kernels with log-scales, non-causal through NumPy matrix products.
+  ``CHUNK`` positions (``CHUNK_NONCAUSAL`` when not causal).  Causal: the features of a
+  chunk's rows and keys are formed on flat (BH·L, D) rows (``favor_softmax`` by the Numba
+  kernels of tinyeff.kernels.favor_rows, in tasks of ``FEATURE_ROWS`` rows; the other maps
+  by NumPy), then the prefix sums with log-scales run chunkwise (tinyeff.kernels.linear:
+  sub-chunks of ``SUBCHUNK`` positions as matrix products, the state carried from one to
+  the next and from chunk to chunk).  Non-causal: NumPy matrix products.
 
 The N×F×Dv stack of prefix states is never built: the backward runs the prefix sums again,
 forward for dq and in reverse for dk, dv.
@@ -59,6 +63,7 @@ from .. import _checks, memory
 from ..ctx import Ctx
 from ..kernels import blas_single_thread
 from ..kernels import favor_noncausal as kernels_favor
+from ..kernels import favor_rows as kernels_rows
 from ..kernels import linear as kernels
 from ..kernels import linear_noncausal as kernels_nc
 from ..ops.feature_maps import FeatureMap
@@ -69,8 +74,10 @@ __all__ = ["IMPLS", "MASK_MODES", "CHUNK", "CHUNK_NONCAUSAL", "LinearCtx", "atte
 
 IMPLS = ("auto", "ref", "numba")
 MASK_MODES = ("exact", "values_only")
-CHUNK = 2048          # positions per chunk of the "numba" path (bounds the feature memory)
+CHUNK = 1024          # positions per chunk of the "numba" path (bounds the feature memory)
 CHUNK_NONCAUSAL = 512  # non-causal chunks: smaller, so m-wide Performer features stay in cache
+SUBCHUNK = 32         # positions per sub-chunk of the causal kernels' matrix products
+FEATURE_ROWS = 256    # rows per task of the causal path's FAVOR+ feature kernels
 
 
 def _chunk(causal: bool) -> int:
@@ -536,12 +543,6 @@ def _chunk_slices(n, m, chunk):
             for t0 in range(0, t_end, chunk)]
 
 
-def _bh(x, bh, nb):
-    """C-contiguous writeable (BH, L[, X]) array of a (..., L[, X]) chunk with nb batch
-    dimensions (a read-only chunk is copied: read-only inputs reuse the same kernels)."""
-    return np.require(x, requirements="CW").reshape((bh,) + x.shape[nb:])
-
-
 def _n_features(fmap, d):
     return d if fmap.n_features is None else fmap.n_features
 
@@ -551,7 +552,7 @@ def _forward_chunked(q, k, v, fmap, causal, mask, mask_mode, normalize, eps, chu
     while it is in cache, instead of one more pass over the whole output."""
     *batch, n, d = q.shape
     m, dvd = v.shape[-2:]
-    dtype, nb, bh, nf = q.dtype, len(batch), math.prod(batch), _n_features(fmap, d)
+    dtype, nf = q.dtype, _n_features(fmap, d)
     out = memory.empty((*batch, n, dvd), dtype)                    # (..., N, Dv)
     denom = np.empty((*batch, n), dtype)                           # (..., N)
     key_scale = np.empty((*batch, n), dtype)                       # (..., N)
@@ -565,22 +566,8 @@ def _forward_chunked(q, k, v, fmap, causal, mask, mask_mode, normalize, eps, chu
                              None if mask is None else mask[..., ks], mask_mode)
 
     if causal:
-        state = (np.zeros((bh, nf, dvd), dtype),                   # S (BH, F, Dv)
-                 np.zeros((bh, nf), dtype),                        # z (BH, F)
-                 np.full(bh, -np.inf, dtype))                      # C (BH,)
-        for qs, ks in chunks:
-            fq, lq = features(fmap, q[..., qs, :])                # (..., nq, F), (..., nq)
-            fk, lk, vc = keys(ks)                                  # (..., nk, F)
-            nq = fq.shape[-2]
-            num_c = np.empty((bh, nq, dvd), dtype)                 # (BH, nq, Dv)
-            den_c = np.empty((bh, nq), dtype)                      # (BH, nq)
-            cm_c = np.empty((bh, nq), dtype)                       # (BH, nq)
-            kernels.causal_fwd(num_c, den_c, cm_c, *state, _bh(fq, bh, nb), _bh(fk, bh, nb),
-                               _bh(lk, bh, nb), _bh(vc, bh, nb))
-            key_scale[..., qs] = cm_c.reshape(*batch, nq)
-            finish(qs, num_c.reshape(*batch, nq, dvd), den_c.reshape(*batch, nq), lq,
-                   key_scale[..., qs])
-        return out, denom, key_scale, None, None
+        return _forward_causal(q, k, v, fmap, mask, mask_mode, chunks, out, denom, key_scale,
+                               finish)
     # non-causal: kv and z summed over key chunks at the running maximum C of ℓk (rescaled
     # when it grows: the online-softmax trick), then read by every query chunk.
     big_c = np.full(batch, -np.inf, dtype)                         # (...)
@@ -608,11 +595,13 @@ def _backward_chunked(dout, ctx: LinearCtx, chunk) -> dict:
     q, k, v, fmap, mask = ctx.q, ctx.k, ctx.v, ctx.fmap, ctx.key_padding_mask
     *batch, n, d = q.shape
     m, dvd = v.shape[-2:]
-    dtype, nb, bh, nf = q.dtype, len(batch), math.prod(batch), _n_features(fmap, d)
+    dtype = q.dtype
     dq = memory.empty(q.shape, dtype)                              # (..., N, D)
     dk = memory.empty(k.shape, dtype)                              # (..., M, D)
     dv = memory.empty(v.shape, dtype)                              # (..., M, Dv)
     chunks = _chunk_slices(n, m, chunk)
+    if ctx.causal:
+        return _backward_causal(dout, ctx, chunks, dq, dk, dv)
 
     def keys(ks):
         return key_features(fmap, k[..., ks, :], v[..., ks, :],
@@ -627,35 +616,6 @@ def _backward_chunked(dout, ctx: LinearCtx, chunk) -> dict:
                                                   None if mask is None else mask[..., ks],
                                                   ctx.mask_mode)
 
-    if ctx.causal:
-        state = (np.zeros((bh, dvd, nf), dtype),                   # Sᵀ (BH, Dv, F)
-                 np.zeros((bh, nf), dtype),                        # z (BH, F)
-                 np.full(bh, -np.inf, dtype))                      # C (BH,)
-        for qs, ks in chunks:                                      # pass 1: dq, forward scan
-            fk, lk, vc = keys(ks)
-            dnum, dden = rows(qs)                                  # (..., nq, Dv), (..., nq)
-            nq = dnum.shape[-2]
-            dfq = np.empty((bh, nq, nf), dtype)                    # (BH, nq, F)
-            kernels.causal_bwd_q(dfq, *state, _bh(fk, bh, nb), _bh(lk, bh, nb),
-                                 _bh(vc, bh, nb), _bh(dnum, bh, nb), _bh(dden, bh, nb))
-            fq, _ = features(fmap, q[..., qs, :])
-            dq[..., qs, :] = chain_q(fmap, dfq.reshape(*batch, nq, nf), fq, q[..., qs, :])
-        state = (np.zeros((bh, nf, dvd), dtype),                   # Ũ (BH, F, Dv)
-                 np.zeros((bh, dvd, nf), dtype),                   # Ũᵀ (BH, Dv, F)
-                 np.zeros((bh, nf), dtype),                        # r̃ (BH, F)
-                 np.full(bh, -np.inf, dtype))                      # C of the last row added
-        for qs, ks in reversed(chunks):                            # pass 2: dk, dv, reverse
-            fq, _ = features(fmap, q[..., qs, :])
-            fk, lk, vc = keys(ks)
-            dnum, dden = rows(qs)
-            nk = fk.shape[-2]
-            dfk = np.empty((bh, nk, nf), dtype)                    # (BH, nk, F)
-            dv_c = np.empty((bh, nk, dvd), dtype)                  # (BH, nk, Dv)
-            kernels.causal_bwd_kv(dfk, dv_c, *state, _bh(fq, bh, nb), _bh(dnum, bh, nb),
-                                  _bh(dden, bh, nb), _bh(ctx.key_scale[..., qs], bh, nb),
-                                  _bh(fk, bh, nb), _bh(lk, bh, nb), _bh(vc, bh, nb))
-            set_keys(ks, dfk.reshape(*batch, nk, nf), fk, dv_c.reshape(*batch, nk, dvd))
-        return {"q": dq, "k": dk, "v": dv}
     # non-causal: dkv, dz summed over query chunks, then read by every key chunk
     kv, z = ctx.kv, ctx.z
     dkv = np.zeros(kv.shape, dtype)                                # (..., F, Dv)
@@ -677,4 +637,131 @@ def _backward_chunked(dout, ctx: LinearCtx, chunk) -> dict:
             # fwd: kv = (fk·w)ᵀ v ;  z = Σ_j fk_j w_j      (w = exp(ℓk − C) constant)
             dfk = (vc @ dkv.swapaxes(-1, -2) + dz[..., None, :]) * w  # (..., nk, F)
             set_keys(ks, dfk, fk, (fk * w) @ dkv)
+    return {"q": dq, "k": dk, "v": dv}
+
+
+# --------------------------------------------------------------------------- causal chunked path
+
+def _flat(x, per_row=False):
+    """(BH·L, X) C-contiguous writeable rows of a (..., L, X) chunk, or (BH·L) of a (..., L)
+    one (``per_row``): the feature maps' products then run as one matrix product per chunk,
+    and the kernels take (BH, L, X) views of them (a read-only chunk is copied, so
+    read-only inputs reuse the same kernels)."""
+    x = np.require(x, requirements="CW")
+    return x.reshape(-1) if per_row else x.reshape(-1, x.shape[-1])
+
+
+def _row_favor_args(fmap, dtype):
+    """(ω' = [ω | 1] (m, D + 1), ωᵀ (D, m), √scale, ½ ln m) for tinyeff.kernels.favor_rows."""
+    omega, omega_t, root, half_log_m = _favor_args(fmap, dtype)
+    omega1 = np.ones((omega.shape[0], omega.shape[1] + 1), dtype)  # (m, D + 1)
+    omega1[:, :-1] = omega
+    return omega1, omega_t, root, half_log_m
+
+
+def _row_features(fmap, x):
+    """:func:`features` of flat rows x (R, D); FAVOR+ softmax features by the Numba kernels
+    of tinyeff.kernels.favor_rows."""
+    if not _favor_fused(fmap):
+        return features(fmap, x)
+    f = np.empty((x.shape[0], fmap.n_features), x.dtype)           # (R, m)
+    ell = np.empty(x.shape[0], x.dtype)                            # (R)
+    with blas_single_thread():
+        kernels_rows.favor_features(f, ell, x, *_row_favor_args(fmap, x.dtype), FEATURE_ROWS)
+    return f, ell
+
+
+def _row_chain(fmap, df, f, x):
+    """dx of flat rows x (R, D) through the feature map (:func:`chain_q`); df, a temporary of
+    the caller, may be overwritten."""
+    if not _favor_fused(fmap):
+        return chain_q(fmap, df, f, x)
+    dx = np.empty(x.shape, x.dtype)                                # (R, D)
+    with blas_single_thread():
+        kernels_rows.favor_dx(dx, df, f, x, *_row_favor_args(fmap, x.dtype), FEATURE_ROWS)
+    return dx
+
+
+def _causal_keys(fmap, k, v, mask, mask_mode, ks):
+    """Flat key features of chunk ``ks`` with padding applied: (fk (BH·nk, F), ℓk (BH·nk),
+    v (BH·nk, Dv), k (BH·nk, D), mask (BH·nk) or None)."""
+    kc = _flat(k[..., ks, :])                                      # (BH·nk, D)
+    mc = None if mask is None else np.ascontiguousarray(mask[..., ks]).reshape(-1)
+    fk, lk = _row_features(fmap, kc)                               # (BH·nk, F), (BH·nk)
+    fk, lk, vc = pad_keys(fk, lk, _flat(v[..., ks, :]), mc, mask_mode)
+    return _flat(fk), _flat(lk, True), _flat(vc), kc, mc
+
+
+def _forward_causal(q, k, v, fmap, mask, mask_mode, chunks, out, denom, key_scale, finish):
+    """The causal chunked forward: features of a chunk of rows and keys (flat), then the
+    chunkwise scan of tinyeff.kernels.linear, state carried from chunk to chunk."""
+    *batch, n, d = q.shape
+    dvd, dtype, bh = v.shape[-1], q.dtype, math.prod(batch)
+    nf = _n_features(fmap, d)
+    state = (np.zeros((bh, nf, dvd + 1), dtype),                   # [S | z] (BH, F, Dv + 1)
+             np.full(bh, -np.inf, dtype))                          # C (BH,)
+    for qs, ks in chunks:
+        nq, nk = qs.stop - qs.start, ks.stop - ks.start
+        fq, lq = _row_features(fmap, _flat(q[..., qs, :]))         # (BH·nq, F), (BH·nq)
+        fk, lk, vc, _, _ = _causal_keys(fmap, k, v, mask, mask_mode, ks)
+        num_c = np.empty((bh, nq, dvd), dtype)                     # (BH, nq, Dv)
+        den_c = np.empty((bh, nq), dtype)                          # (BH, nq)
+        cm_c = np.empty((bh, nq), dtype)                           # (BH, nq)
+        with blas_single_thread():
+            kernels.causal_fwd(num_c, den_c, cm_c, *state, _flat(fq).reshape(bh, nq, nf),
+                               fk.reshape(bh, nk, nf), lk.reshape(bh, nk),
+                               vc.reshape(bh, nk, dvd), SUBCHUNK)
+        key_scale[..., qs] = cm_c.reshape(*batch, nq)
+        finish(qs, num_c.reshape(*batch, nq, dvd), den_c.reshape(*batch, nq),
+               lq.reshape(*batch, nq), key_scale[..., qs])
+    return out, denom, key_scale, None, None
+
+
+def _backward_causal(dout, ctx: LinearCtx, chunks, dq, dk, dv) -> dict:
+    """dq by the forward scan (pass 1), dk and dv by the reverse scan (pass 2), chunk by
+    chunk; the features are recomputed in each pass."""
+    q, k, v, fmap, mask = ctx.q, ctx.k, ctx.v, ctx.fmap, ctx.key_padding_mask
+    *batch, n, d = q.shape
+    dvd, dtype, bh = v.shape[-1], q.dtype, math.prod(batch)
+    nf = _n_features(fmap, d)
+
+    def rows(qs):
+        dnum, dden = grad_num_den(dout[..., qs, :], ctx.out[..., qs, :], ctx.denom[..., qs],
+                                  ctx.normalize)                   # (..., nq, Dv), (..., nq)
+        nq = qs.stop - qs.start
+        return _flat(dnum).reshape(bh, nq, dvd), _flat(dden, True).reshape(bh, nq)
+
+    state = (np.zeros((bh, nf, dvd + 1), dtype),                   # [S | z] (BH, F, Dv + 1)
+             np.full(bh, -np.inf, dtype))                          # C (BH,)
+    for qs, ks in chunks:                                          # pass 1: dq, forward scan
+        nq, nk = qs.stop - qs.start, ks.stop - ks.start
+        fk, lk, vc, _, _ = _causal_keys(fmap, k, v, mask, ctx.mask_mode, ks)
+        dnum, dden = rows(qs)
+        dfq = np.empty((bh, nq, nf), dtype)                        # (BH, nq, F)
+        with blas_single_thread():
+            kernels.causal_bwd_q(dfq, *state, fk.reshape(bh, nk, nf), lk.reshape(bh, nk),
+                                 vc.reshape(bh, nk, dvd), dnum, dden, SUBCHUNK)
+        qc = _flat(q[..., qs, :])                                  # (BH·nq, D)
+        fq, _ = _row_features(fmap, qc)                            # (BH·nq, F)
+        # fwd: fq = φ(q)
+        dq[..., qs, :] = _row_chain(fmap, dfq.reshape(-1, nf), fq, qc).reshape(*batch, nq, d)
+    state = (np.zeros((bh, nf, dvd + 1), dtype),                   # [Ũ | r̃] (BH, F, Dv + 1)
+             np.full(bh, -np.inf, dtype))                          # the state's scale
+    for qs, ks in reversed(chunks):                                # pass 2: dk, dv, reverse
+        nq, nk = qs.stop - qs.start, ks.stop - ks.start
+        fq, _ = _row_features(fmap, _flat(q[..., qs, :]))          # (BH·nq, F)
+        fk, lk, vc, kc, mc = _causal_keys(fmap, k, v, mask, ctx.mask_mode, ks)
+        dnum, dden = rows(qs)
+        dfk = np.empty((bh, nk, nf), dtype)                        # (BH, nk, F)
+        dv_c = np.empty((bh, nk, dvd), dtype)                      # (BH, nk, Dv)
+        with blas_single_thread():
+            kernels.causal_bwd_kv(dfk, dv_c, *state, _flat(fq).reshape(bh, nq, nf), dnum,
+                                  dden, _flat(ctx.key_scale[..., qs], True).reshape(bh, nq),
+                                  fk.reshape(bh, nk, nf), lk.reshape(bh, nk),
+                                  vc.reshape(bh, nk, dvd), SUBCHUNK)
+        # fwd: fk = φ(k), then the padding (pad_keys)
+        dk_c = _row_chain(fmap, dfk.reshape(-1, nf), fk, kc)       # (BH·nk, D)
+        dk_c, dv_c = pad_grads(dk_c, dv_c.reshape(-1, dvd), mc, ctx.mask_mode)
+        dk[..., ks, :] = dk_c.reshape(*batch, nk, d)
+        dv[..., ks, :] = dv_c.reshape(*batch, nk, dvd)
     return {"q": dq, "k": dk, "v": dv}
