@@ -187,6 +187,8 @@ def test_run_tasks_runs_small_passes_on_one_thread(monkeypatch):
 
     from tinyeff.kernels import _jit
     monkeypatch.setattr(_jit, "_SMALL", set())
+    monkeypatch.setattr(_jit, "SMALL_S", 0.5)           # "fast" is small even on a busy machine
+    monkeypatch.setattr(_jit, "LARGE_S", 0.75)
     x = np.zeros(3)
     seen = []
 
