@@ -152,14 +152,6 @@ def _gather_rows(dst, src, cols, shift):
 # ---------------------------------------------------------------------- forward
 
 
-@numba.njit(inline="always")
-def _set_rows(dst, src):
-    """dst = src for 2-D arrays of one shape (a loop: no broadcasting code to compile)."""
-    for r in range(dst.shape[0]):
-        for c in range(dst.shape[1]):
-            dst[r, c] = src[r, c]
-
-
 @serial
 def _tile_geometry(t, bo, tile_start, tile_jlo, tile_jhi, n, m, groups):
     """Tile t of batch item bo·G + g: rows [r0, r1) of the stacked (G·N) rows, nr = r1 − r0,
@@ -202,16 +194,12 @@ def _tiles_fwd_tasks(lo, hi, out, lse, p, q, k, v, rel, kpad, indptr, indices, r
         qb, kb, vb, pb = q[bh], k[bh], v[bh], p[bo]
         qt = qb[i0:i0 + nr]
         # fwd: s_e = scale · q_i·k_j — the range and the heavy keys by products
-        if nrng > 0:
-            st = np.dot(qt, kb[jl:jl + nrng].T)                             # (T, R)
-        else:
-            st = np.zeros((nr, 0), dtype=q.dtype)                           # (T, 0)
+        st = np.empty((nr, nrng), dtype=q.dtype)                            # (T, R)
+        np.dot(qt, kb[jl:jl + nrng].T, st)
         kh, vh = _heavy_keys(kb, vb, heavy_ptr, heavy_cols, g, m)           # (Gc, D), (Gc, Dv)
         nh = kh.shape[0]
-        if nh > 0:
-            sh = np.dot(qt, kh.T)                                           # (T, Gc)
-        else:
-            sh = np.zeros((nr, 0), dtype=q.dtype)                           # (T, 0)
+        sh = np.empty((nr, nh), dtype=q.dtype)                              # (T, Gc)
+        np.dot(qt, kh.T, sh)
         for u in range(hv_ptr[t], hv_ptr[t + 1]):
             pb[hv_e[u]] = sh[hv_r[u], hv_h[u]] * scale
         for row in range(r0, r1):
@@ -235,7 +223,7 @@ def _tiles_fwd_tasks(lo, hi, out, lse, p, q, k, v, rel, kpad, indptr, indices, r
                 for r in range(nr):
                     _scatter_dense(st[r], pb, indices, row_ea[r0 + r], row_eb[r0 + r], off,
                                    one)
-                _set_rows(out[bh, i0:i0 + nr], np.dot(st, vb[jl:jl + nrng]))   # (T, Dv)
+                np.dot(st, vb[jl:jl + nrng], out[bh, i0:i0 + nr])                  # (T, Dv)
             else:
                 for row in range(r0, r1):
                     for e in range(row_ea[row], row_eb[row]):
@@ -250,7 +238,9 @@ def _tiles_fwd_tasks(lo, hi, out, lse, p, q, k, v, rel, kpad, indptr, indices, r
                 else:
                     axpy(out[bh, i0 + hv_r[u]], pb[e], vb[indices[e] - g * m])
             if heavy_o:
-                add_rows(out[bh, i0:i0 + nr], np.dot(sh, vh))                   # (T, Dv)
+                oh = np.empty((nr, vh.shape[1]), dtype=q.dtype)                 # (T, Dv)
+                np.dot(sh, vh, oh)
+                add_rows(out[bh, i0:i0 + nr], oh)
 
 
 def tiles_fwd(out, lse, p, q, k, v, rel, kpad, indptr, indices, row_ea, row_eb, tile_start,
@@ -303,16 +293,12 @@ def _tiles_bwd_tasks(lo, hi, a, ntp, dq, dk, dv, ds, ph, dsh, dout, p, q, k, v, 
                 qb, kb, vb, dob, pb, dsb = q[bh], k[bh], v[bh], dout[bh], p[bo], ds[bo]
                 qt, dot_ = qb[i0:i0 + nr], dob[i0:i0 + nr]
                 # fwd: out_i = Σ_e p_e v_j   -> dp_e = dout_i · v_j (range and heavy keys: products)
-                if nrng > 0:
-                    dpt = np.dot(dot_, vb[jl:jl + nrng].T)                              # (T, R)
-                else:
-                    dpt = np.zeros((nr, 0), dtype=q.dtype)                              # (T, 0)
+                dpt = np.empty((nr, nrng), dtype=q.dtype)                               # (T, R)
+                np.dot(dot_, vb[jl:jl + nrng].T, dpt)
                 kh, vh = _heavy_keys(kb, vb, heavy_ptr, heavy_cols, g, m)  # (Gc, D), (Gc, Dv)
                 nh = kh.shape[0]
-                if nh > 0:
-                    dph = np.dot(dot_, vh.T)                                            # (T, Gc)
-                else:
-                    dph = np.zeros((nr, 0), dtype=q.dtype)                              # (T, 0)
+                dph = np.empty((nr, nh), dtype=q.dtype)                                 # (T, Gc)
+                np.dot(dot_, vh.T, dph)
                 # accumulating products need finite factors (else 0 · NaN leaks)
                 dense_g = (nrng > 0 and _finite(qt) and _finite(dot_)
                            and _finite(kb[jl:jl + nrng]))
@@ -352,12 +338,19 @@ def _tiles_bwd_tasks(lo, hi, a, ntp, dq, dk, dv, ds, ph, dsh, dout, p, q, k, v, 
                         dph[hv_r[u], h] = dsb[e] * scale
                     else:
                         axpy(dq[bh, i], dsb[e] * scale, kb[indices[e] - g * m])
+                gq = np.empty((nr, d), dtype=q.dtype)                                   # (T, D)
                 if dense_g:
-                    add_rows(dq[bh, i0:i0 + nr], np.dot(dpt, kb[jl:jl + nrng]))          # (T, D)
-                    add_rows(dk[bh, jl:jl + nrng], np.dot(dpt.T, qt))                    # (R, D)
-                    add_rows(dv[bh, jl:jl + nrng], np.dot(pt.T, dot_))                   # (R, Dv)
+                    gk = np.empty((nrng, d), dtype=q.dtype)                             # (R, D)
+                    gv = np.empty((nrng, vb.shape[1]), dtype=q.dtype)                   # (R, Dv)
+                    np.dot(dpt, kb[jl:jl + nrng], gq)
+                    add_rows(dq[bh, i0:i0 + nr], gq)
+                    np.dot(dpt.T, qt, gk)
+                    add_rows(dk[bh, jl:jl + nrng], gk)
+                    np.dot(pt.T, dot_, gv)
+                    add_rows(dv[bh, jl:jl + nrng], gv)
                 if heavy_g:
-                    add_rows(dq[bh, i0:i0 + nr], np.dot(dph, kh))                        # (T, D)
+                    np.dot(dph, kh, gq)
+                    add_rows(dq[bh, i0:i0 + nr], gq)
 
 
 def tiles_bwd(dq, dk, dv, ds, ph, dsh, dout, p, q, k, v, indptr, indices, row_ea, row_eb,
@@ -400,8 +393,10 @@ def _heavy_tasks(lo, hi, dk, dv, ph, dsh, q, dout, p, ds, heavy_ptr, heavy_cols,
         if nh == 0:
             continue
         if _finite(q[bh]) and _finite(dout[bh]):
-            gk = np.dot(dsh[bh, :nh], q[bh])                                    # (Gc, D)
-            gv = np.dot(ph[bh, :nh], dout[bh])                                  # (Gc, Dv)
+            gk = np.empty((nh, q.shape[2]), dtype=q.dtype)                      # (Gc, D)
+            gv = np.empty((nh, dout.shape[2]), dtype=q.dtype)                   # (Gc, Dv)
+            np.dot(dsh[bh, :nh], q[bh], gk)
+            np.dot(ph[bh, :nh], dout[bh], gv)
             for h in range(nh):
                 j = heavy_cols[h0 + h] - g * m
                 add_rows(dk[bh, j:j + 1], gk[h:h + 1])

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import numba
 import numpy as np
 
 from ._jit import serial
@@ -88,6 +89,20 @@ def plan_tiles(tile_start, tile_jlo, tile_jhi, run_lo, run_hi, n, t_max, max_are
     return nt
 
 
+@numba.njit(inline="always")
+def _lower_bound(indices, lo, hi, x):
+    """The first e in [lo, hi) with indices[e] >= x, else hi (indices sorted on [lo, hi);
+    np.searchsorted's left side, by bisection: ``np.searchsorted`` itself compiles a generic
+    sort-order machinery of its own, most of this kernel's compile time)."""
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if indices[mid] < x:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
 @serial
 def dense_spans(row_ea, row_eb, indptr, indices, tile_start, tile_jlo, tile_jhi):
     """[row_ea_i, row_eb_i) = the entries of row i whose key lies in its tile's range (a
@@ -99,9 +114,8 @@ def dense_spans(row_ea, row_eb, indptr, indices, tile_start, tile_jlo, tile_jhi)
                 row_ea[row] = e0
                 row_eb[row] = e0
                 continue
-            cols = indices[e0:e1]
-            row_ea[row] = e0 + np.searchsorted(cols, tile_jlo[t])
-            row_eb[row] = e0 + np.searchsorted(cols, tile_jhi[t])
+            row_ea[row] = _lower_bound(indices, e0, e1, tile_jlo[t])
+            row_eb[row] = _lower_bound(indices, e0, e1, tile_jhi[t])
 
 
 @serial
