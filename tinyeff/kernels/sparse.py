@@ -152,7 +152,7 @@ def _gather_rows(dst, src, cols, shift):
 # ---------------------------------------------------------------------- forward
 
 
-@serial
+@numba.njit(inline="always")
 def _tile_geometry(t, bo, tile_start, tile_jlo, tile_jhi, n, m, groups):
     """Tile t of batch item bo·G + g: rows [r0, r1) of the stacked (G·N) rows, nr = r1 − r0,
     the group g, the batch slice bh, the first row i0 within the slice, the stacked key
@@ -164,7 +164,7 @@ def _tile_geometry(t, bo, tile_start, tile_jlo, tile_jhi, n, m, groups):
             max(tile_jhi[t] - off, 0))
 
 
-@serial
+@numba.njit(inline="always")
 def _heavy_keys(kb, vb, heavy_ptr, heavy_cols, g, m):
     """The heavy keys of group g gathered into contiguous (Gc, D) and (Gc, Dv) blocks."""
     h0, h1 = heavy_ptr[g], heavy_ptr[g + 1]
