@@ -20,7 +20,7 @@ Options
 mask : the pattern S (N, M), required.  Any boolean ``scipy.sparse`` matrix or array (its
     *structure* is the pattern; explicitly stored False entries are rejected) or a
     :class:`tinyeff.masks.Pattern` (canonicalized already: pass one to skip the O(nnz)
-    canonicalization and transposition on every call).  One pattern is shared by all batch
+    canonicalization and the kernels' planning on every call).  One pattern is shared by all batch
     dimensions.  A list/tuple of H patterns gives per-head patterns: pattern h is used for
     batch index [..., h], i.e. the last batch dimension must have length H.
 causal : bool, default False.  Keep only j <= i (top-left alignment, like ``full``):
@@ -348,8 +348,7 @@ def _backward_numba(dout, q, k, v, ctx: SparseCtx):
                        pl.hv_e, pl.hv_r, pl.hv_h, groups, scale,
                        bf >= 2 * numba.get_num_threads())
         kern.heavy_bwd(dk, dv, ph, dsh, q, dout, p, ds, pl.heavy_ptr, pl.heavy_cols,
-                       pat.t_indptr, pat.t_indices, pat.t_perm, pl.row_ea, pl.row_eb, groups,
-                       scale)
+                       pl.tile_start, pl.hv_ptr, pl.hv_e, pl.hv_r, pl.hv_h, groups, scale)
     # fwd: s = scale · q·k  -> dq += scale Σ ds k over the scattered entries; their p and
     # ds·scale are saved in column order for dk, dv
     pc = np.empty((p.shape[0], pl.n_scattered), dtype=q.dtype)             # (BH/G, n_sc)
@@ -395,7 +394,7 @@ def example_cases(rng: np.random.Generator, dtype=np.float64) -> list[Case]:
 def bench_options(n: int) -> dict:
     """Options ``python -m tinyeff bench`` runs at length n (``--opt`` overrides them): a
     BigBird pattern with about the nnz of a ±128 window (2·96+1 + 16 global + 48 random),
-    as a canonical ``Pattern`` so that its transpose plan is built once."""
+    as a canonical ``Pattern`` so that the kernels' plan is built once."""
     return {"mask": Pattern.from_scipy(_bigbird(n, 96, 16, 48, np.random.default_rng(0)))}
 
 

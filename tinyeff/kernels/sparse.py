@@ -380,8 +380,8 @@ def tiles_bwd(dq, dk, dv, ds, ph, dsh, dout, p, q, k, v, indptr, indices, row_ea
 
 
 @serial
-def _heavy_tasks(lo, hi, dk, dv, ph, dsh, q, dout, p, ds, heavy_ptr, heavy_cols, t_indptr,
-                 t_indices, t_perm, row_ea, row_eb, groups, scale):
+def _heavy_tasks(lo, hi, dk, dv, ph, dsh, q, dout, p, ds, heavy_ptr, heavy_cols, tile_start,
+                 hv_ptr, hv_e, hv_r, hv_h, groups, scale):
     """Batch items lo … hi − 1 of :func:`heavy_bwd`."""
     for bh in range(lo, hi):
         n = q.shape[1]
@@ -402,25 +402,25 @@ def _heavy_tasks(lo, hi, dk, dv, ph, dsh, q, dout, p, ds, heavy_ptr, heavy_cols,
                 add_rows(dk[bh, j:j + 1], gk[h:h + 1])
                 add_rows(dv[bh, j:j + 1], gv[h:h + 1])
             continue
-        for h in range(nh):
-            col = heavy_cols[h0 + h]
-            j = col - g * m
-            for t in range(t_indptr[col], t_indptr[col + 1]):
-                row = t_indices[t]
-                e = t_perm[t]
-                if row_ea[row] <= e < row_eb[row]:
-                    continue
-                axpy(dk[bh, j], ds[bo, e] * scale, q[bh, row - g * n])
-                axpy(dv[bh, j], p[bo, e], dout[bh, row - g * n])
+        for t in range(tile_start.shape[0] - 1):       # the group's heavy entries in CSR
+            if tile_start[t] // n != g:                  # order: each key's rows ascending
+                continue
+            for u in range(hv_ptr[t], hv_ptr[t + 1]):
+                e = hv_e[u]
+                i = tile_start[t] - g * n + hv_r[u]
+                j = heavy_cols[h0 + hv_h[u]] - g * m
+                axpy(dk[bh, j], ds[bo, e] * scale, q[bh, i])
+                axpy(dv[bh, j], p[bo, e], dout[bh, i])
 
 
-def heavy_bwd(dk, dv, ph, dsh, q, dout, p, ds, heavy_ptr, heavy_cols, t_indptr, t_indices,
-              t_perm, row_ea, row_eb, groups, scale):
+def heavy_bwd(dk, dv, ph, dsh, q, dout, p, ds, heavy_ptr, heavy_cols, tile_start, hv_ptr, hv_e,
+              hv_r, hv_h, groups, scale):
     """dk_j += Σ (ds_e·scale) q_i, dv_j += Σ p_e dout_i over the heavy entries of each heavy
     key j: two products per batch item (ph, dsh from :func:`tiles_bwd`), or, if q or dout
-    of the batch item is not finite, entry by entry down the transposed pattern."""
+    of the batch item is not finite, entry by entry over the tiles' heavy entries (the plan
+    arrays of :func:`tiles_fwd`; each key's rows ascending)."""
     run_tasks(_heavy_tasks, q.shape[0], dk, dv, ph, dsh, q, dout, p, ds, heavy_ptr, heavy_cols,
-              t_indptr, t_indices, t_perm, row_ea, row_eb, groups, scale)
+              tile_start, hv_ptr, hv_e, hv_r, hv_h, groups, scale)
 
 
 @serial
