@@ -95,7 +95,8 @@ def _row_softmax(x):
         if x[u] > c or x[u] != x[u]:
             c = x[u]
     if c == -np.inf:
-        x[:] = 0
+        for u in range(x.shape[0]):
+            x[u] = 0
         return c
     for u in range(x.shape[0]):                  # vectorized exp
         x[u] = fast_exp(x[u] - c)
@@ -126,7 +127,8 @@ def _gather_dense(dst, src_row, indices, ea, eb, off, a):
 @numba.njit(inline="always")
 def _scatter_dense(dst_row, src, indices, ea, eb, off, a):
     """dst_row = 0, then dst_row[indices[e] − off] = a · src[e] for e in [ea, eb)."""
-    dst_row[:] = 0
+    for u in range(dst_row.shape[0]):
+        dst_row[u] = 0
     nb = eb - ea
     if nb <= 0:
         return
@@ -137,6 +139,15 @@ def _scatter_dense(dst_row, src, indices, ea, eb, off, a):
     else:
         for e in range(ea, eb):
             dst_row[indices[e] - off] = a * src[e]
+
+
+@numba.njit(inline="always")
+def _zero(a):
+    """a = 0 for a 2-D array (a loop: the slice assignment ``a[:, :] = 0`` compiles
+    broadcasting code, SPEEDTIP in kernels/_jit.py)."""
+    for r in range(a.shape[0]):
+        for c in range(a.shape[1]):
+            a[r, c] = 0
 
 
 @numba.njit(inline="always")
@@ -230,7 +241,7 @@ def _tiles_fwd_tasks(lo, hi, out, lse, p, q, k, v, rel, kpad, indptr, indices, r
                         axpy(out[bh, row - g * n], pb[e], vb[indices[e] - g * m])
         if nh > 0:
             heavy_o = _finite(vh)
-            sh[:, :] = 0
+            _zero(sh)
             for u in range(hv_ptr[t], hv_ptr[t + 1]):
                 e = hv_e[u]
                 if heavy_o:
@@ -329,7 +340,7 @@ def _tiles_bwd_tasks(lo, hi, a, ntp, dq, dk, dv, ds, ph, dsh, dout, p, q, k, v, 
                             axpy(dq[bh, i], dsb[e] * scale, kb[j])
                             axpy(dk[bh, j], dsb[e] * scale, qb[i])
                             axpy(dv[bh, j], pb[e], dob[i])
-                dph[:, :] = 0
+                _zero(dph)
                 for u in range(hv_ptr[t], hv_ptr[t + 1]):
                     e, h, i = hv_e[u], hv_h[u], i0 + hv_r[u]
                     ph[bh, h, i] = pb[e]                # dk, dv: heavy_bwd
