@@ -298,6 +298,13 @@ def _plan(pat: Pattern, groups: int) -> sparse_plan.Plan:
     return held[1]
 
 
+def _all_finite(*arrays) -> bool:
+    """True if every element of the arrays is finite, judged by their sums (a NaN or ±inf
+    makes the sum NaN or ±inf; a sum that overflows answers False, which is only slower).
+    The tile kernels then compile and run without their fallbacks for non-finite factors."""
+    return all(bool(np.isfinite(np.sum(a))) for a in arrays)
+
+
 def _forward_numba(q, k, v, pat, groups, kpad, rel, scale):
     bf, n, d = q.shape
     dv = v.shape[2]
@@ -316,7 +323,7 @@ def _forward_numba(q, k, v, pat, groups, kpad, rel, scale):
                        _NO_KPAD if kpad is None else kpad, pat.indptr, pat.indices,
                        pl.row_ea, pl.row_eb, pl.tile_start, pl.tile_jlo, pl.tile_jhi,
                        pl.heavy_ptr, pl.heavy_cols, pl.hv_ptr, pl.hv_e, pl.hv_r, pl.hv_h,
-                       groups, scale)
+                       groups, scale, _all_finite(v))
     empty = _NO_REL[q.dtype]
     kern.scattered_axpy(out, p, v, empty, empty, p, pl.r_ptr, pl.r_row, pl.r_col, pl.r_e,
                         pl.r_pos, groups, *pl.r_split, q.dtype.type(1), False)
@@ -341,14 +348,16 @@ def _backward_numba(dout, q, k, v, ctx: SparseCtx):
                        *pl.r_split, q.dtype.type(1))
     ph = np.zeros((bf, pl.heavy_max, n), dtype=q.dtype)                    # (BH, Gc, N)
     dsh = np.zeros_like(ph)                                                 # (BH, Gc, N)
+    finite = _all_finite(q, k, dout)
     with blas_single_thread():
         kern.tiles_bwd(dq, dk, dv, ds, ph, dsh, dout, p, q, k, v, pat.indptr, pat.indices,
                        pl.row_ea, pl.row_eb, pl.tile_start, pl.tile_jlo, pl.tile_jhi,
                        phase_ptr, phase_tiles, pl.heavy_ptr, pl.heavy_cols, pl.hv_ptr,
                        pl.hv_e, pl.hv_r, pl.hv_h, groups, scale,
-                       bf >= 2 * numba.get_num_threads())
+                       bf >= 2 * numba.get_num_threads(), finite)
         kern.heavy_bwd(dk, dv, ph, dsh, q, dout, p, ds, pl.heavy_ptr, pl.heavy_cols,
-                       pl.tile_start, pl.hv_ptr, pl.hv_e, pl.hv_r, pl.hv_h, groups, scale)
+                       pl.tile_start, pl.hv_ptr, pl.hv_e, pl.hv_r, pl.hv_h, groups, scale,
+                       finite)
     # fwd: s = scale · q·k  -> dq += scale Σ ds k over the scattered entries; their p and
     # ds·scale are saved in column order for dk, dv
     pc = np.empty((p.shape[0], pl.n_scattered), dtype=q.dtype)             # (BH/G, n_sc)
