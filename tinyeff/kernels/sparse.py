@@ -188,10 +188,10 @@ def _heavy_keys(kb, vb, heavy_ptr, heavy_cols, g, m):
     return kh, vh
 
 
-def _tiles_fwd_kernel(finite):
-    """The task kernel with ``finite`` a compile-time constant: True when the caller has
-    checked that q, k, v (and dout) are finite, so that the entry-by-entry fallbacks for
-    non-finite factors are not compiled (they would never run); False checks every tile."""
+def _tiles_fwd_kernel(finite, has_rel, has_kpad):
+    """The task kernel with ``finite`` (as :func:`_tiles_bwd_kernel`), ``has_rel`` and
+    ``has_kpad`` (a bias, a key padding mask given) compile-time constants: only the
+    branches a call can take are compiled."""
 
     @serial
     def _tiles_fwd_tasks(lo, hi, out, lse, p, q, k, v, rel, kpad, indptr, indices, row_ea,
@@ -204,8 +204,6 @@ def _tiles_fwd_kernel(finite):
             t = task - bo * nt
             _, n, d = q.shape
             m = v.shape[1]
-            has_rel = rel.shape[0] > 0
-            has_kpad = kpad.shape[0] > 0
             one = q.dtype.type(1)
             r0, r1, nr, g, bh, i0, off, jl, nrng = _tile_geometry(t, bo, tile_start, tile_jlo,
                                                                    tile_jhi, n, m, groups)
@@ -262,7 +260,8 @@ def _tiles_fwd_kernel(finite):
     return _tiles_fwd_tasks
 
 
-_TILES_FWD_TASKS = {f: _tiles_fwd_kernel(f) for f in (False, True)}   # finite -> kernel
+_TILES_FWD_TASKS = {(f, r, k): _tiles_fwd_kernel(f, r, k)     # (finite, has_rel, has_kpad)
+                    for f in (False, True) for r in (False, True) for k in (False, True)}
 
 
 def tiles_fwd(out, lse, p, q, k, v, rel, kpad, indptr, indices, row_ea, row_eb, tile_start,
@@ -281,9 +280,10 @@ def tiles_fwd(out, lse, p, q, k, v, rel, kpad, indptr, indices, row_ea, row_eb, 
     finite (no tile is checked; with False a tile whose v is not finite computes P v
     entry by entry).
     """
-    run_tasks(_TILES_FWD_TASKS[bool(finite)], p.shape[0] * (tile_start.shape[0] - 1), out, lse,
-              p, q, k, v, rel, kpad, indptr, indices, row_ea, row_eb, tile_start, tile_jlo,
-              tile_jhi, heavy_ptr, heavy_cols, hv_ptr, hv_e, hv_r, hv_h, groups, scale)
+    kernel = _TILES_FWD_TASKS[bool(finite), rel.shape[0] > 0, kpad.shape[0] > 0]
+    run_tasks(kernel, p.shape[0] * (tile_start.shape[0] - 1), out, lse, p, q, k, v, rel, kpad,
+              indptr, indices, row_ea, row_eb, tile_start, tile_jlo, tile_jhi, heavy_ptr,
+              heavy_cols, hv_ptr, hv_e, hv_r, hv_h, groups, scale)
 
 
 # ---------------------------------------------------------------------- backward
