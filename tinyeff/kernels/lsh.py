@@ -41,11 +41,11 @@ backward chunk writes the rows of its own positions (its queries' dqk, its keys'
 dv) and of the previous chunk's positions (the look-back half of its window): the backward
 runs the even chunks of a round, then the odd ones, so no two chunks in flight write the
 same row.  The look-back of chunk 0 of a round is the last chunk of another round, whose
-positions may be anywhere in this one: chunk 0 leaves that half in a buffer that
-``add_lookback`` adds after the round.  No atomics, and every row receives its terms in an
-order fixed by (round, phase, chunk), so the results are bit-identical for any number of
-threads.  ``hash_argmax`` runs over blocks of positions the same way; ``sort_buckets`` and
-``row_dot`` (O(N) work) are serial.
+positions may be anywhere in this one: chunk 0 leaves that half in a buffer that phase 2
+of the backward kernel adds after the round (one task per g).  No atomics, and every row
+receives its terms in an order fixed by (round, phase, chunk), so the results are
+bit-identical for any number of threads.  ``hash_argmax`` runs over blocks of positions
+the same way; ``sort_buckets`` and ``row_dot`` (O(N) work) are serial.
 
 The backward uses the identity of the multi-round softmax (flash-attention style): with
 Z_i = logsumexp_r z_i^(r), each window entry has total weight P = exp(s − Z_i), and
@@ -66,7 +66,7 @@ from ._jit import run_tasks, serial
 from ._math import colmax, fast_exp
 from .lsh_hash import hash_argmax, sort_buckets
 
-__all__ = ["add_lookback", "chunk_attend", "chunk_attend_bwd", "hash_argmax", "row_dot",
+__all__ = ["chunk_attend", "chunk_attend_bwd", "hash_argmax", "row_dot",
            "sort_buckets"]
 
 
@@ -323,12 +323,21 @@ def _bwd_kernel(dedup):
     def bwd_chunks(lo, hi, phase, r, dx, dv, lbk, lbv, dout, dd, lse, x, v, rn, perm, inv_perm,
                    kp, use_kp, causal, scale, c, penalty):
         """Tasks lo … hi − 1 of a phase (0: even chunks, 1: odd chunks) of round r in
-        :func:`chunk_attend_bwd` (task it = (g, chunk u = 2·(it mod n_phase) + phase))."""
+        :func:`chunk_attend_bwd` (task it = (g, chunk u = 2·(it mod n_phase) + phase));
+        phase 2: task g adds the look-back half of chunk 0 of round r (left in lbk, lbv)
+        into its keys' rows (a phase of this kernel rather than a kernel of its own)."""
         G, R, N = perm.shape
         D = x.shape[2]
         Dv = v.shape[2]
         nc = N // c
         T = R * nc
+        if phase == 2:
+            tp = (r * nc + T - 1) % T                      # chunk 0's look-back chunk
+            for g in range(lo, hi):
+                for b in range(c):
+                    j = perm[g, tp // nc, (tp % nc) * c + b]
+                    _add_key_grad(dx, dv, g, j, lbk[g, b], lbv[g, b], x, rn)
+            return
         W = 2 * c
         dt = x.dtype
         npp = (nc + 1 - phase) // 2                            # chunks of the phase per g
@@ -416,19 +425,6 @@ def _bwd_kernel(dedup):
 _BWD_CHUNKS = {d: _bwd_kernel(d) for d in (False, True)}   # dedup -> kernel
 
 
-@serial
-def add_lookback(r, dx, dv, lbk, lbv, x, rn, perm, c):
-    """The look-back half of chunk 0 of round r (left in lbk, lbv) into its keys' rows."""
-    G, R, N = perm.shape
-    nc = N // c
-    T = R * nc
-    tp = (r * nc + T - 1) % T                              # chunk 0's look-back chunk
-    for g in range(G):
-        for b in range(c):
-            j = perm[g, tp // nc, (tp % nc) * c + b]
-            _add_key_grad(dx, dv, g, j, lbk[g, b], lbv[g, b], x, rn)
-
-
 def chunk_attend_bwd(dx, dv, dout, dd, lse, x, v, rn, perm, inv_perm, kp, use_kp, causal,
                      dedup, scale, c, penalty):
     """dx_i += scale Σ_r Σ_{j ∈ window} dS_ij k̂_j  (query side), and for every key j of a
@@ -438,7 +434,8 @@ def chunk_attend_bwd(dx, dv, dout, dd, lse, x, v, rn, perm, inv_perm, kp, use_kp
     dS = P (⟨dout_i, v_j⟩ − dd_i), P = exp(s − lse_i), dd_i = ⟨dout_i, out_i⟩.  dx (G, N, D)
     and dv (G, N, Dv) must be zero on entry.  Per round: the even chunks, then the odd ones
     (a chunk writes its own rows and the look-back chunk's), each on the threads of
-    :func:`run_tasks`; then the look-back half of chunk 0 (another round's chunk).
+    :func:`run_tasks`; then (phase 2, one task per g) the look-back half of chunk 0
+    (another round's chunk).
     """
     G, R, N = perm.shape
     nc = N // c
@@ -446,11 +443,10 @@ def chunk_attend_bwd(dx, dv, dout, dd, lse, x, v, rn, perm, inv_perm, kp, use_kp
     lbv = np.empty((G, c, v.shape[2]), x.dtype)            # (G, c, Dv)
     kernel = _BWD_CHUNKS[bool(dedup)]
     for r in range(R):
-        for phase in range(2):
-            run_tasks(kernel, G * ((nc + 1 - phase) // 2), phase, r, dx, dv, lbk, lbv, dout,
-                      dd, lse, x, v, rn, perm, inv_perm, kp, use_kp, causal, scale, c,
-                      penalty)
-        add_lookback(r, dx, dv, lbk, lbv, x, rn, perm, c)
+        for phase in range(3):
+            tasks = G if phase == 2 else G * ((nc + 1 - phase) // 2)
+            run_tasks(kernel, tasks, phase, r, dx, dv, lbk, lbv, dout, dd, lse, x, v, rn, perm,
+                      inv_perm, kp, use_kp, causal, scale, c, penalty)
 
 
 @serial

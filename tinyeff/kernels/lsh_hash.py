@@ -151,16 +151,19 @@ def _pick_bucket(p, pb, xe, rot_t, b, one, one_b):
 
 
 @serial
-def sort_buckets(perm, inv_perm, buckets, n_slots):
+def sort_buckets(perm, inv_perm, buckets, start):
     """Stable counting sort of each (g, r) row by bucket in [0, n_slots).
 
-    perm[g, r, s] = position at sorted slot s; inv_perm[g, r, perm[g, r, s]] = s.
+    perm[g, r, s] = position at sorted slot s; inv_perm[g, r, perm[g, r, s]] = s;
+    start (n_slots + 1,) int64 is scratch (given by the caller: no allocation to compile).
     """
     G, R, N = buckets.shape
+    n_slots = start.shape[0] - 1
     for gr in range(G * R):                    # O(N) per row: serial (SPEEDTIP in _jit.py)
         g = gr // R
         r = gr % R
-        start = np.zeros(n_slots + 1, np.int64)                    # (n_slots + 1,)
+        for b in range(n_slots + 1):
+            start[b] = 0
         for i in range(N):
             start[buckets[g, r, i] + 1] += 1
         for b in range(n_slots):
