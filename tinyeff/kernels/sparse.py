@@ -333,7 +333,8 @@ def _tiles_bwd_kernel(finite):
                     dense_g = nrng > 0 and (finite or (_finite(qt) and _finite(dot_)
                                                        and _finite(kb[jl:jl + nrng])))
                     heavy_g = nh > 0 and (finite or _finite(kh))
-                    pt = np.zeros((nr if dense_g else 0, nrng), dtype=q.dtype)      # (T, R) P̂
+                    # (T, R) P̂: every row is set below (_scatter_dense zeroes it first)
+                    pt = np.empty((nr if dense_g else 0, nrng), dtype=q.dtype)
                     for u in range(hv_ptr[t], hv_ptr[t + 1]):
                         dsb[hv_e[u]] = dph[hv_r[u], hv_h[u]]
                     for row in range(r0, r1):
