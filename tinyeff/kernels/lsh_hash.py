@@ -32,17 +32,19 @@ def hash_blocks(lo, hi, buckets, x, x32, rot32, rot_t, tol, tol_abs, blk):
     D = x.shape[2]
     H = rot32.shape[2]
     nblk = (N + blk - 1) // blk
-    buf = np.empty(blk * H, np.float32)                        # (blk·H,) filter products
+    buf = np.empty((blk, H), np.float32)                       # (blk, H) filter products
+    buf_b = buf.view(np.uint32)                                # |p| ordered as its bits
     xe = np.empty((blk, D))                                    # (blk, D) rows in float64
     xn = np.empty(blk)                                         # (blk,) ‖x_i‖
-    one = np.empty(1, np.float32)                              # (1,) float32 <-> bits
-    one_b = one.view(np.uint32)
+    one2 = np.empty((1, 1), np.float32)                        # (1, 1) float32 <-> bits
+    one2_b = one2.view(np.uint32)                              # (a 2-D view, as buf_b's)
+    one, one_b = one2[0], one2_b[0]                            # (1,) each
     for gb in range(lo, hi):
         g = gb // nblk
         i0 = (gb % nblk) * blk
         nr = min(blk, N - i0)
-        p = buf[:nr * H].reshape((nr, H))                      # (nr, H)
-        pb = p.view(np.uint32)                                 # |p| ordered as its bits
+        p = buf[:nr]                                           # (nr, H)
+        pb = buf_b[:nr]                                        # (nr, H) its bits
         for k in range(nr):
             acc = 0.0
             for d in range(D):
