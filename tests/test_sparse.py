@@ -282,6 +282,23 @@ def test_tiled_kernels_one_and_two_threads_same_bits(batch, rng, small_knobs):
         np.testing.assert_array_equal(res[0][1][key], res[1][1][key], err_msg=key)
 
 
+@pytest.mark.parametrize("name,n,m,build,opts", SCHEDULE_PATTERNS,
+                         ids=[p[0] for p in SCHEDULE_PATTERNS])
+def test_finite_and_checking_kernels_give_the_same_bits(name, n, m, build, opts, rng,
+                                                        small_knobs, monkeypatch):
+    """On finite inputs the kernels compiled for finite inputs (no per-tile checks, no
+    fallbacks) and the checking kernels give the same bits."""
+    x, mask, options = _setup(rng, n, m, build, opts, np.float32)
+    dout = rng.standard_normal(x["q"].shape[:-1] + x["v"].shape[-1:]).astype(np.float32)
+    res = []
+    for finite in (True, False):
+        monkeypatch.setattr(sparse, "_all_finite", lambda *arrays, f=finite: f)
+        out, ctx = sparse.forward(**x, mask=mask, impl="numba", **options)
+        res.append({"out": out, **sparse.backward(dout, ctx)})
+    for key in res[0]:
+        np.testing.assert_array_equal(res[0][key], res[1][key], err_msg=key)
+
+
 @pytest.mark.parametrize("where", ["q", "k", "v", "dout"])
 def test_tiled_kernels_non_finite_reach_what_the_reference_reaches(where, rng, small_knobs):
     """A dense product must not spread a NaN (0 · NaN) to rows or keys that do not store

@@ -87,7 +87,8 @@ def sort_numba(bk, n_slots):
     from ..kernels import lsh as K
     perm = np.empty_like(bk)                                       # (G, r, N)
     inv_perm = np.empty_like(bk)                                   # (G, r, N)
-    K.sort_buckets(perm, inv_perm, np.require(bk, requirements="CW"), n_slots)
+    K.sort_buckets(perm, inv_perm, np.require(bk, requirements="CW"),
+                   np.empty(n_slots + 1, np.int64))
     return perm, inv_perm
 
 

@@ -20,7 +20,7 @@ Options
 mask : the pattern S (N, M), required.  Any boolean ``scipy.sparse`` matrix or array (its
     *structure* is the pattern; explicitly stored False entries are rejected) or a
     :class:`tinyeff.masks.Pattern` (canonicalized already: pass one to skip the O(nnz)
-    canonicalization and transposition on every call).  One pattern is shared by all batch
+    canonicalization and the kernels' planning on every call).  One pattern is shared by all batch
     dimensions.  A list/tuple of H patterns gives per-head patterns: pattern h is used for
     batch index [..., h], i.e. the last batch dimension must have length H.
 causal : bool, default False.  Keep only j <= i (top-left alignment, like ``full``):
@@ -298,6 +298,13 @@ def _plan(pat: Pattern, groups: int) -> sparse_plan.Plan:
     return held[1]
 
 
+def _all_finite(*arrays) -> bool:
+    """True if every element of the arrays is finite, judged by their sums (a NaN or ±inf
+    makes the sum NaN or ±inf; a sum that overflows answers False, which is only slower).
+    The tile kernels then compile and run without their fallbacks for non-finite factors."""
+    return all(bool(np.isfinite(np.sum(a))) for a in arrays)
+
+
 def _forward_numba(q, k, v, pat, groups, kpad, rel, scale):
     bf, n, d = q.shape
     dv = v.shape[2]
@@ -316,7 +323,7 @@ def _forward_numba(q, k, v, pat, groups, kpad, rel, scale):
                        _NO_KPAD if kpad is None else kpad, pat.indptr, pat.indices,
                        pl.row_ea, pl.row_eb, pl.tile_start, pl.tile_jlo, pl.tile_jhi,
                        pl.heavy_ptr, pl.heavy_cols, pl.hv_ptr, pl.hv_e, pl.hv_r, pl.hv_h,
-                       groups, scale)
+                       groups, scale, _all_finite(v))
     empty = _NO_REL[q.dtype]
     kern.scattered_axpy(out, p, v, empty, empty, p, pl.r_ptr, pl.r_row, pl.r_col, pl.r_e,
                         pl.r_pos, groups, *pl.r_split, q.dtype.type(1), False)
@@ -341,15 +348,16 @@ def _backward_numba(dout, q, k, v, ctx: SparseCtx):
                        *pl.r_split, q.dtype.type(1))
     ph = np.zeros((bf, pl.heavy_max, n), dtype=q.dtype)                    # (BH, Gc, N)
     dsh = np.zeros_like(ph)                                                 # (BH, Gc, N)
+    finite = _all_finite(q, k, dout)
     with blas_single_thread():
         kern.tiles_bwd(dq, dk, dv, ds, ph, dsh, dout, p, q, k, v, pat.indptr, pat.indices,
                        pl.row_ea, pl.row_eb, pl.tile_start, pl.tile_jlo, pl.tile_jhi,
                        phase_ptr, phase_tiles, pl.heavy_ptr, pl.heavy_cols, pl.hv_ptr,
                        pl.hv_e, pl.hv_r, pl.hv_h, groups, scale,
-                       bf >= 2 * numba.get_num_threads())
+                       bf >= 2 * numba.get_num_threads(), finite)
         kern.heavy_bwd(dk, dv, ph, dsh, q, dout, p, ds, pl.heavy_ptr, pl.heavy_cols,
-                       pat.t_indptr, pat.t_indices, pat.t_perm, pl.row_ea, pl.row_eb, groups,
-                       scale)
+                       pl.tile_start, pl.hv_ptr, pl.hv_e, pl.hv_r, pl.hv_h, groups, scale,
+                       finite)
     # fwd: s = scale · q·k  -> dq += scale Σ ds k over the scattered entries; their p and
     # ds·scale are saved in column order for dk, dv
     pc = np.empty((p.shape[0], pl.n_scattered), dtype=q.dtype)             # (BH/G, n_sc)
@@ -395,7 +403,7 @@ def example_cases(rng: np.random.Generator, dtype=np.float64) -> list[Case]:
 def bench_options(n: int) -> dict:
     """Options ``python -m tinyeff bench`` runs at length n (``--opt`` overrides them): a
     BigBird pattern with about the nnz of a ±128 window (2·96+1 + 16 global + 48 random),
-    as a canonical ``Pattern`` so that its transpose plan is built once."""
+    as a canonical ``Pattern`` so that the kernels' plan is built once."""
     return {"mask": Pattern.from_scipy(_bigbird(n, 96, 16, 48, np.random.default_rng(0)))}
 
 

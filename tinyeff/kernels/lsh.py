@@ -41,11 +41,11 @@ backward chunk writes the rows of its own positions (its queries' dqk, its keys'
 dv) and of the previous chunk's positions (the look-back half of its window): the backward
 runs the even chunks of a round, then the odd ones, so no two chunks in flight write the
 same row.  The look-back of chunk 0 of a round is the last chunk of another round, whose
-positions may be anywhere in this one: chunk 0 leaves that half in a buffer that
-``add_lookback`` adds after the round.  No atomics, and every row receives its terms in an
-order fixed by (round, phase, chunk), so the results are bit-identical for any number of
-threads.  ``hash_argmax`` runs over blocks of positions the same way; ``sort_buckets`` and
-``row_dot`` (O(N) work) are serial.
+positions may be anywhere in this one: chunk 0 leaves that half in a buffer that phase 2
+of the backward kernel adds after the round (one task per g).  No atomics, and every row
+receives its terms in an order fixed by (round, phase, chunk), so the results are
+bit-identical for any number of threads.  ``hash_argmax`` runs over blocks of positions
+the same way; ``sort_buckets`` and ``row_dot`` (O(N) work) are serial.
 
 The backward uses the identity of the multi-round softmax (flash-attention style): with
 Z_i = logsumexp_r z_i^(r), each window entry has total weight P = exp(s − Z_i), and
@@ -66,8 +66,8 @@ from ._jit import run_tasks, serial
 from ._math import colmax, fast_exp
 from .lsh_hash import hash_argmax, sort_buckets
 
-__all__ = ["add_lookback", "attend_chunks", "bwd_chunks", "chunk_attend", "chunk_attend_bwd",
-           "hash_argmax", "row_dot", "sort_buckets"]
+__all__ = ["chunk_attend", "chunk_attend_bwd", "hash_argmax", "row_dot",
+           "sort_buckets"]
 
 
 @serial
@@ -114,9 +114,10 @@ def _gather(qa, kb, vb, kpos, x, v, rn, g, c):
 
 @serial
 def _dedup_logits(st, nself, kpos, g, kp, use_kp, causal, inv_perm, scale, penalty, c, T):
-    """:func:`_logits` with dedup: s_ij − log N_ij, N_ij = Σ_r2 [j in chunk tp_i(r2)] +
-    [j in chunk tq_i(r2)] (i's own chunk tq and look-back tp in round r2), counted from the
-    window's chunk ids in every round; nself[a] = N_ii of query a."""
+    """:func:`_logits` with dedup (the raw products become the logits s_ij − log N_ij),
+    N_ij = Σ_r2 [j in chunk tp_i(r2)] + [j in chunk tq_i(r2)] (i's own chunk tq and
+    look-back tp in round r2), counted from the window's chunk ids in every round;
+    nself[a] = N_ii of query a."""
     W = st.shape[0]
     R, N = inv_perm.shape[1], inv_perm.shape[2]
     qtq = np.empty((R, c), np.int64)               # (R, c) chunk of query a in round r2
@@ -158,14 +159,10 @@ def _dedup_logits(st, nself, kpos, g, kp, use_kp, causal, inv_perm, scale, penal
 
 
 @serial
-def _logits(st, nself, kpos, lbself, g, kp, use_kp, causal, dedup, inv_perm, scale, penalty,
-            c, nc, T):
+def _logits(st, kpos, lbself, g, kp, use_kp, causal, scale, penalty, c):
     """In place: the raw products st[b, a] = ⟨x_i, k̂_j⟩ (i = kpos[c + a], j = kpos[b])
-    become the window logits s_ij (−inf where excluded); with dedup nself[a] = N_ii."""
+    become the window logits s_ij (−inf where excluded), without dedup."""
     W = st.shape[0]
-    if dedup:
-        _dedup_logits(st, nself, kpos, g, kp, use_kp, causal, inv_perm, scale, penalty, c, T)
-        return
     for b in range(W):                             # one key per row of Sᵀ
         j = kpos[b]
         row = st[b]
@@ -188,80 +185,94 @@ def _logits(st, nself, kpos, lbself, g, kp, use_kp, causal, dedup, inv_perm, sca
             st[b, lbself[b]] = penalty
 
 
-@serial
-def attend_chunks(lo, hi, r, out, lse, z, x, v, rn, perm, inv_perm, kp, use_kp, causal, dedup,
-                  scale, c, penalty):
-    """Tasks lo … hi − 1 of round r in :func:`chunk_attend` (task gt = (g, chunk))."""
-    G, R, N = perm.shape
-    D = x.shape[2]
-    Dv = v.shape[2]
-    nc = N // c
-    T = R * nc
-    W = 2 * c
-    dt = x.dtype
-    kpos = np.empty(W, np.int64)                           # (W,) window positions
-    lbself = np.empty(c, np.int64)                         # (c,)
-    nself = np.empty(c, np.int64)                          # (c,) N_ii (dedup)
-    qa = np.empty((c, D), dt)                              # (c, D) queries
-    kb = np.empty((W, D), dt)                              # (W, D) normalized keys
-    vb = np.empty((W, Dv), dt)                             # (W, Dv) values
-    st = np.empty((W, c), dt)                              # (W, c) Sᵀ, then P̃ᵀ
-    o = np.empty((c, Dv), dt)                              # (c, Dv) P̃ V
-    m = np.empty(c, dt)                                    # (c,) row max
-    tmp = np.empty(c, dt)                                  # (c,) scratch of colmax
-    start = np.full(c, -np.inf, dt)                        # (c,)
-    msub = np.empty(c, dt)                                 # (c,) m, −∞ -> 0
-    rsum = np.empty(c, dt)                                 # (c,) Σ_j P̃
-    mz = np.empty(c)                                       # (c,) m in float64
-    for gt in range(lo, hi):
-        g = gt // nc
-        t = r * nc + gt % nc
-        _window(kpos, lbself, perm, inv_perm, g, t, c, nc, T)
-        _gather(qa, kb, vb, kpos, x, v, rn, g, c)
-        np.dot(kb, qa.T, st)                               # Sᵀ = K̂ Qᵀ, raw
-        _logits(st, nself, kpos, lbself, g, kp, use_kp, causal, dedup, inv_perm, scale,
-                penalty, c, nc, T)
-        colmax(m, tmp, start, st)
+def _attend_kernel(dedup):
+    """The forward task kernel with ``dedup`` a compile-time constant: only the branches of
+    that setting are compiled (a runtime flag would compile both on every first call)."""
+
+    @serial
+    def attend_chunks(lo, hi, r, out, lse, z, x, v, rn, perm, inv_perm, kp, use_kp, causal,
+                      scale, c, penalty):
+        """Tasks lo … hi − 1 of round r in :func:`chunk_attend` (task gt = (g, chunk))."""
+        G, R, N = perm.shape
+        D = x.shape[2]
+        Dv = v.shape[2]
+        nc = N // c
+        T = R * nc
+        W = 2 * c
+        dt = x.dtype
+        kpos = np.empty(W, np.int64)                           # (W,) window positions
+        lbself = np.empty(c, np.int64)                         # (c,)
+        nself = np.empty(c, np.int64)                          # (c,) N_ii (dedup)
+        qa = np.empty((c, D), dt)                              # (c, D) queries
+        kb = np.empty((W, D), dt)                              # (W, D) normalized keys
+        vb = np.empty((W, Dv), dt)                             # (W, Dv) values
+        st = np.empty((W, c), dt)                              # (W, c) Sᵀ, then P̃ᵀ
+        o = np.empty((c, Dv), dt)                              # (c, Dv) P̃ V
+        m = np.empty(c, dt)                                    # (c,) row max
+        tmp = np.empty(c, dt)                                  # (c,) scratch of colmax
+        start = np.empty(c, dt)                                # (c,) −∞
         for a in range(c):
-            msub[a] = 0 if m[a] == -np.inf else m[a]
-            rsum[a] = 0
-            mz[a] = m[a]
-            if dedup and m[a] == st[c + a, a]:         # the max is the self logit: exact
-                mz[a] = penalty - math.log(nself[a])
-        for b in range(W):
-            row = st[b]
+            start[a] = -np.inf
+        msub = np.empty(c, dt)                                 # (c,) m, −∞ -> 0
+        rsum = np.empty(c, dt)                                 # (c,) Σ_j P̃
+        mz = np.empty(c)                                       # (c,) m in float64
+        for gt in range(lo, hi):
+            g = gt // nc
+            t = r * nc + gt % nc
+            _window(kpos, lbself, perm, inv_perm, g, t, c, nc, T)
+            _gather(qa, kb, vb, kpos, x, v, rn, g, c)
+            np.dot(kb, qa.T, st)                               # Sᵀ = K̂ Qᵀ, raw
+            if dedup:                                  # a constant: one branch is compiled
+                _dedup_logits(st, nself, kpos, g, kp, use_kp, causal, inv_perm, scale, penalty,
+                              c, T)
+            else:
+                _logits(st, kpos, lbself, g, kp, use_kp, causal, scale, penalty, c)
+            colmax(m, tmp, start, st)
             for a in range(c):
-                e = fast_exp(row[a] - msub[a])
-                row[a] = e
-                rsum[a] += e
-        np.dot(st.T, vb, o)                                # (c, Dv)
-        for a in range(c):
-            i = kpos[c + a]
-            if m[a] == -np.inf:                            # nothing seen in this round
-                z[g, r, i] = -np.inf
+                msub[a] = 0 if m[a] == -np.inf else m[a]
+                rsum[a] = 0
+                mz[a] = m[a]
+                if dedup and m[a] == st[c + a, a]:         # the max is the self logit: exact
+                    mz[a] = penalty - math.log(nself[a])
+            for b in range(W):
+                row = st[b]
+                for a in range(c):
+                    e = fast_exp(row[a] - msub[a])
+                    row[a] = e
+                    rsum[a] += e
+            np.dot(st.T, vb, o)                                # (c, Dv)
+            for a in range(c):
+                i = kpos[c + a]
+                if m[a] == -np.inf:                            # nothing seen in this round
+                    z[g, r, i] = -np.inf
+                    if r == 0:
+                        lse[g, i] = -np.inf
+                        for e in range(Dv):
+                            out[g, i, e] = 0
+                    continue
+                zr = mz[a] + math.log(rsum[a])
+                z[g, r, i] = zr
+                outi = out[g, i]
                 if r == 0:
-                    lse[g, i] = -np.inf
+                    lse[g, i] = zr
+                    cn = 1.0 / rsum[a]
                     for e in range(Dv):
-                        out[g, i, e] = 0
-                continue
-            zr = mz[a] + math.log(rsum[a])
-            z[g, r, i] = zr
-            outi = out[g, i]
-            if r == 0:
-                lse[g, i] = zr
-                cn = 1.0 / rsum[a]
+                        outi[e] = o[a, e] * cn
+                    continue
+                # out <- out·exp(Z_old − Z_new) + o^(r)·exp(z^(r) − Z_new)
+                zo = lse[g, i]
+                mx = max(zo, zr)
+                zn = mx + math.log(math.exp(zo - mx) + math.exp(zr - mx))
+                wo = math.exp(zo - zn)
+                cn = math.exp(zr - zn) / rsum[a]
                 for e in range(Dv):
-                    outi[e] = o[a, e] * cn
-                continue
-            # out <- out·exp(Z_old − Z_new) + o^(r)·exp(z^(r) − Z_new)
-            zo = lse[g, i]
-            mx = max(zo, zr)
-            zn = mx + math.log(math.exp(zo - mx) + math.exp(zr - mx))
-            wo = math.exp(zo - zn)
-            cn = math.exp(zr - zn) / rsum[a]
-            for e in range(Dv):
-                outi[e] = outi[e] * wo + o[a, e] * cn
-            lse[g, i] = zn
+                    outi[e] = outi[e] * wo + o[a, e] * cn
+                lse[g, i] = zn
+
+    return attend_chunks
+
+
+_ATTEND_CHUNKS = {d: _attend_kernel(d) for d in (False, True)}   # dedup -> kernel
 
 
 def chunk_attend(out, lse, z, x, v, rn, perm, inv_perm, kp, use_kp, causal, dedup, scale,
@@ -273,9 +284,10 @@ def chunk_attend(out, lse, z, x, v, rn, perm, inv_perm, kp, use_kp, causal, dedu
     tasks of a round on the threads of :func:`run_tasks`.
     """
     G, R, N = perm.shape
+    kernel = _ATTEND_CHUNKS[bool(dedup)]
     for r in range(R):
-        run_tasks(attend_chunks, G * (N // c), r, out, lse, z, x, v, rn, perm, inv_perm, kp,
-                  use_kp, causal, dedup, scale, c, penalty)
+        run_tasks(kernel, G * (N // c), r, out, lse, z, x, v, rn, perm, inv_perm, kp, use_kp,
+                  causal, scale, c, penalty)
 
 
 @serial
@@ -303,106 +315,114 @@ def _add_key_grad(dx, dv, g, j, dk, dvr, x, rn):
         dvj[e] += dvr[e]
 
 
-@serial
-def bwd_chunks(lo, hi, phase, r, dx, dv, lbk, lbv, dout, dd, lse, x, v, rn, perm, inv_perm, kp,
-               use_kp, causal, dedup, scale, c, penalty):
-    """Tasks lo … hi − 1 of a phase (0: even chunks, 1: odd chunks) of round r in
-    :func:`chunk_attend_bwd` (task it = (g, chunk u = 2·(it mod n_phase) + phase))."""
-    G, R, N = perm.shape
-    D = x.shape[2]
-    Dv = v.shape[2]
-    nc = N // c
-    T = R * nc
-    W = 2 * c
-    dt = x.dtype
-    npp = (nc + 1 - phase) // 2                            # chunks of the phase per g
-    kpos = np.empty(W, np.int64)                           # (W,) window positions
-    lbself = np.empty(c, np.int64)                         # (c,)
-    nself = np.empty(c, np.int64)                          # (c,) N_ii (dedup)
-    qa = np.empty((c, D), dt)                              # (c, D) queries
-    kb = np.empty((W, D), dt)                              # (W, D) normalized keys
-    vb = np.empty((W, Dv), dt)                             # (W, Dv) values
-    doa = np.empty((c, Dv), dt)                            # (c, Dv) dout of the queries
-    st = np.empty((W, c), dt)                              # (W, c) Sᵀ, then Pᵀ
-    dst = np.empty((W, c), dt)                             # (W, c) dPᵀ, then dSᵀ·scale
-    dq = np.empty((c, D), dt)                              # (c, D)
-    dkw = np.empty((W, D), dt)                             # (W, D) dk̂ of the window
-    dvw = np.empty((W, Dv), dt)                            # (W, Dv) dv of the window
-    zhi = np.empty(c, dt)                                  # (c,) Z = zhi + zlo
-    zlo = np.empty(c, dt)                                  # (c,)
-    ddt = np.empty(c, dt)                                  # (c,) δ_i = ⟨dout_i, out_i⟩
-    for it in range(lo, hi):
-        g = it // npp
-        u = 2 * (it % npp) + phase                         # chunk within round r
-        t = r * nc + u
-        _window(kpos, lbself, perm, inv_perm, g, t, c, nc, T)
-        _gather(qa, kb, vb, kpos, x, v, rn, g, c)
-        for a in range(c):
-            i = kpos[c + a]
-            for e in range(Dv):
-                doa[a, e] = dout[g, i, e]
-            zi = lse[g, i]
-            if zi == -np.inf:                              # empty row: P = 0, no gradient
-                zhi[a] = np.inf
-                zlo[a] = 0
-            else:
-                zhi[a] = zi
-                zlo[a] = zi - np.float64(zhi[a])
-            ddt[a] = dd[g, i]
-        np.dot(kb, qa.T, st)                               # Sᵀ = K̂ Qᵀ, raw
-        _logits(st, nself, kpos, lbself, g, kp, use_kp, causal, dedup, inv_perm, scale,
-                penalty, c, nc, T)
-        np.dot(vb, doa.T, dst)                             # dPᵀ = V doutᵀ
-        for b in range(W):
-            prow = st[b]
-            drow = dst[b]
+def _bwd_kernel(dedup):
+    """The backward task kernel with ``dedup`` a compile-time constant (as
+    :func:`_attend_kernel`)."""
+
+    @serial
+    def bwd_chunks(lo, hi, phase, r, dx, dv, lbk, lbv, dout, dd, lse, x, v, rn, perm, inv_perm,
+                   kp, use_kp, causal, scale, c, penalty):
+        """Tasks lo … hi − 1 of a phase (0: even chunks, 1: odd chunks) of round r in
+        :func:`chunk_attend_bwd` (task it = (g, chunk u = 2·(it mod n_phase) + phase));
+        phase 2: task g adds the look-back half of chunk 0 of round r (left in lbk, lbv)
+        into its keys' rows (a phase of this kernel rather than a kernel of its own)."""
+        G, R, N = perm.shape
+        D = x.shape[2]
+        Dv = v.shape[2]
+        nc = N // c
+        T = R * nc
+        if phase == 2:
+            tp = (r * nc + T - 1) % T                      # chunk 0's look-back chunk
+            for g in range(lo, hi):
+                for b in range(c):
+                    j = perm[g, tp // nc, (tp % nc) * c + b]
+                    _add_key_grad(dx, dv, g, j, lbk[g, b], lbv[g, b], x, rn)
+            return
+        W = 2 * c
+        dt = x.dtype
+        npp = (nc + 1 - phase) // 2                            # chunks of the phase per g
+        kpos = np.empty(W, np.int64)                           # (W,) window positions
+        lbself = np.empty(c, np.int64)                         # (c,)
+        nself = np.empty(c, np.int64)                          # (c,) N_ii (dedup)
+        qa = np.empty((c, D), dt)                              # (c, D) queries
+        kb = np.empty((W, D), dt)                              # (W, D) normalized keys
+        vb = np.empty((W, Dv), dt)                             # (W, Dv) values
+        doa = np.empty((c, Dv), dt)                            # (c, Dv) dout of the queries
+        st = np.empty((W, c), dt)                              # (W, c) Sᵀ, then Pᵀ
+        dst = np.empty((W, c), dt)                             # (W, c) dPᵀ, then dSᵀ·scale
+        dq = np.empty((c, D), dt)                              # (c, D)
+        dkw = np.empty((W, D), dt)                             # (W, D) dk̂ of the window
+        dvw = np.empty((W, Dv), dt)                            # (W, Dv) dv of the window
+        zhi = np.empty(c, dt)                                  # (c,) Z = zhi + zlo
+        zlo = np.empty(c, dt)                                  # (c,)
+        ddt = np.empty(c, dt)                                  # (c,) δ_i = ⟨dout_i, out_i⟩
+        for it in range(lo, hi):
+            g = it // npp
+            u = 2 * (it % npp) + phase                         # chunk within round r
+            t = r * nc + u
+            _window(kpos, lbself, perm, inv_perm, g, t, c, nc, T)
+            _gather(qa, kb, vb, kpos, x, v, rn, g, c)
             for a in range(c):
-                # fwd: P = exp(S − Z)   (S − zhi is exact near S = Z; one rounding after)
-                p = fast_exp((prow[a] - zhi[a]) - zlo[a])
-                prow[a] = p
-                # fwd: out = P v, P a softmax over all rounds  ->  dS = P ∘ (dP − δ)
-                drow[a] = (scale * p) * (drow[a] - ddt[a])
-        # fwd: s = SELF_PENALTY (− log N_ii) on self entries, a constant: dS = 0 there
-        for a in range(c):
-            i = kpos[c + a]
-            dst[c + a, a] = 0
-            if dedup and zhi[a] < np.inf and not (use_kp and not kp[g, i]):
-                st[c + a, a] = math.exp((penalty - math.log(nself[a])) - lse[g, i])
-        for b in range(c):
-            a = lbself[b]
-            if a >= 0:
-                dst[b, a] = 0
-                st[b, a] = st[c + a, a]
-        # fwd: S = Q K̂ᵀ · scale  ->  dq = dS K̂ · scale,  dk̂ = dSᵀ Q · scale
-        np.dot(dst.T, kb, dq)                              # (c, D)
-        np.dot(dst, qa, dkw)                               # (W, D)
-        # fwd: o = P V  ->  dv = Pᵀ dout
-        np.dot(st, doa, dvw)                               # (W, Dv)
-        for a in range(c):
-            i = kpos[c + a]
-            for d in range(D):
-                dx[g, i, d] += dq[a, d]
-        for b in range(W):
-            if b < c and u == 0:                           # another round's chunk: later
-                for d in range(D):
-                    lbk[g, b, d] = dkw[b, d]
+                i = kpos[c + a]
                 for e in range(Dv):
-                    lbv[g, b, e] = dvw[b, e]
+                    doa[a, e] = dout[g, i, e]
+                zi = lse[g, i]
+                if zi == -np.inf:                              # empty row: P = 0, no gradient
+                    zhi[a] = np.inf
+                    zlo[a] = 0
+                else:
+                    zhi[a] = zi
+                    zlo[a] = zi - np.float64(zhi[a])
+                ddt[a] = dd[g, i]
+            np.dot(kb, qa.T, st)                               # Sᵀ = K̂ Qᵀ, raw
+            if dedup:                                  # a constant: one branch is compiled
+                _dedup_logits(st, nself, kpos, g, kp, use_kp, causal, inv_perm, scale, penalty,
+                              c, T)
             else:
-                _add_key_grad(dx, dv, g, kpos[b], dkw[b], dvw[b], x, rn)
+                _logits(st, kpos, lbself, g, kp, use_kp, causal, scale, penalty, c)
+            np.dot(vb, doa.T, dst)                             # dPᵀ = V doutᵀ
+            for b in range(W):
+                prow = st[b]
+                drow = dst[b]
+                for a in range(c):
+                    # fwd: P = exp(S − Z)   (S − zhi is exact near S = Z; one rounding after)
+                    p = fast_exp((prow[a] - zhi[a]) - zlo[a])
+                    prow[a] = p
+                    # fwd: out = P v, P a softmax over all rounds  ->  dS = P ∘ (dP − δ)
+                    drow[a] = (scale * p) * (drow[a] - ddt[a])
+            # fwd: s = SELF_PENALTY (− log N_ii) on self entries, a constant: dS = 0 there
+            for a in range(c):
+                i = kpos[c + a]
+                dst[c + a, a] = 0
+                if dedup and zhi[a] < np.inf and not (use_kp and not kp[g, i]):
+                    st[c + a, a] = math.exp((penalty - math.log(nself[a])) - lse[g, i])
+            for b in range(c):
+                a = lbself[b]
+                if a >= 0:
+                    dst[b, a] = 0
+                    st[b, a] = st[c + a, a]
+            # fwd: S = Q K̂ᵀ · scale  ->  dq = dS K̂ · scale,  dk̂ = dSᵀ Q · scale
+            np.dot(dst.T, kb, dq)                              # (c, D)
+            np.dot(dst, qa, dkw)                               # (W, D)
+            # fwd: o = P V  ->  dv = Pᵀ dout
+            np.dot(st, doa, dvw)                               # (W, Dv)
+            for a in range(c):
+                i = kpos[c + a]
+                for d in range(D):
+                    dx[g, i, d] += dq[a, d]
+            for b in range(W):
+                if b < c and u == 0:                           # another round's chunk: later
+                    for d in range(D):
+                        lbk[g, b, d] = dkw[b, d]
+                    for e in range(Dv):
+                        lbv[g, b, e] = dvw[b, e]
+                else:
+                    _add_key_grad(dx, dv, g, kpos[b], dkw[b], dvw[b], x, rn)
+
+    return bwd_chunks
 
 
-@serial
-def add_lookback(r, dx, dv, lbk, lbv, x, rn, perm, c):
-    """The look-back half of chunk 0 of round r (left in lbk, lbv) into its keys' rows."""
-    G, R, N = perm.shape
-    nc = N // c
-    T = R * nc
-    tp = (r * nc + T - 1) % T                              # chunk 0's look-back chunk
-    for g in range(G):
-        for b in range(c):
-            j = perm[g, tp // nc, (tp % nc) * c + b]
-            _add_key_grad(dx, dv, g, j, lbk[g, b], lbv[g, b], x, rn)
+_BWD_CHUNKS = {d: _bwd_kernel(d) for d in (False, True)}   # dedup -> kernel
 
 
 def chunk_attend_bwd(dx, dv, dout, dd, lse, x, v, rn, perm, inv_perm, kp, use_kp, causal,
@@ -414,18 +434,19 @@ def chunk_attend_bwd(dx, dv, dout, dd, lse, x, v, rn, perm, inv_perm, kp, use_kp
     dS = P (⟨dout_i, v_j⟩ − dd_i), P = exp(s − lse_i), dd_i = ⟨dout_i, out_i⟩.  dx (G, N, D)
     and dv (G, N, Dv) must be zero on entry.  Per round: the even chunks, then the odd ones
     (a chunk writes its own rows and the look-back chunk's), each on the threads of
-    :func:`run_tasks`; then the look-back half of chunk 0 (another round's chunk).
+    :func:`run_tasks`; then (phase 2, one task per g) the look-back half of chunk 0
+    (another round's chunk).
     """
     G, R, N = perm.shape
     nc = N // c
     lbk = np.empty((G, c, x.shape[2]), x.dtype)            # (G, c, D) chunk 0's look-back
     lbv = np.empty((G, c, v.shape[2]), x.dtype)            # (G, c, Dv)
+    kernel = _BWD_CHUNKS[bool(dedup)]
     for r in range(R):
-        for phase in range(2):
-            run_tasks(bwd_chunks, G * ((nc + 1 - phase) // 2), phase, r, dx, dv, lbk, lbv,
-                      dout, dd, lse, x, v, rn, perm, inv_perm, kp, use_kp, causal, dedup,
-                      scale, c, penalty)
-        add_lookback(r, dx, dv, lbk, lbv, x, rn, perm, c)
+        for phase in range(3):
+            tasks = G if phase == 2 else G * ((nc + 1 - phase) // 2)
+            run_tasks(kernel, tasks, phase, r, dx, dv, lbk, lbv, dout, dd, lse, x, v, rn, perm,
+                      inv_perm, kp, use_kp, causal, scale, c, penalty)
 
 
 @serial

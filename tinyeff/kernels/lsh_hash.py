@@ -32,17 +32,19 @@ def hash_blocks(lo, hi, buckets, x, x32, rot32, rot_t, tol, tol_abs, blk):
     D = x.shape[2]
     H = rot32.shape[2]
     nblk = (N + blk - 1) // blk
-    buf = np.empty(blk * H, np.float32)                        # (blk·H,) filter products
+    buf = np.empty((blk, H), np.float32)                       # (blk, H) filter products
+    buf_b = buf.view(np.uint32)                                # |p| ordered as its bits
     xe = np.empty((blk, D))                                    # (blk, D) rows in float64
     xn = np.empty(blk)                                         # (blk,) ‖x_i‖
-    one = np.empty(1, np.float32)                              # (1,) float32 <-> bits
-    one_b = one.view(np.uint32)
+    one2 = np.empty((1, 1), np.float32)                        # (1, 1) float32 <-> bits
+    one2_b = one2.view(np.uint32)                              # (a 2-D view, as buf_b's)
+    one, one_b = one2[0], one2_b[0]                            # (1,) each
     for gb in range(lo, hi):
         g = gb // nblk
         i0 = (gb % nblk) * blk
         nr = min(blk, N - i0)
-        p = buf[:nr * H].reshape((nr, H))                      # (nr, H)
-        pb = p.view(np.uint32)                                 # |p| ordered as its bits
+        p = buf[:nr]                                           # (nr, H)
+        pb = buf_b[:nr]                                        # (nr, H) its bits
         for k in range(nr):
             acc = 0.0
             for d in range(D):
@@ -151,16 +153,19 @@ def _pick_bucket(p, pb, xe, rot_t, b, one, one_b):
 
 
 @serial
-def sort_buckets(perm, inv_perm, buckets, n_slots):
+def sort_buckets(perm, inv_perm, buckets, start):
     """Stable counting sort of each (g, r) row by bucket in [0, n_slots).
 
-    perm[g, r, s] = position at sorted slot s; inv_perm[g, r, perm[g, r, s]] = s.
+    perm[g, r, s] = position at sorted slot s; inv_perm[g, r, perm[g, r, s]] = s;
+    start (n_slots + 1,) int64 is scratch (given by the caller: no allocation to compile).
     """
     G, R, N = buckets.shape
+    n_slots = start.shape[0] - 1
     for gr in range(G * R):                    # O(N) per row: serial (SPEEDTIP in _jit.py)
         g = gr // R
         r = gr % R
-        start = np.zeros(n_slots + 1, np.int64)                    # (n_slots + 1,)
+        for b in range(n_slots + 1):
+            start[b] = 0
         for i in range(N):
             start[buckets[g, r, i] + 1] += 1
         for b in range(n_slots):

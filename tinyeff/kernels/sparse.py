@@ -48,6 +48,8 @@ A dense product multiplies every key of the range with every row of the tile, so
 finite input would leak (0 · NaN) into rows or keys that do not store it.  A tile whose
 factors of a product are not all finite (v[jlo:jhi] in the forward; q, dout of its rows or
 k[jlo:jhi] in the backward; likewise the heavy keys) computes those parts entry by entry.
+The wrappers' ``finite`` argument (the caller has checked the inputs) selects kernels
+compiled without these checks and fallbacks: a first call compiles only what it can run.
 
 NOTE: ``np.dot`` inside the kernels calls SciPy's OpenBLAS: the callers run them under
 ``blas_single_thread`` (kernels/_math.py; BLAS threads inside the task threads oversubscribe
@@ -95,7 +97,8 @@ def _row_softmax(x):
         if x[u] > c or x[u] != x[u]:
             c = x[u]
     if c == -np.inf:
-        x[:] = 0
+        for u in range(x.shape[0]):
+            x[u] = 0
         return c
     for u in range(x.shape[0]):                  # vectorized exp
         x[u] = fast_exp(x[u] - c)
@@ -126,7 +129,8 @@ def _gather_dense(dst, src_row, indices, ea, eb, off, a):
 @numba.njit(inline="always")
 def _scatter_dense(dst_row, src, indices, ea, eb, off, a):
     """dst_row = 0, then dst_row[indices[e] − off] = a · src[e] for e in [ea, eb)."""
-    dst_row[:] = 0
+    for u in range(dst_row.shape[0]):
+        dst_row[u] = 0
     nb = eb - ea
     if nb <= 0:
         return
@@ -137,6 +141,15 @@ def _scatter_dense(dst_row, src, indices, ea, eb, off, a):
     else:
         for e in range(ea, eb):
             dst_row[indices[e] - off] = a * src[e]
+
+
+@numba.njit(inline="always")
+def _zero(a):
+    """a = 0 for a 2-D array (a loop: the slice assignment ``a[:, :] = 0`` compiles
+    broadcasting code, SPEEDTIP in kernels/_jit.py)."""
+    for r in range(a.shape[0]):
+        for c in range(a.shape[1]):
+            a[r, c] = 0
 
 
 @numba.njit(inline="always")
@@ -153,14 +166,6 @@ def _gather_rows(dst, src, cols, shift):
 
 
 @numba.njit(inline="always")
-def _set_rows(dst, src):
-    """dst = src for 2-D arrays of one shape (a loop: no broadcasting code to compile)."""
-    for r in range(dst.shape[0]):
-        for c in range(dst.shape[1]):
-            dst[r, c] = src[r, c]
-
-
-@serial
 def _tile_geometry(t, bo, tile_start, tile_jlo, tile_jhi, n, m, groups):
     """Tile t of batch item bo·G + g: rows [r0, r1) of the stacked (G·N) rows, nr = r1 − r0,
     the group g, the batch slice bh, the first row i0 within the slice, the stacked key
@@ -172,7 +177,7 @@ def _tile_geometry(t, bo, tile_start, tile_jlo, tile_jhi, n, m, groups):
             max(tile_jhi[t] - off, 0))
 
 
-@serial
+@numba.njit(inline="always")
 def _heavy_keys(kb, vb, heavy_ptr, heavy_cols, g, m):
     """The heavy keys of group g gathered into contiguous (Gc, D) and (Gc, Dv) blocks."""
     h0, h1 = heavy_ptr[g], heavy_ptr[g + 1]
@@ -183,79 +188,85 @@ def _heavy_keys(kb, vb, heavy_ptr, heavy_cols, g, m):
     return kh, vh
 
 
-@serial
-def _tiles_fwd_tasks(lo, hi, out, lse, p, q, k, v, rel, kpad, indptr, indices, row_ea, row_eb,
-                     tile_start, tile_jlo, tile_jhi, heavy_ptr, heavy_cols, hv_ptr, hv_e, hv_r,
-                     hv_h, groups, scale):
-    """Tasks lo … hi − 1 (batch item, tile) of :func:`tiles_fwd`."""
-    nt = tile_start.shape[0] - 1
-    for task in range(lo, hi):
-        bo = task // nt
-        t = task - bo * nt
-        _, n, d = q.shape
-        m = v.shape[1]
-        has_rel = rel.shape[0] > 0
-        has_kpad = kpad.shape[0] > 0
-        one = q.dtype.type(1)
-        r0, r1, nr, g, bh, i0, off, jl, nrng = _tile_geometry(t, bo, tile_start, tile_jlo,
-                                                               tile_jhi, n, m, groups)
-        qb, kb, vb, pb = q[bh], k[bh], v[bh], p[bo]
-        qt = qb[i0:i0 + nr]
-        # fwd: s_e = scale · q_i·k_j — the range and the heavy keys by products
-        if nrng > 0:
-            st = np.dot(qt, kb[jl:jl + nrng].T)                             # (T, R)
-        else:
-            st = np.zeros((nr, 0), dtype=q.dtype)                           # (T, 0)
-        kh, vh = _heavy_keys(kb, vb, heavy_ptr, heavy_cols, g, m)           # (Gc, D), (Gc, Dv)
-        nh = kh.shape[0]
-        if nh > 0:
-            sh = np.dot(qt, kh.T)                                           # (T, Gc)
-        else:
-            sh = np.zeros((nr, 0), dtype=q.dtype)                           # (T, 0)
-        for u in range(hv_ptr[t], hv_ptr[t + 1]):
-            pb[hv_e[u]] = sh[hv_r[u], hv_h[u]] * scale
-        for row in range(r0, r1):
-            i = row - g * n
-            r = row - r0
-            e0, ea, eb, e1 = indptr[row], row_ea[row], row_eb[row], indptr[row + 1]
-            _gather_dense(pb, st[r], indices, ea, eb, off, scale)
-            if has_rel:                                    # + rel[i − j + M − 1]
-                for e in range(e0, e1):
-                    pb[e] += rel[bh, i - (indices[e] - g * m) + m - 1]
-            if has_kpad:                                   # padded key: −inf
-                for e in range(e0, e1):
-                    if not kpad[bh, indices[e] - g * m]:
-                        pb[e] = -np.inf
-            # fwd: p_e = exp(s_e − c_i) / z_i
-            lse[bh, i] = _row_softmax(pb[e0:e1])
-        # fwd: out_i = Σ_e p_e v_j — products where every factor is finite (0 · NaN would
-        # reach rows that do not store the key), else entry by entry
-        if nrng > 0:
-            if _finite(vb[jl:jl + nrng]):
-                for r in range(nr):
-                    _scatter_dense(st[r], pb, indices, row_ea[r0 + r], row_eb[r0 + r], off,
-                                   one)
-                _set_rows(out[bh, i0:i0 + nr], np.dot(st, vb[jl:jl + nrng]))   # (T, Dv)
-            else:
-                for row in range(r0, r1):
-                    for e in range(row_ea[row], row_eb[row]):
-                        axpy(out[bh, row - g * n], pb[e], vb[indices[e] - g * m])
-        if nh > 0:
-            heavy_o = _finite(vh)
-            sh[:, :] = 0
+def _tiles_fwd_kernel(finite, has_rel, has_kpad):
+    """The task kernel with ``finite`` (as :func:`_tiles_bwd_kernel`), ``has_rel`` and
+    ``has_kpad`` (a bias, a key padding mask given) compile-time constants: only the
+    branches a call can take are compiled."""
+
+    @serial
+    def _tiles_fwd_tasks(lo, hi, out, lse, p, q, k, v, rel, kpad, indptr, indices, row_ea,
+                         row_eb, tile_start, tile_jlo, tile_jhi, heavy_ptr, heavy_cols, hv_ptr,
+                         hv_e, hv_r, hv_h, groups, scale):
+        """Tasks lo … hi − 1 (batch item, tile) of :func:`tiles_fwd`."""
+        nt = tile_start.shape[0] - 1
+        for task in range(lo, hi):
+            bo = task // nt
+            t = task - bo * nt
+            _, n, d = q.shape
+            m = v.shape[1]
+            one = q.dtype.type(1)
+            r0, r1, nr, g, bh, i0, off, jl, nrng = _tile_geometry(t, bo, tile_start, tile_jlo,
+                                                                   tile_jhi, n, m, groups)
+            qb, kb, vb, pb = q[bh], k[bh], v[bh], p[bo]
+            qt = qb[i0:i0 + nr]
+            # fwd: s_e = scale · q_i·k_j — the range and the heavy keys by products
+            st = np.empty((nr, nrng), dtype=q.dtype)                            # (T, R)
+            np.dot(qt, kb[jl:jl + nrng].T, st)
+            kh, vh = _heavy_keys(kb, vb, heavy_ptr, heavy_cols, g, m)           # (Gc, D), (Gc, Dv)
+            nh = kh.shape[0]
+            sh = np.empty((nr, nh), dtype=q.dtype)                              # (T, Gc)
+            np.dot(qt, kh.T, sh)
             for u in range(hv_ptr[t], hv_ptr[t + 1]):
-                e = hv_e[u]
-                if heavy_o:
-                    sh[hv_r[u], hv_h[u]] = pb[e]
-                else:
-                    axpy(out[bh, i0 + hv_r[u]], pb[e], vb[indices[e] - g * m])
-            if heavy_o:
-                add_rows(out[bh, i0:i0 + nr], np.dot(sh, vh))                   # (T, Dv)
+                pb[hv_e[u]] = sh[hv_r[u], hv_h[u]] * scale
+            for row in range(r0, r1):
+                i = row - g * n
+                r = row - r0
+                e0, ea, eb, e1 = indptr[row], row_ea[row], row_eb[row], indptr[row + 1]
+                _gather_dense(pb, st[r], indices, ea, eb, off, scale)
+                if has_rel:                                    # + rel[i − j + M − 1]
+                    for e in range(e0, e1):
+                        pb[e] += rel[bh, i - (indices[e] - g * m) + m - 1]
+                if has_kpad:                                   # padded key: −inf
+                    for e in range(e0, e1):
+                        if not kpad[bh, indices[e] - g * m]:
+                            pb[e] = -np.inf
+                # fwd: p_e = exp(s_e − c_i) / z_i
+                lse[bh, i] = _row_softmax(pb[e0:e1])
+            # fwd: out_i = Σ_e p_e v_j — products where every factor is finite (0 · NaN would
+            # reach rows that do not store the key), else entry by entry
+            if nrng > 0:
+                if finite or _finite(vb[jl:jl + nrng]):
+                    for r in range(nr):
+                        _scatter_dense(st[r], pb, indices, row_ea[r0 + r], row_eb[r0 + r], off,
+                                       one)
+                    np.dot(st, vb[jl:jl + nrng], out[bh, i0:i0 + nr])                  # (T, Dv)
+                elif not finite:
+                    for row in range(r0, r1):
+                        for e in range(row_ea[row], row_eb[row]):
+                            axpy(out[bh, row - g * n], pb[e], vb[indices[e] - g * m])
+            if nh > 0:
+                if finite or _finite(vh):
+                    _zero(sh)
+                    for u in range(hv_ptr[t], hv_ptr[t + 1]):
+                        sh[hv_r[u], hv_h[u]] = pb[hv_e[u]]
+                    oh = np.empty((nr, vh.shape[1]), dtype=q.dtype)                 # (T, Dv)
+                    np.dot(sh, vh, oh)
+                    add_rows(out[bh, i0:i0 + nr], oh)
+                elif not finite:
+                    for u in range(hv_ptr[t], hv_ptr[t + 1]):
+                        e = hv_e[u]
+                        axpy(out[bh, i0 + hv_r[u]], pb[e], vb[indices[e] - g * m])
+
+    return _tiles_fwd_tasks
+
+
+_TILES_FWD_TASKS = {(f, r, k): _tiles_fwd_kernel(f, r, k)     # (finite, has_rel, has_kpad)
+                    for f in (False, True) for r in (False, True) for k in (False, True)}
 
 
 def tiles_fwd(out, lse, p, q, k, v, rel, kpad, indptr, indices, row_ea, row_eb, tile_start,
               tile_jlo, tile_jhi, heavy_ptr, heavy_cols, hv_ptr, hv_e, hv_r, hv_h, groups,
-              scale):
+              scale, finite):
     """Forward on every tile: dense and heavy scores, the row softmax (the scattered scores
     are in p already, from :func:`scattered_dot`), out = the dense and heavy parts of P v
     (the scattered part is added by :func:`scattered_axpy`).
@@ -265,104 +276,122 @@ def tiles_fwd(out, lse, p, q, k, v, rel, kpad, indptr, indices, row_ea, row_eb, 
     (0, 0); kpad (BH, M) bool (True = real key) or (0, 0); the plan arrays: tiles, dense
     spans, heavy keys of group g = heavy_cols[heavy_ptr[g]:heavy_ptr[g + 1]] and tile t's
     heavy entries u ∈ [hv_ptr[t], hv_ptr[t + 1]): CSR entry hv_e[u] of the tile's row
-    hv_r[u], key number hv_h[u] of its group's heavy keys.
+    hv_r[u], key number hv_h[u] of its group's heavy keys.  ``finite``: v is known to be
+    finite (no tile is checked; with False a tile whose v is not finite computes P v
+    entry by entry).
     """
-    run_tasks(_tiles_fwd_tasks, p.shape[0] * (tile_start.shape[0] - 1), out, lse, p, q, k, v,
-              rel, kpad, indptr, indices, row_ea, row_eb, tile_start, tile_jlo, tile_jhi,
-              heavy_ptr, heavy_cols, hv_ptr, hv_e, hv_r, hv_h, groups, scale)
+    kernel = _TILES_FWD_TASKS[bool(finite), rel.shape[0] > 0, kpad.shape[0] > 0]
+    run_tasks(kernel, p.shape[0] * (tile_start.shape[0] - 1), out, lse, p, q, k, v, rel, kpad,
+              indptr, indices, row_ea, row_eb, tile_start, tile_jlo, tile_jhi, heavy_ptr,
+              heavy_cols, hv_ptr, hv_e, hv_r, hv_h, groups, scale)
 
 
 # ---------------------------------------------------------------------- backward
 
 
-@serial
-def _tiles_bwd_tasks(lo, hi, a, ntp, dq, dk, dv, ds, ph, dsh, dout, p, q, k, v, indptr,
-                     indices, row_ea, row_eb, tile_start, tile_jlo, tile_jhi, phase_tiles,
-                     heavy_ptr, heavy_cols, hv_ptr, hv_e, hv_r, hv_h, groups, scale, per_item):
-    """Tasks lo … hi − 1 of one round of :func:`tiles_bwd`: (batch item, group) with
-    ``per_item``, else (batch item, tile phase_tiles[a + …] of the ntp tiles of a phase)."""
-    n_rows = q.shape[1]
-    for task in range(lo, hi):
-        if per_item:                        # (batch item, group): its tiles in phase order
-            bo = task // groups
-            grp = task - bo * groups
-            u0, u1 = 0, phase_tiles.shape[0]
-        else:                               # (batch item, tile of the phase)
-            bo = task // ntp
-            grp = -1
-            u0 = a + task - bo * ntp
-            u1 = u0 + 1
-        for slot in range(u0, u1):
-            t = phase_tiles[slot]
-            if grp < 0 or tile_start[t] // n_rows == grp:
-                _, n, d = q.shape
-                m = v.shape[1]
-                one = q.dtype.type(1)
-                r0, r1, nr, g, bh, i0, off, jl, nrng = _tile_geometry(t, bo, tile_start, tile_jlo,
-                                                                       tile_jhi, n, m, groups)
-                qb, kb, vb, dob, pb, dsb = q[bh], k[bh], v[bh], dout[bh], p[bo], ds[bo]
-                qt, dot_ = qb[i0:i0 + nr], dob[i0:i0 + nr]
-                # fwd: out_i = Σ_e p_e v_j   -> dp_e = dout_i · v_j (range and heavy keys: products)
-                if nrng > 0:
-                    dpt = np.dot(dot_, vb[jl:jl + nrng].T)                              # (T, R)
-                else:
-                    dpt = np.zeros((nr, 0), dtype=q.dtype)                              # (T, 0)
-                kh, vh = _heavy_keys(kb, vb, heavy_ptr, heavy_cols, g, m)  # (Gc, D), (Gc, Dv)
-                nh = kh.shape[0]
-                if nh > 0:
-                    dph = np.dot(dot_, vh.T)                                            # (T, Gc)
-                else:
-                    dph = np.zeros((nr, 0), dtype=q.dtype)                              # (T, 0)
-                # accumulating products need finite factors (else 0 · NaN leaks)
-                dense_g = (nrng > 0 and _finite(qt) and _finite(dot_)
-                           and _finite(kb[jl:jl + nrng]))
-                heavy_g = nh > 0 and _finite(kh)
-                pt = np.zeros((nr if dense_g else 0, nrng), dtype=q.dtype)              # (T, R) P̂
-                for u in range(hv_ptr[t], hv_ptr[t + 1]):
-                    dsb[hv_e[u]] = dph[hv_r[u], hv_h[u]]
-                for row in range(r0, r1):
-                    i = row - g * n
-                    r = row - r0
-                    e0, ea, eb, e1 = indptr[row], row_ea[row], row_eb[row], indptr[row + 1]
-                    _gather_dense(dsb, dpt[r], indices, ea, eb, off, one)
-                    # fwd: p_e = exp(s_e − c_i) / z_i  -> ds_e = p_e (dp_e − Σ_row p dp)
-                    delta = q.dtype.type(0)
-                    for e in range(e0, e1):
-                        delta += pb[e] * dsb[e]
-                    for e in range(e0, e1):
-                        dsb[e] = pb[e] * (dsb[e] - delta)
-                    # fwd: s_e = scale · q_i·k_j + …  -> dq_i = scale Σ_e ds_e k_j,
-                    #                                    dk_j = scale Σ_e ds_e q_i
-                    # fwd: out_i = Σ_e p_e v_j        -> dv_j = Σ_e p_e dout_i
+def _tiles_bwd_kernel(finite):
+    """The task kernel with ``finite`` a compile-time constant: True when the caller has
+    checked that q, k, v (and dout) are finite, so that the entry-by-entry fallbacks for
+    non-finite factors are not compiled (they would never run); False checks every tile."""
+
+    @serial
+    def _tiles_bwd_tasks(lo, hi, a, ntp, dq, dk, dv, ds, ph, dsh, dout, p, q, k, v, indptr,
+                         indices, row_ea, row_eb, tile_start, tile_jlo, tile_jhi, phase_tiles,
+                         heavy_ptr, heavy_cols, hv_ptr, hv_e, hv_r, hv_h, groups, scale, per_item):
+        """Tasks lo … hi − 1 of one round of :func:`tiles_bwd`: (batch item, group) with
+        ``per_item``, else (batch item, tile phase_tiles[a + …] of the ntp tiles of a phase)."""
+        n_rows = q.shape[1]
+        for task in range(lo, hi):
+            if per_item:                        # (batch item, group): its tiles in phase order
+                bo = task // groups
+                grp = task - bo * groups
+                u0, u1 = 0, phase_tiles.shape[0]
+            else:                               # (batch item, tile of the phase)
+                bo = task // ntp
+                grp = -1
+                u0 = a + task - bo * ntp
+                u1 = u0 + 1
+            for slot in range(u0, u1):
+                t = phase_tiles[slot]
+                if grp < 0 or tile_start[t] // n_rows == grp:
+                    _, n, d = q.shape
+                    m = v.shape[1]
+                    one = q.dtype.type(1)
+                    r0, r1, nr, g, bh, i0, off, jl, nrng = _tile_geometry(
+                        t, bo, tile_start, tile_jlo, tile_jhi, n, m, groups)
+                    qb, kb, vb, dob, pb, dsb = q[bh], k[bh], v[bh], dout[bh], p[bo], ds[bo]
+                    qt, dot_ = qb[i0:i0 + nr], dob[i0:i0 + nr]
+                    # fwd: out_i = Σ_e p_e v_j   -> dp_e = dout_i · v_j (range and heavy keys:
+                    # products)
+                    dpt = np.empty((nr, nrng), dtype=q.dtype)                           # (T, R)
+                    np.dot(dot_, vb[jl:jl + nrng].T, dpt)
+                    kh, vh = _heavy_keys(kb, vb, heavy_ptr, heavy_cols, g, m)  # (Gc, D), (Gc, Dv)
+                    nh = kh.shape[0]
+                    dph = np.empty((nr, nh), dtype=q.dtype)                             # (T, Gc)
+                    np.dot(dot_, vh.T, dph)
+                    # accumulating products need finite factors (else 0 · NaN leaks)
+                    dense_g = nrng > 0 and (finite or (_finite(qt) and _finite(dot_)
+                                                       and _finite(kb[jl:jl + nrng])))
+                    heavy_g = nh > 0 and (finite or _finite(kh))
+                    # (T, R) P̂: every row is set below (_scatter_dense zeroes it first)
+                    pt = np.empty((nr if dense_g else 0, nrng), dtype=q.dtype)
+                    for u in range(hv_ptr[t], hv_ptr[t + 1]):
+                        dsb[hv_e[u]] = dph[hv_r[u], hv_h[u]]
+                    for row in range(r0, r1):
+                        i = row - g * n
+                        r = row - r0
+                        e0, ea, eb, e1 = indptr[row], row_ea[row], row_eb[row], indptr[row + 1]
+                        _gather_dense(dsb, dpt[r], indices, ea, eb, off, one)
+                        # fwd: p_e = exp(s_e − c_i) / z_i  -> ds_e = p_e (dp_e − Σ_row p dp)
+                        delta = q.dtype.type(0)
+                        for e in range(e0, e1):
+                            delta += pb[e] * dsb[e]
+                        for e in range(e0, e1):
+                            dsb[e] = pb[e] * (dsb[e] - delta)
+                        # fwd: s_e = scale · q_i·k_j + …  -> dq_i = scale Σ_e ds_e k_j,
+                        #                                    dk_j = scale Σ_e ds_e q_i
+                        # fwd: out_i = Σ_e p_e v_j        -> dv_j = Σ_e p_e dout_i
+                        if dense_g:
+                            _scatter_dense(dpt[r], dsb, indices, ea, eb, off, scale)
+                            _scatter_dense(pt[r], pb, indices, ea, eb, off, one)
+                        elif not finite:                    # this phase owns the keys of the range
+                            for e in range(ea, eb):
+                                j = indices[e] - g * m
+                                axpy(dq[bh, i], dsb[e] * scale, kb[j])
+                                axpy(dk[bh, j], dsb[e] * scale, qb[i])
+                                axpy(dv[bh, j], pb[e], dob[i])
+                    _zero(dph)
+                    for u in range(hv_ptr[t], hv_ptr[t + 1]):
+                        e, h, i = hv_e[u], hv_h[u], i0 + hv_r[u]
+                        ph[bh, h, i] = pb[e]                # dk, dv: heavy_bwd
+                        dsh[bh, h, i] = dsb[e] * scale
+                        if heavy_g:
+                            dph[hv_r[u], h] = dsb[e] * scale
+                        elif not finite:
+                            axpy(dq[bh, i], dsb[e] * scale, kb[indices[e] - g * m])
+                    gq = np.empty((nr, d), dtype=q.dtype)                               # (T, D)
                     if dense_g:
-                        _scatter_dense(dpt[r], dsb, indices, ea, eb, off, scale)
-                        _scatter_dense(pt[r], pb, indices, ea, eb, off, one)
-                    else:                               # this phase owns the keys of the range
-                        for e in range(ea, eb):
-                            j = indices[e] - g * m
-                            axpy(dq[bh, i], dsb[e] * scale, kb[j])
-                            axpy(dk[bh, j], dsb[e] * scale, qb[i])
-                            axpy(dv[bh, j], pb[e], dob[i])
-                dph[:, :] = 0
-                for u in range(hv_ptr[t], hv_ptr[t + 1]):
-                    e, h, i = hv_e[u], hv_h[u], i0 + hv_r[u]
-                    ph[bh, h, i] = pb[e]                # dk, dv: heavy_bwd
-                    dsh[bh, h, i] = dsb[e] * scale
+                        gk = np.empty((nrng, d), dtype=q.dtype)                         # (R, D)
+                        gv = np.empty((nrng, vb.shape[1]), dtype=q.dtype)               # (R, Dv)
+                        np.dot(dpt, kb[jl:jl + nrng], gq)
+                        add_rows(dq[bh, i0:i0 + nr], gq)
+                        np.dot(dpt.T, qt, gk)
+                        add_rows(dk[bh, jl:jl + nrng], gk)
+                        np.dot(pt.T, dot_, gv)
+                        add_rows(dv[bh, jl:jl + nrng], gv)
                     if heavy_g:
-                        dph[hv_r[u], h] = dsb[e] * scale
-                    else:
-                        axpy(dq[bh, i], dsb[e] * scale, kb[indices[e] - g * m])
-                if dense_g:
-                    add_rows(dq[bh, i0:i0 + nr], np.dot(dpt, kb[jl:jl + nrng]))          # (T, D)
-                    add_rows(dk[bh, jl:jl + nrng], np.dot(dpt.T, qt))                    # (R, D)
-                    add_rows(dv[bh, jl:jl + nrng], np.dot(pt.T, dot_))                   # (R, Dv)
-                if heavy_g:
-                    add_rows(dq[bh, i0:i0 + nr], np.dot(dph, kh))                        # (T, D)
+                        np.dot(dph, kh, gq)
+                        add_rows(dq[bh, i0:i0 + nr], gq)
+
+    return _tiles_bwd_tasks
+
+
+_TILES_BWD_TASKS = {f: _tiles_bwd_kernel(f) for f in (False, True)}   # finite -> kernel
 
 
 def tiles_bwd(dq, dk, dv, ds, ph, dsh, dout, p, q, k, v, indptr, indices, row_ea, row_eb,
               tile_start, tile_jlo, tile_jhi, phase_ptr, phase_tiles, heavy_ptr, heavy_cols,
-              hv_ptr, hv_e, hv_r, hv_h, groups, scale, per_item):
+              hv_ptr, hv_e, hv_r, hv_h, groups, scale, per_item, finite):
     """Backward on every tile: the dense and heavy dp (the scattered dp are in ds already,
     from :func:`scattered_dot`), ds of every entry, the dense and heavy parts of dq, the
     dense entries' dk, dv; the heavy entries' p and ds·scale go to ph, dsh.
@@ -373,59 +402,76 @@ def tiles_bwd(dq, dk, dv, ds, ph, dsh, dout, p, q, k, v, indptr, indices, row_ea
     phase, parallel over (batch item, tile of the phase); or (``per_item``, when the batch
     items alone keep the threads busy) parallel over batch items, each visiting its tiles in
     the same phase-major order — no barrier between phases.  Either way each key row
-    receives the tiles' contributions in phase order.
+    receives the tiles' contributions in phase order.  ``finite``: q, k and dout are known
+    to be finite (no tile is checked; with False a tile with a non-finite factor computes
+    the gradients of its entries entry by entry).
     """
     bo_n = p.shape[0]
     rounds = [(0, 0, bo_n * groups)] if per_item else [    # (a, ntp, tasks) per round
         (int(phase_ptr[f]), int(phase_ptr[f + 1] - phase_ptr[f]),
          bo_n * int(phase_ptr[f + 1] - phase_ptr[f])) for f in range(phase_ptr.shape[0] - 1)]
     for a, ntp, ntask in rounds:            # per_item: one round; else one per phase
-        run_tasks(_tiles_bwd_tasks, ntask, a, ntp, dq, dk, dv, ds, ph, dsh, dout, p, q, k, v,
-                  indptr, indices, row_ea, row_eb, tile_start, tile_jlo, tile_jhi,
+        run_tasks(_TILES_BWD_TASKS[bool(finite)], ntask, a, ntp, dq, dk, dv, ds, ph, dsh, dout,
+                  p, q, k, v, indptr, indices, row_ea, row_eb, tile_start, tile_jlo, tile_jhi,
                   phase_tiles, heavy_ptr, heavy_cols, hv_ptr, hv_e, hv_r, hv_h, groups, scale,
                   per_item)
 
 
-@serial
-def _heavy_tasks(lo, hi, dk, dv, ph, dsh, q, dout, p, ds, heavy_ptr, heavy_cols, t_indptr,
-                 t_indices, t_perm, row_ea, row_eb, groups, scale):
-    """Batch items lo … hi − 1 of :func:`heavy_bwd`."""
-    for bh in range(lo, hi):
-        n = q.shape[1]
-        m = dk.shape[1]
-        g = bh % groups
-        bo = bh // groups
-        h0 = heavy_ptr[g]
-        nh = heavy_ptr[g + 1] - h0
-        if nh == 0:
-            continue
-        if _finite(q[bh]) and _finite(dout[bh]):
-            gk = np.dot(dsh[bh, :nh], q[bh])                                    # (Gc, D)
-            gv = np.dot(ph[bh, :nh], dout[bh])                                  # (Gc, Dv)
-            for h in range(nh):
-                j = heavy_cols[h0 + h] - g * m
-                add_rows(dk[bh, j:j + 1], gk[h:h + 1])
-                add_rows(dv[bh, j:j + 1], gv[h:h + 1])
-            continue
-        for h in range(nh):
-            col = heavy_cols[h0 + h]
-            j = col - g * m
-            for t in range(t_indptr[col], t_indptr[col + 1]):
-                row = t_indices[t]
-                e = t_perm[t]
-                if row_ea[row] <= e < row_eb[row]:
+def _heavy_kernel(finite):
+    """The task kernel with ``finite`` a compile-time constant: True when the caller has
+    checked that q, k, v (and dout) are finite, so that the entry-by-entry fallbacks for
+    non-finite factors are not compiled (they would never run); False checks every tile."""
+
+    @serial
+    def _heavy_tasks(lo, hi, dk, dv, ph, dsh, q, dout, p, ds, heavy_ptr, heavy_cols, tile_start,
+                     hv_ptr, hv_e, hv_r, hv_h, groups, scale):
+        """Batch items lo … hi − 1 of :func:`heavy_bwd`."""
+        for bh in range(lo, hi):
+            n = q.shape[1]
+            m = dk.shape[1]
+            g = bh % groups
+            bo = bh // groups
+            h0 = heavy_ptr[g]
+            nh = heavy_ptr[g + 1] - h0
+            if nh == 0:
+                continue
+            if finite or (_finite(q[bh]) and _finite(dout[bh])):
+                gk = np.empty((nh, q.shape[2]), dtype=q.dtype)                      # (Gc, D)
+                gv = np.empty((nh, dout.shape[2]), dtype=q.dtype)                   # (Gc, Dv)
+                np.dot(dsh[bh, :nh], q[bh], gk)
+                np.dot(ph[bh, :nh], dout[bh], gv)
+                for h in range(nh):
+                    j = heavy_cols[h0 + h] - g * m
+                    add_rows(dk[bh, j:j + 1], gk[h:h + 1])
+                    add_rows(dv[bh, j:j + 1], gv[h:h + 1])
+                continue
+            if finite:
+                continue
+            for t in range(tile_start.shape[0] - 1):       # the group's heavy entries in CSR
+                if tile_start[t] // n != g:                  # order: each key's rows ascending
                     continue
-                axpy(dk[bh, j], ds[bo, e] * scale, q[bh, row - g * n])
-                axpy(dv[bh, j], p[bo, e], dout[bh, row - g * n])
+                for u in range(hv_ptr[t], hv_ptr[t + 1]):
+                    e = hv_e[u]
+                    i = tile_start[t] - g * n + hv_r[u]
+                    j = heavy_cols[h0 + hv_h[u]] - g * m
+                    axpy(dk[bh, j], ds[bo, e] * scale, q[bh, i])
+                    axpy(dv[bh, j], p[bo, e], dout[bh, i])
+
+    return _heavy_tasks
 
 
-def heavy_bwd(dk, dv, ph, dsh, q, dout, p, ds, heavy_ptr, heavy_cols, t_indptr, t_indices,
-              t_perm, row_ea, row_eb, groups, scale):
+_HEAVY_TASKS = {f: _heavy_kernel(f) for f in (False, True)}   # finite -> kernel
+
+
+def heavy_bwd(dk, dv, ph, dsh, q, dout, p, ds, heavy_ptr, heavy_cols, tile_start, hv_ptr, hv_e,
+              hv_r, hv_h, groups, scale, finite):
     """dk_j += Σ (ds_e·scale) q_i, dv_j += Σ p_e dout_i over the heavy entries of each heavy
     key j: two products per batch item (ph, dsh from :func:`tiles_bwd`), or, if q or dout
-    of the batch item is not finite, entry by entry down the transposed pattern."""
-    run_tasks(_heavy_tasks, q.shape[0], dk, dv, ph, dsh, q, dout, p, ds, heavy_ptr, heavy_cols,
-              t_indptr, t_indices, t_perm, row_ea, row_eb, groups, scale)
+    of the batch item is not finite, entry by entry over the tiles' heavy entries (the plan
+    arrays of :func:`tiles_fwd`; each key's rows ascending).  ``finite``: q and dout are
+    known to be finite (nothing is checked)."""
+    run_tasks(_HEAVY_TASKS[bool(finite)], q.shape[0], dk, dv, ph, dsh, q, dout, p, ds,
+              heavy_ptr, heavy_cols, tile_start, hv_ptr, hv_e, hv_r, hv_h, groups, scale)
 
 
 @serial

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import numba
 import numpy as np
 
 from ._jit import serial
@@ -25,7 +26,7 @@ from ._jit import serial
 # ---------------------------------------------------------------------- kernels
 
 
-@serial
+@numba.njit(inline="always")
 def longest_runs(run_lo, run_hi, indptr, indices, min_len):
     """[run_lo_i, run_hi_i) = row i's longest run of consecutive keys (the first of that
     length), or [0, 0) if it is shorter than min_len."""
@@ -48,7 +49,7 @@ def longest_runs(run_lo, run_hi, indptr, indices, min_len):
             run_hi[i] = 0
 
 
-@serial
+@numba.njit(inline="always")
 def plan_tiles(tile_start, tile_jlo, tile_jhi, run_lo, run_hi, n, t_max, max_area, min_eff):
     """Greedy tiling of the (G·N) rows; returns the number of tiles nt.
 
@@ -88,7 +89,21 @@ def plan_tiles(tile_start, tile_jlo, tile_jhi, run_lo, run_hi, n, t_max, max_are
     return nt
 
 
-@serial
+@numba.njit(inline="always")
+def _lower_bound(indices, lo, hi, x):
+    """The first e in [lo, hi) with indices[e] >= x, else hi (indices sorted on [lo, hi);
+    np.searchsorted's left side, by bisection: ``np.searchsorted`` itself compiles a generic
+    sort-order machinery of its own, most of this kernel's compile time)."""
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if indices[mid] < x:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+@numba.njit(inline="always")
 def dense_spans(row_ea, row_eb, indptr, indices, tile_start, tile_jlo, tile_jhi):
     """[row_ea_i, row_eb_i) = the entries of row i whose key lies in its tile's range (a
     contiguous span, the indices being sorted); empty (= indptr[i], indptr[i]) if none."""
@@ -99,12 +114,11 @@ def dense_spans(row_ea, row_eb, indptr, indices, tile_start, tile_jlo, tile_jhi)
                 row_ea[row] = e0
                 row_eb[row] = e0
                 continue
-            cols = indices[e0:e1]
-            row_ea[row] = e0 + np.searchsorted(cols, tile_jlo[t])
-            row_eb[row] = e0 + np.searchsorted(cols, tile_jhi[t])
+            row_ea[row] = _lower_bound(indices, e0, e1, tile_jlo[t])
+            row_eb[row] = _lower_bound(indices, e0, e1, tile_jhi[t])
 
 
-@serial
+@numba.njit(inline="always")
 def count_outside(counts, indptr, indices, row_ea, row_eb):
     """counts[j] = entries of key column j outside their row's dense span."""
     for row in range(indptr.shape[0] - 1):
@@ -115,11 +129,26 @@ def count_outside(counts, indptr, indices, row_ea, row_eb):
 
 
 @serial
-def color_tiles(phase, tile_jlo, tile_jhi, order):
+def plan_rows(run_lo, run_hi, tile_start, tile_jlo, tile_jhi, row_ea, row_eb, counts, indptr,
+              indices, n, min_len, t_max, max_area, min_eff):
+    """The row side of the plan in one kernel (one compiled function, not four):
+    :func:`longest_runs`, :func:`plan_tiles`, :func:`dense_spans` of its nt tiles and
+    :func:`count_outside` (counts zero-filled on entry); returns nt."""
+    longest_runs(run_lo, run_hi, indptr, indices, min_len)
+    nt = plan_tiles(tile_start, tile_jlo, tile_jhi, run_lo, run_hi, n, t_max, max_area,
+                    min_eff)
+    dense_spans(row_ea, row_eb, indptr, indices, tile_start[:nt + 1], tile_jlo[:nt],
+                tile_jhi[:nt])
+    count_outside(counts, indptr, indices, row_ea, row_eb)
+    return nt
+
+
+@serial
+def color_tiles(phase, ends, tile_jlo, tile_jhi, order):
     """First-fit colouring of the tile ranges visited by increasing jlo (``order``): tiles
-    of one phase have disjoint ranges.  Empty ranges go to phase 0.  Returns the count."""
+    of one phase have disjoint ranges.  Empty ranges go to phase 0.  Returns the count.
+    ends (max(nt, 1),) is scratch (the last range end of each phase)."""
     nt = order.shape[0]
-    ends = np.empty(max(nt, 1), dtype=np.int64)   # last range end of each phase
     n_ph = 1
     ends[0] = -1
     for u in range(nt):
@@ -186,22 +215,20 @@ class Plan:
         nnz = int(indices.shape[0])
         run_lo = np.empty(rows, dtype=np.int64)                             # (G·N,)
         run_hi = np.empty(rows, dtype=np.int64)                             # (G·N,)
-        longest_runs(run_lo, run_hi, indptr, indices, knobs.MIN_RUN)
         start = np.zeros(rows + 1, dtype=np.int64)                          # (≤ G·N + 1,)
         jlo = np.empty(rows, dtype=np.int64)                                # (≤ G·N,)
         jhi = np.empty(rows, dtype=np.int64)                                # (≤ G·N,)
-        nt = plan_tiles(start, jlo, jhi, run_lo, run_hi, n, knobs.TILE,
-                                knobs.MAX_AREA, knobs.MIN_EFF) if rows else 0
+        self.row_ea = np.empty(rows, dtype=np.int64)                        # (G·N,)
+        self.row_eb = np.empty(rows, dtype=np.int64)                        # (G·N,)
+        outside = np.zeros(cols, dtype=np.int64)                            # (G·M,)
+        # runs, tiles, dense spans, and the entries of each key outside the dense spans
+        nt = plan_rows(run_lo, run_hi, start, jlo, jhi, self.row_ea, self.row_eb, outside,
+                       indptr, indices, n, knobs.MIN_RUN, knobs.TILE, knobs.MAX_AREA,
+                       knobs.MIN_EFF)
         self.tile_start = start[:nt + 1].copy()                             # (nt + 1,)
         self.tile_jlo = jlo[:nt].copy()                                     # (nt,)
         self.tile_jhi = jhi[:nt].copy()                                     # (nt,)
-        self.row_ea = np.empty(rows, dtype=np.int64)                        # (G·N,)
-        self.row_eb = np.empty(rows, dtype=np.int64)                        # (G·N,)
-        dense_spans(self.row_ea, self.row_eb, indptr, indices, self.tile_start,
-                         self.tile_jlo, self.tile_jhi)
         # heavy keys: stored outside the dense spans by ≥ HEAVY_FRAC of the group's rows
-        outside = np.zeros(cols, dtype=np.int64)                            # (G·M,)
-        count_outside(outside, indptr, indices, self.row_ea, self.row_eb)
         heavy = []
         for g in range(groups):
             cnt = outside[g * m:(g + 1) * m]                                # (M,)
@@ -257,7 +284,8 @@ class Plan:
             nt = self.tile_jlo.shape[0]
             order = np.argsort(self.tile_jlo, kind="stable")                # (nt,)
             phase = np.zeros(nt, dtype=np.int64)                            # (nt,)
-            n_ph = color_tiles(phase, self.tile_jlo, self.tile_jhi, order)
+            ends = np.empty(max(nt, 1), dtype=np.int64)                     # scratch
+            n_ph = color_tiles(phase, ends, self.tile_jlo, self.tile_jhi, order)
             phase_ptr = np.zeros(n_ph + 1, dtype=np.int64)                  # (P + 1,)
             np.cumsum(np.bincount(phase, minlength=n_ph), out=phase_ptr[1:])
             phase_tiles = np.argsort(phase, kind="stable").astype(np.int64)  # (nt,)
