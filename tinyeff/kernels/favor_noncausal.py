@@ -79,17 +79,45 @@ def _rowmax(row):
 
 @serial
 def _features(f, ell, xh, x, omega_t, root, half_log_m):
-    """f (T, m) = exp(a − c), ell (T) = c − ½ ln m and xh (T, D) = x̂ for the rows of x."""
+    """f (T, m) = exp(a − c), ell (T) = c − ½ ln m and xh (T, D) = x̂ for the rows of x.
+
+    SPEEDTIP: ‖x̂‖² of four rows at a time (four independent chains of adds, each in the
+    order e = 0 … D − 1, as one row at a time would wait on each add in turn)."""
     nt, d = x.shape
-    for t in range(nt):
+    sqs = np.zeros(nt) + root * 0                                  # (T) ‖x̂‖²
+    t4 = nt - nt % 4
+    for t in range(0, t4, 4):
+        s0 = root * 0
+        s1 = s0
+        s2 = s0
+        s3 = s0
         for e in range(d):
-            xh[t, e] = x[t, e] * root                              # x̂ = √scale · x
+            a0 = x[t, e] * root                                    # x̂ = √scale · x
+            a1 = x[t + 1, e] * root
+            a2 = x[t + 2, e] * root
+            a3 = x[t + 3, e] * root
+            xh[t, e] = a0
+            xh[t + 1, e] = a1
+            xh[t + 2, e] = a2
+            xh[t + 3, e] = a3
+            s0 += a0 * a0
+            s1 += a1 * a1
+            s2 += a2 * a2
+            s3 += a3 * a3
+        sqs[t] = s0
+        sqs[t + 1] = s1
+        sqs[t + 2] = s2
+        sqs[t + 3] = s3
+    for t in range(t4, nt):
+        s0 = root * 0
+        for e in range(d):
+            a0 = x[t, e] * root
+            xh[t, e] = a0
+            s0 += a0 * a0
+        sqs[t] = s0
     np.dot(xh, omega_t, f)                                         # x̂ ωᵀ
     for t in range(nt):
-        sq = root * 0
-        for e in range(d):
-            sq += xh[t, e] * xh[t, e]
-        h = sq * 0.5
+        h = sqs[t] * 0.5
         row = f[t]
         for u in range(row.shape[0]):
             row[u] = row[u] - h                                    # a = x̂ωᵀ − ‖x̂‖²/2
