@@ -332,18 +332,19 @@ def _bwd_kv_slices(lo, hi, dfk, dvv, U, cn, fq, dnum, dden, cmax, fk, lk, v, sub
                         dvs[j, e] = sj * p1[j, e] + p2[j, e]
                 # the sub-chunk's rows join the state, at the scale C_t0 (≤ every C_i joined)
                 c0 = cs[0]
-                if cb > -np.inf:
-                    s = np.exp(c0 - cb)                                # 0 when c0 = −inf
-                    for f in range(n_f):
-                        for e in range(dv + 1):
-                            Ub[f, e] *= s
                 for i in range(nt):
                     h[i] = one[0] if cs[i] == c0 else np.exp(c0 - cs[i])
                 _ones_col(hg, dnum[b, t0:t1], dden[b, t0:t1], h)       # diag(h) dnum'
                 np.dot(qs.T, hg[:nt], du)                              # Fqᵀ diag(h) dnum'
-                for f in range(n_f):
-                    for e in range(dv + 1):
-                        Ub[f, e] += du[f, e]
+                if cb > -np.inf:
+                    s = np.exp(c0 - cb)                                # 0 when c0 = −inf
+                    for f in range(n_f):                               # one pass: Ũ' s + du
+                        for e in range(dv + 1):
+                            Ub[f, e] = Ub[f, e] * s + du[f, e]
+                else:
+                    for f in range(n_f):
+                        for e in range(dv + 1):
+                            Ub[f, e] += du[f, e]
                 cb = c0
         cn[b] = cb
 
