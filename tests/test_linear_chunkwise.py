@@ -186,3 +186,26 @@ def test_performer_causal_gradcheck_with_sub_chunks(rng, monkeypatch):
                                           m=6)["features"]
     check_vjp(performer.forward, performer.backward, x,
               {"features": omega, "causal": True}, rng=rng).assert_ok(GRAD_FD)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("r", [1, 7, 13])
+def test_favor_rows_features_formed_with_dx_equal_given(dtype, r, rng, monkeypatch):
+    """favor_dx with an empty f (the features formed task by task next to their dx, as the
+    causal backward's dq does) gives the bits of favor_dx fed favor_features' f; both match
+    the feature map's own forward and backward (tinyeff.ops.feature_maps).  Tasks of 4 rows
+    (the last one shorter)."""
+    monkeypatch.setattr(engine, "FEATURE_ROWS", 4)
+    x = rng.standard_normal((r, 5)).astype(dtype)                  # (R, D)
+    omega = performer.draw_random_options(np.random.default_rng(2), 5, dtype,
+                                          m=9)["features"]         # (m, D)
+    fmap = engine.FeatureMap(kind="favor_softmax", omega=omega, scale=0.5, kernel_eps=0.0)
+    f, ell = engine._row_features(fmap, x)                         # (R, m), (R)
+    f_ref, ell_ref = fmap.forward(x)
+    assert_close(f, f_ref)
+    assert_close(ell, ell_ref)
+    df = rng.standard_normal(f.shape).astype(dtype)                # (R, m)
+    given = engine._row_chain(fmap, df.copy(), f, x)               # (R, D)
+    formed = engine._row_chain(fmap, df.copy(), None, x)           # (R, D)
+    np.testing.assert_array_equal(formed, given)
+    assert_close(given, fmap.backward(df, f_ref, x))

@@ -672,10 +672,15 @@ def _row_features(fmap, x):
 
 
 def _row_chain(fmap, df, f, x):
-    """dx of flat rows x (R, D) through the feature map (:func:`chain_q`); df, a temporary of
-    the caller, may be overwritten."""
+    """dx of flat rows x (R, D) through the feature map (:func:`chain_q`); f: the features of
+    x, or None (formed here: the FAVOR+ kernel forms them task by task next to their dx); df,
+    a temporary of the caller, may be overwritten."""
     if not _favor_fused(fmap):
+        if f is None:
+            f, _ = features(fmap, x)                               # (R, F)
         return chain_q(fmap, df, f, x)
+    if f is None:
+        f = np.empty((0, fmap.n_features), x.dtype)               # (0, m): formed per task
     dx = np.empty(x.shape, x.dtype)                                # (R, D)
     with blas_single_thread():
         kernels_rows.favor_dx(dx, df, f, x, *_row_favor_args(fmap, x.dtype), FEATURE_ROWS)
@@ -742,9 +747,8 @@ def _backward_causal(dout, ctx: LinearCtx, chunks, dq, dk, dv) -> dict:
             kernels.causal_bwd_q(dfq, *state, fk.reshape(bh, nk, nf), lk.reshape(bh, nk),
                                  vc.reshape(bh, nk, dvd), dnum, dden, SUBCHUNK)
         qc = _flat(q[..., qs, :])                                  # (BH·nq, D)
-        fq, _ = _row_features(fmap, qc)                            # (BH·nq, F)
-        # fwd: fq = φ(q)
-        dq[..., qs, :] = _row_chain(fmap, dfq.reshape(-1, nf), fq, qc).reshape(*batch, nq, d)
+        # fwd: fq = φ(q)   (fq formed by _row_chain)
+        dq[..., qs, :] = _row_chain(fmap, dfq.reshape(-1, nf), None, qc).reshape(*batch, nq, d)
     state = (np.zeros((bh, nf, dvd + 1), dtype),                   # [Ũ | r̃] (BH, F, Dv + 1)
              np.full(bh, -np.inf, dtype))                          # the state's scale
     for qs, ks in reversed(chunks):                                # pass 2: dk, dv, reverse

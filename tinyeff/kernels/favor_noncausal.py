@@ -50,36 +50,74 @@ __all__ = ["favor_fwd", "favor_bwd"]
 
 @serial
 def _rowmax(row):
-    """max_u row[u], NaN-propagating, in four interleaved lanes (one running maximum would
-    wait on each comparison in turn); m ≥ 1."""
+    """max_u row[u], NaN-propagating, in eight interleaved lanes (one running maximum would
+    wait on each comparison in turn); m ≥ 1.  The maximum is exact, so the lane count does
+    not change the result."""
     n = row.shape[0]
     c0 = row[0]
     c1 = row[0]
     c2 = row[0]
     c3 = row[0]
-    for u in range(0, n - 3, 4):
+    c4 = row[0]
+    c5 = row[0]
+    c6 = row[0]
+    c7 = row[0]
+    for u in range(0, n - 7, 8):
         c0 = nanmax(c0, row[u])
         c1 = nanmax(c1, row[u + 1])
         c2 = nanmax(c2, row[u + 2])
         c3 = nanmax(c3, row[u + 3])
-    for u in range(n - n % 4, n):
+        c4 = nanmax(c4, row[u + 4])
+        c5 = nanmax(c5, row[u + 5])
+        c6 = nanmax(c6, row[u + 6])
+        c7 = nanmax(c7, row[u + 7])
+    for u in range(n - n % 8, n):
         c0 = nanmax(c0, row[u])
-    return nanmax(nanmax(c0, c1), nanmax(c2, c3))
+    return nanmax(nanmax(nanmax(c0, c1), nanmax(c2, c3)),
+                  nanmax(nanmax(c4, c5), nanmax(c6, c7)))
 
 
 @serial
 def _features(f, ell, xh, x, omega_t, root, half_log_m):
-    """f (T, m) = exp(a − c), ell (T) = c − ½ ln m and xh (T, D) = x̂ for the rows of x."""
+    """f (T, m) = exp(a − c), ell (T) = c − ½ ln m and xh (T, D) = x̂ for the rows of x.
+
+    SPEEDTIP: ‖x̂‖² of four rows at a time (four independent chains of adds, each in the
+    order e = 0 … D − 1, as one row at a time would wait on each add in turn)."""
     nt, d = x.shape
-    for t in range(nt):
+    sqs = np.zeros(nt) + root * 0                                  # (T) ‖x̂‖²
+    t4 = nt - nt % 4
+    for t in range(0, t4, 4):
+        s0 = root * 0
+        s1 = s0
+        s2 = s0
+        s3 = s0
         for e in range(d):
-            xh[t, e] = x[t, e] * root                              # x̂ = √scale · x
+            a0 = x[t, e] * root                                    # x̂ = √scale · x
+            a1 = x[t + 1, e] * root
+            a2 = x[t + 2, e] * root
+            a3 = x[t + 3, e] * root
+            xh[t, e] = a0
+            xh[t + 1, e] = a1
+            xh[t + 2, e] = a2
+            xh[t + 3, e] = a3
+            s0 += a0 * a0
+            s1 += a1 * a1
+            s2 += a2 * a2
+            s3 += a3 * a3
+        sqs[t] = s0
+        sqs[t + 1] = s1
+        sqs[t + 2] = s2
+        sqs[t + 3] = s3
+    for t in range(t4, nt):
+        s0 = root * 0
+        for e in range(d):
+            a0 = x[t, e] * root
+            xh[t, e] = a0
+            s0 += a0 * a0
+        sqs[t] = s0
     np.dot(xh, omega_t, f)                                         # x̂ ωᵀ
     for t in range(nt):
-        sq = root * 0
-        for e in range(d):
-            sq += xh[t, e] * xh[t, e]
-        h = sq * 0.5
+        h = sqs[t] * 0.5
         row = f[t]
         for u in range(row.shape[0]):
             row[u] = row[u] - h                                    # a = x̂ωᵀ − ‖x̂‖²/2

@@ -114,18 +114,24 @@ def _all_finite(x):
 
 
 @serial
-def _pair_weights(att, lk_s, ct, zero, upper):
+def _pair_weights(att, lk_s, ct, w, zero, upper):
     """att[i, j] *= exp(lk_j − C_i) for key j ≤ row i, = 0 elsewhere and for lk_j = −inf;
-    ``upper``: att is (key j, row i), the same entries transposed."""
+    ``upper``: att is (key j, row i), the same entries transposed.  w (T): scratch.
+
+    SPEEDTIP: C_i is a running maximum, mostly equal to C_{i−1}: row i then reuses row
+    i − 1's exp(lk_j − C_i) (the same operands, so the same bits) and computes one exp, not i."""
     nt = att.shape[0]
     for i in range(nt):
         c = ct[i]
+        same = i > 0 and c == ct[i - 1]                            # w[j < i] = exp(lk_j − c)
         for j in range(nt):
             l = lk_s[j]
             if j > i or l == -np.inf:                              # assigned: 0 · NaN = NaN
                 a = zero
             else:
-                a = (att[j, i] if upper else att[i, j]) * np.exp(l - c)
+                if not (same and j < i):
+                    w[j] = np.exp(l - c)
+                a = (att[j, i] if upper else att[i, j]) * w[j]
             if upper:
                 att[j, i] = a
             else:
@@ -150,6 +156,7 @@ def _scan_slices(lo, hi, grad, num, den, cmax, dfq, S, c, fq, fk, lk, v, dnum, d
     ds = np.empty((n_f, dv + 1), dtype=dt)                         # (F, Dv + 1)
     ct = np.empty(sub, dtype=dt)                                   # (T) C_i
     g = np.empty(sub, dtype=dt)                                    # (T) g_j
+    g2 = np.empty(sub, dtype=dt)                                   # (T) scratch
     one = np.ones(sub, dtype=dt)
     zero = np.zeros(1, dtype=dt)[0]
     t_end = max(n_rows, nk)
@@ -185,7 +192,7 @@ def _scan_slices(lo, hi, grad, num, den, cmax, dfq, S, c, fq, fk, lk, v, dnum, d
                     qs = fq[b, t0:t1]                                  # (T, F)
                     np.dot(qs, ks.T, att)                              # fq_i·fk_j
                     np.dot(qs, Sb, p1[:nt])                            # [fq_i S, fq_i·z]
-                _pair_weights(att, lk[b, t0:t1], ct[:nt], zero, False)
+                _pair_weights(att, lk[b, t0:t1], ct[:nt], g2, zero, False)
                 if grad:
                     np.dot(att, ks, pf[:nt])
                     for i in range(nt):
@@ -260,6 +267,7 @@ def _bwd_kv_slices(lo, hi, dfk, dvv, U, cn, fq, dnum, dden, cmax, fk, lk, v, sub
     p2 = np.empty((sub, dv + 1), dtype=dt)                         # (T, Dv + 1)
     du = np.empty((n_f, dv + 1), dtype=dt)                         # (F, Dv + 1)
     h = np.empty(sub, dtype=dt)                                    # (T) h_i
+    h2 = np.empty(sub, dtype=dt)                                   # (T) scratch
     one = np.ones(sub, dtype=dt)
     zero = np.zeros(1, dtype=dt)[0]
     t_end = max(nq, nk)
@@ -310,10 +318,10 @@ def _bwd_kv_slices(lo, hi, dfk, dvv, U, cn, fq, dnum, dden, cmax, fk, lk, v, sub
                 np.dot(vp[:nt], Ub.T, dks)                             # later rows: Ũ v_j + r̃
                 np.dot(ks, Ub, p1[:nt])                                # later rows: Ũᵀ fk_j
                 np.dot(vp[:nt], gp[:nt].T, att)                        # v'_j·dnum'_i
-                _pair_weights(att, lk[b, t0:t1], cs, zero, True)
+                _pair_weights(att, lk[b, t0:t1], cs, h2, zero, True)
                 np.dot(att, qs, pf[:nt])
                 np.dot(ks, qs.T, att)                                  # fk_j·fq_i
-                _pair_weights(att, lk[b, t0:t1], cs, zero, True)
+                _pair_weights(att, lk[b, t0:t1], cs, h2, zero, True)
                 np.dot(att, gp[:nt], p2[:nt])
                 for j in range(nt):
                     l = lk[b, t0 + j]
@@ -324,18 +332,19 @@ def _bwd_kv_slices(lo, hi, dfk, dvv, U, cn, fq, dnum, dden, cmax, fk, lk, v, sub
                         dvs[j, e] = sj * p1[j, e] + p2[j, e]
                 # the sub-chunk's rows join the state, at the scale C_t0 (≤ every C_i joined)
                 c0 = cs[0]
-                if cb > -np.inf:
-                    s = np.exp(c0 - cb)                                # 0 when c0 = −inf
-                    for f in range(n_f):
-                        for e in range(dv + 1):
-                            Ub[f, e] *= s
                 for i in range(nt):
                     h[i] = one[0] if cs[i] == c0 else np.exp(c0 - cs[i])
                 _ones_col(hg, dnum[b, t0:t1], dden[b, t0:t1], h)       # diag(h) dnum'
                 np.dot(qs.T, hg[:nt], du)                              # Fqᵀ diag(h) dnum'
-                for f in range(n_f):
-                    for e in range(dv + 1):
-                        Ub[f, e] += du[f, e]
+                if cb > -np.inf:
+                    s = np.exp(c0 - cb)                                # 0 when c0 = −inf
+                    for f in range(n_f):                               # one pass: Ũ' s + du
+                        for e in range(dv + 1):
+                            Ub[f, e] = Ub[f, e] * s + du[f, e]
+                else:
+                    for f in range(n_f):
+                        for e in range(dv + 1):
+                            Ub[f, e] += du[f, e]
                 cb = c0
         cn[b] = cb
 
