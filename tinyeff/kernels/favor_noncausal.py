@@ -39,7 +39,7 @@ import numpy as np
 
 from ._jit import run_tasks, serial
 from ._math import add_rows, fast_exp, nanmax
-from .linear import grad_rows
+from .linear import grad_rows, row_denominator
 from .linear_noncausal import add_parts, task_span, zero_sums
 
 __all__ = ["favor_fwd", "favor_bwd"]
@@ -249,17 +249,8 @@ def _rows_fwd_tasks(lo, hi, out, denom, kv, z, c, q, omega_t, root, half_log_m, 
         seen = c[b] > -inf
         dens = np.dot(ft, z[b])                                    # (T) fq·z
         for t in range(nt):
-            den = dens[t]
             corr = np.exp(-(ell[t] + c[b])) if seen else one       # exp(−ℓq − C)
-            if normalize:
-                if eps > 0:
-                    den = den + eps * corr
-                empty = not seen or den == 0
-            else:
-                den = corr
-                empty = not seen
-            if empty:
-                den = inf
+            den = row_denominator(dens[t], corr, seen, normalize, eps, inf)
             ot = o[t]
             for e in range(ot.shape[0]):
                 ot[e] = ot[e] / den

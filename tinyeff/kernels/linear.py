@@ -438,15 +438,7 @@ def _phi_fwd_slices(lo, hi, out, denom, cmax, q, k, v, keep, relu, exact, normal
                 den += qf * z[f]
                 for e in range(dv):
                     out[b, t, e] += qf * S[f, e]
-            if normalize:
-                if eps > 0:
-                    den = den + eps
-                empty = not seen or den == 0
-            else:
-                den = one
-                empty = not seen
-            if empty:
-                den = inf
+            den = row_denominator(den, one, seen, normalize, eps, inf)
             for e in range(dv):
                 out[b, t, e] /= den
             denom[b, t] = den
@@ -461,6 +453,21 @@ def causal_phi_fwd(out, denom, cmax, q, k, v, keep, relu, exact, normalize, eps,
     """
     run_tasks(_phi_fwd_slices, q.shape[0], out, denom, cmax, q, k, v, keep, relu, exact,
               normalize, eps, zero)
+
+
+@serial
+def row_denominator(den, corr, seen, normalize, eps, inf):
+    """A row's denominator from den = fq·z: den + eps·corr when normalized (corr rescales eps
+    to the sums' scale; 1 without log-scales), corr when not; ``inf`` (the output becomes 0)
+    for a row that sees no key or whose normalized denominator is 0."""
+    if normalize:
+        if eps > 0:
+            den = den + eps * corr
+        empty = not seen or den == 0
+    else:
+        den = corr
+        empty = not seen
+    return inf if empty else den
 
 
 @serial

@@ -46,7 +46,7 @@ import numpy as np
 
 from ._jit import run_tasks, serial
 from ._math import add_rows, fast_exp
-from .linear import dphi, grad_rows
+from .linear import dphi, grad_rows, row_denominator
 
 __all__ = ["add_parts", "n_parts", "noncausal_bwd", "noncausal_fwd", "task_span", "zero_sums"]
 
@@ -162,16 +162,7 @@ def rows_fwd(lo, hi, out, denom, kv, z, q, seen, normalize, eps, chunk, relu, ze
         np.dot(a, kv[b], o)                                            # num = φ(q) KV
         dens = np.dot(a, z[b])                                         # (T) φ(q_i)·z
         for t in range(nt):
-            den = dens[t]
-            if normalize:
-                if eps > 0:
-                    den = den + eps
-                empty = not seen[b] or den == 0
-            else:
-                den = one
-                empty = not seen[b]
-            if empty:
-                den = inf
+            den = row_denominator(dens[t], one, seen[b], normalize, eps, inf)
             ot = o[t]
             for e in range(ot.shape[0]):
                 ot[e] = ot[e] / den
