@@ -5,15 +5,20 @@ training step at large N.  It differs from ``np.empty`` in two ways, both about 
 memory, never about results.
 
 Why: glibc serves an allocation above 32 MiB straight from the operating system (``mmap``)
-and hands it back at ``free``, so without reuse every forward+backward at large N
-page-faults its outputs and gradients afresh, and each fresh page is zeroed by the kernel
-(and, on a virtual machine that returns freed memory to its host, backed again by the host).
+and hands it back at ``free``; smaller ones come from its heap, but when more than its trim
+threshold (twice the mmap threshold, which rises up to 32 MiB) lies free at the top of the
+heap, it hands that back too — as it does when a backward's three 16 MiB gradients
+(N = 16,384, H = 4, D = 64, float32) are dropped together.  So without reuse a
+forward+backward at large N page-faults its outputs and gradients afresh, and each fresh
+page is zeroed by the kernel (and, on a virtual machine that returns freed memory to its
+host, backed again by the host).
 ``python -m tinyeff bench --first-touch`` measures that cost; BENCHMARKS.md ("Fresh memory")
 has the figures.
 
-1. **Reuse.**  Blocks of at least :data:`CACHE_MIN_BYTES` (glibc's largest mmap
-   threshold, 32 MiB) are kept after the caller drops them and handed out again for a
-   request of the same size, as glibc's heap already does for smaller ones.  A block is
+1. **Reuse.**  Blocks of at least :data:`CACHE_MIN_BYTES` (4 MiB) are kept after the
+   caller drops them and handed out again for a request of the same size.  (Below it,
+   glibc's heap recycles them well enough, and a block kept for one exact size would hold
+   memory that glibc could hand to a request of another.)  A block is
    free when nothing but this cache refers to it: every array ``empty`` returns is a view
    of the block, and every view of that array has the block as its ``base``, so the
    block's reference count says whether any of them is alive.  The cache holds at most
@@ -54,7 +59,7 @@ except ImportError:                    # pragma: no cover - NumPy 1.x
 
 __all__ = ["empty", "cache_limit", "set_cache_limit", "clear_cache", "cached_bytes"]
 
-CACHE_MIN_BYTES = 32 << 20             # smaller blocks: glibc's heap recycles them already
+CACHE_MIN_BYTES = 4 << 20              # smaller blocks: glibc's heap serves them (docstring)
 
 
 def _default_limit() -> int:
