@@ -213,3 +213,19 @@ def test_run_tasks_runs_small_passes_on_one_thread(monkeypatch):
         _jit.run_tasks(slow, 4, x)                     # one block, but slow: unmarked
         _jit.run_tasks(slow, 4, x)
         assert seen[0] == (0, 4) and sorted(seen[1:]) == [(0, 2), (2, 4)]
+
+
+def test_blas_single_thread_limits_both_openblas_libraries():
+    """Inside ``blas_single_thread`` both OpenBLAS libraries (SciPy's, which the kernels'
+    ``np.dot`` calls, and NumPy's, which ``np.matmul`` calls) run one thread; the previous
+    counts come back after, also when the block raises.  The NumPy and SciPy wheels bundle
+    both; a build without them has nothing to limit."""
+    from tinyeff.kernels import _math
+    if not _math._BLAS:
+        pytest.skip("no OpenBLAS thread control found in this NumPy/SciPy build")
+    before = [get() for _, get in _math._BLAS]
+    with pytest.raises(RuntimeError):
+        with _math.blas_single_thread():
+            assert [get() for _, get in _math._BLAS] == [1] * len(_math._BLAS)
+            raise RuntimeError
+    assert [get() for _, get in _math._BLAS] == before

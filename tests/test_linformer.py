@@ -416,3 +416,37 @@ def test_blocked_results_identical_with_and_without_memory_reuse(rng, monkeypatc
     finally:
         memory.set_cache_limit(previous)
         memory.clear_cache()
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_projection_runners_give_the_same_bits(masked, rng, monkeypatch):
+    """impl="blocked" runs the projections' products as tasks on the threads, each on one
+    BLAS thread; the reference runs them in order.  Same products, so the same bits: K̃, Ṽ
+    and every gradient, with per-head and head-shared projections, several key blocks per
+    task and a single one."""
+    monkeypatch.setattr(linformer, "_KEY_BLOCK", 40)               # blocks of 1-6 keys
+    x, opts = _blocked_case(rng, 7, 23, 5, masked=masked)
+    _, ctx = linformer.forward(**x, **opts, impl="ref")
+    dout = rng.standard_normal(ctx.out.shape)
+    dq, dkp, dvp = linformer._backward_attention(dout, ctx.q, ctx.kp, ctx.vp, ctx.lse,
+                                                 ctx.scale)
+    kpm = opts["key_padding_mask"]
+    results = []
+    for run in (linformer._in_order, linformer._on_threads):
+        kp, vp = linformer._project(x["k"], x["v"], opts["E"], opts["F"], kpm, run)
+        results.append((kp, vp, linformer._backward_projections(ctx, dq, dkp, dvp, run)))
+    (kp0, vp0, g0), (kp1, vp1, g1) = results
+    np.testing.assert_array_equal(kp1, kp0)
+    np.testing.assert_array_equal(vp1, vp0)
+    np.testing.assert_array_equal(kp0, ctx.kp)
+    for name in g0:
+        np.testing.assert_array_equal(g1[name], g0[name], err_msg=name)
+
+
+@pytest.mark.parametrize("m,width,expect", [
+    (0, 8, []), (3, 8, [1, 1, 1]), (10, 8, [3, 3, 3, 1]), (4096, 256, [1024] * 4),
+    (16384, 256, [2048] * 8), (65536, 256, [2048] * 32)])
+def test_key_blocks_depend_on_the_shapes_only(m, width, expect):
+    """At least four key blocks when M allows (tasks for the threads), at most _KEY_BLOCK
+    entries each; never a function of the thread count."""
+    assert [c.stop - c.start for c in linformer._key_blocks(m, width)] == expect

@@ -19,12 +19,13 @@ leading dimensions broadcast to the batch dimensions without enlarging them (e.g
 for (B, H) batches: one projection per head).  k is the Linformer rank.  Cost O(N·k·D +
 k·M·D) time and O(N + k·M) memory: the forward saves K̃, Ṽ and the row log-sum-exp, not
 P, and the backward recomputes P in row blocks (in tiles with impl="blocked").
-Everything runs one batch element at a time (the elements sharing a projection together)
-and in blocks of ~2²⁰–2²¹ entries, so the only large arrays are the output and the
+Everything runs one batch element at a time (the elements sharing a projection together;
+impl="blocked" runs the projections' products as tasks on the threads, same products)
+and in blocks of ~2¹⁹–2²¹ entries, so the only large arrays are the output and the
 gradients (no (…, N, k), no (…, k, M) from E broadcast over the heads, no (…, M, D) masked
 or transposed copy of k or v — with a key-padding mask the forward makes one (M, D) masked
 copy per batch element): the work space beyond the returned arrays is the saved K̃, Ṽ, lse,
-a few buffers of ~2²⁰–2²¹ entries and the kernels' per-tile scratch
+a few buffers of ~2¹⁹–2²¹ entries and the kernels' per-tile scratch
 (docs/semantics/linformer.md, "Implementation notes", has the measured figure).
 
 Options
@@ -98,7 +99,8 @@ IMPLS = ("auto", "ref", "blocked")
 BLOCKED_TILE = 256                 # query and key tile of impl="blocked"
 AUTO_BLOCKED_MIN_NK = 1 << 18      # impl="auto" uses "blocked" from N·k = 512² on
 _ROW_BLOCK = 1 << 21        # entries of one (rows, k) score block (8 MiB in float32)
-_KEY_BLOCK = 1 << 20        # entries of one (keys, S·D) block of the projection backward
+_KEY_BLOCK = 1 << 19        # entries of one (keys, S·D) block of the projection backward
+_MIN_KEY_BLOCKS = 4         # key blocks of the projection backward, when M >= 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -223,19 +225,39 @@ def _groups(lead: tuple, batch: tuple):
 
 
 def _key_blocks(m: int, width: int):
-    """Slices of the M keys, each a (keys, width) block of ~_KEY_BLOCK entries."""
-    step = max(1, _KEY_BLOCK // max(1, width))
+    """Slices of the M keys, each a (keys, width) block of at most ~_KEY_BLOCK entries, and
+    at least ``_MIN_KEY_BLOCKS`` of them when M allows (tasks for the threads; a function of
+    the shapes only, so that the products, and their bits, are)."""
+    step = max(1, min(_KEY_BLOCK // max(1, width), -(-m // _MIN_KEY_BLOCKS)))
     return [slice(c0, min(m, c0 + step)) for c0 in range(0, m, step)]
 
 
 def _first(blocks: list) -> int:
-    """Keys in the first (largest) of ``_key_blocks``; 0 if there are none (M = 0)."""
-    return blocks[0].stop if blocks else 0
+    """Keys in the first (largest) of a run of ``_key_blocks``; 0 if there are none (M = 0)."""
+    return blocks[0].stop - blocks[0].start if blocks else 0
 
 
-def _project(k, v, E, F, kpm):
-    """K̃ = E (m ⊙ K) (..., k, D) and Ṽ = F (m ⊙ V) (..., k, Dv), one batch element at a time:
-    no (…, k, M) copy of E broadcast over the heads, no (…, M, D) masked copy of k or v."""
+def _in_order(fn, n_tasks: int, *args) -> None:
+    """The reference's task runner: ``fn(0, n_tasks, *args)``, every task in order here."""
+    fn(0, n_tasks, *args)
+
+
+def _on_threads(fn, n_tasks: int, *args) -> None:
+    """impl="blocked"'s task runner: ``fn(lo, hi, *args)`` over blocks of the tasks on
+    tinyeff's threads (``run_tasks``), each NumPy product on one BLAS thread, so that no
+    OpenBLAS worker is left spinning on the cores the next kernel needs
+    (``blas_single_thread``).  Every task does the products the reference does, and one
+    BLAS thread or several give the same bits, so the results do not depend on the runner."""
+    from ..kernels import blas_single_thread
+    from ..kernels._jit import run_tasks
+    with blas_single_thread():
+        run_tasks(fn, n_tasks, *args)
+
+
+def _project(k, v, E, F, kpm, run=_in_order):
+    """K̃ = E (m ⊙ K) (..., k, D) and Ṽ = F (m ⊙ V) (..., k, Dv), one batch element per task
+    (``run``: :func:`_in_order` or :func:`_on_threads`): no (…, k, M) copy of E broadcast over
+    the heads, no (…, M, D) masked copy of k or v."""
     batch, m = k.shape[:-2], k.shape[-2]
     kk = E.shape[-2]
     Eb = np.broadcast_to(E, (*batch, kk, m))                       # (..., k, M) view
@@ -243,11 +265,17 @@ def _project(k, v, E, F, kpm):
     mb = None if kpm is None else np.broadcast_to(kpm, (*batch, m))   # (..., M) view
     kp = np.empty((*batch, kk, k.shape[-1]), dtype=k.dtype)        # (..., k, D)
     vp = np.empty((*batch, kk, v.shape[-1]), dtype=k.dtype)        # (..., k, Dv)
-    for i in np.ndindex(*batch):
+    items = list(np.ndindex(*batch))
+    run(_project_tasks, len(items), kp, vp, items, Eb, Fb, mb, k, v)
+    return kp, vp
+
+
+def _project_tasks(lo, hi, kp, vp, items, Eb, Fb, mb, k, v) -> None:
+    """Batch elements ``items[lo:hi]`` of :func:`_project`."""
+    for i in items[lo:hi]:
         keep = None if mb is None else mb[i]                       # (M,)
         np.matmul(Eb[i], _masked(k[i], keep), out=kp[i])           # (k, D)  K̃ = E (m ⊙ K)
         np.matmul(Fb[i], _masked(v[i], keep), out=vp[i])           # (k, Dv) Ṽ = F (m ⊙ V)
-    return kp, vp
 
 
 def _forward_ref(q, k, v, E, F, kpm, scale):
@@ -281,44 +309,52 @@ def _forward_ref(q, k, v, E, F, kpm, scale):
     return out, ctx
 
 
-def _project_back(W, dproj, mb, dx) -> None:
+def _project_back(W, dproj, mb, dx, run=_in_order) -> None:
     """dx = m ⊙ (Wᵀ dproj) for every batch element, written into dx (..., M, C).
 
     The batch elements sharing one W slice (e.g. every head, for a head-shared E) are done
     in one (keys, k) @ (k, S·C) product per block of keys — a wider, faster product than
     one per head, and in key blocks because a single (M, k) @ (k, C) product makes OpenBLAS
-    touch a buffer of ~¾ of W's size (48 MiB at M = 65,536, k = 256).
+    touch a buffer of ~¾ of W's size (48 MiB at M = 65,536, k = 256).  One block of keys
+    is one task of ``run``.
     """
-    batch, c_dim, m = dproj.shape[:-2], dproj.shape[-1], dx.shape[-2]
+    batch, m = dproj.shape[:-2], dx.shape[-2]
     for e_index, members in _groups(W.shape[:-2], batch):
         if not members:
             continue
         a = np.concatenate([dproj[i] for i in members], axis=1)    # (k, S·C)
         blocks = _key_blocks(m, a.shape[1])
-        if len(members) == 1:
-            for c in blocks:
-                np.matmul(W[e_index][:, c].T, a, out=dx[members[0]][c])   # (keys, C)
-            continue
-        t_buf = memory.empty((_first(blocks), a.shape[1]), dx.dtype)  # (keys, S·C) reused
-        for c in blocks:
-            t = t_buf[:c.stop - c.start]                           # (keys, S·C)
-            np.matmul(W[e_index][:, c].T, a, out=t)
-            for j, i in enumerate(members):
-                dx[i][c] = t[:, j * c_dim:(j + 1) * c_dim]         # (keys, C)
+        run(_project_back_tasks, len(blocks), W[e_index], a, dx, blocks, members)
     if mb is not None:
         for i in np.ndindex(*batch):
             dx[i][~mb[i]] = 0                                      # (M, C) padded keys: 0
 
 
-def _weight_grad(dproj, x, mb, shape: tuple, dtype) -> np.ndarray:
+def _project_back_tasks(lo, hi, w, a, dx, blocks, members) -> None:
+    """Key blocks ``blocks[lo:hi]`` of :func:`_project_back` for one (k, M) slice ``w`` and
+    the batch elements ``members`` sharing it (a = their dproj side by side, (k, S·C))."""
+    c_dim = dx.shape[-1]
+    if len(members) == 1:
+        for c in blocks[lo:hi]:
+            np.matmul(w[:, c].T, a, out=dx[members[0]][c])         # (keys, C)
+        return
+    t_buf = memory.empty((_first(blocks[lo:hi]), a.shape[1]), dx.dtype)  # (keys, S·C) reused
+    for c in blocks[lo:hi]:
+        t = t_buf[:c.stop - c.start]                               # (keys, S·C)
+        np.matmul(w[:, c].T, a, out=t)
+        for j, i in enumerate(members):
+            dx[i][c] = t[:, j * c_dim:(j + 1) * c_dim]             # (keys, C)
+
+
+def _weight_grad(dproj, x, mb, shape: tuple, dtype, run=_in_order) -> np.ndarray:
     """dW = Σ over the broadcast batch axes of dproj (m ⊙ x)ᵀ, returned with W's ``shape``.
 
     dproj (..., k, C), x (..., M, C), mb (..., M) or None -> (k, M) or (..., k, M).  The
     batch elements sharing one W slice (S of them) are folded into the contraction: one
     (k, S·C) @ (S·C, keys) product per block of keys, written straight into dW, so neither
     a (batch, k, M) temporary nor a transposed copy of x is formed — only a (keys, S·C)
-    gather of m ⊙ x, ~_KEY_BLOCK entries, into one buffer reused by every block (none for
-    a single unmasked element).
+    gather of m ⊙ x, ~_KEY_BLOCK entries, into one buffer reused by every block of a task
+    (none for a single unmasked element).  One block of keys is one task of ``run``.
     """
     batch, m = dproj.shape[:-2], x.shape[-2]
     dw = memory.empty(shape, dtype)                                # W's shape
@@ -328,19 +364,25 @@ def _weight_grad(dproj, x, mb, shape: tuple, dtype) -> np.ndarray:
             continue
         a = np.concatenate([dproj[i] for i in members], axis=1)    # (k, S·C)
         blocks = _key_blocks(m, a.shape[1])
-        if len(members) == 1 and mb is None:                       # x's own rows, no gather
-            for c in blocks:
-                np.matmul(a, x[members[0]][c].T, out=dw[e_index][:, c])   # (k, keys)
-            continue
-        g_buf = memory.empty((_first(blocks), len(members), x.shape[-1]), dtype)  # reused
-        for c in blocks:
-            g = g_buf[:c.stop - c.start]                           # (keys, S, C) m ⊙ x
-            for j, i in enumerate(members):
-                g[:, j] = x[i][c]
-                if mb is not None:
-                    g[~mb[i][c], j] = 0                            # padded keys: exactly 0
-            np.matmul(a, g.reshape(len(g), -1).T, out=dw[e_index][:, c])   # (k, keys)
+        run(_weight_grad_tasks, len(blocks), dw[e_index], a, x, mb, blocks, members)
     return dw
+
+
+def _weight_grad_tasks(lo, hi, dw, a, x, mb, blocks, members) -> None:
+    """Key blocks ``blocks[lo:hi]`` of :func:`_weight_grad` for one (k, M) slice ``dw`` and
+    the batch elements ``members`` sharing it (a = their dproj side by side, (k, S·C))."""
+    if len(members) == 1 and mb is None:                           # x's own rows, no gather
+        for c in blocks[lo:hi]:
+            np.matmul(a, x[members[0]][c].T, out=dw[:, c])         # (k, keys)
+        return
+    g_buf = memory.empty((_first(blocks[lo:hi]), len(members), x.shape[-1]), dw.dtype)
+    for c in blocks[lo:hi]:
+        g = g_buf[:c.stop - c.start]                               # (keys, S, C) m ⊙ x
+        for j, i in enumerate(members):
+            g[:, j] = x[i][c]
+            if mb is not None:
+                g[~mb[i][c], j] = 0                                # padded keys: exactly 0
+        np.matmul(a, g.reshape(len(g), -1).T, out=dw[:, c])        # (k, keys)
 
 
 def _backward_attention(dout, q, kp, vp, lse, scale):
@@ -386,19 +428,20 @@ def _backward_ref(dout, ctx: LinformerCtx) -> dict:
     return _backward_projections(ctx, dq, dkp, dvp)
 
 
-def _backward_projections(ctx: LinformerCtx, dq, dkp, dvp) -> dict:
-    """The gradients of q, k, v, E, F from dQ, dK̃ (..., k, D) and dṼ (..., k, Dv)."""
+def _backward_projections(ctx: LinformerCtx, dq, dkp, dvp, run=_in_order) -> dict:
+    """The gradients of q, k, v, E, F from dQ, dK̃ (..., k, D) and dṼ (..., k, Dv); the
+    products as tasks of ``run`` (:func:`_in_order` or :func:`_on_threads`)."""
     q, k, v = ctx.q, ctx.k, ctx.v
     kpm = ctx.key_padding_mask
     mb = None if kpm is None else np.broadcast_to(kpm, (*q.shape[:-2], k.shape[-2]))  # (..., M)
     # fwd: K̃ = E (m ⊙ K)
     dk = memory.empty(k.shape, k.dtype)                            # (..., M, D)
-    _project_back(ctx.E, dkp, mb, dk)
-    dE = _weight_grad(dkp, k, mb, ctx.E.shape, q.dtype)            # E's shape
+    _project_back(ctx.E, dkp, mb, dk, run)
+    dE = _weight_grad(dkp, k, mb, ctx.E.shape, q.dtype, run)       # E's shape
     # fwd: Ṽ = F (m ⊙ V)
     dv = memory.empty(v.shape, v.dtype)                            # (..., M, Dv)
-    _project_back(ctx.F, dvp, mb, dv)
-    dF = _weight_grad(dvp, v, mb, ctx.F.shape, q.dtype)            # F's shape
+    _project_back(ctx.F, dvp, mb, dv, run)
+    dF = _weight_grad(dvp, v, mb, ctx.F.shape, q.dtype, run)       # F's shape
     return {"q": dq, "k": dk, "v": dv, "E": dE, "F": dF}
 
 
@@ -412,7 +455,7 @@ def _forward_blocked(q, k, v, E, F, kpm, scale):
     bh = math.prod(batch)
     dtype = q.dtype
     tile = BLOCKED_TILE
-    kp, vp = _project(k, v, E, F, kpm)                             # (..., k, D), (..., k, Dv)
+    kp, vp = _project(k, v, E, F, kpm, _on_threads)                # (..., k, D), (..., k, Dv)
     out = memory.empty((*batch, n, dv), dtype)                     # (..., N, Dv)
     lse = np.empty((*batch, n), dtype=dtype)                       # (..., N)
     if bh and n:
@@ -462,7 +505,7 @@ def _backward_attention_blocked(dout, ctx: LinformerCtx):
 
 def _backward_blocked(dout, ctx: LinformerCtx) -> dict:
     dq, dkp, dvp = _backward_attention_blocked(dout, ctx)
-    return _backward_projections(ctx, dq, dkp, dvp)
+    return _backward_projections(ctx, dq, dkp, dvp, _on_threads)
 
 
 def example_cases(rng: np.random.Generator, dtype=np.float64) -> list[Case]:

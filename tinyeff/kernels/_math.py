@@ -123,42 +123,66 @@ def _fast_exp_overload(x):
 # ----------------------------------------------------------------------------- BLAS threads
 
 
-def _find_blas_set_threads():
-    """``openblas_set_num_threads`` of the BLAS that Numba's ``np.dot`` calls (SciPy's)."""
+def _openblas_threads(module_file: str, prefixes: tuple, suffix: str):
+    """``(set, get)`` of the number of threads of the OpenBLAS that the extension module
+    ``module_file`` links (looked up through its dependencies), or ``(None, None)``."""
     try:
-        import scipy.linalg.cython_blas as cython_blas
-        lib = ctypes.CDLL(cython_blas.__file__)
-    except (ImportError, OSError):
+        lib = ctypes.CDLL(module_file)
+    except OSError:
         return None, None
-    for prefix in ("scipy_", ""):
-        setter = getattr(lib, prefix + "openblas_set_num_threads", None)
-        getter = getattr(lib, prefix + "openblas_get_num_threads", None)
+    for prefix in prefixes:
+        setter = getattr(lib, f"{prefix}set_num_threads{suffix}", None)
+        getter = getattr(lib, f"{prefix}get_num_threads{suffix}", None)
         if setter is not None and getter is not None:
             getter.restype = ctypes.c_int
             return setter, getter
     return None, None
 
 
-_BLAS_SET, _BLAS_GET = _find_blas_set_threads()
+def _find_blas_libraries() -> list:
+    """``(set, get)`` pairs of the two OpenBLAS libraries a kernel path may meet: SciPy's,
+    which Numba's ``np.dot`` calls, and NumPy's, which ``np.matmul`` and ``@`` call (the
+    wheels bundle one each; another build may have neither, then this list is shorter)."""
+    found = []
+    try:
+        import scipy.linalg.cython_blas as cython_blas
+        found.append(_openblas_threads(cython_blas.__file__,
+                                       ("scipy_openblas_", "openblas_"), ""))
+    except ImportError:
+        pass
+    try:
+        from numpy._core import _multiarray_umath
+    except ImportError:                # pragma: no cover - NumPy 1.x
+        from numpy.core import _multiarray_umath
+    found.append(_openblas_threads(_multiarray_umath.__file__,
+                                   ("scipy_openblas_", "openblas_"), "64_"))
+    return [pair for pair in found if pair[0] is not None]
+
+
+_BLAS = _find_blas_libraries()
 
 
 @contextlib.contextmanager
 def blas_single_thread():
-    """Run the enclosed code with SciPy's OpenBLAS limited to one thread (no-op if unknown).
+    """Run the enclosed code with OpenBLAS limited to one thread (no-op where unknown).
 
     The kernels call BLAS from their own threads; BLAS spawning its own threads
     on top oversubscribes the cores.  One BLAS thread does not change any result (OpenBLAS
-    splits a product over output blocks, never over the summed dimension).
+    splits a product over output blocks, never over the summed dimension).  Both libraries
+    of :func:`_find_blas_libraries` are limited: NumPy's too, because a product that
+    ``np.matmul`` runs on several threads leaves OpenBLAS's worker threads spinning for a
+    while after it returns, on the cores the next kernel's threads need (``OPENBLAS_THREAD_TIMEOUT``
+    sets how long; BENCHMARKS.md, "NumPy's BLAS threads") — so a NumPy product inside this
+    block runs on the calling thread only.
     """
-    if _BLAS_SET is None:
-        yield
-        return
-    old = _BLAS_GET()
-    _BLAS_SET(1)
+    old = [get() for _, get in _BLAS]
+    for set_threads, _ in _BLAS:
+        set_threads(1)
     try:
         yield
     finally:
-        _BLAS_SET(old)
+        for (set_threads, _), n in zip(_BLAS, old):
+            set_threads(n)
 
 
 # ----------------------------------------------------------------------------- tile max
