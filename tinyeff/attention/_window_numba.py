@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import _checks
+from ..kernels import blas_single_thread
 from ..ops import softmax
 from . import _band
 from ._window_globals import (
@@ -50,14 +51,26 @@ def band_plan(q, k, *, window, dilation, glob, causal, key_padding_mask, rel_bia
 def forward(q, k, v, *, window, dilation, glob, causal, key_padding_mask, rel_bias,
             q_global, k_global, v_global, scale):
     """(out (..., N, Dv), lse (..., N)): the band by the band engine, merged with the global
-    columns by log-sum-exp weights; the global rows as in the reference."""
-    m, dt = k.shape[-2], q.dtype
-    batch, gl = q.shape[:-2], glob
+    columns by log-sum-exp weights; the global rows as in the reference.  The global parts'
+    NumPy products run on one BLAS thread (``blas_single_thread``): they are thin (G rows
+    or columns), and on several threads OpenBLAS leaves a worker spinning on the core the
+    next band kernel needs."""
+    gl = glob
     plan = band_plan(q, k, window=window, dilation=dilation, glob=gl, causal=causal,
                      key_padding_mask=key_padding_mask, rel_bias=rel_bias)
     out_b, lse_b = _band.forward(plan, q, k, v, scale)             # (..., N, Dv), (..., N)
     if gl.size == 0:
         return out_b, lse_b
+    with blas_single_thread():
+        return _forward_globals(q, k, v, gl, causal, key_padding_mask, rel_bias, q_global,
+                                k_global, v_global, scale, out_b, lse_b)
+
+
+def _forward_globals(q, k, v, gl, causal, key_padding_mask, rel_bias, q_global, k_global,
+                     v_global, scale, out_b, lse_b):
+    """The global columns merged into the band's (out_b, lse_b), and the global rows."""
+    m, dt = k.shape[-2], q.dtype
+    batch = q.shape[:-2]
     key_ok = _band.key_ok(key_padding_mask, batch, m)
     # merge the band softmax with the global-column softmax (log-sum-exp weights)
     k_g, v_g = rows_at(k, gl), rows_at(v, gl)                      # (..., G, D), (..., G, Dv)
@@ -90,25 +103,26 @@ def backward(dout, ctx) -> dict:
     grads = {"q": dq, "k": dk, "v": dv}
     dq_r, dk_r, dv_r = global_grads(grads, ctx)
     if gl.size:
-        delta = np.sum(dout * ctx.out, axis=-1)                    # (..., N) = Σ_j p dp
-        # global columns — fwd: s_g = q @ k[G]ᵀ · scale, out += p_g @ v[G]
-        k_g, v_g = rows_at(k, gl), rows_at(v, gl)                  # (..., G, D), (..., G, Dv)
-        s_g, ok_g = gcol_scores(q, k_g, gl, ctx.causal, key_ok, ctx.rel_bias, scale)
-        p_g = exp_minus(s_g, lse, ok_g)                            # (..., N, G)
-        put(dv, gl, p_g.swapaxes(-1, -2) @ dout, add=True)         # dv[G]
-        ds_g = p_g * (dout @ v_g.swapaxes(-1, -2) - delta[..., None])
-        dq += (ds_g @ k_g) * scale
-        put(dk, gl, (ds_g.swapaxes(-1, -2) @ q) * scale, add=True)   # dk[G]
-        # global rows — fwd: out[G] = softmax(q_r[G] @ k_rᵀ · scale) @ v_r,
-        # (q_r, k_r, v_r) = (q, k, v), or the global projections
-        q_r, k_r, v_r = global_qkv(q, k, v, ctx.q_global, ctx.k_global, ctx.v_global)
-        q_rg, dout_g = rows_at(q_r, gl), rows_at(dout, gl)         # (..., G, D), (..., G, Dv)
-        s_r, ok_r = grow_scores(q_rg, k_r, gl, ctx.causal, key_ok, ctx.rel_bias, scale)
-        p_r = exp_minus(s_r, entries_at(lse, gl), ok_r)            # (..., G, M)
-        dv_r += p_r.swapaxes(-1, -2) @ dout_g
-        ds_r = softmax.backward(dout_g @ v_r.swapaxes(-1, -2), p_r)  # (..., G, M)
-        put(dq_r, gl, (ds_r @ k_r) * scale, add=True)              # dq_r[G]
-        dk_r += (ds_r.swapaxes(-1, -2) @ q_rg) * scale
+        with blas_single_thread():                             # (forward's docstring)
+            delta = np.sum(dout * ctx.out, axis=-1)                # (..., N) = Σ_j p dp
+            # global columns — fwd: s_g = q @ k[G]ᵀ · scale, out += p_g @ v[G]
+            k_g, v_g = rows_at(k, gl), rows_at(v, gl)              # (..., G, D), (..., G, Dv)
+            s_g, ok_g = gcol_scores(q, k_g, gl, ctx.causal, key_ok, ctx.rel_bias, scale)
+            p_g = exp_minus(s_g, lse, ok_g)                        # (..., N, G)
+            put(dv, gl, p_g.swapaxes(-1, -2) @ dout, add=True)     # dv[G]
+            ds_g = p_g * (dout @ v_g.swapaxes(-1, -2) - delta[..., None])
+            dq += (ds_g @ k_g) * scale
+            put(dk, gl, (ds_g.swapaxes(-1, -2) @ q) * scale, add=True)   # dk[G]
+            # global rows — fwd: out[G] = softmax(q_r[G] @ k_rᵀ · scale) @ v_r,
+            # (q_r, k_r, v_r) = (q, k, v), or the global projections
+            q_r, k_r, v_r = global_qkv(q, k, v, ctx.q_global, ctx.k_global, ctx.v_global)
+            q_rg, dout_g = rows_at(q_r, gl), rows_at(dout, gl)     # (..., G, D), (..., G, Dv)
+            s_r, ok_r = grow_scores(q_rg, k_r, gl, ctx.causal, key_ok, ctx.rel_bias, scale)
+            p_r = exp_minus(s_r, entries_at(lse, gl), ok_r)        # (..., G, M)
+            dv_r += p_r.swapaxes(-1, -2) @ dout_g
+            ds_r = softmax.backward(dout_g @ v_r.swapaxes(-1, -2), p_r)  # (..., G, M)
+            put(dq_r, gl, (ds_r @ k_r) * scale, add=True)          # dq_r[G]
+            dk_r += (ds_r.swapaxes(-1, -2) @ q_rg) * scale
     if ctx.rel_bias is not None:
         if gl.size:
             rel_bias_grad_gparts(drel, ds_g, ds_r, gl, n, m)
