@@ -247,13 +247,39 @@ def window_allowed(n, m, options):
     return allowed
 
 
+def window_global_rows(n, m, options):
+    """(allowed, rows): the allowed set, (N, M) for ``global_indices`` or (..., N, M) for a
+    per-item ``global_mask`` (item b as a call with global_indices = nonzero(mask[b])), and
+    the global rows as a boolean (N,) or (..., N)."""
+    gm = options.get("global_mask")
+    if gm is None:
+        glob = options.get("global_indices")
+        rows = np.zeros(n, dtype=bool)
+        if glob is not None:
+            rows[np.asarray(glob, dtype=int).ravel()] = True
+        return window_allowed(n, m, options), rows
+    gm = np.asarray(gm, dtype=bool)
+    allowed = np.zeros(gm.shape[:-1] + (n, m), dtype=bool)
+    for item in np.ndindex(*gm.shape[:-1]):
+        per_item = {**options, "global_indices": np.nonzero(gm[item])[0]}
+        allowed[item] = window_allowed(n, m, per_item)
+    return allowed, gm
+
+
 def torch_window(x, options):
-    """`window` (Longformer): `full` with the band ∪ global rows/columns mask."""
+    """`window` (Longformer): `full` with the band ∪ global rows/columns mask; with global
+    projections the global rows are `full` of (q_global, k_global, v_global) under the same
+    mask and bias, every other row `full` of (q, k, v)."""
     q, k = x["q"], x["k"]
-    mask = window_allowed(q.shape[-2], k.shape[-2], options)
+    allowed, rows = window_global_rows(q.shape[-2], k.shape[-2], options)
     rest = {key: options[key] for key in ("causal", "key_padding_mask", "scale")
             if key in options}
-    return torch_full(x, {**rest, "mask": mask})
+    out = torch_full(x, {**rest, "mask": allowed})
+    if "q_global" not in x:
+        return out
+    out_g = torch_full({**x, "q": x["q_global"], "k": x["k_global"], "v": x["v_global"]},
+                       {**rest, "mask": allowed})
+    return torch.where(torch.as_tensor(rows)[..., None], out_g, out)
 
 
 def torch_local(x, options):
