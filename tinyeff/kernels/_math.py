@@ -123,19 +123,21 @@ def _fast_exp_overload(x):
 # ----------------------------------------------------------------------------- BLAS threads
 
 
-def _openblas_threads(module_file: str, prefixes: tuple, suffix: str):
+def _openblas_threads(module_file: str, suffixes: tuple):
     """``(set, get)`` of the number of threads of the OpenBLAS that the extension module
-    ``module_file`` links (looked up through its dependencies), or ``(None, None)``."""
+    ``module_file`` links (looked up through its dependencies), or ``(None, None)``: the
+    symbols ``[scipy_]openblas_{set,get}_num_threads<suffix>`` of the wheels' builds."""
     try:
         lib = ctypes.CDLL(module_file)
     except OSError:
         return None, None
-    for prefix in prefixes:
-        setter = getattr(lib, f"{prefix}set_num_threads{suffix}", None)
-        getter = getattr(lib, f"{prefix}get_num_threads{suffix}", None)
-        if setter is not None and getter is not None:
-            getter.restype = ctypes.c_int
-            return setter, getter
+    for prefix in ("scipy_openblas_", "openblas_"):
+        for suffix in suffixes:
+            setter = getattr(lib, f"{prefix}set_num_threads{suffix}", None)
+            getter = getattr(lib, f"{prefix}get_num_threads{suffix}", None)
+            if setter is not None and getter is not None:
+                getter.restype = ctypes.c_int
+                return setter, getter
     return None, None
 
 
@@ -146,16 +148,14 @@ def _find_blas_libraries() -> list:
     found = []
     try:
         import scipy.linalg.cython_blas as cython_blas
-        found.append(_openblas_threads(cython_blas.__file__,
-                                       ("scipy_openblas_", "openblas_"), ""))
+        found.append(_openblas_threads(cython_blas.__file__, ("",)))
     except ImportError:
         pass
     try:
         from numpy._core import _multiarray_umath
     except ImportError:                # pragma: no cover - NumPy 1.x
         from numpy.core import _multiarray_umath
-    found.append(_openblas_threads(_multiarray_umath.__file__,
-                                   ("scipy_openblas_", "openblas_"), "64_"))
+    found.append(_openblas_threads(_multiarray_umath.__file__, ("64_", "")))
     return [pair for pair in found if pair[0] is not None]
 
 
@@ -171,9 +171,9 @@ def blas_single_thread():
     splits a product over output blocks, never over the summed dimension).  Both libraries
     of :func:`_find_blas_libraries` are limited: NumPy's too, because a product that
     ``np.matmul`` runs on several threads leaves OpenBLAS's worker threads spinning for a
-    while after it returns, on the cores the next kernel's threads need (``OPENBLAS_THREAD_TIMEOUT``
-    sets how long; BENCHMARKS.md, "NumPy's BLAS threads") — so a NumPy product inside this
-    block runs on the calling thread only.
+    while after it returns, on the cores the next kernel's threads need
+    (``OPENBLAS_THREAD_TIMEOUT`` sets how long; BENCHMARKS.md, "NumPy's BLAS threads next
+    to the kernels") — so a NumPy product inside this block runs on the calling thread only.
     """
     old = [get() for _, get in _BLAS]
     for set_threads, _ in _BLAS:
