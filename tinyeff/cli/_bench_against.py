@@ -16,6 +16,11 @@ package, and alternates their calls one by one, so that both see the same load:
    array it holds, if the old tree has no Pattern);
 3. two untimed forward+backward calls per tree, then ``--repeat`` rounds of old then new.
 
+It cannot judge a change to how NumPy's BLAS threads run next to the kernels: in one process
+the BLAS workers that one tree's products leave spinning land on the other tree's calls
+(BENCHMARKS.md, "NumPy's BLAS threads next to the kernels").  Alternate the two trees as whole
+processes for such a change.
+
 Columns: median milliseconds of one forward+backward of each tree; ``new/old``, the median
 of the round-by-round ratios, with its quartiles (below 1: this tree is faster); and whether
 the two trees' outputs and gradients are bit-identical (else the largest difference).
