@@ -55,39 +55,31 @@ def forward(q, k, v, *, window, dilation, glob, causal, key_padding_mask, rel_bi
     NumPy products run on one BLAS thread (``blas_single_thread``): they are thin (G rows
     or columns), and on several threads OpenBLAS leaves a worker spinning on the core the
     next band kernel needs."""
-    gl = glob
+    m, dt = k.shape[-2], q.dtype
+    batch, gl = q.shape[:-2], glob
     plan = band_plan(q, k, window=window, dilation=dilation, glob=gl, causal=causal,
                      key_padding_mask=key_padding_mask, rel_bias=rel_bias)
     out_b, lse_b = _band.forward(plan, q, k, v, scale)             # (..., N, Dv), (..., N)
     if gl.size == 0:
         return out_b, lse_b
     with blas_single_thread():
-        return _forward_globals(q, k, v, gl, causal, key_padding_mask, rel_bias, q_global,
-                                k_global, v_global, scale, out_b, lse_b)
-
-
-def _forward_globals(q, k, v, gl, causal, key_padding_mask, rel_bias, q_global, k_global,
-                     v_global, scale, out_b, lse_b):
-    """The global columns merged into the band's (out_b, lse_b), and the global rows."""
-    m, dt = k.shape[-2], q.dtype
-    batch = q.shape[:-2]
-    key_ok = _band.key_ok(key_padding_mask, batch, m)
-    # merge the band softmax with the global-column softmax (log-sum-exp weights)
-    k_g, v_g = rows_at(k, gl), rows_at(v, gl)                      # (..., G, D), (..., G, Dv)
-    s_g, ok_g = gcol_scores(q, k_g, gl, causal, key_ok, rel_bias, scale)
-    p_g, lse_g = softmax.forward(s_g, ok_g)                        # (..., N, G), (..., N)
-    lse = np.logaddexp(lse_b, lse_g)                               # (..., N)
-    live = lse != -np.inf
-    with np.errstate(invalid="ignore"):
-        w_b = np.where(live, np.exp(np.where(live, lse_b - lse, 0)), 0)[..., None]
-        w_g = np.where(live, np.exp(np.where(live, lse_g - lse, 0)), 0)[..., None]
-    out = w_b * out_b + w_g * (p_g @ v_g)                          # (..., N, Dv)
-    q_r, k_r, v_r = global_qkv(q, k, v, q_global, k_global, v_global)
-    s_r, ok_r = grow_scores(rows_at(q_r, gl), k_r, gl, causal, key_ok, rel_bias, scale)
-    p_r, lse_r = softmax.forward(s_r, ok_r)                        # (..., G, M)
-    put(out, gl, p_r @ v_r)                                        # out[G]
-    put(lse, gl, lse_r, rows=False)                                # lse[G]
-    return out.astype(dt, copy=False), lse.astype(dt, copy=False)
+        key_ok = _band.key_ok(key_padding_mask, batch, m)
+        # merge the band softmax with the global-column softmax (log-sum-exp weights)
+        k_g, v_g = rows_at(k, gl), rows_at(v, gl)                  # (..., G, D), (..., G, Dv)
+        s_g, ok_g = gcol_scores(q, k_g, gl, causal, key_ok, rel_bias, scale)
+        p_g, lse_g = softmax.forward(s_g, ok_g)                    # (..., N, G), (..., N)
+        lse = np.logaddexp(lse_b, lse_g)                           # (..., N)
+        live = lse != -np.inf
+        with np.errstate(invalid="ignore"):
+            w_b = np.where(live, np.exp(np.where(live, lse_b - lse, 0)), 0)[..., None]
+            w_g = np.where(live, np.exp(np.where(live, lse_g - lse, 0)), 0)[..., None]
+        out = w_b * out_b + w_g * (p_g @ v_g)                      # (..., N, Dv)
+        q_r, k_r, v_r = global_qkv(q, k, v, q_global, k_global, v_global)
+        s_r, ok_r = grow_scores(rows_at(q_r, gl), k_r, gl, causal, key_ok, rel_bias, scale)
+        p_r, lse_r = softmax.forward(s_r, ok_r)                    # (..., G, M)
+        put(out, gl, p_r @ v_r)                                    # out[G]
+        put(lse, gl, lse_r, rows=False)                            # lse[G]
+        return out.astype(dt, copy=False), lse.astype(dt, copy=False)
 
 
 def backward(dout, ctx) -> dict:
