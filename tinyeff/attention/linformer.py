@@ -248,8 +248,7 @@ def _on_threads(fn, n_tasks: int, *args) -> None:
     OpenBLAS worker is left spinning on the cores the next kernel needs
     (``blas_single_thread``).  Every task does the products the reference does, and one
     BLAS thread or several give the same bits, so the results do not depend on the runner."""
-    from ..kernels import blas_single_thread
-    from ..kernels._jit import run_tasks
+    from ..kernels import blas_single_thread, run_tasks
     with blas_single_thread():
         run_tasks(fn, n_tasks, *args)
 
