@@ -51,6 +51,11 @@ wraparound check, which keeps LLVM from vectorizing the loop.  Tiles without pad
 empty rows or bias skip the select.
 SPEEDTIP: no allocation per tile: ``np.dot`` writes into per-run scratch (and straight into
 dq / out) through its ``out`` argument.
+SPEEDTIP: Sᵀ = k q_tileᵀ and dPᵀ = v dout_tileᵀ take the tile's rows copied transposed into
+scratch (:func:`_transposed`, (D, T) C-contiguous), not the transposed view: with the view,
+SciPy's OpenBLAS skips its small-matrix kernels for a tile of this size and packs both
+operands first (BENCHMARKS.md, "Tile products and OpenBLAS's small-matrix kernels").
+Same bits.
 SPEEDTIP: ``np.dot`` inside Numba calls SciPy's OpenBLAS.  When OpenBLAS itself is
 multi-threaded, its threads fight the Numba threads; the callers pin it to one thread with
 ``blas_single_thread`` and the exps use the vectorizable ``fast_exp`` (both from
@@ -100,6 +105,17 @@ def _rows_seeing(ia, ib, j, lo, hi, i0, bq, key_real):
 
 
 @serial
+def _transposed(buf, x):
+    """xᵀ (C, T) of a tile x (T, C), written C-contiguous into the scratch buf (≥ C·T)."""
+    t, c = x.shape
+    xt = buf[:c * t].reshape((c, t))
+    for r in range(t):
+        for u in range(c):
+            xt[u, r] = x[r, u]
+    return xt
+
+
+@serial
 def _tile_extent(tile_start, tile_jlo, tile_jhi):
     """(most query rows, most keys) of any tile: the scratch sizes."""
     tq = 1
@@ -112,13 +128,13 @@ def _tile_extent(tile_start, tile_jlo, tile_jhi):
 
 @serial
 def _fwd_tile(out, lse, q, k, v, b, i0, i1, jl, jh, lo, hi, row_ok, key_ok, bias, has_bias,
-              off_min, scale, buf, mx, tmp, msub, z):
+              off_min, scale, buf, qbuf, mx, tmp, msub, z):
     """One tile of :func:`attend_band`: rows [i0, i1) against keys [jl, jh), jh > jl."""
     bq = i1 - i0
     bk = jh - jl
     zero = scale * 0
     st = buf[:bk * bq].reshape((bk, bq))                           # (R, T) scratch
-    np.dot(k[b, jl:jh], q[b, i0:i1].T, st)                         # raw Sᵀ
+    np.dot(k[b, jl:jh], _transposed(qbuf, q[b, i0:i1]), st)        # raw Sᵀ
     ia = 0                                     # rows [ia, ib) of the tile see key j
     ib = 0
     for jj in range(bk):
@@ -175,6 +191,7 @@ def _fwd_runs(c_lo, c_hi, nch, out, lse, q, k, v, tile_start, tile_jlo, tile_jhi
     ntask = bh * nt
     for c in range(c_lo, c_hi):
         buf = np.empty(tq * tk, dtype=dt)                          # (R·T,) Sᵀ, then P̃ᵀ
+        qbuf = np.empty(q.shape[2] * tq, dtype=dt)                 # (D·T,) q tileᵀ
         mx = np.empty(tq, dtype=dt)                                # (T,) row max
         tmp = np.empty(tq, dtype=dt)                               # (T,) scratch of colmax
         msub = np.empty(tq, dtype=dt)                              # (T,) max, −∞ -> 0
@@ -192,7 +209,7 @@ def _fwd_runs(c_lo, c_hi, nch, out, lse, q, k, v, tile_start, tile_jlo, tile_jhi
                     lse[b, i] = -np.inf
                 continue
             _fwd_tile(out, lse, q, k, v, b, i0, i1, jl, jh, lo, hi, row_ok, key_ok, bias,
-                      has_bias, off_min, scale, buf, mx, tmp, msub, z)
+                      has_bias, off_min, scale, buf, qbuf, mx, tmp, msub, z)
 
 
 def attend_band(out, lse, q, k, v, tile_start, tile_jlo, tile_jhi, lo, hi, row_ok, key_ok,
@@ -211,8 +228,8 @@ def attend_band(out, lse, q, k, v, tile_start, tile_jlo, tile_jhi, lo, hi, row_o
 
 @serial
 def _bwd_tile(dq, dk, dv, dbias_part, dout, out, lse, q, k, v, b, t, i0, i1, jl, jh, lo, hi,
-              row_ok, key_ok, bias, has_bias, off_min, scale, sbuf, gbuf, kbuf, vbuf, lt, dl,
-              live):
+              row_ok, key_ok, bias, has_bias, off_min, scale, sbuf, gbuf, kbuf, vbuf, qbuf,
+              dbuf, lt, dl, live):
     """One tile of :func:`attend_band_bwd`: rows [i0, i1) against keys [jl, jh), jh > jl.
 
     Held transposed like the forward's tiles: Sᵀ, dPᵀ (R, T), one key per row.
@@ -224,8 +241,8 @@ def _bwd_tile(dq, dk, dv, dbias_part, dout, out, lse, q, k, v, b, t, i0, i1, jl,
     zero = scale * 0
     st = sbuf[:bk * bq].reshape((bk, bq))                          # (R, T) scratch
     gt = gbuf[:bk * bq].reshape((bk, bq))                          # (R, T) scratch
-    np.dot(k[b, jl:jh], q[b, i0:i1].T, st)                         # raw Sᵀ
-    np.dot(v[b, jl:jh], dout[b, i0:i1].T, gt)                      # dPᵀ
+    np.dot(k[b, jl:jh], _transposed(qbuf, q[b, i0:i1]), st)        # raw Sᵀ
+    np.dot(v[b, jl:jh], _transposed(dbuf, dout[b, i0:i1]), gt)     # dPᵀ
     any_dead = False
     for r in range(bq):                        # per query: lse, δ, live
         i = i0 + r
@@ -326,6 +343,8 @@ def _bwd_runs(c_lo, c_hi, nch, part, dq, dk, dv, dbias_part, dout, out, lse, q, 
         gbuf = np.empty(tq * tk, dtype=dt)                         # (T·R,) dP, then dS·scale
         kbuf = np.empty(tk * d, dtype=dt)                          # (R·D,) dk of a tile
         vbuf = np.empty(tk * ddv, dtype=dt)                        # (R·Dv,) dv of a tile
+        qbuf = np.empty(d * tq, dtype=dt)                          # (D·T,) q tileᵀ
+        dbuf = np.empty(ddv * tq, dtype=dt)                        # (Dv·T,) dout tileᵀ
         lt = np.empty(tq, dtype=dt)                                # (T,) lse of the tile rows
         dl = np.empty(tq, dtype=dt)                                # (T,) δ of the tile rows
         live = np.empty(tq, dtype=np.bool_)                        # (T,) rows with a key
@@ -344,7 +363,7 @@ def _bwd_runs(c_lo, c_hi, nch, part, dq, dk, dv, dbias_part, dout, out, lse, q, 
                 _bwd_tile(dq, dk, dv, dbias_part, dout, out, lse, q, k, v, b, t,
                           tile_start[t], tile_start[t + 1], jl, jh, lo, hi, row_ok,
                           key_ok, bias, has_bias, off_min, scale, sbuf, gbuf, kbuf, vbuf,
-                          lt, dl, live)
+                          qbuf, dbuf, lt, dl, live)
 
 
 def attend_band_bwd(dq, dk, dv, dbias_part, dout, out, lse, q, k, v, tile_start, tile_jlo,
