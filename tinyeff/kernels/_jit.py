@@ -19,6 +19,14 @@ Compiling is slow (seconds per kernel module) and happens once per machine: the 
 kernel module compiles in a process, one line on stderr says so, so that a first call does
 not wait in silence; loading from the cache prints nothing.
 
+Cache freshness: Numba keys a function's cache on its own source file only, yet a kernel
+carries the compiled code of every helper it calls from another file (``fast_exp`` of
+``_math.py`` is inlined into nearly every kernel), so an edited helper would keep running,
+stale, inside the other modules' cached kernels (numba/numba#1833).  :func:`_stamp_caches`
+therefore adds :data:`SOURCES_DIGEST`, one hash of every ``.py`` file of this package, to
+the source stamp of each kernel's cache: any change to any kernel source recompiles all of
+them once, as a fresh install does.
+
 SPEEDTIP (compile time; ``python -m tinyeff bench --cold-start`` measures it on an empty cache):
 
 * the loop over a block of tasks belongs inside the task kernel: a kernel that calls
@@ -38,6 +46,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import hashlib
 import os
 import sys
 import time
@@ -49,6 +58,57 @@ import numpy as np  # noqa: E402
 from numba.core import event  # noqa: E402
 
 serial = numba.njit(cache=True, parallel=False, fastmath=False, nogil=True)
+
+KERNELS_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def sources_digest(directory: str = KERNELS_DIR) -> str:
+    """SHA-256 over the names and contents of the ``.py`` files of ``directory``."""
+    h = hashlib.sha256()
+    for name in sorted(os.listdir(directory)):
+        if name.endswith(".py"):
+            with open(os.path.join(directory, name), "rb") as f:
+                h.update(name.encode() + b"\0" + f.read() + b"\0")
+    return h.hexdigest()
+
+
+SOURCES_DIGEST = sources_digest()
+
+
+def _stamp_caches() -> bool:
+    """Put, in front of Numba's cache locators, one subclass of each whose source stamp
+    adds :data:`SOURCES_DIGEST` for functions defined in this package (module docstring).
+    Returns False, leaving Numba as it is, if its caching module lacks the locator list."""
+    from numba.core import caching
+    impl = getattr(caching, "CacheImpl", None) or getattr(caching, "_CacheImpl", None)
+    bases = getattr(impl, "_locator_classes", None)
+    if not isinstance(bases, list):
+        return False
+    # (a second copy of the package, e.g. the old tree of ``bench --against``, adds its own)
+    bases[:] = [b for b in bases if getattr(b, "tinyeff_kernels", None) != KERNELS_DIR]
+    numba_own = [b for b in bases if getattr(b, "tinyeff_kernels", None) is None]
+
+    def stamped(base):
+        class Stamped(base):
+            tinyeff_kernels = KERNELS_DIR
+
+            def get_source_stamp(self):
+                return super().get_source_stamp(), SOURCES_DIGEST
+
+            @classmethod
+            def from_function(cls, py_func, py_file):
+                if os.path.dirname(os.path.abspath(py_file)) != KERNELS_DIR:
+                    return None
+                return super().from_function(py_func, py_file)
+
+        Stamped.__name__ = Stamped.__qualname__ = "Stamped" + base.__name__.lstrip("_")
+        return Stamped
+
+    bases[:0] = [stamped(b) for b in numba_own]
+    return True
+
+
+_stamp_caches()
 
 
 class _CompileNotice(event.Listener):
