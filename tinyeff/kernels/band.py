@@ -133,6 +133,7 @@ def _fwd_tile(out, lse, q, k, v, b, i0, i1, jl, jh, lo, hi, row_ok, key_ok, bias
     bq = i1 - i0
     bk = jh - jl
     zero = scale * 0
+    raw = not has_bias and scale > 0           # S · scale formed inside the exp pass
     st = buf[:bk * bq].reshape((bk, bq))                           # (R, T) scratch
     np.dot(k[b, jl:jh], _transposed(qbuf, q[b, i0:i1]), st)        # raw Sᵀ
     ia = 0                                     # rows [ia, ib) of the tile see key j
@@ -142,12 +143,13 @@ def _fwd_tile(out, lse, q, k, v, b, i0, i1, jl, jh, lo, hi, row_ok, key_ok, bias
         ia, ib, a, e = _rows_seeing(ia, ib, j, lo, hi, i0, bq, key_ok[b, j])  # padded: −∞
         st[jj, :a] = -np.inf
         st[jj, e:] = -np.inf
-        x = st[jj, a:e]                                            # view: rows seeing j
         if has_bias:
+            x = st[jj, a:e]                                        # view: rows seeing j
             off = i0 + a - j - off_min         # bias index of (i0 + a, j)
             for ii in range(e - a):
                 x[ii] = x[ii] * scale + bias[b, off + ii]
-        else:
+        elif not raw:
+            x = st[jj, a:e]
             for ii in range(e - a):
                 x[ii] = x[ii] * scale
     for ii in range(bq):
@@ -156,13 +158,17 @@ def _fwd_tile(out, lse, q, k, v, b, i0, i1, jl, jh, lo, hi, row_ok, key_ok, bias
                 st[jj, ii] = -np.inf
     mx[:bq] = -np.inf
     colmax(mx, tmp, mx, st)                    # row max (per column of Sᵀ)
+    if raw:                                    # max(x · scale) = max(x) · scale, scale > 0
+        for ii in range(bq):
+            mx[ii] = mx[ii] * scale
     for ii in range(bq):                       # no admissible key: subtract 0, P̃ = 0
         z[ii] = 0
         msub[ii] = zero if mx[ii] == -np.inf else mx[ii]
+    one = scale if raw else scale / scale      # the factor S still needs
     for jj in range(bk):                       # P̃ = exp(S − max), z = Σ_j P̃ in key order
         row = st[jj]
         for ii in range(bq):
-            ex = fast_exp(row[ii] - msub[ii])
+            ex = fast_exp(row[ii] * one - msub[ii])
             row[ii] = ex
             z[ii] += ex
     o = out[b, i0:i1]                                              # (T, Dv)
