@@ -72,7 +72,7 @@ SUPPORTS_REL_BIAS = True
 KEY_PADDING = "key_padding_mask"
 DIFFERENTIABLE = ("q", "k", "v", "bias", "rel_bias")
 IMPLS = ("auto", "ref", "blocked")
-BLOCKED_TILE = 256                 # query and key tile of impl="blocked" (measured: BENCHMARKS.md)
+BLOCKED_TILE = 384                 # query and key tile of impl="blocked" (measured: BENCHMARKS.md)
 AUTO_BLOCKED_MIN_NM = 1 << 20      # impl="auto" uses "blocked" from N·M = 1024² on
 
 
