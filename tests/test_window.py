@@ -147,6 +147,23 @@ def test_numba_matches_reference_and_crossed_pairs(opts, dtype, rng):
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("scale", [0.9, 0.0, -0.7])
+def test_numba_matches_reference_for_any_finite_scale(scale, dtype, rng):
+    """Without a bias the band forward scales S inside its exp pass when scale > 0 and
+    before it otherwise (scale 0: uniform weights over each row's band)."""
+    n = 120
+    x = random_qkv(rng, (2, 2), n=n, d=8, dv=5, dtype=dtype)
+    kp = rng.random((2, 1, n)) < 0.9
+    opts = dict(window=6, key_padding_mask=kp, scale=scale)
+    out_r, ctx_r = window.forward(**x, **opts, impl="ref")
+    out_n, ctx_n = window.forward(**x, **opts, impl="numba")
+    assert_close(out_n, out_r)
+    assert_close(ctx_n.lse, ctx_r.lse)
+    dout = rng.standard_normal(out_r.shape).astype(dtype)
+    assert_close(window.backward(dout, ctx_n), window.backward(dout, ctx_r))
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_numba_rows_whose_band_lies_past_the_last_key(dtype, rng):
     """N ≫ M: whole kernel tiles of rows see no key at all (their band starts after M)."""
     n, m = 150, 20

@@ -164,7 +164,7 @@ def _fwd_tile(out, lse, q, k, v, b, i0, i1, jl, jh, lo, hi, row_ok, key_ok, bias
     for ii in range(bq):                       # no admissible key: subtract 0, P̃ = 0
         z[ii] = 0
         msub[ii] = zero if mx[ii] == -np.inf else mx[ii]
-    one = scale if raw else scale / scale      # the factor S still needs
+    one = scale if raw else zero + np.float32(1)                  # the factor S still needs
     for jj in range(bk):                       # P̃ = exp(S − max), z = Σ_j P̃ in key order
         row = st[jj]
         for ii in range(bq):
