@@ -230,12 +230,17 @@ def torch_sparse(x, options):
     return torch_full(x, {**options, "mask": mask})
 
 
+def window_globals(options) -> list:
+    """The global positions G of ``global_indices`` as a list of ints (empty without)."""
+    glob = options.get("global_indices")
+    return [] if glob is None else [int(g) for g in np.asarray(glob).ravel()]
+
+
 def window_allowed(n, m, options):
     """`window`'s allowed set as a dense (N, M) boolean (before causal and key padding):
     band(i) = {i + t·d : |t| <= w, 0 <= j < M, j ∉ G};  A(i) = all if i ∈ G else band(i) ∪ G."""
     w, dil = options["window"], options.get("dilation", 1)
-    glob = options.get("global_indices")
-    glob = [] if glob is None else [int(g) for g in np.asarray(glob).ravel()]
+    glob = window_globals(options)
     allowed = np.zeros((n, m), dtype=bool)
     for i in range(n):
         for t in range(-w, w + 1):
@@ -253,10 +258,8 @@ def window_global_rows(n, m, options):
     the global rows as a boolean (N,) or (..., N)."""
     gm = options.get("global_mask")
     if gm is None:
-        glob = options.get("global_indices")
         rows = np.zeros(n, dtype=bool)
-        if glob is not None:
-            rows[np.asarray(glob, dtype=int).ravel()] = True
+        rows[window_globals(options)] = True
         return window_allowed(n, m, options), rows
     gm = np.asarray(gm, dtype=bool)
     allowed = np.zeros(gm.shape[:-1] + (n, m), dtype=bool)
