@@ -31,6 +31,11 @@ each pass's tasks to ``run_tasks`` (kernels/_jit.py), one block of tasks per thr
 SPEEDTIP: that compiles in about half the time of the same passes as ``prange`` loops (no
 gufuncs), at the cost of a few Python calls per pass.
 
+SPEEDTIP: the loops over a chunk's rows index the (BH, L, X) arguments and the scratch
+directly (x[b, i, f], a[t, f]), never through a view of the chunk or of one row
+(``x[b, i0:i1]``, ``a[t]``): the loops over views ran several times slower (BENCHMARKS.md,
+"Loops over views").  Views remain only as the operands of ``np.dot``.
+
 SPEEDTIP: the features are formed in scratch with the vectorizable ``fast_exp`` (≤ 1 ulp
 float32, ≤ 2 ulp float64; kernels/_math.py) and never stored: the backward recomputes them.
 ``np.dot`` calls SciPy's OpenBLAS, which the caller pins to one thread
@@ -46,7 +51,7 @@ import numpy as np
 
 from ._jit import run_tasks, serial
 from ._math import add_rows, fast_exp
-from .linear import dphi, grad_rows, row_denominator
+from .linear import row_denominator
 
 __all__ = ["add_parts", "n_parts", "noncausal_bwd", "noncausal_fwd", "task_span", "zero_sums"]
 
@@ -63,18 +68,43 @@ def n_parts(length: int, chunk: int) -> int:
 
 
 @serial
-def _phi(a, x, relu, zero):
-    """a = φ(x) for a 2-D block of rows: relu(x) + 1, or elu(x) + 1 = exp(min(x, 0)) + max(x, 0)."""
+def _phi(a, x, b, r0, nt, relu, zero):
+    """a[t] = φ(x[b, r0 + t]) for t < nt: relu(x) + 1, or elu(x) + 1 = exp(min(x, 0)) +
+    max(x, 0)."""
     one = zero + np.float32(1)
-    for t in range(x.shape[0]):
-        at = a[t]
-        xt = x[t]
+    for t in range(nt):
         if relu:
-            for f in range(xt.shape[0]):
-                at[f] = max(xt[f], zero) + one
+            for f in range(x.shape[2]):
+                a[t, f] = max(x[b, r0 + t, f], zero) + one
         else:
-            for f in range(xt.shape[0]):
-                at[f] = fast_exp(min(xt[f], zero)) + max(xt[f], zero)
+            for f in range(x.shape[2]):
+                xf = x[b, r0 + t, f]
+                a[t, f] = fast_exp(min(xf, zero)) + max(xf, zero)
+
+
+@serial
+def _dphi(g, a, t, x, b, i, relu, zero):
+    """g[b, i] *= φ'(x[b, i]), from a[t] = φ(x[b, i]): [x > 0] for relu + 1; min(φ, 1) for
+    elu + 1 (as tinyeff.kernels.linear.dphi)."""
+    one = zero + np.float32(1)
+    for f in range(x.shape[2]):
+        if relu:
+            if not x[b, i, f] > zero:
+                g[b, i, f] = g[b, i, f] * zero
+        else:
+            g[b, i, f] = g[b, i, f] * min(a[t, f], one)
+
+
+@serial
+def _grad_row(g, t, dout, out, b, i, den, normalize, zero):
+    """g[t] = dnum = dout[b, i] / den; returns dden = −(dout[b, i]·out[b, i]) / den (0 if
+    unnormalized), the sum in index order (as tinyeff.kernels.linear.grad_rows)."""
+    acc = zero
+    for e in range(dout.shape[2]):
+        acc += dout[b, i, e] * out[b, i, e]
+    for e in range(dout.shape[2]):
+        g[t, e] = dout[b, i, e] / den
+    return -acc / den if normalize else zero
 
 
 @serial
@@ -126,21 +156,18 @@ def sum_keys(lo, hi, kv_part, z_part, k, v, keep, relu, exact, parts, chunk, zer
     for task in range(lo, hi):
         b, j_lo, j_hi = task_span(task, parts, m, chunk)
         kvp = kv_part[task]                                            # (D, Dv)
-        zp = z_part[task]                                              # (D)
-        zero_sums(kvp, zp, zero)
+        zero_sums(kvp, z_part[task], zero)
         for j0 in range(j_lo, j_hi, chunk):
             nt = min(chunk, j_hi - j0)
-            at = a[:nt]
-            _phi(at, k[b, j0:j0 + nt], relu, zero)
+            _phi(a, k, b, j0, nt, relu, zero)
             for t in range(nt):
-                row = at[t]
                 if keep[b, j0 + t] or not exact:                       # z = Σ φ(k_j)
                     for f in range(d):
-                        zp[f] += row[f]
+                        z_part[task, f] += a[t, f]
                 if not keep[b, j0 + t]:                                # KV: keep_j φ(k_j)
                     for f in range(d):
-                        row[f] = zero
-            np.dot(at.T, v[b, j0:j0 + nt], tmp)                        # Σ_chunk φ(k_j) v_jᵀ
+                        a[t, f] = zero
+            np.dot(a[:nt].T, v[b, j0:j0 + nt], tmp)                    # Σ_chunk φ(k_j) v_jᵀ
             add_rows(kvp, tmp)
 
 
@@ -157,15 +184,13 @@ def rows_fwd(lo, hi, out, denom, kv, z, q, seen, normalize, eps, chunk, relu, ze
         i0 = (task - b * n_chunks) * chunk
         nt = min(chunk, n - i0)
         a = scratch[:nt]
-        _phi(a, q[b, i0:i0 + nt], relu, zero)
-        o = out[b, i0:i0 + nt]                                         # (T, Dv)
-        np.dot(a, kv[b], o)                                            # num = φ(q) KV
+        _phi(a, q, b, i0, nt, relu, zero)
+        np.dot(a, kv[b], out[b, i0:i0 + nt])                           # num = φ(q) KV (T, Dv)
         dens = np.dot(a, z[b])                                         # (T) φ(q_i)·z
         for t in range(nt):
             den = row_denominator(dens[t], one, seen[b], normalize, eps, inf)
-            ot = o[t]
-            for e in range(ot.shape[0]):
-                ot[e] = ot[e] / den
+            for e in range(out.shape[2]):
+                out[b, i0 + t, e] = out[b, i0 + t, e] / den
             denom[b, i0 + t] = den
 
 
@@ -201,30 +226,24 @@ def grad_queries(lo, hi, dq, dkv_part, dz_part, q, dout, out, denom, kv, z, norm
     for task in range(lo, hi):
         b, i_lo, i_hi = task_span(task, parts, n, chunk)
         dkvp = dkv_part[task]                                          # (D, Dv)
-        dzp = dz_part[task]                                            # (D)
-        zero_sums(dkvp, dzp, zero)
-        zb = z[b]
+        zero_sums(dkvp, dz_part[task], zero)
         for i0 in range(i_lo, i_hi, chunk):
             nt = min(chunk, i_hi - i0)
-            at = a[:nt]
-            gt = g[:nt]
             for t in range(nt):                                        # fwd: out = num / denom
-                dl[t] = grad_rows(gt[t], dout[b, i0 + t], out[b, i0 + t], denom[b, i0 + t],
-                                  normalize, zero)
-            _phi(at, q[b, i0:i0 + nt], relu, zero)
+                dl[t] = _grad_row(g, t, dout, out, b, i0 + t, denom[b, i0 + t], normalize,
+                                  zero)
+            _phi(a, q, b, i0, nt, relu, zero)
             # fwd: num_i = φ(q_i) KV,  den_i = φ(q_i)·z
-            dqt = dq[b, i0:i0 + nt]                                    # (T, D)
-            np.dot(gt, kv[b].T, dqt)                                   # KV g_i
+            np.dot(g[:nt], kv[b].T, dq[b, i0:i0 + nt])                 # KV g_i  (T, D)
             for t in range(nt):
-                row = dqt[t]
                 for f in range(d):
-                    row[f] += dl[t] * zb[f]                            # + δ_i z
-                dphi(row, at[t], q[b, i0 + t], relu, zero)            # fwd: φ(q_i) from q_i
-            np.dot(at.T, gt, tmp)                                      # Σ_chunk φ(q_i) g_iᵀ
+                    dq[b, i0 + t, f] += dl[t] * z[b, f]                # + δ_i z
+                _dphi(dq, a, t, q, b, i0 + t, relu, zero)              # fwd: φ(q_i) from q_i
+            np.dot(a[:nt].T, g[:nt], tmp)                              # Σ_chunk φ(q_i) g_iᵀ
             add_rows(dkvp, tmp)
             for t in range(nt):
                 for f in range(d):
-                    dzp[f] += dl[t] * at[t, f]                         # Σ δ_i φ(q_i)
+                    dz_part[task, f] += dl[t] * a[t, f]                # Σ δ_i φ(q_i)
 
 
 @serial
@@ -237,28 +256,25 @@ def grad_keys(lo, hi, dk, dv_out, k, v, keep, dkv, dz, exact, chunk, relu, zero)
         b = task // n_chunks
         j0 = (task - b * n_chunks) * chunk
         nt = min(chunk, m - j0)
-        a = scratch[:nt]
-        _phi(a, k[b, j0:j0 + nt], relu, zero)
+        _phi(scratch, k, b, j0, nt, relu, zero)
         # fwd: KV = Σ_j keep_j φ(k_j) v_jᵀ,   z = Σ_j φ(k_j)
-        dkt = dk[b, j0:j0 + nt]                                        # (T, D)
-        np.dot(v[b, j0:j0 + nt], dkv[b].T, dkt)                        # dKV v_j
-        dzb = dz[b]
+        np.dot(v[b, j0:j0 + nt], dkv[b].T, dk[b, j0:j0 + nt])          # dKV v_j  (T, D)
         for t in range(nt):
-            row = dkt[t]
-            if keep[b, j0 + t]:
+            j = j0 + t
+            if keep[b, j]:
                 for f in range(d):
-                    row[f] += dzb[f]
+                    dk[b, j, f] += dz[b, f]
             elif exact:                                                # dropped key
                 for f in range(d):
-                    row[f] = zero
+                    dk[b, j, f] = zero
             else:                                                      # values_only: v_j = 0
                 for f in range(d):
-                    row[f] = dzb[f]
-            dphi(row, a[t], k[b, j0 + t], relu, zero)                 # fwd: φ(k_j) from k_j
-            if not keep[b, j0 + t]:
+                    dk[b, j, f] = dz[b, f]
+            _dphi(dk, scratch, t, k, b, j, relu, zero)                 # fwd: φ(k_j) from k_j
+            if not keep[b, j]:
                 for f in range(d):
-                    a[t, f] = zero
-        np.dot(a, dkv[b], dv_out[b, j0:j0 + nt])                       # dv_j = keep_j dKVᵀ φ(k_j)
+                    scratch[t, f] = zero
+        np.dot(scratch[:nt], dkv[b], dv_out[b, j0:j0 + nt])            # dv_j = keep_j dKVᵀ φ(k_j)
 
 
 def noncausal_bwd(dq, dk, dv_out, dkv, dz, dkv_part, dz_part, q, k, v, keep, dout, out,
