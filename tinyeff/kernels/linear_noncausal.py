@@ -36,6 +36,9 @@ directly (x[b, i, f], a[t, f]), never through a view of the chunk or of one row
 (``x[b, i0:i1]``, ``a[t]``): the loops over views ran several times slower (BENCHMARKS.md,
 "Loops over views").  Views remain only as the operands of ``np.dot``.
 
+SPEEDTIP: the products with KVᵀ and dKVᵀ take C-contiguous copies of them (made once per
+call), not transposed views: OpenBLAS runs the (T, Dv) · (Dv, D) product faster so.
+
 SPEEDTIP: the features are formed in scratch with the vectorizable ``fast_exp`` (≤ 1 ulp
 float32, ≤ 2 ulp float64; kernels/_math.py) and never stored: the backward recomputes them.
 ``np.dot`` calls SciPy's OpenBLAS, which the caller pins to one thread
@@ -96,15 +99,39 @@ def _dphi(g, a, t, x, b, i, relu, zero):
 
 
 @serial
-def _grad_row(g, t, dout, out, b, i, den, normalize, zero):
-    """g[t] = dnum = dout[b, i] / den; returns dden = −(dout[b, i]·out[b, i]) / den (0 if
-    unnormalized), the sum in index order (as tinyeff.kernels.linear.grad_rows)."""
-    acc = zero
-    for e in range(dout.shape[2]):
-        acc += dout[b, i, e] * out[b, i, e]
-    for e in range(dout.shape[2]):
-        g[t, e] = dout[b, i, e] / den
-    return -acc / den if normalize else zero
+def _grad_rows(g, dl, dout, out, denom, b, i0, nt, normalize, zero):
+    """For the rows i = i0 + t, t < nt: g[t] = dnum_i = dout_i / denom_i and dl[t] = dden_i =
+    −(dout_i·out_i) / denom_i (0 if unnormalized), as tinyeff.kernels.linear.grad_rows.
+
+    SPEEDTIP: dout_i·out_i of four rows at a time (four independent chains of adds, each in
+    the order e = 0 … Dv − 1, the bits of one row at a time)."""
+    dv = dout.shape[2]
+    t4 = nt - nt % 4
+    for t in range(0, t4, 4):
+        i = i0 + t
+        s0 = zero
+        s1 = zero
+        s2 = zero
+        s3 = zero
+        for e in range(dv):
+            s0 += dout[b, i, e] * out[b, i, e]
+            s1 += dout[b, i + 1, e] * out[b, i + 1, e]
+            s2 += dout[b, i + 2, e] * out[b, i + 2, e]
+            s3 += dout[b, i + 3, e] * out[b, i + 3, e]
+        dl[t] = s0
+        dl[t + 1] = s1
+        dl[t + 2] = s2
+        dl[t + 3] = s3
+    for t in range(t4, nt):
+        s0 = zero
+        for e in range(dv):
+            s0 += dout[b, i0 + t, e] * out[b, i0 + t, e]
+        dl[t] = s0
+    for t in range(nt):
+        den = denom[b, i0 + t]
+        for e in range(dv):
+            g[t, e] = dout[b, i0 + t, e] / den
+        dl[t] = -dl[t] / den if normalize else zero
 
 
 @serial
@@ -214,9 +241,9 @@ def noncausal_fwd(out, denom, kv, z, kv_part, z_part, q, k, v, keep, seen, relu,
 
 
 @serial
-def grad_queries(lo, hi, dq, dkv_part, dz_part, q, dout, out, denom, kv, z, normalize, parts,
+def grad_queries(lo, hi, dq, dkv_part, dz_part, q, dout, out, denom, kvt, z, normalize, parts,
                  chunk, relu, zero):
-    """Tasks [lo, hi) of the backward's pass over the rows (ranges of rows)."""
+    """Tasks [lo, hi) of the backward's pass over the rows (ranges of rows); kvt = KVᵀ."""
     n, d = q.shape[1:]
     dv = dout.shape[2]
     a = np.empty((chunk, d), dtype=q.dtype)                            # (T, D) φ(q)
@@ -229,12 +256,11 @@ def grad_queries(lo, hi, dq, dkv_part, dz_part, q, dout, out, denom, kv, z, norm
         zero_sums(dkvp, dz_part[task], zero)
         for i0 in range(i_lo, i_hi, chunk):
             nt = min(chunk, i_hi - i0)
-            for t in range(nt):                                        # fwd: out = num / denom
-                dl[t] = _grad_row(g, t, dout, out, b, i0 + t, denom[b, i0 + t], normalize,
-                                  zero)
+            # fwd: out = num / denom
+            _grad_rows(g, dl, dout, out, denom, b, i0, nt, normalize, zero)
             _phi(a, q, b, i0, nt, relu, zero)
             # fwd: num_i = φ(q_i) KV,  den_i = φ(q_i)·z
-            np.dot(g[:nt], kv[b].T, dq[b, i0:i0 + nt])                 # KV g_i  (T, D)
+            np.dot(g[:nt], kvt[b], dq[b, i0:i0 + nt])                  # KV g_i  (T, D)
             for t in range(nt):
                 for f in range(d):
                     dq[b, i0 + t, f] += dl[t] * z[b, f]                # + δ_i z
@@ -247,8 +273,8 @@ def grad_queries(lo, hi, dq, dkv_part, dz_part, q, dout, out, denom, kv, z, norm
 
 
 @serial
-def grad_keys(lo, hi, dk, dv_out, k, v, keep, dkv, dz, exact, chunk, relu, zero):
-    """Tasks [lo, hi) of the backward's pass over the keys (chunks of keys)."""
+def grad_keys(lo, hi, dk, dv_out, k, v, keep, dkv, dkvt, dz, exact, chunk, relu, zero):
+    """Tasks [lo, hi) of the backward's pass over the keys (chunks of keys); dkvt = dKVᵀ."""
     m, d = k.shape[1:]
     n_chunks = -(-m // chunk)
     scratch = np.empty((chunk, d), dtype=k.dtype)                      # (T, D) φ(k)
@@ -258,7 +284,7 @@ def grad_keys(lo, hi, dk, dv_out, k, v, keep, dkv, dz, exact, chunk, relu, zero)
         nt = min(chunk, m - j0)
         _phi(scratch, k, b, j0, nt, relu, zero)
         # fwd: KV = Σ_j keep_j φ(k_j) v_jᵀ,   z = Σ_j φ(k_j)
-        np.dot(v[b, j0:j0 + nt], dkv[b].T, dk[b, j0:j0 + nt])          # dKV v_j  (T, D)
+        np.dot(v[b, j0:j0 + nt], dkvt[b], dk[b, j0:j0 + nt])           # dKV v_j  (T, D)
         for t in range(nt):
             j = j0 + t
             if keep[b, j]:
@@ -288,8 +314,10 @@ def noncausal_bwd(dq, dk, dv_out, dkv, dz, dkv_part, dz_part, q, k, v, keep, dou
     """
     bh = q.shape[0]
     m = k.shape[1]
-    run_tasks(grad_queries, bh * parts, dq, dkv_part, dz_part, q, dout, out, denom, kv, z,
+    kvt = np.ascontiguousarray(kv.transpose(0, 2, 1))             # (BH, Dv, D) KVᵀ
+    run_tasks(grad_queries, bh * parts, dq, dkv_part, dz_part, q, dout, out, denom, kvt, z,
               normalize, parts, chunk, relu, zero)
     add_parts(dkv, dz, dkv_part, dz_part, parts)
-    run_tasks(grad_keys, bh * -(-m // chunk), dk, dv_out, k, v, keep, dkv, dz, exact, chunk,
-              relu, zero)
+    dkvt = np.ascontiguousarray(dkv.transpose(0, 2, 1))           # (BH, Dv, D) dKVᵀ
+    run_tasks(grad_keys, bh * -(-m // chunk), dk, dv_out, k, v, keep, dkv, dkvt, dz, exact,
+              chunk, relu, zero)
