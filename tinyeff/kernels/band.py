@@ -132,7 +132,7 @@ def _fwd_tile(out, lse, q, k, v, b, i0, i1, jl, jh, lo, hi, row_ok, key_ok, bias
     """One tile of :func:`attend_band`: rows [i0, i1) against keys [jl, jh), jh > jl."""
     bq = i1 - i0
     bk = jh - jl
-    zero = scale * 0
+    zero = scale - scale                       # 0 in scale's dtype (scale * 0 is float64)
     raw = not has_bias and scale > 0           # S · scale formed inside the exp pass
     st = buf[:bk * bq].reshape((bk, bq))                           # (R, T) scratch
     np.dot(k[b, jl:jh], _transposed(qbuf, q[b, i0:i1]), st)        # raw Sᵀ
@@ -254,7 +254,7 @@ def _bwd_tile(dq, dk, dv, dbias_part, dout, out, lse, q, k, v, b, t, i0, i1, jl,
     bk = jh - jl
     d = q.shape[2]
     ddv = v.shape[2]
-    zero = scale * 0
+    zero = scale - scale                       # 0 in scale's dtype (scale * 0 is float64)
     st = sbuf[:bk * bq].reshape((bk, bq))                          # (R, T) scratch
     gt = gbuf[:bk * bq].reshape((bk, bq))                          # (R, T) scratch
     np.dot(k[b, jl:jh], _transposed(qbuf, q[b, i0:i1]), st)        # raw Sᵀ
