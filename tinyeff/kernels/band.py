@@ -164,10 +164,9 @@ def _fwd_tile(out, lse, q, k, v, b, i0, i1, jl, jh, lo, hi, row_ok, key_ok, bias
     for ii in range(bq):                       # no admissible key: subtract 0, P̃ = 0
         z[ii] = 0
         msub[ii] = zero if mx[ii] == -np.inf else mx[ii]
-    # SPEEDTIP: S · scale and S in two copies of the loop.  A single loop multiplying by a
-    # factor chosen between scale and 1 (built from a float64 zero, as ``scale * 0`` is) ran
-    # the whole pass in float64, 1.5–1.7× slower for window and local (BENCHMARKS.md, "The
-    # band forward's exp pass"); a factor of 1 would also cost a multiply per entry.
+    # SPEEDTIP: S · scale and S in two copies of the loop, every scalar in S's dtype: one
+    # float64 scalar in the loop makes Numba run the whole pass in float64 (BENCHMARKS.md,
+    # "The band forward's exp pass"), and a factor of 1 would cost a multiply per entry.
     if raw:                                    # P̃ = exp(S − max), z = Σ_j P̃ in key order
         for jj in range(bk):
             row = st[jj]
