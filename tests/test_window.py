@@ -254,3 +254,48 @@ def test_invalid_options_raise_clear_errors(rng):
         window.forward(**x, window=1, impl="cuda")
     with pytest.raises(TypeError, match="ctx"):
         window.backward(np.zeros((1, 6, 3)), object())
+
+
+def _float64_names(fn, arg_types):
+    """The named variables that Numba types float64 in ``fn`` (a kernel of tinyeff.kernels)
+    compiled afresh, without its cache, for ``arg_types``: {name: source line}."""
+    import io
+    import re
+
+    import numba
+
+    fresh = numba.njit(fn.py_func)                                 # typed here, not loaded
+    fresh.compile(tuple(arg_types))
+    text = io.StringIO()
+    fresh.inspect_types(file=text)
+    names = {}
+    for line in text.getvalue().splitlines():
+        m = re.match(r"\s*#\s+([A-Za-z_]\w*)(\.\d+)? = .*::\s*float64\s*$", line)
+        if m:                                  # a source name (SSA copies name.1, name.2)
+            names[m.group(1)] = line.strip()
+    return names
+
+
+def test_band_tile_scalars_stay_float32():
+    """Every float scalar of the band tiles is float32 for float32 arrays (but the backward's
+    δ, summed in float64 on purpose): a float64 one (``scale * 0`` types float64) made the
+    forward's exp pass run in float64 (BENCHMARKS.md, "The band forward's exp pass")."""
+    from numba import types
+
+    from tinyeff.kernels import band
+
+    a1, a2, a3 = (types.Array(types.float32, nd, "C") for nd in (1, 2, 3))
+    i64, b2 = types.int64, types.Array(types.boolean, 2, "C")
+    idx = types.Array(types.int64, 1, "C")
+    f32, flag = types.float32, types.boolean
+    # out, lse, q, k, v, b, i0, i1, jl, jh, lo, hi, row_ok, key_ok, bias, has_bias, off_min,
+    # scale, buf, qbuf, mx, tmp, msub, z
+    fwd = (a3, a2, a3, a3, a3, i64, i64, i64, i64, i64, idx, idx, b2, b2, a2, flag, i64,
+           f32, a1, a1, a1, a1, a1, a1)
+    assert _float64_names(band._fwd_tile, fwd) == {}
+    # dq, dk, dv, dbias_part, dout, out, lse, q, k, v, b, t, i0, i1, jl, jh, lo, hi, row_ok,
+    # key_ok, bias, has_bias, off_min, scale, sbuf, gbuf, kbuf, vbuf, qbuf, dbuf, lt, dl, live
+    bwd = (a3, a3, a3, a3, a3, a3, a2, a3, a3, a3, i64, i64, i64, i64, i64, i64, idx, idx,
+           b2, b2, a2, flag, i64, f32, a1, a1, a1, a1, a1, a1, a1, a1,
+           types.Array(types.boolean, 1, "C"))
+    assert set(_float64_names(band._bwd_tile, bwd)) == {"acc"}     # δ_i in float64
