@@ -164,23 +164,13 @@ def _fwd_tile(out, lse, q, k, v, b, i0, i1, jl, jh, lo, hi, row_ok, key_ok, bias
     for ii in range(bq):                       # no admissible key: subtract 0, P̃ = 0
         z[ii] = 0
         msub[ii] = zero if mx[ii] == -np.inf else mx[ii]
-    # SPEEDTIP: S · scale and S in two copies of the loop, every scalar in S's dtype: one
-    # float64 scalar in the loop makes Numba run the whole pass in float64 (BENCHMARKS.md,
-    # "The band forward's exp pass"), and a factor of 1 would cost a multiply per entry.
-    if raw:                                    # P̃ = exp(S − max), z = Σ_j P̃ in key order
-        for jj in range(bk):
-            row = st[jj]
-            for ii in range(bq):
-                ex = fast_exp(row[ii] * scale - msub[ii])
-                row[ii] = ex
-                z[ii] += ex
-    else:                                      # the same, S already scaled (and biased)
-        for jj in range(bk):
-            row = st[jj]
-            for ii in range(bq):
-                ex = fast_exp(row[ii] - msub[ii])
-                row[ii] = ex
-                z[ii] += ex
+    one = scale if raw else zero + np.float32(1)   # the factor S still needs, in S's dtype
+    for jj in range(bk):                       # P̃ = exp(S − max), z = Σ_j P̃ in key order
+        row = st[jj]
+        for ii in range(bq):
+            ex = fast_exp(row[ii] * one - msub[ii])
+            row[ii] = ex
+            z[ii] += ex
     o = out[b, i0:i1]                                              # (T, Dv)
     np.dot(st.T, v[b, jl:jh], o)                                   # P̃ v
     for ii in range(bq):
