@@ -240,3 +240,23 @@ def test_fast_exp_is_within_two_ulp(dtype):
 def _vexp(out, x):
     for i in range(x.size):
         out[i] = _math.fast_exp(x[i])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_rowmax_is_the_serial_maximum_nan_included(dtype, rng):
+    """_math.rowmax (eight lanes and a NaN flag) against max(): every length around the
+    lane count, ±inf, ±0, and a NaN in any lane (the flag: without it a lane's select drops
+    the NaN)."""
+    for n in range(0, 26):
+        x = rng.standard_normal(n).astype(dtype)
+        assert _math.rowmax(x) == (np.max(x) if n else -np.inf)
+        for u in range(n):
+            y = x.copy()
+            y[u] = np.inf
+            assert _math.rowmax(y) == np.inf
+            y[u] = np.nan
+            assert np.isnan(_math.rowmax(y)), (n, u)
+            y[:] = -np.inf
+            assert _math.rowmax(y) == -np.inf
+    z = np.array([-0.0, 0.0, -1.0] * 5, dtype=dtype)
+    assert _math.rowmax(z) == 0

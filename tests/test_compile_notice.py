@@ -59,7 +59,7 @@ def test_kernel_caches_carry_the_digest_and_other_code_keeps_numbas_locators(tmp
     import importlib.util
 
     from tinyeff.kernels import favor_noncausal
-    locator = favor_noncausal._rowmax._cache._impl.locator
+    locator = favor_noncausal._features._cache._impl.locator
     assert locator.get_source_stamp()[1] == _jit.SOURCES_DIGEST
     (tmp_path / "elsewhere.py").write_text(
         "import numba\n\n@numba.njit(cache=True)\ndef f(x):\n    return x\n")
@@ -70,20 +70,22 @@ def test_kernel_caches_carry_the_digest_and_other_code_keeps_numbas_locators(tmp
 
 
 def test_an_edited_helper_recompiles_the_kernels_of_other_files(tmp_path):
-    """favor_noncausal._rowmax inlines _math.nanmax: editing _math.py alone (Numba would
+    """favor_noncausal._features inlines _math.rowmax: editing _math.py alone (Numba would
     only look at favor_noncausal.py) must recompile it instead of loading the stale copy."""
     import subprocess
     import sys
     shutil.copytree(os.path.dirname(_jit.KERNELS_DIR), tmp_path / "tinyeff",
                     ignore=shutil.ignore_patterns("__pycache__"))
     code = ("import numpy as np; from tinyeff.kernels import favor_noncausal as m; "
-            "print(m._rowmax(np.arange(4.0, dtype=np.float32)))")
+            "f, ell, one = np.empty((1, 2), np.float32), np.empty(1, np.float32), np.float32(1); "
+            "m._features(f, ell, np.empty((1, 1), np.float32), np.ones((1, 1), np.float32), "
+            "np.zeros((1, 2), np.float32), one, one - one); print(ell[0])")
     env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "cache"), "PYTHONPATH": str(tmp_path)}
 
     def compiles() -> bool:
         proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
                               capture_output=True, text=True, check=True)
-        assert proc.stdout.strip() == "3.0"
+        assert proc.stdout.strip() == "-0.5"                       # a = −‖x̂‖²/2 = c
         return "compiling the favor_noncausal kernels" in proc.stderr
 
     assert compiles()                                              # empty cache

@@ -38,7 +38,7 @@ from __future__ import annotations
 import numpy as np
 
 from ._jit import run_tasks, serial
-from ._math import add_rows, fast_exp, nanmax
+from ._math import add_rows, fast_exp, nanmax, rowmax
 from .linear import grad_rows, row_denominator
 from .linear_noncausal import add_parts, task_span, zero_sums
 
@@ -46,35 +46,6 @@ __all__ = ["favor_fwd", "favor_bwd"]
 
 
 # ----------------------------------------------------------------------------- features
-
-
-@serial
-def _rowmax(row):
-    """max_u row[u], NaN-propagating, in eight interleaved lanes (one running maximum would
-    wait on each comparison in turn); m ≥ 1.  The maximum is exact, so the lane count does
-    not change the result."""
-    n = row.shape[0]
-    c0 = row[0]
-    c1 = row[0]
-    c2 = row[0]
-    c3 = row[0]
-    c4 = row[0]
-    c5 = row[0]
-    c6 = row[0]
-    c7 = row[0]
-    for u in range(0, n - 7, 8):
-        c0 = nanmax(c0, row[u])
-        c1 = nanmax(c1, row[u + 1])
-        c2 = nanmax(c2, row[u + 2])
-        c3 = nanmax(c3, row[u + 3])
-        c4 = nanmax(c4, row[u + 4])
-        c5 = nanmax(c5, row[u + 5])
-        c6 = nanmax(c6, row[u + 6])
-        c7 = nanmax(c7, row[u + 7])
-    for u in range(n - n % 8, n):
-        c0 = nanmax(c0, row[u])
-    return nanmax(nanmax(nanmax(c0, c1), nanmax(c2, c3)),
-                  nanmax(nanmax(c4, c5), nanmax(c6, c7)))
 
 
 @serial
@@ -121,7 +92,7 @@ def _features(f, ell, xh, x, omega_t, root, half_log_m):
         row = f[t]
         for u in range(row.shape[0]):
             row[u] = row[u] - h                                    # a = x̂ωᵀ − ‖x̂‖²/2
-        c = _rowmax(row)
+        c = rowmax(row)
         for u in range(row.shape[0]):
             row[u] = fast_exp(row[u] - c)                          # f = exp(a − c)
         ell[t] = c - half_log_m

@@ -66,7 +66,7 @@ import numba
 import numpy as np
 
 from ._jit import run_tasks, serial
-from ._math import add_rows, fast_exp
+from ._math import add_rows, fast_exp, rowmax
 from .sparse_scattered import DOT_FLAGS, axpy, cols_bwd_scattered, scattered_axpy, scattered_dot
 
 __all__ = ["cols_bwd_scattered", "heavy_bwd", "rel_bias_bwd_csr", "scattered_axpy",
@@ -92,10 +92,7 @@ def _row_softmax(x):
     The max propagates NaN (as the reference's np.maximum); a row with no entry or only
     −inf scores gives x = 0 and lse = −inf.
     """
-    c = x.dtype.type(-np.inf)
-    for u in range(x.shape[0]):
-        if x[u] > c or x[u] != x[u]:
-            c = x[u]
+    c = rowmax(x)
     if c == -np.inf:
         for u in range(x.shape[0]):
             x[u] = 0
