@@ -52,6 +52,11 @@ __all__ = ["favor_fwd", "favor_bwd"]
 def _features(f, ell, xh, x, omega_t, root, half_log_m):
     """f (T, m) = exp(a − c), ell (T) = c − ½ ln m and xh (T, D) = x̂ for the rows of x.
 
+    The row's shift ‖x̂‖²/2 is in both a and c, so a − c = x̂ωᵀ − max_f x̂ωᵀ: f is formed
+    without it, and c = max_f x̂ωᵀ − ‖x̂‖²/2 (the same float as max_f of the rounded a_f,
+    rounding being monotone).  ‖x̂‖² is summed in float64 (one value per row).
+
+    SPEEDTIP: no pass over the (T, m) block subtracts the shift (measured: BENCHMARKS.md).
     SPEEDTIP: ‖x̂‖² of four rows at a time (four independent chains of adds, each in the
     order e = 0 … D − 1, as one row at a time would wait on each add in turn)."""
     nt, d = x.shape
@@ -88,13 +93,11 @@ def _features(f, ell, xh, x, omega_t, root, half_log_m):
         sqs[t] = s0
     np.dot(xh, omega_t, f)                                         # x̂ ωᵀ
     for t in range(nt):
-        h = sqs[t] * 0.5
         row = f[t]
+        mx = rowmax(row)                                           # max_f (x̂ωᵀ)_f
         for u in range(row.shape[0]):
-            row[u] = row[u] - h                                    # a = x̂ωᵀ − ‖x̂‖²/2
-        c = rowmax(row)
-        for u in range(row.shape[0]):
-            row[u] = fast_exp(row[u] - c)                          # f = exp(a − c)
+            row[u] = fast_exp(row[u] - mx)                         # f = exp(a − c)
+        c = f.dtype.type(mx - sqs[t] * 0.5)                        # c = max_f a
         ell[t] = c - half_log_m
 
 
