@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from tinyeff import memory
-from tinyeff.attention import linear, linformer, local, performer, window
+from tinyeff.attention import linear, linformer, local, performer, sparse, window
 
 
 @pytest.fixture
@@ -71,7 +71,7 @@ def test_limit_is_respected(small_blocks):
 
 def _cases():
     rng = np.random.default_rng(0)
-    for variant in (linear, performer, local, window, linformer):
+    for variant in (linear, performer, local, window, linformer, sparse):
         for case in variant.example_cases(rng):
             yield pytest.param(variant, case, id=f"{variant.NAME}-{case.name}")
 

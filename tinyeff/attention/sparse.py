@@ -72,7 +72,7 @@ import numba
 import numpy as np
 import scipy.sparse as sp
 
-from .. import _checks
+from .. import _checks, memory
 from .._random import random_qkv
 from ..ctx import Ctx
 from ..kernels import blas_single_thread, sparse_plan
@@ -305,6 +305,14 @@ def _all_finite(*arrays) -> bool:
     return all(bool(np.isfinite(np.sum(a))) for a in arrays)
 
 
+def _zeros(shape, dtype):
+    """A zero-filled array whose memory :func:`tinyeff.memory.empty` reuses from call to
+    call (``np.zeros`` of this size would be fresh pages, faulted in at every step)."""
+    a = memory.empty(shape, dtype)
+    a[...] = 0
+    return a
+
+
 def _forward_numba(q, k, v, pat, groups, kpad, rel, scale):
     bf, n, d = q.shape
     dv = v.shape[2]
@@ -312,9 +320,9 @@ def _forward_numba(q, k, v, pat, groups, kpad, rel, scale):
         return _forward_ref(q, k, v, pat, groups, kpad, rel, scale)
     scale = q.dtype.type(scale)
     pl = _plan(pat, groups)
-    p = np.empty((bf // groups, pat.nnz), dtype=q.dtype)                   # (BH/G, nnz)
+    p = memory.empty((bf // groups, pat.nnz), q.dtype)                     # (BH/G, nnz)
     lse = np.empty((bf, n), dtype=q.dtype)                                  # (BH, N)
-    out = np.zeros((bf, n, dv), dtype=q.dtype)                              # (BH, N, Dv)
+    out = _zeros((bf, n, dv), q.dtype)                                      # (BH, N, Dv)
     # fwd: s = scale · q·k: the scattered entries first, then tiles (+ softmax, dense P v)
     kern.scattered_dot(p, q, k, pl.r_ptr, pl.r_row, pl.r_col, pl.r_e, groups, *pl.r_split,
                        scale)
@@ -340,9 +348,9 @@ def _backward_numba(dout, q, k, v, ctx: SparseCtx):
     p = np.ascontiguousarray(ctx.p, dtype=q.dtype)
     pl = _plan(pat, groups)
     phase_ptr, phase_tiles = pl.phases()
-    dq = np.zeros_like(q)                                                   # (BH, N, D)
-    dk, dv = np.zeros_like(k), np.zeros_like(v)                             # (BH, M, ·)
-    ds = np.empty_like(p)                                                   # (BH/G, nnz)
+    dq = _zeros(q.shape, q.dtype)                                           # (BH, N, D)
+    dk, dv = _zeros(k.shape, k.dtype), _zeros(v.shape, v.dtype)             # (BH, M, ·)
+    ds = memory.empty(p.shape, p.dtype)                                     # (BH/G, nnz)
     # fwd: out = P v  -> dp = dout · v on the scattered entries (into ds)
     kern.scattered_dot(ds, dout, v, pl.r_ptr, pl.r_row, pl.r_col, pl.r_e, groups,
                        *pl.r_split, q.dtype.type(1))
@@ -360,8 +368,8 @@ def _backward_numba(dout, q, k, v, ctx: SparseCtx):
                        finite)
     # fwd: s = scale · q·k  -> dq += scale Σ ds k over the scattered entries; their p and
     # ds·scale are saved in column order for dk, dv
-    pc = np.empty((p.shape[0], pl.n_scattered), dtype=q.dtype)             # (BH/G, n_sc)
-    dsc = np.empty_like(pc)                                                 # (BH/G, n_sc)
+    pc = memory.empty((p.shape[0], pl.n_scattered), q.dtype)               # (BH/G, n_sc)
+    dsc = memory.empty(pc.shape, q.dtype)                                   # (BH/G, n_sc)
     kern.scattered_axpy(dq, ds, k, pc, dsc, p, pl.r_ptr, pl.r_row, pl.r_col, pl.r_e,
                         pl.r_pos, groups, *pl.r_split, scale, True)
     kern.cols_bwd_scattered(dk, dv, pc, dsc, q, dout, pl.c_ptr, pl.c_row, pl.c_col, groups,
