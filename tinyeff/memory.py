@@ -57,7 +57,7 @@ except ImportError:                    # pragma: no cover - NumPy 1.x
     except ImportError:
         _set_madvise_hugepage = None
 
-__all__ = ["empty", "cache_limit", "set_cache_limit", "clear_cache", "cached_bytes"]
+__all__ = ["empty", "zeros", "cache_limit", "set_cache_limit", "clear_cache", "cached_bytes"]
 
 CACHE_MIN_BYTES = 4 << 20              # smaller blocks: glibc's heap serves them (docstring)
 
@@ -95,6 +95,15 @@ def empty(shape, dtype) -> np.ndarray:
     with _LOCK:
         block = _take(nbytes)
     return block.view(dtype).reshape(shape)
+
+
+def zeros(shape, dtype) -> np.ndarray:
+    """Like ``np.zeros(shape, dtype)``: :func:`empty`, then filled with 0 (one pass over
+    reused memory, where ``np.zeros`` of a large size gets fresh pages that fault in as the
+    kernels first write them)."""
+    a = empty(shape, dtype)
+    a[...] = 0
+    return a
 
 
 def cache_limit() -> int:

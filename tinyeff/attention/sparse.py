@@ -305,14 +305,6 @@ def _all_finite(*arrays) -> bool:
     return all(bool(np.isfinite(np.sum(a))) for a in arrays)
 
 
-def _zeros(shape, dtype):
-    """A zero-filled array whose memory :func:`tinyeff.memory.empty` reuses from call to
-    call (``np.zeros`` of this size would be fresh pages, faulted in at every step)."""
-    a = memory.empty(shape, dtype)
-    a[...] = 0
-    return a
-
-
 def _forward_numba(q, k, v, pat, groups, kpad, rel, scale):
     bf, n, d = q.shape
     dv = v.shape[2]
@@ -322,7 +314,7 @@ def _forward_numba(q, k, v, pat, groups, kpad, rel, scale):
     pl = _plan(pat, groups)
     p = memory.empty((bf // groups, pat.nnz), q.dtype)                     # (BH/G, nnz)
     lse = np.empty((bf, n), dtype=q.dtype)                                  # (BH, N)
-    out = _zeros((bf, n, dv), q.dtype)                                      # (BH, N, Dv)
+    out = memory.zeros((bf, n, dv), q.dtype)                                # (BH, N, Dv)
     # fwd: s = scale · q·k: the scattered entries first, then tiles (+ softmax, dense P v)
     kern.scattered_dot(p, q, k, pl.r_ptr, pl.r_row, pl.r_col, pl.r_e, groups, *pl.r_split,
                        scale)
@@ -348,8 +340,9 @@ def _backward_numba(dout, q, k, v, ctx: SparseCtx):
     p = np.ascontiguousarray(ctx.p, dtype=q.dtype)
     pl = _plan(pat, groups)
     phase_ptr, phase_tiles = pl.phases()
-    dq = _zeros(q.shape, q.dtype)                                           # (BH, N, D)
-    dk, dv = _zeros(k.shape, k.dtype), _zeros(v.shape, v.dtype)             # (BH, M, ·)
+    dq = memory.zeros(q.shape, q.dtype)                                     # (BH, N, D)
+    dk = memory.zeros(k.shape, k.dtype)                                     # (BH, M, D)
+    dv = memory.zeros(v.shape, v.dtype)                                     # (BH, M, Dv)
     ds = memory.empty(p.shape, p.dtype)                                     # (BH/G, nnz)
     # fwd: out = P v  -> dp = dout · v on the scattered entries (into ds)
     kern.scattered_dot(ds, dout, v, pl.r_ptr, pl.r_row, pl.r_col, pl.r_e, groups,
