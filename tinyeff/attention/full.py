@@ -57,7 +57,7 @@ import math
 
 import numpy as np
 
-from .. import _checks, memory
+from .. import _checks
 from .._random import random_qkv
 from ..ctx import Ctx
 from ..ops import softmax
@@ -250,11 +250,9 @@ def _forward_blocked(q, k, v, causal, key_padding_mask, rel_bias, scale):
     bh = math.prod(batch)
     dtype = q.dtype
     tile = BLOCKED_TILE
-    out = memory.empty((bh, n, dv), dtype)                         # (BH, N, Dv)
+    out = np.zeros((bh, n, dv), dtype=dtype)                       # (BH, N, Dv)
     lse = np.full((bh, n), -np.inf, dtype=dtype)                   # (BH, N)
-    if not (bh and n and m):
-        out[...] = 0                                               # no key: out = 0
-    else:
+    if bh and n and m:
         kpad = _per_head(key_padding_mask, batch, bh, m, bool)     # (BH, M)
         rel = _per_head(rel_bias, batch, bh, n + m - 1, dtype)     # (BH, N + M − 1)
         with blas_single_thread():
@@ -280,15 +278,11 @@ def _backward_blocked(dout, ctx: FullCtx, schedule: str = "auto") -> dict:
     dtype = q.dtype
     tile = ctx.tile or BLOCKED_TILE
     out = ctx.out                                                  # (..., N, Dv)
-    # the kernels write every row of dk and dv; the fused schedule sums into dq
-    dq = memory.zeros((bh, n, d), dtype)                           # (BH, N, D)
-    dk = memory.empty((bh, m, d), dtype)                           # (BH, M, D)
-    dvv = memory.empty((bh, m, dv), dtype)                         # (BH, M, Dv)
+    dq = np.zeros((bh, n, d), dtype=dtype)                         # (BH, N, D)
+    dk = np.zeros((bh, m, d), dtype=dtype)                         # (BH, M, D)
+    dvv = np.zeros((bh, m, dv), dtype=dtype)                       # (BH, M, Dv)
     drel = np.zeros((bh, max(n + m - 1, 0)), dtype=dtype)  # (BH, N + M − 1); N = M = 0: (BH, 0)
-    if not (bh and n and m):
-        dk[...] = 0
-        dvv[...] = 0
-    else:
+    if bh and n and m:
         q3, k3, v3, dout3 = _heads(q, bh), _heads(k, bh), _heads(v, bh), _heads(dout, bh)
         # δ_i = Σ_c dout_ic · out_ic  (= Σ_j P_ij dP_ij, the softmax backward's row term)
         delta = np.sum(dout3 * _heads(out, bh), axis=-1)           # (BH, N)

@@ -93,7 +93,7 @@ import math
 
 import numpy as np
 
-from .. import _checks, memory
+from .. import _checks
 from ..ctx import Ctx
 from ..ops import permute, softmax
 from . import _lsh_hashing as hashing
@@ -394,7 +394,7 @@ def _forward_numba(x, v, rn, perm, inv_perm, kp, causal, dedup, scale, c):
     from ..kernels import blas_single_thread
     from ..kernels import lsh as K
     g, r, n = perm.shape
-    out = memory.zeros((g, n, v.shape[-1]), x.dtype)               # (G, N, Dv)
+    out = np.zeros((g, n, v.shape[-1]), dtype=x.dtype)             # (G, N, Dv)
     lse = np.empty((g, n))                                         # (G, N)
     z = np.empty((g, r, n))                                        # (G, R, N)
     kp_arr, use_kp = _kp_args(kp, g, n)
@@ -419,8 +419,8 @@ def _backward_numba(f, ctx: LSHCtx):
     dd = np.empty((g, n))                                          # (G, N) ⟨dout_i, out_i⟩
     K.row_dot(dd, dout, np.require(f["out"], requirements="CW"))
     kp_arr, use_kp = _kp_args(f["kp"], g, n)
-    dx = memory.zeros(x.shape, x.dtype)                            # (G, N, D)
-    dv = memory.zeros(v.shape, v.dtype)                            # (G, N, Dv)
+    dx = np.zeros_like(x)                                          # (G, N, D)
+    dv = np.zeros_like(v)                                          # (G, N, Dv)
     with blas_single_thread():
         K.chunk_attend_bwd(dx, dv, dout, dd, lse, x, v, rn, perm, inv_perm, kp_arr, use_kp,
                            ctx.causal, ctx.dedup, x.dtype.type(ctx.scale), ctx.chunk_len,

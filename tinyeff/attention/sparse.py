@@ -347,8 +347,8 @@ def _backward_numba(dout, q, k, v, ctx: SparseCtx):
     # fwd: out = P v  -> dp = dout · v on the scattered entries (into ds)
     kern.scattered_dot(ds, dout, v, pl.r_ptr, pl.r_row, pl.r_col, pl.r_e, groups,
                        *pl.r_split, q.dtype.type(1))
-    ph = np.zeros((bf, pl.heavy_max, n), dtype=q.dtype)                    # (BH, Gc, N)
-    dsh = np.zeros_like(ph)                                                 # (BH, Gc, N)
+    ph = memory.zeros((bf, pl.heavy_max, n), q.dtype)                      # (BH, Gc, N)
+    dsh = memory.zeros(ph.shape, q.dtype)                                   # (BH, Gc, N)
     finite = _all_finite(q, k, dout)
     with blas_single_thread():
         kern.tiles_bwd(dq, dk, dv, ds, ph, dsh, dout, p, q, k, v, pat.indptr, pat.indices,
