@@ -18,8 +18,11 @@ package, and alternates their calls one by one, so that both see the same load:
 
 It cannot judge a change to how NumPy's BLAS threads run next to the kernels: in one process
 the BLAS workers that one tree's products leave spinning land on the other tree's calls
-(BENCHMARKS.md, "NumPy's BLAS threads next to the kernels").  Alternate the two trees as whole
-processes for such a change.
+(BENCHMARKS.md, "NumPy's BLAS threads next to the kernels").  Nor a change to where large
+arrays come from (``tinyeff.memory`` against ``np.zeros``): the tree that reuses its blocks
+leaves the other tree's fresh allocations to fault in new pages, so the old tree runs slower
+than it does alone (BENCHMARKS.md, 2026-12-05, "Fresh pages in one process").  Alternate the
+two trees as whole processes for such a change.
 
 Columns: median milliseconds of one forward+backward of each tree; ``new/old``, the median
 of the round-by-round ratios, with its quartiles (below 1: this tree is faster); and whether
