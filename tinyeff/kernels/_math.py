@@ -242,9 +242,7 @@ def rowmax(x):
 
     SPEEDTIP: eight running maxima, one per u mod 8, each a plain select, and a NaN seen
     as a flag beside them.  One running maximum waits on each comparison in turn; a select
-    that also propagates NaN (:func:`nanmax`) does not vectorize.  Measured on 4,096 × 256
-    rows on the AMD EPYC: 0.40 against 0.53 ns per element (lanes of :func:`nanmax`), and
-    about 1 ns for the serial scan.
+    that also propagates NaN (:func:`nanmax`) does not vectorize (measured: BENCHMARKS.md).
     """
     n = x.shape[0]
     c0 = c1 = c2 = c3 = c4 = c5 = c6 = c7 = x.dtype.type(-np.inf)
