@@ -30,11 +30,12 @@ rel_bias : float array (..., N + M − 1) whose leading dimensions broadcast to 
 scale : float, default 1/sqrt(D).
 impl : "auto" | "ref" | "blocked".  "ref" is the plain NumPy path below (the spec; it saves
     P, O(N·M) memory).  "blocked" is the FlashAttention algorithm in Numba
-    (:mod:`tinyeff.kernels.blocked`): tiles of ``BLOCKED_TILE`` queries and keys, an online
-    softmax, and a backward that recomputes P from the saved log-sum-exp, so the extra
-    memory is O((N + M)·D) — exact attention at N = 65,536, H = 4, D = 64 in well under
-    1 GiB.  It supports ``causal``, ``key_padding_mask`` and ``rel_bias``; a dense ``mask``
-    or ``bias`` with impl="blocked" is a ValueError.  "auto" picks "blocked" when
+    (:mod:`tinyeff.kernels.blocked`): tiles of ``BLOCKED_TILE`` queries and keys (a causal
+    diagonal tile in bands of ``BLOCKED_BAND`` keys), an online softmax, and a backward
+    that recomputes P from the saved log-sum-exp, so the extra memory is O((N + M)·D) —
+    exact attention at N = 65,536, H = 4, D = 64 in well under 1 GiB.  It supports
+    ``causal``, ``key_padding_mask`` and ``rel_bias``; a dense ``mask`` or ``bias`` with
+    impl="blocked" is a ValueError.  "auto" picks "blocked" when
     N·M >= ``AUTO_BLOCKED_MIN_NM`` and no dense mask or bias is given, else "ref".  The two
     agree to float rounding (``tinyeff.testing.PARITY``).
 
@@ -73,6 +74,7 @@ KEY_PADDING = "key_padding_mask"
 DIFFERENTIABLE = ("q", "k", "v", "bias", "rel_bias")
 IMPLS = ("auto", "ref", "blocked")
 BLOCKED_TILE = 384                 # query and key tile of impl="blocked" (measured: BENCHMARKS.md)
+BLOCKED_BAND = 64                  # keys per band of a causal diagonal tile (BENCHMARKS.md)
 AUTO_BLOCKED_MIN_NM = 1 << 20      # impl="auto" uses "blocked" from N·M = 1024² on
 
 
@@ -98,6 +100,7 @@ class FullCtx(Ctx):
     dense: bool                          # a dense mask or bias was used ("ref" backward only)
     impl: str                            # "ref" or "blocked": the implementation that made this ctx
     tile: int                            # query/key tile of the blocked forward (0 for "ref")
+    band: int                            # keys per band of its causal diagonal tiles (0 for "ref")
 
 
 def causal_mask(n: int, m: int) -> np.ndarray:
@@ -155,7 +158,7 @@ def forward(q, k, v, *, causal=False, mask=None, key_padding_mask=None, bias=Non
                   key_padding_mask=key_padding_mask, rel_bias=rel_bias,
                   bias_shape=None if bias is None else bias.shape,
                   rel_bias_shape=None if rel_bias is None else rel_bias.shape, dense=dense,
-                  impl="ref", tile=0)
+                  impl="ref", tile=0, band=0)
     return out, ctx
 
 
@@ -249,7 +252,7 @@ def _forward_blocked(q, k, v, causal, key_padding_mask, rel_bias, scale):
     batch, n, m, dv = q.shape[:-2], q.shape[-2], k.shape[-2], v.shape[-1]
     bh = math.prod(batch)
     dtype = q.dtype
-    tile = BLOCKED_TILE
+    tile, band = BLOCKED_TILE, BLOCKED_BAND
     out = np.zeros((bh, n, dv), dtype=dtype)                       # (BH, N, Dv)
     lse = np.full((bh, n), -np.inf, dtype=dtype)                   # (BH, N)
     if bh and n and m:
@@ -258,12 +261,12 @@ def _forward_blocked(q, k, v, causal, key_padding_mask, rel_bias, scale):
         with blas_single_thread():
             blocked.flash_fwd(out, lse, _heads(q, bh), _heads(k, bh), _heads(v, bh), kpad, rel,
                               dtype.type(scale), causal, key_padding_mask is not None,
-                              rel_bias is not None, tile)
+                              rel_bias is not None, tile, band)
     out = out.reshape(*batch, n, dv)                               # (..., N, Dv)
     ctx = FullCtx(q=q, k=k, v=v, out=out, lse=lse.reshape(*batch, n), p=None, scale=scale,
                   causal=causal, key_padding_mask=key_padding_mask, rel_bias=rel_bias,
                   bias_shape=None, rel_bias_shape=None if rel_bias is None else rel_bias.shape,
-                  dense=False, impl="blocked", tile=tile)
+                  dense=False, impl="blocked", tile=tile, band=band)
     return out, ctx
 
 
@@ -276,7 +279,7 @@ def _backward_blocked(dout, ctx: FullCtx, schedule: str = "auto") -> dict:
     batch, n, m, d, dv = q.shape[:-2], q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
     bh = math.prod(batch)
     dtype = q.dtype
-    tile = ctx.tile or BLOCKED_TILE
+    tile, band = ctx.tile or BLOCKED_TILE, ctx.band or BLOCKED_BAND
     out = ctx.out                                                  # (..., N, Dv)
     dq = np.zeros((bh, n, d), dtype=dtype)                         # (BH, N, D)
     dk = np.zeros((bh, m, d), dtype=dtype)                         # (BH, M, D)
@@ -299,12 +302,12 @@ def _backward_blocked(dout, ctx: FullCtx, schedule: str = "auto") -> dict:
         with blas_single_thread():
             if fused:
                 blocked.flash_bwd_fused(dq, dk, dvv, q3, k3, v3, dout3, lse, delta, kpad, rel,
-                                        *flags, has_rel, tile)
+                                        *flags, has_rel, tile, band)
             else:
                 blocked.flash_bwd_dq(dq, q3, k3, v3, dout3, lse, delta, kpad, rel, *flags,
-                                     has_rel, tile)
+                                     has_rel, tile, band)
                 blocked.flash_bwd_dkdv(dk, dvv, q3, k3, v3, dout3, lse, delta, kpad, rel,
-                                       *flags, has_rel, tile)
+                                       *flags, has_rel, tile, band)
             if has_rel:
                 ndiag = -(-n // tile) + -(-m // tile) - 1
                 parts = np.zeros((bh, ndiag, 2 * tile - 1), dtype=dtype)  # (BH, diagonals, 2T − 1)

@@ -463,7 +463,8 @@ def _forward_blocked(q, k, v, E, F, kpm, scale):
         with blas_single_thread():
             blocked.flash_fwd(out.reshape(bh, n, dv), lse.reshape(bh, n), _heads(q, bh),
                               kp.reshape(bh, *kp.shape[-2:]), vp.reshape(bh, *vp.shape[-2:]),
-                              no_kpad, no_rel, dtype.type(scale), False, False, False, tile)
+                              no_kpad, no_rel, dtype.type(scale), False, False, False, tile,
+                              tile)                              # band: not causal, unused
     ctx = LinformerCtx(q=q, k=k, v=v, E=E, F=F, key_padding_mask=kpm, kp=kp, vp=vp, out=out,
                        lse=lse, scale=scale, impl="blocked", tile=tile)
     return out, ctx
@@ -478,6 +479,7 @@ def _backward_attention_blocked(dout, ctx: LinformerCtx):
     batch, n, kk, d, dv = q.shape[:-2], q.shape[-2], kp.shape[-2], q.shape[-1], vp.shape[-1]
     bh = math.prod(batch)
     dtype = q.dtype
+    tile = ctx.tile or BLOCKED_TILE
     dq = memory.empty((bh, n, d), dtype)                           # (BH, N, D)
     dq.fill(0)                                                     # the fused kernel adds to it
     dkp = np.zeros((bh, kk, d), dtype=dtype)                       # (BH, k, D)
@@ -490,8 +492,8 @@ def _backward_attention_blocked(dout, ctx: LinformerCtx):
         no_kpad = np.zeros((1, 1), dtype=bool)                     # unused by the kernel
         no_rel = np.zeros((1, 1), dtype=dtype)                     # unused by the kernel
         args = (_heads(q, bh), kp.reshape(bh, kk, d), vp.reshape(bh, kk, dv), dout3, lse,
-                delta, no_kpad, no_rel, dtype.type(ctx.scale), False, False, False,
-                ctx.tile or BLOCKED_TILE)
+                delta, no_kpad, no_rel, dtype.type(ctx.scale), False, False, False, tile,
+                tile)                                              # band: not causal, unused
         threads = numba.get_num_threads()
         with blas_single_thread():
             if bh >= 4 * threads or (bh >= threads and bh % threads == 0):

@@ -21,6 +21,13 @@ Backward (FlashAttention-2, Alg. 2, without atomics).  With δ_i = Σ_d dout_id 
     dv_J += Pᵀ dout_I            dk_J += dSᵀ q_I · scale     dq_I += dS k_J · scale
     drel[i − j + M − 1] += dS_ij
 
+Causal diagonal tiles.  Query tile I and key tile J share one grid, so the causal mask
+leaves a tile with J < I whole and cuts the tile J = I to a triangle.  That tile is taken
+in bands of ``band`` keys [b₀, b₁), each scored against the queries i ≥ b₀ only (the same
+steps as a tile, forward and backward): with t/band bands the products cover
+(1 + band/t)/2 of the square instead of all of it.  The results differ from one whole tile
+by the order of the float sums only.  The rel_bias gradient pass takes every tile whole.
+
 Parallel schedule (tasks over independent outputs only; no atomics).  Each pass is a list
 of tasks; the pass's function hands them to ``run_tasks`` (kernels/_jit.py), which runs one
 block of consecutive tasks per Numba thread through a ``serial`` kernel (``_fwd_tasks``, …)
@@ -128,6 +135,68 @@ def _bwd_tile(q, k, v, dout, lse, delta, kpad, rel, bh, i0, i1, j0, j1, scale, c
 
 
 @serial
+def _step(tile, band, diagonal):
+    """Keys per step of a key tile: ``tile``, or ``band`` on a causal diagonal tile.
+
+    On the diagonal tile (key tile = query tile) key j is seen by queries i >= j only, so
+    a band of keys [b0, b1) is scored against queries [b0, i1) alone.  Other tiles are
+    taken whole (each of their queries sees every key or, causally, none).
+    """
+    return min(band, tile) if diagonal else tile
+
+
+@serial
+def _fwd_keys(buf, acc, pv, m_run, l_run, m_new, m_tmp, m_sub, r_sum, q, k, v, kpad, rel, bh,
+              i0, i1, j0, j1, scale, causal, has_kpad, has_rel):
+    """Fold keys [j0, j1) into the running max, sum and output of queries [i0, i1).
+
+    acc (T_q, Dv), pv (T_q, Dv), m_run … r_sum (T_q,): the query rows' state and scratch
+    (T_q = i1 − i0); buf: the task's scratch, holding Sᵀ then P̃ᵀ (T_k, T_q).
+    """
+    m = k.shape[1]
+    bq = i1 - i0
+    bk = j1 - j0
+    dv = v.shape[2]
+    st = _tile_view(buf, bk, bq)                                   # (T_k, T_q)
+    np.dot(k[bh, j0:j1], q[bh, i0:i1].T, st)                       # raw Sᵀ
+    for jj in range(bk):                       # logits in place
+        j = j0 + jj
+        c0 = _first_query(bh, j, i0, bq, kpad, causal, has_kpad)
+        row = st[jj]
+        for ii in range(c0):
+            row[ii] = -np.inf
+        off = i0 - j + m - 1                                       # rel_bias index of (i0, j)
+        if has_rel:
+            for ii in range(c0, bq):
+                row[ii] = row[ii] * scale + rel[bh, off + ii]
+        else:
+            for ii in range(c0, bq):
+                row[ii] = row[ii] * scale
+    colmax(m_new, m_tmp, m_run, st)           # running max per query, key order
+    for ii in range(bq):                       # nothing allowed so far: subtract 0, P̃ = 0
+        r_sum[ii] = 0
+        if m_new[ii] == -np.inf:
+            m_sub[ii] = 0
+        else:
+            m_sub[ii] = m_new[ii]
+    for jj in range(bk):
+        row = st[jj]
+        for ii in range(bq):
+            e = fast_exp(row[ii] - m_sub[ii])
+            row[ii] = e
+            r_sum[ii] += e
+    for ii in range(bq):
+        alpha = fast_exp(m_run[ii] - m_sub[ii])
+        l_run[ii] = l_run[ii] * alpha + r_sum[ii]
+        if alpha != 1:
+            for c in range(dv):
+                acc[ii, c] *= alpha
+        m_run[ii] = m_new[ii]
+    np.dot(st.T, v[bh, j0:j1], pv)                                 # (T_q, Dv)
+    add_rows(acc, pv)
+
+
+@serial
 def _zigzag(r, n):
     """0, n−1, 1, n−2, …: pairs cheap and expensive causal tiles in each contiguous chunk."""
     return r // 2 if r % 2 == 0 else n - 1 - r // 2
@@ -143,7 +212,8 @@ def _q_tiles_of_key_tile(kt, tile, n, causal):
 
 
 @serial
-def _fwd_tasks(lo, hi, out, lse, q, k, v, kpad, rel, scale, causal, has_kpad, has_rel, tile):
+def _fwd_tasks(lo, hi, out, lse, q, k, v, kpad, rel, scale, causal, has_kpad, has_rel, tile,
+               band):
     """Tasks lo … hi − 1, each (batch·head, query tile), of :func:`flash_fwd`."""
     for t in range(lo, hi):
         n = q.shape[1]
@@ -168,44 +238,15 @@ def _fwd_tasks(lo, hi, out, lse, q, k, v, kpad, rel, scale, causal, has_kpad, ha
         kend = min(m, i1) if causal else m                         # causal: keys j < i1
         for j0 in range(0, kend, tile):
             j1 = min(j0 + tile, m)
-            bk = j1 - j0
-            st = _tile_view(buf, bk, bq)                           # (T_k, T_q)
-            np.dot(k[bh, j0:j1], q[bh, i0:i1].T, st)               # raw Sᵀ
-            for jj in range(bk):               # logits in place
-                j = j0 + jj
-                c0 = _first_query(bh, j, i0, bq, kpad, causal, has_kpad)
-                row = st[jj]
-                for ii in range(c0):
-                    row[ii] = -np.inf
-                off = i0 - j + m - 1                               # rel_bias index of (i0, j)
-                if has_rel:
-                    for ii in range(c0, bq):
-                        row[ii] = row[ii] * scale + rel[bh, off + ii]
-                else:
-                    for ii in range(c0, bq):
-                        row[ii] = row[ii] * scale
-            colmax(m_new, m_tmp, m_run, st)   # running max per query, key order
-            for ii in range(bq):               # nothing allowed so far: subtract 0, P̃ = 0
-                r_sum[ii] = 0
-                if m_new[ii] == -np.inf:
-                    m_sub[ii] = 0
-                else:
-                    m_sub[ii] = m_new[ii]
-            for jj in range(bk):
-                row = st[jj]
-                for ii in range(bq):
-                    e = fast_exp(row[ii] - m_sub[ii])
-                    row[ii] = e
-                    r_sum[ii] += e
-            for ii in range(bq):
-                alpha = fast_exp(m_run[ii] - m_sub[ii])
-                l_run[ii] = l_run[ii] * alpha + r_sum[ii]
-                if alpha != 1:
-                    for c in range(dv):
-                        acc[ii, c] *= alpha
-                m_run[ii] = m_new[ii]
-            np.dot(st.T, v[bh, j0:j1], pv)                         # (T_q, Dv)
-            add_rows(acc, pv)
+            step = _step(tile, band, causal and j0 == i0)
+            for b0 in range(j0, j1, step):     # the diagonal tile in bands (see _step)
+                b1 = min(b0 + step, j1)
+                a = max(b0 - i0, 0) if causal else 0               # queries i >= b0 only
+                if a >= bq:
+                    break
+                _fwd_keys(buf, acc[a:], pv[a:], m_run[a:], l_run[a:], m_new[a:], m_tmp[a:],
+                          m_sub[a:], r_sum[a:], q, k, v, kpad, rel, bh, i0 + a, i1, b0, b1,
+                          scale, causal, has_kpad, has_rel)
         for ii in range(bq):
             if l_run[ii] == 0:                 # fully masked row
                 lse[bh, i0 + ii] = -np.inf
@@ -217,11 +258,12 @@ def _fwd_tasks(lo, hi, out, lse, q, k, v, kpad, rel, scale, causal, has_kpad, ha
                     out[bh, i0 + ii, c] = acc[ii, c] / l_run[ii]
 
 
-def flash_fwd(out, lse, q, k, v, kpad, rel, scale, causal, has_kpad, has_rel, tile):
+def flash_fwd(out, lse, q, k, v, kpad, rel, scale, causal, has_kpad, has_rel, tile, band):
     """out = softmax(q kᵀ·scale + bias, allowed) v and its log-sum-exp, tile by tile.
 
     out (BH, N, Dv), lse (BH, N); q (BH, N, D), k (BH, M, D), v (BH, M, Dv);
-    kpad (BH, M) bool, rel (BH, N + M − 1) (ignored unless has_kpad / has_rel).
+    kpad (BH, M) bool, rel (BH, N + M − 1) (ignored unless has_kpad / has_rel); tile: queries
+    and keys per tile; band: keys per band of a causal diagonal tile (module docstring).
     One task per (batch·head, query tile), ``run_tasks`` over them.  Tiles are held
     transposed, Sᵀ (T_k, T_q), so each query's max and sum run down a column: a serial
     reduction per query in key order that vectorizes across queries.
@@ -229,12 +271,12 @@ def flash_fwd(out, lse, q, k, v, kpad, rel, scale, causal, has_kpad, has_rel, ti
     bhs, n, _ = q.shape
     nqt = (n + tile - 1) // tile
     run_tasks(_fwd_tasks, bhs * nqt, out, lse, q, k, v, kpad, rel, scale, causal, has_kpad,
-              has_rel, tile)
+              has_rel, tile, band)
 
 
 @serial
 def _dq_tasks(lo, hi, dq, q, k, v, dout, lse, delta, kpad, rel, scale, causal, has_kpad,
-              has_rel, tile):
+              has_rel, tile, band):
     """Tasks lo … hi − 1, each (batch·head, query tile), of :func:`flash_bwd_dq`."""
     for t in range(lo, hi):
         n, d = q.shape[1], q.shape[2]
@@ -248,17 +290,23 @@ def _dq_tasks(lo, hi, dq, q, k, v, dout, lse, delta, kpad, rel, scale, causal, h
         kend = min(m, i1) if causal else m
         for j0 in range(0, kend, tile):
             j1 = min(j0 + tile, m)
-            p, ds = _bwd_tile(q, k, v, dout, lse, delta, kpad, rel, bh, i0, i1, j0, j1,
-                              scale, causal, has_kpad, has_rel)
-            # fwd: S = q kᵀ · scale  ->  dq = dS k · scale
-            add_rows(acc, np.dot(ds, k[bh, j0:j1]))                # (T_q, D)
+            step = _step(tile, band, causal and j0 == i0)
+            for b0 in range(j0, j1, step):     # the diagonal tile in bands (see _step)
+                b1 = min(b0 + step, j1)
+                a0 = max(b0, i0) if causal else i0                 # queries i >= b0 only
+                if a0 >= i1:
+                    break
+                p, ds = _bwd_tile(q, k, v, dout, lse, delta, kpad, rel, bh, a0, i1, b0, b1,
+                                  scale, causal, has_kpad, has_rel)
+                # fwd: S = q kᵀ · scale  ->  dq = dS k · scale
+                add_rows(acc[a0 - i0:], np.dot(ds, k[bh, b0:b1]))  # (T_q, D)
         for ii in range(i1 - i0):
             for c in range(d):
                 dq[bh, i0 + ii, c] = acc[ii, c] * scale
 
 
 def flash_bwd_dq(dq, q, k, v, dout, lse, delta, kpad, rel, scale, causal, has_kpad, has_rel,
-                 tile):
+                 tile, band):
     """dq = (P ∘ (dP − δ)) k · scale, one task per (batch·head, query tile).
 
     dq (BH, N, D); delta (BH, N) = rowsum(dout ∘ out); the rest as in :func:`flash_fwd`.
@@ -266,12 +314,12 @@ def flash_bwd_dq(dq, q, k, v, dout, lse, delta, kpad, rel, scale, causal, has_kp
     bhs, n, _ = q.shape
     nqt = (n + tile - 1) // tile
     run_tasks(_dq_tasks, bhs * nqt, dq, q, k, v, dout, lse, delta, kpad, rel, scale, causal,
-              has_kpad, has_rel, tile)
+              has_kpad, has_rel, tile, band)
 
 
 @serial
 def _dkdv_tasks(lo, hi, dk, dv, q, k, v, dout, lse, delta, kpad, rel, scale, causal,
-                has_kpad, has_rel, tile):
+                has_kpad, has_rel, tile, band):
     """Tasks lo … hi − 1, each (batch·head, key tile), of :func:`flash_bwd_dkdv`."""
     for t in range(lo, hi):
         n, d = q.shape[1], q.shape[2]
@@ -287,12 +335,18 @@ def _dkdv_tasks(lo, hi, dk, dv, q, k, v, dout, lse, delta, kpad, rel, scale, cau
         for qt in range(_q_tiles_of_key_tile(kt, tile, n, causal), nqt):
             i0 = qt * tile
             i1 = min(i0 + tile, n)
-            p, ds = _bwd_tile(q, k, v, dout, lse, delta, kpad, rel, bh, i0, i1, j0, j1,
-                              scale, causal, has_kpad, has_rel)
-            # fwd: out = P v  ->  dv = Pᵀ dout
-            add_rows(acc_v, np.dot(p.T, dout[bh, i0:i1]))          # (T_k, Dv)
-            # fwd: S = q kᵀ · scale  ->  dk = dSᵀ q · scale
-            add_rows(acc_k, np.dot(ds.T, q[bh, i0:i1]))            # (T_k, D)
+            step = _step(tile, band, causal and j0 == i0)
+            for b0 in range(j0, j1, step):     # the diagonal tile in bands (see _step)
+                b1 = min(b0 + step, j1)
+                a0 = max(b0, i0) if causal else i0                 # queries i >= b0 only
+                if a0 >= i1:
+                    break
+                p, ds = _bwd_tile(q, k, v, dout, lse, delta, kpad, rel, bh, a0, i1, b0, b1,
+                                  scale, causal, has_kpad, has_rel)
+                # fwd: out = P v  ->  dv = Pᵀ dout
+                add_rows(acc_v[b0 - j0:b1 - j0], np.dot(p.T, dout[bh, a0:i1]))  # (T_k, Dv)
+                # fwd: S = q kᵀ · scale  ->  dk = dSᵀ q · scale
+                add_rows(acc_k[b0 - j0:b1 - j0], np.dot(ds.T, q[bh, a0:i1]))    # (T_k, D)
         for jj in range(j1 - j0):
             for c in range(d):
                 dk[bh, j0 + jj, c] = acc_k[jj, c] * scale
@@ -301,7 +355,7 @@ def _dkdv_tasks(lo, hi, dk, dv, q, k, v, dout, lse, delta, kpad, rel, scale, cau
 
 
 def flash_bwd_dkdv(dk, dv, q, k, v, dout, lse, delta, kpad, rel, scale, causal, has_kpad,
-                   has_rel, tile):
+                   has_rel, tile, band):
     """dk = dSᵀ q · scale and dv = Pᵀ dout, one task per (batch·head, key tile).
 
     dk (BH, M, D), dv (BH, M, Dv); the rest as in :func:`flash_bwd_dq`.
@@ -310,12 +364,12 @@ def flash_bwd_dkdv(dk, dv, q, k, v, dout, lse, delta, kpad, rel, scale, causal, 
     m = k.shape[1]
     nkt = (m + tile - 1) // tile
     run_tasks(_dkdv_tasks, bhs * nkt, dk, dv, q, k, v, dout, lse, delta, kpad, rel, scale,
-              causal, has_kpad, has_rel, tile)
+              causal, has_kpad, has_rel, tile, band)
 
 
 @serial
 def _fused_heads(lo, hi, dq, dk, dv, q, k, v, dout, lse, delta, kpad, rel, scale, causal,
-                 has_kpad, has_rel, tile):
+                 has_kpad, has_rel, tile, band):
     """Batch·heads lo … hi − 1 of :func:`flash_bwd_fused`."""
     for bh in range(lo, hi):
         n, d = q.shape[1], q.shape[2]
@@ -330,11 +384,17 @@ def _fused_heads(lo, hi, dq, dk, dv, q, k, v, dout, lse, delta, kpad, rel, scale
             for qt in range(_q_tiles_of_key_tile(kt, tile, n, causal), nqt):
                 i0 = qt * tile
                 i1 = min(i0 + tile, n)
-                p, ds = _bwd_tile(q, k, v, dout, lse, delta, kpad, rel, bh, i0, i1, j0, j1,
-                                  scale, causal, has_kpad, has_rel)
-                add_rows(acc_v, np.dot(p.T, dout[bh, i0:i1]))      # (T_k, Dv)
-                add_rows(acc_k, np.dot(ds.T, q[bh, i0:i1]))        # (T_k, D)
-                add_rows(dq[bh, i0:i1], np.dot(ds, k[bh, j0:j1]))  # (T_q, D)
+                step = _step(tile, band, causal and j0 == i0)
+                for b0 in range(j0, j1, step):
+                    b1 = min(b0 + step, j1)
+                    a0 = max(b0, i0) if causal else i0
+                    if a0 >= i1:
+                        break
+                    p, ds = _bwd_tile(q, k, v, dout, lse, delta, kpad, rel, bh, a0, i1, b0,
+                                      b1, scale, causal, has_kpad, has_rel)
+                    add_rows(acc_v[b0 - j0:b1 - j0], np.dot(p.T, dout[bh, a0:i1]))
+                    add_rows(acc_k[b0 - j0:b1 - j0], np.dot(ds.T, q[bh, a0:i1]))
+                    add_rows(dq[bh, a0:i1], np.dot(ds, k[bh, b0:b1]))
             for jj in range(j1 - j0):
                 for c in range(d):
                     dk[bh, j0 + jj, c] = acc_k[jj, c] * scale
@@ -346,7 +406,7 @@ def _fused_heads(lo, hi, dq, dk, dv, q, k, v, dout, lse, delta, kpad, rel, scale
 
 
 def flash_bwd_fused(dq, dk, dv, q, k, v, dout, lse, delta, kpad, rel, scale, causal,
-                    has_kpad, has_rel, tile):
+                    has_kpad, has_rel, tile, band):
     """dq, dk, dv in one pass per batch·head (P and dS computed once per tile).
 
     One task per batch·head.  Same tiles, same products and same accumulation orders as
@@ -354,7 +414,7 @@ def flash_bwd_fused(dq, dk, dv, q, k, v, dout, lse, delta, kpad, rel, scale, cau
     zero-filled.
     """
     run_tasks(_fused_heads, q.shape[0], dq, dk, dv, q, k, v, dout, lse, delta, kpad, rel,
-              scale, causal, has_kpad, has_rel, tile)
+              scale, causal, has_kpad, has_rel, tile, band)
 
 
 @serial
