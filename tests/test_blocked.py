@@ -94,6 +94,23 @@ def test_causal_diagonal_bands_match_reference(band, n, m, monkeypatch, rng):
         assert_close(full._backward_blocked(dout, ctx_b, schedule), g_r, err_msg=schedule)
 
 
+@pytest.mark.parametrize("scale", [0.7, 0.0, -0.9])
+@pytest.mark.parametrize("opt", ["plain", "causal"])
+def test_any_scale_sign_matches_reference(scale, opt, rng):
+    """Unmasked tiles with scale > 0 take max_j S_raw · scale and form S in the exp pass;
+    scale 0 and scale < 0 (where that max would be the minimum, and exp would overflow on
+    these logits of several hundred) take the logits pass."""
+    x, kpad, rel = _inputs(rng)
+    x = {**x, "q": x["q"] * 60}                    # |S| up to about 10³
+    opts = {**_options(kpad, rel)[opt], "scale": scale}
+    out_r, ctx_r = full.forward(**x, impl="ref", **opts)
+    out_b, ctx_b = full.forward(**x, impl="blocked", **opts)
+    assert_close(out_b, out_r)
+    assert_close(ctx_b.lse, ctx_r.lse)
+    dout = rng.standard_normal(out_r.shape)
+    assert_close(full.backward(dout, ctx_b), full.backward(dout, ctx_r))
+
+
 @pytest.mark.parametrize("opt", OPTION_NAMES)
 def test_gradcheck_float64(opt, rng):
     x, kpad, rel = _inputs(rng, 7, 10)

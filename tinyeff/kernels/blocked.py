@@ -62,6 +62,11 @@ in key order per query (same bits as row-wise loops) but vectorized across queri
 causal / key-padding masks cost one range per key row instead of a test per element.  The
 backward keeps row-major tiles (faster there).  Measurements: BENCHMARKS.md ("Blocked
 kernel: design measurements").
+SPEEDTIP: a tile that no mask cuts and no rel_bias shifts skips the logits pass: the
+forward takes the column maxima of the raw products, m = scale · max S_raw (equal to
+max (S_raw · scale) for scale > 0, rounding being monotone), and both passes form
+S_raw · scale inside the exp, the same float as before, so the results are bit-identical
+to a logits pass (measured: BENCHMARKS.md).
 NOTE: ``fastmath`` stays off (jit policy): reductions (row max, row sum) run serially in
 index order, so results do not depend on vector width or thread count.
 """
@@ -71,7 +76,7 @@ from __future__ import annotations
 import numpy as np
 
 from ._jit import run_tasks, serial
-from ._math import add_rows, colmax, fast_exp
+from ._math import add_rows, colmax, fast_exp, nanmax
 
 # ----------------------------------------------------------------------------- tile helpers
 
@@ -115,7 +120,11 @@ def _bwd_tile(q, k, v, dout, lse, delta, kpad, rel, bh, i0, i1, j0, j1, scale, c
     """Recompute one tile: returns P (T_q, T_k) and dS = P ∘ (dP − δ) (T_q, T_k)."""
     m = k.shape[1]
     p = np.dot(q[bh, i0:i1], k[bh, j0:j1].T)                       # (T_q, T_k) raw scores
-    _logits(p, bh, i0, j0, m, kpad, rel, scale, causal, has_kpad, has_rel)
+    if not has_kpad and not has_rel and not (causal and j1 - 1 > i0):
+        f = scale                              # no mask cuts the tile: S = S_raw · scale below
+    else:
+        _logits(p, bh, i0, j0, m, kpad, rel, scale, causal, has_kpad, has_rel)
+        f = (scale - scale) + np.float32(1)   # S formed: × 1 (scale's float type)
     ds = np.dot(dout[bh, i0:i1], v[bh, j0:j1].T)                   # (T_q, T_k) dP
     for ii in range(i1 - i0):
         lse_i = lse[bh, i0 + ii]
@@ -127,7 +136,7 @@ def _bwd_tile(q, k, v, dout, lse, delta, kpad, rel, bh, i0, i1, j0, j1, scale, c
             continue
         for jj in range(j1 - j0):
             # fwd: P = exp(S − lse)
-            pij = fast_exp(p[ii, jj] - lse_i)
+            pij = fast_exp(p[ii, jj] * f - lse_i)
             p[ii, jj] = pij
             # fwd: out = P v  and  P = softmax(S)  ->  dS = P ∘ (dP − δ)
             ds[ii, jj] = pij * (ds[ii, jj] - d_i)
@@ -146,8 +155,8 @@ def _step(tile, band, diagonal):
 
 
 @serial
-def _fwd_keys(buf, acc, pv, m_run, l_run, m_new, m_tmp, m_sub, r_sum, q, k, v, kpad, rel, bh,
-              i0, i1, j0, j1, scale, causal, has_kpad, has_rel):
+def _fwd_keys(buf, acc, pv, m_run, l_run, m_new, m_tmp, m_sub, r_sum, m_neg, q, k, v, kpad, rel,
+              bh, i0, i1, j0, j1, scale, causal, has_kpad, has_rel):
     """Fold keys [j0, j1) into the running max, sum and output of queries [i0, i1).
 
     acc (T_q, Dv), pv (T_q, Dv), m_run … r_sum (T_q,): the query rows' state and scratch
@@ -159,20 +168,30 @@ def _fwd_keys(buf, acc, pv, m_run, l_run, m_new, m_tmp, m_sub, r_sum, q, k, v, k
     dv = v.shape[2]
     st = _tile_view(buf, bk, bq)                                   # (T_k, T_q)
     np.dot(k[bh, j0:j1], q[bh, i0:i1].T, st)                       # raw Sᵀ
-    for jj in range(bk):                       # logits in place
-        j = j0 + jj
-        c0 = _first_query(bh, j, i0, bq, kpad, causal, has_kpad)
-        row = st[jj]
-        for ii in range(c0):
-            row[ii] = -np.inf
-        off = i0 - j + m - 1                                       # rel_bias index of (i0, j)
-        if has_rel:
-            for ii in range(c0, bq):
-                row[ii] = row[ii] * scale + rel[bh, off + ii]
-        else:
-            for ii in range(c0, bq):
-                row[ii] = row[ii] * scale
-    colmax(m_new, m_tmp, m_run, st)           # running max per query, key order
+    # a tile no mask cuts and no bias shifts, scale > 0: max_j (S_raw · scale) is
+    # scale · max_j S_raw (rounding is monotone), and S_raw · scale is formed in the exp pass
+    whole = not has_kpad and not has_rel and not (causal and j1 - 1 > i0) and scale > 0
+    if whole:
+        colmax(m_new, m_tmp, m_neg, st)       # max_j S_raw per query
+        for ii in range(bq):
+            m_new[ii] = nanmax(m_run[ii], m_new[ii] * scale)
+        f = scale
+    else:
+        for jj in range(bk):                   # logits in place
+            j = j0 + jj
+            c0 = _first_query(bh, j, i0, bq, kpad, causal, has_kpad)
+            row = st[jj]
+            for ii in range(c0):
+                row[ii] = -np.inf
+            off = i0 - j + m - 1                                   # rel_bias index of (i0, j)
+            if has_rel:
+                for ii in range(c0, bq):
+                    row[ii] = row[ii] * scale + rel[bh, off + ii]
+            else:
+                for ii in range(c0, bq):
+                    row[ii] = row[ii] * scale
+        colmax(m_new, m_tmp, m_run, st)       # running max per query, key order
+        f = (scale - scale) + np.float32(1)   # S already formed: × 1 (scale's float type)
     for ii in range(bq):                       # nothing allowed so far: subtract 0, P̃ = 0
         r_sum[ii] = 0
         if m_new[ii] == -np.inf:
@@ -182,7 +201,7 @@ def _fwd_keys(buf, acc, pv, m_run, l_run, m_new, m_tmp, m_sub, r_sum, q, k, v, k
     for jj in range(bk):
         row = st[jj]
         for ii in range(bq):
-            e = fast_exp(row[ii] - m_sub[ii])
+            e = fast_exp(row[ii] * f - m_sub[ii])
             row[ii] = e
             r_sum[ii] += e
     for ii in range(bq):
@@ -235,6 +254,7 @@ def _fwd_tasks(lo, hi, out, lse, q, k, v, kpad, rel, scale, causal, has_kpad, ha
         m_tmp = np.empty(bq, dtype=dt)                             # (T_q,) scratch of colmax
         m_sub = np.empty(bq, dtype=dt)                             # (T_q,) m_new, −∞ -> 0
         r_sum = np.empty(bq, dtype=dt)                             # (T_q,) rowsum P̃
+        m_neg = np.full(bq, -np.inf, dtype=dt)                     # (T_q,) −∞
         kend = min(m, i1) if causal else m                         # causal: keys j < i1
         for j0 in range(0, kend, tile):
             j1 = min(j0 + tile, m)
@@ -245,8 +265,8 @@ def _fwd_tasks(lo, hi, out, lse, q, k, v, kpad, rel, scale, causal, has_kpad, ha
                 if a >= bq:
                     break
                 _fwd_keys(buf, acc[a:], pv[a:], m_run[a:], l_run[a:], m_new[a:], m_tmp[a:],
-                          m_sub[a:], r_sum[a:], q, k, v, kpad, rel, bh, i0 + a, i1, b0, b1,
-                          scale, causal, has_kpad, has_rel)
+                          m_sub[a:], r_sum[a:], m_neg[a:], q, k, v, kpad, rel, bh, i0 + a, i1,
+                          b0, b1, scale, causal, has_kpad, has_rel)
         for ii in range(bq):
             if l_run[ii] == 0:                 # fully masked row
                 lse[bh, i0 + ii] = -np.inf
