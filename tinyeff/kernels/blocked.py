@@ -115,13 +115,20 @@ def _logits(s, bh, i0, j0, m, kpad, rel, scale, causal, has_kpad, has_rel):
 
 
 @serial
+def _uncut(i0, j1, causal, has_kpad, has_rel):
+    """True when no mask cuts and no rel_bias shifts a tile of queries i >= i0 and keys
+    j < j1: every score is S_raw · scale (causally, its last key j1 − 1 is at most i0)."""
+    return not has_kpad and not has_rel and not (causal and j1 - 1 > i0)
+
+
+@serial
 def _bwd_tile(q, k, v, dout, lse, delta, kpad, rel, bh, i0, i1, j0, j1, scale, causal,
               has_kpad, has_rel):
     """Recompute one tile: returns P (T_q, T_k) and dS = P ∘ (dP − δ) (T_q, T_k)."""
     m = k.shape[1]
     p = np.dot(q[bh, i0:i1], k[bh, j0:j1].T)                       # (T_q, T_k) raw scores
-    if not has_kpad and not has_rel and not (causal and j1 - 1 > i0):
-        f = scale                              # no mask cuts the tile: S = S_raw · scale below
+    if _uncut(i0, j1, causal, has_kpad, has_rel):
+        f = scale                              # S = S_raw · scale, formed below
     else:
         _logits(p, bh, i0, j0, m, kpad, rel, scale, causal, has_kpad, has_rel)
         f = (scale - scale) + np.float32(1)   # S formed: × 1 (scale's float type)
@@ -144,14 +151,18 @@ def _bwd_tile(q, k, v, dout, lse, delta, kpad, rel, bh, i0, i1, j0, j1, scale, c
 
 
 @serial
-def _step(tile, band, diagonal):
-    """Keys per step of a key tile: ``tile``, or ``band`` on a causal diagonal tile.
+def _bands(tile, band, i0, i1, j0, j1, causal):
+    """(stop, step): key tile [j0, j1) against query tile [i0, i1) is taken as keys
+    [j0, stop) in steps of ``step`` keys.
 
-    On the diagonal tile (key tile = query tile) key j is seen by queries i >= j only, so
-    a band of keys [b0, b1) is scored against queries [b0, i1) alone.  Other tiles are
-    taken whole (each of their queries sees every key or, causally, none).
+    On a causal diagonal tile (j0 = i0) key j is seen by queries i >= j only, so each band
+    of ``band`` keys [b0, b1) is scored against queries [b0, i1) alone, and keys j >= i1
+    (a short last query tile) by none.  Other tiles are taken whole (each of their queries
+    sees every key or, causally, none).
     """
-    return min(band, tile) if diagonal else tile
+    if causal and j0 == i0:
+        return min(j1, i1), min(band, tile)
+    return j1, tile
 
 
 @serial
@@ -170,8 +181,7 @@ def _fwd_keys(buf, acc, pv, m_run, l_run, m_new, m_tmp, m_sub, r_sum, m_neg, q, 
     np.dot(k[bh, j0:j1], q[bh, i0:i1].T, st)                       # raw Sᵀ
     # a tile no mask cuts and no bias shifts, scale > 0: max_j (S_raw · scale) is
     # scale · max_j S_raw (rounding is monotone), and S_raw · scale is formed in the exp pass
-    whole = not has_kpad and not has_rel and not (causal and j1 - 1 > i0) and scale > 0
-    if whole:
+    if _uncut(i0, j1, causal, has_kpad, has_rel) and scale > 0:
         colmax(m_new, m_tmp, m_neg, st)       # max_j S_raw per query
         for ii in range(bq):
             m_new[ii] = nanmax(m_run[ii], m_new[ii] * scale)
@@ -258,12 +268,10 @@ def _fwd_tasks(lo, hi, out, lse, q, k, v, kpad, rel, scale, causal, has_kpad, ha
         kend = min(m, i1) if causal else m                         # causal: keys j < i1
         for j0 in range(0, kend, tile):
             j1 = min(j0 + tile, m)
-            step = _step(tile, band, causal and j0 == i0)
-            for b0 in range(j0, j1, step):     # the diagonal tile in bands (see _step)
-                b1 = min(b0 + step, j1)
+            stop, step = _bands(tile, band, i0, i1, j0, j1, causal)
+            for b0 in range(j0, stop, step):   # the diagonal tile in bands (see _bands)
+                b1 = min(b0 + step, stop)
                 a = max(b0 - i0, 0) if causal else 0               # queries i >= b0 only
-                if a >= bq:
-                    break
                 _fwd_keys(buf, acc[a:], pv[a:], m_run[a:], l_run[a:], m_new[a:], m_tmp[a:],
                           m_sub[a:], r_sum[a:], m_neg[a:], q, k, v, kpad, rel, bh, i0 + a, i1,
                           b0, b1, scale, causal, has_kpad, has_rel)
@@ -310,12 +318,10 @@ def _dq_tasks(lo, hi, dq, q, k, v, dout, lse, delta, kpad, rel, scale, causal, h
         kend = min(m, i1) if causal else m
         for j0 in range(0, kend, tile):
             j1 = min(j0 + tile, m)
-            step = _step(tile, band, causal and j0 == i0)
-            for b0 in range(j0, j1, step):     # the diagonal tile in bands (see _step)
-                b1 = min(b0 + step, j1)
+            stop, step = _bands(tile, band, i0, i1, j0, j1, causal)
+            for b0 in range(j0, stop, step):   # the diagonal tile in bands (see _bands)
+                b1 = min(b0 + step, stop)
                 a0 = max(b0, i0) if causal else i0                 # queries i >= b0 only
-                if a0 >= i1:
-                    break
                 p, ds = _bwd_tile(q, k, v, dout, lse, delta, kpad, rel, bh, a0, i1, b0, b1,
                                   scale, causal, has_kpad, has_rel)
                 # fwd: S = q kᵀ · scale  ->  dq = dS k · scale
@@ -355,12 +361,10 @@ def _dkdv_tasks(lo, hi, dk, dv, q, k, v, dout, lse, delta, kpad, rel, scale, cau
         for qt in range(_q_tiles_of_key_tile(kt, tile, n, causal), nqt):
             i0 = qt * tile
             i1 = min(i0 + tile, n)
-            step = _step(tile, band, causal and j0 == i0)
-            for b0 in range(j0, j1, step):     # the diagonal tile in bands (see _step)
-                b1 = min(b0 + step, j1)
+            stop, step = _bands(tile, band, i0, i1, j0, j1, causal)
+            for b0 in range(j0, stop, step):   # the diagonal tile in bands (see _bands)
+                b1 = min(b0 + step, stop)
                 a0 = max(b0, i0) if causal else i0                 # queries i >= b0 only
-                if a0 >= i1:
-                    break
                 p, ds = _bwd_tile(q, k, v, dout, lse, delta, kpad, rel, bh, a0, i1, b0, b1,
                                   scale, causal, has_kpad, has_rel)
                 # fwd: out = P v  ->  dv = Pᵀ dout
@@ -404,12 +408,10 @@ def _fused_heads(lo, hi, dq, dk, dv, q, k, v, dout, lse, delta, kpad, rel, scale
             for qt in range(_q_tiles_of_key_tile(kt, tile, n, causal), nqt):
                 i0 = qt * tile
                 i1 = min(i0 + tile, n)
-                step = _step(tile, band, causal and j0 == i0)
-                for b0 in range(j0, j1, step):
-                    b1 = min(b0 + step, j1)
+                stop, step = _bands(tile, band, i0, i1, j0, j1, causal)
+                for b0 in range(j0, stop, step):
+                    b1 = min(b0 + step, stop)
                     a0 = max(b0, i0) if causal else i0
-                    if a0 >= i1:
-                        break
                     p, ds = _bwd_tile(q, k, v, dout, lse, delta, kpad, rel, bh, a0, i1, b0,
                                       b1, scale, causal, has_kpad, has_rel)
                     add_rows(acc_v[b0 - j0:b1 - j0], np.dot(p.T, dout[bh, a0:i1]))
