@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tinyeff.attention import VARIANTS
+from tinyeff.attention import VARIANTS, full
 from tinyeff.cli import _demo_data, _precompile, demo
 from tinyeff.cli.report import parse_variant_opts
 from tinyeff.progress import Progress
@@ -250,6 +250,14 @@ def test_demo_script_reversible_memory(monkeypatch, capsys):
     plain_kept = [float(r[1].split()[0]) for r in rows]
     rev_kept = [float(r[2].split()[0]) for r in rows]
     assert plain_kept[1] > plain_kept[0] and rev_kept[1] == rev_kept[0]
+
+
+def test_demo_script_blocked_tiles(monkeypatch, capsys):
+    band = full.BLOCKED_BAND
+    out = _run_script("blocked_tiles.py", ["--quick"], monkeypatch, capsys)
+    rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
+    assert [r[0] for r in rows] == ["32", "16"] and rows[0][2] == "1.000"
+    assert full.BLOCKED_BAND == band                               # the setting is put back
 
 
 # ----------------------------------------------------------------------------- precompile
